@@ -1,0 +1,113 @@
+use muster_tls::ServiceName;
+use tonic::Status;
+
+use crate::PeerInfo;
+
+/// Who may call one RPC, by its full gRPC path
+/// (`/muster.v1.Identity/VerifyToken`).
+#[derive(Debug, Clone, Copy)]
+pub struct Rule {
+    pub method: &'static str,
+    pub callers: &'static [ServiceName],
+}
+
+impl Rule {
+    pub const fn new(method: &'static str, callers: &'static [ServiceName]) -> Rule {
+        Rule { method, callers }
+    }
+}
+
+/// Open to every principal of the trust domain: probing and discovery.
+const OPEN_SERVICES: [&str; 2] = [
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+];
+
+/// Decides whether `peer` may call `path` under `rules`, before any handler
+/// runs. Returns the caller's identity when it may.
+pub fn authorize(
+    rules: &[Rule],
+    trust_domain: &str,
+    path: &str,
+    peer: Option<&PeerInfo>,
+) -> Result<ServiceName, Status> {
+    let id = peer
+        .and_then(|p| p.spiffe_id.as_ref())
+        .ok_or_else(|| Status::unauthenticated("client certificate carries no spiffe id"))?;
+    if id.trust_domain != trust_domain {
+        return Err(Status::unauthenticated(format!(
+            "{id} is not of trust domain {trust_domain}"
+        )));
+    }
+    let caller = id
+        .service()
+        .ok_or_else(|| Status::permission_denied(format!("{id} names no muster service")))?;
+    let allowed = OPEN_SERVICES.iter().any(|open| path.starts_with(open))
+        || rules
+            .iter()
+            .any(|rule| rule.method == path && rule.callers.contains(&caller));
+    if allowed {
+        Ok(caller)
+    } else {
+        Err(Status::permission_denied(format!(
+            "{id} may not call {path}"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use muster_tls::SpiffeId;
+
+    use super::*;
+
+    const RULES: &[Rule] = &[Rule::new(
+        "/muster.v1.Identity/VerifyToken",
+        &[ServiceName::Edge],
+    )];
+
+    fn peer(id: &str) -> PeerInfo {
+        PeerInfo {
+            remote_addr: None,
+            spiffe_id: Some(id.parse::<SpiffeId>().unwrap()),
+        }
+    }
+
+    #[test]
+    fn only_listed_callers_reach_listed_methods() {
+        let verify = "/muster.v1.Identity/VerifyToken";
+        let edge = peer("spiffe://td/service/edge");
+        let presence = peer("spiffe://td/service/presence");
+        assert_eq!(
+            authorize(RULES, "td", verify, Some(&edge)).unwrap(),
+            ServiceName::Edge
+        );
+        let denied = authorize(RULES, "td", verify, Some(&presence)).unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        // Not in the table: denied to everyone.
+        let unlisted = authorize(RULES, "td", "/muster.v1.Identity/CreateToken", Some(&edge));
+        assert_eq!(unlisted.unwrap_err().code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn health_is_open_to_the_trust_domain_only() {
+        let check = "/grpc.health.v1.Health/Check";
+        assert!(authorize(RULES, "td", check, Some(&peer("spiffe://td/service/ctl"))).is_ok());
+        let foreign = authorize(
+            RULES,
+            "td",
+            check,
+            Some(&peer("spiffe://other/service/edge")),
+        );
+        assert_eq!(foreign.unwrap_err().code(), tonic::Code::Unauthenticated);
+        let device = authorize(
+            RULES,
+            "td",
+            check,
+            Some(&peer("spiffe://td/tenant/t/device/d")),
+        );
+        assert_eq!(device.unwrap_err().code(), tonic::Code::PermissionDenied);
+        let anonymous = authorize(RULES, "td", check, None);
+        assert_eq!(anonymous.unwrap_err().code(), tonic::Code::Unauthenticated);
+    }
+}

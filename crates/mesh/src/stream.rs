@@ -1,0 +1,150 @@
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use muster_tls::{MeshTls, ServiceName, SpiffeId, peer_spiffe_id};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+/// A slow or silent peer gets this long to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the mesh knows of the peer of a connection; every request on it
+/// carries a copy in its extensions.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub remote_addr: Option<SocketAddr>,
+    /// From the verified client certificate.
+    pub spiffe_id: Option<SpiffeId>,
+}
+
+impl PeerInfo {
+    pub fn service(&self) -> Option<ServiceName> {
+        self.spiffe_id.as_ref()?.service()
+    }
+}
+
+/// An accepted, handshaken connection.
+pub(crate) struct MeshStream {
+    inner: TlsStream<TcpStream>,
+    peer: PeerInfo,
+}
+
+impl Connected for MeshStream {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for MeshStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for MeshStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts until `shutdown`, handshaking each connection in its own task so
+/// one stalled peer cannot hold up the others. A failed handshake never
+/// reaches the server.
+pub(crate) fn incoming(
+    listener: TcpListener,
+    tls: Arc<MeshTls>,
+    service: ServiceName,
+    shutdown: CancellationToken,
+) -> ReceiverStream<io::Result<MeshStream>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(error) => {
+                        // Out of descriptors and the like: back off, don't spin.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = TlsAcceptor::from(tls.server_config());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let spiffe_id = stream
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|chain| chain.first())
+                            .and_then(peer_spiffe_id);
+                        let peer = PeerInfo {
+                            remote_addr: Some(remote),
+                            spiffe_id,
+                        };
+                        let _ = tx
+                            .send(Ok(MeshStream {
+                                inner: stream,
+                                peer,
+                            }))
+                            .await;
+                    }
+                    Ok(Err(error)) => {
+                        metrics::counter!("muster_mesh_handshake_failures_total", "service" => service.as_str()).increment(1);
+                        tracing::debug!(%remote, %error, "tls handshake refused");
+                    }
+                    Err(_) => {
+                        metrics::counter!("muster_mesh_handshake_failures_total", "service" => service.as_str()).increment(1);
+                        tracing::debug!(%remote, "tls handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}

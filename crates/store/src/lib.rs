@@ -1,0 +1,18 @@
+//! muster's StateStore: one schema in two dialects (`migrations/sqlite`,
+//! `migrations/postgres`), reached through sqlx's `Any` driver so that every
+//! service's store is written once and runs on both.
+//!
+//! SQLite is the single-host default (a file in the data directory, WAL,
+//! `synchronous=FULL` so an acknowledged write survives a crash); Postgres
+//! is the cluster store. Write transactions on SQLite start with
+//! `BEGIN IMMEDIATE`, so two writers queue on the busy timeout instead of
+//! failing when a read lock cannot be upgraded.
+#![forbid(unsafe_code)]
+
+mod error;
+pub mod outbox;
+mod store;
+pub mod testing;
+
+pub use error::StoreError;
+pub use store::{Backend, Store, StoreOptions, Tx, now_ms};

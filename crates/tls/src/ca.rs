@@ -1,0 +1,356 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::{ServiceName, TlsError, TlsFiles};
+
+/// Certificates start this long before they are issued, so a peer whose
+/// clock runs a little behind still accepts them.
+const BACKDATE: Duration = Duration::from_secs(5 * 60);
+
+/// The project's certificate authority: it issues every service's
+/// certificate (and, later, every paired device's).
+pub struct CertificateAuthority {
+    cert_pem: String,
+    cert_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The signing key stays out of every Debug output.
+        f.debug_struct("CertificateAuthority")
+            .finish_non_exhaustive()
+    }
+}
+
+/// How to issue a certificate.
+#[derive(Debug, Clone)]
+pub struct IssueOptions {
+    /// Lifetime from now.
+    pub validity: Duration,
+    /// Overrides the start of validity (tests make expired certificates).
+    pub not_before: Option<OffsetDateTime>,
+    /// Overrides the end of validity.
+    pub not_after: Option<OffsetDateTime>,
+    /// DNS names besides `muster-<name>`, `<name>` and `localhost`.
+    pub extra_dns_names: Vec<String>,
+}
+
+impl IssueOptions {
+    pub fn valid_for(validity: Duration) -> Self {
+        IssueOptions {
+            validity,
+            not_before: None,
+            not_after: None,
+            extra_dns_names: Vec::new(),
+        }
+    }
+}
+
+/// A freshly issued certificate and its private key, both PEM.
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub not_after: OffsetDateTime,
+}
+
+impl std::fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCert")
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateAuthority {
+    /// Makes a new self-signed CA with an ECDSA P-256 key.
+    pub fn generate(common_name: &str, validity: Duration) -> Result<Self, TlsError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        dn.push(DnType::OrganizationName, "muster");
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.serial_number = Some(random_serial());
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + validity;
+        let cert = params.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        let cert_der = cert.der().clone();
+        Ok(CertificateAuthority {
+            cert_pem,
+            cert_der,
+            issuer: Issuer::new(params, key),
+        })
+    }
+
+    /// Loads a CA from its certificate and private key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        let cert_der = first_cert(cert_pem.as_bytes(), Path::new("<ca>"))?;
+        Ok(CertificateAuthority {
+            cert_pem: cert_pem.to_owned(),
+            cert_der,
+            issuer,
+        })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert_der
+    }
+
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// Issues a certificate for a mesh principal: URI SAN
+    /// `spiffe://<trust_domain>/service/<name>`, usable as TLS server and
+    /// client, with a random serial (rcgen would otherwise derive one from
+    /// the key, and re-issues would collide).
+    pub fn issue(
+        &self,
+        trust_domain: &str,
+        name: ServiceName,
+        opts: &IssueOptions,
+    ) -> Result<IssuedCert, TlsError> {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut dns = vec![
+            name.server_name(),
+            name.as_str().to_owned(),
+            "localhost".into(),
+        ];
+        dns.extend(opts.extra_dns_names.iter().cloned());
+        let mut params = CertificateParams::new(dns)?;
+        let spiffe = name.spiffe_id(trust_domain).to_string();
+        params
+            .subject_alt_names
+            .push(SanType::URI(spiffe.as_str().try_into()?));
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, name.server_name());
+        dn.push(DnType::OrganizationName, "muster");
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.serial_number = Some(random_serial());
+        let now = OffsetDateTime::now_utc();
+        params.not_before = opts.not_before.unwrap_or(now - BACKDATE);
+        params.not_after = opts.not_after.unwrap_or(now + opts.validity);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            not_after: params.not_after,
+        })
+    }
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    // Positive and never a leading zero byte: a canonical DER INTEGER.
+    bytes[0] = (bytes[0] & 0x7f) | 0x40;
+    SerialNumber::from_slice(&bytes)
+}
+
+pub(crate) fn first_cert(pem: &[u8], path: &Path) -> Result<CertificateDer<'static>, TlsError> {
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem)
+        .next()
+        .ok_or_else(|| TlsError::Pem {
+            path: path.to_owned(),
+            what: "no certificate".into(),
+        })?
+        .map_err(|e| TlsError::Pem {
+            path: path.to_owned(),
+            what: e.to_string(),
+        })
+}
+
+/// What a certificate says about itself, for `muster certs inspect` and
+/// renewal decisions.
+#[derive(Debug, Clone)]
+pub struct CertSummary {
+    pub subject: String,
+    pub issuer: String,
+    pub serial_hex: String,
+    pub spiffe_id: Option<String>,
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+    pub is_ca: bool,
+}
+
+impl CertSummary {
+    pub fn of(der: &CertificateDer<'_>) -> Result<Self, TlsError> {
+        let (_, cert) = X509Certificate::from_der(der.as_ref())
+            .map_err(|e| TlsError::Identity(format!("unparsable certificate: {e}")))?;
+        Ok(CertSummary {
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            serial_hex: cert.raw_serial_as_string(),
+            spiffe_id: crate::peer_spiffe_id(der).map(|id| id.to_string()),
+            not_before: cert.validity().not_before.to_datetime(),
+            not_after: cert.validity().not_after.to_datetime(),
+            is_ca: cert.is_ca(),
+        })
+    }
+}
+
+/// A directory of PEM files: `ca.pem`, `ca.key`, and `<name>.pem` /
+/// `<name>.key` per principal. Single-host muster keeps one under its data
+/// directory; `muster certs` writes one for a cluster.
+#[derive(Debug, Clone)]
+pub struct TlsDir {
+    dir: PathBuf,
+}
+
+impl TlsDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        TlsDir { dir: dir.into() }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    pub fn ca_key_path(&self) -> PathBuf {
+        self.dir.join("ca.key")
+    }
+
+    /// The files a principal serves and calls with.
+    pub fn files(&self, name: ServiceName) -> TlsFiles {
+        TlsFiles {
+            cert: self.dir.join(format!("{name}.pem")),
+            key: self.dir.join(format!("{name}.key")),
+            ca: self.ca_cert_path(),
+        }
+    }
+
+    pub fn load_ca(&self) -> Result<CertificateAuthority, TlsError> {
+        let cert = read_string(&self.ca_cert_path())?;
+        let key = read_string(&self.ca_key_path())?;
+        CertificateAuthority::from_pem(&cert, &key)
+    }
+
+    /// Loads the CA, or makes and writes one when there is none. Returns
+    /// whether it was created.
+    pub fn ensure_ca(&self, validity: Duration) -> Result<(CertificateAuthority, bool), TlsError> {
+        if self.ca_cert_path().exists() {
+            return Ok((self.load_ca()?, false));
+        }
+        let ca = CertificateAuthority::generate("muster development CA", validity)?;
+        self.write_ca(&ca)?;
+        Ok((ca, true))
+    }
+
+    pub fn write_ca(&self, ca: &CertificateAuthority) -> Result<(), TlsError> {
+        write_atomic(&self.ca_key_path(), ca.key_pem().as_bytes(), true)?;
+        write_atomic(&self.ca_cert_path(), ca.cert_pem().as_bytes(), false)
+    }
+
+    pub fn write_issued(&self, name: ServiceName, cert: &IssuedCert) -> Result<(), TlsError> {
+        let files = self.files(name);
+        // Key first: a reloader that sees the new certificate must find the
+        // key that goes with it.
+        write_atomic(&files.key, cert.key_pem.as_bytes(), true)?;
+        write_atomic(&files.cert, cert.cert_pem.as_bytes(), false)
+    }
+
+    /// Issues a certificate for `name` unless a current one from this CA
+    /// exists with more than a third of its lifetime left. Returns whether
+    /// it issued.
+    pub fn ensure_issued(
+        &self,
+        ca: &CertificateAuthority,
+        trust_domain: &str,
+        name: ServiceName,
+        opts: &IssueOptions,
+    ) -> Result<bool, TlsError> {
+        let files = self.files(name);
+        if files.cert.exists() && files.key.exists() {
+            let pem = read_string(&files.cert)?;
+            let der = first_cert(pem.as_bytes(), &files.cert)?;
+            let summary = CertSummary::of(&der)?;
+            let ca_subject = CertSummary::of(ca.cert_der())?.subject;
+            let renew_at = OffsetDateTime::now_utc() + opts.validity / 3;
+            let wanted = name.spiffe_id(trust_domain).to_string();
+            if summary.issuer == ca_subject
+                && summary.not_after > renew_at
+                && summary.spiffe_id.as_deref() == Some(wanted.as_str())
+                && verifies_against(&der, ca)
+            {
+                return Ok(false);
+            }
+        }
+        let issued = ca.issue(trust_domain, name, opts)?;
+        self.write_issued(name, &issued)?;
+        Ok(true)
+    }
+}
+
+fn verifies_against(der: &CertificateDer<'_>, ca: &CertificateAuthority) -> bool {
+    let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else {
+        return false;
+    };
+    let Ok((_, ca_cert)) = X509Certificate::from_der(ca.cert_der().as_ref()) else {
+        return false;
+    };
+    cert.verify_signature(Some(ca_cert.public_key())).is_ok()
+}
+
+pub(crate) fn read_string(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Writes through a temporary file and a rename, so a reader never sees half
+/// a file; private keys are created readable by the owner only.
+fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| TlsError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(err)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(&tmp)
+        .map_err(err)?;
+    file.write_all(bytes).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}

@@ -1,0 +1,201 @@
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::client::Resumption;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use sha2::{Digest, Sha256};
+
+use crate::ca::read_string;
+use crate::{SpiffeId, TlsError, crypto_provider, peer_spiffe_id};
+
+/// Where a principal's certificate, key and trusted CA bundle live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// One or more CA certificates; several while a CA is being rotated.
+    pub ca: PathBuf,
+}
+
+struct Loaded {
+    fingerprint: [u8; 32],
+    identity: SpiffeId,
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+}
+
+/// A principal's TLS identity for the mesh: server and client configurations
+/// built from one set of files, swapped atomically when the files change.
+/// Connections already open keep the configuration they started with.
+pub struct MeshTls {
+    files: TlsFiles,
+    trust_domain: String,
+    current: ArcSwap<Loaded>,
+}
+
+impl std::fmt::Debug for MeshTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshTls")
+            .field("identity", &self.identity().to_string())
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+impl MeshTls {
+    /// Loads the files; the certificate must carry a SPIFFE id of
+    /// `trust_domain`.
+    pub fn load(files: TlsFiles, trust_domain: &str) -> Result<Arc<Self>, TlsError> {
+        let loaded = build(&files, trust_domain)?;
+        Ok(Arc::new(MeshTls {
+            files,
+            trust_domain: trust_domain.to_owned(),
+            current: ArcSwap::from_pointee(loaded),
+        }))
+    }
+
+    pub fn identity(&self) -> SpiffeId {
+        self.current.load().identity.clone()
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
+    /// The configuration for the next accepted connection: client
+    /// certificate required, no session resumption (a resumed session would
+    /// skip the certificate check), ALPN h2.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.current.load().server.clone()
+    }
+
+    /// The configuration for the next outgoing connection.
+    pub fn client_config(&self) -> Arc<ClientConfig> {
+        self.current.load().client.clone()
+    }
+
+    /// Rebuilds from the files when their content changed. A broken set of
+    /// files is reported and the running configuration kept.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let fingerprint = fingerprint(&self.files)?;
+        if fingerprint == self.current.load().fingerprint {
+            return Ok(false);
+        }
+        let loaded = build(&self.files, &self.trust_domain)?;
+        self.current.store(Arc::new(loaded));
+        Ok(true)
+    }
+
+    /// Re-reads the files every `interval` until `shutdown` resolves.
+    pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: impl Future<Output = ()>) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tick.tick() => {}
+            }
+            match self.reload() {
+                Ok(true) => {
+                    tracing::info!(identity = %self.identity(), "reloaded tls certificates")
+                }
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "tls certificates not reloaded; keeping the current ones")
+                }
+            }
+        }
+    }
+}
+
+fn fingerprint(files: &TlsFiles) -> Result<[u8; 32], TlsError> {
+    let mut hash = Sha256::new();
+    for path in [&files.cert, &files.key, &files.ca] {
+        let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        hash.update((bytes.len() as u64).to_be_bytes());
+        hash.update(&bytes);
+    }
+    Ok(hash.finalize().into())
+}
+
+fn pem_err(path: &Path) -> impl Fn(rustls_pki_types::pem::Error) -> TlsError + '_ {
+    move |e| TlsError::Pem {
+        path: path.to_owned(),
+        what: e.to_string(),
+    }
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read_string(path)?;
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(pem_err(path))?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_owned(),
+            what: "no certificate".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn build(files: &TlsFiles, trust_domain: &str) -> Result<Loaded, TlsError> {
+    // Fingerprint first: if the files change while we read them, the next
+    // reload sees a different fingerprint and reads them again.
+    let fingerprint = fingerprint(files)?;
+    let chain = certs(&files.cert)?;
+    let key = PrivateKeyDer::from_pem_slice(read_string(&files.key)?.as_bytes())
+        .map_err(pem_err(&files.key))?;
+    let identity = peer_spiffe_id(&chain[0])
+        .filter(|id| id.trust_domain == trust_domain)
+        .ok_or_else(|| {
+            TlsError::Identity(format!(
+                "{} has no spiffe id in trust domain {trust_domain}",
+                files.cert.display()
+            ))
+        })?;
+    let mut roots = RootCertStore::empty();
+    for ca in certs(&files.ca)? {
+        roots.add(ca)?;
+    }
+    let roots = Arc::new(roots);
+    let provider = crypto_provider();
+
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build()?;
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key.clone_key())?;
+    server.alpn_protocols = vec![b"h2".to_vec()];
+    server.session_storage = Arc::new(NoServerSessionStorage {});
+    server.send_tls13_tickets = 0;
+
+    let mut client = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
+    client.alpn_protocols = vec![b"h2".to_vec()];
+    client.resumption = Resumption::disabled();
+
+    Ok(Loaded {
+        fingerprint,
+        identity,
+        server: Arc::new(server),
+        client: Arc::new(client),
+    })
+}
