@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use muster_tls::{MeshTls, ServiceName};
+use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -46,13 +47,23 @@ pub fn channel(
     target: ServiceName,
     addr: &str,
 ) -> Result<MeshChannel, tonic::transport::Error> {
+    channel_with(move || tls.client_config(), target, addr)
+}
+
+/// Like [`channel`], with the client configuration from `config` at each
+/// connection.
+pub fn channel_with(
+    config: impl Fn() -> Arc<ClientConfig> + Send + Sync + 'static,
+    target: ServiceName,
+    addr: &str,
+) -> Result<MeshChannel, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(10));
     let connector = MeshConnector {
-        tls,
+        config: Arc::new(config),
         server_name: ServerName::try_from(target.server_name())
             .expect("service server names are valid dns names"),
     };
@@ -62,9 +73,11 @@ pub fn channel(
     ))
 }
 
+type ConfigSource = Arc<dyn Fn() -> Arc<ClientConfig> + Send + Sync>;
+
 #[derive(Clone)]
 struct MeshConnector {
-    tls: Arc<MeshTls>,
+    config: ConfigSource,
     server_name: ServerName<'static>,
 }
 
@@ -80,7 +93,7 @@ impl tower_service::Service<Uri> for MeshConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         // The configuration is read per connection, so a reloaded
         // certificate is used from the next connection on.
-        let connector = TlsConnector::from(self.tls.client_config());
+        let connector = TlsConnector::from((self.config)());
         let server_name = self.server_name.clone();
         Box::pin(async move {
             let authority = uri

@@ -16,7 +16,7 @@ mod stream;
 mod trace;
 
 pub use authz::{Rule, authorize};
-pub use client::{MeshChannel, channel};
+pub use client::{MeshChannel, channel, channel_with};
 pub use server::{RunningServer, ServiceSpec, serve};
 pub use stream::PeerInfo;
 

@@ -1,0 +1,338 @@
+//! Real mTLS between real tonic clients and a mesh server, with
+//! certificates minted for the test by the project's CA.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use muster_mesh::{Rule, RunningServer, ServiceSpec, channel, channel_with};
+use muster_proto::v1::edge_client::EdgeClient;
+use muster_proto::v1::edge_server::{Edge, EdgeServer};
+use muster_proto::v1::{DescribeEdgeRequest, EdgeDescription};
+use muster_tls::{CertificateAuthority, IssueOptions, MeshTls, ServiceName, TlsDir};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::service::Routes;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+const TD: &str = "muster.test";
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// A handler that counts how often it runs: a refused call must never
+/// reach it.
+#[derive(Default, Clone)]
+struct CountingEdge {
+    calls: Arc<AtomicUsize>,
+    delay: Duration,
+}
+
+#[tonic::async_trait]
+impl Edge for CountingEdge {
+    async fn describe_edge(
+        &self,
+        _: tonic::Request<DescribeEdgeRequest>,
+    ) -> Result<tonic::Response<EdgeDescription>, tonic::Status> {
+        tokio::time::sleep(self.delay).await;
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(tonic::Response::new(EdgeDescription {
+            edge_id: "e1".into(),
+            ..Default::default()
+        }))
+    }
+}
+
+const RULES: &[Rule] = &[Rule::new(
+    "/muster.v1.Edge/DescribeEdge",
+    &[ServiceName::Ctl],
+)];
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    ca: CertificateAuthority,
+    server: Option<RunningServer>,
+    addr: String,
+    shutdown: CancellationToken,
+    edge: CountingEdge,
+    server_tls: Arc<MeshTls>,
+}
+
+impl Fixture {
+    async fn start() -> Fixture {
+        Fixture::start_with(Duration::ZERO).await
+    }
+
+    /// Each DescribeEdge call takes `delay`.
+    async fn start_with(delay: Duration) -> Fixture {
+        muster_tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let certs = TlsDir::new(dir.path());
+        let (ca, _) = certs.ensure_ca(DAY * 365).unwrap();
+        for name in [ServiceName::Edge, ServiceName::Ctl, ServiceName::Presence] {
+            certs
+                .ensure_issued(&ca, TD, name, &IssueOptions::valid_for(DAY))
+                .unwrap();
+        }
+        let server_tls = MeshTls::load(certs.files(ServiceName::Edge), TD).unwrap();
+        let edge = CountingEdge {
+            calls: Arc::default(),
+            delay,
+        };
+        let shutdown = CancellationToken::new();
+        let server = muster_mesh::serve(
+            ServiceSpec {
+                name: ServiceName::Edge,
+                grpc_service: "muster.v1.Edge",
+                routes: Routes::new(EdgeServer::new(edge.clone())),
+                rules: RULES,
+            },
+            server_tls.clone(),
+            TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        Fixture {
+            addr: server.addr.to_string(),
+            dir,
+            ca,
+            server: Some(server),
+            shutdown,
+            edge,
+            server_tls,
+        }
+    }
+
+    fn certs(&self) -> TlsDir {
+        TlsDir::new(self.dir.path())
+    }
+
+    fn addr(&self) -> String {
+        self.addr.clone()
+    }
+
+    fn tls(&self, name: ServiceName) -> Arc<MeshTls> {
+        MeshTls::load(self.certs().files(name), TD).unwrap()
+    }
+
+    fn calls(&self) -> usize {
+        self.edge.calls.load(Ordering::SeqCst)
+    }
+
+    async fn describe_as(&self, tls: Arc<MeshTls>) -> Result<EdgeDescription, tonic::Status> {
+        let mut client = EdgeClient::new(channel(tls, ServiceName::Edge, &self.addr()).unwrap());
+        client
+            .describe_edge(DescribeEdgeRequest {})
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+/// A principal's files from another CA, written into `dir`, trusting our
+/// CA so that only the server's check can refuse it. Returns the principal
+/// and the other CA's certificate.
+fn foreign_tls(f: &Fixture, dir: &std::path::Path, name: ServiceName) -> (Arc<MeshTls>, String) {
+    let certs = TlsDir::new(dir);
+    let (ca, _) = certs.ensure_ca(DAY).unwrap();
+    certs
+        .write_issued(
+            name,
+            &ca.issue(TD, name, &IssueOptions::valid_for(DAY)).unwrap(),
+        )
+        .unwrap();
+    std::fs::copy(f.certs().ca_cert_path(), certs.ca_cert_path()).unwrap();
+    (
+        MeshTls::load(certs.files(name), TD).unwrap(),
+        ca.cert_pem().to_owned(),
+    )
+}
+
+/// In TLS 1.3 the server's refusal of a client certificate arrives as an
+/// alert on the first read, surfacing in tonic as a transport error.
+fn assert_refused_by_tls(err: &tonic::Status, alerts: &[&str]) {
+    let text = format!("{err:?}");
+    assert!(
+        alerts
+            .iter()
+            .any(|alert| text.contains(&format!("received fatal alert: {alert}"))),
+        "expected a tls refusal ({alerts:?}), got {text}"
+    );
+}
+
+/// The serial of the certificate the server presents to a new connection.
+async fn served_serial(f: &Fixture) -> String {
+    let tcp = tokio::net::TcpStream::connect(f.addr()).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(f.tls(ServiceName::Ctl).client_config());
+    let name = rustls::pki_types::ServerName::try_from("muster-edge").unwrap();
+    let stream = connector.connect(name, tcp).await.unwrap();
+    let cert = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+    muster_tls::CertSummary::of(&cert).unwrap().serial_hex
+}
+
+#[tokio::test]
+async fn an_allowed_caller_reaches_the_handler_and_health() {
+    let f = Fixture::start().await;
+    let described = f.describe_as(f.tls(ServiceName::Ctl)).await.unwrap();
+    assert_eq!(described.edge_id, "e1");
+    assert_eq!(f.calls(), 1);
+
+    // Health is open to every principal of the trust domain.
+    let ch = channel(f.tls(ServiceName::Presence), ServiceName::Edge, &f.addr()).unwrap();
+    let health = HealthClient::new(ch)
+        .check(HealthCheckRequest {
+            service: "muster.v1.Edge".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status, 1, "SERVING");
+}
+
+#[tokio::test]
+async fn a_service_not_in_the_table_is_denied_before_the_handler() {
+    let f = Fixture::start().await;
+    let err = f
+        .describe_as(f.tls(ServiceName::Presence))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message()
+            .contains("spiffe://muster.test/service/presence"),
+        "{err:?}"
+    );
+    assert_eq!(f.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_is_refused() {
+    let f = Fixture::start().await;
+    let ca = f.ca.cert_der().clone();
+    let config = move || {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone()).unwrap();
+        let mut config = rustls::ClientConfig::builder_with_provider(muster_tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    };
+    let mut client = EdgeClient::new(channel_with(config, ServiceName::Edge, &f.addr()).unwrap());
+    let err = client
+        .describe_edge(DescribeEdgeRequest {})
+        .await
+        .unwrap_err();
+    assert_refused_by_tls(&err, &["CertificateRequired"]);
+    assert_eq!(f.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused() {
+    let f = Fixture::start().await;
+    let other = tempfile::tempdir().unwrap();
+    let (tls, _) = foreign_tls(&f, other.path(), ServiceName::Ctl);
+    let err = f.describe_as(tls).await.unwrap_err();
+    // Same CA name, other key: the signature check fails (DecryptError);
+    // an unrelated name gives UnknownCA.
+    assert_refused_by_tls(&err, &["DecryptError", "UnknownCA", "BadCertificate"]);
+    assert_eq!(f.calls(), 0);
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_refused() {
+    let f = Fixture::start().await;
+    let now = time::OffsetDateTime::now_utc();
+    let mut opts = IssueOptions::valid_for(DAY);
+    opts.not_before = Some(now - time::Duration::days(2));
+    opts.not_after = Some(now - time::Duration::days(1));
+    let certs = f.certs();
+    certs
+        .write_issued(
+            ServiceName::Ctl,
+            &f.ca.issue(TD, ServiceName::Ctl, &opts).unwrap(),
+        )
+        .unwrap();
+    let err = f.describe_as(f.tls(ServiceName::Ctl)).await.unwrap_err();
+    assert_refused_by_tls(&err, &["CertificateExpired"]);
+    assert_eq!(f.calls(), 0);
+}
+
+#[tokio::test]
+async fn certificates_reload_without_a_restart() {
+    let f = Fixture::start().await;
+    let stop = CancellationToken::new();
+    tokio::spawn(
+        f.server_tls
+            .clone()
+            .watch(Duration::from_millis(50), stop.clone().cancelled_owned()),
+    );
+
+    // Trust: a client of a second CA is refused until the server's bundle
+    // holds that CA too, as during a CA rotation.
+    let other = tempfile::tempdir().unwrap();
+    let (newcomer, other_ca) = foreign_tls(&f, other.path(), ServiceName::Ctl);
+    assert!(f.describe_as(newcomer.clone()).await.is_err());
+    let ours = std::fs::read_to_string(f.certs().ca_cert_path()).unwrap();
+    std::fs::write(f.certs().ca_cert_path(), format!("{ours}{other_ca}")).unwrap();
+    let mut accepted = false;
+    for _ in 0..100 {
+        if f.describe_as(newcomer.clone()).await.is_ok() {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(accepted, "the rotated trust bundle was never picked up");
+
+    // Identity: a re-issued server certificate is presented from the next
+    // connection on.
+    let before = served_serial(&f).await;
+    f.certs()
+        .write_issued(
+            ServiceName::Edge,
+            &f.ca
+                .issue(TD, ServiceName::Edge, &IssueOptions::valid_for(DAY))
+                .unwrap(),
+        )
+        .unwrap();
+    let mut after = before.clone();
+    for _ in 0..100 {
+        after = served_serial(&f).await;
+        if after != before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_ne!(before, after, "the re-issued certificate was never served");
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_calls_finish_then_refuses_new_ones() {
+    let mut f = Fixture::start_with(Duration::from_millis(500)).await;
+    let in_flight = {
+        let tls = f.tls(ServiceName::Ctl);
+        let addr = f.addr();
+        tokio::spawn(async move {
+            let mut client = EdgeClient::new(channel(tls, ServiceName::Edge, &addr).unwrap());
+            client.describe_edge(DescribeEdgeRequest {}).await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    f.shutdown.cancel();
+    let server = f.server.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server.wait())
+        .await
+        .expect("server drained")
+        .unwrap();
+    let finished = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight call completed");
+    assert_eq!(finished.into_inner().edge_id, "e1");
+    assert_eq!(f.calls(), 1);
+    assert!(f.describe_as(f.tls(ServiceName::Ctl)).await.is_err());
+}
