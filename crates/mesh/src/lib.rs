@@ -10,6 +10,7 @@
 
 mod authz;
 mod client;
+mod error;
 mod layer;
 mod server;
 mod stream;
@@ -17,6 +18,7 @@ mod trace;
 
 pub use authz::{Rule, authorize};
 pub use client::{MeshChannel, channel, channel_with};
+pub use error::{ErrorCode, ServiceError, to_status};
 pub use server::{RunningServer, ServiceSpec, serve};
 pub use stream::PeerInfo;
 

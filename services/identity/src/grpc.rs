@@ -1,0 +1,108 @@
+use muster_mesh::{Rule, ServiceSpec, to_status};
+use muster_proto::v1::identity_server::{Identity, IdentityServer};
+use muster_proto::v1::{
+    CreateTokenRequest, CreateTokenResponse, ListTokensRequest, ListTokensResponse,
+    RevokeTokenRequest, TokenClaims, TokenInfo, VerifyTokenRequest,
+};
+use muster_tls::ServiceName::{Ctl, Edge};
+use tonic::{Request, Response, Status};
+
+use crate::{TokenRecord, Tokens};
+
+/// Who may call what on identity; everything else is denied.
+pub const RULES: &[Rule] = &[
+    Rule::new("/muster.v1.Identity/VerifyToken", &[Edge]),
+    Rule::new("/muster.v1.Identity/CreateToken", &[Edge, Ctl]),
+    Rule::new("/muster.v1.Identity/RevokeToken", &[Edge, Ctl]),
+    Rule::new("/muster.v1.Identity/ListTokens", &[Edge, Ctl]),
+];
+
+/// The gRPC face of [`Tokens`].
+pub struct IdentityService {
+    tokens: Tokens,
+}
+
+/// Identity as the mesh serves it.
+pub fn spec(tokens: Tokens) -> ServiceSpec {
+    ServiceSpec {
+        name: muster_tls::ServiceName::Identity,
+        grpc_service: "muster.v1.Identity",
+        routes: tonic::service::Routes::new(IdentityServer::new(IdentityService { tokens })),
+        rules: RULES,
+    }
+}
+
+fn info(record: TokenRecord) -> TokenInfo {
+    TokenInfo {
+        token_id: record.token_id,
+        tenant_id: record.tenant_id,
+        role: record.role.as_str().into(),
+        scopes: record.scopes,
+        label: record.label,
+        created_at_ms: record.created_at_ms,
+        revoked_at_ms: record.revoked_at_ms.unwrap_or(0),
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn create_token(
+        &self,
+        request: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let r = request.into_inner();
+        let role = r.role.parse().map_err(|e| to_status(&e))?;
+        let (record, secret) = self
+            .tokens
+            .create(&r.tenant_id, role, r.scopes, &r.label)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(CreateTokenResponse {
+            info: Some(info(record)),
+            token: secret.expose().to_owned(),
+        }))
+    }
+
+    async fn verify_token(
+        &self,
+        request: Request<VerifyTokenRequest>,
+    ) -> Result<Response<TokenClaims>, Status> {
+        let record = self
+            .tokens
+            .verify(&request.into_inner().token)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(TokenClaims {
+            token_id: record.token_id,
+            tenant_id: record.tenant_id,
+            role: record.role.as_str().into(),
+            scopes: record.scopes,
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<RevokeTokenRequest>,
+    ) -> Result<Response<TokenInfo>, Status> {
+        let record = self
+            .tokens
+            .revoke(&request.into_inner().token_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(info(record)))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        let records = self
+            .tokens
+            .list(&request.into_inner().tenant_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(ListTokensResponse {
+            tokens: records.into_iter().map(info).collect(),
+        }))
+    }
+}

@@ -1,0 +1,150 @@
+//! Identity's tables, on either backend.
+
+use muster_store::outbox::{self, NewItem};
+use muster_store::{Store, StoreError};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use crate::Role;
+
+/// An operator token as stored: everything but the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    pub token_id: String,
+    pub tenant_id: String,
+    pub role: Role,
+    pub scopes: Vec<String>,
+    pub label: String,
+    pub created_at_ms: i64,
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// Where identity keeps its state. Each change commits with its event.
+#[tonic::async_trait]
+pub trait TokenStore: Send + Sync + 'static {
+    /// Stores a new token under the digest of its secret.
+    async fn insert_token(
+        &self,
+        record: &TokenRecord,
+        digest: &str,
+        event: &NewItem,
+    ) -> Result<(), StoreError>;
+    async fn token_by_digest(&self, digest: &str) -> Result<Option<TokenRecord>, StoreError>;
+    async fn token_by_id(&self, token_id: &str) -> Result<Option<TokenRecord>, StoreError>;
+    /// Marks a live token revoked; false when there was no live token.
+    async fn revoke_token(
+        &self,
+        token_id: &str,
+        at_ms: i64,
+        event: &NewItem,
+    ) -> Result<bool, StoreError>;
+    async fn list_tokens(&self, tenant_id: &str) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Whether any admin token, live or revoked, was ever minted.
+    async fn admin_token_minted(&self) -> Result<bool, StoreError>;
+}
+
+const COLUMNS: &str = "token_id, tenant_id, role, scopes, label, created_at_ms, revoked_at_ms";
+
+fn record(row: &AnyRow) -> Result<TokenRecord, StoreError> {
+    let role: String = row.try_get("role")?;
+    let scopes: String = row.try_get("scopes")?;
+    Ok(TokenRecord {
+        token_id: row.try_get("token_id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        role: role
+            .parse()
+            .map_err(|_| StoreError::invalid("role", format!("stored role {role:?}")))?,
+        scopes: serde_json::from_str(&scopes).unwrap_or_default(),
+        label: row.try_get("label")?,
+        created_at_ms: row.try_get("created_at_ms")?,
+        revoked_at_ms: row.try_get("revoked_at_ms")?,
+    })
+}
+
+#[tonic::async_trait]
+impl TokenStore for Store {
+    async fn insert_token(
+        &self,
+        record: &TokenRecord,
+        digest: &str,
+        event: &NewItem,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO operator_tokens (token_id, tenant_id, digest, role, scopes, label, created_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(&record.token_id)
+        .bind(&record.tenant_id)
+        .bind(digest)
+        .bind(record.role.as_str())
+        .bind(serde_json::to_string(&record.scopes).unwrap_or_default())
+        .bind(&record.label)
+        .bind(record.created_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        outbox::append(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn token_by_digest(&self, digest: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM operator_tokens WHERE digest = $1"
+        ))
+        .bind(digest)
+        .fetch_optional(self.pool())
+        .await?;
+        row.as_ref().map(record).transpose()
+    }
+
+    async fn token_by_id(&self, token_id: &str) -> Result<Option<TokenRecord>, StoreError> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM operator_tokens WHERE token_id = $1"
+        ))
+        .bind(token_id)
+        .fetch_optional(self.pool())
+        .await?;
+        row.as_ref().map(record).transpose()
+    }
+
+    async fn revoke_token(
+        &self,
+        token_id: &str,
+        at_ms: i64,
+        event: &NewItem,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE operator_tokens SET revoked_at_ms = $1 WHERE token_id = $2 AND revoked_at_ms IS NULL",
+        )
+        .bind(at_ms)
+        .bind(token_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            return Ok(false);
+        }
+        outbox::append(&mut tx, event).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn list_tokens(&self, tenant_id: &str) -> Result<Vec<TokenRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM operator_tokens WHERE tenant_id = $1 ORDER BY created_at_ms, token_id"
+        ))
+        .bind(tenant_id)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(record).collect()
+    }
+
+    async fn admin_token_minted(&self) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM operator_tokens WHERE role = 'admin'")
+            .fetch_one(self.pool())
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? > 0)
+    }
+}

@@ -1,0 +1,266 @@
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use base64::Engine;
+use muster_mesh::{ErrorCode, ServiceError};
+use muster_store::outbox::NewItem;
+use muster_store::{StoreError, now_ms};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::{TokenRecord, TokenStore};
+
+/// The scopes an operator token may carry (PROTOCOL.md Part B §3).
+pub const SCOPES: &[&str] = &[
+    "operator.read",
+    "operator.write",
+    "operator.approvals",
+    "operator.pairing",
+    "operator.admin",
+    "*",
+];
+
+/// Operators choose their own admin token only if it is at least this long.
+pub const MIN_PROVIDED_TOKEN_LEN: usize = 32;
+
+/// What a token lets its holder be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Passes every scope check.
+    Admin,
+    /// Limited to its scopes.
+    Client,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Client => "client",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = TokenError;
+
+    fn from_str(s: &str) -> Result<Self, TokenError> {
+        match s {
+            "admin" => Ok(Role::Admin),
+            "client" => Ok(Role::Client),
+            other => Err(TokenError::Invalid(format!(
+                "role must be admin or client, not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// A token's secret. It leaves the process once, to whoever minted it, and
+/// never appears in Debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("{0}")]
+    Invalid(String),
+    /// Unknown and revoked tokens are reported alike.
+    #[error("token not recognized")]
+    Unrecognized,
+    #[error("no live token {0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ServiceError for TokenError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            TokenError::Invalid(_) => ErrorCode::InvalidArgument,
+            TokenError::Unrecognized => ErrorCode::Unauthenticated,
+            TokenError::NotFound(_) => ErrorCode::NotFound,
+            TokenError::Store(e) => e.code(),
+        }
+    }
+}
+
+/// Tokens are random 256-bit values, so a plain SHA-256 digest is as good
+/// as a slow hash here and costs nothing per handshake; lookups go by
+/// digest, so no comparison ever touches the secret itself.
+fn digest(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+fn new_secret() -> Secret {
+    let bytes: [u8; 32] = rand::random();
+    Secret(format!(
+        "muster_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    ))
+}
+
+/// The operator tokens: mint, verify, revoke, list.
+#[derive(Clone)]
+pub struct Tokens {
+    store: Arc<dyn TokenStore>,
+}
+
+impl Tokens {
+    pub fn new(store: Arc<dyn TokenStore>) -> Self {
+        Tokens { store }
+    }
+
+    /// Mints a token; the secret is returned here and nowhere else.
+    pub async fn create(
+        &self,
+        tenant_id: &str,
+        role: Role,
+        scopes: Vec<String>,
+        label: &str,
+    ) -> Result<(TokenRecord, Secret), TokenError> {
+        let secret = new_secret();
+        let record = self
+            .store_new(tenant_id, role, scopes, label, &secret)
+            .await?;
+        Ok((record, secret))
+    }
+
+    async fn store_new(
+        &self,
+        tenant_id: &str,
+        role: Role,
+        scopes: Vec<String>,
+        label: &str,
+        secret: &Secret,
+    ) -> Result<TokenRecord, TokenError> {
+        if tenant_id.trim().is_empty() {
+            return Err(TokenError::Invalid("tenant_id is required".into()));
+        }
+        if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
+            return Err(TokenError::Invalid(format!("unknown scope {bad:?}")));
+        }
+        if label.len() > 200 {
+            return Err(TokenError::Invalid("label longer than 200 bytes".into()));
+        }
+        let mut scopes = scopes;
+        scopes.sort();
+        scopes.dedup();
+        let record = TokenRecord {
+            token_id: uuid::Uuid::new_v4().to_string(),
+            tenant_id: tenant_id.to_owned(),
+            role,
+            scopes,
+            label: label.to_owned(),
+            created_at_ms: now_ms(),
+            revoked_at_ms: None,
+        };
+        let event = NewItem {
+            audience_roles: vec!["client".into()],
+            audience_scopes: vec!["operator.admin".into()],
+            ..NewItem::event(&record.tenant_id, "token.created", token_payload(&record))
+        };
+        self.store
+            .insert_token(&record, &digest(secret.expose()), &event)
+            .await?;
+        tracing::info!(token_id = %record.token_id, tenant_id = %record.tenant_id, role = role.as_str(), "operator token minted");
+        Ok(record)
+    }
+
+    /// The claims of a live token; unknown and revoked tokens alike are
+    /// [`TokenError::Unrecognized`].
+    pub async fn verify(&self, presented: &str) -> Result<TokenRecord, TokenError> {
+        if presented.is_empty() || presented.len() > 4096 {
+            return Err(TokenError::Unrecognized);
+        }
+        match self.store.token_by_digest(&digest(presented)).await? {
+            Some(record) if record.revoked_at_ms.is_none() => Ok(record),
+            _ => Err(TokenError::Unrecognized),
+        }
+    }
+
+    /// Revokes a live token and emits `token.revoked`, which edges act on
+    /// by closing that token's connections.
+    pub async fn revoke(&self, token_id: &str) -> Result<TokenRecord, TokenError> {
+        let record = self
+            .store
+            .token_by_id(token_id)
+            .await?
+            .filter(|r| r.revoked_at_ms.is_none())
+            .ok_or_else(|| TokenError::NotFound(token_id.to_owned()))?;
+        let at = now_ms();
+        let revoked = TokenRecord {
+            revoked_at_ms: Some(at),
+            ..record
+        };
+        let event = NewItem {
+            audience_roles: vec!["client".into()],
+            audience_scopes: vec!["operator.admin".into()],
+            ..NewItem::event(&revoked.tenant_id, "token.revoked", token_payload(&revoked))
+        };
+        if !self.store.revoke_token(token_id, at, &event).await? {
+            return Err(TokenError::NotFound(token_id.to_owned()));
+        }
+        tracing::info!(token_id, "operator token revoked");
+        Ok(revoked)
+    }
+
+    pub async fn list(&self, tenant_id: &str) -> Result<Vec<TokenRecord>, TokenError> {
+        Ok(self.store.list_tokens(tenant_id).await?)
+    }
+
+    /// On a first start, mints the admin token: `provided` (an operator's
+    /// own, 32+ characters) or a fresh one. Returns the secret when it
+    /// minted one now, `None` when an admin token already exists.
+    pub async fn bootstrap_admin(
+        &self,
+        tenant_id: &str,
+        provided: Option<&str>,
+    ) -> Result<Option<Secret>, TokenError> {
+        if let Some(value) = provided
+            && value.chars().count() < MIN_PROVIDED_TOKEN_LEN
+        {
+            return Err(TokenError::Invalid(format!(
+                "MUSTER_ADMIN_TOKEN must be at least {MIN_PROVIDED_TOKEN_LEN} characters"
+            )));
+        }
+        if self.store.admin_token_minted().await? {
+            return Ok(None);
+        }
+        let secret = provided
+            .map(|v| Secret(v.to_owned()))
+            .unwrap_or_else(new_secret);
+        self.store_new(
+            tenant_id,
+            Role::Admin,
+            vec!["*".into()],
+            "initial admin",
+            &secret,
+        )
+        .await?;
+        Ok(Some(secret))
+    }
+}
+
+fn token_payload(record: &TokenRecord) -> serde_json::Value {
+    json!({
+        "token_id": record.token_id,
+        "tenant_id": record.tenant_id,
+        "role": record.role.as_str(),
+        "scopes": record.scopes,
+        "label": record.label,
+        "revoked_at_ms": record.revoked_at_ms,
+    })
+}

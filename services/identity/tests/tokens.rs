@@ -1,0 +1,77 @@
+//! Operator tokens on SQLite and on Postgres.
+
+use std::sync::Arc;
+
+use muster_identity::{Role, TokenError, Tokens};
+use muster_store::{Store, outbox};
+
+async fn outbox_text(store: &Store) -> String {
+    let items = outbox::read_after(store, "t1", 0, 100).await.unwrap();
+    serde_json::to_string(
+        &items
+            .iter()
+            .map(|i| (&i.kind, &i.payload))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap()
+}
+
+muster_store::backend_suite! {
+    async fn minted_tokens_verify_until_revoked(store: Store) {
+        let tokens = Tokens::new(Arc::new(store.clone()));
+        let (record, secret) = tokens
+            .create("t1", Role::Client, vec!["operator.read".into(), "operator.read".into()], "ci")
+            .await
+            .unwrap();
+        assert_eq!(record.scopes, vec!["operator.read".to_string()]);
+        assert!(secret.expose().len() >= 43);
+        assert!(!format!("{secret:?}").contains(secret.expose()));
+
+        let verified = tokens.verify(secret.expose()).await.unwrap();
+        assert_eq!(verified, record);
+        assert!(matches!(tokens.verify("muster_wrong").await, Err(TokenError::Unrecognized)));
+
+        let revoked = tokens.revoke(&record.token_id).await.unwrap();
+        assert!(revoked.revoked_at_ms.is_some());
+        assert!(matches!(tokens.verify(secret.expose()).await, Err(TokenError::Unrecognized)));
+        assert!(matches!(tokens.revoke(&record.token_id).await, Err(TokenError::NotFound(_))));
+
+        let events = outbox_text(&store).await;
+        assert!(events.contains("token.created") && events.contains("token.revoked"), "{events}");
+        // The secret and its digest stay out of the outbox.
+        assert!(!events.contains(secret.expose()), "{events}");
+        let listed = tokens.list("t1").await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert!(tokens.list("t2").await.unwrap().is_empty());
+    }
+
+    async fn bad_requests_change_nothing(store: Store) {
+        let tokens = Tokens::new(Arc::new(store.clone()));
+        let bad_scope = tokens.create("t1", Role::Client, vec!["root".into()], "x").await;
+        assert!(matches!(bad_scope, Err(TokenError::Invalid(_))));
+        let no_tenant = tokens.create("", Role::Admin, vec![], "x").await;
+        assert!(matches!(no_tenant, Err(TokenError::Invalid(_))));
+        assert!(tokens.list("t1").await.unwrap().is_empty());
+        assert_eq!(outbox_text(&store).await, "[]");
+        assert!("root".parse::<Role>().is_err());
+    }
+
+    async fn the_first_admin_token_is_minted_once(store: Store) {
+        let tokens = Tokens::new(Arc::new(store.clone()));
+        let short = tokens.bootstrap_admin("t1", Some("too-short")).await;
+        assert!(matches!(short, Err(TokenError::Invalid(_))));
+        assert!(tokens.list("t1").await.unwrap().is_empty());
+
+        let chosen = "an-operator-chosen-admin-token-0123456789";
+        let minted = tokens.bootstrap_admin("t1", Some(chosen)).await.unwrap().unwrap();
+        assert_eq!(minted.expose(), chosen);
+        let claims = tokens.verify(chosen).await.unwrap();
+        assert_eq!(claims.role, Role::Admin);
+        assert_eq!(claims.scopes, vec!["*".to_string()]);
+
+        // A later start mints nothing, with or without a provided value.
+        assert!(tokens.bootstrap_admin("t1", None).await.unwrap().is_none());
+        assert!(tokens.bootstrap_admin("t1", Some(chosen)).await.unwrap().is_none());
+        assert_eq!(tokens.list("t1").await.unwrap().len(), 1);
+    }
+}
