@@ -1,1 +1,12 @@
-//! placeholder
+//! muster's presence service: who is connected and healthy, per device
+//! instance. Self-reported host and ip are kept beside what the edge
+//! observed, labelled as such, and never decide anything.
+#![forbid(unsafe_code)]
+
+mod grpc;
+mod instances;
+pub mod store;
+
+pub use grpc::{PresenceService, RULES, spec};
+pub use instances::{InstanceEntry, InstanceRole, Instances, PresenceError};
+pub use store::PresenceStore;

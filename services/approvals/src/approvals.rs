@@ -1,0 +1,271 @@
+use std::sync::Arc;
+
+use muster_mesh::{ErrorCode, ServiceError};
+use muster_store::outbox::NewItem;
+use muster_store::{StoreError, now_ms};
+use serde_json::{Value, json};
+
+use crate::ApprovalStore;
+
+/// A request nobody decides expires after this long by default.
+pub const DEFAULT_TTL_MS: i64 = 10 * 60 * 1000;
+/// No request waits longer than a week.
+pub const MAX_TTL_MS: i64 = 7 * 24 * 60 * 60 * 1000;
+/// Largest context a request may carry.
+const MAX_CONTEXT_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Pending,
+    Approved,
+    Denied,
+    Expired,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Approved => "approved",
+            Status::Denied => "denied",
+            Status::Expired => "expired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        [
+            Status::Pending,
+            Status::Approved,
+            Status::Denied,
+            Status::Expired,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+}
+
+/// An approval request and, once decided, its outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Approval {
+    pub approval_id: String,
+    pub tenant_id: String,
+    pub kind: String,
+    pub context: Value,
+    pub status: Status,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub decided_at_ms: Option<i64>,
+    pub decided_by: Option<String>,
+    pub reason: Option<String>,
+}
+
+impl Approval {
+    /// The status as of `now`: a pending request past its expiry reads as
+    /// expired even before anything wrote that down.
+    pub fn status_at(&self, now: i64) -> Status {
+        if self.status == Status::Pending && now >= self.expires_at_ms {
+            Status::Expired
+        } else {
+            self.status
+        }
+    }
+
+    fn payload(&self) -> Value {
+        json!({
+            "approval_id": self.approval_id,
+            "kind": self.kind,
+            "context": self.context,
+            "status": self.status.as_str(),
+            "created_at_ms": self.created_at_ms,
+            "expires_at_ms": self.expires_at_ms,
+            "decided_at_ms": self.decided_at_ms,
+            "decided_by": self.decided_by,
+            "reason": self.reason,
+        })
+    }
+}
+
+/// An approver's answer.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub approve: bool,
+    pub decided_by: String,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApprovalError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no approval {0}")]
+    NotFound(String),
+    #[error("approval {id} is {status}, not pending")]
+    NotPending { id: String, status: &'static str },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ServiceError for ApprovalError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            ApprovalError::Invalid(_) => ErrorCode::InvalidArgument,
+            ApprovalError::NotFound(_) => ErrorCode::NotFound,
+            ApprovalError::NotPending { .. } => ErrorCode::InvalidState,
+            ApprovalError::Store(e) => e.code(),
+        }
+    }
+}
+
+fn audience(item: NewItem) -> NewItem {
+    NewItem {
+        audience_roles: vec!["client".into()],
+        audience_scopes: vec!["operator.read".into(), "operator.approvals".into()],
+        ..item
+    }
+}
+
+/// Approval requests: create, read, decide.
+#[derive(Clone)]
+pub struct Approvals {
+    store: Arc<dyn ApprovalStore>,
+}
+
+impl Approvals {
+    pub fn new(store: Arc<dyn ApprovalStore>) -> Self {
+        Approvals { store }
+    }
+
+    /// Opens a pending request and emits `approval.requested`.
+    pub async fn create(
+        &self,
+        tenant_id: &str,
+        kind: &str,
+        context: Value,
+        ttl_ms: Option<i64>,
+    ) -> Result<Approval, ApprovalError> {
+        if tenant_id.trim().is_empty() {
+            return Err(ApprovalError::Invalid("tenant_id is required".into()));
+        }
+        if kind.trim().is_empty() || kind.len() > 64 {
+            return Err(ApprovalError::Invalid("kind must be 1 to 64 bytes".into()));
+        }
+        if !context.is_object() {
+            return Err(ApprovalError::Invalid(
+                "context must be a json object".into(),
+            ));
+        }
+        if context.to_string().len() > MAX_CONTEXT_BYTES {
+            return Err(ApprovalError::Invalid(format!(
+                "context larger than {MAX_CONTEXT_BYTES} bytes"
+            )));
+        }
+        let ttl = ttl_ms.unwrap_or(DEFAULT_TTL_MS);
+        if !(1..=MAX_TTL_MS).contains(&ttl) {
+            return Err(ApprovalError::Invalid(format!(
+                "ttl must be between 1 and {MAX_TTL_MS} ms"
+            )));
+        }
+        let now = now_ms();
+        let approval = Approval {
+            approval_id: uuid::Uuid::new_v4().to_string(),
+            tenant_id: tenant_id.to_owned(),
+            kind: kind.to_owned(),
+            context,
+            status: Status::Pending,
+            created_at_ms: now,
+            expires_at_ms: now + ttl,
+            decided_at_ms: None,
+            decided_by: None,
+            reason: None,
+        };
+        let event = audience(NewItem::event(
+            tenant_id,
+            "approval.requested",
+            approval.payload(),
+        ));
+        self.store.insert_approval(&approval, &event).await?;
+        Ok(approval)
+    }
+
+    pub async fn get(&self, tenant_id: &str, approval_id: &str) -> Result<Approval, ApprovalError> {
+        let now = now_ms();
+        self.store
+            .approval(tenant_id, approval_id)
+            .await?
+            .map(|a| Approval {
+                status: a.status_at(now),
+                ..a
+            })
+            .ok_or_else(|| ApprovalError::NotFound(approval_id.to_owned()))
+    }
+
+    pub async fn list(
+        &self,
+        tenant_id: &str,
+        status: Option<Status>,
+    ) -> Result<Vec<Approval>, ApprovalError> {
+        let now = now_ms();
+        let all = self.store.list_approvals(tenant_id).await?;
+        Ok(all
+            .into_iter()
+            .map(|a| Approval {
+                status: a.status_at(now),
+                ..a
+            })
+            .filter(|a| status.is_none_or(|s| a.status == s))
+            .collect())
+    }
+
+    /// Approves or denies a pending, unexpired request and emits
+    /// `approval.resolved`. Deciding twice, or too late, is refused and
+    /// changes nothing.
+    pub async fn decide(
+        &self,
+        tenant_id: &str,
+        approval_id: &str,
+        decision: Decision,
+    ) -> Result<Approval, ApprovalError> {
+        if decision.decided_by.trim().is_empty() {
+            return Err(ApprovalError::Invalid("decided_by is required".into()));
+        }
+        if decision.reason.len() > 1024 {
+            return Err(ApprovalError::Invalid(
+                "reason longer than 1024 bytes".into(),
+            ));
+        }
+        let current = self.get(tenant_id, approval_id).await?;
+        if current.status != Status::Pending {
+            return Err(ApprovalError::NotPending {
+                id: approval_id.to_owned(),
+                status: current.status.as_str(),
+            });
+        }
+        let decided = Approval {
+            status: if decision.approve {
+                Status::Approved
+            } else {
+                Status::Denied
+            },
+            decided_at_ms: Some(now_ms()),
+            decided_by: Some(decision.decided_by),
+            reason: (!decision.reason.is_empty()).then_some(decision.reason),
+            ..current
+        };
+        let event = audience(NewItem::event(
+            tenant_id,
+            "approval.resolved",
+            decided.payload(),
+        ));
+        // The store re-checks that the request is still pending and
+        // unexpired inside its transaction: two approvers racing cannot both
+        // win.
+        if !self.store.decide_approval(&decided, &event).await? {
+            let status = self.get(tenant_id, approval_id).await?.status;
+            return Err(ApprovalError::NotPending {
+                id: approval_id.to_owned(),
+                status: status.as_str(),
+            });
+        }
+        Ok(decided)
+    }
+}

@@ -1,0 +1,101 @@
+//! Approval requests on SQLite and on Postgres.
+
+use std::sync::Arc;
+
+use muster_approvals::{ApprovalError, Approvals, Decision, Status};
+use muster_store::{Store, outbox};
+use serde_json::json;
+
+fn approve(by: &str) -> Decision {
+    Decision {
+        approve: true,
+        decided_by: by.into(),
+        reason: String::new(),
+    }
+}
+
+async fn event_kinds(store: &Store) -> Vec<String> {
+    outbox::read_after(store, "t1", 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|i| i.kind)
+        .collect()
+}
+
+muster_store::backend_suite! {
+    async fn a_request_is_decided_once(store: Store) {
+        let approvals = Approvals::new(Arc::new(store.clone()));
+        let created = approvals.create("t1", "pairing", json!({"device_id": "dev_a"}), None).await.unwrap();
+        assert_eq!(created.status, Status::Pending);
+        assert_eq!(approvals.list("t1", Some(Status::Pending)).await.unwrap().len(), 1);
+
+        let decided = approvals.decide("t1", &created.approval_id, approve("alice")).await.unwrap();
+        assert_eq!(decided.status, Status::Approved);
+        assert_eq!(approvals.get("t1", &created.approval_id).await.unwrap(), decided);
+
+        let again = approvals.decide("t1", &created.approval_id, Decision { approve: false, ..approve("bob") }).await;
+        assert!(matches!(again, Err(ApprovalError::NotPending { status: "approved", .. })));
+        assert_eq!(event_kinds(&store).await, vec!["approval.requested", "approval.resolved"]);
+    }
+
+    async fn other_tenants_cannot_see_or_decide(store: Store) {
+        let approvals = Approvals::new(Arc::new(store.clone()));
+        let created = approvals.create("t1", "pairing", json!({}), None).await.unwrap();
+        assert!(matches!(approvals.get("t2", &created.approval_id).await, Err(ApprovalError::NotFound(_))));
+        assert!(matches!(approvals.decide("t2", &created.approval_id, approve("eve")).await, Err(ApprovalError::NotFound(_))));
+        assert!(approvals.list("t2", None).await.unwrap().is_empty());
+        assert_eq!(approvals.get("t1", &created.approval_id).await.unwrap().status, Status::Pending);
+    }
+
+    async fn an_expired_request_cannot_be_decided(store: Store) {
+        let approvals = Approvals::new(Arc::new(store.clone()));
+        let created = approvals.create("t1", "capability", json!({}), Some(1)).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        assert_eq!(approvals.get("t1", &created.approval_id).await.unwrap().status, Status::Expired);
+        let late = approvals.decide("t1", &created.approval_id, approve("alice")).await;
+        assert!(matches!(late, Err(ApprovalError::NotPending { status: "expired", .. })));
+        assert_eq!(event_kinds(&store).await, vec!["approval.requested"]);
+    }
+
+    async fn racing_approvers_cannot_both_win(store: Store) {
+        let approvals = Approvals::new(Arc::new(store.clone()));
+        let created = approvals.create("t1", "pairing", json!({}), None).await.unwrap();
+        let mut tasks = Vec::new();
+        for n in 0..8 {
+            let approvals = approvals.clone();
+            let id = created.approval_id.clone();
+            tasks.push(tokio::spawn(async move { approvals.decide("t1", &id, approve(&format!("op{n}"))).await }));
+        }
+        let mut wins = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(_) => wins += 1,
+                Err(ApprovalError::NotPending { .. }) => {}
+                Err(other) => panic!("unexpected {other}"),
+            }
+        }
+        assert_eq!(wins, 1);
+        assert_eq!(event_kinds(&store).await.iter().filter(|k| *k == "approval.resolved").count(), 1);
+    }
+
+    async fn bad_requests_change_nothing(store: Store) {
+        let approvals = Approvals::new(Arc::new(store.clone()));
+        for (tenant, kind, context, ttl) in [
+            ("", "pairing", json!({}), None),
+            ("t1", "", json!({}), None),
+            ("t1", "pairing", json!("not an object"), None),
+            ("t1", "pairing", json!({"blob": "x".repeat(20_000)}), None),
+            ("t1", "pairing", json!({}), Some(0)),
+            ("t1", "pairing", json!({}), Some(i64::MAX)),
+        ] {
+            let result = approvals.create(tenant, kind, context, ttl).await;
+            assert!(matches!(result, Err(ApprovalError::Invalid(_))), "{result:?}");
+        }
+        let created = approvals.create("t1", "pairing", json!({}), None).await.unwrap();
+        let anonymous = approvals.decide("t1", &created.approval_id, approve(" ")).await;
+        assert!(matches!(anonymous, Err(ApprovalError::Invalid(_))));
+        assert_eq!(approvals.get("t1", &created.approval_id).await.unwrap().status, Status::Pending);
+        assert_eq!(event_kinds(&store).await, vec!["approval.requested"]);
+    }
+}

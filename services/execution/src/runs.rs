@@ -1,0 +1,127 @@
+use std::sync::Arc;
+
+use muster_mesh::{ErrorCode, ServiceError};
+use muster_store::outbox::NewItem;
+use muster_store::{StoreError, now_ms};
+use serde_json::{Value, json};
+
+use crate::RunStore;
+
+/// Largest run specification accepted.
+const MAX_SPEC_BYTES: usize = 64 * 1024;
+
+/// A run as execution knows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    pub run_id: String,
+    pub tenant_id: String,
+    pub idempotency_key: String,
+    pub spec: Value,
+    pub status: String,
+    pub created_at_ms: i64,
+}
+
+/// Whether an enqueue made a new run or found the one its key names.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Enqueued {
+    Created(Run),
+    Existing(Run),
+}
+
+impl Enqueued {
+    pub fn run(self) -> Run {
+        match self {
+            Enqueued::Created(run) | Enqueued::Existing(run) => run,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no run {0}")]
+    NotFound(String),
+    #[error("idempotency key {0:?} already names a run with another spec")]
+    KeyReused(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ServiceError for RunError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            RunError::Invalid(_) => ErrorCode::InvalidArgument,
+            RunError::NotFound(_) => ErrorCode::NotFound,
+            RunError::KeyReused(_) => ErrorCode::InvalidState,
+            RunError::Store(e) => e.code(),
+        }
+    }
+}
+
+/// Runs: enqueue and read.
+#[derive(Clone)]
+pub struct Runs {
+    store: Arc<dyn RunStore>,
+}
+
+impl Runs {
+    pub fn new(store: Arc<dyn RunStore>) -> Self {
+        Runs { store }
+    }
+
+    /// Queues a run and emits `run.queued`; a repeated key returns the run
+    /// it already names (and emits nothing), a reused key with another spec
+    /// is refused.
+    pub async fn enqueue(
+        &self,
+        tenant_id: &str,
+        idempotency_key: &str,
+        spec: Value,
+    ) -> Result<Enqueued, RunError> {
+        if tenant_id.trim().is_empty() {
+            return Err(RunError::Invalid("tenant_id is required".into()));
+        }
+        if idempotency_key.trim().is_empty() || idempotency_key.len() > 200 {
+            return Err(RunError::Invalid(
+                "idempotency_key must be 1 to 200 bytes".into(),
+            ));
+        }
+        if !spec.is_object() {
+            return Err(RunError::Invalid("spec must be a json object".into()));
+        }
+        if spec.to_string().len() > MAX_SPEC_BYTES {
+            return Err(RunError::Invalid(format!(
+                "spec larger than {MAX_SPEC_BYTES} bytes"
+            )));
+        }
+        let run = Run {
+            run_id: uuid::Uuid::new_v4().to_string(),
+            tenant_id: tenant_id.to_owned(),
+            idempotency_key: idempotency_key.to_owned(),
+            spec,
+            status: "queued".into(),
+            created_at_ms: now_ms(),
+        };
+        let event = NewItem {
+            audience_roles: vec!["client".into()],
+            ..NewItem::event(
+                tenant_id,
+                "run.queued",
+                json!({"run_id": run.run_id, "status": run.status, "idempotency_key": run.idempotency_key}),
+            )
+        };
+        match self.store.insert_run(&run, &event).await? {
+            None => Ok(Enqueued::Created(run)),
+            Some(existing) if existing.spec == run.spec => Ok(Enqueued::Existing(existing)),
+            Some(_) => Err(RunError::KeyReused(idempotency_key.to_owned())),
+        }
+    }
+
+    pub async fn get(&self, tenant_id: &str, run_id: &str) -> Result<Run, RunError> {
+        self.store
+            .run(tenant_id, run_id)
+            .await?
+            .ok_or_else(|| RunError::NotFound(run_id.to_owned()))
+    }
+}

@@ -1,0 +1,99 @@
+use muster_mesh::{Rule, ServiceSpec, to_status};
+use muster_proto::v1 as pb;
+use muster_proto::v1::presence_server::{Presence, PresenceServer};
+use muster_tls::ServiceName::{Ctl, Edge};
+use tonic::{Request, Response, Status};
+
+use crate::{InstanceEntry, Instances, PresenceError};
+
+/// Who may call what on presence; everything else is denied.
+pub const RULES: &[Rule] = &[
+    Rule::new("/muster.v1.Presence/UpsertInstance", &[Edge]),
+    Rule::new("/muster.v1.Presence/ListInstances", &[Edge, Ctl]),
+];
+
+/// The gRPC face of [`Instances`].
+pub struct PresenceService {
+    instances: Instances,
+}
+
+/// Presence as the mesh serves it.
+pub fn spec(instances: Instances) -> ServiceSpec {
+    ServiceSpec {
+        name: muster_tls::ServiceName::Presence,
+        grpc_service: "muster.v1.Presence",
+        routes: tonic::service::Routes::new(PresenceServer::new(PresenceService { instances })),
+        rules: RULES,
+    }
+}
+
+impl TryFrom<pb::InstanceEntry> for InstanceEntry {
+    type Error = PresenceError;
+
+    fn try_from(e: pb::InstanceEntry) -> Result<Self, PresenceError> {
+        Ok(InstanceEntry {
+            role: e.role.parse()?,
+            instance_id: e.instance_id,
+            reported_host: e.reported_host,
+            reported_ip: e.reported_ip,
+            observed_ip: e.observed_ip,
+            version: e.version,
+            mode: e.mode,
+            last_seen_at_ms: e.last_seen_at_ms,
+            last_input_seconds: (e.last_input_seconds >= 0).then_some(e.last_input_seconds),
+            reason: e.reason,
+        })
+    }
+}
+
+impl From<InstanceEntry> for pb::InstanceEntry {
+    fn from(e: InstanceEntry) -> Self {
+        pb::InstanceEntry {
+            instance_id: e.instance_id,
+            role: e.role.as_str().into(),
+            reported_host: e.reported_host,
+            reported_ip: e.reported_ip,
+            observed_ip: e.observed_ip,
+            version: e.version,
+            mode: e.mode,
+            last_seen_at_ms: e.last_seen_at_ms,
+            last_input_seconds: e.last_input_seconds.unwrap_or(-1),
+            reason: e.reason,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Presence for PresenceService {
+    async fn upsert_instance(
+        &self,
+        request: Request<pb::UpsertInstanceRequest>,
+    ) -> Result<Response<pb::InstanceEntry>, Status> {
+        let r = request.into_inner();
+        let entry = r
+            .entry
+            .ok_or_else(|| PresenceError::Invalid("entry is required".into()))
+            .and_then(InstanceEntry::try_from)
+            .map_err(|e| to_status(&e))?;
+        let stored = self
+            .instances
+            .upsert(&r.tenant_id, entry)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(stored.into()))
+    }
+
+    async fn list_instances(
+        &self,
+        request: Request<pb::ListInstancesRequest>,
+    ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        let entries = self
+            .instances
+            .list(&request.into_inner().tenant_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::ListInstancesResponse {
+            entries: entries.into_iter().map(Into::into).collect(),
+        }))
+    }
+}
