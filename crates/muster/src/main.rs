@@ -1,1 +1,501 @@
-fn main() {}
+//! `muster`: run the gateway, manage its certificates and tokens, check
+//! its health.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use muster::config::Config;
+use muster::ctl::Ctl;
+use muster_proto::v1::identity_client::IdentityClient;
+use muster_proto::v1::{CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, TokenInfo};
+use muster_telemetry::LogFormat;
+use muster_tls::{CertSummary, IssueOptions, ServiceName};
+use serde::Serialize;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+#[derive(Parser)]
+#[command(
+    name = "muster",
+    version,
+    about = "A gateway for fleets of people, agents and devices"
+)]
+struct Cli {
+    /// A TOML config file (also MUSTER_CONFIG).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Settings every command shares; each also reads MUSTER_<NAME>.
+#[derive(Args, Serialize, Default)]
+struct Common {
+    /// Data directory of a single host [default: ./muster-data].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_dir: Option<PathBuf>,
+    /// State store: sqlite://PATH or postgres://… [default: sqlite in the data directory].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    store: Option<String>,
+    /// SPIFFE trust domain of the mesh [default: muster.local].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trust_domain: Option<String>,
+    /// Directory of the CA and certificates [default: <data-dir>/tls].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Serialize)]
+struct ServeFlags {
+    #[command(flatten)]
+    #[serde(flatten)]
+    common: Common,
+    /// Run only this service (repeatable): cluster mode.
+    #[arg(long = "service", value_name = "NAME")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    services: Vec<String>,
+    /// Where the edge listens for clients [default: 127.0.0.1:8787].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    edge_listen: Option<String>,
+    /// Where a cluster-mode service listens for gRPC (mTLS).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc_listen: Option<String>,
+    /// Where /metrics, /healthz and /readyz are served [default: 127.0.0.1:9464].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    metrics_listen: Option<String>,
+    /// auto, text or json [default: auto].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    log_format: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run muster: every service in one process, or those named by --service.
+    Serve(ServeFlags),
+    /// Apply pending schema migrations to the store and exit.
+    Migrate(Common),
+    /// Create and inspect the CA and certificates of a cluster.
+    #[command(subcommand)]
+    Certs(Certs),
+    /// Mint, list and revoke operator tokens.
+    #[command(subcommand)]
+    Token(Token),
+    /// Check every service's gRPC health over mTLS.
+    Health {
+        #[command(flatten)]
+        common: Common,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum Certs {
+    /// Create a CA (unless one exists) and a certificate for every principal.
+    Init {
+        #[command(flatten)]
+        common: Common,
+        /// Lifetime of the principals' certificates in days.
+        #[arg(long, default_value_t = 90)]
+        days: u64,
+        /// Extra DNS names for every certificate (repeatable).
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+    },
+    /// Issue (or re-issue) certificates for the named principals.
+    Issue {
+        #[command(flatten)]
+        common: Common,
+        /// edge, presence, backplane, identity, approvals, execution or ctl.
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(long, default_value_t = 90)]
+        days: u64,
+        #[arg(long = "dns")]
+        dns: Vec<String>,
+    },
+    /// Print what certificate files say about themselves.
+    Inspect {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum Token {
+    /// Mint a token; it is printed once and stored hashed.
+    Create {
+        #[command(flatten)]
+        common: Common,
+        /// operator.read, operator.write, operator.approvals, operator.pairing, operator.admin or * (repeatable, or comma-separated).
+        #[arg(long = "scopes", alias = "scope", value_delimiter = ',')]
+        scopes: Vec<String>,
+        /// admin or client.
+        #[arg(long, default_value = "client")]
+        role: String,
+        /// Tenant id [default: the configured default tenant].
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// List a tenant's tokens (never their secrets).
+    List {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        tenant: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token by id.
+    Revoke {
+        #[command(flatten)]
+        common: Common,
+        token_id: String,
+    },
+}
+
+fn load(file: Option<&std::path::Path>, flags: impl Serialize) -> anyhow::Result<Config> {
+    Config::load(file, flags)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let file = cli.config.as_deref();
+    match cli.command {
+        Command::Serve(flags) => serve(load(file, &flags)?).await,
+        Command::Migrate(common) => {
+            let config = load(file, &common)?;
+            let _telemetry = muster_telemetry::init("muster", LogFormat::Text)?;
+            muster::serve::open_store(&config).await?.close().await;
+            println!(
+                "migrations applied to {}",
+                muster::config::redact_url(&config.store_url())
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs(certs) => run_certs(file, certs),
+        Command::Token(token) => run_token(file, token).await,
+        Command::Health { common, json } => health(load(file, &common)?, json).await,
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    let telemetry = muster_telemetry::init(
+        "muster",
+        config.log_format.parse().map_err(anyhow::Error::msg)?,
+    )?;
+    let running = muster::start(&config).await?;
+    print_banner(&config, &running);
+    wait_for_signal().await?;
+    tracing::info!("shutting down: no new connections, draining in-flight work");
+    running.stop().await?;
+    telemetry.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_banner(config: &Config, running: &muster::Running) {
+    use std::io::Write;
+    let e = &running.endpoints;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "muster is running ({} service(s), trust domain {})",
+        e.services.len(),
+        e.trust_domain
+    );
+    if let Some(url) = &e.edge_ws_url {
+        let _ = writeln!(out, "  edge      {url}");
+    }
+    let _ = writeln!(out, "  metrics   {}", e.metrics_url);
+    for (name, addr) in &e.services {
+        let _ = writeln!(out, "  {name:<9} {addr} (gRPC, mTLS)");
+    }
+    let _ = writeln!(
+        out,
+        "  store     {}",
+        muster::config::redact_url(&config.store_url())
+    );
+    if let Some(token) = &running.admin_token {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Admin token (shown once, stored hashed; keep it safe):"
+        );
+        let _ = writeln!(out, "  {}", token.expose());
+        let _ = writeln!(
+            out,
+            "Clients send it as `Authorization: Bearer <token>`. More tokens: `muster token create --scopes operator.read`."
+        );
+    }
+    let _ = writeln!(
+        out,
+        "Check the services: `muster health{}`",
+        data_dir_hint(config)
+    );
+    let _ = out.flush();
+}
+
+fn data_dir_hint(config: &Config) -> String {
+    if config.data_dir == Config::default().data_dir {
+        String::new()
+    } else {
+        format!(" --data-dir {}", config.data_dir.display())
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        result = tokio::signal::ctrl_c() => result?,
+    }
+    Ok(())
+}
+
+fn issue_options(days: u64, dns: Vec<String>) -> anyhow::Result<IssueOptions> {
+    if days == 0 || days > 3650 {
+        bail!("--days must be between 1 and 3650");
+    }
+    let mut opts = IssueOptions::valid_for(Duration::from_secs(days * 86_400));
+    opts.extra_dns_names = dns;
+    Ok(opts)
+}
+
+fn run_certs(file: Option<&std::path::Path>, certs: Certs) -> anyhow::Result<ExitCode> {
+    match certs {
+        Certs::Init { common, days, dns } => {
+            let config = load(file, &common)?;
+            let tls = config.tls();
+            let (ca, created) = tls.ensure_ca(Duration::from_secs(10 * 365 * 86_400))?;
+            println!(
+                "{} CA {}",
+                if created { "created" } else { "using existing" },
+                tls.ca_cert_path().display()
+            );
+            let opts = issue_options(days, dns)?;
+            for name in ServiceName::ALL {
+                let issued = ca.issue(&config.trust_domain, name, &opts)?;
+                tls.write_issued(name, &issued)?;
+                println!("issued {}", name.spiffe_id(&config.trust_domain));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Certs::Issue {
+            common,
+            names,
+            days,
+            dns,
+        } => {
+            let config = load(file, &common)?;
+            let tls = config.tls();
+            let ca = tls
+                .load_ca()
+                .context("loading the CA (run `muster certs init` first)")?;
+            let opts = issue_options(days, dns)?;
+            for name in names {
+                let name: ServiceName = name.parse()?;
+                tls.write_issued(name, &ca.issue(&config.trust_domain, name, &opts)?)?;
+                println!("issued {}", name.spiffe_id(&config.trust_domain));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Certs::Inspect { files } => {
+            for path in files {
+                let pem =
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                let certs =
+                    rustls_certs(&pem).with_context(|| format!("parsing {}", path.display()))?;
+                for cert in certs {
+                    let s = CertSummary::of(&cert)?;
+                    println!("{}:", path.display());
+                    println!("  subject    {}", s.subject);
+                    println!("  issuer     {}", s.issuer);
+                    println!("  serial     {}", s.serial_hex);
+                    println!("  identity   {}", s.spiffe_id.as_deref().unwrap_or("-"));
+                    println!("  valid      {} .. {}", s.not_before, s.not_after);
+                    println!("  ca         {}", s.is_ca);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn rustls_certs(pem: &[u8]) -> anyhow::Result<Vec<rustls_pki_types::CertificateDer<'static>>> {
+    use rustls_pki_types::pem::PemObject;
+    let certs =
+        rustls_pki_types::CertificateDer::pem_slice_iter(pem).collect::<Result<Vec<_>, _>>()?;
+    if certs.is_empty() {
+        bail!("no certificate");
+    }
+    Ok(certs)
+}
+
+fn print_token(info: &TokenInfo) {
+    println!(
+        "{}  {:<6} {:<40} {}{}",
+        info.token_id,
+        info.role,
+        info.scopes.join(","),
+        info.label,
+        if info.revoked_at_ms != 0 {
+            "  (revoked)"
+        } else {
+            ""
+        }
+    );
+}
+
+async fn run_token(file: Option<&std::path::Path>, token: Token) -> anyhow::Result<ExitCode> {
+    match token {
+        Token::Create {
+            common,
+            scopes,
+            role,
+            tenant,
+            label,
+        } => {
+            let ctl = Ctl::new(&load(file, &common)?)?;
+            let mut identity = IdentityClient::new(ctl.channel(ServiceName::Identity)?);
+            let created = identity
+                .create_token(CreateTokenRequest {
+                    tenant_id: tenant.unwrap_or_else(|| ctl.default_tenant().to_owned()),
+                    role,
+                    scopes,
+                    label,
+                })
+                .await?
+                .into_inner();
+            let info = created.info.context("identity returned no token info")?;
+            println!("token id  {}", info.token_id);
+            println!("token     {}", created.token);
+            println!("(shown once; stored hashed)");
+        }
+        Token::List {
+            common,
+            tenant,
+            json,
+        } => {
+            let ctl = Ctl::new(&load(file, &common)?)?;
+            let mut identity = IdentityClient::new(ctl.channel(ServiceName::Identity)?);
+            let tokens = identity
+                .list_tokens(ListTokensRequest {
+                    tenant_id: tenant.unwrap_or_else(|| ctl.default_tenant().to_owned()),
+                })
+                .await?
+                .into_inner()
+                .tokens;
+            if json {
+                let rows: Vec<_> = tokens
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({
+                            "token_id": t.token_id, "tenant_id": t.tenant_id, "role": t.role,
+                            "scopes": t.scopes, "label": t.label, "created_at_ms": t.created_at_ms,
+                            "revoked_at_ms": (t.revoked_at_ms != 0).then_some(t.revoked_at_ms),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                tokens.iter().for_each(print_token);
+            }
+        }
+        Token::Revoke { common, token_id } => {
+            let ctl = Ctl::new(&load(file, &common)?)?;
+            let mut identity = IdentityClient::new(ctl.channel(ServiceName::Identity)?);
+            let info = identity
+                .revoke_token(RevokeTokenRequest { token_id })
+                .await?
+                .into_inner();
+            print!("revoked ");
+            print_token(&info);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn health(config: Config, json: bool) -> anyhow::Result<ExitCode> {
+    let ctl = Ctl::new(&config)?;
+    let mut all_ok = true;
+    let mut rows = Vec::new();
+    for name in ServiceName::SERVICES {
+        let grpc_service = format!("muster.v1.{}", capitalized(name.as_str()));
+        let (address, status) = match ctl.address(name) {
+            Err(_) => ("-".to_owned(), "unknown (no address)".to_owned()),
+            Ok(address) => {
+                let status = match ctl.channel(name) {
+                    Ok(channel) => {
+                        let mut client = HealthClient::new(channel);
+                        let check = client.check(HealthCheckRequest {
+                            service: grpc_service,
+                        });
+                        match tokio::time::timeout(Duration::from_secs(5), check).await {
+                            Ok(Ok(reply)) => match reply.into_inner().status {
+                                1 => "serving".to_owned(),
+                                other => format!("not serving ({other})"),
+                            },
+                            Ok(Err(status)) => format!("error: {}", status.message()),
+                            Err(_) => "timed out".to_owned(),
+                        }
+                    }
+                    Err(error) => format!("error: {error}"),
+                };
+                (address, status)
+            }
+        };
+        all_ok &= status == "serving";
+        rows.push((name, address, status));
+    }
+    if json {
+        let value: Vec<_> = rows
+            .iter()
+            .map(|(n, a, s)| serde_json::json!({"service": n.as_str(), "address": a, "status": s}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        for (name, address, status) in &rows {
+            println!("{:<10} {:<22} {status}", name.as_str(), address);
+        }
+    }
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn capitalized(s: &str) -> String {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .map(|c| c.to_ascii_uppercase().to_string() + chars.as_str())
+        .unwrap_or_default()
+}

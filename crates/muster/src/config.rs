@@ -1,0 +1,288 @@
+//! Configuration, layered: built-in defaults, then a TOML file (`--config`
+//! or `MUSTER_CONFIG`), then `MUSTER_*` environment variables, then
+//! command-line flags. See docs/configuration.md.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use muster_tls::{ServiceName, TlsDir};
+use serde::{Deserialize, Serialize};
+
+/// The tenant of a single host, and of every request that names none.
+pub const DEFAULT_TENANT: &str = "00000000-0000-4000-8000-000000000000";
+
+/// No flags: the layers below the command line only.
+#[derive(Debug, Serialize)]
+pub struct NoFlags {}
+
+/// Every setting of a muster process.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Where single-host muster keeps its SQLite file, CA and runtime files.
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH` or `postgres://…`; default: `<data_dir>/muster.db`.
+    pub store: Option<String>,
+    /// The SPIFFE trust domain of every certificate.
+    pub trust_domain: String,
+    /// CA and principal certificates; default: `<data_dir>/tls`.
+    pub tls_dir: Option<PathBuf>,
+    /// Where the edge listens for clients.
+    pub edge_listen: SocketAddr,
+    /// Where a single service listens for gRPC in cluster mode; a single
+    /// host gives every service an ephemeral loopback port.
+    pub grpc_listen: Option<SocketAddr>,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub metrics_listen: SocketAddr,
+    /// Where the other services are (`identity = "muster-identity:7443"`),
+    /// for cluster mode and the command-line tools.
+    pub peers: BTreeMap<String, String>,
+    /// The services this process runs; empty: all of them.
+    pub services: Vec<String>,
+    pub default_tenant: String,
+    /// How often certificate files are re-read.
+    pub cert_reload_secs: u64,
+    /// How long in-flight work may take to finish after SIGTERM.
+    pub shutdown_grace_secs: u64,
+    /// `auto`, `text` or `json`.
+    pub log_format: String,
+    /// The initial admin token, when an operator chooses it (32+ chars).
+    pub admin_token: Option<String>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("data_dir", &self.data_dir)
+            .field("store", &self.store.as_deref().map(redact_url))
+            .field("trust_domain", &self.trust_domain)
+            .field("tls_dir", &self.tls_dir)
+            .field("edge_listen", &self.edge_listen)
+            .field("grpc_listen", &self.grpc_listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("peers", &self.peers)
+            .field("services", &self.services)
+            .field("default_tenant", &self.default_tenant)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("muster-data"),
+            store: None,
+            trust_domain: "muster.local".into(),
+            tls_dir: None,
+            edge_listen: "127.0.0.1:8787".parse().expect("static address"),
+            grpc_listen: None,
+            metrics_listen: "127.0.0.1:9464".parse().expect("static address"),
+            peers: BTreeMap::new(),
+            services: Vec::new(),
+            default_tenant: DEFAULT_TENANT.into(),
+            cert_reload_secs: 10,
+            shutdown_grace_secs: 30,
+            log_format: "auto".into(),
+            admin_token: None,
+        }
+    }
+}
+
+/// Keys read from `MUSTER_*` variables (`MUSTER_PEERS__IDENTITY` sets
+/// `peers.identity`). Other `MUSTER_*` variables are not configuration.
+const ENV_KEYS: &[&str] = &[
+    "data_dir",
+    "store",
+    "trust_domain",
+    "tls_dir",
+    "edge_listen",
+    "grpc_listen",
+    "metrics_listen",
+    "peers",
+    "services",
+    "default_tenant",
+    "cert_reload_secs",
+    "shutdown_grace_secs",
+    "log_format",
+    "admin_token",
+];
+
+/// A URL with any password replaced, for logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+impl Config {
+    /// Defaults, then `file` (or `MUSTER_CONFIG`), then the environment,
+    /// then `flags` (a serializable set of the flags that were given).
+    pub fn load(file: Option<&Path>, flags: impl Serialize) -> anyhow::Result<Config> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("MUSTER_CONFIG").map(PathBuf::from));
+        if let Some(file) = file {
+            if !file.exists() {
+                bail!("config file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        let env = Env::prefixed("MUSTER_")
+            .filter(|key| {
+                let key = key.as_str();
+                ENV_KEYS
+                    .iter()
+                    .any(|k| key == *k || key.starts_with(&format!("{k}__")))
+            })
+            .split("__");
+        figment = figment.merge(env).merge(Serialized::defaults(flags));
+        let config: Config = figment.extract().context("invalid configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let td = &self.trust_domain;
+        if td.is_empty()
+            || !td
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-'))
+        {
+            bail!("trust_domain {td:?} must be lowercase letters, digits, '.' and '-'");
+        }
+        if self.default_tenant.trim().is_empty() {
+            bail!("default_tenant must not be empty");
+        }
+        if let Some(token) = &self.admin_token
+            && token.chars().count() < 32
+        {
+            bail!("MUSTER_ADMIN_TOKEN must be at least 32 characters");
+        }
+        self.service_names()?;
+        for name in self.peers.keys() {
+            name.parse::<ServiceName>()
+                .with_context(|| format!("peers.{name}"))?;
+        }
+        if self.cert_reload_secs == 0 {
+            bail!("cert_reload_secs must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The services to run: all for a single host.
+    pub fn service_names(&self) -> anyhow::Result<Vec<ServiceName>> {
+        if self.services.is_empty() {
+            return Ok(ServiceName::SERVICES.to_vec());
+        }
+        let mut names = Vec::new();
+        for name in &self.services {
+            let parsed: ServiceName = name.parse()?;
+            if parsed == ServiceName::Ctl {
+                bail!("ctl is the command line's identity, not a service");
+            }
+            if !names.contains(&parsed) {
+                names.push(parsed);
+            }
+        }
+        Ok(names)
+    }
+
+    /// Whether this process is a whole single host (every service, and the
+    /// right to make its own development CA).
+    pub fn single_host(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    pub fn store_url(&self) -> String {
+        self.store
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.data_dir.join("muster.db").display()))
+    }
+
+    pub fn tls(&self) -> TlsDir {
+        TlsDir::new(
+            self.tls_dir
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("tls")),
+        )
+    }
+
+    /// Where the runtime file listing this host's endpoints lives.
+    pub fn endpoints_file(&self) -> PathBuf {
+        self.data_dir.join("endpoints.json")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_store_urls() {
+        assert_eq!(
+            redact_url("postgres://muster:hunter2@db:5432/muster"),
+            "postgres://muster:***@db:5432/muster"
+        );
+        assert_eq!(
+            redact_url("postgres://muster@db/x"),
+            "postgres://muster@db/x"
+        );
+        assert_eq!(
+            redact_url("sqlite://data/muster.db"),
+            "sqlite://data/muster.db"
+        );
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_admin_token() {
+        let config = Config {
+            admin_token: Some("a-very-secret-admin-token-0123456789".into()),
+            ..Config::default()
+        };
+        assert!(!format!("{config:?}").contains("very-secret"));
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("muster.toml");
+        std::fs::write(
+            &file,
+            "trust_domain = \"from.file\"\nedge_listen = \"127.0.0.1:1000\"\n[peers]\nidentity = \"id:7443\"\n",
+        )
+        .unwrap();
+        #[derive(Serialize)]
+        struct Flags {
+            edge_listen: &'static str,
+        }
+        let config = Config::load(
+            Some(&file),
+            Flags {
+                edge_listen: "127.0.0.1:2000",
+            },
+        )
+        .unwrap();
+        assert_eq!(config.trust_domain, "from.file");
+        assert_eq!(config.edge_listen.port(), 2000);
+        assert_eq!(config.peers["identity"], "id:7443");
+
+        std::fs::write(&file, "trust_domain = \"Not Valid\"\n").unwrap();
+        assert!(Config::load(Some(&file), NoFlags {}).is_err());
+        std::fs::write(&file, "services = [\"nosuch\"]\n").unwrap();
+        assert!(Config::load(Some(&file), NoFlags {}).is_err());
+        assert!(Config::load(Some(&dir.path().join("missing.toml")), NoFlags {}).is_err());
+    }
+}

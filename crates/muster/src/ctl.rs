@@ -1,0 +1,65 @@
+//! The command line as a mesh client: it calls services with the `ctl`
+//! certificate, finding them in the running host's `endpoints.json` or in
+//! the configured peers.
+
+use std::sync::Arc;
+
+use anyhow::{Context, anyhow};
+use muster_mesh::{MeshChannel, channel};
+use muster_tls::{MeshTls, ServiceName};
+
+use crate::config::Config;
+use crate::serve::Endpoints;
+
+/// A connection to a muster deployment as its operator.
+pub struct Ctl {
+    tls: Arc<MeshTls>,
+    config: Config,
+    endpoints: Option<Endpoints>,
+}
+
+impl Ctl {
+    pub fn new(config: &Config) -> anyhow::Result<Ctl> {
+        muster_tls::install_crypto_provider();
+        let tls = MeshTls::load(config.tls().files(ServiceName::Ctl), &config.trust_domain)
+            .with_context(|| {
+                format!(
+                    "loading the ctl certificate from {} (is muster running with this --data-dir?)",
+                    config.tls().path().display()
+                )
+            })?;
+        let endpoints = std::fs::read(config.endpoints_file())
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        Ok(Ctl {
+            tls,
+            config: config.clone(),
+            endpoints,
+        })
+    }
+
+    /// Where `name` listens: configured peers first, then the running
+    /// single host.
+    pub fn address(&self, name: ServiceName) -> anyhow::Result<String> {
+        self.config
+            .peers
+            .get(name.as_str())
+            .cloned()
+            .or_else(|| {
+                self.endpoints
+                    .as_ref()
+                    .and_then(|e| e.services.get(name.as_str()).cloned())
+            })
+            .ok_or_else(|| {
+                anyhow!("no address for {name}: start muster (`muster serve`) or set peers.{name}")
+            })
+    }
+
+    pub fn channel(&self, name: ServiceName) -> anyhow::Result<MeshChannel> {
+        Ok(channel(self.tls.clone(), name, &self.address(name)?)?)
+    }
+
+    pub fn default_tenant(&self) -> &str {
+        &self.config.default_tenant
+    }
+}

@@ -1,0 +1,309 @@
+//! `muster serve`: every service in one process (single host), or the
+//! services named by `--service` (cluster mode).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use muster_identity::{Secret, Tokens};
+use muster_mesh::{RunningServer, ServiceSpec};
+use muster_store::{Store, StoreOptions};
+use muster_tls::{IssueOptions, MeshTls, ServiceName};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, redact_url};
+
+/// How long the development CA of a single host lives.
+const DEV_CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
+/// How long a single host's service certificates live; they are renewed
+/// with a third of that left.
+const DEV_CERT_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
+/// How often a single host checks whether its certificates need renewal.
+const RENEW_CHECK: Duration = Duration::from_secs(3600);
+
+/// What a running host tells its operator and its command-line tools;
+/// written to `<data_dir>/endpoints.json` while it runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Endpoints {
+    pub pid: u32,
+    pub edge_ws_url: Option<String>,
+    pub metrics_url: String,
+    pub trust_domain: String,
+    pub tls_dir: String,
+    /// gRPC (mTLS) address of each service.
+    pub services: BTreeMap<String, String>,
+}
+
+/// A started muster: [`Running::stop`] drains and stops it.
+pub struct Running {
+    pub endpoints: Endpoints,
+    /// The admin token, when this start minted it.
+    pub admin_token: Option<Secret>,
+    pub store: Store,
+    shutdown: CancellationToken,
+    servers: Vec<RunningServer>,
+    background: Vec<JoinHandle<std::io::Result<()>>>,
+    endpoints_file: Option<std::path::PathBuf>,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("endpoints", &self.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    /// Cancelled when the process should stop.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, lets in-flight work finish (up to the grace
+    /// period), closes the store.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let drain = async {
+            for server in self.servers {
+                let name = server.name;
+                server
+                    .wait()
+                    .await
+                    .with_context(|| format!("{name} server"))?;
+            }
+            for task in self.background {
+                task.await??;
+            }
+            anyhow::Ok(())
+        };
+        match tokio::time::timeout(self.grace, drain).await {
+            Ok(result) => result?,
+            Err(_) => tracing::warn!(grace = ?self.grace, "in-flight work did not finish in time"),
+        }
+        self.store.close().await;
+        if let Some(file) = self.endpoints_file {
+            let _ = std::fs::remove_file(file);
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Opens the configured store and applies pending migrations.
+pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let url = config.store_url();
+    if url.starts_with("sqlite:") {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    }
+    let store = Store::connect(&url, &StoreOptions::default())
+        .await
+        .with_context(|| format!("opening store {}", redact_url(&url)))?;
+    store.migrate().await.context("applying migrations")?;
+    Ok(store)
+}
+
+/// A single host makes its development CA on first start and keeps every
+/// principal's certificate current; a cluster process only reads what
+/// `muster certs` made.
+fn prepare_certificates(config: &Config) -> anyhow::Result<()> {
+    let tls = config.tls();
+    if !config.single_host() {
+        if !tls.ca_cert_path().exists() {
+            bail!(
+                "no CA at {}: make the cluster's certificates with `muster certs init`",
+                tls.ca_cert_path().display()
+            );
+        }
+        return Ok(());
+    }
+    let (ca, created) = tls.ensure_ca(DEV_CA_VALIDITY)?;
+    if created {
+        tracing::info!(path = %tls.ca_cert_path().display(), "created a development CA");
+    }
+    for name in ServiceName::ALL {
+        if tls.ensure_issued(
+            &ca,
+            &config.trust_domain,
+            name,
+            &IssueOptions::valid_for(DEV_CERT_VALIDITY),
+        )? {
+            tracing::info!(principal = %name, "issued certificate");
+        }
+    }
+    Ok(())
+}
+
+fn renew_loop(config: Config, shutdown: CancellationToken) -> JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(RENEW_CHECK) => {}
+            }
+            if let Err(error) = prepare_certificates(&config) {
+                tracing::error!(%error, "certificate renewal failed");
+            }
+        }
+    })
+}
+
+#[derive(Clone)]
+struct Health {
+    store: Store,
+    shutdown: CancellationToken,
+}
+
+async fn metrics_endpoint() -> String {
+    muster_telemetry::metrics().render()
+}
+
+async fn ready(State(health): State<Health>) -> (StatusCode, &'static str) {
+    if health.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    match health.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n"),
+    }
+}
+
+/// Starts the configured services and returns once they accept
+/// connections.
+pub async fn start(config: &Config) -> anyhow::Result<Running> {
+    muster_tls::install_crypto_provider();
+    let names = config.service_names()?;
+    let single_host = config.single_host();
+    if !single_host && names.len() == 1 && config.grpc_listen.is_none() {
+        bail!(
+            "a single service needs --grpc-listen (or MUSTER_GRPC_LISTEN) for its peers to reach it"
+        );
+    }
+    let store = open_store(config).await?;
+    prepare_certificates(config)?;
+    let shutdown = CancellationToken::new();
+    let tls_dir = config.tls();
+    let reload = Duration::from_secs(config.cert_reload_secs);
+
+    let mut admin_token = None;
+    let mut servers = Vec::new();
+    let mut background = Vec::new();
+    let mut addresses = BTreeMap::new();
+    let mut edge_ws_url = None;
+    for name in names {
+        let tls = MeshTls::load(tls_dir.files(name), &config.trust_domain)
+            .with_context(|| format!("loading the {name} certificate"))?;
+        tokio::spawn(
+            tls.clone()
+                .watch(reload, shutdown.clone().cancelled_owned()),
+        );
+        let spec: ServiceSpec = match name {
+            ServiceName::Backplane => {
+                muster_backplane::spec(muster_backplane::Outbox::new(Arc::new(store.clone())))
+            }
+            ServiceName::Identity => {
+                let tokens = Tokens::new(Arc::new(store.clone()));
+                admin_token = tokens
+                    .bootstrap_admin(&config.default_tenant, config.admin_token.as_deref())
+                    .await
+                    .map_err(|e| anyhow::anyhow!("minting the admin token: {e}"))?;
+                muster_identity::spec(tokens)
+            }
+            ServiceName::Approvals => {
+                muster_approvals::spec(muster_approvals::Approvals::new(Arc::new(store.clone())))
+            }
+            ServiceName::Presence => {
+                muster_presence::spec(muster_presence::Instances::new(Arc::new(store.clone())))
+            }
+            ServiceName::Execution => {
+                muster_execution::spec(muster_execution::Runs::new(Arc::new(store.clone())))
+            }
+            ServiceName::Edge => {
+                let http = TcpListener::bind(config.edge_listen)
+                    .await
+                    .with_context(|| format!("binding the edge to {}", config.edge_listen))?;
+                let edge = muster_edge::Edge::new(http.local_addr()?);
+                edge_ws_url = Some(edge.ws_url.clone());
+                background.push(tokio::spawn(muster_edge::serve_http(
+                    edge.clone(),
+                    http,
+                    shutdown.clone(),
+                )));
+                muster_edge::spec(edge)
+            }
+            ServiceName::Ctl => unreachable!("service_names never yields ctl"),
+        };
+        let listen = match config.grpc_listen {
+            Some(addr) if !single_host => addr,
+            _ => SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {name} to {listen}"))?;
+        let server = muster_mesh::serve(spec, tls, listener, shutdown.clone()).await?;
+        addresses.insert(name.to_string(), server.addr.to_string());
+        servers.push(server);
+    }
+    if single_host {
+        background.push(renew_loop(config.clone(), shutdown.clone()));
+    }
+
+    let metrics_listener = TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| format!("binding metrics to {}", config.metrics_listen))?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    muster_telemetry::metrics();
+    let app = Router::new()
+        .route("/metrics", get(metrics_endpoint))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(Health {
+            store: store.clone(),
+            shutdown: shutdown.clone(),
+        });
+    let stop = shutdown.clone();
+    background.push(tokio::spawn(async move {
+        axum::serve(metrics_listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+    }));
+
+    let endpoints = Endpoints {
+        pid: std::process::id(),
+        edge_ws_url,
+        metrics_url: format!("http://{metrics_addr}/metrics"),
+        trust_domain: config.trust_domain.clone(),
+        tls_dir: tls_dir.path().display().to_string(),
+        services: addresses,
+    };
+    let endpoints_file = if single_host {
+        let file = config.endpoints_file();
+        std::fs::write(&file, serde_json::to_vec_pretty(&endpoints)?)
+            .with_context(|| format!("writing {}", file.display()))?;
+        Some(file)
+    } else {
+        None
+    };
+    tracing::info!(store = %redact_url(&config.store_url()), services = ?endpoints.services, "muster started");
+    Ok(Running {
+        endpoints,
+        admin_token,
+        store,
+        shutdown,
+        servers,
+        background,
+        endpoints_file,
+        grace: Duration::from_secs(config.shutdown_grace_secs),
+    })
+}
