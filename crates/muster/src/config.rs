@@ -142,7 +142,7 @@ impl Config {
         }
         let env = Env::prefixed("MUSTER_")
             .filter(|key| {
-                let key = key.as_str();
+                let key = key.as_str().to_ascii_lowercase();
                 ENV_KEYS
                     .iter()
                     .any(|k| key == *k || key.starts_with(&format!("{k}__")))

@@ -1,0 +1,414 @@
+//! The `muster` binary as an operator runs it: first start, health, certs,
+//! cluster mode, and SIGTERM in the middle of writes.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use muster::Endpoints;
+use muster_proto::v1::EnqueueRunRequest;
+use muster_proto::v1::execution_client::ExecutionClient;
+use muster_tls::{MeshTls, ServiceName};
+use sqlx::Row;
+
+const BIN: &str = env!("CARGO_BIN_EXE_muster");
+
+/// A `muster serve` process with its stdout banner read up to the token.
+struct Served {
+    child: Child,
+    banner: Vec<String>,
+}
+
+impl Served {
+    fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> Served {
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--edge-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .envs(extra_env.iter().copied())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn muster serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut banner = Vec::new();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.expect("read banner");
+            let done = line.starts_with("Check the services");
+            banner.push(line);
+            if done {
+                break;
+            }
+        }
+        assert!(
+            banner.iter().any(|l| l.starts_with("Check the services")),
+            "muster serve exited early: {banner:?}"
+        );
+        Served { child, banner }
+    }
+
+    fn token(&self) -> Option<String> {
+        let at = self
+            .banner
+            .iter()
+            .position(|l| l.starts_with("Admin token"))?;
+        Some(self.banner[at + 1].trim().to_owned())
+    }
+
+    fn terminate(&mut self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn wait(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "muster did not exit within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn muster(args: &[&str], data_dir: &Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run muster")
+}
+
+#[test]
+fn first_start_prints_a_token_once_and_every_service_reports_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut served = Served::start(&data, &[]);
+    let token = served.token().expect("first start prints the admin token");
+    assert!(token.starts_with("muster_") && token.len() >= 43, "{token}");
+    assert!(
+        served
+            .banner
+            .iter()
+            .any(|l| l.trim_start().starts_with("edge") && l.contains("ws://127.0.0.1:"))
+    );
+
+    let health = muster(&["health", "--json"], &data);
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stdout)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&health.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 6);
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["status"] == "serving"),
+        "{rows}"
+    );
+
+    // The token is stored hashed: its text is nowhere in the data directory.
+    let db = std::fs::read(data.join("muster.db")).unwrap();
+    let wal = std::fs::read(data.join("muster.db-wal")).unwrap_or_default();
+    for bytes in [&db, &wal] {
+        assert!(!bytes.windows(token.len()).any(|w| w == token.as_bytes()));
+    }
+
+    served.terminate();
+    assert!(served.wait(Duration::from_secs(20)).success());
+    let health = muster(&["health"], &data);
+    assert!(
+        !health.status.success(),
+        "health must fail once muster stopped"
+    );
+
+    let mut again = Served::start(&data, &[]);
+    assert_eq!(again.token(), None, "a restart prints no token");
+    again.terminate();
+    assert!(again.wait(Duration::from_secs(20)).success());
+}
+
+#[test]
+fn a_short_operator_token_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--edge-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .env("MUSTER_ADMIN_TOKEN", "short")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 32 characters"));
+    assert!(
+        !dir.path().join("muster.db").exists(),
+        "nothing was written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_writes_leaves_no_half_written_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut served = Served::start(&data, &[]);
+    let endpoints: Endpoints =
+        serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
+    muster_tls::install_crypto_provider();
+    let tls = MeshTls::load(
+        muster_tls::TlsDir::new(data.join("tls")).files(ServiceName::Ctl),
+        "muster.local",
+    )
+    .unwrap();
+    let address = endpoints.services["execution"].clone();
+
+    // Writers enqueue runs as fast as they can, each on its own
+    // connection, recording every run the server acknowledged.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let tls = tls.clone();
+        let address = address.clone();
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let mut client = ExecutionClient::new(
+                muster_mesh::channel(tls, ServiceName::Execution, &address).unwrap(),
+            );
+            let mut acknowledged = Vec::new();
+            let mut refused = 0;
+            for n in 0.. {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let request = EnqueueRunRequest {
+                    tenant_id: muster::DEFAULT_TENANT.into(),
+                    idempotency_key: format!("w{w}-{n}"),
+                    spec_json: r#"{"tool":"echo"}"#.into(),
+                };
+                match client.enqueue_run(request).await {
+                    Ok(run) => acknowledged.push(run.into_inner().run_id),
+                    Err(_) => {
+                        refused += 1;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+            (acknowledged, refused)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    served.terminate();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = served.wait(Duration::from_secs(30));
+        drop(served);
+        status
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.success(),
+        "muster exits cleanly on SIGTERM: {status:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for writer in writers {
+        let (acked, failed) = writer.await.unwrap();
+        acknowledged.extend(acked);
+        refused += failed;
+    }
+    assert!(!acknowledged.is_empty(), "writes were under way");
+    assert!(refused > 0, "writes after shutdown were refused");
+
+    let store = muster_store::Store::open_sqlite(&data.join("muster.db"))
+        .await
+        .unwrap();
+    let count = |sql: &'static str| {
+        let store = store.clone();
+        async move {
+            sqlx::query(sql)
+                .fetch_one(store.pool())
+                .await
+                .unwrap()
+                .try_get::<i64, _>(0)
+                .unwrap()
+        }
+    };
+    let runs = count("SELECT COUNT(*) FROM runs").await;
+    let events = count("SELECT COUNT(*) FROM outbox WHERE type = 'run.queued'").await;
+    let orphans = count(
+        "SELECT COUNT(*) FROM runs r WHERE NOT EXISTS (SELECT 1 FROM outbox o \
+         WHERE o.type = 'run.queued' AND o.payload LIKE '%' || r.run_id || '%')",
+    )
+    .await;
+    assert_eq!(
+        runs, events,
+        "every run has its event and no event lacks its run"
+    );
+    assert_eq!(orphans, 0);
+    for run_id in &acknowledged {
+        let found: i64 = sqlx::query("SELECT COUNT(*) FROM runs WHERE run_id = $1")
+            .bind(run_id)
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            .try_get(0)
+            .unwrap();
+        assert_eq!(found, 1, "acknowledged run {run_id} was lost");
+    }
+    store.close().await;
+}
+
+#[test]
+fn a_cluster_service_runs_alone_on_certificates_from_muster_certs() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    let tls_arg = tls.to_str().unwrap();
+    let init = Command::new(BIN)
+        .args([
+            "certs",
+            "init",
+            "--tls-dir",
+            tls_arg,
+            "--trust-domain",
+            "prod.example",
+            "--days",
+            "30",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let inspect = Command::new(BIN)
+        .args(["certs", "inspect"])
+        .arg(tls.join("identity.pem"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        text.contains("spiffe://prod.example/service/identity"),
+        "{text}"
+    );
+
+    // Without a CA, a cluster service refuses to start rather than make one.
+    let empty = dir.path().join("empty");
+    let refused = Command::new(BIN)
+        .args([
+            "serve",
+            "--service",
+            "identity",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--tls-dir",
+        ])
+        .arg(&empty)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("muster certs init"));
+    assert!(!empty.join("ca.pem").exists());
+
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--service",
+            "identity",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--trust-domain",
+            "prod.example",
+            "--tls-dir",
+            tls_arg,
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let banner: Vec<String> = BufReader::new(stdout)
+        .lines()
+        .map(|l| l.unwrap())
+        .take_while(|l| !l.starts_with("Check the services"))
+        .collect();
+    let line = banner
+        .iter()
+        .find(|l| l.trim_start().starts_with("identity"))
+        .expect("identity listed");
+    let address = line.split_whitespace().nth(1).unwrap().to_owned();
+    assert!(
+        !banner.iter().any(|l| l.trim_start().starts_with("edge")),
+        "{banner:?}"
+    );
+
+    let out = Command::new(BIN)
+        .args([
+            "token",
+            "create",
+            "--scopes",
+            "operator.read",
+            "--trust-domain",
+            "prod.example",
+            "--tls-dir",
+            tls_arg,
+        ])
+        .env("MUSTER_PEERS__IDENTITY", &address)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("token     muster_"));
+
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+}

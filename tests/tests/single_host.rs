@@ -1,0 +1,214 @@
+//! A whole single host, in process, spoken to over real mTLS.
+
+use std::sync::Arc;
+
+use muster_e2e::{Host, config_in, grpc_service};
+use muster_proto::v1::identity_client::IdentityClient;
+use muster_proto::v1::{CreateTokenRequest, VerifyTokenRequest};
+use muster_tls::ServiceName;
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+async fn every_service_is_healthy_over_mtls(host: &Host) {
+    for name in ServiceName::SERVICES {
+        let mut health = HealthClient::new(host.channel(name, ServiceName::Ctl));
+        let reply = health
+            .check(HealthCheckRequest {
+                service: grpc_service(name).into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{name} health: {e:?}"));
+        assert_eq!(reply.into_inner().status, 1, "{name} is SERVING");
+    }
+}
+
+/// A client that trusts the CA but presents no certificate.
+fn anonymous_channel(host: &Host, service: ServiceName) -> muster_mesh::MeshChannel {
+    let ca = std::fs::read(host.config.tls().ca_cert_path()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let roots = Arc::new(roots);
+    let config = move || {
+        let mut config = rustls::ClientConfig::builder_with_provider(muster_tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    };
+    muster_mesh::channel_with(config, service, &host.address(service)).unwrap()
+}
+
+async fn no_service_answers_without_a_certificate(host: &Host) {
+    for name in ServiceName::SERVICES {
+        let mut health = HealthClient::new(anonymous_channel(host, name));
+        let err = health
+            .check(HealthCheckRequest::default())
+            .await
+            .expect_err("anonymous health check must fail");
+        // The refusal is the server's TLS alert, or a broken pipe when the
+        // client writes after the server has already closed: never an answer.
+        assert_eq!(err.message(), "transport error", "{name}: {err:?}");
+    }
+    // Every server saw and refused the handshake.
+    let metrics = muster_telemetry::metrics().render();
+    for name in ServiceName::SERVICES {
+        let counted = metrics.lines().any(|line| {
+            line.starts_with("muster_mesh_handshake_failures_total")
+                && line.contains(&format!("service=\"{name}\""))
+        });
+        assert!(
+            counted,
+            "{name} did not count a refused handshake:\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_host_on_sqlite_is_healthy_and_refuses_anonymous_callers() {
+    let host = Host::start(None).await;
+    assert!(
+        host.running.admin_token.is_some(),
+        "first start mints a token"
+    );
+    every_service_is_healthy_over_mtls(&host).await;
+    no_service_answers_without_a_certificate(&host).await;
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_host_on_postgres_is_healthy_and_refuses_anonymous_callers() {
+    let url = muster_store::testing::create_postgres_database().await;
+    let host = Host::start(Some(url)).await;
+    every_service_is_healthy_over_mtls(&host).await;
+    no_service_answers_without_a_certificate(&host).await;
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_serves_reflection() {
+    let host = Host::start(None).await;
+    for name in ServiceName::SERVICES {
+        let mut client = ServerReflectionClient::new(host.channel(name, ServiceName::Ctl));
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut replies = client
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let reply = replies.next().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+            panic!("{name}: unexpected reflection reply");
+        };
+        let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.iter().any(|n| n == grpc_service(name)),
+            "{name}: {names:?}"
+        );
+        assert!(
+            names.iter().any(|n| n == "grpc.health.v1.Health"),
+            "{name}: {names:?}"
+        );
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_are_authorized_per_rpc_by_service_identity() {
+    let host = Host::start(None).await;
+    let token = host.running.admin_token.clone().unwrap();
+    // Only the edge verifies tokens: the command line may not, even with a
+    // valid certificate.
+    let mut as_ctl = IdentityClient::new(host.channel(ServiceName::Identity, ServiceName::Ctl));
+    let denied = as_ctl
+        .verify_token(VerifyTokenRequest {
+            token: token.expose().into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let mut as_presence =
+        IdentityClient::new(host.channel(ServiceName::Identity, ServiceName::Presence));
+    let denied = as_presence
+        .create_token(CreateTokenRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    let mut as_edge = IdentityClient::new(host.channel(ServiceName::Identity, ServiceName::Edge));
+    let claims = as_edge
+        .verify_token(VerifyTokenRequest {
+            token: token.expose().into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(claims.role, "admin");
+    assert_eq!(claims.tenant_id, muster::DEFAULT_TENANT);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_state_survives_a_restart_and_the_admin_token_is_minted_once() {
+    let host = Host::start(None).await;
+    let admin = host.running.admin_token.clone().unwrap();
+    let mut ctl = IdentityClient::new(host.channel(ServiceName::Identity, ServiceName::Ctl));
+    let created = ctl
+        .create_token(CreateTokenRequest {
+            tenant_id: muster::DEFAULT_TENANT.into(),
+            role: "client".into(),
+            scopes: vec!["operator.read".into()],
+            label: "survivor".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (config, dir) = host.stop().await;
+
+    let host = Host::start_with(config, dir).await;
+    assert!(
+        host.running.admin_token.is_none(),
+        "a restart mints no token"
+    );
+    let mut edge = IdentityClient::new(host.channel(ServiceName::Identity, ServiceName::Edge));
+    for secret in [admin.expose().to_owned(), created.token] {
+        edge.verify_token(VerifyTokenRequest { token: secret })
+            .await
+            .expect("token still valid after restart");
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_chosen_admin_token_is_used_on_first_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let chosen = "operator-chosen-admin-token-for-kubernetes-secrets";
+    let config = muster::Config {
+        admin_token: Some(chosen.into()),
+        ..config_in(dir.path(), None)
+    };
+    let host = Host::start_with(config, dir).await;
+    assert_eq!(host.running.admin_token.as_ref().unwrap().expose(), chosen);
+    let mut edge = IdentityClient::new(host.channel(ServiceName::Identity, ServiceName::Edge));
+    let claims = edge
+        .verify_token(VerifyTokenRequest {
+            token: chosen.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(claims.scopes, vec!["*".to_string()]);
+    host.stop().await;
+}
