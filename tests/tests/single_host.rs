@@ -55,9 +55,16 @@ async fn no_service_answers_without_a_certificate(host: &Host) {
             .check(HealthCheckRequest::default())
             .await
             .expect_err("anonymous health check must fail");
-        // The refusal is the server's TLS alert, or a broken pipe when the
-        // client writes after the server has already closed: never an answer.
-        assert_eq!(err.message(), "transport error", "{name}: {err:?}");
+        // The refusal reaches the client as its TLS alert, a broken pipe or
+        // a closed connection, depending on who writes first: always a
+        // transport failure, never an answer from the server.
+        assert!(
+            matches!(
+                err.code(),
+                Code::Unknown | Code::Cancelled | Code::Unavailable
+            ) && std::error::Error::source(&err).is_some(),
+            "{name}: {err:?}"
+        );
     }
     // Every server saw and refused the handshake.
     let metrics = muster_telemetry::metrics().render();

@@ -206,13 +206,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    // Listen for signals before anything starts, so a SIGTERM that arrives
+    // during start-up still means a clean stop rather than the default kill.
+    let stop = stop_signal()?;
     let telemetry = muster_telemetry::init(
         "muster",
         config.log_format.parse().map_err(anyhow::Error::msg)?,
     )?;
     let running = muster::start(&config).await?;
     print_banner(&config, &running);
-    wait_for_signal().await?;
+    stop.await?;
     tracing::info!("shutting down: no new connections, draining in-flight work");
     running.stop().await?;
     telemetry.shutdown().await;
@@ -269,14 +272,18 @@ fn data_dir_hint(config: &Config) -> String {
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Resolves on SIGTERM or SIGINT; both are hooked when this is called.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        result = tokio::signal::ctrl_c() => result?,
-    }
-    Ok(())
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok(())
+    })
 }
 
 fn issue_options(days: u64, dns: Vec<String>) -> anyhow::Result<IssueOptions> {
