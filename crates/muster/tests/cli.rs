@@ -16,7 +16,8 @@ use sqlx::Row;
 
 const BIN: &str = env!("CARGO_BIN_EXE_muster");
 
-/// A `muster serve` process with its stdout banner read up to the token.
+/// A `muster serve` process, killed if a test fails before it stops it,
+/// with its stdout banner read to the end.
 struct Served {
     child: Child,
     banner: Vec<String>,
@@ -24,7 +25,8 @@ struct Served {
 
 impl Served {
     fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> Served {
-        let mut child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .args([
                 "serve",
                 "--edge-listen",
@@ -34,7 +36,12 @@ impl Served {
             ])
             .arg("--data-dir")
             .arg(data_dir)
-            .envs(extra_env.iter().copied())
+            .envs(extra_env.iter().copied());
+        Served::spawn(command)
+    }
+
+    fn spawn(mut command: Command) -> Served {
+        let mut child = command
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -95,6 +102,23 @@ impl Drop for Served {
     }
 }
 
+/// A plain HTTP/1.1 GET of `url` (`http://host:port/path`): the whole
+/// response as text.
+fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut stream = std::net::TcpStream::connect(authority).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
 fn muster(args: &[&str], data_dir: &Path) -> std::process::Output {
     Command::new(BIN)
         .args(args)
@@ -133,6 +157,16 @@ fn first_start_prints_a_token_once_and_every_service_reports_healthy() {
             .iter()
             .all(|r| r["status"] == "serving"),
         "{rows}"
+    );
+
+    // Prometheus metrics of the process, including the health checks just made.
+    let endpoints: Endpoints =
+        serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
+    let metrics = http_get(&endpoints.metrics_url);
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains("muster_grpc_server_duration_seconds"),
+        "{metrics}"
     );
 
     // The token is stored hashed: its text is nowhere in the data directory.
@@ -293,22 +327,41 @@ async fn sigterm_during_writes_leaves_no_half_written_state() {
     store.close().await;
 }
 
+/// `muster serve` for the identity service alone, as a cluster runs it.
+fn identity_alone(tls_dir: &Path, trust_domain: &str, data_dir: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "--service", "identity"])
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--trust-domain", trust_domain])
+        .arg("--tls-dir")
+        .arg(tls_dir)
+        .arg("--data-dir")
+        .arg(data_dir);
+    command
+}
+
 #[test]
 fn a_cluster_service_runs_alone_on_certificates_from_muster_certs() {
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("tls");
-    let tls_arg = tls.to_str().unwrap();
+    let data = dir.path().join("data");
     let init = Command::new(BIN)
         .args([
             "certs",
             "init",
-            "--tls-dir",
-            tls_arg,
             "--trust-domain",
             "prod.example",
             "--days",
             "30",
+            "--tls-dir",
         ])
+        .arg(&tls)
         .output()
         .unwrap();
     assert!(
@@ -329,60 +382,27 @@ fn a_cluster_service_runs_alone_on_certificates_from_muster_certs() {
 
     // Without a CA, a cluster service refuses to start rather than make one.
     let empty = dir.path().join("empty");
-    let refused = Command::new(BIN)
-        .args([
-            "serve",
-            "--service",
-            "identity",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--tls-dir",
-        ])
-        .arg(&empty)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
+    let refused = identity_alone(&empty, "prod.example", &data)
         .output()
         .unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("muster certs init"));
     assert!(!empty.join("ca.pem").exists());
 
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--service",
-            "identity",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--trust-domain",
-            "prod.example",
-            "--tls-dir",
-            tls_arg,
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let banner: Vec<String> = BufReader::new(stdout)
-        .lines()
-        .map(|l| l.unwrap())
-        .take_while(|l| !l.starts_with("Check the services"))
-        .collect();
-    let line = banner
+    let mut served = Served::spawn(identity_alone(&tls, "prod.example", &data));
+    let line = served
+        .banner
         .iter()
         .find(|l| l.trim_start().starts_with("identity"))
         .expect("identity listed");
     let address = line.split_whitespace().nth(1).unwrap().to_owned();
     assert!(
-        !banner.iter().any(|l| l.trim_start().starts_with("edge")),
-        "{banner:?}"
+        !served
+            .banner
+            .iter()
+            .any(|l| l.trim_start().starts_with("edge")),
+        "{:?}",
+        served.banner
     );
 
     let out = Command::new(BIN)
@@ -394,8 +414,8 @@ fn a_cluster_service_runs_alone_on_certificates_from_muster_certs() {
             "--trust-domain",
             "prod.example",
             "--tls-dir",
-            tls_arg,
         ])
+        .arg(&tls)
         .env("MUSTER_PEERS__IDENTITY", &address)
         .output()
         .unwrap();
@@ -406,9 +426,6 @@ fn a_cluster_service_runs_alone_on_certificates_from_muster_certs() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("token     muster_"));
 
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let status = child.wait().unwrap();
-    assert!(status.success());
+    served.terminate();
+    assert!(served.wait(Duration::from_secs(20)).success());
 }

@@ -15,4 +15,4 @@ mod store;
 pub mod testing;
 
 pub use error::StoreError;
-pub use store::{Backend, Store, StoreOptions, Tx, now_ms};
+pub use store::{AnyQuery, Backend, Store, StoreOptions, Tx, now_ms};

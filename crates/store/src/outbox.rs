@@ -162,17 +162,19 @@ pub async fn read_after(
     after: i64,
     limit: u32,
 ) -> Result<Vec<Item>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT position, tenant_id, event_id, type, payload, target_kind, target_id, \
+    store
+        .fetch_all(
+            sqlx::query(
+                "SELECT position, tenant_id, event_id, type, payload, target_kind, target_id, \
          audience_roles, audience_scopes, occurred_at_ms FROM outbox \
          WHERE tenant_id = $1 AND position > $2 ORDER BY position LIMIT $3",
-    )
-    .bind(tenant_id)
-    .bind(after)
-    .bind(i64::from(limit))
-    .fetch_all(store.pool())
-    .await?;
-    rows.iter().map(item_from_row).collect()
+            )
+            .bind(tenant_id)
+            .bind(after)
+            .bind(i64::from(limit)),
+            item_from_row,
+        )
+        .await
 }
 
 fn json_list(text: &str) -> Vec<String> {

@@ -2,7 +2,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::any::{AnyArguments, AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, Executor};
 
@@ -10,6 +10,9 @@ use crate::StoreError;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/postgres");
+
+/// A query with its arguments bound, ready to run on either backend.
+pub type AnyQuery<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
 
 /// A write transaction; commit it or it rolls back when dropped.
 pub type Tx = sqlx::Transaction<'static, Any>;
@@ -128,6 +131,29 @@ impl Store {
             Backend::Postgres => "BEGIN",
         };
         Ok(self.pool.begin_with(statement).await?)
+    }
+
+    /// Runs `query` and maps the row it finds, if any.
+    pub async fn fetch_optional<T>(
+        &self,
+        query: AnyQuery<'_>,
+        map: impl Fn(&AnyRow) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        query
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(map)
+            .transpose()
+    }
+
+    /// Runs `query` and maps every row.
+    pub async fn fetch_all<T>(
+        &self,
+        query: AnyQuery<'_>,
+        map: impl Fn(&AnyRow) -> Result<T, StoreError>,
+    ) -> Result<Vec<T>, StoreError> {
+        query.fetch_all(&self.pool).await?.iter().map(map).collect()
     }
 
     /// Checks the database answers.

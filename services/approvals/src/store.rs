@@ -76,24 +76,25 @@ impl ApprovalStore for Store {
         tenant_id: &str,
         approval_id: &str,
     ) -> Result<Option<Approval>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM approvals WHERE tenant_id = $1 AND approval_id = $2"
-        ))
-        .bind(tenant_id)
-        .bind(approval_id)
-        .fetch_optional(self.pool())
-        .await?;
-        row.as_ref().map(approval).transpose()
+        self.fetch_optional(
+            sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM approvals WHERE tenant_id = $1 AND approval_id = $2"
+            ))
+            .bind(tenant_id)
+            .bind(approval_id),
+            approval,
+        )
+        .await
     }
 
     async fn list_approvals(&self, tenant_id: &str) -> Result<Vec<Approval>, StoreError> {
-        let rows = sqlx::query(&format!(
+        self.fetch_all(
+        sqlx::query(&format!(
             "SELECT {COLUMNS} FROM approvals WHERE tenant_id = $1 ORDER BY created_at_ms DESC, approval_id"
         ))
-        .bind(tenant_id)
-        .fetch_all(self.pool())
-        .await?;
-        rows.iter().map(approval).collect()
+        .bind(tenant_id),
+        approval,
+    ).await
     }
 
     async fn decide_approval(&self, d: &Approval, event: &NewItem) -> Result<bool, StoreError> {

@@ -63,13 +63,14 @@ impl RunStore for Store {
     }
 
     async fn run(&self, tenant_id: &str, run_id: &str) -> Result<Option<Run>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM runs WHERE tenant_id = $1 AND run_id = $2"
-        ))
-        .bind(tenant_id)
-        .bind(run_id)
-        .fetch_optional(self.pool())
-        .await?;
-        row.as_ref().map(run).transpose()
+        self.fetch_optional(
+            sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM runs WHERE tenant_id = $1 AND run_id = $2"
+            ))
+            .bind(tenant_id)
+            .bind(run_id),
+            run,
+        )
+        .await
     }
 }

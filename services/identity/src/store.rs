@@ -89,23 +89,25 @@ impl TokenStore for Store {
     }
 
     async fn token_by_digest(&self, digest: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM operator_tokens WHERE digest = $1"
-        ))
-        .bind(digest)
-        .fetch_optional(self.pool())
-        .await?;
-        row.as_ref().map(record).transpose()
+        self.fetch_optional(
+            sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM operator_tokens WHERE digest = $1"
+            ))
+            .bind(digest),
+            record,
+        )
+        .await
     }
 
     async fn token_by_id(&self, token_id: &str) -> Result<Option<TokenRecord>, StoreError> {
-        let row = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM operator_tokens WHERE token_id = $1"
-        ))
-        .bind(token_id)
-        .fetch_optional(self.pool())
-        .await?;
-        row.as_ref().map(record).transpose()
+        self.fetch_optional(
+            sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM operator_tokens WHERE token_id = $1"
+            ))
+            .bind(token_id),
+            record,
+        )
+        .await
     }
 
     async fn revoke_token(
@@ -132,13 +134,13 @@ impl TokenStore for Store {
     }
 
     async fn list_tokens(&self, tenant_id: &str) -> Result<Vec<TokenRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
+        self.fetch_all(
+        sqlx::query(&format!(
             "SELECT {COLUMNS} FROM operator_tokens WHERE tenant_id = $1 ORDER BY created_at_ms, token_id"
         ))
-        .bind(tenant_id)
-        .fetch_all(self.pool())
-        .await?;
-        rows.iter().map(record).collect()
+        .bind(tenant_id),
+        record,
+    ).await
     }
 
     async fn admin_token_minted(&self) -> Result<bool, StoreError> {

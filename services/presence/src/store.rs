@@ -77,14 +77,15 @@ impl PresenceStore for Store {
     }
 
     async fn list_instances(&self, tenant_id: &str) -> Result<Vec<InstanceEntry>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT instance_id, role, reported_host, reported_ip, observed_ip, version, mode, \
+        self.fetch_all(
+            sqlx::query(
+                "SELECT instance_id, role, reported_host, reported_ip, observed_ip, version, mode, \
              last_seen_at_ms, last_input_seconds, reason FROM instance_presence \
              WHERE tenant_id = $1 ORDER BY last_seen_at_ms DESC, instance_id",
+            )
+            .bind(tenant_id),
+            entry,
         )
-        .bind(tenant_id)
-        .fetch_all(self.pool())
-        .await?;
-        rows.iter().map(entry).collect()
+        .await
     }
 }
