@@ -1,0 +1,32 @@
+//! Close codes and their exact reasons (Part B §1).
+
+/// A WebSocket close: code and reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Close {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+const fn close(code: u16, reason: &'static str) -> Close {
+    Close { code, reason }
+}
+
+pub const SERVER_SHUTDOWN: Close = close(1001, "server shutdown");
+pub const SLOW_CONSUMER: Close = close(1013, "slow consumer");
+pub const UNAUTHORIZED: Close = close(4001, "unauthorized");
+pub const TOKEN_REVOKED: Close = close(4001, "token revoked");
+pub const HANDSHAKE_TIMEOUT: Close = close(4002, "handshake timeout");
+pub const HANDSHAKE_OVERFLOW: Close = close(4003, "handshake overflow");
+pub const INVALID_JSON: Close = close(4003, "invalid json");
+pub const LEGACY_CONNECT: Close = close(
+    4003,
+    "legacy connect is deprecated; use connect.init/connect.proof",
+);
+pub const EXPECTED_CONNECT: Close = close(4003, "expected connect.init/connect.proof");
+pub const EXPECTED_INIT_FIRST: Close = close(4003, "expected connect.init first");
+pub const CONNECTION_ID_MISMATCH: Close = close(4003, "connection_id mismatch");
+pub const CONVERSATION_EXPIRED: Close = close(4004, "conversation expired");
+pub const PROTOCOL_REV_MISMATCH: Close = close(4005, "protocol_rev mismatch");
+pub const DEVICE_ID_MISMATCH: Close = close(4006, "device_id mismatch");
+pub const INVALID_PROOF: Close = close(4007, "invalid proof");
+pub const SCOPED_TOKEN_MISMATCH: Close = close(4008, "scoped token mismatch");

@@ -1,0 +1,188 @@
+//! `connect.init` and `connect.proof` payloads (Part B §3), parsed
+//! strictly: an unknown key or a malformed field refuses the payload.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The role a connection claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Client,
+    Node,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Client => "client",
+            Role::Node => "node",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CapabilityDescriptor {
+    pub id: String,
+    #[serde(default = "default_version")]
+    pub version: String,
+}
+
+fn default_version() -> String {
+    "1.0.0".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceType {
+    Phone,
+    Tablet,
+    Desktop,
+    Browser,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DevicePlatform {
+    Ios,
+    Android,
+    Macos,
+    Windows,
+    Linux,
+    Web,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Device {
+    pub device_id: String,
+    pub pubkey: String,
+    pub label: Option<String>,
+    pub platform: Option<String>,
+    pub version: Option<String>,
+    pub mode: Option<String>,
+    pub device_model: Option<String>,
+    pub device_type: Option<DeviceType>,
+    pub device_platform: Option<DevicePlatform>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectInit {
+    pub protocol_rev: i64,
+    pub role: Role,
+    #[serde(default)]
+    pub capabilities: Vec<CapabilityDescriptor>,
+    pub device: Device,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectProof {
+    pub connection_id: String,
+    pub proof: String,
+}
+
+fn is_capability_id(id: &str) -> bool {
+    // ^[a-z][a-z0-9-]*(\.[a-z][a-z0-9-]*)+$
+    let segments: Vec<&str> = id.split('.').collect();
+    segments.len() >= 2
+        && segments.iter().all(|s| {
+            let mut chars = s.chars();
+            chars.next().is_some_and(|c| c.is_ascii_lowercase())
+                && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        })
+}
+
+fn is_semver(version: &str) -> bool {
+    let (core, _build) = version.split_once('+').unwrap_or((version, ""));
+    let (core, _pre) = core.split_once('-').unwrap_or((core, ""));
+    let parts: Vec<&str> = core.split('.').collect();
+    parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+}
+
+fn non_empty(name: &str, value: &Option<String>) -> Result<(), String> {
+    match value {
+        Some(v) if v.trim().is_empty() => Err(format!("{name}: expected a non-empty string")),
+        _ => Ok(()),
+    }
+}
+
+impl ConnectInit {
+    /// Parses and validates a `connect.init` payload.
+    pub fn parse(payload: &Value) -> Result<ConnectInit, String> {
+        let init: ConnectInit =
+            serde_json::from_value(payload.clone()).map_err(|e| e.to_string())?;
+        if init.protocol_rev < 1 {
+            return Err("protocol_rev: expected an integer >= 1".into());
+        }
+        let d = &init.device;
+        if d.device_id.trim().is_empty() || d.pubkey.trim().is_empty() {
+            return Err("device: device_id and pubkey must be non-empty".into());
+        }
+        for (name, value) in [
+            ("label", &d.label),
+            ("platform", &d.platform),
+            ("version", &d.version),
+            ("mode", &d.mode),
+            ("device_model", &d.device_model),
+        ] {
+            non_empty(name, value)?;
+        }
+        for capability in &init.capabilities {
+            if !is_capability_id(&capability.id) {
+                return Err(format!("capabilities: invalid id {:?}", capability.id));
+            }
+            if !is_semver(&capability.version) {
+                return Err(format!("capabilities: invalid version {:?}", capability.version));
+            }
+        }
+        Ok(init)
+    }
+}
+
+impl ConnectProof {
+    pub fn parse(payload: &Value) -> Result<ConnectProof, String> {
+        let proof: ConnectProof =
+            serde_json::from_value(payload.clone()).map_err(|e| e.to_string())?;
+        if proof.connection_id.trim().is_empty() || proof.proof.trim().is_empty() {
+            return Err("connection_id and proof must be non-empty".into());
+        }
+        Ok(proof)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn init_payloads_are_strict() {
+        let good = json!({"protocol_rev": 2, "role": "node",
+            "device": {"device_id": "dev_x", "pubkey": "k", "label": "lab-box"},
+            "capabilities": [{"id": "tyrum.desktop.screenshot", "version": "1.0.0"}, {"id": "tyrum.fs.read"}]});
+        let init = ConnectInit::parse(&good).unwrap();
+        assert_eq!(init.role, Role::Node);
+        assert_eq!(init.capabilities[1].version, "1.0.0");
+        for bad in [
+            json!({"protocol_rev": 2, "role": "admin", "device": {"device_id": "d", "pubkey": "k"}}),
+            json!({"protocol_rev": 0, "role": "node", "device": {"device_id": "d", "pubkey": "k"}}),
+            json!({"protocol_rev": 2, "role": "node", "device": {"device_id": "d", "pubkey": "k", "extra": 1}}),
+            json!({"protocol_rev": 2, "role": "node", "device": {"device_id": "", "pubkey": "k"}}),
+            json!({"protocol_rev": 2, "role": "node", "device": {"device_id": "d", "pubkey": "k", "label": " "}}),
+            json!({"protocol_rev": 2, "role": "node", "device": {"device_id": "d", "pubkey": "k"}, "capabilities": [{"id": "Bad"}]}),
+            json!({"protocol_rev": 2, "role": "node", "device": {"device_id": "d", "pubkey": "k"}, "capabilities": [{"id": "a.b", "version": "1.0"}]}),
+            json!({"protocol_rev": 2, "role": "node"}),
+        ] {
+            assert!(ConnectInit::parse(&bad).is_err(), "{bad}");
+        }
+        assert!(is_semver("1.2.3-rc.1+build.5"));
+        assert!(!is_capability_id("tyrum"));
+    }
+}

@@ -1,0 +1,46 @@
+//! The Tyrum client protocol (`tyrum-v1`, `protocol_rev` 2) as muster
+//! speaks it: wire constants, envelopes, the device-key handshake and the
+//! per-request scope table. Exact wire facts are in PROTOCOL.md Part B;
+//! every literal here is taken from it.
+#![forbid(unsafe_code)]
+
+pub mod close;
+pub mod device;
+pub mod envelope;
+pub mod handshake;
+pub mod presence;
+pub mod scopes;
+
+/// The WebSocket subprotocol every client offers and the server echoes.
+pub const SUBPROTOCOL: &str = "tyrum-v1";
+/// Prefix of the subprotocol that carries a token.
+pub const AUTH_SUBPROTOCOL_PREFIX: &str = "tyrum-auth.";
+/// The protocol revision the server requires.
+pub const PROTOCOL_REV: i64 = 2;
+/// The body of the 400 answer to an upgrade without `tyrum-v1`.
+pub const MISSING_SUBPROTOCOL_BODY: &str = "Missing required WebSocket subprotocol: tyrum-v1\n";
+/// The cookie an admin token may travel in.
+pub const TOKEN_COOKIE: &str = "tyrum_admin_token";
+
+/// `dt` of Part B §2.3: ISO-8601 in UTC with milliseconds and `Z`.
+pub fn format_datetime(unix_ms: i64) -> String {
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+        .format(&format)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn datetimes_have_milliseconds_and_z() {
+        assert_eq!(super::format_datetime(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            super::format_datetime(1_784_926_800_123),
+            "2026-07-24T21:00:00.123Z"
+        );
+    }
+}

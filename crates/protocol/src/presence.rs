@@ -1,0 +1,79 @@
+//! Presence shapes on the wire (Part B §4).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Values of `mode` Tyrum's SDK accepts; any other value makes it drop the
+/// event, so only these are ever sent.
+pub const MODES: [&str; 9] = [
+    "ui",
+    "web",
+    "cli",
+    "node",
+    "backend",
+    "probe",
+    "test",
+    "desktop",
+    "browser-node",
+];
+
+/// Values of `reason`.
+pub const REASONS: [&str; 5] = ["self", "connect", "periodic", "node-connected", "prune"];
+
+/// A presence entry as events and listings carry it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceEntry {
+    pub instance_id: String,
+    pub role: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    pub last_seen_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_input_seconds: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+}
+
+/// A `presence.beacon` payload.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Beacon {
+    pub host: Option<String>,
+    pub ip: Option<String>,
+    pub version: Option<String>,
+    pub mode: Option<String>,
+    pub last_input_seconds: Option<i64>,
+    pub metadata: Option<Value>,
+}
+
+impl Beacon {
+    pub fn parse(payload: &Value) -> Result<Beacon, String> {
+        let beacon: Beacon = serde_json::from_value(payload.clone()).map_err(|e| e.to_string())?;
+        if let Some(mode) = &beacon.mode
+            && !MODES.contains(&mode.as_str())
+        {
+            return Err(format!("mode: expected one of {}", MODES.join("|")));
+        }
+        if matches!(beacon.last_input_seconds, Some(s) if s < 0) {
+            return Err("last_input_seconds: expected an integer >= 0".into());
+        }
+        if matches!(&beacon.metadata, Some(m) if !m.is_object()) {
+            return Err("metadata: expected an object".into());
+        }
+        Ok(beacon)
+    }
+}
+
+/// `mode` as it may be sent: a known value, or nothing.
+pub fn wire_mode(mode: &str) -> Option<String> {
+    MODES.contains(&mode).then(|| mode.to_owned())
+}
