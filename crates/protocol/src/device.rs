@@ -35,7 +35,9 @@ pub fn device_id_of_spki(der: &[u8]) -> String {
     let digest = Sha256::digest(der);
     format!(
         "dev_{}",
-        data_encoding::BASE32_NOPAD.encode(&digest).to_ascii_lowercase()
+        data_encoding::BASE32_NOPAD
+            .encode(&digest)
+            .to_ascii_lowercase()
     )
 }
 
@@ -151,7 +153,10 @@ mod tests {
         assert_eq!(key.sign(&text), proof);
         assert_eq!(verify_proof(&verifying, &text, proof), Ok(()));
         let other_role = text.replace("role=node", "role=client");
-        assert_eq!(verify_proof(&verifying, &other_role, proof), Err(ProofError::Mismatch));
+        assert_eq!(
+            verify_proof(&verifying, &other_role, proof),
+            Err(ProofError::Mismatch)
+        );
     }
 
     #[test]
@@ -160,8 +165,14 @@ mod tests {
         assert_eq!(parse_pubkey("AAAA").unwrap_err(), ProofError::BadKey);
         let key = DeviceKey::generate();
         let (verifying, _) = parse_pubkey(&key.pubkey()).unwrap();
-        assert_eq!(verify_proof(&verifying, "x", "@@").unwrap_err(), ProofError::BadSignature);
-        assert_eq!(verify_proof(&verifying, "x", "AAAA").unwrap_err(), ProofError::BadSignature);
+        assert_eq!(
+            verify_proof(&verifying, "x", "@@").unwrap_err(),
+            ProofError::BadSignature
+        );
+        assert_eq!(
+            verify_proof(&verifying, "x", "AAAA").unwrap_err(),
+            ProofError::BadSignature
+        );
         assert!(new_challenge().len() == 43);
     }
 }

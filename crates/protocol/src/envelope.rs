@@ -41,7 +41,9 @@ pub enum FrameError {
 fn non_empty(map: &Map<String, Value>, key: &str) -> Result<String, FrameError> {
     match map.get(key) {
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
-        Some(_) => Err(FrameError::Invalid(format!("{key}: expected a non-empty string"))),
+        Some(_) => Err(FrameError::Invalid(format!(
+            "{key}: expected a non-empty string"
+        ))),
         None => Err(FrameError::Invalid(format!("{key}: required"))),
     }
 }
@@ -60,7 +62,10 @@ pub fn parse(text: &str) -> Result<Inbound, FrameError> {
         return Err(FrameError::Invalid("expected an object".into()));
     };
     if map.contains_key("event_id") {
-        only_keys(&map, &["event_id", "type", "occurred_at", "scope", "payload"])?;
+        only_keys(
+            &map,
+            &["event_id", "type", "occurred_at", "scope", "payload"],
+        )?;
         non_empty(&map, "event_id")?;
         non_empty(&map, "type")?;
         return Ok(Inbound::Event);
@@ -187,7 +192,9 @@ mod tests {
             Ok(Inbound::Response(Response { ok: true, .. }))
         ));
         assert!(matches!(
-            parse(r#"{"request_id":"t1","type":"task.execute","ok":false,"error":{"code":"task_failed","message":"x"}}"#),
+            parse(
+                r#"{"request_id":"t1","type":"task.execute","ok":false,"error":{"code":"task_failed","message":"x"}}"#
+            ),
             Ok(Inbound::Response(Response { ok: false, .. }))
         ));
         assert_eq!(
@@ -209,13 +216,26 @@ mod tests {
 
     #[test]
     fn server_frames_have_exact_shapes() {
-        assert_eq!(ok("r", "ping", None), r#"{"ok":true,"request_id":"r","type":"ping"}"#);
-        let e: Value = serde_json::from_str(&error("r", "x", "forbidden", "insufficient scope", None)).unwrap();
-        assert_eq!(e, json!({"request_id":"r","type":"x","ok":false,"error":{"code":"forbidden","message":"insufficient scope"}}));
-        let ev: Value = serde_json::from_str(&error_event("invalid_json", "message is not valid JSON", 0)).unwrap();
+        assert_eq!(
+            ok("r", "ping", None),
+            r#"{"ok":true,"request_id":"r","type":"ping"}"#
+        );
+        let e: Value =
+            serde_json::from_str(&error("r", "x", "forbidden", "insufficient scope", None))
+                .unwrap();
+        assert_eq!(
+            e,
+            json!({"request_id":"r","type":"x","ok":false,"error":{"code":"forbidden","message":"insufficient scope"}})
+        );
+        let ev: Value =
+            serde_json::from_str(&error_event("invalid_json", "message is not valid JSON", 0))
+                .unwrap();
         assert_eq!(ev["type"], "error");
         assert_eq!(ev["occurred_at"], "1970-01-01T00:00:00.000Z");
-        assert_eq!(ev["payload"], json!({"code":"invalid_json","message":"message is not valid JSON"}));
+        assert_eq!(
+            ev["payload"],
+            json!({"code":"invalid_json","message":"message is not valid JSON"})
+        );
         assert!(ev.get("scope").is_none());
     }
 }

@@ -138,7 +138,10 @@ impl ConnectInit {
                 return Err(format!("capabilities: invalid id {:?}", capability.id));
             }
             if !is_semver(&capability.version) {
-                return Err(format!("capabilities: invalid version {:?}", capability.version));
+                return Err(format!(
+                    "capabilities: invalid version {:?}",
+                    capability.version
+                ));
             }
         }
         Ok(init)

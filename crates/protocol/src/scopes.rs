@@ -98,11 +98,20 @@ mod tests {
     #[test]
     fn the_table_answers_as_part_b_says() {
         assert_eq!(required_scopes("ping"), Some(&[][..]));
-        assert_eq!(required_scopes("approval.resolve"), Some(&["operator.approvals"][..]));
-        assert_eq!(required_scopes("command.execute"), Some(&["operator.admin"][..]));
+        assert_eq!(
+            required_scopes("approval.resolve"),
+            Some(&["operator.approvals"][..])
+        );
+        assert_eq!(
+            required_scopes("command.execute"),
+            Some(&["operator.admin"][..])
+        );
         assert_eq!(required_scopes("task.execute"), None);
         assert_eq!(required_scopes("no.such.type"), None);
-        assert_eq!(required_scopes("muster.presence.list"), Some(&["operator.read"][..]));
+        assert_eq!(
+            required_scopes("muster.presence.list"),
+            Some(&["operator.read"][..])
+        );
         let mut names: Vec<_> = TYRUM_TYPES.iter().map(|(n, _)| *n).collect();
         names.sort();
         names.dedup();

@@ -155,6 +155,9 @@ pub async fn append(tx: &mut Tx, item: &NewItem) -> Result<i64, StoreError> {
     Ok(row.try_get(0)?)
 }
 
+const ITEM_COLUMNS: &str = "position, tenant_id, event_id, type, payload, target_kind, target_id, \
+                            audience_roles, audience_scopes, occurred_at_ms";
+
 /// Committed items of `tenant_id` after `after`, oldest first.
 pub async fn read_after(
     store: &Store,
@@ -164,17 +167,44 @@ pub async fn read_after(
 ) -> Result<Vec<Item>, StoreError> {
     store
         .fetch_all(
-            sqlx::query(
-                "SELECT position, tenant_id, event_id, type, payload, target_kind, target_id, \
-         audience_roles, audience_scopes, occurred_at_ms FROM outbox \
-         WHERE tenant_id = $1 AND position > $2 ORDER BY position LIMIT $3",
-            )
+            sqlx::query(&format!(
+                "SELECT {ITEM_COLUMNS} FROM outbox \
+         WHERE tenant_id = $1 AND position > $2 ORDER BY position LIMIT $3"
+            ))
             .bind(tenant_id)
             .bind(after)
             .bind(i64::from(limit)),
             item_from_row,
         )
         .await
+}
+
+/// Committed items of every tenant after `after`, oldest first: what the
+/// backplane streams to edges, which filter by tenant per connection.
+pub async fn read_all_after(
+    store: &Store,
+    after: i64,
+    limit: u32,
+) -> Result<Vec<Item>, StoreError> {
+    store
+        .fetch_all(
+            sqlx::query(&format!(
+                "SELECT {ITEM_COLUMNS} FROM outbox WHERE position > $1 ORDER BY position LIMIT $2"
+            ))
+            .bind(after)
+            .bind(i64::from(limit)),
+            item_from_row,
+        )
+        .await
+}
+
+/// The position of the newest committed item, 0 when there is none.
+pub async fn head(store: &Store) -> Result<i64, StoreError> {
+    use sqlx::Row;
+    let row = sqlx::query("SELECT COALESCE(MAX(position), 0) FROM outbox")
+        .fetch_one(store.pool())
+        .await?;
+    Ok(row.try_get(0)?)
 }
 
 fn json_list(text: &str) -> Vec<String> {

@@ -1,10 +1,12 @@
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::any::{AnyArguments, AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyPool, Executor};
+use tokio::sync::watch;
 
 use crate::StoreError;
 
@@ -45,6 +47,9 @@ impl Default for StoreOptions {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Counts commits made through [`Store::commit`] in this process: the
+    /// in-process wake-up for outbox readers (polling covers the rest).
+    commits: Arc<watch::Sender<u64>>,
 }
 
 /// Milliseconds since the Unix epoch: the one time format of the schema.
@@ -94,7 +99,11 @@ impl Store {
             });
         }
         let pool = pool.connect_with(connect).await?;
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            commits: Arc::new(watch::channel(0).0),
+        })
     }
 
     /// The single-host store: a SQLite file.
@@ -131,6 +140,18 @@ impl Store {
             Backend::Postgres => "BEGIN",
         };
         Ok(self.pool.begin_with(statement).await?)
+    }
+
+    /// Commits a write transaction and wakes this process's outbox readers.
+    pub async fn commit(&self, tx: Tx) -> Result<(), StoreError> {
+        tx.commit().await?;
+        self.commits.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(())
+    }
+
+    /// Changes whenever a transaction commits through [`Store::commit`].
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.commits.subscribe()
     }
 
     /// Runs `query` and maps the row it finds, if any.

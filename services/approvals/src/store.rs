@@ -67,7 +67,7 @@ impl ApprovalStore for Store {
         .execute(&mut *tx)
         .await?;
         outbox::append(&mut tx, event).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 
@@ -117,7 +117,7 @@ impl ApprovalStore for Store {
             return Ok(false);
         }
         outbox::append(&mut tx, event).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(true)
     }
 }

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use muster_mesh::{Rule, ServiceSpec, to_status};
 use muster_proto::v1 as pb;
@@ -11,10 +12,16 @@ use muster_proto::v1::backplane_server::{Backplane, BackplaneServer};
 use muster_store::outbox::{Item, Target};
 use muster_store::{Store, StoreError};
 use muster_tls::ServiceName::{Ctl, Edge};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 /// The most items one read returns.
 pub const MAX_READ: u32 = 1000;
+
+/// How often a subscription looks for new items when nothing woke it: the
+/// correctness fallback for commits made by other processes.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Where the backplane reads the outbox from.
 #[tonic::async_trait]
@@ -25,6 +32,10 @@ pub trait OutboxStore: Send + Sync + 'static {
         after: i64,
         limit: u32,
     ) -> Result<Vec<Item>, StoreError>;
+    async fn read_all_after(&self, after: i64, limit: u32) -> Result<Vec<Item>, StoreError>;
+    async fn head(&self) -> Result<i64, StoreError>;
+    /// Changes when this process commits a transaction.
+    fn commits(&self) -> watch::Receiver<u64>;
 }
 
 #[tonic::async_trait]
@@ -37,6 +48,18 @@ impl OutboxStore for Store {
     ) -> Result<Vec<Item>, StoreError> {
         muster_store::outbox::read_after(self, tenant_id, after, limit).await
     }
+
+    async fn read_all_after(&self, after: i64, limit: u32) -> Result<Vec<Item>, StoreError> {
+        muster_store::outbox::read_all_after(self, after, limit).await
+    }
+
+    async fn head(&self) -> Result<i64, StoreError> {
+        muster_store::outbox::head(self).await
+    }
+
+    fn commits(&self) -> watch::Receiver<u64> {
+        Store::commits(self)
+    }
 }
 
 /// Reading the outbox.
@@ -48,6 +71,45 @@ pub struct Outbox {
 impl Outbox {
     pub fn new(store: Arc<dyn OutboxStore>) -> Self {
         Outbox { store }
+    }
+
+    /// Streams every item after `after` (or after the current head) into
+    /// `sink`, oldest first, waking on local commits and polling for the
+    /// rest, until the receiver goes away.
+    pub async fn follow(&self, after: Option<i64>, sink: mpsc::Sender<Result<Item, StoreError>>) {
+        let mut commits = self.store.commits();
+        let mut cursor = match after {
+            Some(position) => position,
+            None => match self.store.head().await {
+                Ok(head) => head,
+                Err(error) => {
+                    let _ = sink.send(Err(error)).await;
+                    return;
+                }
+            },
+        };
+        loop {
+            match self.store.read_all_after(cursor, MAX_READ).await {
+                Ok(items) if !items.is_empty() => {
+                    for item in items {
+                        cursor = item.position;
+                        if sink.send(Ok(item)).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "outbox read failed; retrying");
+                }
+            }
+            tokio::select! {
+                _ = sink.closed() => return,
+                _ = commits.changed() => {}
+                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
+        }
     }
 
     /// Committed items of one tenant after `after`, at most `limit` (capped
@@ -71,7 +133,10 @@ impl Outbox {
 }
 
 /// Who may call what on the backplane; everything else is denied.
-pub const RULES: &[Rule] = &[Rule::new("/muster.v1.Backplane/ReadOutbox", &[Edge, Ctl])];
+pub const RULES: &[Rule] = &[
+    Rule::new("/muster.v1.Backplane/ReadOutbox", &[Edge, Ctl]),
+    Rule::new("/muster.v1.Backplane/Subscribe", &[Edge]),
+];
 
 /// The gRPC face of [`Outbox`].
 pub struct BackplaneService {
@@ -113,6 +178,29 @@ fn to_pb(item: Item) -> pb::OutboxItem {
 
 #[tonic::async_trait]
 impl Backplane for BackplaneService {
+    type SubscribeStream = ReceiverStream<Result<pb::OutboxItem, Status>>;
+
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let r = request.into_inner();
+        let after = (!r.from_head).then_some(r.after_position);
+        let (items, mut rx) = mpsc::channel(256);
+        let (out, stream) = mpsc::channel(256);
+        let outbox = self.outbox.clone();
+        tokio::spawn(async move { outbox.follow(after, items).await });
+        tokio::spawn(async move {
+            while let Some(item) = rx.recv().await {
+                let item = item.map(to_pb).map_err(|e| to_status(&e));
+                if out.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(stream)))
+    }
+
     async fn read_outbox(
         &self,
         request: Request<pb::ReadOutboxRequest>,

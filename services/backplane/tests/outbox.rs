@@ -27,3 +27,34 @@ muster_store::backend_suite! {
         assert!(matches!(reader.read(" ", 0, 1).await, Err(StoreError::Invalid { .. })));
     }
 }
+
+muster_store::backend_suite! {
+    async fn a_follower_from_head_sees_only_new_items_in_commit_order(store: Store) {
+        let mut tx = store.begin().await.unwrap();
+        outbox::append(&mut tx, &NewItem::event("t1", "old", json!({}))).await.unwrap();
+        store.commit(tx).await.unwrap();
+
+        let reader = Outbox::new(Arc::new(store.clone()));
+        let (sink, mut items) = tokio::sync::mpsc::channel(16);
+        let follower = tokio::spawn(async move { reader.follow(None, sink).await });
+        // Let the follower settle on the head before anything new commits.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        for (tenant, n) in [("t1", 1), ("t2", 2), ("t1", 3)] {
+            let mut tx = store.begin().await.unwrap();
+            outbox::append(&mut tx, &NewItem::event(tenant, "new", json!({"n": n}))).await.unwrap();
+            store.commit(tx).await.unwrap();
+        }
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let item = tokio::time::timeout(std::time::Duration::from_secs(5), items.recv())
+                .await
+                .expect("item delivered")
+                .unwrap()
+                .unwrap();
+            seen.push((item.tenant_id, item.payload["n"].as_i64().unwrap()));
+        }
+        assert_eq!(seen, vec![("t1".into(), 1), ("t2".into(), 2), ("t1".into(), 3)]);
+        drop(items);
+        tokio::time::timeout(std::time::Duration::from_secs(5), follower).await.expect("follower stops").unwrap();
+    }
+}

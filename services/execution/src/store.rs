@@ -58,7 +58,7 @@ impl RunStore for Store {
             return Ok(Some(run(&existing)?));
         }
         outbox::append(&mut tx, event).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(None)
     }
 

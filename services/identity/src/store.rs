@@ -84,7 +84,7 @@ impl TokenStore for Store {
         .execute(&mut *tx)
         .await?;
         outbox::append(&mut tx, event).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 
@@ -129,7 +129,7 @@ impl TokenStore for Store {
             return Ok(false);
         }
         outbox::append(&mut tx, event).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(true)
     }
 

@@ -72,7 +72,7 @@ impl PresenceStore for Store {
         .execute(&mut *tx)
         .await?;
         outbox::append(&mut tx, event).await?;
-        tx.commit().await?;
+        self.commit(tx).await?;
         Ok(())
     }
 
