@@ -27,6 +27,8 @@ const DEV_CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
 /// How long a single host's service certificates live; they are renewed
 /// with a third of that left.
 const DEV_CERT_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
+/// How often presence forgets stale entries.
+const PRUNE_EVERY: Duration = Duration::from_secs(5);
 /// How often a single host checks whether its certificates need renewal.
 const RENEW_CHECK: Duration = Duration::from_secs(3600);
 
@@ -224,7 +226,13 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                 muster_approvals::spec(muster_approvals::Approvals::new(Arc::new(store.clone())))
             }
             ServiceName::Presence => {
-                muster_presence::spec(muster_presence::Instances::new(Arc::new(store.clone())))
+                let instances = muster_presence::Instances::new(Arc::new(store.clone()));
+                tokio::spawn(instances.clone().prune_loop(
+                    muster_presence::Retention::default(),
+                    PRUNE_EVERY,
+                    shutdown.clone().cancelled_owned(),
+                ));
+                muster_presence::spec(instances)
             }
             ServiceName::Execution => {
                 muster_execution::spec(muster_execution::Runs::new(Arc::new(store.clone())))

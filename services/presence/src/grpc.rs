@@ -10,6 +10,7 @@ use crate::{InstanceEntry, Instances, PresenceError};
 pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Presence/UpsertInstance", &[Edge]),
     Rule::new("/muster.v1.Presence/ListInstances", &[Edge, Ctl]),
+    Rule::new("/muster.v1.Presence/TouchInstances", &[Edge]),
 ];
 
 /// The gRPC face of [`Instances`].
@@ -42,6 +43,12 @@ impl TryFrom<pb::InstanceEntry> for InstanceEntry {
             last_seen_at_ms: e.last_seen_at_ms,
             last_input_seconds: (e.last_input_seconds >= 0).then_some(e.last_input_seconds),
             reason: e.reason,
+            metadata: if e.metadata_json.is_empty() {
+                serde_json::json!({})
+            } else {
+                serde_json::from_str(&e.metadata_json)
+                    .map_err(|err| PresenceError::Invalid(format!("metadata_json: {err}")))?
+            },
         })
     }
 }
@@ -59,6 +66,7 @@ impl From<InstanceEntry> for pb::InstanceEntry {
             last_seen_at_ms: e.last_seen_at_ms,
             last_input_seconds: e.last_input_seconds.unwrap_or(-1),
             reason: e.reason,
+            metadata_json: e.metadata.to_string(),
         }
     }
 }
@@ -81,6 +89,21 @@ impl Presence for PresenceService {
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(stored.into()))
+    }
+
+    async fn touch_instances(
+        &self,
+        request: Request<pb::TouchInstancesRequest>,
+    ) -> Result<Response<pb::TouchInstancesResponse>, Status> {
+        let r = request.into_inner();
+        let touched = self
+            .instances
+            .touch(&r.tenant_id, &r.instance_ids)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::TouchInstancesResponse {
+            touched: touched as u32,
+        }))
     }
 
     async fn list_instances(

@@ -2,6 +2,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use muster_mesh::{ErrorCode, ServiceError};
+use muster_protocol::format_datetime;
+use muster_protocol::presence::{PresenceEntry, REASONS, wire_mode};
 use muster_store::outbox::NewItem;
 use muster_store::{StoreError, now_ms};
 use serde_json::json;
@@ -10,6 +12,25 @@ use crate::PresenceStore;
 
 /// Longest text a presence field may hold.
 const MAX_FIELD: usize = 256;
+/// Largest metadata object an entry may carry.
+const MAX_METADATA: usize = 8 * 1024;
+
+/// How presence forgets: entries unseen for `ttl` go, and beyond `cap`
+/// entries per tenant the oldest go.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub ttl: std::time::Duration,
+    pub cap: usize,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            ttl: std::time::Duration::from_secs(60),
+            cap: 500,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InstanceRole {
@@ -60,6 +81,8 @@ pub struct InstanceEntry {
     pub last_seen_at_ms: i64,
     pub last_input_seconds: Option<i64>,
     pub reason: String,
+    /// A JSON object (capabilities, edge id, what the peer sent).
+    pub metadata: serde_json::Value,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,22 +127,61 @@ impl InstanceEntry {
                 "last_input_seconds is negative".into(),
             ));
         }
+        if !self.metadata.is_object() {
+            return Err(PresenceError::Invalid(
+                "metadata must be a json object".into(),
+            ));
+        }
+        if self.metadata.to_string().len() > MAX_METADATA {
+            return Err(PresenceError::Invalid(format!(
+                "metadata larger than {MAX_METADATA} bytes"
+            )));
+        }
         Ok(())
     }
 
-    fn payload(&self) -> serde_json::Value {
-        json!({
-            "instance_id": self.instance_id,
-            "role": self.role.as_str(),
-            "reported": {"host": self.reported_host, "ip": self.reported_ip},
-            "observed_ip": self.observed_ip,
-            "version": self.version,
-            "mode": self.mode,
-            "last_seen_at_ms": self.last_seen_at_ms,
-            "last_input_seconds": self.last_input_seconds,
-            "reason": self.reason,
-        })
+    /// The entry as the client protocol carries it (Part B §4). The
+    /// self-reported host and ip fill `host` and `ip` as Tyrum does (the
+    /// observed address when the peer reported none); the edge's own
+    /// observation is always in `metadata.observed_ip`, labelled as such.
+    pub fn wire(&self) -> PresenceEntry {
+        let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
+        let mut metadata = self.metadata.clone();
+        if let Some(map) = metadata.as_object_mut() {
+            map.insert("observed_ip".into(), json!(self.observed_ip));
+        }
+        PresenceEntry {
+            instance_id: self.instance_id.clone(),
+            role: self.role.as_str().into(),
+            host: some(&self.reported_host),
+            ip: some(&self.reported_ip).or_else(|| some(&self.observed_ip)),
+            version: some(&self.version),
+            mode: wire_mode(&self.mode),
+            last_seen_at: format_datetime(self.last_seen_at_ms),
+            last_input_seconds: self.last_input_seconds,
+            reason: REASONS
+                .contains(&self.reason.as_str())
+                .then(|| self.reason.clone()),
+            metadata: Some(metadata),
+        }
     }
+}
+
+/// `presence.pruned`, for operators only.
+fn pruned_event(tenant_id: &str, instance_id: &str) -> NewItem {
+    NewItem {
+        audience_roles: vec!["client".into()],
+        ..NewItem::event(
+            tenant_id,
+            "presence.pruned",
+            json!({ "instance_id": instance_id }),
+        )
+    }
+}
+
+/// The payload of `presence.upserted`.
+fn upserted(entry: &InstanceEntry) -> serde_json::Value {
+    json!({ "entry": entry.wire() })
 }
 
 /// Instance presence: upsert and list.
@@ -151,7 +213,7 @@ impl Instances {
         let event = NewItem {
             // Nodes never receive presence (PROTOCOL.md Part B §3).
             audience_roles: vec!["client".into()],
-            ..NewItem::event(tenant_id, "presence.upserted", entry.payload())
+            ..NewItem::event(tenant_id, "presence.upserted", upserted(&entry))
         };
         self.store
             .upsert_instance(tenant_id, &entry, &event)
@@ -161,5 +223,60 @@ impl Instances {
 
     pub async fn list(&self, tenant_id: &str) -> Result<Vec<InstanceEntry>, PresenceError> {
         Ok(self.store.list_instances(tenant_id).await?)
+    }
+
+    /// Marks live instances seen now, without an event. Unknown ids are
+    /// skipped; returns how many were touched.
+    pub async fn touch(
+        &self,
+        tenant_id: &str,
+        instance_ids: &[String],
+    ) -> Result<u64, PresenceError> {
+        if instance_ids.len() > 10_000 {
+            return Err(PresenceError::Invalid(
+                "at most 10000 instances per touch".into(),
+            ));
+        }
+        Ok(self
+            .store
+            .touch_instances(tenant_id, instance_ids, now_ms())
+            .await?)
+    }
+
+    /// Removes what `retention` no longer keeps, each with a
+    /// `presence.pruned` event in the same transaction. Returns the
+    /// removed entries' (tenant, instance) pairs.
+    pub async fn prune(
+        &self,
+        retention: Retention,
+    ) -> Result<Vec<(String, String)>, PresenceError> {
+        let cutoff = now_ms() - retention.ttl.as_millis() as i64;
+        Ok(self
+            .store
+            .prune_instances(cutoff, retention.cap, pruned_event)
+            .await?)
+    }
+
+    /// Prunes every `every` until `shutdown`.
+    pub async fn prune_loop(
+        self,
+        retention: Retention,
+        every: std::time::Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match self.prune(retention).await {
+                Ok(pruned) if !pruned.is_empty() => {
+                    tracing::info!(count = pruned.len(), "pruned presence entries");
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "presence pruning failed"),
+            }
+        }
     }
 }

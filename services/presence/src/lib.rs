@@ -8,5 +8,5 @@ mod instances;
 pub mod store;
 
 pub use grpc::{PresenceService, RULES, spec};
-pub use instances::{InstanceEntry, InstanceRole, Instances, PresenceError};
+pub use instances::{InstanceEntry, InstanceRole, Instances, PresenceError, Retention};
 pub use store::PresenceStore;

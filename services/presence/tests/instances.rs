@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
-use muster_presence::{InstanceEntry, InstanceRole, Instances, PresenceError};
+use muster_presence::{InstanceEntry, InstanceRole, Instances, PresenceError, Retention};
 use muster_store::{Store, outbox};
+use serde_json::json;
 
 fn node(id: &str, host: &str) -> InstanceEntry {
     InstanceEntry {
@@ -17,6 +18,7 @@ fn node(id: &str, host: &str) -> InstanceEntry {
         last_seen_at_ms: 0,
         last_input_seconds: Some(3),
         reason: "connect".into(),
+        metadata: json!({"capabilities": ["tyrum.fs.read"]}),
     }
 }
 
@@ -34,7 +36,17 @@ muster_store::backend_suite! {
         let events = outbox::read_after(&store, "t1", 0, 10).await.unwrap();
         assert_eq!(events.len(), 2);
         assert!(events.iter().all(|e| e.kind == "presence.upserted" && e.audience_roles == vec!["client".to_string()]));
-        assert_eq!(events[1].payload["reported"]["host"], "lab-2");
+        // The event carries the Tyrum entry shape: reported host and ip as
+        // the peer sent them, the observed address labelled in metadata.
+        let entry = &events[1].payload["entry"];
+        assert_eq!(entry["instance_id"], "dev_a");
+        assert_eq!(entry["host"], "lab-2");
+        assert_eq!(entry["ip"], "10.0.0.9");
+        assert_eq!(entry["metadata"]["observed_ip"], "127.0.0.1");
+        // "beacon" is no Tyrum reason: it is left out rather than sent.
+        assert!(entry.get("reason").is_none());
+        let wire: muster_protocol::presence::PresenceEntry = serde_json::from_value(entry.clone()).unwrap();
+        assert!(wire.last_seen_at.ends_with('Z'));
     }
 
     async fn bad_entries_change_nothing(store: Store) {
@@ -46,7 +58,47 @@ muster_store::backend_suite! {
         let negative = presence.upsert("t1", InstanceEntry { last_input_seconds: Some(-5), ..node("dev_a", "h") }).await;
         assert!(matches!(negative, Err(PresenceError::Invalid(_))));
         assert!("ghost".parse::<InstanceRole>().is_err());
+        let not_object = presence.upsert("t1", InstanceEntry { metadata: json!([1]), ..node("dev_a", "h") }).await;
+        assert!(matches!(not_object, Err(PresenceError::Invalid(_))));
         assert!(presence.list("t1").await.unwrap().is_empty());
         assert!(outbox::read_after(&store, "t1", 0, 10).await.unwrap().is_empty());
+    }
+}
+
+muster_store::backend_suite! {
+    async fn touching_refreshes_without_events(store: Store) {
+        let presence = Instances::new(Arc::new(store.clone()));
+        let first = presence.upsert("t1", node("dev_a", "h")).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let touched = presence.touch("t1", &["dev_a".into(), "dev_unknown".into()]).await.unwrap();
+        assert_eq!(touched, 1);
+        assert!(presence.list("t1").await.unwrap()[0].last_seen_at_ms > first.last_seen_at_ms);
+        assert_eq!(presence.touch("t2", &["dev_a".into()]).await.unwrap(), 0);
+        assert_eq!(outbox::read_after(&store, "t1", 0, 10).await.unwrap().len(), 1);
+    }
+
+    async fn pruning_drops_the_stale_and_the_oldest_beyond_the_cap(store: Store) {
+        let presence = Instances::new(Arc::new(store.clone()));
+        for id in ["dev_1", "dev_2", "dev_3"] {
+            presence.upsert("t1", node(id, "h")).await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+        }
+        presence.upsert("t2", node("dev_other", "h")).await.unwrap();
+        let kept = Retention { ttl: std::time::Duration::from_secs(60), cap: 2 };
+        let pruned = presence.prune(kept).await.unwrap();
+        assert_eq!(pruned, vec![("t1".to_string(), "dev_1".to_string())]);
+        let left: Vec<_> = presence.list("t1").await.unwrap().into_iter().map(|e| e.instance_id).collect();
+        assert_eq!(left, vec!["dev_3", "dev_2"]);
+        assert_eq!(presence.list("t2").await.unwrap().len(), 1);
+
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let expired = presence.prune(Retention { ttl: std::time::Duration::from_millis(10), cap: 500 }).await.unwrap();
+        assert_eq!(expired.len(), 3);
+        assert!(presence.list("t1").await.unwrap().is_empty());
+        let events = outbox::read_after(&store, "t1", 0, 100).await.unwrap();
+        let pruned_ids: Vec<_> = events.iter().filter(|e| e.kind == "presence.pruned").map(|e| e.payload["instance_id"].as_str().unwrap().to_owned()).collect();
+        assert_eq!(pruned_ids.len(), 3);
+        assert!(pruned_ids.contains(&"dev_1".to_string()));
+        assert!(events.iter().filter(|e| e.kind == "presence.pruned").all(|e| e.audience_roles == vec!["client".to_string()]));
     }
 }
