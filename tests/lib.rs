@@ -3,6 +3,8 @@
 //! call it as its clients do.
 #![forbid(unsafe_code)]
 
+pub mod ws;
+
 use std::sync::Arc;
 
 use muster::{Config, Running};
@@ -83,4 +85,70 @@ pub fn grpc_service(name: ServiceName) -> &'static str {
         ServiceName::Execution => "muster.v1.Execution",
         ServiceName::Ctl => "",
     }
+}
+
+impl Host {
+    /// The edge's WebSocket URL.
+    pub fn ws_url(&self) -> String {
+        self.running
+            .endpoints
+            .edge_ws_url
+            .clone()
+            .expect("an edge runs")
+    }
+
+    /// The edge's HTTP base URL.
+    pub fn http_base(&self) -> String {
+        self.ws_url()
+            .replace("ws://", "http://")
+            .trim_end_matches("/ws")
+            .to_owned()
+    }
+
+    /// The first start's admin token.
+    pub fn admin_token(&self) -> String {
+        self.running
+            .admin_token
+            .as_ref()
+            .expect("first start")
+            .expose()
+            .to_owned()
+    }
+
+    /// Mints a client token with `scopes` through identity, as `ctl`.
+    pub async fn client_token(&self, scopes: &[&str]) -> (String, String) {
+        let mut identity = muster_proto::v1::identity_client::IdentityClient::new(
+            self.channel(ServiceName::Identity, ServiceName::Ctl),
+        );
+        let created = identity
+            .create_token(muster_proto::v1::CreateTokenRequest {
+                tenant_id: self.config.default_tenant.clone(),
+                role: "client".into(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                label: "test".into(),
+            })
+            .await
+            .expect("token minted")
+            .into_inner();
+        (created.info.unwrap().token_id, created.token)
+    }
+}
+
+/// A plain HTTP/1.1 GET with an optional bearer token: the whole response.
+pub fn http_get(url: &str, bearer: Option<&str>) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut stream = std::net::TcpStream::connect(authority).expect("connect");
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {authority}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .expect("write request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    response
 }

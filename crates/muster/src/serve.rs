@@ -241,13 +241,30 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                 let http = TcpListener::bind(config.edge_listen)
                     .await
                     .with_context(|| format!("binding the edge to {}", config.edge_listen))?;
-                let edge = muster_edge::Edge::new(http.local_addr()?);
-                edge_ws_url = Some(edge.ws_url.clone());
-                background.push(tokio::spawn(muster_edge::serve_http(
-                    edge.clone(),
-                    http,
+                let peer = |name: ServiceName| -> anyhow::Result<muster_mesh::MeshChannel> {
+                    let address = addresses
+                        .get(name.as_str())
+                        .or_else(|| config.peers.get(name.as_str()))
+                        .with_context(|| format!("the edge needs peers.{name}"))?;
+                    Ok(muster_mesh::channel(tls.clone(), name, address)?)
+                };
+                let peers = muster_edge::EdgePeers {
+                    identity: peer(ServiceName::Identity)?,
+                    presence: peer(ServiceName::Presence)?,
+                    backplane: peer(ServiceName::Backplane)?,
+                };
+                let edge_config = muster_edge::EdgeConfig {
+                    gateway_tenant: config.default_tenant.clone(),
+                    ..muster_edge::EdgeConfig::default()
+                };
+                let edge = muster_edge::Edge::new(
+                    http.local_addr()?,
+                    edge_config,
+                    peers,
                     shutdown.clone(),
-                )));
+                );
+                edge_ws_url = Some(edge.ws_url.clone());
+                background.push(tokio::spawn(muster_edge::serve_http(edge.clone(), http)));
                 muster_edge::spec(edge)
             }
             ServiceName::Ctl => unreachable!("service_names never yields ctl"),

@@ -1,47 +1,144 @@
 //! muster's edge: the only component facing the outside. It speaks the
-//! client protocol to operators and nodes over WebSocket and turns requests
-//! into calls to the owning services; it keeps no durable state.
-//!
-//! This part serves the edge's HTTP listener (`/healthz`) and its gRPC
-//! description; the WebSocket protocol is built on it.
+//! Tyrum client protocol (`tyrum-v1`) to operators and nodes over
+//! WebSocket, turns their requests into calls to the owning services, and
+//! writes the events the backplane streams to it. It keeps no durable
+//! state.
 #![forbid(unsafe_code)]
+
+pub mod auth;
+mod connection;
+mod http;
+mod outbound;
+mod pump;
+mod registry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use axum::Router;
-use axum::routing::get;
-use muster_mesh::{Rule, ServiceSpec};
+use muster_mesh::{MeshChannel, Rule, ServiceSpec};
 use muster_proto::v1 as pb;
 use muster_proto::v1::edge_server::{Edge as EdgeRpc, EdgeServer};
+use muster_proto::v1::identity_client::IdentityClient;
+use muster_proto::v1::presence_client::PresenceClient;
 use muster_tls::ServiceName::Ctl;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-/// What one edge is and holds.
+pub use auth::Claims;
+pub use outbound::SLOW_CONSUMER_BYTES;
+
+use crate::registry::Registry;
+
+/// How an edge treats its peers.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// From authentication to a valid proof (Part B: 10 s).
+    pub handshake_timeout: Duration,
+    /// WebSocket pings (Part B: every 5 s).
+    pub ping_interval: Duration,
+    /// Without a pong for this long, the socket is dropped (Part B: 10 s).
+    pub pong_timeout: Duration,
+    /// Largest frame a peer may send.
+    pub max_message_bytes: usize,
+    /// Whether short-lived `cli` connections appear in instance presence.
+    pub presence_includes_cli: bool,
+    /// The tenant of the edge's own `gateway` presence entry.
+    pub gateway_tenant: String,
+    /// How often connected peers' presence is refreshed.
+    pub touch_interval: Duration,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        EdgeConfig {
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(5),
+            pong_timeout: Duration::from_secs(10),
+            max_message_bytes: 1024 * 1024,
+            presence_includes_cli: false,
+            gateway_tenant: String::new(),
+            touch_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Channels to the services the edge calls.
+#[derive(Debug, Clone)]
+pub struct EdgePeers {
+    pub identity: MeshChannel,
+    pub presence: MeshChannel,
+    pub backplane: MeshChannel,
+}
+
+/// One edge.
 #[derive(Debug)]
 pub struct Edge {
     pub edge_id: String,
     pub ws_url: String,
     pub started_at_ms: i64,
-    open_connections: AtomicU64,
+    config: EdgeConfig,
+    peers: EdgePeers,
+    registry: Registry,
+    shutdown: CancellationToken,
 }
 
 impl Edge {
     /// An edge whose clients connect at `ws_addr`.
-    pub fn new(ws_addr: SocketAddr) -> Arc<Edge> {
+    pub fn new(
+        ws_addr: SocketAddr,
+        config: EdgeConfig,
+        peers: EdgePeers,
+        shutdown: CancellationToken,
+    ) -> Arc<Edge> {
         Arc::new(Edge {
             edge_id: uuid::Uuid::new_v4().to_string(),
             ws_url: format!("ws://{ws_addr}/ws"),
             started_at_ms: muster_store::now_ms(),
-            open_connections: AtomicU64::new(0),
+            config,
+            peers,
+            registry: Registry::default(),
+            shutdown,
         })
     }
 
     pub fn open_connections(&self) -> u64 {
-        self.open_connections.load(Ordering::Relaxed)
+        self.registry.len() as u64
+    }
+
+    fn identity(&self) -> IdentityClient<MeshChannel> {
+        IdentityClient::new(self.peers.identity.clone())
+    }
+
+    fn presence(&self) -> PresenceClient<MeshChannel> {
+        PresenceClient::new(self.peers.presence.clone())
+    }
+
+    /// Resolves a presented token; `None` for anything identity does not
+    /// recognize (the reason is never told to the peer).
+    async fn verify(&self, token: Option<String>) -> Option<Claims> {
+        let token = token?;
+        match self
+            .identity()
+            .verify_token(pb::VerifyTokenRequest { token })
+            .await
+        {
+            Ok(reply) => {
+                let c = reply.into_inner();
+                Some(Claims {
+                    token_id: c.token_id,
+                    tenant_id: c.tenant_id,
+                    role: c.role,
+                    scopes: c.scopes,
+                })
+            }
+            Err(status) if status.code() == tonic::Code::Unauthenticated => None,
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), "token verification failed");
+                None
+            }
+        }
     }
 }
 
@@ -79,17 +176,39 @@ impl EdgeRpc for EdgeService {
     }
 }
 
-/// Serves the edge's HTTP listener until `shutdown`, then lets open
-/// requests finish.
-pub async fn serve_http(
-    edge: Arc<Edge>,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(edge);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+/// Serves the edge's listener (`/ws`, `/healthz`, `/presence`, `/status`)
+/// and its background work until shutdown; then every peer is closed with
+/// 1001 `server shutdown`.
+pub async fn serve_http(edge: Arc<Edge>, listener: TcpListener) -> std::io::Result<()> {
+    let pump = tokio::spawn(pump::run(edge.clone()));
+    let refresh = tokio::spawn(pump::refresh_presence(edge.clone()));
+    let shutdown = edge.shutdown.clone();
+    let closer = edge.clone();
+    let served = axum::serve(
+        listener,
+        http::router(edge).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.cancelled().await;
+        closer
+            .registry
+            .close_all(muster_protocol::close::SERVER_SHUTDOWN);
+    })
+    .await;
+    pump.abort();
+    refresh.abort();
+    served
+}
+
+/// Maps a failed call to another service onto the client protocol's error
+/// code and message.
+fn wire_error(status: &Status) -> (&'static str, String) {
+    let code = muster_mesh::ErrorCode::from_grpc(status.code());
+    let message = match code {
+        muster_mesh::ErrorCode::Internal | muster_mesh::ErrorCode::Unavailable => {
+            "internal error".to_owned()
+        }
+        _ => status.message().to_owned(),
+    };
+    (code.wire(), message)
 }

@@ -1,0 +1,216 @@
+//! Who a connection is: the token it presented, resolved by identity, and
+//! what that token may do (PROTOCOL.md Part B §3, "Per-request
+//! authorization").
+
+use axum::http::HeaderMap;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use muster_protocol::scopes::{NODE_TYPES, required_scopes};
+use muster_protocol::{AUTH_SUBPROTOCOL_PREFIX, TOKEN_COOKIE};
+
+/// What a verified token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    pub token_id: String,
+    pub tenant_id: String,
+    /// `admin` or `client`.
+    pub role: String,
+    pub scopes: Vec<String>,
+}
+
+impl Claims {
+    pub fn is_admin(&self) -> bool {
+        self.role == "admin"
+    }
+
+    pub fn has_any_scope<'a>(&self, wanted: impl IntoIterator<Item = &'a str>) -> bool {
+        let held = &self.scopes;
+        held.iter().any(|s| s == "*") || wanted.into_iter().any(|w| held.iter().any(|s| s == w))
+    }
+
+    /// May a connection in `role` hold these claims? Admin tokens may be a
+    /// client or a node; operator tokens are for clients only.
+    pub fn admits_role(&self, role: &str) -> bool {
+        self.is_admin() || role == "client"
+    }
+}
+
+/// A refused request: error code and message (Part B §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: &'static str,
+}
+
+/// Whether a connection in `role` with `claims` may send a `kind` request.
+/// Unknown types pass only for admins, who are then told the type is not
+/// supported.
+pub fn authorize(claims: &Claims, role: &str, kind: &str) -> Result<(), Refusal> {
+    if !claims.is_admin() {
+        match required_scopes(kind) {
+            None => {
+                let node_type =
+                    role == "node" && claims.role == "node" && NODE_TYPES.contains(&kind);
+                if !node_type {
+                    return Err(Refusal {
+                        code: "forbidden",
+                        message: "request is not scope-authorized for scoped tokens",
+                    });
+                }
+            }
+            Some([]) => {}
+            Some(needed) => {
+                if !claims.has_any_scope(needed.iter().copied()) {
+                    return Err(Refusal {
+                        code: "forbidden",
+                        message: "insufficient scope",
+                    });
+                }
+            }
+        }
+    }
+    if claims.tenant_id.is_empty() {
+        return Err(Refusal {
+            code: "unauthorized",
+            message: "tenant token required",
+        });
+    }
+    Ok(())
+}
+
+/// The token of an upgrade request, first hit wins: `Authorization:
+/// Bearer`, the same-origin cookie, the first decodable `tyrum-auth.*`
+/// subprotocol.
+pub fn presented_token<'a>(
+    headers: &HeaderMap,
+    subprotocols: impl IntoIterator<Item = &'a str>,
+) -> Option<String> {
+    if let Some(value) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        let parts: Vec<&str> = value.split(' ').collect();
+        if let [scheme, token] = parts.as_slice()
+            && scheme.eq_ignore_ascii_case("bearer")
+            && !token.is_empty()
+        {
+            return Some((*token).to_owned());
+        }
+    }
+    if same_origin(headers)
+        && let Some(token) = cookie(headers, TOKEN_COOKIE)
+    {
+        return Some(token);
+    }
+    subprotocols.into_iter().find_map(|p| {
+        let encoded = p.trim().strip_prefix(AUTH_SUBPROTOCOL_PREFIX)?;
+        let bytes = URL_SAFE_NO_PAD.decode(encoded).ok()?;
+        String::from_utf8(bytes).ok().filter(|t| !t.is_empty())
+    })
+}
+
+/// A request is same-origin when it has no Origin (not a browser) or its
+/// Origin names the Host it was sent to.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get("origin").and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let origin_host = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .unwrap_or_default();
+    !host.is_empty() && origin_host == host
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (key, value) = pair.trim().split_once('=')?;
+            (key == name && !value.is_empty()).then(|| value.to_owned())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(role: &str, scopes: &[&str]) -> Claims {
+        Claims {
+            token_id: "t".into(),
+            tenant_id: "tenant".into(),
+            role: role.into(),
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn scopes_decide_as_part_b_says() {
+        let reader = claims("client", &["operator.read"]);
+        assert!(authorize(&reader, "client", "ping").is_ok());
+        assert!(authorize(&reader, "client", "approval.list").is_ok());
+        let refused = authorize(&reader, "client", "approval.resolve").unwrap_err();
+        assert_eq!(
+            (refused.code, refused.message),
+            ("forbidden", "insufficient scope")
+        );
+        let null = authorize(&reader, "client", "task.execute").unwrap_err();
+        assert_eq!(
+            null.message,
+            "request is not scope-authorized for scoped tokens"
+        );
+        assert!(authorize(&reader, "client", "no.such.type").is_err());
+        assert!(authorize(&claims("client", &["*"]), "client", "approval.resolve").is_ok());
+        // Admins pass every scope check; unknown types are then unsupported.
+        assert!(authorize(&claims("admin", &[]), "client", "no.such.type").is_ok());
+        let tenantless = Claims {
+            tenant_id: String::new(),
+            ..claims("admin", &[])
+        };
+        assert_eq!(
+            authorize(&tenantless, "client", "ping")
+                .unwrap_err()
+                .message,
+            "tenant token required"
+        );
+    }
+
+    #[test]
+    fn tokens_are_found_in_the_documented_order() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(presented_token(&headers, ["tyrum-v1"]), None);
+        let encoded = format!("tyrum-auth.{}", URL_SAFE_NO_PAD.encode("from-protocol"));
+        assert_eq!(
+            presented_token(&headers, ["tyrum-v1", "tyrum-auth.!!", encoded.as_str()]).as_deref(),
+            Some("from-protocol")
+        );
+        headers.insert(
+            "cookie",
+            "a=b; tyrum_admin_token=from-cookie".parse().unwrap(),
+        );
+        headers.insert("host", "127.0.0.1:1".parse().unwrap());
+        assert_eq!(
+            presented_token(&headers, [encoded.as_str()]).as_deref(),
+            Some("from-cookie")
+        );
+        headers.insert("origin", "http://evil.example".parse().unwrap());
+        assert_eq!(
+            presented_token(&headers, [encoded.as_str()]).as_deref(),
+            Some("from-protocol")
+        );
+        headers.insert("authorization", "Bearer from-header".parse().unwrap());
+        assert_eq!(
+            presented_token(&headers, []).as_deref(),
+            Some("from-header")
+        );
+        headers.insert("authorization", "Bearer two parts".parse().unwrap());
+        assert_eq!(presented_token(&headers, []), None);
+    }
+}

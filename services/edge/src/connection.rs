@@ -1,0 +1,486 @@
+//! One WebSocket peer, from authentication through the handshake to the
+//! request loop (PROTOCOL.md Part B §1–§3).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures::stream::{SplitSink, SplitStream};
+use futures::{SinkExt, StreamExt};
+use muster_proto::v1 as pb;
+use muster_protocol::PROTOCOL_REV;
+use muster_protocol::close::{self, Close};
+use muster_protocol::device::{self, ProofError};
+use muster_protocol::envelope::{self, FrameError, Inbound, Request};
+use muster_protocol::handshake::{ConnectInit, ConnectProof};
+use muster_protocol::presence::{Beacon, wire_mode};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::auth::{Claims, authorize};
+use crate::outbound::{self, Outgoing};
+use crate::registry::Peer;
+use crate::{Edge, wire_error};
+
+/// Frames that may arrive before authentication resolves.
+const EARLY_FRAMES: usize = 8;
+const EARLY_BYTES: usize = 64 * 1024;
+
+type Sink = SplitSink<WebSocket, Message>;
+type Stream = SplitStream<WebSocket>;
+
+async fn send_close(sink: &mut Sink, close: Close) {
+    let _ = sink
+        .send(Message::Close(Some(CloseFrame {
+            code: close.code,
+            reason: Utf8Bytes::from(close.reason),
+        })))
+        .await;
+    let _ = sink.close().await;
+}
+
+async fn send_text(sink: &mut Sink, text: String) -> bool {
+    sink.send(Message::Text(Utf8Bytes::from(text)))
+        .await
+        .is_ok()
+}
+
+fn now_ms() -> i64 {
+    muster_store::now_ms()
+}
+
+/// What the handshake established.
+struct Handshaken {
+    connection_id: String,
+    init: ConnectInit,
+    device_id: String,
+}
+
+/// Runs one peer to the end.
+pub(crate) async fn run(
+    edge: Arc<Edge>,
+    socket: WebSocket,
+    token: Option<String>,
+    remote: SocketAddr,
+) {
+    metrics::gauge!("muster_edge_sockets").increment(1.0);
+    let (mut sink, mut stream) = socket.split();
+    let outcome = serve(&edge, &mut sink, &mut stream, token, remote).await;
+    if let Err(close) = outcome {
+        send_close(&mut sink, close).await;
+    }
+    metrics::gauge!("muster_edge_sockets").decrement(1.0);
+}
+
+async fn serve(
+    edge: &Arc<Edge>,
+    sink: &mut Sink,
+    stream: &mut Stream,
+    token: Option<String>,
+    remote: SocketAddr,
+) -> Result<(), Close> {
+    let (claims, early) = authenticate(edge, stream, token).await?;
+    let handshaken = handshake(edge, sink, stream, &claims, early).await?;
+    connected(edge, sink, stream, claims, handshaken, remote).await
+}
+
+/// Resolves the token while queueing what the peer sends meanwhile.
+async fn authenticate(
+    edge: &Edge,
+    stream: &mut Stream,
+    token: Option<String>,
+) -> Result<(Claims, Vec<String>), Close> {
+    let verify = edge.verify(token);
+    tokio::pin!(verify);
+    let mut early = Vec::new();
+    let mut early_bytes = 0;
+    loop {
+        tokio::select! {
+            claims = &mut verify => {
+                return claims.map(|c| (c, early)).ok_or(close::UNAUTHORIZED);
+            }
+            frame = stream.next() => match frame {
+                Some(Ok(Message::Text(text))) => {
+                    early_bytes += text.len();
+                    early.push(text.to_string());
+                    if early.len() > EARLY_FRAMES || early_bytes > EARLY_BYTES {
+                        return Err(close::HANDSHAKE_OVERFLOW);
+                    }
+                }
+                Some(Ok(Message::Binary(bytes))) => {
+                    early_bytes += bytes.len();
+                    early.push(String::from_utf8_lossy(&bytes).into_owned());
+                    if early.len() > EARLY_FRAMES || early_bytes > EARLY_BYTES {
+                        return Err(close::HANDSHAKE_OVERFLOW);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Err(close::UNAUTHORIZED),
+            },
+        }
+    }
+}
+
+/// `connect.init` then `connect.proof`, within the handshake timeout.
+async fn handshake(
+    edge: &Edge,
+    sink: &mut Sink,
+    stream: &mut Stream,
+    claims: &Claims,
+    early: Vec<String>,
+) -> Result<Handshaken, Close> {
+    let deadline = Instant::now() + edge.config.handshake_timeout;
+    let mut pending: Option<(String, String, ConnectInit, String)> = None;
+    let mut early = early.into_iter();
+    loop {
+        let text = match early.next() {
+            Some(text) => text,
+            None => match tokio::time::timeout_at(deadline, stream.next()).await {
+                Err(_) => return Err(close::HANDSHAKE_TIMEOUT),
+                Ok(None) | Ok(Some(Err(_))) => return Err(close::HANDSHAKE_TIMEOUT),
+                Ok(Some(Ok(Message::Text(text)))) => text.to_string(),
+                Ok(Some(Ok(Message::Binary(bytes)))) => {
+                    String::from_utf8_lossy(&bytes).into_owned()
+                }
+                Ok(Some(Ok(Message::Close(_)))) => return Err(close::HANDSHAKE_TIMEOUT),
+                Ok(Some(Ok(_))) => continue,
+            },
+        };
+        let request = match envelope::parse(&text) {
+            Err(FrameError::InvalidJson) => return Err(close::INVALID_JSON),
+            Err(FrameError::Invalid(_)) => return Err(close::EXPECTED_CONNECT),
+            Ok(Inbound::Request(request)) => request,
+            Ok(_) => return Err(close::EXPECTED_CONNECT),
+        };
+        match request.kind.as_str() {
+            "connect" => return Err(close::LEGACY_CONNECT),
+            "connect.init" => {
+                let init =
+                    ConnectInit::parse(&request.payload).map_err(|_| close::EXPECTED_CONNECT)?;
+                if init.protocol_rev != PROTOCOL_REV {
+                    return Err(close::PROTOCOL_REV_MISMATCH);
+                }
+                if !claims.admits_role(init.role.as_str()) {
+                    return Err(close::UNAUTHORIZED);
+                }
+                let (_, expected) =
+                    device::parse_pubkey(&init.device.pubkey).map_err(|_| close::INVALID_PROOF)?;
+                if expected != init.device.device_id {
+                    return Err(close::DEVICE_ID_MISMATCH);
+                }
+                let connection_id = uuid::Uuid::new_v4().to_string();
+                let challenge = device::new_challenge();
+                let reply = envelope::ok(
+                    &request.request_id,
+                    &request.kind,
+                    Some(json!({"connection_id": connection_id, "challenge": challenge})),
+                );
+                if !send_text(sink, reply).await {
+                    return Err(close::HANDSHAKE_TIMEOUT);
+                }
+                // A second init replaces the first.
+                pending = Some((connection_id, challenge, init, expected));
+            }
+            "connect.proof" => {
+                let Some((connection_id, challenge, init, device_id)) = pending.take() else {
+                    return Err(close::EXPECTED_INIT_FIRST);
+                };
+                let proof =
+                    ConnectProof::parse(&request.payload).map_err(|_| close::EXPECTED_CONNECT)?;
+                if proof.connection_id != connection_id {
+                    return Err(close::CONNECTION_ID_MISMATCH);
+                }
+                let (key, _) =
+                    device::parse_pubkey(&init.device.pubkey).map_err(|_| close::INVALID_PROOF)?;
+                let transcript = device::transcript(
+                    init.protocol_rev,
+                    init.role.as_str(),
+                    &device_id,
+                    &connection_id,
+                    &challenge,
+                );
+                device::verify_proof(&key, &transcript, &proof.proof).map_err(
+                    |e: ProofError| {
+                        tracing::debug!(?e, "proof refused");
+                        close::INVALID_PROOF
+                    },
+                )?;
+                let reply = envelope::ok(
+                    &request.request_id,
+                    &request.kind,
+                    Some(
+                        json!({"client_id": connection_id, "device_id": device_id, "role": init.role.as_str()}),
+                    ),
+                );
+                if !send_text(sink, reply).await {
+                    return Err(close::HANDSHAKE_TIMEOUT);
+                }
+                return Ok(Handshaken {
+                    connection_id,
+                    init,
+                    device_id,
+                });
+            }
+            _ => return Err(close::EXPECTED_CONNECT),
+        }
+    }
+}
+
+/// The connected peer: requests in, responses and events out, pings.
+async fn connected(
+    edge: &Arc<Edge>,
+    sink: &mut Sink,
+    stream: &mut Stream,
+    claims: Claims,
+    handshaken: Handshaken,
+    remote: SocketAddr,
+) -> Result<(), Close> {
+    let role = match handshaken.init.role {
+        muster_protocol::handshake::Role::Client => "client",
+        muster_protocol::handshake::Role::Node => "node",
+    };
+    let (outbound, mut inbox) = outbound::channel();
+    let mode = handshaken.init.device.mode.clone().unwrap_or_default();
+    let in_presence = mode != "cli" || edge.config.presence_includes_cli;
+    let peer = Peer {
+        connection_id: handshaken.connection_id.clone(),
+        device_id: handshaken.device_id.clone(),
+        role,
+        claims: claims.clone(),
+        in_presence,
+        observed_ip: remote.ip().to_string(),
+        outbound: outbound.clone(),
+    };
+    edge.registry.insert(peer.clone());
+    let _registered = Deregister {
+        edge: edge.clone(),
+        connection_id: handshaken.connection_id.clone(),
+    };
+    tracing::info!(connection_id = %peer.connection_id, device_id = %peer.device_id, role, tenant_id = %claims.tenant_id, "peer connected");
+    if in_presence {
+        let capabilities: Vec<&str> = handshaken
+            .init
+            .capabilities
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect();
+        let entry = pb::InstanceEntry {
+            instance_id: handshaken.device_id.clone(),
+            role: role.into(),
+            reported_host: handshaken.init.device.label.clone().unwrap_or_default(),
+            reported_ip: String::new(),
+            observed_ip: remote.ip().to_string(),
+            version: handshaken.init.device.version.clone().unwrap_or_default(),
+            mode: wire_mode(&mode).unwrap_or_default(),
+            last_seen_at_ms: 0,
+            last_input_seconds: -1,
+            reason: "connect".into(),
+            metadata_json: json!({"capabilities": capabilities, "edge_id": edge.edge_id})
+                .to_string(),
+        };
+        if let Err(status) = upsert(edge, &claims.tenant_id, entry).await {
+            tracing::warn!(code = ?status.code(), "presence upsert on connect failed");
+        }
+    }
+
+    let mut ping = tokio::time::interval(edge.config.ping_interval);
+    ping.reset();
+    let mut last_pong = Instant::now();
+    loop {
+        tokio::select! {
+            _ = edge.shutdown.cancelled() => return Err(close::SERVER_SHUTDOWN),
+            out = inbox.rx.recv() => match out {
+                Some(Outgoing::Text(text)) => {
+                    let len = text.len();
+                    let sent = send_text(sink, text).await;
+                    inbox.written(len);
+                    if !sent {
+                        return Ok(());
+                    }
+                }
+                Some(Outgoing::Close(close)) => return Err(close),
+                None => return Ok(()),
+            },
+            _ = ping.tick() => {
+                if last_pong.elapsed() > edge.config.pong_timeout {
+                    // Dropped without a close frame: the peer sees 1006.
+                    tracing::info!(connection_id = %peer.connection_id, "no pong: terminating");
+                    return Ok(());
+                }
+                if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    return Ok(());
+                }
+            }
+            frame = stream.next() => match frame {
+                None | Some(Err(_)) => return Ok(()),
+                Some(Ok(Message::Close(_))) => return Ok(()),
+                Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
+                Some(Ok(Message::Ping(_))) => {}
+                Some(Ok(Message::Text(text))) => handle_frame(edge, &peer, &outbound, text.as_str()).await,
+                Some(Ok(Message::Binary(bytes))) => {
+                    let text = String::from_utf8_lossy(&bytes).into_owned();
+                    handle_frame(edge, &peer, &outbound, &text).await
+                }
+            },
+        }
+    }
+}
+
+/// Removes the peer from the registry however the connection ends.
+struct Deregister {
+    edge: Arc<Edge>,
+    connection_id: String,
+}
+
+impl Drop for Deregister {
+    fn drop(&mut self) {
+        self.edge.registry.remove(&self.connection_id);
+    }
+}
+
+async fn upsert(
+    edge: &Edge,
+    tenant_id: &str,
+    entry: pb::InstanceEntry,
+) -> Result<pb::InstanceEntry, tonic::Status> {
+    Ok(edge
+        .presence()
+        .upsert_instance(pb::UpsertInstanceRequest {
+            tenant_id: tenant_id.to_owned(),
+            entry: Some(entry),
+        })
+        .await?
+        .into_inner())
+}
+
+/// Handles one text frame of a connected peer (Part B §2.4, §3).
+async fn handle_frame(edge: &Edge, peer: &Peer, out: &outbound::Outbound, text: &str) {
+    let error_event =
+        |code: &str, message: &str| out.send(envelope::error_event(code, message, now_ms()));
+    match envelope::parse(text) {
+        Err(FrameError::InvalidJson) => error_event("invalid_json", "message is not valid JSON"),
+        Err(FrameError::Invalid(message)) => error_event("invalid_message", &message),
+        Ok(Inbound::Event) => error_event("unexpected_event", "clients must not send events"),
+        Ok(Inbound::Response(response)) => {
+            if response.kind == "task.execute" {
+                if peer.role != "node" {
+                    error_event("unauthorized", "only nodes may respond to task.execute");
+                } else {
+                    error_event(
+                        "unauthorized",
+                        "task.execute result received from an unexpected connection",
+                    );
+                }
+            }
+        }
+        Ok(Inbound::Request(request)) => {
+            let reply = respond(edge, peer, &request).await;
+            out.send(reply);
+        }
+    }
+}
+
+fn invalid_request(request: &Request, message: &str) -> String {
+    envelope::error(
+        &request.request_id,
+        &request.kind,
+        "invalid_request",
+        message,
+        Some(json!({"issues": [{"message": message}]})),
+    )
+}
+
+/// The response to one request.
+async fn respond(edge: &Edge, peer: &Peer, request: &Request) -> String {
+    if let Err(refusal) = authorize(&peer.claims, peer.role, &request.kind) {
+        return envelope::error(
+            &request.request_id,
+            &request.kind,
+            refusal.code,
+            refusal.message,
+            None,
+        );
+    }
+    let result = match request.kind.as_str() {
+        "ping" => {
+            if request.payload != json!({}) {
+                return invalid_request(request, "ping payload must be {}");
+            }
+            Ok(None)
+        }
+        "presence.beacon" => match Beacon::parse(&request.payload) {
+            Err(message) => return invalid_request(request, &message),
+            Ok(beacon) => beacon_upsert(edge, peer, beacon).await.map(Some),
+        },
+        "muster.presence.list" => {
+            if peer.role != "client" {
+                return envelope::error(
+                    &request.request_id,
+                    &request.kind,
+                    "unauthorized",
+                    "only operator clients may list presence",
+                    None,
+                );
+            }
+            list_presence(edge, &peer.claims.tenant_id)
+                .await
+                .map(|entries| Some(json!({"entries": entries})))
+        }
+        _ => {
+            return envelope::error(
+                &request.request_id,
+                &request.kind,
+                "unsupported_request",
+                "request not supported",
+                None,
+            );
+        }
+    };
+    match result {
+        Ok(result) => envelope::ok(&request.request_id, &request.kind, result),
+        Err(status) => {
+            let (code, message) = wire_error(&status);
+            envelope::error(&request.request_id, &request.kind, code, &message, None)
+        }
+    }
+}
+
+async fn beacon_upsert(edge: &Edge, peer: &Peer, beacon: Beacon) -> Result<Value, tonic::Status> {
+    let entry = pb::InstanceEntry {
+        instance_id: peer.device_id.clone(),
+        role: peer.role.into(),
+        reported_host: beacon.host.unwrap_or_default(),
+        reported_ip: beacon.ip.unwrap_or_default(),
+        observed_ip: peer.observed_ip.clone(),
+        version: beacon.version.unwrap_or_default(),
+        mode: beacon.mode.unwrap_or_default(),
+        last_seen_at_ms: 0,
+        last_input_seconds: beacon.last_input_seconds.unwrap_or(-1),
+        reason: "periodic".into(),
+        metadata_json: beacon.metadata.unwrap_or_else(|| json!({})).to_string(),
+    };
+    let stored = upsert(edge, &peer.claims.tenant_id, entry).await?;
+    let entry = wire_entry(stored)?;
+    Ok(json!({ "entry": entry }))
+}
+
+pub(crate) fn wire_entry(entry: pb::InstanceEntry) -> Result<Value, tonic::Status> {
+    let entry = muster_presence::InstanceEntry::try_from(entry)
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+    serde_json::to_value(entry.wire()).map_err(|e| tonic::Status::internal(e.to_string()))
+}
+
+pub(crate) async fn list_presence(
+    edge: &Edge,
+    tenant_id: &str,
+) -> Result<Vec<Value>, tonic::Status> {
+    let entries = edge
+        .presence()
+        .list_instances(pb::ListInstancesRequest {
+            tenant_id: tenant_id.to_owned(),
+        })
+        .await?
+        .into_inner()
+        .entries;
+    entries.into_iter().map(wire_entry).collect()
+}

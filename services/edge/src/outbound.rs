@@ -1,0 +1,73 @@
+//! What the edge queues for one peer: frames in order, with the bytes
+//! waiting counted so a peer that does not read is cut off (1013) instead
+//! of growing the queue without bound.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use muster_protocol::close::{self, Close};
+use tokio::sync::mpsc;
+
+/// A peer's queue may hold this many bytes before it is a slow consumer
+/// (Tyrum's `bufferedAmount` limit).
+pub const SLOW_CONSUMER_BYTES: usize = 5_242_880;
+
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    Text(String),
+    Close(Close),
+}
+
+/// The sending side of a peer's queue.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbound {
+    tx: mpsc::UnboundedSender<Outgoing>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// The connection task's side: frames to write, and the byte count to
+/// release as they are written.
+pub(crate) struct Inbox {
+    pub(crate) rx: mpsc::UnboundedReceiver<Outgoing>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Inbox {
+    pub(crate) fn written(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+    }
+}
+
+pub(crate) fn channel() -> (Outbound, Inbox) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        Outbound {
+            tx,
+            queued: queued.clone(),
+        },
+        Inbox { rx, queued },
+    )
+}
+
+impl Outbound {
+    /// Queues a frame; a peer already holding more than the limit is closed
+    /// with 1013 `slow consumer` instead.
+    pub(crate) fn send(&self, frame: String) {
+        let len = frame.len();
+        let before = self.queued.fetch_add(len, Ordering::Relaxed);
+        if before + len > SLOW_CONSUMER_BYTES {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            metrics::counter!("muster_edge_slow_consumers_total").increment(1);
+            self.close(close::SLOW_CONSUMER);
+            return;
+        }
+        if self.tx.send(Outgoing::Text(frame)).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn close(&self, close: Close) {
+        let _ = self.tx.send(Outgoing::Close(close));
+    }
+}

@@ -1,0 +1,184 @@
+//! Events from the backplane to peers, and the presence the edge keeps
+//! fresh for its peers and itself.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use muster_proto::v1 as pb;
+use muster_proto::v1::backplane_client::BackplaneClient;
+use muster_protocol::{close, envelope};
+use muster_store::outbox::Target;
+use tokio_stream::StreamExt;
+
+use crate::Edge;
+
+/// Event types peers receive: the Tyrum subset (Part B §8) and muster's
+/// own (docs/protocol-extensions.md). Other outbox items are internal.
+const DELIVERED: &[&str] = &[
+    "presence.upserted",
+    "presence.pruned",
+    "pairing.updated",
+    "approval.updated",
+    "capability.ready",
+    "attempt.evidence",
+    "plan.update",
+];
+
+fn delivered(kind: &str) -> bool {
+    DELIVERED.contains(&kind) || kind.starts_with("turn.") || kind.starts_with("muster.")
+}
+
+fn target(item: &pb::OutboxItem) -> Option<Target> {
+    use pb::outbox_target::Kind;
+    Some(match item.target.as_ref()?.kind.as_ref()? {
+        Kind::DeviceId(id) => Target::Device(id.clone()),
+        Kind::ConnectionId(id) => Target::Connection(id.clone()),
+        Kind::EdgeId(id) => Target::Edge(id.clone()),
+    })
+}
+
+/// Acts on one committed item: internal commands first, then delivery to
+/// every peer of its tenant that its audience and target admit.
+fn dispatch(edge: &Edge, item: &pb::OutboxItem) {
+    let payload: serde_json::Value = serde_json::from_str(&item.payload_json).unwrap_or_default();
+    if item.r#type == "token.revoked"
+        && let Some(token_id) = payload.get("token_id").and_then(|v| v.as_str())
+    {
+        let closed = edge
+            .registry
+            .close_token(&item.tenant_id, token_id, close::TOKEN_REVOKED);
+        if closed > 0 {
+            tracing::info!(
+                token_id,
+                closed,
+                "closed the connections of a revoked token"
+            );
+        }
+    }
+    if !delivered(&item.r#type) {
+        return;
+    }
+    let audience = item.audience.clone().unwrap_or_default();
+    let target = target(item);
+    let mut frame = None;
+    for peer in edge.registry.tenant(&item.tenant_id) {
+        if peer.admits(&audience.roles, &audience.scopes, target.as_ref()) {
+            let text = frame.get_or_insert_with(|| {
+                envelope::event(
+                    &item.event_id,
+                    &item.r#type,
+                    item.occurred_at_ms,
+                    None,
+                    &payload,
+                )
+            });
+            peer.outbound.send(text.clone());
+        }
+    }
+}
+
+/// Follows the backplane from the current head for as long as the edge
+/// runs, resubscribing after the last position seen when the stream
+/// breaks.
+pub(crate) async fn run(edge: Arc<Edge>) {
+    let mut after: Option<i64> = None;
+    loop {
+        let request = pb::SubscribeRequest {
+            after_position: after.unwrap_or(0),
+            from_head: after.is_none(),
+        };
+        match BackplaneClient::new(edge.peers.backplane.clone())
+            .subscribe(request)
+            .await
+        {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                while let Some(item) = stream.next().await {
+                    match item {
+                        Ok(item) => {
+                            after = Some(item.position);
+                            dispatch(&edge, &item);
+                        }
+                        Err(status) => {
+                            tracing::warn!(code = ?status.code(), message = status.message(), "backplane stream broke");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), message = status.message(), "backplane subscription failed")
+            }
+        }
+        if edge.shutdown.is_cancelled() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Keeps the edge's own `gateway` entry and its peers' entries fresh: the
+/// gateway entry is upserted at start, then everything is touched every
+/// `touch_interval` (no event: only changes are broadcast).
+pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
+    let gateway = || pb::InstanceEntry {
+        instance_id: format!("edge-{}", edge.edge_id),
+        role: "gateway".into(),
+        reported_host: String::new(),
+        reported_ip: String::new(),
+        observed_ip: String::new(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        mode: "backend".into(),
+        last_seen_at_ms: 0,
+        last_input_seconds: -1,
+        reason: "self".into(),
+        metadata_json: serde_json::json!({"edge_id": edge.edge_id, "ws_url": edge.ws_url})
+            .to_string(),
+    };
+    let mut announced = false;
+    let mut tick = tokio::time::interval(edge.config.touch_interval);
+    loop {
+        tick.tick().await;
+        if !announced {
+            let upsert = edge
+                .presence()
+                .upsert_instance(pb::UpsertInstanceRequest {
+                    tenant_id: edge.config.gateway_tenant.clone(),
+                    entry: Some(gateway()),
+                })
+                .await;
+            match upsert {
+                Ok(_) => announced = true,
+                Err(status) => {
+                    tracing::warn!(code = ?status.code(), "gateway presence not announced yet")
+                }
+            }
+        }
+        let mut by_tenant: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        if announced {
+            by_tenant
+                .entry(edge.config.gateway_tenant.clone())
+                .or_default()
+                .push(format!("edge-{}", edge.edge_id));
+        }
+        for peer in edge.registry.all().into_iter().filter(|p| p.in_presence) {
+            by_tenant
+                .entry(peer.claims.tenant_id.clone())
+                .or_default()
+                .push(peer.device_id.clone());
+        }
+        for (tenant_id, instance_ids) in by_tenant {
+            let touched = edge
+                .presence()
+                .touch_instances(pb::TouchInstancesRequest {
+                    tenant_id,
+                    instance_ids,
+                })
+                .await;
+            if let Err(status) = touched {
+                tracing::debug!(code = ?status.code(), "presence refresh failed");
+            }
+        }
+    }
+}

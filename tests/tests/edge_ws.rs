@@ -1,0 +1,411 @@
+//! The edge with real WebSocket clients: every close code, envelope error,
+//! token path and scope check of PROTOCOL.md Part B, and instance presence
+//! flowing from producers through the outbox to operators.
+
+use std::time::Duration;
+
+use muster_e2e::Host;
+use muster_e2e::ws::{Next, TokenVia, Ws, open};
+use muster_protocol::device::{DeviceKey, transcript};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Error;
+
+async fn admin(host: &Host) -> Ws {
+    open(&host.ws_url(), &host.admin_token(), TokenVia::Bearer, None)
+        .await
+        .unwrap()
+}
+
+fn init(key: &DeviceKey, role: &str) -> Value {
+    json!({"request_id": "i1", "type": "connect.init", "payload": {
+        "protocol_rev": 2, "role": role,
+        "device": {"device_id": key.device_id(), "pubkey": key.pubkey()}}})
+}
+
+async fn assert_closed(ws: &mut Ws, code: u16, reason: &str) {
+    assert_eq!(ws.closed().await, (code, reason.to_owned()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upgrade_needs_tyrum_v1_and_echoes_only_it() {
+    let host = Host::start(None).await;
+    let Err(Error::Http(response)) = open(&host.ws_url(), "x", TokenVia::Nowhere, Some("")).await
+    else {
+        panic!("an upgrade without tyrum-v1 must fail");
+    };
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; charset=utf-8"
+    );
+    let body = String::from_utf8(response.body().clone().unwrap()).unwrap();
+    assert_eq!(body, "Missing required WebSocket subprotocol: tyrum-v1\n");
+
+    let ws = open(
+        &host.ws_url(),
+        &host.admin_token(),
+        TokenVia::Subprotocol,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ws.response.headers()["sec-websocket-protocol"], "tyrum-v1");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_token_path_admits_and_a_bad_token_is_closed_4001() {
+    let host = Host::start(None).await;
+    for via in [TokenVia::Bearer, TokenVia::Cookie, TokenVia::Subprotocol] {
+        let mut ws = open(&host.ws_url(), &host.admin_token(), via, None)
+            .await
+            .unwrap();
+        let key = DeviceKey::generate();
+        let result = ws.handshake(&key, "client", json!({})).await;
+        assert_eq!(result["device_id"], key.device_id(), "{via:?}");
+        assert_eq!(result["role"], "client");
+    }
+    for (token, via) in [("muster_wrong", TokenVia::Bearer), ("", TokenVia::Nowhere)] {
+        let mut ws = open(&host.ws_url(), token, via, None).await.unwrap();
+        assert_closed(&mut ws, 4001, "unauthorized").await;
+    }
+    // An operator token is for clients; a node needs an admin (or scoped
+    // node) token.
+    let (_, reader) = host.client_token(&["operator.read"]).await;
+    let mut ws = open(&host.ws_url(), &reader, TokenVia::Bearer, None)
+        .await
+        .unwrap();
+    ws.send(init(&DeviceKey::generate(), "node")).await;
+    assert_closed(&mut ws, 4001, "unauthorized").await;
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_violations_close_with_their_exact_codes() {
+    let host = Host::start(None).await;
+    let key = DeviceKey::generate();
+    let other = DeviceKey::generate();
+    let cases: Vec<(Vec<String>, u16, &str)> = vec![
+        (vec!["{not json".into()], 4003, "invalid json"),
+        (vec![json!({"request_id": "r", "type": "connect", "payload": {}}).to_string()], 4003,
+            "legacy connect is deprecated; use connect.init/connect.proof"),
+        (vec![json!({"request_id": "r", "type": "ping", "payload": {}}).to_string()], 4003,
+            "expected connect.init/connect.proof"),
+        (vec![json!({"request_id": "r", "type": "connect.init", "payload": {"protocol_rev": 2}}).to_string()], 4003,
+            "expected connect.init/connect.proof"),
+        (vec![json!({"request_id": "r", "type": "connect.proof", "payload": {"connection_id": "c", "proof": "p"}}).to_string()], 4003,
+            "expected connect.init first"),
+        (vec![json!({"request_id": "r", "type": "connect.init", "payload": {"protocol_rev": 1, "role": "client",
+            "device": {"device_id": key.device_id(), "pubkey": key.pubkey()}}}).to_string()], 4005, "protocol_rev mismatch"),
+        (vec![json!({"request_id": "r", "type": "connect.init", "payload": {"protocol_rev": 2, "role": "client",
+            "device": {"device_id": other.device_id(), "pubkey": key.pubkey()}}}).to_string()], 4006, "device_id mismatch"),
+    ];
+    for (frames, code, reason) in cases {
+        let mut ws = admin(&host).await;
+        for frame in &frames {
+            ws.send_text(frame).await;
+        }
+        assert_eq!(ws.closed().await, (code, reason.to_owned()), "{frames:?}");
+    }
+
+    // After a good init: a proof for another connection, or a bad proof.
+    for (mangle, code, reason) in [
+        ("connection", 4003, "connection_id mismatch"),
+        ("signature", 4007, "invalid proof"),
+        ("garbage", 4007, "invalid proof"),
+    ] {
+        let mut ws = admin(&host).await;
+        let reply = ws
+            .call("connect.init", init(&key, "client")["payload"].clone())
+            .await;
+        let connection_id = reply["result"]["connection_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let challenge = reply["result"]["challenge"].as_str().unwrap().to_owned();
+        assert_eq!(challenge.len(), 43);
+        let (cid, proof) = match mangle {
+            "connection" => (
+                "3f1c2a9e-7b4d-4c1e-9a2f-5d6e7f8a9b0c".to_owned(),
+                "x".to_owned(),
+            ),
+            "signature" => (
+                connection_id.clone(),
+                other.sign(&transcript(
+                    2,
+                    "client",
+                    &key.device_id(),
+                    &connection_id,
+                    &challenge,
+                )),
+            ),
+            _ => (connection_id.clone(), "%%%".to_owned()),
+        };
+        ws.send(json!({"request_id": "p", "type": "connect.proof", "payload": {"connection_id": cid, "proof": proof}})).await;
+        assert_closed(&mut ws, code, reason).await;
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_closed_4002_after_ten_seconds() {
+    let host = Host::start(None).await;
+    let mut ws = admin(&host).await;
+    let started = std::time::Instant::now();
+    assert_closed(&mut ws, 4002, "handshake timeout").await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(14),
+        "{waited:?}"
+    );
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_handshake_envelopes_are_strict() {
+    let host = Host::start(None).await;
+    let mut ws = admin(&host).await;
+    ws.handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
+        .await;
+
+    let pong = ws.call("ping", json!({})).await;
+    assert_eq!(
+        pong,
+        json!({"request_id": pong["request_id"], "type": "ping", "ok": true})
+    );
+    let bad_ping = ws.call("ping", json!({"x": 1})).await;
+    assert_eq!(bad_ping["error"]["code"], "invalid_request");
+
+    for (frame, code, message) in [
+        (
+            "{oops".to_owned(),
+            "invalid_json",
+            Some("message is not valid JSON"),
+        ),
+        (
+            json!({"request_id": "r", "type": "ping"}).to_string(),
+            "invalid_message",
+            None,
+        ),
+        (
+            json!({"event_id": "e", "type": "x", "occurred_at": "t", "payload": {}}).to_string(),
+            "unexpected_event",
+            Some("clients must not send events"),
+        ),
+        (
+            json!({"request_id": "t", "type": "task.execute", "ok": true}).to_string(),
+            "unauthorized",
+            Some("only nodes may respond to task.execute"),
+        ),
+    ] {
+        ws.send_text(&frame).await;
+        let event = ws.event("error").await;
+        assert_eq!(event["payload"]["code"], code, "{frame}");
+        if let Some(message) = message {
+            assert_eq!(event["payload"]["message"], message);
+        }
+        let keys: Vec<_> = event["payload"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(keys, vec!["code", "message"]);
+        assert!(event["occurred_at"].as_str().unwrap().ends_with('Z'));
+    }
+    // A response to anything but task.execute is ignored: ping still works.
+    ws.send(json!({"request_id": "x", "type": "ping", "ok": true}))
+        .await;
+    assert_eq!(ws.call("ping", json!({})).await["ok"], true);
+
+    for kind in [
+        "conversation.list",
+        "workflow.start",
+        "no.such.type",
+        "connect.init",
+    ] {
+        let reply = ws.call(kind, json!({})).await;
+        assert_eq!(
+            reply["error"],
+            json!({"code": "unsupported_request", "message": "request not supported"}),
+            "{kind}"
+        );
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoped_tokens_get_what_their_scopes_allow() {
+    let host = Host::start(None).await;
+    let (_, reader) = host.client_token(&["operator.read"]).await;
+    let mut ws = open(&host.ws_url(), &reader, TokenVia::Subprotocol, None)
+        .await
+        .unwrap();
+    ws.handshake(&DeviceKey::generate(), "client", json!({}))
+        .await;
+    assert_eq!(ws.call("ping", json!({})).await["ok"], true);
+    let listed = ws.call("muster.presence.list", json!({})).await;
+    assert_eq!(listed["ok"], true, "{listed}");
+    let refused = ws.call("approval.resolve", json!({})).await;
+    assert_eq!(
+        refused["error"],
+        json!({"code": "forbidden", "message": "insufficient scope"})
+    );
+    for kind in ["task.execute", "connect.init", "no.such.type"] {
+        let refused = ws.call(kind, json!({})).await;
+        assert_eq!(
+            refused["error"],
+            json!({"code": "forbidden", "message": "request is not scope-authorized for scoped tokens"}),
+            "{kind}"
+        );
+    }
+    // Within its scope but not implemented yet.
+    assert_eq!(
+        ws.call("approval.list", json!({})).await["error"]["code"],
+        "unsupported_request"
+    );
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_token_closes_its_live_connections() {
+    let host = Host::start(None).await;
+    let (token_id, token) = host.client_token(&["operator.read"]).await;
+    let mut ws = open(&host.ws_url(), &token, TokenVia::Bearer, None)
+        .await
+        .unwrap();
+    ws.handshake(&DeviceKey::generate(), "client", json!({}))
+        .await;
+    let mut bystander = admin(&host).await;
+    bystander
+        .handshake(&DeviceKey::generate(), "client", json!({}))
+        .await;
+
+    let mut identity = muster_proto::v1::identity_client::IdentityClient::new(host.channel(
+        muster_tls::ServiceName::Identity,
+        muster_tls::ServiceName::Ctl,
+    ));
+    let revoked_at = std::time::Instant::now();
+    identity
+        .revoke_token(muster_proto::v1::RevokeTokenRequest { token_id })
+        .await
+        .unwrap();
+    assert_closed(&mut ws, 4001, "token revoked").await;
+    assert!(
+        revoked_at.elapsed() < Duration::from_secs(1),
+        "closed within a second"
+    );
+    assert_eq!(bystander.call("ping", json!({})).await["ok"], true);
+    let mut again = open(&host.ws_url(), &token, TokenVia::Bearer, None)
+        .await
+        .unwrap();
+    assert_closed(&mut again, 4001, "unauthorized").await;
+    host.stop().await;
+}
+
+async fn presence_flows_to_operators(host: &Host) {
+    let mut operator = admin(host).await;
+    operator
+        .handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
+        .await;
+
+    let node_key = DeviceKey::generate();
+    let mut node = admin(host).await;
+    node.handshake(
+        &node_key,
+        "node",
+        json!({"label": "lab-box", "version": "1.2.3", "mode": "node"}),
+    )
+    .await;
+    let upserted = loop {
+        let event = operator.event("presence.upserted").await;
+        if event["payload"]["entry"]["instance_id"] == node_key.device_id() {
+            break event;
+        }
+    };
+    let entry = &upserted["payload"]["entry"];
+    assert_eq!(entry["role"], "node");
+    assert_eq!(entry["host"], "lab-box");
+    assert_eq!(entry["reason"], "connect");
+    assert_eq!(entry["mode"], "node");
+    assert_eq!(entry["metadata"]["observed_ip"], "127.0.0.1");
+    let parsed: muster_protocol::presence::PresenceEntry =
+        serde_json::from_value(entry.clone()).unwrap();
+    assert_eq!(parsed.instance_id, node_key.device_id());
+
+    let beacon = node
+        .call(
+            "presence.beacon",
+            json!({"host": "lab-box-2", "ip": "10.1.2.3", "last_input_seconds": 7}),
+        )
+        .await;
+    assert_eq!(beacon["result"]["entry"]["reason"], "periodic", "{beacon}");
+    assert_eq!(beacon["result"]["entry"]["ip"], "10.1.2.3");
+    let update = operator.event("presence.upserted").await;
+    assert_eq!(update["payload"]["entry"]["host"], "lab-box-2");
+    assert_eq!(
+        update["payload"]["entry"]["metadata"]["observed_ip"],
+        "127.0.0.1"
+    );
+    let bad = node
+        .call("presence.beacon", json!({"mode": "spaceship"}))
+        .await;
+    assert_eq!(bad["error"]["code"], "invalid_request");
+
+    // Nodes never receive presence events.
+    let mut second = admin(host).await;
+    second
+        .handshake(&DeviceKey::generate(), "node", json!({}))
+        .await;
+    if let Next::Json(frame) = node.next(Duration::from_millis(500)).await {
+        assert_ne!(frame["type"], "presence.upserted", "{frame}");
+    }
+
+    let listed = operator.call("muster.presence.list", json!({})).await;
+    let entries = listed["result"]["entries"].as_array().unwrap();
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["instance_id"] == node_key.device_id())
+    );
+    assert!(entries.iter().any(|e| e["role"] == "client"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_flows_to_operators_on_sqlite() {
+    let host = Host::start(None).await;
+    presence_flows_to_operators(&host).await;
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_flows_to_operators_on_postgres() {
+    let url = muster_store::testing::create_postgres_database().await;
+    let host = Host::start(Some(url)).await;
+    presence_flows_to_operators(&host).await;
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_presence_and_status_are_for_operators_only() {
+    let host = Host::start(None).await;
+    let mut node = admin(&host).await;
+    node.handshake(&DeviceKey::generate(), "node", json!({}))
+        .await;
+    let base = host.http_base();
+    let (_, reader) = host.client_token(&["operator.read"]).await;
+    let (_, writer) = host.client_token(&["operator.write"]).await;
+    let get =
+        |path: &str, token: Option<&str>| muster_e2e::http_get(&format!("{base}{path}"), token);
+    assert!(get("/presence", None).starts_with("HTTP/1.1 401"));
+    assert!(get("/presence", Some("muster_nope")).starts_with("HTTP/1.1 401"));
+    assert!(get("/presence", Some(&writer)).starts_with("HTTP/1.1 403"));
+    let listed = get("/presence", Some(&reader));
+    assert!(listed.starts_with("HTTP/1.1 200"), "{listed}");
+    assert!(listed.contains("\"role\":\"node\""), "{listed}");
+    let status = get("/status", Some(&host.admin_token()));
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    assert!(status.contains("\"connections\":1"), "{status}");
+    assert!(!status.contains(&host.admin_token()));
+    host.stop().await;
+}
