@@ -3,7 +3,7 @@
 //! call it as its clients do.
 #![forbid(unsafe_code)]
 
-pub mod ws;
+pub use muster_protocol::client as ws;
 
 use std::sync::Arc;
 

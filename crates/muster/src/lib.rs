@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod ctl;
+pub mod operator;
 pub mod serve;
 
 pub use config::{Config, DEFAULT_TENANT, NoFlags};

@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use muster::config::Config;
 use muster::ctl::Ctl;
+use muster::operator;
 use muster_proto::v1::identity_client::IdentityClient;
 use muster_proto::v1::{CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, TokenInfo};
 use muster_telemetry::LogFormat;
@@ -99,6 +100,51 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Instance presence as the edge sees it (operators only).
+    Presence {
+        #[command(flatten)]
+        operator: OperatorArgs,
+        /// Keep printing joins, updates and departures as they happen.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The edge's status: connections and presence counts (operators only).
+    Status {
+        #[command(flatten)]
+        operator: OperatorArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Support bundles.
+    #[command(subcommand)]
+    Diag(Diag),
+}
+
+/// How the command line reaches the edge as an operator.
+#[derive(Args)]
+struct OperatorArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Operator token (also MUSTER_TOKEN).
+    #[arg(long)]
+    token: Option<String>,
+    /// The edge's WebSocket URL [default: the running single host's].
+    #[arg(long)]
+    edge: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Diag {
+    /// Write a redacted support bundle (no tokens, keys or passwords).
+    Export {
+        #[command(flatten)]
+        operator: OperatorArgs,
+        /// Output file [default: muster-diag-<time>.json].
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -202,6 +248,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Certs(certs) => run_certs(file, certs),
         Command::Token(token) => run_token(file, token).await,
         Command::Health { common, json } => health(load(file, &common)?, json).await,
+        Command::Presence {
+            operator,
+            watch,
+            json,
+        } => presence(file, operator, watch, json).await,
+        Command::Status { operator, json } => status(file, operator, json).await,
+        Command::Diag(Diag::Export { operator, out }) => diag_export(file, operator, out).await,
     }
 }
 
@@ -449,9 +502,141 @@ async fn run_token(file: Option<&std::path::Path>, token: Token) -> anyhow::Resu
     Ok(ExitCode::SUCCESS)
 }
 
-async fn health(config: Config, json: bool) -> anyhow::Result<ExitCode> {
-    let ctl = Ctl::new(&config)?;
-    let mut all_ok = true;
+async fn presence(
+    file: Option<&std::path::Path>,
+    args: OperatorArgs,
+    watch: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let config = load(file, &args.common)?;
+    let token = operator::token(args.token)?;
+    let mut ws = operator::connect(&config, args.edge, &token).await?;
+    let listed = operator::call(&mut ws, "muster.presence.list").await?;
+    let entries = listed["entries"].as_array().cloned().unwrap_or_default();
+    if json {
+        for entry in &entries {
+            println!("{entry}");
+        }
+    } else {
+        for entry in &entries {
+            println!("{}", operator::entry_line(entry));
+        }
+    }
+    if !watch {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stop = stop_signal()?;
+    tokio::pin!(stop);
+    loop {
+        let next = tokio::select! {
+            _ = &mut stop => return Ok(ExitCode::SUCCESS),
+            next = ws.next(Duration::from_secs(3600)) => next,
+        };
+        let frame = match next {
+            muster_protocol::client::Next::Json(frame) => frame,
+            muster_protocol::client::Next::Silent => continue,
+            other => bail!("the edge closed the connection: {other:?}"),
+        };
+        match frame["type"].as_str() {
+            Some("presence.upserted") if json => println!("{}", frame["payload"]),
+            Some("presence.pruned") if json => println!("{}", frame["payload"]),
+            Some("presence.upserted") => {
+                println!("+ {}", operator::entry_line(&frame["payload"]["entry"]))
+            }
+            Some("presence.pruned") => {
+                println!(
+                    "- {}",
+                    frame["payload"]["instance_id"].as_str().unwrap_or("-")
+                )
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn status(
+    file: Option<&std::path::Path>,
+    args: OperatorArgs,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let config = load(file, &args.common)?;
+    let token = operator::token(args.token)?;
+    let mut ws = operator::connect(&config, args.edge, &token).await?;
+    let status = operator::call(&mut ws, "muster.status").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        println!("edge         {}", status["edge_id"].as_str().unwrap_or("-"));
+        println!("url          {}", status["ws_url"].as_str().unwrap_or("-"));
+        println!("version      {}", status["version"].as_str().unwrap_or("-"));
+        println!(
+            "started      {}",
+            status["started_at"].as_str().unwrap_or("-")
+        );
+        println!("connections  {}", status["connections"]);
+        let p = &status["presence"];
+        println!(
+            "presence     {} ({} gateway, {} client, {} node)",
+            p["total"], p["gateway"], p["client"], p["node"]
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn diag_export(
+    file: Option<&std::path::Path>,
+    args: OperatorArgs,
+    out: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let config = load(file, &args.common)?;
+    let endpoints: Option<serde_json::Value> = std::fs::read(config.endpoints_file())
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let health = match Ctl::new(&config) {
+        Ok(ctl) => serde_json::to_value(health_rows(&ctl).await)?,
+        Err(error) => serde_json::json!({"error": format!("{error:#}")}),
+    };
+    let (status, presence) = match operator::token(args.token) {
+        Err(_) => (
+            serde_json::json!("no operator token given"),
+            serde_json::json!(null),
+        ),
+        Ok(token) => match operator::connect(&config, args.edge, &token).await {
+            Ok(mut ws) => (
+                operator::call(&mut ws, "muster.status")
+                    .await
+                    .unwrap_or_else(|e| serde_json::json!(e.to_string())),
+                operator::call(&mut ws, "muster.presence.list")
+                    .await
+                    .unwrap_or_else(|e| serde_json::json!(e.to_string())),
+            ),
+            Err(error) => (
+                serde_json::json!(format!("{error:#}")),
+                serde_json::json!(null),
+            ),
+        },
+    };
+    let bundle = serde_json::json!({
+        "generated_at": muster_protocol::format_datetime(muster_store::now_ms()),
+        "version": env!("CARGO_PKG_VERSION"),
+        // Debug output of the configuration redacts the admin token and
+        // store passwords.
+        "config": format!("{config:?}"),
+        "endpoints": endpoints,
+        "health": health,
+        "status": status,
+        "presence": presence,
+    });
+    let path = out
+        .unwrap_or_else(|| PathBuf::from(format!("muster-diag-{}.json", muster_store::now_ms())));
+    std::fs::write(&path, serde_json::to_vec_pretty(&bundle)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("wrote {}", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Each service's gRPC health: (service, address, status).
+async fn health_rows(ctl: &Ctl) -> Vec<(String, String, String)> {
     let mut rows = Vec::new();
     for name in ServiceName::SERVICES {
         let grpc_service = format!("muster.v1.{}", capitalized(name.as_str()));
@@ -478,18 +663,24 @@ async fn health(config: Config, json: bool) -> anyhow::Result<ExitCode> {
                 (address, status)
             }
         };
-        all_ok &= status == "serving";
-        rows.push((name, address, status));
+        rows.push((name.as_str().to_owned(), address, status));
     }
+    rows
+}
+
+async fn health(config: Config, json: bool) -> anyhow::Result<ExitCode> {
+    let ctl = Ctl::new(&config)?;
+    let rows = health_rows(&ctl).await;
+    let all_ok = rows.iter().all(|(_, _, status)| status == "serving");
     if json {
         let value: Vec<_> = rows
             .iter()
-            .map(|(n, a, s)| serde_json::json!({"service": n.as_str(), "address": a, "status": s}))
+            .map(|(n, a, s)| serde_json::json!({"service": n, "address": a, "status": s}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         for (name, address, status) in &rows {
-            println!("{:<10} {:<22} {status}", name.as_str(), address);
+            println!("{name:<10} {address:<22} {status}");
         }
     }
     Ok(if all_ok {

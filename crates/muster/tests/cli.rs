@@ -429,3 +429,121 @@ fn a_cluster_service_runs_alone_on_certificates_from_muster_certs() {
     served.terminate();
     assert!(served.wait(Duration::from_secs(20)).success());
 }
+
+/// Lines of a child's stdout, read on a thread so a test can wait for one
+/// with a deadline.
+fn line_reader(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_for_line(
+    lines: &std::sync::mpsc::Receiver<String>,
+    wanted: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if wanted(&line) => return line,
+            Ok(_) => continue,
+            Err(_) => panic!("the expected line never came"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_watch_shows_a_node_connecting_and_leaving_live() {
+    use muster_protocol::client::{TokenVia, open};
+    use muster_protocol::device::DeviceKey;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let served = Served::start(&data, &[]);
+    let token = served.token().unwrap();
+    let mut watch = Command::new(BIN)
+        .args(["presence", "--watch", "--json", "--data-dir"])
+        .arg(&data)
+        .env("MUSTER_TOKEN", &token)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = line_reader(watch.stdout.take().unwrap());
+    // The listing comes first: the edge's own gateway entry is in it.
+    wait_for_line(&lines, |l| l.contains("\"role\":\"gateway\""));
+
+    let endpoints: Endpoints =
+        serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
+    let url = endpoints.edge_ws_url.unwrap();
+    let key = DeviceKey::generate();
+    let mut node = open(&url, &token, TokenVia::Bearer, None).await.unwrap();
+    node.handshake(&key, "node", serde_json::json!({"label": "lab-box"}))
+        .await;
+    let joined = wait_for_line(&lines, |l| l.contains(&key.device_id()));
+    assert!(joined.contains("\"reason\":\"connect\""), "{joined}");
+    drop(node);
+    let left = wait_for_line(&lines, |l| l.contains(&key.device_id()));
+    assert_eq!(left, format!("{{\"instance_id\":\"{}\"}}", key.device_id()));
+
+    // The watcher itself, a cli connection, never showed up in presence.
+    let status = Command::new(BIN)
+        .args(["status", "--json", "--data-dir"])
+        .arg(&data)
+        .env("MUSTER_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["presence"]["client"], 0, "{status}");
+    assert_eq!(status["presence"]["gateway"], 1, "{status}");
+    let _ = watch.kill();
+    let _ = watch.wait();
+}
+
+#[test]
+fn diag_export_writes_a_bundle_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let served = Served::start(&data, &[]);
+    let token = served.token().unwrap();
+    let out = dir.path().join("bundle.json");
+    let export = Command::new(BIN)
+        .args(["diag", "export", "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .env("MUSTER_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(!text.contains(&token), "the bundle holds the token");
+    let bundle: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(bundle["health"].as_array().unwrap().len(), 6);
+    assert!(bundle["status"]["edge_id"].is_string(), "{bundle}");
+    assert!(bundle["presence"]["entries"].is_array(), "{bundle}");
+    let refused = Command::new(BIN)
+        .args(["presence", "--data-dir"])
+        .arg(&data)
+        .env("MUSTER_TOKEN", "muster_not_a_token")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+}

@@ -4,6 +4,8 @@
 //! every literal here is taken from it.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "client")]
+pub mod client;
 pub mod close;
 pub mod device;
 pub mod envelope;

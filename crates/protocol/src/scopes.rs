@@ -75,7 +75,7 @@ pub const TYRUM_TYPES: [Entry; 57] = [
 
 /// muster's own request types (docs/protocol-extensions.md). The `muster.`
 /// prefix keeps them clear of every Tyrum type.
-pub const MUSTER_TYPES: [Entry; 1] = [("muster.presence.list", READ)];
+pub const MUSTER_TYPES: [Entry; 2] = [("muster.presence.list", READ), ("muster.status", READ)];
 
 /// The scopes `kind` needs: `Some(&[])` for none, `None` for null-scoped
 /// and unknown types (which only an admin token gets past, to be told the

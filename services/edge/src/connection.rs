@@ -254,7 +254,7 @@ async fn connected(
     edge.registry.insert(peer.clone());
     let _registered = Deregister {
         edge: edge.clone(),
-        connection_id: handshaken.connection_id.clone(),
+        peer: peer.clone(),
     };
     tracing::info!(connection_id = %peer.connection_id, device_id = %peer.device_id, role, tenant_id = %claims.tenant_id, "peer connected");
     if in_presence {
@@ -326,15 +326,36 @@ async fn connected(
     }
 }
 
-/// Removes the peer from the registry however the connection ends.
+/// Removes the peer from the registry however the connection ends; when
+/// it was the device's last connection here, the device leaves instance
+/// presence (`presence.pruned`) instead of lingering until the TTL.
 struct Deregister {
     edge: Arc<Edge>,
-    connection_id: String,
+    peer: Peer,
 }
 
 impl Drop for Deregister {
     fn drop(&mut self) {
-        self.edge.registry.remove(&self.connection_id);
+        let edge = self.edge.clone();
+        let peer = &self.peer;
+        edge.registry.remove(&peer.connection_id);
+        let still_here = edge
+            .registry
+            .tenant(&peer.claims.tenant_id)
+            .iter()
+            .any(|p| p.device_id == peer.device_id);
+        if !peer.in_presence || still_here || edge.shutdown.is_cancelled() {
+            return;
+        }
+        let request = pb::RemoveInstanceRequest {
+            tenant_id: peer.claims.tenant_id.clone(),
+            instance_id: peer.device_id.clone(),
+        };
+        tokio::spawn(async move {
+            if let Err(status) = edge.presence().remove_instance(request).await {
+                tracing::debug!(code = ?status.code(), "presence removal failed; the TTL will prune it");
+            }
+        });
     }
 }
 
@@ -412,20 +433,19 @@ async fn respond(edge: &Edge, peer: &Peer, request: &Request) -> String {
             Err(message) => return invalid_request(request, &message),
             Ok(beacon) => beacon_upsert(edge, peer, beacon).await.map(Some),
         },
-        "muster.presence.list" => {
-            if peer.role != "client" {
-                return envelope::error(
-                    &request.request_id,
-                    &request.kind,
-                    "unauthorized",
-                    "only operator clients may list presence",
-                    None,
-                );
-            }
-            list_presence(edge, &peer.claims.tenant_id)
-                .await
-                .map(|entries| Some(json!({"entries": entries})))
+        "muster.presence.list" | "muster.status" if peer.role != "client" => {
+            return envelope::error(
+                &request.request_id,
+                &request.kind,
+                "unauthorized",
+                "only operator clients may see presence",
+                None,
+            );
         }
+        "muster.presence.list" => list_presence(edge, &peer.claims.tenant_id)
+            .await
+            .map(|entries| Some(json!({ "entries": entries }))),
+        "muster.status" => Ok(Some(status(edge, &peer.claims.tenant_id).await)),
         _ => {
             return envelope::error(
                 &request.request_id,
@@ -468,6 +488,25 @@ pub(crate) fn wire_entry(entry: pb::InstanceEntry) -> Result<Value, tonic::Statu
     let entry = muster_presence::InstanceEntry::try_from(entry)
         .map_err(|e| tonic::Status::internal(e.to_string()))?;
     serde_json::to_value(entry.wire()).map_err(|e| tonic::Status::internal(e.to_string()))
+}
+
+/// What `/status` and `muster.status` report for one tenant.
+pub(crate) async fn status(edge: &Edge, tenant_id: &str) -> Value {
+    let entries = list_presence(edge, tenant_id).await.unwrap_or_default();
+    let count = |role: &str| entries.iter().filter(|e| e["role"] == role).count();
+    json!({
+        "edge_id": edge.edge_id,
+        "ws_url": edge.ws_url,
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_at": muster_protocol::format_datetime(edge.started_at_ms),
+        "connections": edge.open_connections(),
+        "presence": {
+            "total": entries.len(),
+            "gateway": count("gateway"),
+            "client": count("client"),
+            "node": count("node"),
+        },
+    })
 }
 
 pub(crate) async fn list_presence(

@@ -82,22 +82,5 @@ async fn status(State(edge): State<Arc<Edge>>, headers: HeaderMap) -> Response {
         Ok(claims) => claims,
         Err(refusal) => return refusal,
     };
-    let entries = connection::list_presence(&edge, &claims.tenant_id)
-        .await
-        .unwrap_or_default();
-    let count = |role: &str| entries.iter().filter(|e| e["role"] == role).count();
-    axum::Json(json!({
-        "edge_id": edge.edge_id,
-        "ws_url": edge.ws_url,
-        "version": env!("CARGO_PKG_VERSION"),
-        "started_at": muster_protocol::format_datetime(edge.started_at_ms),
-        "connections": edge.open_connections(),
-        "presence": {
-            "total": entries.len(),
-            "gateway": count("gateway"),
-            "client": count("client"),
-            "node": count("node"),
-        },
-    }))
-    .into_response()
+    axum::Json(connection::status(&edge, &claims.tenant_id).await).into_response()
 }

@@ -11,6 +11,7 @@ pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Presence/UpsertInstance", &[Edge]),
     Rule::new("/muster.v1.Presence/ListInstances", &[Edge, Ctl]),
     Rule::new("/muster.v1.Presence/TouchInstances", &[Edge]),
+    Rule::new("/muster.v1.Presence/RemoveInstance", &[Edge]),
 ];
 
 /// The gRPC face of [`Instances`].
@@ -89,6 +90,19 @@ impl Presence for PresenceService {
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(stored.into()))
+    }
+
+    async fn remove_instance(
+        &self,
+        request: Request<pb::RemoveInstanceRequest>,
+    ) -> Result<Response<pb::RemoveInstanceResponse>, Status> {
+        let r = request.into_inner();
+        let removed = self
+            .instances
+            .remove(&r.tenant_id, &r.instance_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::RemoveInstanceResponse { removed }))
     }
 
     async fn touch_instances(

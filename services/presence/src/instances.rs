@@ -243,6 +243,19 @@ impl Instances {
             .await?)
     }
 
+    /// Removes an instance that left (its last connection closed) and
+    /// emits `presence.pruned`; false when it was not present.
+    pub async fn remove(&self, tenant_id: &str, instance_id: &str) -> Result<bool, PresenceError> {
+        Ok(self
+            .store
+            .remove_instance(
+                tenant_id,
+                instance_id,
+                &pruned_event(tenant_id, instance_id),
+            )
+            .await?)
+    }
+
     /// Removes what `retention` no longer keeps, each with a
     /// `presence.pruned` event in the same transaction. Returns the
     /// removed entries' (tenant, instance) pairs.

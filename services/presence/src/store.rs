@@ -24,6 +24,13 @@ pub trait PresenceStore: Send + Sync + 'static {
         instance_ids: &[String],
         at_ms: i64,
     ) -> Result<u64, StoreError>;
+    /// Deletes one entry with its event; false when there was none.
+    async fn remove_instance(
+        &self,
+        tenant_id: &str,
+        instance_id: &str,
+        event: &NewItem,
+    ) -> Result<bool, StoreError>;
     /// Deletes entries last seen before `cutoff_ms` and, per tenant, all
     /// but the newest `cap`, appending `event(tenant, instance)` for each.
     async fn prune_instances(
@@ -160,5 +167,27 @@ impl PresenceStore for Store {
         }
         self.commit(tx).await?;
         Ok(pruned)
+    }
+
+    async fn remove_instance(
+        &self,
+        tenant_id: &str,
+        instance_id: &str,
+        event: &NewItem,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let removed =
+            sqlx::query("DELETE FROM instance_presence WHERE tenant_id = $1 AND instance_id = $2")
+                .bind(tenant_id)
+                .bind(instance_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        if removed == 0 {
+            return Ok(false);
+        }
+        outbox::append(&mut tx, event).await?;
+        self.commit(tx).await?;
+        Ok(true)
     }
 }

@@ -1,10 +1,12 @@
-//! A WebSocket client of the edge, as Tyrum's SDK behaves on the wire.
+//! A WebSocket client of a muster edge, behaving on the wire as Tyrum's SDK
+//! does: the command line uses it, and so do the end-to-end tests (which
+//! also use its raw frame access to misbehave on purpose).
 
 use std::time::Duration;
 
+use crate::device::{DeviceKey, transcript};
 use base64::Engine;
 use futures::{SinkExt, StreamExt};
-use muster_protocol::device::{DeviceKey, transcript};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -22,9 +24,17 @@ pub enum TokenVia {
     Nowhere,
 }
 
+/// An open connection to `/ws`.
 pub struct Ws {
     pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The upgrade response (headers such as the echoed subprotocol).
     pub response: Response<Option<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for Ws {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ws").finish_non_exhaustive()
+    }
 }
 
 /// Opens `/ws` offering `tyrum-v1` (unless `protocols` says otherwise).
@@ -79,8 +89,9 @@ impl Ws {
         self.send_text(&frame.to_string()).await;
     }
 
+    /// Sends a text frame; a closed connection shows on the next read.
     pub async fn send_text(&mut self, text: &str) {
-        self.stream.send(Message::text(text)).await.unwrap();
+        let _ = self.stream.send(Message::text(text)).await;
     }
 
     /// The next text frame or close, skipping control frames.
@@ -104,6 +115,7 @@ impl Ws {
         }
     }
 
+    /// The next frame; panics when there is none within 5 s (for tests).
     pub async fn json(&mut self) -> Value {
         match self.next(Duration::from_secs(5)).await {
             Next::Json(v) => v,
@@ -122,16 +134,34 @@ impl Ws {
         }
     }
 
-    /// Sends a request and returns its response, skipping events.
+    /// Sends a request and returns its response, skipping events; panics
+    /// when none comes (for tests).
     pub async fn call(&mut self, kind: &str, payload: Value) -> Value {
-        let request_id = uuid_like();
+        self.try_call(kind, payload, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|next| panic!("no response to {kind}: {next:?}"))
+    }
+
+    /// Sends a request and waits up to `within` for its response (events on
+    /// the way are skipped); otherwise what came instead.
+    pub async fn try_call(
+        &mut self,
+        kind: &str,
+        payload: Value,
+        within: Duration,
+    ) -> Result<Value, Next> {
+        let request_id = format!("req-{}", uuid::Uuid::new_v4());
         self.send(json!({"request_id": request_id, "type": kind, "payload": payload}))
             .await;
+        let deadline = tokio::time::Instant::now() + within;
         loop {
-            let frame = self.json().await;
-            if frame.get("request_id") == Some(&json!(request_id)) {
-                assert_eq!(frame["type"], kind, "responses echo the type");
-                return frame;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next(left).await {
+                Next::Json(frame) if frame.get("request_id") == Some(&json!(request_id)) => {
+                    return Ok(frame);
+                }
+                Next::Json(_) => continue,
+                other => return Err(other),
             }
         }
     }
@@ -146,21 +176,39 @@ impl Ws {
         }
     }
 
-    /// `connect.init` + `connect.proof`; returns the proof's result.
+    /// `connect.init` + `connect.proof` with `extra_device` fields (label,
+    /// mode, ...); returns the proof's result, panicking on refusal.
     pub async fn handshake(&mut self, key: &DeviceKey, role: &str, extra_device: Value) -> Value {
+        self.try_handshake(key, role, extra_device)
+            .await
+            .unwrap_or_else(|e| panic!("handshake: {e}"))
+    }
+
+    /// The handshake, reporting a refusal instead of panicking.
+    pub async fn try_handshake(
+        &mut self,
+        key: &DeviceKey,
+        role: &str,
+        extra_device: Value,
+    ) -> Result<Value, String> {
         let mut device = json!({"device_id": key.device_id(), "pubkey": key.pubkey()});
         if let (Some(d), Some(extra)) = (device.as_object_mut(), extra_device.as_object()) {
             d.extend(extra.clone());
         }
+        let within = Duration::from_secs(10);
         let init = self
-            .call(
+            .try_call(
                 "connect.init",
                 json!({"protocol_rev": 2, "role": role, "device": device}),
+                within,
             )
-            .await;
-        assert_eq!(init["ok"], true, "{init}");
-        let connection_id = init["result"]["connection_id"].as_str().unwrap().to_owned();
-        let challenge = init["result"]["challenge"].as_str().unwrap().to_owned();
+            .await
+            .map_err(|next| format!("connect.init: {next:?}"))?;
+        if init["ok"] != true {
+            return Err(format!("connect.init refused: {init}"));
+        }
+        let field = |name: &str| init["result"][name].as_str().unwrap_or_default().to_owned();
+        let (connection_id, challenge) = (field("connection_id"), field("challenge"));
         let proof = key.sign(&transcript(
             2,
             role,
@@ -169,22 +217,16 @@ impl Ws {
             &challenge,
         ));
         let proved = self
-            .call(
+            .try_call(
                 "connect.proof",
                 json!({"connection_id": connection_id, "proof": proof}),
+                within,
             )
-            .await;
-        assert_eq!(proved["ok"], true, "{proved}");
-        proved["result"].clone()
+            .await
+            .map_err(|next| format!("connect.proof: {next:?}"))?;
+        if proved["ok"] != true {
+            return Err(format!("connect.proof refused: {proved}"));
+        }
+        Ok(proved["result"].clone())
     }
-}
-
-fn uuid_like() -> String {
-    format!("r-{}", rand_suffix())
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
 }
