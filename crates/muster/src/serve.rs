@@ -227,12 +227,14 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             }
             ServiceName::Presence => {
                 let instances = muster_presence::Instances::new(Arc::new(store.clone()));
+                let topics = muster_presence::Topics::new(Arc::new(store.clone()));
                 tokio::spawn(instances.clone().prune_loop(
+                    topics.clone(),
                     muster_presence::Retention::default(),
                     PRUNE_EVERY,
                     shutdown.clone().cancelled_owned(),
                 ));
-                muster_presence::spec(instances)
+                muster_presence::spec(instances, topics)
             }
             ServiceName::Execution => {
                 muster_execution::spec(muster_execution::Runs::new(Arc::new(store.clone())))

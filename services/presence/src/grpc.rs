@@ -4,7 +4,49 @@ use muster_proto::v1::presence_server::{Presence, PresenceServer};
 use muster_tls::ServiceName::{Ctl, Edge};
 use tonic::{Request, Response, Status};
 
-use crate::{InstanceEntry, Instances, PresenceError};
+use crate::{InstanceEntry, Instances, PresenceError, TopicSession, Topics};
+
+fn none_if_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+impl From<pb::TopicSession> for TopicSession {
+    fn from(s: pb::TopicSession) -> Self {
+        TopicSession {
+            tenant_id: s.tenant_id,
+            topic: s.topic,
+            session_id: s.session_id,
+            principal: s.principal,
+            kind: s.kind,
+            agent_id: none_if_empty(s.agent_id),
+            since_ms: s.since_ms,
+            state: s.state,
+            note: s.note,
+            until_ms: (s.until_ms != 0).then_some(s.until_ms),
+            edge_id: s.edge_id,
+            connection_id: s.connection_id,
+        }
+    }
+}
+
+impl From<TopicSession> for pb::TopicSession {
+    fn from(s: TopicSession) -> Self {
+        pb::TopicSession {
+            tenant_id: s.tenant_id,
+            topic: s.topic,
+            session_id: s.session_id,
+            principal: s.principal,
+            kind: s.kind,
+            agent_id: s.agent_id.unwrap_or_default(),
+            since_ms: s.since_ms,
+            state: s.state,
+            note: s.note,
+            until_ms: s.until_ms.unwrap_or(0),
+            edge_id: s.edge_id,
+            connection_id: s.connection_id,
+        }
+    }
+}
 
 /// Who may call what on presence; everything else is denied.
 pub const RULES: &[Rule] = &[
@@ -12,19 +54,28 @@ pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Presence/ListInstances", &[Edge, Ctl]),
     Rule::new("/muster.v1.Presence/TouchInstances", &[Edge]),
     Rule::new("/muster.v1.Presence/RemoveInstance", &[Edge]),
+    Rule::new("/muster.v1.Presence/TrackTopic", &[Edge]),
+    Rule::new("/muster.v1.Presence/UntrackTopic", &[Edge]),
+    Rule::new("/muster.v1.Presence/UntrackConnection", &[Edge]),
+    Rule::new("/muster.v1.Presence/SetTopicStatus", &[Edge]),
+    Rule::new("/muster.v1.Presence/ListTopic", &[Edge, Ctl]),
 ];
 
 /// The gRPC face of [`Instances`].
 pub struct PresenceService {
     instances: Instances,
+    topics: Topics,
 }
 
 /// Presence as the mesh serves it.
-pub fn spec(instances: Instances) -> ServiceSpec {
+pub fn spec(instances: Instances, topics: Topics) -> ServiceSpec {
     ServiceSpec {
         name: muster_tls::ServiceName::Presence,
         grpc_service: "muster.v1.Presence",
-        routes: tonic::service::Routes::new(PresenceServer::new(PresenceService { instances })),
+        routes: tonic::service::Routes::new(PresenceServer::new(PresenceService {
+            instances,
+            topics,
+        })),
         rules: RULES,
     }
 }
@@ -90,6 +141,89 @@ impl Presence for PresenceService {
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(stored.into()))
+    }
+
+    async fn track_topic(
+        &self,
+        request: Request<pb::TrackTopicRequest>,
+    ) -> Result<Response<pb::TopicSession>, Status> {
+        let session = request
+            .into_inner()
+            .session
+            .ok_or_else(|| Status::invalid_argument("session is required"))?;
+        let tracked = self
+            .topics
+            .track(session.into())
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(tracked.into()))
+    }
+
+    async fn untrack_topic(
+        &self,
+        request: Request<pb::UntrackTopicRequest>,
+    ) -> Result<Response<pb::UntrackTopicResponse>, Status> {
+        let r = request.into_inner();
+        let removed = self
+            .topics
+            .untrack(&r.tenant_id, &r.topic, &r.session_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::UntrackTopicResponse {
+            removed: u32::from(removed),
+        }))
+    }
+
+    async fn untrack_connection(
+        &self,
+        request: Request<pb::UntrackConnectionRequest>,
+    ) -> Result<Response<pb::UntrackTopicResponse>, Status> {
+        let r = request.into_inner();
+        let removed = self
+            .topics
+            .untrack_connection(&r.tenant_id, &r.connection_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::UntrackTopicResponse {
+            removed: removed as u32,
+        }))
+    }
+
+    async fn set_topic_status(
+        &self,
+        request: Request<pb::SetTopicStatusRequest>,
+    ) -> Result<Response<pb::TopicSession>, Status> {
+        let r = request.into_inner();
+        let until = (r.until_ms != 0).then_some(r.until_ms);
+        let updated = self
+            .topics
+            .set_status(
+                &r.tenant_id,
+                &r.topic,
+                &r.session_id,
+                &r.state,
+                &r.note,
+                until,
+            )
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(updated.into()))
+    }
+
+    async fn list_topic(
+        &self,
+        request: Request<pb::ListTopicRequest>,
+    ) -> Result<Response<pb::ListTopicResponse>, Status> {
+        let r = request.into_inner();
+        let edge = (!r.edge_id.is_empty()).then_some(r.edge_id.as_str());
+        let sessions = self
+            .topics
+            .list(&r.tenant_id, &r.topic, edge)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::ListTopicResponse {
+            sessions: sessions.into_iter().map(Into::into).collect(),
+        }))
     }
 
     async fn remove_instance(

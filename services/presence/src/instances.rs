@@ -270,9 +270,11 @@ impl Instances {
             .await?)
     }
 
-    /// Prunes every `every` until `shutdown`.
+    /// Prunes instances and expires topic statuses every `every` until
+    /// `shutdown`.
     pub async fn prune_loop(
         self,
+        topics: crate::Topics,
         retention: Retention,
         every: std::time::Duration,
         shutdown: impl std::future::Future<Output = ()>,
@@ -289,6 +291,9 @@ impl Instances {
                 }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "presence pruning failed"),
+            }
+            if let Err(error) = topics.expire().await {
+                tracing::warn!(%error, "topic status expiry failed");
             }
         }
     }

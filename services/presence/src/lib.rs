@@ -6,7 +6,9 @@
 mod grpc;
 mod instances;
 pub mod store;
+mod topics;
 
 pub use grpc::{PresenceService, RULES, spec};
 pub use instances::{InstanceEntry, InstanceRole, Instances, PresenceError, Retention};
-pub use store::PresenceStore;
+pub use store::{PresenceStore, TopicStore};
+pub use topics::{DIFF_EVENT, NOTE_CHARS, TopicError, TopicSession, Topics};

@@ -1,11 +1,12 @@
 //! Presence's tables, on either backend.
 
 use muster_store::outbox::{self, NewItem};
-use muster_store::{Store, StoreError};
+use muster_store::{Store, StoreError, Tx};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use crate::InstanceEntry;
+use crate::topics::{TopicSession, diff_event};
 
 /// Where presence keeps its state. Each change commits with its event.
 #[tonic::async_trait]
@@ -189,5 +190,269 @@ impl PresenceStore for Store {
         outbox::append(&mut tx, event).await?;
         self.commit(tx).await?;
         Ok(true)
+    }
+}
+
+/// Where topic presence lives. Each change commits with its diff event.
+#[tonic::async_trait]
+pub trait TopicStore: Send + Sync + 'static {
+    /// Inserts the session with `join`, or, when (topic, session) exists,
+    /// moves it to the new connection without an event. Returns what is
+    /// stored.
+    async fn track(
+        &self,
+        session: &TopicSession,
+        join: &NewItem,
+    ) -> Result<TopicSession, StoreError>;
+    async fn untrack(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        session_id: &str,
+    ) -> Result<Option<TopicSession>, StoreError>;
+    async fn untrack_connection(
+        &self,
+        tenant_id: &str,
+        connection_id: &str,
+    ) -> Result<Vec<TopicSession>, StoreError>;
+    async fn set_status(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        session_id: &str,
+        state: &str,
+        note: &str,
+        until_ms: Option<i64>,
+    ) -> Result<Option<TopicSession>, StoreError>;
+    async fn list(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        edge_id: Option<&str>,
+    ) -> Result<Vec<TopicSession>, StoreError>;
+    async fn expire_statuses(&self, now_ms: i64) -> Result<Vec<TopicSession>, StoreError>;
+}
+
+const TOPIC_COLUMNS: &str = "tenant_id, topic, session_id, principal, kind, agent_id, since_ms, state, note, \
+                             until_ms, edge_id, connection_id";
+
+fn topic_session(row: &AnyRow) -> Result<TopicSession, StoreError> {
+    Ok(TopicSession {
+        tenant_id: row.try_get("tenant_id")?,
+        topic: row.try_get("topic")?,
+        session_id: row.try_get("session_id")?,
+        principal: row.try_get("principal")?,
+        kind: row.try_get("kind")?,
+        agent_id: row.try_get("agent_id")?,
+        since_ms: row.try_get("since_ms")?,
+        state: row.try_get("state")?,
+        note: row.try_get("note")?,
+        until_ms: row.try_get("until_ms")?,
+        edge_id: row.try_get("edge_id")?,
+        connection_id: row.try_get("connection_id")?,
+    })
+}
+
+async fn select_session(
+    tx: &mut Tx,
+    tenant_id: &str,
+    topic: &str,
+    session_id: &str,
+) -> Result<Option<TopicSession>, StoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {TOPIC_COLUMNS} FROM topic_sessions WHERE tenant_id = $1 AND topic = $2 AND session_id = $3"
+    ))
+    .bind(tenant_id)
+    .bind(topic)
+    .bind(session_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    row.as_ref().map(topic_session).transpose()
+}
+
+async fn delete_with_leave(tx: &mut Tx, session: &TopicSession) -> Result<(), StoreError> {
+    sqlx::query(
+        "DELETE FROM topic_sessions WHERE tenant_id = $1 AND topic = $2 AND session_id = $3",
+    )
+    .bind(&session.tenant_id)
+    .bind(&session.topic)
+    .bind(&session.session_id)
+    .execute(&mut **tx)
+    .await?;
+    outbox::append(tx, &diff_event(session, "leave")).await?;
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl TopicStore for Store {
+    async fn track(&self, s: &TopicSession, join: &NewItem) -> Result<TopicSession, StoreError> {
+        let mut tx = self.begin().await?;
+        if let Some(existing) =
+            select_session(&mut tx, &s.tenant_id, &s.topic, &s.session_id).await?
+        {
+            sqlx::query(
+                "UPDATE topic_sessions SET edge_id = $1, connection_id = $2 \
+                 WHERE tenant_id = $3 AND topic = $4 AND session_id = $5",
+            )
+            .bind(&s.edge_id)
+            .bind(&s.connection_id)
+            .bind(&s.tenant_id)
+            .bind(&s.topic)
+            .bind(&s.session_id)
+            .execute(&mut *tx)
+            .await?;
+            self.commit(tx).await?;
+            return Ok(TopicSession {
+                edge_id: s.edge_id.clone(),
+                connection_id: s.connection_id.clone(),
+                ..existing
+            });
+        }
+        sqlx::query(&format!(
+            "INSERT INTO topic_sessions ({TOPIC_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+        ))
+        .bind(&s.tenant_id)
+        .bind(&s.topic)
+        .bind(&s.session_id)
+        .bind(&s.principal)
+        .bind(&s.kind)
+        .bind(&s.agent_id)
+        .bind(s.since_ms)
+        .bind(&s.state)
+        .bind(&s.note)
+        .bind(s.until_ms)
+        .bind(&s.edge_id)
+        .bind(&s.connection_id)
+        .execute(&mut *tx)
+        .await?;
+        outbox::append(&mut tx, join).await?;
+        self.commit(tx).await?;
+        Ok(s.clone())
+    }
+
+    async fn untrack(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        session_id: &str,
+    ) -> Result<Option<TopicSession>, StoreError> {
+        let mut tx = self.begin().await?;
+        let Some(session) = select_session(&mut tx, tenant_id, topic, session_id).await? else {
+            return Ok(None);
+        };
+        delete_with_leave(&mut tx, &session).await?;
+        self.commit(tx).await?;
+        Ok(Some(session))
+    }
+
+    async fn untrack_connection(
+        &self,
+        tenant_id: &str,
+        connection_id: &str,
+    ) -> Result<Vec<TopicSession>, StoreError> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {TOPIC_COLUMNS} FROM topic_sessions WHERE tenant_id = $1 AND connection_id = $2"
+        ))
+        .bind(tenant_id)
+        .bind(connection_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let sessions = rows
+            .iter()
+            .map(topic_session)
+            .collect::<Result<Vec<_>, _>>()?;
+        for session in &sessions {
+            delete_with_leave(&mut tx, session).await?;
+        }
+        self.commit(tx).await?;
+        Ok(sessions)
+    }
+
+    async fn set_status(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        session_id: &str,
+        state: &str,
+        note: &str,
+        until_ms: Option<i64>,
+    ) -> Result<Option<TopicSession>, StoreError> {
+        let mut tx = self.begin().await?;
+        let Some(current) = select_session(&mut tx, tenant_id, topic, session_id).await? else {
+            return Ok(None);
+        };
+        let updated = TopicSession {
+            state: state.to_owned(),
+            note: note.to_owned(),
+            until_ms,
+            ..current
+        };
+        sqlx::query(
+            "UPDATE topic_sessions SET state = $1, note = $2, until_ms = $3 \
+             WHERE tenant_id = $4 AND topic = $5 AND session_id = $6",
+        )
+        .bind(state)
+        .bind(note)
+        .bind(until_ms)
+        .bind(tenant_id)
+        .bind(topic)
+        .bind(session_id)
+        .execute(&mut *tx)
+        .await?;
+        outbox::append(&mut tx, &diff_event(&updated, "status")).await?;
+        self.commit(tx).await?;
+        Ok(Some(updated))
+    }
+
+    async fn list(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        edge_id: Option<&str>,
+    ) -> Result<Vec<TopicSession>, StoreError> {
+        self.fetch_all(
+            sqlx::query(&format!(
+                "SELECT {TOPIC_COLUMNS} FROM topic_sessions WHERE tenant_id = $1 AND topic = $2 \
+                 AND ($3 = '' OR edge_id = $3) ORDER BY since_ms, session_id"
+            ))
+            .bind(tenant_id)
+            .bind(topic)
+            .bind(edge_id.unwrap_or_default()),
+            topic_session,
+        )
+        .await
+    }
+
+    async fn expire_statuses(&self, now_ms: i64) -> Result<Vec<TopicSession>, StoreError> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {TOPIC_COLUMNS} FROM topic_sessions WHERE until_ms IS NOT NULL AND until_ms <= $1"
+        ))
+        .bind(now_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut expired = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let session = TopicSession {
+                state: "available".into(),
+                note: String::new(),
+                until_ms: None,
+                ..topic_session(row)?
+            };
+            sqlx::query(
+                "UPDATE topic_sessions SET state = 'available', note = '', until_ms = NULL \
+                 WHERE tenant_id = $1 AND topic = $2 AND session_id = $3",
+            )
+            .bind(&session.tenant_id)
+            .bind(&session.topic)
+            .bind(&session.session_id)
+            .execute(&mut *tx)
+            .await?;
+            outbox::append(&mut tx, &diff_event(&session, "status")).await?;
+            expired.push(session);
+        }
+        self.commit(tx).await?;
+        Ok(expired)
     }
 }

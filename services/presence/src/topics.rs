@@ -1,0 +1,236 @@
+//! Topic presence: which people and agents are in a topic, and their
+//! status (available, busy, blocked, with a note and an optional expiry).
+//! Every change is a `muster.topic.diff` event for the topic's subscribers.
+
+use std::sync::Arc;
+
+use muster_mesh::{ErrorCode, ServiceError};
+use muster_protocol::format_datetime;
+use muster_store::outbox::NewItem;
+use muster_store::{StoreError, now_ms};
+use serde_json::{Value, json};
+
+use crate::store::TopicStore;
+
+/// Notes are cut to this many characters (a soft limit).
+pub const NOTE_CHARS: usize = 140;
+const MAX_FIELD: usize = 256;
+
+/// The event type of every topic change.
+pub const DIFF_EVENT: &str = "muster.topic.diff";
+
+/// One session in one topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicSession {
+    pub tenant_id: String,
+    pub topic: String,
+    pub session_id: String,
+    pub principal: String,
+    /// `human` or `agent_for`.
+    pub kind: String,
+    /// Set for `agent_for`.
+    pub agent_id: Option<String>,
+    pub since_ms: i64,
+    /// `available`, `busy` or `blocked`.
+    pub state: String,
+    pub note: String,
+    pub until_ms: Option<i64>,
+    pub edge_id: String,
+    pub connection_id: String,
+}
+
+impl TopicSession {
+    /// The diff payload: `kind` is join, leave or status.
+    pub fn diff(&self, kind: &str) -> Value {
+        json!({
+            "kind": kind,
+            "topic": self.topic,
+            "principal": self.principal,
+            "ekind": self.kind,
+            "agent_id": self.agent_id,
+            "session": self.session_id,
+            "since": format_datetime(self.since_ms),
+            "state": self.state,
+            "note": self.note,
+            "until_ts": self.until_ms.map(format_datetime),
+        })
+    }
+
+    /// The session as listings carry it.
+    pub fn wire(&self) -> Value {
+        json!({
+            "topic": self.topic,
+            "principal": self.principal,
+            "kind": self.kind,
+            "agent_id": self.agent_id,
+            "session": self.session_id,
+            "since": format_datetime(self.since_ms),
+            "state": self.state,
+            "note": self.note,
+            "until_ts": self.until_ms.map(format_datetime),
+            "edge_id": self.edge_id,
+        })
+    }
+}
+
+/// The diff event for a change of `session`.
+pub fn diff_event(session: &TopicSession, kind: &str) -> NewItem {
+    NewItem::event(&session.tenant_id, DIFF_EVENT, session.diff(kind))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("no session {session} in topic {topic}")]
+    NotFound { topic: String, session: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ServiceError for TopicError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            TopicError::Invalid(_) => ErrorCode::InvalidArgument,
+            TopicError::NotFound { .. } => ErrorCode::NotFound,
+            TopicError::Store(e) => e.code(),
+        }
+    }
+}
+
+fn field(name: &str, value: &str) -> Result<(), TopicError> {
+    if value.trim().is_empty() || value.len() > MAX_FIELD {
+        return Err(TopicError::Invalid(format!(
+            "{name} must be 1 to {MAX_FIELD} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Topic presence: track, untrack, status, list.
+#[derive(Clone)]
+pub struct Topics {
+    store: Arc<dyn TopicStore>,
+}
+
+impl Topics {
+    pub fn new(store: Arc<dyn TopicStore>) -> Self {
+        Topics { store }
+    }
+
+    /// Puts a session in a topic (`join`). Tracking the same (topic,
+    /// session) again changes nothing but which connection owns it.
+    pub async fn track(&self, session: TopicSession) -> Result<TopicSession, TopicError> {
+        for (name, value) in [
+            ("tenant_id", &session.tenant_id),
+            ("topic", &session.topic),
+            ("session", &session.session_id),
+            ("principal", &session.principal),
+            ("connection_id", &session.connection_id),
+        ] {
+            field(name, value)?;
+        }
+        match (session.kind.as_str(), &session.agent_id) {
+            ("human", None) => {}
+            ("agent_for", Some(agent)) => field("agent_id", agent)?,
+            ("human", Some(_)) => {
+                return Err(TopicError::Invalid("agent_id is for agent_for only".into()));
+            }
+            ("agent_for", None) => {
+                return Err(TopicError::Invalid("agent_for needs an agent_id".into()));
+            }
+            (other, _) => {
+                return Err(TopicError::Invalid(format!(
+                    "kind must be human or agent_for, not {other:?}"
+                )));
+            }
+        }
+        let session = TopicSession {
+            since_ms: now_ms(),
+            state: "available".into(),
+            note: String::new(),
+            until_ms: None,
+            ..session
+        };
+        Ok(self
+            .store
+            .track(&session, &diff_event(&session, "join"))
+            .await?)
+    }
+
+    /// Takes a session out of a topic (`leave`).
+    pub async fn untrack(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        session_id: &str,
+    ) -> Result<bool, TopicError> {
+        Ok(self
+            .store
+            .untrack(tenant_id, topic, session_id)
+            .await?
+            .is_some())
+    }
+
+    /// Untracks every session a closed connection held.
+    pub async fn untrack_connection(
+        &self,
+        tenant_id: &str,
+        connection_id: &str,
+    ) -> Result<usize, TopicError> {
+        Ok(self
+            .store
+            .untrack_connection(tenant_id, connection_id)
+            .await?
+            .len())
+    }
+
+    /// Sets a session's status (`status`); `until_ms` makes it expire back
+    /// to available.
+    pub async fn set_status(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        session_id: &str,
+        state: &str,
+        note: &str,
+        until_ms: Option<i64>,
+    ) -> Result<TopicSession, TopicError> {
+        if !matches!(state, "available" | "busy" | "blocked") {
+            return Err(TopicError::Invalid(format!(
+                "state must be available, busy or blocked, not {state:?}"
+            )));
+        }
+        if note.len() > 4096 {
+            return Err(TopicError::Invalid("note longer than 4096 bytes".into()));
+        }
+        let now = now_ms();
+        if matches!(until_ms, Some(until) if until <= now) {
+            return Err(TopicError::Invalid("until must be in the future".into()));
+        }
+        let note: String = note.chars().take(NOTE_CHARS).collect();
+        self.store
+            .set_status(tenant_id, topic, session_id, state, &note, until_ms)
+            .await?
+            .ok_or_else(|| TopicError::NotFound {
+                topic: topic.to_owned(),
+                session: session_id.to_owned(),
+            })
+    }
+
+    /// A topic's sessions, all or this edge's.
+    pub async fn list(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        edge_id: Option<&str>,
+    ) -> Result<Vec<TopicSession>, TopicError> {
+        Ok(self.store.list(tenant_id, topic, edge_id).await?)
+    }
+
+    /// Statuses past their `until` return to available, each with a
+    /// `status` diff.
+    pub async fn expire(&self) -> Result<usize, TopicError> {
+        Ok(self.store.expire_statuses(now_ms()).await?.len())
+    }
+}
