@@ -12,6 +12,7 @@ pub mod envelope;
 pub mod handshake;
 pub mod presence;
 pub mod scopes;
+pub mod topics;
 
 /// The WebSocket subprotocol every client offers and the server echoes.
 pub const SUBPROTOCOL: &str = "tyrum-v1";
@@ -35,8 +36,24 @@ pub fn format_datetime(unix_ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// Parses a `dt` (RFC 3339, `Z` or offset) into Unix milliseconds.
+pub fn parse_datetime(text: &str) -> Option<i64> {
+    let parsed =
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()?;
+    i64::try_from(parsed.unix_timestamp_nanos() / 1_000_000).ok()
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn datetimes_parse_back() {
+        assert_eq!(
+            super::parse_datetime("2026-07-24T21:00:00.123Z"),
+            Some(1_784_926_800_123)
+        );
+        assert_eq!(super::parse_datetime("yesterday"), None);
+    }
+
     #[test]
     fn datetimes_have_milliseconds_and_z() {
         assert_eq!(super::format_datetime(0), "1970-01-01T00:00:00.000Z");

@@ -75,7 +75,17 @@ pub const TYRUM_TYPES: [Entry; 57] = [
 
 /// muster's own request types (docs/protocol-extensions.md). The `muster.`
 /// prefix keeps them clear of every Tyrum type.
-pub const MUSTER_TYPES: [Entry; 2] = [("muster.presence.list", READ), ("muster.status", READ)];
+pub const MUSTER_TYPES: [Entry; 9] = [
+    ("muster.presence.list", READ),
+    ("muster.status", READ),
+    ("muster.topic.track", OPEN),
+    ("muster.topic.untrack", OPEN),
+    ("muster.topic.status", OPEN),
+    ("muster.topic.list", OPEN),
+    ("muster.topic.count", OPEN),
+    ("muster.topic.subscribe", OPEN),
+    ("muster.topic.unsubscribe", OPEN),
+];
 
 /// The scopes `kind` needs: `Some(&[])` for none, `None` for null-scoped
 /// and unknown types (which only an admin token gets past, to be told the

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::auth::{Claims, authorize};
 use crate::outbound::{self, Outgoing};
 use crate::registry::Peer;
-use crate::{Edge, wire_error};
+use crate::{Edge, topics, wire_error};
 
 /// Frames that may arrive before authentication resolves.
 const EARLY_FRAMES: usize = 8;
@@ -250,6 +250,7 @@ async fn connected(
         in_presence,
         observed_ip: remote.ip().to_string(),
         outbound: outbound.clone(),
+        topics: Default::default(),
     };
     edge.registry.insert(peer.clone());
     let _registered = Deregister {
@@ -339,6 +340,17 @@ impl Drop for Deregister {
         let edge = self.edge.clone();
         let peer = &self.peer;
         edge.registry.remove(&peer.connection_id);
+        // A closed connection leaves every topic it tracked sessions in.
+        let untrack = pb::UntrackConnectionRequest {
+            tenant_id: peer.claims.tenant_id.clone(),
+            connection_id: peer.connection_id.clone(),
+        };
+        let mut presence = edge.presence();
+        tokio::spawn(async move {
+            if let Err(status) = presence.untrack_connection(untrack).await {
+                tracing::warn!(code = ?status.code(), "untracking a closed connection's topics failed");
+            }
+        });
         let still_here = edge
             .registry
             .tenant(&peer.claims.tenant_id)
@@ -446,6 +458,13 @@ async fn respond(edge: &Edge, peer: &Peer, request: &Request) -> String {
             .await
             .map(|entries| Some(json!({ "entries": entries }))),
         "muster.status" => Ok(Some(status(edge, &peer.claims.tenant_id).await)),
+        kind if kind.starts_with("muster.topic.") => {
+            match topics::handle(edge, peer, request).await {
+                topics::Outcome::Done(result) => Ok(result),
+                topics::Outcome::Invalid(message) => return invalid_request(request, &message),
+                topics::Outcome::Failed(status) => Err(status),
+            }
+        }
         _ => {
             return envelope::error(
                 &request.request_id,

@@ -11,6 +11,7 @@ mod http;
 mod outbound;
 mod pump;
 mod registry;
+mod topics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -62,7 +62,13 @@ fn dispatch(edge: &Edge, item: &pb::OutboxItem) {
     let audience = item.audience.clone().unwrap_or_default();
     let target = target(item);
     let mut frame = None;
+    // Topic diffs go to the topic's subscribers only.
+    let topic = (item.r#type == muster_presence::DIFF_EVENT)
+        .then(|| payload["topic"].as_str().unwrap_or_default().to_owned());
     for peer in edge.registry.tenant(&item.tenant_id) {
+        if topic.as_deref().is_some_and(|t| !peer.subscribed(t)) {
+            continue;
+        }
         if peer.admits(&audience.roles, &audience.scopes, target.as_ref()) {
             let text = frame.get_or_insert_with(|| {
                 envelope::event(

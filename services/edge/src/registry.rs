@@ -1,8 +1,8 @@
 //! The edge's live connections, for event delivery and for closing the
 //! connections of a revoked token.
 
-use std::collections::HashMap;
-use std::sync::RwLock;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
 
 use muster_protocol::close::Close;
 use muster_store::outbox::Target;
@@ -23,9 +23,26 @@ pub(crate) struct Peer {
     /// The remote address the edge saw.
     pub(crate) observed_ip: String,
     pub(crate) outbound: Outbound,
+    /// Topics whose diffs this peer receives.
+    pub(crate) topics: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Peer {
+    pub(crate) fn subscribe(&self, topic: &str) {
+        self.topics
+            .lock()
+            .expect("topics lock")
+            .insert(topic.to_owned());
+    }
+
+    pub(crate) fn unsubscribe(&self, topic: &str) {
+        self.topics.lock().expect("topics lock").remove(topic);
+    }
+
+    pub(crate) fn subscribed(&self, topic: &str) -> bool {
+        self.topics.lock().expect("topics lock").contains(topic)
+    }
+
     /// Whether an item for this audience and target may reach this peer.
     pub(crate) fn admits(
         &self,

@@ -1,0 +1,153 @@
+//! Topic presence requests of a connected peer: each becomes a call to
+//! presence; diffs come back through the backplane to the topic's
+//! subscribers.
+
+use muster_proto::v1 as pb;
+use muster_protocol::envelope::Request;
+use muster_protocol::topics::{Status, Topic, Track, Untrack};
+use muster_protocol::{format_datetime, parse_datetime};
+use serde_json::{Value, json};
+
+use crate::Edge;
+use crate::registry::Peer;
+
+/// A request's outcome: a result, a refusal of the payload, or a failed
+/// call.
+pub(crate) enum Outcome {
+    Done(Option<Value>),
+    Invalid(String),
+    Failed(tonic::Status),
+}
+
+fn wire(s: &pb::TopicSession) -> Value {
+    json!({
+        "topic": s.topic,
+        "principal": s.principal,
+        "kind": s.kind,
+        "agent_id": (!s.agent_id.is_empty()).then_some(&s.agent_id),
+        "session": s.session_id,
+        "since": format_datetime(s.since_ms),
+        "state": s.state,
+        "note": s.note,
+        "until_ts": (s.until_ms != 0).then(|| format_datetime(s.until_ms)),
+        "edge_id": s.edge_id,
+    })
+}
+
+async fn list(
+    edge: &Edge,
+    peer: &Peer,
+    topic: &Topic,
+) -> Result<Vec<pb::TopicSession>, tonic::Status> {
+    let edge_id = match topic.scope.as_deref() {
+        Some("edge") => edge.edge_id.clone(),
+        _ => String::new(),
+    };
+    Ok(edge
+        .presence()
+        .list_topic(pb::ListTopicRequest {
+            tenant_id: peer.claims.tenant_id.clone(),
+            topic: topic.topic.clone(),
+            edge_id,
+        })
+        .await?
+        .into_inner()
+        .sessions)
+}
+
+/// Handles a `muster.topic.*` request.
+pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outcome {
+    let tenant_id = peer.claims.tenant_id.clone();
+    let mut presence = edge.presence();
+    let outcome = match request.kind.as_str() {
+        "muster.topic.track" => {
+            let track = match Track::parse(&request.payload) {
+                Ok(track) => track,
+                Err(message) => return Outcome::Invalid(message),
+            };
+            let session = pb::TopicSession {
+                tenant_id,
+                topic: track.topic.clone(),
+                session_id: track.session.unwrap_or_else(|| peer.connection_id.clone()),
+                principal: track.principal,
+                kind: track.kind,
+                agent_id: track.agent_id.unwrap_or_default(),
+                edge_id: edge.edge_id.clone(),
+                connection_id: peer.connection_id.clone(),
+                ..Default::default()
+            };
+            peer.subscribe(&track.topic);
+            presence
+                .track_topic(pb::TrackTopicRequest {
+                    session: Some(session),
+                })
+                .await
+                .map(|s| Some(json!({ "session": wire(&s.into_inner()) })))
+        }
+        "muster.topic.untrack" => {
+            let untrack = match Untrack::parse(&request.payload) {
+                Ok(untrack) => untrack,
+                Err(message) => return Outcome::Invalid(message),
+            };
+            presence
+                .untrack_topic(pb::UntrackTopicRequest {
+                    tenant_id,
+                    topic: untrack.topic,
+                    session_id: untrack
+                        .session
+                        .unwrap_or_else(|| peer.connection_id.clone()),
+                })
+                .await
+                .map(|r| Some(json!({ "removed": r.into_inner().removed > 0 })))
+        }
+        "muster.topic.status" => {
+            let status = match Status::parse(&request.payload) {
+                Ok(status) => status,
+                Err(message) => return Outcome::Invalid(message),
+            };
+            let until_ms = match status.until.as_deref().map(parse_datetime) {
+                None => 0,
+                Some(Some(ms)) => ms,
+                Some(None) => return Outcome::Invalid("until: expected a datetime".into()),
+            };
+            presence
+                .set_topic_status(pb::SetTopicStatusRequest {
+                    tenant_id,
+                    topic: status.topic,
+                    session_id: status.session.unwrap_or_else(|| peer.connection_id.clone()),
+                    state: status.state,
+                    note: status.note,
+                    until_ms,
+                })
+                .await
+                .map(|s| Some(json!({ "session": wire(&s.into_inner()) })))
+        }
+        kind => {
+            let topic = match Topic::parse(&request.payload) {
+                Ok(topic) => topic,
+                Err(message) => return Outcome::Invalid(message),
+            };
+            match kind {
+                "muster.topic.subscribe" => {
+                    peer.subscribe(&topic.topic);
+                    Ok(Some(json!({ "topic": topic.topic })))
+                }
+                "muster.topic.unsubscribe" => {
+                    peer.unsubscribe(&topic.topic);
+                    Ok(Some(json!({ "topic": topic.topic })))
+                }
+                "muster.topic.list" => list(edge, peer, &topic)
+                    .await
+                    .map(|s| Some(json!({ "sessions": s.iter().map(wire).collect::<Vec<_>>() }))),
+                _ => list(edge, peer, &topic).await.map(|s| {
+                    let humans = s.iter().filter(|x| x.kind == "human").count();
+                    Some(json!({ "total": s.len(), "humans": humans, "agents": s.len() - humans }))
+                }),
+            }
+        }
+    };
+    match outcome {
+        Ok(result) => Outcome::Done(result),
+        Err(status) => Outcome::Failed(status),
+    }
+}

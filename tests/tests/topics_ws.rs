@@ -1,0 +1,171 @@
+//! Topic presence over the WebSocket protocol: track, status, expiry,
+//! counts and diffs to subscribers, on SQLite and on Postgres.
+
+use std::time::Duration;
+
+use muster_e2e::Host;
+use muster_e2e::ws::{TokenVia, Ws, open};
+use muster_protocol::device::DeviceKey;
+use serde_json::{Value, json};
+
+async fn client(host: &Host) -> Ws {
+    let mut ws = open(&host.ws_url(), &host.admin_token(), TokenVia::Bearer, None)
+        .await
+        .unwrap();
+    ws.handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
+        .await;
+    ws
+}
+
+async fn diff(ws: &mut Ws, kind: &str) -> Value {
+    loop {
+        let event = ws.event("muster.topic.diff").await;
+        if event["payload"]["kind"] == kind {
+            return event["payload"].clone();
+        }
+    }
+}
+
+async fn topics_flow(host: &Host) {
+    let mut watcher = client(host).await;
+    let sub = watcher
+        .call("muster.topic.subscribe", json!({"topic": "room-1"}))
+        .await;
+    assert_eq!(sub["ok"], true, "{sub}");
+
+    let mut alice = client(host).await;
+    let tracked = alice
+        .call(
+            "muster.topic.track",
+            json!({"topic": "room-1", "principal": "alice", "kind": "human"}),
+        )
+        .await;
+    assert_eq!(
+        tracked["result"]["session"]["state"], "available",
+        "{tracked}"
+    );
+    let join = diff(&mut watcher, "join").await;
+    assert_eq!(
+        (join["principal"].as_str(), join["ekind"].as_str()),
+        (Some("alice"), Some("human"))
+    );
+    // Tracking again is idempotent: no second join.
+    alice
+        .call(
+            "muster.topic.track",
+            json!({"topic": "room-1", "principal": "alice", "kind": "human"}),
+        )
+        .await;
+
+    let mut bot = client(host).await;
+    bot.call(
+        "muster.topic.track",
+        json!({"topic": "room-1", "session": "bot-s", "principal": "bot", "kind": "agent_for", "agent_id": "agent-7"}),
+    )
+    .await;
+    let join = diff(&mut watcher, "join").await;
+    assert_eq!(
+        (join["principal"].as_str(), join["agent_id"].as_str()),
+        (Some("bot"), Some("agent-7"))
+    );
+
+    let count = watcher
+        .call("muster.topic.count", json!({"topic": "room-1"}))
+        .await;
+    assert_eq!(
+        count["result"],
+        json!({"total": 2, "humans": 1, "agents": 1})
+    );
+    let local = watcher
+        .call(
+            "muster.topic.list",
+            json!({"topic": "room-1", "scope": "edge"}),
+        )
+        .await;
+    assert_eq!(local["result"]["sessions"].as_array().unwrap().len(), 2);
+
+    // A status with an expiry, seen as a diff, then returning to available.
+    let until = muster_protocol::format_datetime(muster_store::now_ms() + 1_000);
+    let busy = alice
+        .call(
+            "muster.topic.status",
+            json!({"topic": "room-1", "state": "busy", "note": "in a call", "until": until}),
+        )
+        .await;
+    assert_eq!(busy["result"]["session"]["state"], "busy", "{busy}");
+    let status = diff(&mut watcher, "status").await;
+    assert_eq!(
+        (status["state"].as_str(), status["note"].as_str()),
+        (Some("busy"), Some("in a call"))
+    );
+    assert_eq!(status["until_ts"], until);
+    let expired = tokio::time::timeout(Duration::from_secs(10), diff(&mut watcher, "status"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (expired["state"].as_str(), expired["principal"].as_str()),
+        (Some("available"), Some("alice"))
+    );
+
+    let bad = alice
+        .call(
+            "muster.topic.status",
+            json!({"topic": "room-1", "state": "asleep"}),
+        )
+        .await;
+    assert_eq!(bad["error"]["code"], "invalid_request", "{bad}");
+    let bad = alice
+        .call(
+            "muster.topic.track",
+            json!({"topic": "room-1", "principal": "x", "kind": "human", "extra": 1}),
+        )
+        .await;
+    assert_eq!(bad["error"]["code"], "invalid_request", "{bad}");
+    let missing = alice
+        .call(
+            "muster.topic.status",
+            json!({"topic": "room-1", "session": "nobody", "state": "busy"}),
+        )
+        .await;
+    assert_eq!(missing["error"]["code"], "not_found", "{missing}");
+
+    // A closed connection leaves: the bot goes, with a leave diff.
+    drop(bot);
+    let leave = diff(&mut watcher, "leave").await;
+    assert_eq!(leave["principal"], "bot");
+    let count = watcher
+        .call("muster.topic.count", json!({"topic": "room-1"}))
+        .await;
+    assert_eq!(
+        count["result"],
+        json!({"total": 1, "humans": 1, "agents": 0})
+    );
+
+    // Unsubscribed peers get no diffs.
+    watcher
+        .call("muster.topic.unsubscribe", json!({"topic": "room-1"}))
+        .await;
+    alice
+        .call("muster.topic.untrack", json!({"topic": "room-1"}))
+        .await;
+    let ping = watcher.call("ping", json!({})).await;
+    assert_eq!(ping["ok"], true);
+    if let muster_e2e::ws::Next::Json(frame) = watcher.next(Duration::from_millis(300)).await {
+        assert_ne!(frame["type"], "muster.topic.diff", "{frame}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_presence_on_sqlite() {
+    let host = Host::start(None).await;
+    topics_flow(&host).await;
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_presence_on_postgres() {
+    let url = muster_store::testing::create_postgres_database().await;
+    let host = Host::start(Some(url)).await;
+    topics_flow(&host).await;
+    host.stop().await;
+}
