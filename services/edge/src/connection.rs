@@ -251,6 +251,7 @@ async fn connected(
         observed_ip: remote.ip().to_string(),
         outbound: outbound.clone(),
         topics: Default::default(),
+        tracked: Default::default(),
     };
     edge.registry.insert(peer.clone());
     let _registered = Deregister {
@@ -341,16 +342,18 @@ impl Drop for Deregister {
         let peer = &self.peer;
         edge.registry.remove(&peer.connection_id);
         // A closed connection leaves every topic it tracked sessions in.
-        let untrack = pb::UntrackConnectionRequest {
-            tenant_id: peer.claims.tenant_id.clone(),
-            connection_id: peer.connection_id.clone(),
-        };
-        let mut presence = edge.presence();
-        tokio::spawn(async move {
-            if let Err(status) = presence.untrack_connection(untrack).await {
-                tracing::warn!(code = ?status.code(), "untracking a closed connection's topics failed");
-            }
-        });
+        if peer.tracked.load(std::sync::atomic::Ordering::Relaxed) {
+            let untrack = pb::UntrackConnectionRequest {
+                tenant_id: peer.claims.tenant_id.clone(),
+                connection_id: peer.connection_id.clone(),
+            };
+            let mut presence = edge.presence();
+            tokio::spawn(async move {
+                if let Err(status) = presence.untrack_connection(untrack).await {
+                    tracing::warn!(code = ?status.code(), "untracking a closed connection's topics failed");
+                }
+            });
+        }
         let still_here = edge
             .registry
             .tenant(&peer.claims.tenant_id)

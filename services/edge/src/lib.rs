@@ -82,8 +82,15 @@ pub struct Edge {
     config: EdgeConfig,
     peers: EdgePeers,
     registry: Registry,
+    /// Recently verified tokens, by SHA-256 of the token: a burst of
+    /// connections costs one identity call. `token.revoked` evicts.
+    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], (Claims, std::time::Instant)>>,
     shutdown: CancellationToken,
 }
+
+/// How long a verified token is trusted without asking identity again.
+/// Revocation does not wait for it: `token.revoked` evicts at once.
+const VERIFIED_TTL: Duration = Duration::from_secs(10);
 
 impl Edge {
     /// An edge whose clients connect at `ws_addr`.
@@ -100,6 +107,7 @@ impl Edge {
             config,
             peers,
             registry: Registry::default(),
+            verified: Default::default(),
             shutdown,
         })
     }
@@ -119,7 +127,33 @@ impl Edge {
     /// Resolves a presented token; `None` for anything identity does not
     /// recognize (the reason is never told to the peer).
     async fn verify(&self, token: Option<String>) -> Option<Claims> {
+        use sha2::Digest;
         let token = token?;
+        let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if let Some((claims, at)) = self.verified.lock().expect("cache lock").get(&digest)
+            && at.elapsed() < VERIFIED_TTL
+        {
+            return Some(claims.clone());
+        }
+        let claims = self.verify_remote(token).await?;
+        let mut cache = self.verified.lock().expect("cache lock");
+        // Bounded: expired entries go whenever the cache grows large.
+        if cache.len() > 10_000 {
+            cache.retain(|_, (_, at)| at.elapsed() < VERIFIED_TTL);
+        }
+        cache.insert(digest, (claims.clone(), std::time::Instant::now()));
+        Some(claims)
+    }
+
+    /// Forgets every cached verification of `token_id`.
+    fn forget_token(&self, token_id: &str) {
+        self.verified
+            .lock()
+            .expect("cache lock")
+            .retain(|_, (claims, _)| claims.token_id != token_id);
+    }
+
+    async fn verify_remote(&self, token: String) -> Option<Claims> {
         match self
             .identity()
             .verify_token(pb::VerifyTokenRequest { token })

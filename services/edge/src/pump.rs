@@ -45,6 +45,7 @@ fn dispatch(edge: &Edge, item: &pb::OutboxItem) {
     if item.r#type == "token.revoked"
         && let Some(token_id) = payload.get("token_id").and_then(|v| v.as_str())
     {
+        edge.forget_token(token_id);
         let closed = edge
             .registry
             .close_token(&item.tenant_id, token_id, close::TOKEN_REVOKED);

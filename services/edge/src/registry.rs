@@ -25,6 +25,9 @@ pub(crate) struct Peer {
     pub(crate) outbound: Outbound,
     /// Topics whose diffs this peer receives.
     pub(crate) topics: Arc<Mutex<HashSet<String>>>,
+    /// Whether this peer ever tracked a topic session (only then is there
+    /// anything to untrack when it closes).
+    pub(crate) tracked: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Peer {

@@ -77,6 +77,8 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                 ..Default::default()
             };
             peer.subscribe(&track.topic);
+            peer.tracked
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             presence
                 .track_topic(pb::TrackTopicRequest {
                     session: Some(session),

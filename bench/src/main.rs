@@ -1,0 +1,85 @@
+//! `muster-bench`: each scenario runs against muster and against its bare
+//! baseline in the same run, and prints both with their ratio.
+//!
+//! - `handshakes`: full `tyrum-v1` handshakes per second (token check,
+//!   `connect.init`, Ed25519 proof, presence upsert) next to a bare
+//!   WebSocket accept plus one Ed25519 verify.
+//! - `idle`: server RSS per idle authenticated connection next to a bare
+//!   tokio-tungstenite server holding the same number of sockets.
+//! - `beacons`: `presence.beacon` to `presence.upserted` at an operator,
+//!   end to end, with p50/p99, next to a bare WebSocket relay.
+#![forbid(unsafe_code)]
+
+mod bare;
+mod scenarios;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "muster-bench",
+    about = "muster benchmarks, each next to its baseline"
+)]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Handshakes per second.
+    Handshakes {
+        #[arg(long, default_value_t = 2000)]
+        connections: usize,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
+    /// Server memory per idle connection (server and clients in separate
+    /// processes).
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+    },
+    /// Presence beacons end to end.
+    Beacons {
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 8)]
+        nodes: usize,
+    },
+    /// The bare baseline server of `idle`, run as its own process.
+    #[command(hide = true)]
+    BareServer,
+    /// muster as its own process for `idle`.
+    #[command(hide = true)]
+    ServeMuster,
+    /// Holds `connections` idle sockets to `url` until killed.
+    #[command(hide = true)]
+    HoldIdle {
+        url: String,
+        token: String,
+        connections: usize,
+        #[arg(long)]
+        bare: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().scenario {
+        Scenario::Handshakes {
+            connections,
+            concurrency,
+        } => scenarios::handshakes(connections, concurrency).await,
+        Scenario::Idle { connections } => scenarios::idle(connections).await,
+        Scenario::Beacons { seconds, nodes } => scenarios::beacons(seconds, nodes).await,
+        Scenario::BareServer => bare::serve_forever().await,
+        Scenario::ServeMuster => scenarios::serve_muster().await,
+        Scenario::HoldIdle {
+            url,
+            token,
+            connections,
+            bare,
+        } => scenarios::hold_idle(&url, &token, connections, bare).await,
+    }
+}
