@@ -24,6 +24,8 @@ pub async fn start() -> anyhow::Result<SocketAddr> {
             let relay = relay.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
+                // tungstenite's callback signature fixes the error type.
+                #[allow(clippy::result_large_err)]
                 let echo = |_: &Request, mut response: Response| {
                     response
                         .headers_mut()

@@ -409,3 +409,86 @@ async fn http_presence_and_status_are_for_operators_only() {
     assert!(!status.contains(&host.admin_token()));
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_peers_with_1001() {
+    let host = Host::start(None).await;
+    let mut ws = admin(&host).await;
+    ws.handshake(&DeviceKey::generate(), "client", json!({}))
+        .await;
+    let stopping = tokio::spawn(host.stop());
+    assert_closed(&mut ws, 1001, "server shutdown").await;
+    stopping.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_answers_pings_is_dropped_without_a_close_frame() {
+    let host = Host::start(None).await;
+    let mut ws = admin(&host).await;
+    ws.handshake(&DeviceKey::generate(), "client", json!({}))
+        .await;
+    // Not reading means not answering the server's pings.
+    tokio::time::sleep(Duration::from_secs(17)).await;
+    loop {
+        match ws.next(Duration::from_secs(5)).await {
+            Next::Json(_) => continue,
+            Next::Dropped => break,
+            other => panic!("expected the socket to be dropped, got {other:?}"),
+        }
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_does_not_read_is_cut_off_with_1013() {
+    let host = Host::start(None).await;
+    let mut operator = admin(&host).await;
+    operator
+        .handshake(&DeviceKey::generate(), "client", json!({}))
+        .await;
+    // Nodes beacon large entries; every one is a presence.upserted frame
+    // queued for the operator, who does not read.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut nodes = Vec::new();
+    for _ in 0..4 {
+        let mut node = admin(&host).await;
+        node.handshake(&DeviceKey::generate(), "node", json!({}))
+            .await;
+        let stop = stop.clone();
+        nodes.push(tokio::spawn(async move {
+            let blob = "x".repeat(7_000);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = node
+                    .try_call(
+                        "presence.beacon",
+                        json!({"metadata": {"blob": blob}}),
+                        Duration::from_secs(5),
+                    )
+                    .await;
+            }
+        }));
+    }
+    // Flood until the edge gives up on the operator (the kernel's socket
+    // buffers absorb a varying amount first).
+    let started = std::time::Instant::now();
+    while !muster_telemetry::metrics()
+        .render()
+        .lines()
+        .any(|l| l.starts_with("muster_edge_slow_consumers_total") && !l.ends_with(" 0"))
+    {
+        assert!(started.elapsed() < Duration::from_secs(60), "never cut off");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let closed = loop {
+        match operator.next(Duration::from_secs(10)).await {
+            Next::Json(_) => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(closed, Next::Closed(1013, "slow consumer".into()));
+    for node in nodes {
+        node.await.unwrap();
+    }
+    host.stop().await;
+}

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::stream::{SplitSink, SplitStream};
@@ -29,14 +30,18 @@ const EARLY_BYTES: usize = 64 * 1024;
 type Sink = SplitSink<WebSocket, Message>;
 type Stream = SplitStream<WebSocket>;
 
+/// Sends a close frame; a peer that does not read gets five seconds to take it
+/// before the socket is dropped.
 async fn send_close(sink: &mut Sink, close: Close) {
-    let _ = sink
-        .send(Message::Close(Some(CloseFrame {
-            code: close.code,
-            reason: Utf8Bytes::from(close.reason),
-        })))
-        .await;
-    let _ = sink.close().await;
+    let frame = Message::Close(Some(CloseFrame {
+        code: close.code,
+        reason: Utf8Bytes::from(close.reason),
+    }));
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = sink.send(frame).await;
+        let _ = sink.close().await;
+    })
+    .await;
 }
 
 async fn send_text(sink: &mut Sink, text: String) -> bool {
@@ -288,13 +293,18 @@ async fn connected(
     let mut ping = tokio::time::interval(edge.config.ping_interval);
     ping.reset();
     let mut last_pong = Instant::now();
+    let slow = inbox.slow();
     loop {
         tokio::select! {
             _ = edge.shutdown.cancelled() => return Err(close::SERVER_SHUTDOWN),
+            _ = slow.notified() => return Err(close::SLOW_CONSUMER),
             out = inbox.rx.recv() => match out {
                 Some(Outgoing::Text(text)) => {
                     let len = text.len();
-                    let sent = send_text(sink, text).await;
+                    let sent = tokio::select! {
+                        sent = send_text(sink, text) => sent,
+                        _ = slow.notified() => return Err(close::SLOW_CONSUMER),
+                    };
                     inbox.written(len);
                     if !sent {
                         return Ok(());

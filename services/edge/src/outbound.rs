@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use muster_protocol::close::{self, Close};
-use tokio::sync::mpsc;
+use muster_protocol::close::Close;
+use tokio::sync::{Notify, mpsc};
 
 /// A peer's queue may hold this many bytes before it is a slow consumer
 /// (Tyrum's `bufferedAmount` limit).
@@ -23,6 +23,9 @@ pub(crate) enum Outgoing {
 pub(crate) struct Outbound {
     tx: mpsc::UnboundedSender<Outgoing>,
     queued: Arc<AtomicUsize>,
+    /// Wakes the connection even while it is stuck writing to a peer that
+    /// does not read.
+    slow: Arc<Notify>,
 }
 
 /// The connection task's side: frames to write, and the byte count to
@@ -30,36 +33,44 @@ pub(crate) struct Outbound {
 pub(crate) struct Inbox {
     pub(crate) rx: mpsc::UnboundedReceiver<Outgoing>,
     queued: Arc<AtomicUsize>,
+    slow: Arc<Notify>,
 }
 
 impl Inbox {
     pub(crate) fn written(&self, bytes: usize) {
         self.queued.fetch_sub(bytes, Ordering::Relaxed);
     }
+
+    /// Signalled once the peer has been found to be a slow consumer.
+    pub(crate) fn slow(&self) -> Arc<Notify> {
+        self.slow.clone()
+    }
 }
 
 pub(crate) fn channel() -> (Outbound, Inbox) {
     let (tx, rx) = mpsc::unbounded_channel();
     let queued = Arc::new(AtomicUsize::new(0));
+    let slow = Arc::new(Notify::new());
     (
         Outbound {
             tx,
             queued: queued.clone(),
+            slow: slow.clone(),
         },
-        Inbox { rx, queued },
+        Inbox { rx, queued, slow },
     )
 }
 
 impl Outbound {
-    /// Queues a frame; a peer already holding more than the limit is closed
-    /// with 1013 `slow consumer` instead.
+    /// Queues a frame; a peer already holding more than the limit is cut
+    /// off with 1013 `slow consumer` instead.
     pub(crate) fn send(&self, frame: String) {
         let len = frame.len();
         let before = self.queued.fetch_add(len, Ordering::Relaxed);
         if before + len > SLOW_CONSUMER_BYTES {
             self.queued.fetch_sub(len, Ordering::Relaxed);
             metrics::counter!("muster_edge_slow_consumers_total").increment(1);
-            self.close(close::SLOW_CONSUMER);
+            self.slow.notify_one();
             return;
         }
         if self.tx.send(Outgoing::Text(frame)).is_err() {
