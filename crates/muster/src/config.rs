@@ -52,6 +52,9 @@ pub struct Config {
     pub log_format: String,
     /// The initial admin token, when an operator chooses it (32+ chars).
     pub admin_token: Option<String>,
+    /// Whether `cli` connections (the command line) appear in instance
+    /// presence.
+    pub presence_include_cli: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -89,6 +92,7 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             log_format: "auto".into(),
             admin_token: None,
+            presence_include_cli: false,
         }
     }
 }
@@ -110,6 +114,7 @@ const ENV_KEYS: &[&str] = &[
     "shutdown_grace_secs",
     "log_format",
     "admin_token",
+    "presence_include_cli",
 ];
 
 /// A URL with any password replaced, for logs.

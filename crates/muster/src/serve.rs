@@ -257,6 +257,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                 };
                 let edge_config = muster_edge::EdgeConfig {
                     gateway_tenant: config.default_tenant.clone(),
+                    presence_includes_cli: config.presence_include_cli,
                     ..muster_edge::EdgeConfig::default()
                 };
                 let edge = muster_edge::Edge::new(
