@@ -55,6 +55,9 @@ pub struct Config {
     /// Whether `cli` connections (the command line) appear in instance
     /// presence.
     pub presence_include_cli: bool,
+    /// Serve plain `ws://` on a non-loopback address (behind a proxy that
+    /// terminates TLS). Off: such an edge refuses to start.
+    pub edge_allow_plaintext: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -93,6 +96,7 @@ impl Default for Config {
             log_format: "auto".into(),
             admin_token: None,
             presence_include_cli: false,
+            edge_allow_plaintext: false,
         }
     }
 }
@@ -115,6 +119,7 @@ const ENV_KEYS: &[&str] = &[
     "log_format",
     "admin_token",
     "presence_include_cli",
+    "edge_allow_plaintext",
 ];
 
 /// A URL with any password replaced, for logs.
@@ -180,6 +185,14 @@ impl Config {
         for name in self.peers.keys() {
             name.parse::<ServiceName>()
                 .with_context(|| format!("peers.{name}"))?;
+        }
+        let runs_edge = self.services.is_empty() || self.services.iter().any(|s| s == "edge");
+        if runs_edge && !self.edge_listen.ip().is_loopback() && !self.edge_allow_plaintext {
+            bail!(
+                "edge_listen {} is not loopback: plain ws:// is only served on loopback \
+                 (set edge_allow_plaintext behind a proxy that terminates TLS)",
+                self.edge_listen
+            );
         }
         if self.cert_reload_secs == 0 {
             bail!("cert_reload_secs must be at least 1");
@@ -286,6 +299,18 @@ mod tests {
 
         std::fs::write(&file, "trust_domain = \"Not Valid\"\n").unwrap();
         assert!(Config::load(Some(&file), NoFlags {}).is_err());
+        std::fs::write(&file, "edge_listen = \"0.0.0.0:8787\"\n").unwrap();
+        let refused = Config::load(Some(&file), NoFlags {}).unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("not loopback"),
+            "{refused:#}"
+        );
+        std::fs::write(
+            &file,
+            "edge_listen = \"0.0.0.0:8787\"\nedge_allow_plaintext = true\n",
+        )
+        .unwrap();
+        assert!(Config::load(Some(&file), NoFlags {}).is_ok());
         std::fs::write(&file, "services = [\"nosuch\"]\n").unwrap();
         assert!(Config::load(Some(&file), NoFlags {}).is_err());
         assert!(Config::load(Some(&dir.path().join("missing.toml")), NoFlags {}).is_err());

@@ -286,7 +286,7 @@ fn print_banner(config: &Config, running: &muster::Running) {
         e.trust_domain
     );
     if let Some(url) = &e.edge_ws_url {
-        let _ = writeln!(out, "  edge      {url}");
+        let _ = writeln!(out, "  clients   {url} (subprotocol tyrum-v1)");
     }
     let _ = writeln!(out, "  metrics   {}", e.metrics_url);
     for (name, addr) in &e.services {

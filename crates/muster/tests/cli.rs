@@ -140,7 +140,7 @@ fn first_start_prints_a_token_once_and_every_service_reports_healthy() {
         served
             .banner
             .iter()
-            .any(|l| l.trim_start().starts_with("edge") && l.contains("ws://127.0.0.1:"))
+            .any(|l| l.trim_start().starts_with("clients") && l.contains("ws://127.0.0.1:"))
     );
 
     let health = muster(&["health", "--json"], &data);
