@@ -4,8 +4,8 @@
 
 use muster_proto::v1 as pb;
 use muster_protocol::envelope::Request;
+use muster_protocol::parse_datetime;
 use muster_protocol::topics::{Status, Topic, Track, Untrack};
-use muster_protocol::{format_datetime, parse_datetime};
 use serde_json::{Value, json};
 
 use crate::Edge;
@@ -20,18 +20,7 @@ pub(crate) enum Outcome {
 }
 
 fn wire(s: &pb::TopicSession) -> Value {
-    json!({
-        "topic": s.topic,
-        "principal": s.principal,
-        "kind": s.kind,
-        "agent_id": (!s.agent_id.is_empty()).then_some(&s.agent_id),
-        "session": s.session_id,
-        "since": format_datetime(s.since_ms),
-        "state": s.state,
-        "note": s.note,
-        "until_ts": (s.until_ms != 0).then(|| format_datetime(s.until_ms)),
-        "edge_id": s.edge_id,
-    })
+    muster_presence::TopicSession::from(s.clone()).wire()
 }
 
 async fn list(

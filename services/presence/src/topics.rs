@@ -40,20 +40,17 @@ pub struct TopicSession {
 }
 
 impl TopicSession {
-    /// The diff payload: `kind` is join, leave or status.
+    /// The diff payload: `kind` is join, leave or status; the session's own
+    /// kind travels as `ekind`.
     pub fn diff(&self, kind: &str) -> Value {
-        json!({
-            "kind": kind,
-            "topic": self.topic,
-            "principal": self.principal,
-            "ekind": self.kind,
-            "agent_id": self.agent_id,
-            "session": self.session_id,
-            "since": format_datetime(self.since_ms),
-            "state": self.state,
-            "note": self.note,
-            "until_ts": self.until_ms.map(format_datetime),
-        })
+        let mut diff = self.wire();
+        if let Some(map) = diff.as_object_mut() {
+            map.remove("edge_id");
+            let ekind = map.remove("kind").unwrap_or_default();
+            map.insert("ekind".into(), ekind);
+            map.insert("kind".into(), json!(kind));
+        }
+        diff
     }
 
     /// The session as listings carry it.
