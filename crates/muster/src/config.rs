@@ -58,6 +58,10 @@ pub struct Config {
     /// Serve plain `ws://` on a non-loopback address (behind a proxy that
     /// terminates TLS). Off: such an edge refuses to start.
     pub edge_allow_plaintext: bool,
+    /// The edge's own certificate and key (PEM): with both set it serves
+    /// `wss://`, taking client certificates from the mesh CA optionally.
+    pub edge_tls_cert: Option<PathBuf>,
+    pub edge_tls_key: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Config {
@@ -97,6 +101,8 @@ impl Default for Config {
             admin_token: None,
             presence_include_cli: false,
             edge_allow_plaintext: false,
+            edge_tls_cert: None,
+            edge_tls_key: None,
         }
     }
 }
@@ -120,6 +126,8 @@ const ENV_KEYS: &[&str] = &[
     "admin_token",
     "presence_include_cli",
     "edge_allow_plaintext",
+    "edge_tls_cert",
+    "edge_tls_key",
 ];
 
 /// A URL with any password replaced, for logs.
@@ -187,7 +195,15 @@ impl Config {
                 .with_context(|| format!("peers.{name}"))?;
         }
         let runs_edge = self.services.is_empty() || self.services.iter().any(|s| s == "edge");
-        if runs_edge && !self.edge_listen.ip().is_loopback() && !self.edge_allow_plaintext {
+        if self.edge_tls_cert.is_some() != self.edge_tls_key.is_some() {
+            bail!("edge_tls_cert and edge_tls_key go together");
+        }
+        let plaintext = self.edge_tls_cert.is_none();
+        if runs_edge
+            && plaintext
+            && !self.edge_listen.ip().is_loopback()
+            && !self.edge_allow_plaintext
+        {
             bail!(
                 "edge_listen {} is not loopback: plain ws:// is only served on loopback \
                  (set edge_allow_plaintext behind a proxy that terminates TLS)",

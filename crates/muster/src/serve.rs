@@ -255,7 +255,15 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                     presence: peer(ServiceName::Presence)?,
                     backplane: peer(ServiceName::Backplane)?,
                 };
+                let edge_tls = match (&config.edge_tls_cert, &config.edge_tls_key) {
+                    (Some(cert), Some(key)) => Some(
+                        muster_tls::edge_server_config(cert, key, &tls_dir.ca_cert_path())
+                            .context("loading the edge's tls certificate")?,
+                    ),
+                    _ => None,
+                };
                 let edge_config = muster_edge::EdgeConfig {
+                    tls: edge_tls,
                     gateway_tenant: config.default_tenant.clone(),
                     presence_includes_cli: config.presence_include_cli,
                     ..muster_edge::EdgeConfig::default()

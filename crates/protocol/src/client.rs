@@ -8,6 +8,7 @@ use crate::device::{DeviceKey, transcript};
 use base64::Engine;
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::Response;
@@ -25,13 +26,13 @@ pub enum TokenVia {
 }
 
 /// An open connection to `/ws`.
-pub struct Ws {
-    pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+pub struct Ws<S = MaybeTlsStream<TcpStream>> {
+    pub stream: WebSocketStream<S>,
     /// The upgrade response (headers such as the echoed subprotocol).
     pub response: Response<Option<Vec<u8>>>,
 }
 
-impl std::fmt::Debug for Ws {
+impl<S> std::fmt::Debug for Ws<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Ws").finish_non_exhaustive()
     }
@@ -44,7 +45,30 @@ pub async fn open(
     via: TokenVia,
     protocols: Option<&str>,
 ) -> Result<Ws, Error> {
-    let mut request = url.into_client_request().unwrap();
+    let (stream, response) =
+        tokio_tungstenite::connect_async(request(url, token, via, protocols)?).await?;
+    Ok(Ws { stream, response })
+}
+
+/// Opens `/ws` over a stream the caller connected (a TLS stream, say).
+pub async fn open_over<S>(stream: S, url: &str, token: &str, via: TokenVia) -> Result<Ws<S>, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (stream, response) =
+        tokio_tungstenite::client_async(request(url, token, via, None)?, stream).await?;
+    Ok(Ws { stream, response })
+}
+
+/// The upgrade request: `tyrum-v1` (unless `protocols` says otherwise)
+/// and the token where `via` puts it.
+fn request(
+    url: &str,
+    token: &str,
+    via: TokenVia,
+    protocols: Option<&str>,
+) -> Result<tokio_tungstenite::tungstenite::handshake::client::Request, Error> {
+    let mut request = url.into_client_request()?;
     let mut offered = protocols.unwrap_or("tyrum-v1").to_owned();
     match via {
         TokenVia::Bearer => {
@@ -69,8 +93,7 @@ pub async fn open(
             .headers_mut()
             .insert("sec-websocket-protocol", offered.parse().unwrap());
     }
-    let (stream, response) = tokio_tungstenite::connect_async(request).await?;
-    Ok(Ws { stream, response })
+    Ok(request)
 }
 
 /// What the server did next.
@@ -84,7 +107,7 @@ pub enum Next {
     Silent,
 }
 
-impl Ws {
+impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
     pub async fn send(&mut self, frame: Value) {
         self.send_text(&frame.to_string()).await;
     }

@@ -153,6 +153,35 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// The edge's public listener: its own certificate, and client
+/// certificates optional but, when presented, verified against `ca`. No
+/// session resumption (it would skip that check); HTTP/1.1 only, as the
+/// WebSocket upgrade needs.
+pub fn edge_server_config(
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = certs(cert)?;
+    let key = PrivateKeyDer::from_pem_slice(read_string(key)?.as_bytes()).map_err(pem_err(key))?;
+    let mut roots = RootCertStore::empty();
+    for root in certs(ca)? {
+        roots.add(root)?;
+    }
+    let provider = crypto_provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
 fn build(files: &TlsFiles, trust_domain: &str) -> Result<Loaded, TlsError> {
     // Fingerprint first: if the files change while we read them, the next
     // reload sees a different fingerprint and reads them again.

@@ -13,7 +13,7 @@ mod error;
 mod identity;
 
 pub use ca::{CertSummary, CertificateAuthority, IssueOptions, IssuedCert, TlsDir};
-pub use config::{MeshTls, TlsFiles};
+pub use config::{MeshTls, TlsFiles, edge_server_config};
 pub use error::TlsError;
 pub use identity::{ServiceName, SpiffeId, peer_spiffe_id};
 

@@ -15,6 +15,7 @@ use muster_protocol::device::{self, ProofError};
 use muster_protocol::envelope::{self, FrameError, Inbound, Request};
 use muster_protocol::handshake::{ConnectInit, ConnectProof};
 use muster_protocol::presence::{Beacon, wire_mode};
+use rustls::pki_types::CertificateDer;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -67,10 +68,11 @@ pub(crate) async fn run(
     socket: WebSocket,
     token: Option<String>,
     remote: SocketAddr,
+    cert: Option<CertificateDer<'static>>,
 ) {
     metrics::gauge!("muster_edge_sockets").increment(1.0);
     let (mut sink, mut stream) = socket.split();
-    let outcome = serve(&edge, &mut sink, &mut stream, token, remote).await;
+    let outcome = serve(&edge, &mut sink, &mut stream, token, remote, cert).await;
     if let Err(close) = outcome {
         send_close(&mut sink, close).await;
     }
@@ -83,9 +85,10 @@ async fn serve(
     stream: &mut Stream,
     token: Option<String>,
     remote: SocketAddr,
+    cert: Option<CertificateDer<'static>>,
 ) -> Result<(), Close> {
     let (claims, early) = authenticate(edge, stream, token).await?;
-    let handshaken = handshake(edge, sink, stream, &claims, early).await?;
+    let handshaken = handshake(edge, sink, stream, &claims, early, cert.as_ref()).await?;
     connected(edge, sink, stream, claims, handshaken, remote).await
 }
 
@@ -133,6 +136,7 @@ async fn handshake(
     stream: &mut Stream,
     claims: &Claims,
     early: Vec<String>,
+    cert: Option<&CertificateDer<'static>>,
 ) -> Result<Handshaken, Close> {
     let deadline = Instant::now() + edge.config.handshake_timeout;
     let mut pending: Option<(String, String, ConnectInit, String)> = None;
@@ -210,6 +214,15 @@ async fn handshake(
                         close::INVALID_PROOF
                     },
                 )?;
+                if let Some(cert) = cert
+                    && !cert_binds(cert, &claims.tenant_id, &device_id, &init.device.pubkey)
+                {
+                    tracing::info!(
+                        device_id,
+                        "client certificate not bound to the proved device"
+                    );
+                    return Err(close::UNAUTHORIZED);
+                }
                 let reply = envelope::ok(
                     &request.request_id,
                     &request.kind,
@@ -229,6 +242,20 @@ async fn handshake(
             _ => return Err(close::EXPECTED_CONNECT),
         }
     }
+}
+
+/// Whether a presented client certificate is the proved device's own:
+/// SPIFFE id `…/tenant/<tenant>/device/<device_id>` and the device's key.
+fn cert_binds(cert: &CertificateDer<'_>, tenant_id: &str, device_id: &str, pubkey: &str) -> bool {
+    use base64::Engine;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let bound_id = muster_tls::peer_spiffe_id(cert)
+        .is_some_and(|id| id.path == format!("/tenant/{tenant_id}/device/{device_id}"));
+    let Ok((_, parsed)) = X509Certificate::from_der(cert.as_ref()) else {
+        return false;
+    };
+    let spki = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(parsed.public_key().raw);
+    bound_id && spki == pubkey.trim_end_matches('=')
 }
 
 /// The connected peer: requests in, responses and events out, pings.

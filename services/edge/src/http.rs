@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
@@ -11,7 +12,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use muster_protocol::{MISSING_SUBPROTOCOL_BODY, SUBPROTOCOL};
+use rustls::pki_types::CertificateDer;
 use serde_json::json;
+use tokio::net::TcpListener;
 
 use crate::auth::presented_token;
 use crate::{Edge, connection};
@@ -25,9 +28,64 @@ pub(crate) fn router(edge: Arc<Edge>) -> Router {
         .with_state(edge)
 }
 
+/// The client certificate a `wss://` peer presented (already verified
+/// against the CA by TLS).
+#[derive(Debug, Clone)]
+pub(crate) struct ClientCert(pub(crate) Option<CertificateDer<'static>>);
+
+/// Serves `wss://`: each connection's TLS handshake in its own task with a
+/// deadline, then HTTP/1.1 with upgrades.
+pub(crate) async fn serve_tls(
+    edge: Arc<Edge>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+) -> std::io::Result<()> {
+    let app = router(edge.clone());
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = edge.shutdown.cancelled() => {
+                edge.registry.close_all(muster_protocol::close::SERVER_SHUTDOWN);
+                return Ok(());
+            }
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+        let app = app.clone();
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    _ => return,
+                };
+            let cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|c| c.clone().into_owned());
+            let app = app
+                .layer(axum::Extension(ConnectInfo(remote)))
+                .layer(axum::Extension(ClientCert(cert)));
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let _ =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+        });
+    }
+}
+
 async fn upgrade(
     State(edge): State<Arc<Edge>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
+    cert: Option<axum::Extension<ClientCert>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -49,7 +107,10 @@ async fn upgrade(
     ws.protocols([SUBPROTOCOL])
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| connection::run(edge, socket, token, remote))
+        .on_upgrade(move |socket| {
+            let cert = cert.and_then(|axum::Extension(ClientCert(cert))| cert);
+            connection::run(edge, socket, token, remote, cert)
+        })
 }
 
 /// An operator's bearer token with `operator.read` (or admin), or the HTTP

@@ -49,6 +49,9 @@ pub struct EdgeConfig {
     pub gateway_tenant: String,
     /// How often connected peers' presence is refreshed.
     pub touch_interval: Duration,
+    /// Serve `wss://` with this configuration (client certificates
+    /// optional); `None`: plain `ws://`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for EdgeConfig {
@@ -61,6 +64,7 @@ impl Default for EdgeConfig {
             presence_includes_cli: false,
             gateway_tenant: String::new(),
             touch_interval: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -102,7 +106,10 @@ impl Edge {
     ) -> Arc<Edge> {
         Arc::new(Edge {
             edge_id: uuid::Uuid::new_v4().to_string(),
-            ws_url: format!("ws://{ws_addr}/ws"),
+            ws_url: format!(
+                "{}://{ws_addr}/ws",
+                if config.tls.is_some() { "wss" } else { "ws" }
+            ),
             started_at_ms: muster_store::now_ms(),
             config,
             peers,
@@ -217,6 +224,12 @@ impl EdgeRpc for EdgeService {
 pub async fn serve_http(edge: Arc<Edge>, listener: TcpListener) -> std::io::Result<()> {
     let pump = tokio::spawn(pump::run(edge.clone()));
     let refresh = tokio::spawn(pump::refresh_presence(edge.clone()));
+    if let Some(tls) = edge.config.tls.clone() {
+        let served = http::serve_tls(edge, listener, tls).await;
+        pump.abort();
+        refresh.abort();
+        return served;
+    }
     let shutdown = edge.shutdown.clone();
     let closer = edge.clone();
     let served = axum::serve(

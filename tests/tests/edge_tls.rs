@@ -1,0 +1,155 @@
+//! The edge over `wss://`: operators without a client certificate, client
+//! certificates verified against the mesh CA, and a certificate that is not
+//! the proved device's own refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use muster_e2e::ws::{Next, TokenVia, open_over};
+use muster_e2e::{Host, config_in};
+use muster_protocol::device::DeviceKey;
+use muster_tls::{IssueOptions, ServiceName, TlsDir};
+use serde_json::json;
+use tokio::net::TcpStream;
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+async fn tls_host() -> Host {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config_in(dir.path(), None);
+    let tls = config.tls();
+    muster_tls::install_crypto_provider();
+    let (ca, _) = tls.ensure_ca(DAY * 3650).unwrap();
+    tls.ensure_issued(
+        &ca,
+        &config.trust_domain,
+        ServiceName::Edge,
+        &IssueOptions::valid_for(DAY * 30),
+    )
+    .unwrap();
+    config.edge_tls_cert = Some(tls.files(ServiceName::Edge).cert);
+    config.edge_tls_key = Some(tls.files(ServiceName::Edge).key);
+    Host::start_with(config, dir).await
+}
+
+/// A TLS connection to the edge, presenting `client`'s certificate if
+/// given, trusting `ca_dir`'s CA.
+async fn connect(
+    host: &Host,
+    ca_dir: &TlsDir,
+    client: Option<&TlsDir>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(ca_dir.ca_cert_path()).unwrap();
+    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(muster_tls::crypto_provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match client {
+        None => builder.with_no_client_auth(),
+        Some(dir) => {
+            let files = dir.files(ServiceName::Ctl);
+            let chain = rustls::pki_types::CertificateDer::pem_file_iter(&files.cert)
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&files.key).unwrap();
+            builder.with_client_auth_cert(chain, key).unwrap()
+        }
+    };
+    let addr = host
+        .ws_url()
+        .trim_start_matches("wss://")
+        .trim_end_matches("/ws")
+        .to_owned();
+    let tcp = TcpStream::connect(&addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+}
+
+fn wss_url(host: &Host) -> String {
+    let port = host.ws_url().rsplit(':').next().unwrap().to_owned();
+    format!("wss://localhost:{port}")
+}
+
+use rustls::pki_types::pem::PemObject;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_connect_over_wss_and_foreign_or_unbound_certificates_are_refused() {
+    let host = tls_host().await;
+    assert!(
+        host.ws_url().starts_with("wss://127.0.0.1:"),
+        "{}",
+        host.ws_url()
+    );
+    let ours = host.config.tls();
+
+    // No client certificate: an operator with a token.
+    let stream = connect(&host, &ours, None).await.unwrap();
+    let mut ws = open_over(
+        stream,
+        &wss_url(&host),
+        &host.admin_token(),
+        TokenVia::Bearer,
+    )
+    .await
+    .unwrap();
+    ws.handshake(&DeviceKey::generate(), "client", json!({}))
+        .await;
+    assert_eq!(ws.call("ping", json!({})).await["ok"], true);
+
+    // A certificate from another CA never gets past TLS.
+    let other = tempfile::tempdir().unwrap();
+    let foreign = TlsDir::new(other.path());
+    let (foreign_ca, _) = foreign.ensure_ca(DAY).unwrap();
+    foreign
+        .ensure_issued(
+            &foreign_ca,
+            "muster.local",
+            ServiceName::Ctl,
+            &IssueOptions::valid_for(DAY),
+        )
+        .unwrap();
+    let refused = match connect(&host, &ours, Some(&foreign)).await {
+        Err(_) => true,
+        Ok(stream) => open_over(
+            stream,
+            &wss_url(&host),
+            &host.admin_token(),
+            TokenVia::Bearer,
+        )
+        .await
+        .is_err(),
+    };
+    assert!(refused, "a foreign client certificate was accepted");
+
+    // A certificate from our CA that is not the proved device's: closed
+    // with 4001 once the device has proved its key.
+    let stream = connect(&host, &ours, Some(&ours)).await.unwrap();
+    let mut ws = open_over(
+        stream,
+        &wss_url(&host),
+        &host.admin_token(),
+        TokenVia::Bearer,
+    )
+    .await
+    .unwrap();
+    let refused = ws
+        .try_handshake(&DeviceKey::generate(), "node", json!({}))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains("Closed(4001, \"unauthorized\")"),
+        "{refused}"
+    );
+    assert!(matches!(
+        ws.next(Duration::from_secs(1)).await,
+        Next::Dropped | Next::Silent | Next::Closed(..)
+    ));
+    host.stop().await;
+}
