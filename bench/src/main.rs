@@ -33,6 +33,10 @@ enum Scenario {
         connections: usize,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+        /// Connect as `mode: "cli"`, which instance presence leaves out:
+        /// the protocol path alone, without the presence writes.
+        #[arg(long)]
+        without_presence: bool,
     },
     /// Server memory per idle connection (server and clients in separate
     /// processes).
@@ -70,7 +74,8 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Handshakes {
             connections,
             concurrency,
-        } => scenarios::handshakes(connections, concurrency).await,
+            without_presence,
+        } => scenarios::handshakes(connections, concurrency, without_presence).await,
         Scenario::Idle { connections } => scenarios::idle(connections).await,
         Scenario::Beacons { seconds, nodes } => scenarios::beacons(seconds, nodes).await,
         Scenario::BareServer => bare::serve_forever().await,

@@ -96,7 +96,12 @@ where
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
-pub async fn handshakes(n: usize, concurrency: usize) -> anyhow::Result<()> {
+pub async fn handshakes(
+    n: usize,
+    concurrency: usize,
+    without_presence: bool,
+) -> anyhow::Result<()> {
+    let mode = if without_presence { "cli" } else { "ui" };
     let muster = start_muster().await?;
     let bare = format!("ws://{}/ws", crate::bare::start().await?);
     let keys: Arc<Vec<DeviceKey>> = Arc::new((0..n).map(|_| DeviceKey::generate()).collect());
@@ -127,7 +132,7 @@ pub async fn handshakes(n: usize, concurrency: usize) -> anyhow::Result<()> {
         let (url, token, keys) = (url.clone(), token.clone(), keys.clone());
         async move {
             let mut ws = open(&url, &token, TokenVia::Bearer, None).await?;
-            ws.try_handshake(&keys[i], "client", json!({"mode": "ui"}))
+            ws.try_handshake(&keys[i], "client", json!({ "mode": mode }))
                 .await
                 .map_err(anyhow::Error::msg)?;
             ws.stream.close(None).await?;
@@ -135,7 +140,7 @@ pub async fn handshakes(n: usize, concurrency: usize) -> anyhow::Result<()> {
         }
     })
     .await?;
-    println!("handshakes: {n} connections, {concurrency} at a time");
+    println!("handshakes: {n} connections, {concurrency} at a time, mode {mode}");
     report("handshakes", "per s", baseline, measured, true);
     muster.running.stop().await?;
     Ok(())
