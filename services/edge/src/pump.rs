@@ -13,6 +13,9 @@ use tokio_stream::StreamExt;
 
 use crate::Edge;
 
+/// How many instances one presence refresh touches per transaction.
+const TOUCH_CHUNK: usize = 256;
+
 /// Event types peers receive: the Tyrum subset (Part B §8) and muster's
 /// own (docs/protocol-extensions.md). Other outbox items are internal.
 const DELIVERED: &[&str] = &[
@@ -175,16 +178,20 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
                 .or_default()
                 .push(peer.device_id.clone());
         }
+        // In chunks, so that no single transaction holds the store's write
+        // lock for long while new connections wait to be recorded.
         for (tenant_id, instance_ids) in by_tenant {
-            let touched = edge
-                .presence()
-                .touch_instances(pb::TouchInstancesRequest {
-                    tenant_id,
-                    instance_ids,
-                })
-                .await;
-            if let Err(status) = touched {
-                tracing::debug!(code = ?status.code(), "presence refresh failed");
+            for chunk in instance_ids.chunks(TOUCH_CHUNK) {
+                let touched = edge
+                    .presence()
+                    .touch_instances(pb::TouchInstancesRequest {
+                        tenant_id: tenant_id.clone(),
+                        instance_ids: chunk.to_vec(),
+                    })
+                    .await;
+                if let Err(status) = touched {
+                    tracing::debug!(code = ?status.code(), "presence refresh failed");
+                }
             }
         }
     }

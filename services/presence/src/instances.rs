@@ -8,7 +8,10 @@ use muster_store::outbox::NewItem;
 use muster_store::{StoreError, now_ms};
 use serde_json::json;
 
+use tokio::sync::{mpsc, oneshot};
+
 use crate::PresenceStore;
+use crate::store::InstanceWrite;
 
 /// Longest text a presence field may hold.
 const MAX_FIELD: usize = 256;
@@ -167,6 +170,43 @@ impl InstanceEntry {
     }
 }
 
+/// Commits what is waiting in one transaction, so connections that arrive
+/// together share one commit (group commit). If a batch fails, each of its
+/// writes is retried alone so that one bad write fails only itself.
+async fn write_batches(store: Arc<dyn PresenceStore>, mut pending: mpsc::Receiver<Pending>) {
+    while let Some(first) = pending.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match pending.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let (writes, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        match store.write_instances(&writes).await {
+            Ok(changed) => {
+                for (reply, changed) in replies.into_iter().zip(changed) {
+                    let _ = reply.send(Ok(changed));
+                }
+            }
+            Err(error) if writes.len() == 1 => {
+                if let Some(reply) = replies.into_iter().next() {
+                    let _ = reply.send(Err(error));
+                }
+            }
+            Err(_) => {
+                for (write, reply) in writes.into_iter().zip(replies) {
+                    let outcome = store
+                        .write_instances(std::slice::from_ref(&write))
+                        .await
+                        .map(|changed| changed.first().copied().unwrap_or(false));
+                    let _ = reply.send(outcome);
+                }
+            }
+        }
+    }
+}
+
 /// `presence.pruned`, for operators only.
 fn pruned_event(tenant_id: &str, instance_id: &str) -> NewItem {
     NewItem {
@@ -184,15 +224,37 @@ fn upserted(entry: &InstanceEntry) -> serde_json::Value {
     json!({ "entry": entry.wire() })
 }
 
+/// Writes waiting for the writer: each with where its outcome goes.
+type Pending = (InstanceWrite, oneshot::Sender<Result<bool, StoreError>>);
+
+/// At most this many writes share one transaction.
+const MAX_BATCH: usize = 128;
+
 /// Instance presence: upsert and list.
 #[derive(Clone)]
 pub struct Instances {
     store: Arc<dyn PresenceStore>,
+    writes: mpsc::Sender<Pending>,
 }
 
 impl Instances {
+    /// Must be called inside a tokio runtime: it starts the writer that
+    /// commits concurrent changes together.
     pub fn new(store: Arc<dyn PresenceStore>) -> Self {
-        Instances { store }
+        let (writes, pending) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(write_batches(store.clone(), pending));
+        Instances { store, writes }
+    }
+
+    async fn write(&self, write: InstanceWrite) -> Result<bool, StoreError> {
+        let (done, outcome) = oneshot::channel();
+        self.writes
+            .send((write, done))
+            .await
+            .map_err(|_| StoreError::invalid("presence", "writer stopped"))?;
+        outcome
+            .await
+            .map_err(|_| StoreError::invalid("presence", "writer stopped"))?
     }
 
     /// Creates or refreshes an entry (stamped now) and emits
@@ -215,9 +277,12 @@ impl Instances {
             audience_roles: vec!["client".into()],
             ..NewItem::event(tenant_id, "presence.upserted", upserted(&entry))
         };
-        self.store
-            .upsert_instance(tenant_id, &entry, &event)
-            .await?;
+        self.write(InstanceWrite::Upsert {
+            tenant_id: tenant_id.to_owned(),
+            entry: Box::new(entry.clone()),
+            event,
+        })
+        .await?;
         Ok(entry)
     }
 
@@ -247,12 +312,11 @@ impl Instances {
     /// emits `presence.pruned`; false when it was not present.
     pub async fn remove(&self, tenant_id: &str, instance_id: &str) -> Result<bool, PresenceError> {
         Ok(self
-            .store
-            .remove_instance(
-                tenant_id,
-                instance_id,
-                &pruned_event(tenant_id, instance_id),
-            )
+            .write(InstanceWrite::Remove {
+                tenant_id: tenant_id.to_owned(),
+                instance_id: instance_id.to_owned(),
+                event: pruned_event(tenant_id, instance_id),
+            })
             .await?)
     }
 

@@ -10,5 +10,5 @@ mod topics;
 
 pub use grpc::{PresenceService, RULES, spec};
 pub use instances::{InstanceEntry, InstanceRole, Instances, PresenceError, Retention};
-pub use store::{PresenceStore, TopicStore};
+pub use store::{InstanceWrite, PresenceStore, TopicStore};
 pub use topics::{DIFF_EVENT, NOTE_CHARS, TopicError, TopicSession, Topics};

@@ -8,15 +8,28 @@ use sqlx::any::AnyRow;
 use crate::InstanceEntry;
 use crate::topics::{TopicSession, diff_event};
 
+/// One change to instance presence, with the event that describes it.
+#[derive(Debug, Clone)]
+pub enum InstanceWrite {
+    Upsert {
+        tenant_id: String,
+        entry: Box<InstanceEntry>,
+        event: NewItem,
+    },
+    Remove {
+        tenant_id: String,
+        instance_id: String,
+        event: NewItem,
+    },
+}
+
 /// Where presence keeps its state. Each change commits with its event.
 #[tonic::async_trait]
 pub trait PresenceStore: Send + Sync + 'static {
-    async fn upsert_instance(
-        &self,
-        tenant_id: &str,
-        entry: &InstanceEntry,
-        event: &NewItem,
-    ) -> Result<(), StoreError>;
+    /// Applies instance upserts and removals in order, in one transaction
+    /// (one commit for many connections arriving together). Returns, per
+    /// write, whether it changed a row; an event is appended only then.
+    async fn write_instances(&self, writes: &[InstanceWrite]) -> Result<Vec<bool>, StoreError>;
     /// Newest first.
     async fn list_instances(&self, tenant_id: &str) -> Result<Vec<InstanceEntry>, StoreError>;
     async fn touch_instances(
@@ -25,13 +38,6 @@ pub trait PresenceStore: Send + Sync + 'static {
         instance_ids: &[String],
         at_ms: i64,
     ) -> Result<u64, StoreError>;
-    /// Deletes one entry with its event; false when there was none.
-    async fn remove_instance(
-        &self,
-        tenant_id: &str,
-        instance_id: &str,
-        event: &NewItem,
-    ) -> Result<bool, StoreError>;
     /// Deletes entries last seen before `cutoff_ms` and, per tenant, all
     /// but the newest `cap`, appending `event(tenant, instance)` for each.
     async fn prune_instances(
@@ -64,41 +70,67 @@ fn entry(row: &AnyRow) -> Result<InstanceEntry, StoreError> {
 
 #[tonic::async_trait]
 impl PresenceStore for Store {
-    async fn upsert_instance(
-        &self,
-        tenant_id: &str,
-        entry: &InstanceEntry,
-        event: &NewItem,
-    ) -> Result<(), StoreError> {
+    async fn write_instances(&self, writes: &[InstanceWrite]) -> Result<Vec<bool>, StoreError> {
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO instance_presence (tenant_id, instance_id, role, reported_host, reported_ip, \
-             observed_ip, version, mode, last_seen_at_ms, last_input_seconds, reason, metadata) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-             ON CONFLICT (tenant_id, instance_id) DO UPDATE SET role = excluded.role, \
-             reported_host = excluded.reported_host, reported_ip = excluded.reported_ip, \
-             observed_ip = excluded.observed_ip, version = excluded.version, mode = excluded.mode, \
-             last_seen_at_ms = excluded.last_seen_at_ms, \
-             last_input_seconds = excluded.last_input_seconds, reason = excluded.reason, \
-             metadata = excluded.metadata",
-        )
-        .bind(tenant_id)
-        .bind(&entry.instance_id)
-        .bind(entry.role.as_str())
-        .bind(&entry.reported_host)
-        .bind(&entry.reported_ip)
-        .bind(&entry.observed_ip)
-        .bind(&entry.version)
-        .bind(&entry.mode)
-        .bind(entry.last_seen_at_ms)
-        .bind(entry.last_input_seconds.unwrap_or(-1))
-        .bind(&entry.reason)
-        .bind(entry.metadata.to_string())
-        .execute(&mut *tx)
-        .await?;
-        outbox::append(&mut tx, event).await?;
+        let mut changed = Vec::with_capacity(writes.len());
+        for write in writes {
+            match write {
+                InstanceWrite::Upsert {
+                    tenant_id,
+                    entry,
+                    event,
+                } => {
+                    sqlx::query(
+                        "INSERT INTO instance_presence (tenant_id, instance_id, role, reported_host, reported_ip, \
+                         observed_ip, version, mode, last_seen_at_ms, last_input_seconds, reason, metadata) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                         ON CONFLICT (tenant_id, instance_id) DO UPDATE SET role = excluded.role, \
+                         reported_host = excluded.reported_host, reported_ip = excluded.reported_ip, \
+                         observed_ip = excluded.observed_ip, version = excluded.version, mode = excluded.mode, \
+                         last_seen_at_ms = excluded.last_seen_at_ms, \
+                         last_input_seconds = excluded.last_input_seconds, reason = excluded.reason, \
+                         metadata = excluded.metadata",
+                    )
+                    .bind(tenant_id)
+                    .bind(&entry.instance_id)
+                    .bind(entry.role.as_str())
+                    .bind(&entry.reported_host)
+                    .bind(&entry.reported_ip)
+                    .bind(&entry.observed_ip)
+                    .bind(&entry.version)
+                    .bind(&entry.mode)
+                    .bind(entry.last_seen_at_ms)
+                    .bind(entry.last_input_seconds.unwrap_or(-1))
+                    .bind(&entry.reason)
+                    .bind(entry.metadata.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                    outbox::append(&mut tx, event).await?;
+                    changed.push(true);
+                }
+                InstanceWrite::Remove {
+                    tenant_id,
+                    instance_id,
+                    event,
+                } => {
+                    let removed = sqlx::query(
+                        "DELETE FROM instance_presence WHERE tenant_id = $1 AND instance_id = $2",
+                    )
+                    .bind(tenant_id)
+                    .bind(instance_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                        > 0;
+                    if removed {
+                        outbox::append(&mut tx, event).await?;
+                    }
+                    changed.push(removed);
+                }
+            }
+        }
         self.commit(tx).await?;
-        Ok(())
+        Ok(changed)
     }
 
     async fn list_instances(&self, tenant_id: &str) -> Result<Vec<InstanceEntry>, StoreError> {
@@ -168,28 +200,6 @@ impl PresenceStore for Store {
         }
         self.commit(tx).await?;
         Ok(pruned)
-    }
-
-    async fn remove_instance(
-        &self,
-        tenant_id: &str,
-        instance_id: &str,
-        event: &NewItem,
-    ) -> Result<bool, StoreError> {
-        let mut tx = self.begin().await?;
-        let removed =
-            sqlx::query("DELETE FROM instance_presence WHERE tenant_id = $1 AND instance_id = $2")
-                .bind(tenant_id)
-                .bind(instance_id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-        if removed == 0 {
-            return Ok(false);
-        }
-        outbox::append(&mut tx, event).await?;
-        self.commit(tx).await?;
-        Ok(true)
     }
 }
 
