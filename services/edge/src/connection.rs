@@ -288,7 +288,7 @@ async fn connected(
     edge.registry.insert(peer.clone());
     let _registered = Deregister {
         edge: edge.clone(),
-        peer: peer.clone(),
+        connection_id: peer.connection_id.clone(),
     };
     tracing::info!(connection_id = %peer.connection_id, device_id = %peer.device_id, role, tenant_id = %claims.tenant_id, "peer connected");
     if in_presence {
@@ -321,93 +321,101 @@ async fn connected(
     ping.reset();
     let mut last_pong = Instant::now();
     let slow = inbox.slow();
-    loop {
-        tokio::select! {
-            _ = edge.shutdown.cancelled() => return Err(close::SERVER_SHUTDOWN),
-            _ = slow.notified() => return Err(close::SLOW_CONSUMER),
-            out = inbox.rx.recv() => match out {
-                Some(Outgoing::Text(text)) => {
-                    let len = text.len();
-                    let sent = tokio::select! {
-                        sent = send_text(sink, text) => sent,
-                        _ = slow.notified() => return Err(close::SLOW_CONSUMER),
-                    };
-                    inbox.written(len);
-                    if !sent {
+    // Every way out of the loop returns from this block, so that the peer
+    // always leaves (registry, topics, presence) before the socket closes.
+    let outcome = async {
+        loop {
+            tokio::select! {
+                _ = edge.shutdown.cancelled() => return Err(close::SERVER_SHUTDOWN),
+                _ = slow.notified() => return Err(close::SLOW_CONSUMER),
+                out = inbox.rx.recv() => match out {
+                    Some(Outgoing::Text(text)) => {
+                        let len = text.len();
+                        let sent = tokio::select! {
+                            sent = send_text(sink, text) => sent,
+                            _ = slow.notified() => return Err(close::SLOW_CONSUMER),
+                        };
+                        inbox.written(len);
+                        if !sent {
+                            return Ok(());
+                        }
+                    }
+                    Some(Outgoing::Close(close)) => return Err(close),
+                    None => return Ok(()),
+                },
+                _ = ping.tick() => {
+                    if last_pong.elapsed() > edge.config.pong_timeout {
+                        // Dropped without a close frame: the peer sees 1006.
+                        tracing::info!(connection_id = %peer.connection_id, "no pong: terminating");
+                        return Ok(());
+                    }
+                    if sink.send(Message::Ping(Default::default())).await.is_err() {
                         return Ok(());
                     }
                 }
-                Some(Outgoing::Close(close)) => return Err(close),
-                None => return Ok(()),
-            },
-            _ = ping.tick() => {
-                if last_pong.elapsed() > edge.config.pong_timeout {
-                    // Dropped without a close frame: the peer sees 1006.
-                    tracing::info!(connection_id = %peer.connection_id, "no pong: terminating");
-                    return Ok(());
-                }
-                if sink.send(Message::Ping(Default::default())).await.is_err() {
-                    return Ok(());
-                }
+                frame = stream.next() => match frame {
+                    None | Some(Err(_)) => return Ok(()),
+                    Some(Ok(Message::Close(_))) => return Ok(()),
+                    Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
+                    Some(Ok(Message::Ping(_))) => {}
+                    Some(Ok(Message::Text(text))) => handle_frame(edge, &peer, &outbound, text.as_str()).await,
+                    Some(Ok(Message::Binary(bytes))) => {
+                        let text = String::from_utf8_lossy(&bytes).into_owned();
+                        handle_frame(edge, &peer, &outbound, &text).await
+                    }
+                },
             }
-            frame = stream.next() => match frame {
-                None | Some(Err(_)) => return Ok(()),
-                Some(Ok(Message::Close(_))) => return Ok(()),
-                Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
-                Some(Ok(Message::Ping(_))) => {}
-                Some(Ok(Message::Text(text))) => handle_frame(edge, &peer, &outbound, text.as_str()).await,
-                Some(Ok(Message::Binary(bytes))) => {
-                    let text = String::from_utf8_lossy(&bytes).into_owned();
-                    handle_frame(edge, &peer, &outbound, &text).await
-                }
-            },
         }
     }
+    .await;
+    leave(edge, &peer).await;
+    outcome
 }
 
-/// Removes the peer from the registry however the connection ends; when
-/// it was the device's last connection here, the device leaves instance
-/// presence (`presence.pruned`) instead of lingering until the TTL.
+/// Takes a peer out of the registry even if its task ends by a panic.
 struct Deregister {
     edge: Arc<Edge>,
-    peer: Peer,
+    connection_id: String,
 }
 
 impl Drop for Deregister {
     fn drop(&mut self) {
-        let edge = self.edge.clone();
-        let peer = &self.peer;
-        edge.registry.remove(&peer.connection_id);
-        // A closed connection leaves every topic it tracked sessions in.
-        if peer.tracked.load(std::sync::atomic::Ordering::Relaxed) {
-            let untrack = pb::UntrackConnectionRequest {
-                tenant_id: peer.claims.tenant_id.clone(),
-                connection_id: peer.connection_id.clone(),
-            };
-            let mut presence = edge.presence();
-            tokio::spawn(async move {
-                if let Err(status) = presence.untrack_connection(untrack).await {
-                    tracing::warn!(code = ?status.code(), "untracking a closed connection's topics failed");
-                }
-            });
-        }
-        let still_here = edge
-            .registry
-            .tenant(&peer.claims.tenant_id)
-            .iter()
-            .any(|p| p.device_id == peer.device_id);
-        if !peer.in_presence || still_here || edge.shutdown.is_cancelled() {
-            return;
-        }
-        let request = pb::RemoveInstanceRequest {
+        self.edge.registry.remove(&self.connection_id);
+    }
+}
+
+/// A closed connection leaves every topic it tracked sessions in; when it
+/// was the device's last connection here, the device leaves instance
+/// presence (`presence.pruned`) instead of lingering until the TTL. On
+/// shutdown both are left to the TTL and to the next edge.
+async fn leave(edge: &Edge, peer: &Peer) {
+    edge.registry.remove(&peer.connection_id);
+    if edge.shutdown.is_cancelled() {
+        return;
+    }
+    if peer.tracked.load(std::sync::atomic::Ordering::Relaxed) {
+        let untrack = pb::UntrackConnectionRequest {
             tenant_id: peer.claims.tenant_id.clone(),
-            instance_id: peer.device_id.clone(),
+            connection_id: peer.connection_id.clone(),
         };
-        tokio::spawn(async move {
-            if let Err(status) = edge.presence().remove_instance(request).await {
-                tracing::debug!(code = ?status.code(), "presence removal failed; the TTL will prune it");
-            }
-        });
+        if let Err(status) = edge.presence().untrack_connection(untrack).await {
+            tracing::warn!(code = ?status.code(), "untracking a closed connection's topics failed");
+        }
+    }
+    let still_here = edge
+        .registry
+        .tenant(&peer.claims.tenant_id)
+        .iter()
+        .any(|p| p.device_id == peer.device_id);
+    if !peer.in_presence || still_here {
+        return;
+    }
+    let request = pb::RemoveInstanceRequest {
+        tenant_id: peer.claims.tenant_id.clone(),
+        instance_id: peer.device_id.clone(),
+    };
+    if let Err(status) = edge.presence().remove_instance(request).await {
+        tracing::debug!(code = ?status.code(), "presence removal failed; the TTL will prune it");
     }
 }
 
