@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// The bare server's listener. A frame is a proof to verify
 /// (`{"pubkey", "proof", "text"}`, answered `ok`), `subscribe` (the
@@ -32,7 +33,13 @@ pub async fn start() -> anyhow::Result<SocketAddr> {
                         .insert("sec-websocket-protocol", "tyrum-v1".parse().unwrap());
                     Ok(response)
                 };
-                let Ok(ws) = tokio_tungstenite::accept_hdr_async(tcp, echo).await else {
+                // The same socket configuration as the edge's, so that the
+                // comparison shows what muster adds per connection.
+                let config =
+                    WebSocketConfig::default().read_buffer_size(muster_edge::READ_BUFFER_BYTES);
+                let Ok(ws) =
+                    tokio_tungstenite::accept_hdr_async_with_config(tcp, echo, Some(config)).await
+                else {
                     return;
                 };
                 let (mut sink, mut stream) = ws.split();

@@ -330,6 +330,15 @@ pub async fn idle(n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Keeps reading a held connection, as a live idle client does: the
+/// server's pings get their pongs, and whatever arrives is dropped.
+fn keep_reading<S>(mut stream: tokio_tungstenite::WebSocketStream<S>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+}
+
 /// Opens `n` connections (handshaken, for muster), prints `ready`, and
 /// holds them until killed.
 pub async fn hold_idle(url: &str, token: &str, n: usize, bare: bool) -> anyhow::Result<()> {
@@ -339,22 +348,23 @@ pub async fn hold_idle(url: &str, token: &str, n: usize, bare: bool) -> anyhow::
         let permit = gate.clone().acquire_owned().await?;
         let (url, token) = (url.to_owned(), token.to_owned());
         tasks.push(tokio::spawn(async move {
-            let held: Box<dyn std::any::Any + Send> = if bare {
-                Box::new(bare_connect(&url).await?)
+            if bare {
+                keep_reading(bare_connect(&url).await?);
             } else {
                 let mut ws = open(&url, &token, TokenVia::Bearer, None).await?;
-                ws.try_handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
+                // Idle fleets are devices: nodes, which (unlike operators)
+                // receive no presence events for each other's arrivals.
+                ws.try_handshake(&DeviceKey::generate(), "node", json!({"mode": "node"}))
                     .await
                     .map_err(anyhow::Error::msg)?;
-                Box::new(ws)
-            };
+                keep_reading(ws.stream);
+            }
             drop(permit);
-            anyhow::Ok(held)
+            anyhow::Ok(())
         }));
     }
-    let mut held = Vec::with_capacity(n);
     for task in tasks {
-        held.push(task.await??);
+        task.await??;
     }
     println!("ready");
     std::future::pending::<()>().await;

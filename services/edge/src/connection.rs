@@ -87,8 +87,12 @@ async fn serve(
     remote: SocketAddr,
     cert: Option<CertificateDer<'static>>,
 ) -> Result<(), Close> {
-    let (claims, early) = authenticate(edge, stream, token).await?;
-    let handshaken = handshake(edge, sink, stream, &claims, early, cert.as_ref()).await?;
+    // The phases before and after the handshake are boxed, and so is the
+    // handling of each frame: a future holds the state of its largest
+    // await, and gRPC calls are large, so inlining them would make every
+    // idle connection pay for a request it is not making.
+    let (claims, early) = Box::pin(authenticate(edge, stream, token)).await?;
+    let handshaken = Box::pin(handshake(edge, sink, stream, &claims, early, cert.as_ref())).await?;
     connected(edge, sink, stream, claims, handshaken, remote).await
 }
 
@@ -312,7 +316,7 @@ async fn connected(
             metadata_json: json!({"capabilities": capabilities, "edge_id": edge.edge_id})
                 .to_string(),
         };
-        if let Err(status) = upsert(edge, &claims.tenant_id, entry).await {
+        if let Err(status) = Box::pin(upsert(edge, &claims.tenant_id, entry)).await {
             tracing::warn!(code = ?status.code(), "presence upsert on connect failed");
         }
     }
@@ -358,17 +362,17 @@ async fn connected(
                     Some(Ok(Message::Close(_))) => return Ok(()),
                     Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
                     Some(Ok(Message::Ping(_))) => {}
-                    Some(Ok(Message::Text(text))) => handle_frame(edge, &peer, &outbound, text.as_str()).await,
+                    Some(Ok(Message::Text(text))) => Box::pin(handle_frame(edge, &peer, &outbound, text.as_str())).await,
                     Some(Ok(Message::Binary(bytes))) => {
                         let text = String::from_utf8_lossy(&bytes).into_owned();
-                        handle_frame(edge, &peer, &outbound, &text).await
+                        Box::pin(handle_frame(edge, &peer, &outbound, &text)).await
                     }
                 },
             }
         }
     }
     .await;
-    leave(edge, &peer).await;
+    Box::pin(leave(edge, &peer)).await;
     outcome
 }
 

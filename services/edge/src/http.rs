@@ -104,7 +104,12 @@ async fn upgrade(
     }
     let token = presented_token(&headers, offered.iter().map(String::as_str));
     let max = edge.config.max_message_bytes;
+    // Peers send small JSON frames; tungstenite's 128 KiB default read
+    // buffer is allocated eagerly per connection and would dominate the
+    // memory of an edge holding many idle peers. Larger frames still
+    // arrive whole: the buffer grows for them.
     ws.protocols([SUBPROTOCOL])
+        .read_buffer_size(crate::READ_BUFFER_BYTES)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {

@@ -30,6 +30,10 @@ use tonic::{Request, Response, Status};
 pub use auth::Claims;
 pub use outbound::SLOW_CONSUMER_BYTES;
 
+/// The initial read buffer of each peer's socket (tungstenite allocates it
+/// eagerly; its default is 128 KiB).
+pub const READ_BUFFER_BYTES: usize = 8 * 1024;
+
 use crate::registry::Registry;
 
 /// How an edge treats its peers.
