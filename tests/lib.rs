@@ -117,12 +117,18 @@ impl Host {
 
     /// Mints a client token with `scopes` through identity, as `ctl`.
     pub async fn client_token(&self, scopes: &[&str]) -> (String, String) {
+        self.client_token_in(&self.config.default_tenant.clone(), scopes)
+            .await
+    }
+
+    /// Mints a client token of `tenant_id` with `scopes`.
+    pub async fn client_token_in(&self, tenant_id: &str, scopes: &[&str]) -> (String, String) {
         let mut identity = muster_proto::v1::identity_client::IdentityClient::new(
             self.channel(ServiceName::Identity, ServiceName::Ctl),
         );
         let created = identity
             .create_token(muster_proto::v1::CreateTokenRequest {
-                tenant_id: self.config.default_tenant.clone(),
+                tenant_id: tenant_id.to_owned(),
                 role: "client".into(),
                 scopes: scopes.iter().map(|s| s.to_string()).collect(),
                 label: "test".into(),

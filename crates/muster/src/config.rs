@@ -55,6 +55,10 @@ pub struct Config {
     /// Whether `cli` connections (the command line) appear in instance
     /// presence.
     pub presence_include_cli: bool,
+    /// The edge's name: the consumer its backplane progress is kept under
+    /// and the owner of its connections in the directory. Unset: a new
+    /// random id at every start.
+    pub edge_id: Option<String>,
     /// Serve plain `ws://` on a non-loopback address (behind a proxy that
     /// terminates TLS). Off: such an edge refuses to start.
     pub edge_allow_plaintext: bool,
@@ -100,6 +104,7 @@ impl Default for Config {
             log_format: "auto".into(),
             admin_token: None,
             presence_include_cli: false,
+            edge_id: None,
             edge_allow_plaintext: false,
             edge_tls_cert: None,
             edge_tls_key: None,
@@ -125,6 +130,7 @@ const ENV_KEYS: &[&str] = &[
     "log_format",
     "admin_token",
     "presence_include_cli",
+    "edge_id",
     "edge_allow_plaintext",
     "edge_tls_cert",
     "edge_tls_key",

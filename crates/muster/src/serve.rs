@@ -27,6 +27,8 @@ const DEV_CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 86_400);
 /// How long a single host's service certificates live; they are renewed
 /// with a third of that left.
 const DEV_CERT_VALIDITY: Duration = Duration::from_secs(30 * 86_400);
+/// How often the outbox is compacted (under a lease) and measured.
+const COMPACT_EVERY: Duration = Duration::from_secs(10);
 /// How often presence forgets stale entries.
 const PRUNE_EVERY: Duration = Duration::from_secs(5);
 /// How often a single host checks whether its certificates need renewal.
@@ -212,7 +214,13 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         );
         let spec: ServiceSpec = match name {
             ServiceName::Backplane => {
-                muster_backplane::spec(muster_backplane::Outbox::new(Arc::new(store.clone())))
+                let outbox = muster_backplane::Outbox::new(Arc::new(store.clone()));
+                tokio::spawn(outbox.clone().maintain(
+                    muster_backplane::default_retention(),
+                    COMPACT_EVERY,
+                    shutdown.clone().cancelled_owned(),
+                ));
+                muster_backplane::spec(outbox)
             }
             ServiceName::Identity => {
                 let tokens = Tokens::new(Arc::new(store.clone()));
@@ -266,6 +274,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                     tls: edge_tls,
                     gateway_tenant: config.default_tenant.clone(),
                     presence_includes_cli: config.presence_include_cli,
+                    edge_id: config.edge_id.clone(),
                     ..muster_edge::EdgeConfig::default()
                 };
                 let edge = muster_edge::Edge::new(

@@ -173,17 +173,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
         payload: Value,
         within: Duration,
     ) -> Result<Value, Next> {
+        self.try_call_with_events(kind, payload, within)
+            .await
+            .map(|(response, _)| response)
+    }
+
+    /// Like [`Ws::call`], and also returns the events that arrived before
+    /// the response.
+    pub async fn call_with_events(&mut self, kind: &str, payload: Value) -> (Value, Vec<Value>) {
+        self.try_call_with_events(kind, payload, Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|next| panic!("no response to {kind}: {next:?}"))
+    }
+
+    async fn try_call_with_events(
+        &mut self,
+        kind: &str,
+        payload: Value,
+        within: Duration,
+    ) -> Result<(Value, Vec<Value>), Next> {
         let request_id = format!("req-{}", uuid::Uuid::new_v4());
         self.send(json!({"request_id": request_id, "type": kind, "payload": payload}))
             .await;
         let deadline = tokio::time::Instant::now() + within;
+        let mut events = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.next(left).await {
                 Next::Json(frame) if frame.get("request_id") == Some(&json!(request_id)) => {
-                    return Ok(frame);
+                    return Ok((frame, events));
                 }
-                Next::Json(_) => continue,
+                Next::Json(frame) => {
+                    if frame.get("event_id").is_some() {
+                        events.push(frame);
+                    }
+                }
                 other => return Err(other),
             }
         }

@@ -75,8 +75,9 @@ pub const TYRUM_TYPES: [Entry; 57] = [
 
 /// muster's own request types (docs/protocol-extensions.md). The `muster.`
 /// prefix keeps them clear of every Tyrum type.
-pub const MUSTER_TYPES: [Entry; 9] = [
+pub const MUSTER_TYPES: [Entry; 10] = [
     ("muster.presence.list", READ),
+    ("muster.stream.resume", OPEN),
     ("muster.status", READ),
     ("muster.topic.track", OPEN),
     ("muster.topic.untrack", OPEN),

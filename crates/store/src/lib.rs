@@ -10,9 +10,10 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod lease;
 pub mod outbox;
 mod store;
 pub mod testing;
 
 pub use error::StoreError;
-pub use store::{AnyQuery, Backend, Store, StoreOptions, Tx, now_ms};
+pub use store::{AnyQuery, Backend, COMMITS_CHANNEL, Store, StoreOptions, Tx, now_ms};

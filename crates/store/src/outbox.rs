@@ -6,7 +6,7 @@ use serde_json::{Map, Value};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 
-use crate::{Store, StoreError, Tx, now_ms};
+use crate::{Backend, Store, StoreError, Tx, now_ms};
 
 /// Who an item is addressed to, when it is directed rather than broadcast.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,9 +125,12 @@ fn validate(item: &NewItem) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Appends `item` inside `tx` and returns its position. Nothing is visible
-/// to readers until `tx` commits; if it rolls back, the item never existed.
-pub async fn append(tx: &mut Tx, item: &NewItem) -> Result<i64, StoreError> {
+/// Appends `item` inside `tx`. Nothing is visible to readers until `tx`
+/// commits; if it rolls back, the item never existed. The item's position
+/// is known once it is readable: on SQLite at insert (one writer at a time
+/// means insert order is commit order), on Postgres when [`sequence`] gives
+/// it one after the commit.
+pub async fn append(tx: &mut Tx, item: &NewItem) -> Result<(), StoreError> {
     validate(item)?;
     let (target_kind, target_id) = match &item.target {
         Some(target) => {
@@ -136,10 +139,10 @@ pub async fn append(tx: &mut Tx, item: &NewItem) -> Result<i64, StoreError> {
         }
         None => (None, None),
     };
-    let row = sqlx::query(
+    sqlx::query(
         "INSERT INTO outbox (tenant_id, event_id, type, payload, target_kind, target_id, \
          audience_roles, audience_scopes, occurred_at_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING position",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
     )
     .bind(&item.tenant_id)
     .bind(&item.event_id)
@@ -150,9 +153,50 @@ pub async fn append(tx: &mut Tx, item: &NewItem) -> Result<i64, StoreError> {
     .bind(serde_json::to_string(&item.audience_roles).unwrap_or_default())
     .bind(serde_json::to_string(&item.audience_scopes).unwrap_or_default())
     .bind(now_ms())
-    .fetch_one(&mut **tx)
+    .execute(&mut **tx)
     .await?;
-    Ok(row.try_get(0)?)
+    Ok(())
+}
+
+/// Postgres: gives committed items without a position the next positions,
+/// in insertion order, at most `limit`; returns how many. One sequencer
+/// runs at a time (the row lock on `outbox_sequence`) and its positions
+/// become visible together at its commit, so positions appear in
+/// increasing order: an item committed after a reader passed position `p`
+/// gets a position above `p`. SQLite: nothing to do (positions are given
+/// at insert, in commit order).
+pub async fn sequence(store: &Store, limit: i64) -> Result<u64, StoreError> {
+    if store.backend() == Backend::Sqlite {
+        return Ok(0);
+    }
+    let mut tx = store.pool().begin().await?;
+    let last: i64 = sqlx::query("SELECT last_position FROM outbox_sequence FOR UPDATE")
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get(0)?;
+    // Read after the lock is held: every sequencer before this one has
+    // committed, and this statement's snapshot sees its positions.
+    let sequenced = sqlx::query(
+        "UPDATE outbox SET position = $1 + pending.n \
+         FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM outbox \
+               WHERE position IS NULL ORDER BY id LIMIT $2) AS pending \
+         WHERE outbox.id = pending.id",
+    )
+    .bind(last)
+    .bind(limit)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    if sequenced == 0 {
+        tx.rollback().await?;
+        return Ok(0);
+    }
+    sqlx::query("UPDATE outbox_sequence SET last_position = $1")
+        .bind(last + sequenced as i64)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(sequenced)
 }
 
 const ITEM_COLUMNS: &str = "position, tenant_id, event_id, type, payload, target_kind, target_id, \
@@ -198,13 +242,169 @@ pub async fn read_all_after(
         .await
 }
 
-/// The position of the newest committed item, 0 when there is none.
+/// The position of the newest readable item, 0 when there is none.
 pub async fn head(store: &Store) -> Result<i64, StoreError> {
-    use sqlx::Row;
     let row = sqlx::query("SELECT COALESCE(MAX(position), 0) FROM outbox")
         .fetch_one(store.pool())
         .await?;
     Ok(row.try_get(0)?)
+}
+
+/// The position of a readable item of `tenant_id`, if the outbox still
+/// holds it.
+pub async fn position_of(
+    store: &Store,
+    tenant_id: &str,
+    event_id: &str,
+) -> Result<Option<i64>, StoreError> {
+    store
+        .fetch_optional(
+            sqlx::query(
+                "SELECT position FROM outbox \
+                 WHERE tenant_id = $1 AND event_id = $2 AND position IS NOT NULL",
+            )
+            .bind(tenant_id)
+            .bind(event_id),
+            |row| Ok(row.try_get::<i64, _>(0)?),
+        )
+        .await
+}
+
+/// Records that `consumer_id` has everything up to `position`; progress
+/// never moves backwards.
+pub async fn ack(store: &Store, consumer_id: &str, position: i64) -> Result<(), StoreError> {
+    if consumer_id.trim().is_empty() {
+        return Err(StoreError::invalid("consumer_id", "empty"));
+    }
+    sqlx::query(
+        "INSERT INTO outbox_consumers (consumer_id, position, updated_at_ms) VALUES ($1, $2, $3) \
+         ON CONFLICT (consumer_id) DO UPDATE SET \
+         position = CASE WHEN excluded.position > outbox_consumers.position \
+                    THEN excluded.position ELSE outbox_consumers.position END, \
+         updated_at_ms = excluded.updated_at_ms",
+    )
+    .bind(consumer_id)
+    .bind(position)
+    .bind(now_ms())
+    .execute(store.pool())
+    .await?;
+    Ok(())
+}
+
+/// A consumer's acknowledged position.
+pub async fn progress(store: &Store, consumer_id: &str) -> Result<Option<i64>, StoreError> {
+    store
+        .fetch_optional(
+            sqlx::query("SELECT position FROM outbox_consumers WHERE consumer_id = $1")
+                .bind(consumer_id),
+            |row| Ok(row.try_get::<i64, _>(0)?),
+        )
+        .await
+}
+
+/// One consumer's progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumer {
+    pub consumer_id: String,
+    pub position: i64,
+    pub updated_at_ms: i64,
+}
+
+/// Every consumer's progress.
+pub async fn consumers(store: &Store) -> Result<Vec<Consumer>, StoreError> {
+    store
+        .fetch_all(
+            sqlx::query(
+                "SELECT consumer_id, position, updated_at_ms FROM outbox_consumers \
+                 ORDER BY consumer_id",
+            ),
+            |row| {
+                Ok(Consumer {
+                    consumer_id: row.try_get(0)?,
+                    position: row.try_get(1)?,
+                    updated_at_ms: row.try_get(2)?,
+                })
+            },
+        )
+        .await
+}
+
+/// What retention keeps.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Items older than this go, delivered or not.
+    pub ttl_ms: i64,
+    /// At most this many items stay (the newest).
+    pub max_items: i64,
+    /// A consumer that has not acknowledged for this long no longer holds
+    /// items back (and its row is removed).
+    pub consumer_idle_ms: i64,
+    /// Items stay at least this long even when every consumer has them,
+    /// so that reconnecting peers can resume.
+    pub min_age_ms: i64,
+}
+
+/// Deletes what `retention` no longer keeps; returns how many items went.
+/// An item goes when it is older than the TTL, or beyond the size cap, or
+/// when it is older than `min_age_ms` and every active consumer has
+/// acknowledged it. Run it under a lease: one replica compacts.
+pub async fn compact(store: &Store, retention: &Retention) -> Result<u64, StoreError> {
+    let now = now_ms();
+    sqlx::query("DELETE FROM outbox_consumers WHERE updated_at_ms < $1")
+        .bind(now - retention.consumer_idle_ms)
+        .execute(store.pool())
+        .await?;
+    let acked: Option<i64> = sqlx::query("SELECT MIN(position) FROM outbox_consumers")
+        .fetch_one(store.pool())
+        .await?
+        .try_get(0)?;
+    let mut removed = sqlx::query("DELETE FROM outbox WHERE occurred_at_ms < $1")
+        .bind(now - retention.ttl_ms)
+        .execute(store.pool())
+        .await?
+        .rows_affected();
+    removed += sqlx::query(
+        "DELETE FROM outbox WHERE position <= \
+         (SELECT MAX(position) FROM outbox) - $1",
+    )
+    .bind(retention.max_items)
+    .execute(store.pool())
+    .await?
+    .rows_affected();
+    if let Some(acked) = acked {
+        removed += sqlx::query("DELETE FROM outbox WHERE position <= $1 AND occurred_at_ms < $2")
+            .bind(acked)
+            .bind(now - retention.min_age_ms)
+            .execute(store.pool())
+            .await?
+            .rows_affected();
+    }
+    Ok(removed)
+}
+
+/// Depth and age of the outbox, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Depth {
+    pub items: i64,
+    pub head: i64,
+    /// When the oldest item no consumer has acknowledged occurred.
+    pub oldest_unacked_ms: Option<i64>,
+}
+
+pub async fn depth(store: &Store) -> Result<Depth, StoreError> {
+    let row = sqlx::query(
+        "SELECT COUNT(*), COALESCE(MAX(position), 0), \
+         (SELECT MIN(occurred_at_ms) FROM outbox WHERE position > \
+            COALESCE((SELECT MIN(position) FROM outbox_consumers), 0)) \
+         FROM outbox",
+    )
+    .fetch_one(store.pool())
+    .await?;
+    Ok(Depth {
+        items: row.try_get(0)?,
+        head: row.try_get(1)?,
+        oldest_unacked_ms: row.try_get(2)?,
+    })
 }
 
 fn json_list(text: &str) -> Vec<String> {

@@ -50,7 +50,12 @@ pub struct Store {
     /// Counts commits made through [`Store::commit`] in this process: the
     /// in-process wake-up for outbox readers (polling covers the rest).
     commits: Arc<watch::Sender<u64>>,
+    /// Postgres: the URL, for LISTEN connections outside the pool.
+    url: Option<Arc<str>>,
 }
+
+/// The Postgres channel a commit through [`Store::commit`] wakes.
+pub const COMMITS_CHANNEL: &str = "muster_commits";
 
 /// Milliseconds since the Unix epoch: the one time format of the schema.
 pub fn now_ms() -> i64 {
@@ -99,10 +104,15 @@ impl Store {
             });
         }
         let pool = pool.connect_with(connect).await?;
+        let commits = Arc::new(watch::channel(0).0);
+        if backend == Backend::Postgres {
+            tokio::spawn(notify_commits(pool.clone(), commits.subscribe()));
+        }
         Ok(Store {
             pool,
             backend,
-            commits: Arc::new(watch::channel(0).0),
+            commits,
+            url: (backend == Backend::Postgres).then(|| Arc::from(url.as_str())),
         })
     }
 
@@ -154,6 +164,31 @@ impl Store {
         self.commits.subscribe()
     }
 
+    /// Postgres: wakes the listeners of `channel` in every process (after
+    /// the caller's commit, never inside a transaction). SQLite: nothing.
+    pub async fn notify(&self, channel: &str) {
+        if self.backend == Backend::Postgres {
+            let sent = sqlx::query("SELECT pg_notify($1, '')")
+                .bind(channel)
+                .execute(&self.pool)
+                .await;
+            if let Err(error) = sent {
+                tracing::debug!(%error, channel, "notify failed; readers fall back to polling");
+            }
+        }
+    }
+
+    /// Postgres: a receiver that changes whenever `channel` is notified by
+    /// any process, and after the listening connection was lost (anything
+    /// may have happened meanwhile). `None` on SQLite, which is one
+    /// process. The listener stops when every receiver is gone.
+    pub fn listen(&self, channel: &'static str) -> Option<watch::Receiver<u64>> {
+        let url = self.url.clone()?;
+        let (wake, woken) = watch::channel(0u64);
+        tokio::spawn(listen(url, channel, wake));
+        Some(woken)
+    }
+
     /// Runs `query` and maps the row it finds, if any.
     pub async fn fetch_optional<T>(
         &self,
@@ -186,5 +221,65 @@ impl Store {
     /// Waits for connections to be returned, then closes them.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// Sends one `NOTIFY` for any number of commits that happened while the
+/// previous one was in flight: a wake-up per batch, never per row and never
+/// inside the appending transaction (a NOTIFY there serialises commits).
+async fn notify_commits(pool: AnyPool, mut commits: watch::Receiver<u64>) {
+    while commits.changed().await.is_ok() {
+        commits.borrow_and_update();
+        let sent = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(COMMITS_CHANNEL)
+            .execute(&pool)
+            .await;
+        if let Err(error) = sent {
+            if pool.is_closed() {
+                return;
+            }
+            tracing::debug!(%error, "commit notify failed; readers fall back to polling");
+        }
+    }
+}
+
+async fn listen(url: Arc<str>, channel: &'static str, wake: watch::Sender<u64>) {
+    let bump = |wake: &watch::Sender<u64>| wake.send_modify(|n| *n = n.wrapping_add(1));
+    loop {
+        let listener = async {
+            let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
+            listener.listen(channel).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = tokio::select! {
+            _ = wake.closed() => return,
+            listener = listener => match listener {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::debug!(%error, channel, "listen failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        };
+        // Whatever was notified before this connection listened is covered
+        // by one wake-up now.
+        bump(&wake);
+        loop {
+            tokio::select! {
+                _ = wake.closed() => return,
+                received = listener.try_recv() => match received {
+                    Ok(Some(_)) => bump(&wake),
+                    // The connection was lost and is re-established on the
+                    // next call; notifications meanwhile are lost.
+                    Ok(None) => bump(&wake),
+                    Err(error) => {
+                        tracing::debug!(%error, channel, "listener broke; reconnecting");
+                        bump(&wake);
+                        break;
+                    }
+                },
+            }
+        }
     }
 }

@@ -117,6 +117,16 @@ macro_rules! backend_suite {
     };
 }
 
+/// Every committed outbox item of `tenant_id`, positioned first (on
+/// Postgres the backplane's sequencer would do that after the commit).
+pub async fn outbox_items(
+    store: &Store,
+    tenant_id: &str,
+) -> Result<Vec<crate::outbox::Item>, crate::StoreError> {
+    crate::outbox::sequence(store, 100_000).await?;
+    crate::outbox::read_after(store, tenant_id, 0, 100_000).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

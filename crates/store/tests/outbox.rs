@@ -17,13 +17,15 @@ async fn count(store: &Store) -> i64 {
 muster_store::backend_suite! {
     async fn committed_items_are_read_back_in_order(store: Store) {
         let mut tx = store.begin().await.unwrap();
-        let first = outbox::append(&mut tx, &NewItem::event("t1", "a.happened", json!({"n": 1}))).await.unwrap();
+        outbox::append(&mut tx, &NewItem::event("t1", "a.happened", json!({"n": 1}))).await.unwrap();
         let mut directed = NewItem::event("t1", "task.execute", json!({"n": 2}));
         directed.target = Some(Target::Device("dev_x".into()));
         directed.audience_roles = vec!["node".into()];
-        let second = outbox::append(&mut tx, &directed).await.unwrap();
+        outbox::append(&mut tx, &directed).await.unwrap();
         tx.commit().await.unwrap();
-        assert!(second > first);
+        // Readable once positioned (at insert on SQLite, by the sequencer
+        // on Postgres).
+        outbox::sequence(&store, 100).await.unwrap();
 
         let items = outbox::read_after(&store, "t1", 0, 10).await.unwrap();
         assert_eq!(items.len(), 2);
@@ -33,9 +35,10 @@ muster_store::backend_suite! {
         assert_eq!(items[1].target, Some(Target::Device("dev_x".into())));
         assert_eq!(items[1].audience_roles, vec!["node".to_string()]);
         assert!(items[0].occurred_at_ms > 0);
-        let rest = outbox::read_after(&store, "t1", first, 10).await.unwrap();
+        assert!(items[1].position > items[0].position);
+        let rest = outbox::read_after(&store, "t1", items[0].position, 10).await.unwrap();
         assert_eq!(rest.len(), 1);
-        assert_eq!(rest[0].position, second);
+        assert_eq!(rest[0].position, items[1].position);
     }
 
     async fn an_append_rolls_back_with_its_transaction(store: Store) {
@@ -61,6 +64,7 @@ muster_store::backend_suite! {
         outbox::append(&mut tx, &NewItem::event("t1", "x", json!({}))).await.unwrap();
         outbox::append(&mut tx, &NewItem::event("t2", "x", json!({}))).await.unwrap();
         tx.commit().await.unwrap();
+        outbox::sequence(&store, 100).await.unwrap();
         let t1 = outbox::read_after(&store, "t1", 0, 10).await.unwrap();
         assert_eq!(t1.len(), 1);
         assert!(t1.iter().all(|i| i.tenant_id == "t1"));
@@ -89,6 +93,70 @@ muster_store::backend_suite! {
         assert!(err.is_constraint_violation(), "{err}");
         drop(tx);
         assert_eq!(count(&store).await, 1);
+    }
+
+    async fn consumer_progress_is_durable_and_never_moves_back(store: Store) {
+        assert_eq!(outbox::progress(&store, "edge-a").await.unwrap(), None);
+        outbox::ack(&store, "edge-a", 7).await.unwrap();
+        outbox::ack(&store, "edge-a", 5).await.unwrap();
+        assert_eq!(outbox::progress(&store, "edge-a").await.unwrap(), Some(7));
+        outbox::ack(&store, "edge-a", 9).await.unwrap();
+        assert_eq!(outbox::progress(&store, "edge-a").await.unwrap(), Some(9));
+        assert!(matches!(outbox::ack(&store, " ", 1).await, Err(StoreError::Invalid { field: "consumer_id", .. })));
+        let consumers = outbox::consumers(&store).await.unwrap();
+        assert_eq!(consumers.len(), 1);
+        assert_eq!(consumers[0].position, 9);
+    }
+
+    async fn compaction_keeps_the_window_the_cap_and_unacknowledged_items(store: Store) {
+        let mut tx = store.begin().await.unwrap();
+        for n in 0..10 {
+            outbox::append(&mut tx, &NewItem::event("t1", "x", json!({"n": n}))).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        outbox::sequence(&store, 100).await.unwrap();
+        let items = outbox::read_after(&store, "t1", 0, 100).await.unwrap();
+        assert_eq!(items.len(), 10);
+        // Make the first three a day old.
+        sqlx::query("UPDATE outbox SET occurred_at_ms = occurred_at_ms - 86400000 WHERE position <= $1")
+            .bind(items[2].position)
+            .execute(store.pool()).await.unwrap();
+        let keep_all = outbox::Retention { ttl_ms: i64::MAX / 4, max_items: 1000, consumer_idle_ms: 60_000, min_age_ms: 3_600_000 };
+        assert_eq!(outbox::compact(&store, &keep_all).await.unwrap(), 0);
+
+        // The TTL takes the old ones.
+        let day = outbox::Retention { ttl_ms: 3_600_000, ..keep_all };
+        assert_eq!(outbox::compact(&store, &day).await.unwrap(), 3);
+        // The cap keeps the newest.
+        let five = outbox::Retention { max_items: 5, ..day };
+        assert_eq!(outbox::compact(&store, &five).await.unwrap(), 2);
+        let left = outbox::read_after(&store, "t1", 0, 100).await.unwrap();
+        assert_eq!(left.iter().map(|i| i.payload["n"].as_i64().unwrap()).collect::<Vec<_>>(), vec![5, 6, 7, 8, 9]);
+
+        // Acknowledged items go once old enough; unacknowledged ones stay.
+        outbox::ack(&store, "edge-a", left[1].position).await.unwrap();
+        let acked = outbox::Retention { min_age_ms: 0, ..five };
+        assert_eq!(outbox::compact(&store, &acked).await.unwrap(), 2);
+        let depth = outbox::depth(&store).await.unwrap();
+        assert_eq!(depth.items, 3);
+        assert_eq!(depth.head, left[4].position);
+        assert!(depth.oldest_unacked_ms.is_some());
+
+        // A silent consumer stops holding items back.
+        sqlx::query("UPDATE outbox_consumers SET updated_at_ms = 0").execute(store.pool()).await.unwrap();
+        outbox::compact(&store, &acked).await.unwrap();
+        assert!(outbox::consumers(&store).await.unwrap().is_empty());
+    }
+
+    async fn a_lease_has_one_holder_until_it_expires(store: Store) {
+        assert!(muster_store::lease::acquire(&store, "job", "a", 60_000).await.unwrap());
+        assert!(!muster_store::lease::acquire(&store, "job", "b", 60_000).await.unwrap());
+        // The holder renews.
+        assert!(muster_store::lease::acquire(&store, "job", "a", 60_000).await.unwrap());
+        assert!(muster_store::lease::acquire(&store, "other", "b", 60_000).await.unwrap());
+        sqlx::query("UPDATE leases SET expires_at_ms = 0 WHERE name = 'job'").execute(store.pool()).await.unwrap();
+        assert!(muster_store::lease::acquire(&store, "job", "b", 60_000).await.unwrap());
+        assert!(!muster_store::lease::acquire(&store, "job", "a", 60_000).await.unwrap());
     }
 
     async fn migrations_are_idempotent(store: Store) {

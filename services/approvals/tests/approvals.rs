@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use muster_approvals::{ApprovalError, Approvals, Decision, Status};
-use muster_store::{Store, outbox};
+use muster_store::Store;
 use serde_json::json;
 
 fn approve(by: &str) -> Decision {
@@ -15,7 +15,7 @@ fn approve(by: &str) -> Decision {
 }
 
 async fn event_kinds(store: &Store) -> Vec<String> {
-    outbox::read_after(store, "t1", 0, 100)
+    muster_store::testing::outbox_items(store, "t1")
         .await
         .unwrap()
         .into_iter()

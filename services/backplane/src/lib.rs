@@ -9,8 +9,8 @@ use std::time::Duration;
 use muster_mesh::{Rule, ServiceSpec, to_status};
 use muster_proto::v1 as pb;
 use muster_proto::v1::backplane_server::{Backplane, BackplaneServer};
-use muster_store::outbox::{Item, Target};
-use muster_store::{Store, StoreError};
+use muster_store::outbox::{self, Consumer, Depth, Item, Retention, Target};
+use muster_store::{Backend, Store, StoreError};
 use muster_tls::ServiceName::{Ctl, Edge};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -23,6 +23,12 @@ pub const MAX_READ: u32 = 1000;
 /// correctness fallback for commits made by other processes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 
+/// How many items one sequencing round positions at most.
+pub const MAX_SEQUENCE: i64 = 5000;
+
+/// The Postgres channel a sequencer notifies after positioning items.
+pub const SEQUENCED_CHANNEL: &str = "muster_outbox_sequenced";
+
 /// Where the backplane reads the outbox from.
 #[tonic::async_trait]
 pub trait OutboxStore: Send + Sync + 'static {
@@ -34,8 +40,23 @@ pub trait OutboxStore: Send + Sync + 'static {
     ) -> Result<Vec<Item>, StoreError>;
     async fn read_all_after(&self, after: i64, limit: u32) -> Result<Vec<Item>, StoreError>;
     async fn head(&self) -> Result<i64, StoreError>;
+    async fn position_of(&self, tenant_id: &str, event_id: &str)
+    -> Result<Option<i64>, StoreError>;
+    /// Positions committed items (see [`muster_store::outbox::sequence`]).
+    async fn sequence(&self, limit: i64) -> Result<u64, StoreError>;
+    /// Whether items get their positions from a sequencer after commit
+    /// (Postgres) rather than at insert (SQLite).
+    fn sequenced_after_commit(&self) -> bool;
+    async fn ack(&self, consumer_id: &str, position: i64) -> Result<(), StoreError>;
+    async fn progress(&self, consumer_id: &str) -> Result<Option<i64>, StoreError>;
+    async fn compact(&self, retention: &Retention) -> Result<u64, StoreError>;
+    async fn depth(&self) -> Result<(Depth, Vec<Consumer>), StoreError>;
+    async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError>;
     /// Changes when this process commits a transaction.
     fn commits(&self) -> watch::Receiver<u64>;
+    /// Changes when `channel` is notified by any process (Postgres).
+    fn listen(&self, channel: &'static str) -> Option<watch::Receiver<u64>>;
+    async fn notify(&self, channel: &str);
 }
 
 #[tonic::async_trait]
@@ -46,19 +67,63 @@ impl OutboxStore for Store {
         after: i64,
         limit: u32,
     ) -> Result<Vec<Item>, StoreError> {
-        muster_store::outbox::read_after(self, tenant_id, after, limit).await
+        outbox::read_after(self, tenant_id, after, limit).await
     }
 
     async fn read_all_after(&self, after: i64, limit: u32) -> Result<Vec<Item>, StoreError> {
-        muster_store::outbox::read_all_after(self, after, limit).await
+        outbox::read_all_after(self, after, limit).await
     }
 
     async fn head(&self) -> Result<i64, StoreError> {
-        muster_store::outbox::head(self).await
+        outbox::head(self).await
+    }
+
+    async fn position_of(
+        &self,
+        tenant_id: &str,
+        event_id: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        outbox::position_of(self, tenant_id, event_id).await
+    }
+
+    async fn sequence(&self, limit: i64) -> Result<u64, StoreError> {
+        outbox::sequence(self, limit).await
+    }
+
+    fn sequenced_after_commit(&self) -> bool {
+        self.backend() == Backend::Postgres
+    }
+
+    async fn ack(&self, consumer_id: &str, position: i64) -> Result<(), StoreError> {
+        outbox::ack(self, consumer_id, position).await
+    }
+
+    async fn progress(&self, consumer_id: &str) -> Result<Option<i64>, StoreError> {
+        outbox::progress(self, consumer_id).await
+    }
+
+    async fn compact(&self, retention: &Retention) -> Result<u64, StoreError> {
+        outbox::compact(self, retention).await
+    }
+
+    async fn depth(&self) -> Result<(Depth, Vec<Consumer>), StoreError> {
+        Ok((outbox::depth(self).await?, outbox::consumers(self).await?))
+    }
+
+    async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError> {
+        muster_store::lease::acquire(self, name, holder, ttl_ms).await
     }
 
     fn commits(&self) -> watch::Receiver<u64> {
         Store::commits(self)
+    }
+
+    fn listen(&self, channel: &'static str) -> Option<watch::Receiver<u64>> {
+        Store::listen(self, channel)
+    }
+
+    async fn notify(&self, channel: &str) {
+        Store::notify(self, channel).await
     }
 }
 
@@ -66,18 +131,83 @@ impl OutboxStore for Store {
 #[derive(Clone)]
 pub struct Outbox {
     store: Arc<dyn OutboxStore>,
+    /// Changes when new items may have become readable.
+    readable: watch::Receiver<u64>,
+}
+
+fn bump(signal: &watch::Sender<u64>) {
+    signal.send_modify(|n| *n = n.wrapping_add(1));
+}
+
+/// A change of `signal`; never, when there is none or its sender is gone.
+async fn changed(signal: &mut Option<watch::Receiver<u64>>) {
+    match signal {
+        Some(receiver) => {
+            if receiver.changed().await.is_err() {
+                *signal = None;
+                std::future::pending::<()>().await
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Makes committed items readable and says so. On Postgres it positions
+/// them (woken by this process's commits and other processes' `NOTIFY`,
+/// polling as the fallback), then wakes local readers and notifies other
+/// processes' readers; on SQLite, a local commit is the signal itself.
+async fn make_readable(store: Arc<dyn OutboxStore>, readable: watch::Sender<u64>) {
+    let mut commits = store.commits();
+    if !store.sequenced_after_commit() {
+        loop {
+            tokio::select! {
+                _ = readable.closed() => return,
+                changed = commits.changed() => if changed.is_err() { return },
+            }
+            bump(&readable);
+        }
+    }
+    let mut commits = Some(commits);
+    let mut remote_commits = store.listen(muster_store::COMMITS_CHANNEL);
+    let mut remote_sequenced = store.listen(SEQUENCED_CHANNEL);
+    loop {
+        match store.sequence(MAX_SEQUENCE).await {
+            Ok(0) => {}
+            Ok(_) => {
+                bump(&readable);
+                store.notify(SEQUENCED_CHANNEL).await;
+                continue;
+            }
+            Err(error) => tracing::warn!(%error, "sequencing the outbox failed; retrying"),
+        }
+        tokio::select! {
+            _ = readable.closed() => return,
+            _ = changed(&mut commits) => {}
+            _ = changed(&mut remote_commits) => {}
+            // Another replica sequenced: its items are readable here too.
+            _ = changed(&mut remote_sequenced) => bump(&readable),
+            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+        }
+    }
 }
 
 impl Outbox {
+    /// Starts making this store's items readable (the sequencer on
+    /// Postgres) for as long as the returned reader or a clone lives.
     pub fn new(store: Arc<dyn OutboxStore>) -> Self {
-        Outbox { store }
+        let (readable, receiver) = watch::channel(0);
+        tokio::spawn(make_readable(store.clone(), readable));
+        Outbox {
+            store,
+            readable: receiver,
+        }
     }
 
     /// Streams every item after `after` (or after the current head) into
-    /// `sink`, oldest first, waking on local commits and polling for the
-    /// rest, until the receiver goes away.
+    /// `sink`, oldest first, as items become readable, until the receiver
+    /// goes away.
     pub async fn follow(&self, after: Option<i64>, sink: mpsc::Sender<Result<Item, StoreError>>) {
-        let mut commits = self.store.commits();
+        let mut readable = Some(self.readable.clone());
         let mut cursor = match after {
             Some(position) => position,
             None => match self.store.head().await {
@@ -89,6 +219,9 @@ impl Outbox {
             },
         };
         loop {
+            if let Some(readable) = &mut readable {
+                readable.borrow_and_update();
+            }
             match self.store.read_all_after(cursor, MAX_READ).await {
                 Ok(items) if !items.is_empty() => {
                     for item in items {
@@ -106,7 +239,7 @@ impl Outbox {
             }
             tokio::select! {
                 _ = sink.closed() => return,
-                _ = commits.changed() => {}
+                _ = changed(&mut readable) => {}
                 _ = tokio::time::sleep(POLL_INTERVAL) => {}
             }
         }
@@ -130,12 +263,93 @@ impl Outbox {
         };
         self.store.read_after(tenant_id, after, limit).await
     }
+
+    /// Where the item `event_id` of `tenant_id` stands, if the outbox still
+    /// holds it.
+    pub async fn locate(&self, tenant_id: &str, event_id: &str) -> Result<Option<i64>, StoreError> {
+        if tenant_id.trim().is_empty() {
+            return Err(StoreError::invalid("tenant_id", "required"));
+        }
+        if event_id.trim().is_empty() {
+            return Err(StoreError::invalid("event_id", "required"));
+        }
+        self.store.position_of(tenant_id, event_id).await
+    }
+
+    pub async fn ack(&self, consumer_id: &str, position: i64) -> Result<(), StoreError> {
+        self.store.ack(consumer_id, position).await
+    }
+
+    pub async fn progress(&self, consumer_id: &str) -> Result<Option<i64>, StoreError> {
+        self.store.progress(consumer_id).await
+    }
+
+    /// Compacts under the `outbox.compaction` lease and reports depth,
+    /// lag and age as metrics, every `every`, until `stop`.
+    pub async fn maintain(
+        self,
+        retention: Retention,
+        every: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
+        let holder = uuid::Uuid::new_v4().to_string();
+        let lease_ms = (every.as_millis() as i64) * 3;
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            match self.store.lease(COMPACTION_LEASE, &holder, lease_ms).await {
+                Ok(true) => match self.store.compact(&retention).await {
+                    Ok(0) => {}
+                    Ok(removed) => {
+                        metrics::counter!("muster_outbox_compacted_total").increment(removed);
+                        tracing::debug!(removed, "outbox compacted");
+                    }
+                    Err(error) => tracing::warn!(%error, "outbox compaction failed"),
+                },
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, "compaction lease unavailable"),
+            }
+            if let Ok((depth, consumers)) = self.store.depth().await {
+                metrics::gauge!("muster_outbox_items").set(depth.items as f64);
+                metrics::gauge!("muster_outbox_head").set(depth.head as f64);
+                let age = depth
+                    .oldest_unacked_ms
+                    .map(|at| (muster_store::now_ms() - at).max(0) as f64 / 1000.0)
+                    .unwrap_or(0.0);
+                metrics::gauge!("muster_outbox_oldest_unacked_seconds").set(age);
+                for consumer in consumers {
+                    metrics::gauge!("muster_outbox_consumer_lag", "consumer" => consumer.consumer_id)
+                        .set((depth.head - consumer.position).max(0) as f64);
+                }
+            }
+        }
+    }
+}
+
+/// The lease under which one replica compacts the outbox.
+pub const COMPACTION_LEASE: &str = "outbox.compaction";
+
+/// The outbox's retention by default: a day, a million items; consumers
+/// silent for ten minutes stop holding items back; every item stays at
+/// least five minutes, for peers that reconnect and resume.
+pub fn default_retention() -> Retention {
+    Retention {
+        ttl_ms: 24 * 3600 * 1000,
+        max_items: 1_000_000,
+        consumer_idle_ms: 10 * 60 * 1000,
+        min_age_ms: 5 * 60 * 1000,
+    }
 }
 
 /// Who may call what on the backplane; everything else is denied.
 pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Backplane/ReadOutbox", &[Edge, Ctl]),
     Rule::new("/muster.v1.Backplane/Subscribe", &[Edge]),
+    Rule::new("/muster.v1.Backplane/Ack", &[Edge]),
+    Rule::new("/muster.v1.Backplane/Locate", &[Edge, Ctl]),
 ];
 
 /// The gRPC face of [`Outbox`].
@@ -185,7 +399,17 @@ impl Backplane for BackplaneService {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = request.into_inner();
-        let after = (!r.from_head).then_some(r.after_position);
+        let after = if r.resume {
+            if r.consumer_id.trim().is_empty() {
+                return Err(Status::invalid_argument("resume needs a consumer_id"));
+            }
+            self.outbox
+                .progress(&r.consumer_id)
+                .await
+                .map_err(|e| to_status(&e))?
+        } else {
+            (!r.from_head).then_some(r.after_position)
+        };
         let (items, mut rx) = mpsc::channel(256);
         let (out, stream) = mpsc::channel(256);
         let outbox = self.outbox.clone();
@@ -199,6 +423,34 @@ impl Backplane for BackplaneService {
             }
         });
         Ok(Response::new(ReceiverStream::new(stream)))
+    }
+
+    async fn ack(
+        &self,
+        request: Request<pb::AckRequest>,
+    ) -> Result<Response<pb::AckResponse>, Status> {
+        let r = request.into_inner();
+        self.outbox
+            .ack(&r.consumer_id, r.position)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::AckResponse {}))
+    }
+
+    async fn locate(
+        &self,
+        request: Request<pb::LocateRequest>,
+    ) -> Result<Response<pb::LocateResponse>, Status> {
+        let r = request.into_inner();
+        let position = self
+            .outbox
+            .locate(&r.tenant_id, &r.event_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::LocateResponse {
+            found: position.is_some(),
+            position: position.unwrap_or_default(),
+        }))
     }
 
     async fn read_outbox(

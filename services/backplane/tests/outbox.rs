@@ -15,6 +15,7 @@ muster_store::backend_suite! {
         }
         outbox::append(&mut tx, &NewItem::event("t2", "other", json!({}))).await.unwrap();
         tx.commit().await.unwrap();
+        outbox::sequence(&store, 10_000).await.unwrap();
 
         let reader = Outbox::new(Arc::new(store.clone()));
         let page = reader.read("t1", 0, 0).await.unwrap();
@@ -33,6 +34,7 @@ muster_store::backend_suite! {
         let mut tx = store.begin().await.unwrap();
         outbox::append(&mut tx, &NewItem::event("t1", "old", json!({}))).await.unwrap();
         store.commit(tx).await.unwrap();
+        outbox::sequence(&store, 10).await.unwrap();
 
         let reader = Outbox::new(Arc::new(store.clone()));
         let (sink, mut items) = tokio::sync::mpsc::channel(16);
@@ -56,5 +58,88 @@ muster_store::backend_suite! {
         assert_eq!(seen, vec![("t1".into(), 1), ("t2".into(), 2), ("t1".into(), 3)]);
         drop(items);
         tokio::time::timeout(std::time::Duration::from_secs(5), follower).await.expect("follower stops").unwrap();
+    }
+}
+
+/// Producers whose transactions commit in another order than they
+/// inserted (random delays between insert and commit), read by a follower
+/// that tails by position: every committed item arrives, once, in
+/// increasing position order. A reader that tailed insertion order would
+/// pass items that commit late and never see them.
+async fn producers_race_a_follower(store: &Store, rounds: usize) {
+    use rand::Rng;
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    let reader = Outbox::new(Arc::new(store.clone()));
+    let (sink, mut items) = tokio::sync::mpsc::channel(1024);
+    let head = outbox::head(store).await.unwrap();
+    let follower = tokio::spawn(async move { reader.follow(Some(head), sink).await });
+
+    let mut committed = HashSet::new();
+    let mut received = Vec::new();
+    for round in 0..rounds {
+        let producers = (0..6).map(|p| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let (count, delay_ms) = {
+                    let mut rng = rand::rng();
+                    (rng.random_range(1..=3), rng.random_range(0..6))
+                };
+                let mut tx = store.begin().await.unwrap();
+                let mut ids = Vec::new();
+                for n in 0..count {
+                    let item = NewItem::event(
+                        "t1",
+                        "raced",
+                        json!({"round": round, "producer": p, "n": n}),
+                    );
+                    ids.push(item.event_id.clone());
+                    outbox::append(&mut tx, &item).await.unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                store.commit(tx).await.unwrap();
+                ids
+            })
+        });
+        for ids in futures::future::join_all(producers).await {
+            committed.extend(ids.unwrap());
+        }
+        // Drain what has arrived so far, without waiting.
+        while let Ok(item) = items.try_recv() {
+            received.push(item.unwrap());
+        }
+    }
+    while received.len() < committed.len() {
+        match tokio::time::timeout(Duration::from_secs(10), items.recv()).await {
+            Ok(Some(item)) => received.push(item.unwrap()),
+            _ => break,
+        }
+    }
+    let ids: Vec<&str> = received.iter().map(|i| i.event_id.as_str()).collect();
+    let unique: HashSet<&str> = ids.iter().copied().collect();
+    assert_eq!(unique.len(), ids.len(), "an item arrived twice");
+    let missing = committed
+        .iter()
+        .filter(|id| !unique.contains(id.as_str()))
+        .count();
+    assert_eq!(
+        missing,
+        0,
+        "{missing} of {} committed items were skipped",
+        committed.len()
+    );
+    assert_eq!(received.len(), committed.len());
+    assert!(
+        received.windows(2).all(|w| w[0].position < w[1].position),
+        "positions out of order"
+    );
+    drop(items);
+    follower.await.unwrap();
+}
+
+muster_store::backend_suite! {
+    async fn concurrent_producers_never_make_a_follower_skip_100_rounds(store: Store) {
+        producers_race_a_follower(&store, 100).await;
     }
 }

@@ -510,6 +510,11 @@ async fn respond(edge: &Edge, peer: &Peer, request: &Request) -> String {
             .await
             .map(|entries| Some(json!({ "entries": entries }))),
         "muster.status" => Ok(Some(status(edge, &peer.claims.tenant_id).await)),
+        "muster.stream.resume" => match crate::resume::resume(edge, peer, &request.payload).await {
+            crate::resume::Outcome::Done(result) => Ok(Some(result)),
+            crate::resume::Outcome::Invalid(message) => return invalid_request(request, message),
+            crate::resume::Outcome::Failed(status) => Err(status),
+        },
         kind if kind.starts_with("muster.topic.") => {
             match topics::handle(edge, peer, request).await {
                 topics::Outcome::Done(result) => Ok(result),

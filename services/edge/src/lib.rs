@@ -11,6 +11,7 @@ mod http;
 mod outbound;
 mod pump;
 mod registry;
+mod resume;
 mod topics;
 
 use std::net::SocketAddr;
@@ -56,6 +57,9 @@ pub struct EdgeConfig {
     /// Serve `wss://` with this configuration (client certificates
     /// optional); `None`: plain `ws://`.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The edge's name (backplane consumer, directory owner); `None`: a
+    /// random id.
+    pub edge_id: Option<String>,
 }
 
 impl Default for EdgeConfig {
@@ -69,6 +73,7 @@ impl Default for EdgeConfig {
             gateway_tenant: String::new(),
             touch_interval: Duration::from_secs(5),
             tls: None,
+            edge_id: None,
         }
     }
 }
@@ -109,7 +114,10 @@ impl Edge {
         shutdown: CancellationToken,
     ) -> Arc<Edge> {
         Arc::new(Edge {
-            edge_id: uuid::Uuid::new_v4().to_string(),
+            edge_id: config
+                .edge_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
             ws_url: format!(
                 "{}://{ws_addr}/ws",
                 if config.tls.is_some() { "wss" } else { "ws" }

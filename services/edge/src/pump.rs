@@ -32,7 +32,7 @@ fn delivered(kind: &str) -> bool {
     DELIVERED.contains(&kind) || kind.starts_with("turn.") || kind.starts_with("muster.")
 }
 
-fn target(item: &pb::OutboxItem) -> Option<Target> {
+pub(crate) fn target(item: &pb::OutboxItem) -> Option<Target> {
     use pb::outbox_target::Kind;
     Some(match item.target.as_ref()?.kind.as_ref()? {
         Kind::DeviceId(id) => Target::Device(id.clone()),
@@ -60,43 +60,78 @@ fn dispatch(edge: &Edge, item: &pb::OutboxItem) {
             );
         }
     }
-    if !delivered(&item.r#type) {
+    // Items from before this edge started cannot be for its peers (they
+    // connected later); a peer that wants them asks to resume.
+    if item.occurred_at_ms < edge.started_at_ms {
         return;
     }
-    let audience = item.audience.clone().unwrap_or_default();
-    let target = target(item);
     let mut frame = None;
-    // Topic diffs go to the topic's subscribers only.
-    let topic = (item.r#type == muster_presence::DIFF_EVENT)
-        .then(|| payload["topic"].as_str().unwrap_or_default().to_owned());
+    let target = target(item);
     for peer in edge.registry.tenant(&item.tenant_id) {
-        if topic.as_deref().is_some_and(|t| !peer.subscribed(t)) {
-            continue;
+        if let Some(text) = frame_for(&peer, item, &payload, target.as_ref(), &mut frame) {
+            peer.outbound.send(text);
         }
-        if peer.admits(&audience.roles, &audience.scopes, target.as_ref()) {
-            let text = frame.get_or_insert_with(|| {
+    }
+}
+
+/// The frame of `item` for `peer`, if the peer may and wants to see it:
+/// a delivered type, the peer's tenant, audience and target, and for topic
+/// diffs a subscription to the topic. `frame` caches the text, which is
+/// the same for every peer.
+pub(crate) fn frame_for(
+    peer: &crate::registry::Peer,
+    item: &pb::OutboxItem,
+    payload: &serde_json::Value,
+    target: Option<&Target>,
+    frame: &mut Option<String>,
+) -> Option<String> {
+    if !delivered(&item.r#type) || item.tenant_id != peer.claims.tenant_id {
+        return None;
+    }
+    if item.r#type == muster_presence::DIFF_EVENT
+        && !peer.subscribed(payload["topic"].as_str().unwrap_or_default())
+    {
+        return None;
+    }
+    let (roles, scopes) = match &item.audience {
+        Some(audience) => (&audience.roles[..], &audience.scopes[..]),
+        None => (&[][..], &[][..]),
+    };
+    if !peer.admits(roles, scopes, target) {
+        return None;
+    }
+    Some(
+        frame
+            .get_or_insert_with(|| {
                 envelope::event(
                     &item.event_id,
                     &item.r#type,
                     item.occurred_at_ms,
                     None,
-                    &payload,
+                    payload,
                 )
-            });
-            peer.outbound.send(text.clone());
-        }
-    }
+            })
+            .clone(),
+    )
 }
 
-/// Follows the backplane from the current head for as long as the edge
-/// runs, resubscribing after the last position seen when the stream
-/// breaks.
+/// How often the edge acknowledges its progress to the backplane.
+const ACK_EVERY: Duration = Duration::from_secs(1);
+
+/// Follows the backplane for as long as the edge runs: at start from
+/// where this edge (by its id) last acknowledged, or from the head when it
+/// never did; after a broken stream, from the last position seen.
+/// Progress is acknowledged every [`ACK_EVERY`].
 pub(crate) async fn run(edge: Arc<Edge>) {
     let mut after: Option<i64> = None;
+    let mut acked: Option<i64> = None;
+    let mut ack_tick = tokio::time::interval(ACK_EVERY);
     loop {
         let request = pb::SubscribeRequest {
             after_position: after.unwrap_or(0),
-            from_head: after.is_none(),
+            from_head: false,
+            consumer_id: edge.edge_id.clone(),
+            resume: after.is_none(),
         };
         match BackplaneClient::new(edge.peers.backplane.clone())
             .subscribe(request)
@@ -104,15 +139,23 @@ pub(crate) async fn run(edge: Arc<Edge>) {
         {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
-                while let Some(item) = stream.next().await {
-                    match item {
-                        Ok(item) => {
-                            after = Some(item.position);
-                            dispatch(&edge, &item);
-                        }
-                        Err(status) => {
-                            tracing::warn!(code = ?status.code(), message = status.message(), "backplane stream broke");
-                            break;
+                loop {
+                    tokio::select! {
+                        item = stream.next() => match item {
+                            Some(Ok(item)) => {
+                                after = Some(item.position);
+                                dispatch(&edge, &item);
+                            }
+                            Some(Err(status)) => {
+                                tracing::warn!(code = ?status.code(), message = status.message(), "backplane stream broke");
+                                break;
+                            }
+                            None => break,
+                        },
+                        _ = ack_tick.tick() => ack(&edge, after, &mut acked).await,
+                        _ = edge.shutdown.cancelled() => {
+                            ack(&edge, after, &mut acked).await;
+                            return;
                         }
                     }
                 }
@@ -125,6 +168,24 @@ pub(crate) async fn run(edge: Arc<Edge>) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn ack(edge: &Edge, seen: Option<i64>, acked: &mut Option<i64>) {
+    let Some(position) = seen else { return };
+    if *acked == Some(position) {
+        return;
+    }
+    let request = pb::AckRequest {
+        consumer_id: edge.edge_id.clone(),
+        position,
+    };
+    match BackplaneClient::new(edge.peers.backplane.clone())
+        .ack(request)
+        .await
+    {
+        Ok(_) => *acked = Some(position),
+        Err(status) => tracing::debug!(code = ?status.code(), "acknowledging progress failed"),
     }
 }
 

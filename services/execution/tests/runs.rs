@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use muster_execution::{Enqueued, RunError, Runs};
-use muster_store::{Store, outbox};
+use muster_store::Store;
 use serde_json::json;
 
 async fn queued_events(store: &Store) -> usize {
-    outbox::read_after(store, "t1", 0, 100)
+    muster_store::testing::outbox_items(store, "t1")
         .await
         .unwrap()
         .iter()

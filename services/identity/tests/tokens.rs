@@ -3,10 +3,12 @@
 use std::sync::Arc;
 
 use muster_identity::{Role, TokenError, Tokens};
-use muster_store::{Store, outbox};
+use muster_store::Store;
 
 async fn outbox_text(store: &Store) -> String {
-    let items = outbox::read_after(store, "t1", 0, 100).await.unwrap();
+    let items = muster_store::testing::outbox_items(store, "t1")
+        .await
+        .unwrap();
     serde_json::to_string(
         &items
             .iter()

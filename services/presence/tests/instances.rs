@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use muster_presence::{InstanceEntry, InstanceRole, Instances, PresenceError, Retention};
-use muster_store::{Store, outbox};
+use muster_store::Store;
 use serde_json::json;
 
 fn node(id: &str, host: &str) -> InstanceEntry {
@@ -33,7 +33,7 @@ muster_store::backend_suite! {
         assert_eq!(listed[0].reported_host, "lab-2");
         assert!(presence.list("t2").await.unwrap().is_empty());
 
-        let events = outbox::read_after(&store, "t1", 0, 10).await.unwrap();
+        let events = muster_store::testing::outbox_items(&store, "t1").await.unwrap();
         assert_eq!(events.len(), 2);
         assert!(events.iter().all(|e| e.kind == "presence.upserted" && e.audience_roles == vec!["client".to_string()]));
         // The event carries the Tyrum entry shape: reported host and ip as
@@ -61,7 +61,7 @@ muster_store::backend_suite! {
         let not_object = presence.upsert("t1", InstanceEntry { metadata: json!([1]), ..node("dev_a", "h") }).await;
         assert!(matches!(not_object, Err(PresenceError::Invalid(_))));
         assert!(presence.list("t1").await.unwrap().is_empty());
-        assert!(outbox::read_after(&store, "t1", 0, 10).await.unwrap().is_empty());
+        assert!(muster_store::testing::outbox_items(&store, "t1").await.unwrap().is_empty());
     }
 }
 
@@ -74,7 +74,7 @@ muster_store::backend_suite! {
         assert_eq!(touched, 1);
         assert!(presence.list("t1").await.unwrap()[0].last_seen_at_ms > first.last_seen_at_ms);
         assert_eq!(presence.touch("t2", &["dev_a".into()]).await.unwrap(), 0);
-        assert_eq!(outbox::read_after(&store, "t1", 0, 10).await.unwrap().len(), 1);
+        assert_eq!(muster_store::testing::outbox_items(&store, "t1").await.unwrap().len(), 1);
     }
 
     async fn pruning_drops_the_stale_and_the_oldest_beyond_the_cap(store: Store) {
@@ -95,7 +95,7 @@ muster_store::backend_suite! {
         let expired = presence.prune(Retention { ttl: std::time::Duration::from_millis(10), cap: 500 }).await.unwrap();
         assert_eq!(expired.len(), 3);
         assert!(presence.list("t1").await.unwrap().is_empty());
-        let events = outbox::read_after(&store, "t1", 0, 100).await.unwrap();
+        let events = muster_store::testing::outbox_items(&store, "t1").await.unwrap();
         let pruned_ids: Vec<_> = events.iter().filter(|e| e.kind == "presence.pruned").map(|e| e.payload["instance_id"].as_str().unwrap().to_owned()).collect();
         assert_eq!(pruned_ids.len(), 3);
         assert!(pruned_ids.contains(&"dev_1".to_string()));

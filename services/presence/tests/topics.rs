@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use muster_presence::{DIFF_EVENT, TopicError, TopicSession, Topics};
-use muster_store::{Store, now_ms, outbox};
+use muster_store::{Store, now_ms};
 use serde_json::Value;
 
 fn session(topic: &str, id: &str, connection: &str) -> TopicSession {
@@ -24,7 +24,7 @@ fn session(topic: &str, id: &str, connection: &str) -> TopicSession {
 }
 
 async fn diffs(store: &Store) -> Vec<Value> {
-    outbox::read_after(store, "t1", 0, 100)
+    muster_store::testing::outbox_items(store, "t1")
         .await
         .unwrap()
         .into_iter()

@@ -1,0 +1,128 @@
+//! Stream resume over the WebSocket protocol (`muster.stream.resume`): a
+//! peer that comes back names the last event it saw and gets the rest
+//! from the outbox, or an explicit gap; never another tenant's events. On
+//! SQLite and on Postgres.
+
+use std::collections::HashSet;
+
+use muster_e2e::Host;
+use muster_e2e::ws::{TokenVia, Ws, open};
+use muster_protocol::device::DeviceKey;
+use serde_json::{Value, json};
+
+async fn peer(host: &Host, token: &str, role: &str, mode: &str) -> Ws {
+    let mut ws = open(&host.ws_url(), token, TokenVia::Bearer, None)
+        .await
+        .unwrap();
+    ws.handshake(&DeviceKey::generate(), role, json!({"mode": mode}))
+        .await;
+    ws
+}
+
+fn ids(events: &[Value]) -> HashSet<String> {
+    events
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn resume_flow(host: &Host) {
+    let (_, operator_token) = host.client_token(&["operator.read"]).await;
+    let mut operator = peer(host, &operator_token, "client", "cli").await;
+    let node_one = peer(host, &host.admin_token(), "node", "node").await;
+    let seen = operator.event("presence.upserted").await;
+    let last_seen = seen["event_id"].as_str().unwrap().to_owned();
+    drop(operator);
+
+    // While the operator is away, a node arrives and leaves.
+    let mut watcher = peer(host, &host.admin_token(), "client", "cli").await;
+    let node_two = peer(host, &host.admin_token(), "node", "node").await;
+    let arrived = watcher.event("presence.upserted").await;
+    drop(node_two);
+    let left = watcher.event("presence.pruned").await;
+
+    let mut back = peer(host, &operator_token, "client", "cli").await;
+    let (response, replayed) = back
+        .call_with_events("muster.stream.resume", json!({"last_event_id": last_seen}))
+        .await;
+    assert_eq!(response["ok"], true, "{response}");
+    assert_eq!(response["result"]["gap"], false, "{response}");
+    let replayed_ids = ids(&replayed);
+    assert!(
+        !replayed_ids.contains(&last_seen),
+        "the named event is not replayed"
+    );
+    for missed in [&arrived, &left] {
+        assert!(
+            replayed_ids.contains(missed["event_id"].as_str().unwrap()),
+            "{missed} not replayed: {replayed:?}"
+        );
+    }
+    assert_eq!(
+        response["result"]["replayed"].as_u64().unwrap() as usize,
+        replayed.len()
+    );
+    // Replayed events are the events as first delivered.
+    let again = replayed
+        .iter()
+        .find(|e| e["event_id"] == arrived["event_id"])
+        .unwrap();
+    assert_eq!(again, &arrived);
+
+    // An event the outbox no longer holds (or never held): a gap.
+    let (gap, replayed) = back
+        .call_with_events(
+            "muster.stream.resume",
+            json!({"last_event_id": "00000000-0000-4000-8000-00000000dead"}),
+        )
+        .await;
+    assert_eq!(gap["result"], json!({"gap": true, "replayed": 0}), "{gap}");
+    assert!(replayed.is_empty());
+
+    // Bad payloads are refused and change nothing.
+    for bad in [
+        json!({}),
+        json!({"last_event_id": ""}),
+        json!({"last_event_id": 7}),
+        json!({"last_event_id": "x", "more": 1}),
+    ] {
+        let refused = back.call("muster.stream.resume", bad.clone()).await;
+        assert_eq!(refused["ok"], false, "{bad}: {refused}");
+        assert_eq!(
+            refused["error"]["code"], "invalid_request",
+            "{bad}: {refused}"
+        );
+    }
+
+    // Another tenant cannot resume from this tenant's events, and gets
+    // none of them.
+    let (_, other_token) = host
+        .client_token_in("11111111-1111-4111-8111-111111111111", &["operator.read"])
+        .await;
+    let mut stranger = peer(host, &other_token, "client", "cli").await;
+    let (response, replayed) = stranger
+        .call_with_events("muster.stream.resume", json!({"last_event_id": last_seen}))
+        .await;
+    assert_eq!(
+        response["result"],
+        json!({"gap": true, "replayed": 0}),
+        "{response}"
+    );
+    assert!(replayed.is_empty(), "{replayed:?}");
+    drop(node_one);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_on_sqlite() {
+    let host = Host::start(None).await;
+    resume_flow(&host).await;
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_on_postgres() {
+    let url = muster_store::testing::create_postgres_database().await;
+    let host = Host::start(Some(url)).await;
+    resume_flow(&host).await;
+    host.stop().await;
+}
