@@ -215,12 +215,15 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         let spec: ServiceSpec = match name {
             ServiceName::Backplane => {
                 let outbox = muster_backplane::Outbox::new(Arc::new(store.clone()));
+                let directory: Arc<dyn muster_backplane::directory::DirectoryStore> =
+                    Arc::new(store.clone());
                 tokio::spawn(outbox.clone().maintain(
+                    directory.clone(),
                     muster_backplane::default_retention(),
                     COMPACT_EVERY,
                     shutdown.clone().cancelled_owned(),
                 ));
-                muster_backplane::spec(outbox)
+                muster_backplane::spec(outbox, directory)
             }
             ServiceName::Identity => {
                 let tokens = Tokens::new(Arc::new(store.clone()));

@@ -3,6 +3,8 @@
 //! delivery to edges. Reads are per tenant and never cross tenants.
 #![forbid(unsafe_code)]
 
+pub mod directory;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +12,8 @@ use muster_mesh::{Rule, ServiceSpec, to_status};
 use muster_proto::v1 as pb;
 use muster_proto::v1::backplane_server::{Backplane, BackplaneServer};
 use muster_store::outbox::{self, Consumer, Depth, Item, Retention, Target};
+
+use crate::directory::{DirectoryStore, Registration};
 use muster_store::{Backend, Store, StoreError};
 use muster_tls::ServiceName::{Ctl, Edge};
 use tokio::sync::{mpsc, watch};
@@ -288,6 +292,7 @@ impl Outbox {
     /// lag and age as metrics, every `every`, until `stop`.
     pub async fn maintain(
         self,
+        directory: Arc<dyn DirectoryStore>,
         retention: Retention,
         every: Duration,
         stop: impl std::future::Future<Output = ()>,
@@ -301,14 +306,24 @@ impl Outbox {
                 _ = tokio::time::sleep(every) => {}
             }
             match self.store.lease(COMPACTION_LEASE, &holder, lease_ms).await {
-                Ok(true) => match self.store.compact(&retention).await {
-                    Ok(0) => {}
-                    Ok(removed) => {
-                        metrics::counter!("muster_outbox_compacted_total").increment(removed);
-                        tracing::debug!(removed, "outbox compacted");
+                Ok(true) => {
+                    match self.store.compact(&retention).await {
+                        Ok(0) => {}
+                        Ok(removed) => {
+                            metrics::counter!("muster_outbox_compacted_total").increment(removed);
+                            tracing::debug!(removed, "outbox compacted");
+                        }
+                        Err(error) => tracing::warn!(%error, "outbox compaction failed"),
                     }
-                    Err(error) => tracing::warn!(%error, "outbox compaction failed"),
-                },
+                    match directory.expire().await {
+                        Ok(0) => {}
+                        Ok(expired) => tracing::info!(
+                            expired,
+                            "connection records expired: their edge stopped heartbeating"
+                        ),
+                        Err(error) => tracing::warn!(%error, "directory expiry failed"),
+                    }
+                }
                 Ok(false) => {}
                 Err(error) => tracing::warn!(%error, "compaction lease unavailable"),
             }
@@ -350,19 +365,27 @@ pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Backplane/Subscribe", &[Edge]),
     Rule::new("/muster.v1.Backplane/Ack", &[Edge]),
     Rule::new("/muster.v1.Backplane/Locate", &[Edge, Ctl]),
+    Rule::new("/muster.v1.Backplane/RegisterConnection", &[Edge]),
+    Rule::new("/muster.v1.Backplane/UnregisterConnection", &[Edge]),
+    Rule::new("/muster.v1.Backplane/HeartbeatEdge", &[Edge]),
+    Rule::new("/muster.v1.Backplane/ForgetEdge", &[Edge]),
 ];
 
 /// The gRPC face of [`Outbox`].
 pub struct BackplaneService {
     outbox: Outbox,
+    directory: Arc<dyn DirectoryStore>,
 }
 
 /// The backplane as the mesh serves it.
-pub fn spec(outbox: Outbox) -> ServiceSpec {
+pub fn spec(outbox: Outbox, directory: Arc<dyn DirectoryStore>) -> ServiceSpec {
     ServiceSpec {
         name: muster_tls::ServiceName::Backplane,
         grpc_service: "muster.v1.Backplane",
-        routes: tonic::service::Routes::new(BackplaneServer::new(BackplaneService { outbox })),
+        routes: tonic::service::Routes::new(BackplaneServer::new(BackplaneService {
+            outbox,
+            directory,
+        })),
         rules: RULES,
     }
 }
@@ -414,8 +437,24 @@ impl Backplane for BackplaneService {
         let (out, stream) = mpsc::channel(256);
         let outbox = self.outbox.clone();
         tokio::spawn(async move { outbox.follow(after, items).await });
+        let directory = self.directory.clone();
+        let consumer = r.consumer_id;
         tokio::spawn(async move {
             while let Some(item) = rx.recv().await {
+                // A directed item goes only to the edge that holds its
+                // target (a subscriber without a name gets everything).
+                if let Ok(item) = &item
+                    && let Some(target) = &item.target
+                    && !consumer.is_empty()
+                {
+                    match directory.holds(&consumer, &item.tenant_id, target).await {
+                        Ok(true) => {}
+                        Ok(false) => continue,
+                        Err(error) => {
+                            tracing::warn!(%error, "directory lookup failed; sending the item anyway")
+                        }
+                    }
+                }
                 let item = item.map(to_pb).map_err(|e| to_status(&e));
                 if out.send(item).await.is_err() {
                     return;
@@ -435,6 +474,62 @@ impl Backplane for BackplaneService {
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::AckResponse {}))
+    }
+
+    async fn register_connection(
+        &self,
+        request: Request<pb::RegisterConnectionRequest>,
+    ) -> Result<Response<pb::RegisterConnectionResponse>, Status> {
+        let r = request.into_inner();
+        let registration = Registration {
+            connection_id: r.connection_id,
+            tenant_id: r.tenant_id,
+            device_id: r.device_id,
+            edge_id: r.edge_id,
+            role: r.role,
+        };
+        self.directory
+            .register(&registration)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::RegisterConnectionResponse {}))
+    }
+
+    async fn unregister_connection(
+        &self,
+        request: Request<pb::UnregisterConnectionRequest>,
+    ) -> Result<Response<pb::UnregisterConnectionResponse>, Status> {
+        let r = request.into_inner();
+        let removed = self
+            .directory
+            .unregister(&r.edge_id, &r.connection_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::UnregisterConnectionResponse { removed }))
+    }
+
+    async fn heartbeat_edge(
+        &self,
+        request: Request<pb::HeartbeatEdgeRequest>,
+    ) -> Result<Response<pb::HeartbeatEdgeResponse>, Status> {
+        let connection_ids = self
+            .directory
+            .heartbeat(&request.into_inner().edge_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::HeartbeatEdgeResponse { connection_ids }))
+    }
+
+    async fn forget_edge(
+        &self,
+        request: Request<pb::ForgetEdgeRequest>,
+    ) -> Result<Response<pb::ForgetEdgeResponse>, Status> {
+        let removed = self
+            .directory
+            .forget_edge(&request.into_inner().edge_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::ForgetEdgeResponse { removed }))
     }
 
     async fn locate(

@@ -17,6 +17,8 @@ use muster_protocol::handshake::{ConnectInit, ConnectProof};
 use muster_protocol::presence::{Beacon, wire_mode};
 use rustls::pki_types::CertificateDer;
 use serde_json::{Value, json};
+use std::sync::atomic::Ordering;
+
 use tokio::time::Instant;
 
 use crate::auth::{Claims, authorize};
@@ -60,6 +62,9 @@ struct Handshaken {
     connection_id: String,
     init: ConnectInit,
     device_id: String,
+    /// The answer to `connect.proof`, sent once the connection is
+    /// registered, so that a peer that sees it is reachable.
+    reply: String,
 }
 
 /// Runs one peer to the end.
@@ -234,13 +239,11 @@ async fn handshake(
                         json!({"client_id": connection_id, "device_id": device_id, "role": init.role.as_str()}),
                     ),
                 );
-                if !send_text(sink, reply).await {
-                    return Err(close::HANDSHAKE_TIMEOUT);
-                }
                 return Ok(Handshaken {
                     connection_id,
                     init,
                     device_id,
+                    reply,
                 });
             }
             _ => return Err(close::EXPECTED_CONNECT),
@@ -288,6 +291,8 @@ async fn connected(
         outbound: outbound.clone(),
         topics: Default::default(),
         tracked: Default::default(),
+        registered: Default::default(),
+        expired: Default::default(),
     };
     edge.registry.insert(peer.clone());
     let _registered = Deregister {
@@ -295,6 +300,11 @@ async fn connected(
         connection_id: peer.connection_id.clone(),
     };
     tracing::info!(connection_id = %peer.connection_id, device_id = %peer.device_id, role, tenant_id = %claims.tenant_id, "peer connected");
+    Box::pin(register(edge, &peer)).await;
+    if !send_text(sink, handshaken.reply.clone()).await {
+        Box::pin(leave(edge, &peer)).await;
+        return Ok(());
+    }
     if in_presence {
         let capabilities: Vec<&str> = handshaken
             .init
@@ -362,6 +372,9 @@ async fn connected(
                     Some(Ok(Message::Close(_))) => return Ok(()),
                     Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
                     Some(Ok(Message::Ping(_))) => {}
+                    Some(Ok(Message::Text(_) | Message::Binary(_))) if peer.expired.load(Ordering::Relaxed) => {
+                        return Err(close::CONVERSATION_EXPIRED);
+                    }
                     Some(Ok(Message::Text(text))) => Box::pin(handle_frame(edge, &peer, &outbound, text.as_str())).await,
                     Some(Ok(Message::Binary(bytes))) => {
                         let text = String::from_utf8_lossy(&bytes).into_owned();
@@ -374,6 +387,25 @@ async fn connected(
     .await;
     Box::pin(leave(edge, &peer)).await;
     outcome
+}
+
+/// Records the connection in the directory, for directed delivery.
+async fn register(edge: &Edge, peer: &Peer) {
+    let registration = pb::RegisterConnectionRequest {
+        connection_id: peer.connection_id.clone(),
+        tenant_id: peer.claims.tenant_id.clone(),
+        device_id: peer.device_id.clone(),
+        edge_id: edge.edge_id.clone(),
+        role: peer.role.into(),
+    };
+    match edge.backplane().register_connection(registration).await {
+        Ok(_) => peer.registered.store(true, Ordering::Relaxed),
+        Err(status) => tracing::warn!(
+            code = ?status.code(),
+            connection_id = %peer.connection_id,
+            "connection not recorded in the directory: directed items will not find it"
+        ),
+    }
 }
 
 /// Takes a peer out of the registry even if its task ends by a panic.
@@ -396,6 +428,15 @@ async fn leave(edge: &Edge, peer: &Peer) {
     edge.registry.remove(&peer.connection_id);
     if edge.shutdown.is_cancelled() {
         return;
+    }
+    if peer.registered.load(Ordering::Relaxed) {
+        let unregister = pb::UnregisterConnectionRequest {
+            edge_id: edge.edge_id.clone(),
+            connection_id: peer.connection_id.clone(),
+        };
+        if let Err(status) = edge.backplane().unregister_connection(unregister).await {
+            tracing::debug!(code = ?status.code(), "unregistering a closed connection failed; it expires");
+        }
     }
     if peer.tracked.load(std::sync::atomic::Ordering::Relaxed) {
         let untrack = pb::UntrackConnectionRequest {

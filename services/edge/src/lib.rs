@@ -143,6 +143,10 @@ impl Edge {
         PresenceClient::new(self.peers.presence.clone())
     }
 
+    fn backplane(&self) -> muster_proto::v1::backplane_client::BackplaneClient<MeshChannel> {
+        muster_proto::v1::backplane_client::BackplaneClient::new(self.peers.backplane.clone())
+    }
+
     /// Resolves a presented token; `None` for anything identity does not
     /// recognize (the reason is never told to the peer).
     async fn verify(&self, token: Option<String>) -> Option<Claims> {
@@ -236,6 +240,7 @@ impl EdgeRpc for EdgeService {
 pub async fn serve_http(edge: Arc<Edge>, listener: TcpListener) -> std::io::Result<()> {
     let pump = tokio::spawn(pump::run(edge.clone()));
     let refresh = tokio::spawn(pump::refresh_presence(edge.clone()));
+    tokio::spawn(pump::keep_directory(edge.clone()));
     if let Some(tls) = edge.config.tls.clone() {
         let served = http::serve_tls(edge, listener, tls).await;
         pump.abort();

@@ -189,6 +189,61 @@ async fn ack(edge: &Edge, seen: Option<i64>, acked: &mut Option<i64>) {
     }
 }
 
+/// How often the edge heartbeats its connection records.
+const DIRECTORY_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// Keeps this edge's connection records alive in the directory. A peer
+/// whose record is gone (the edge could not heartbeat within the
+/// directory's TTL, and the record expired) is marked: its next frame
+/// closes it with 4004 `conversation expired`. At shutdown the edge's
+/// records are dropped at once.
+pub(crate) async fn keep_directory(edge: Arc<Edge>) {
+    let mut tick = tokio::time::interval(DIRECTORY_HEARTBEAT);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = edge.shutdown.cancelled() => {
+                let mut backplane = edge.backplane();
+                let forget = backplane.forget_edge(pb::ForgetEdgeRequest {
+                    edge_id: edge.edge_id.clone(),
+                });
+                let _ = tokio::time::timeout(Duration::from_secs(2), forget).await;
+                return;
+            }
+        }
+        // Only peers recorded before the heartbeat asked can be missing
+        // from its answer.
+        let recorded: Vec<_> = edge
+            .registry
+            .all()
+            .into_iter()
+            .filter(|p| p.registered.load(std::sync::atomic::Ordering::Relaxed))
+            .collect();
+        let heartbeat = edge
+            .backplane()
+            .heartbeat_edge(pb::HeartbeatEdgeRequest {
+                edge_id: edge.edge_id.clone(),
+            })
+            .await;
+        let held: std::collections::HashSet<String> = match heartbeat {
+            Ok(held) => held.into_inner().connection_ids.into_iter().collect(),
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), "directory heartbeat failed");
+                continue;
+            }
+        };
+        for peer in recorded {
+            if !held.contains(&peer.connection_id)
+                && !peer
+                    .expired
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::info!(connection_id = %peer.connection_id, "connection record dropped: the next frame closes it");
+            }
+        }
+    }
+}
+
 /// Keeps the edge's own `gateway` entry and its peers' entries fresh: the
 /// gateway entry is upserted at start, then everything is touched every
 /// `touch_interval` (no event: only changes are broadcast).
@@ -226,12 +281,15 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
                 }
             }
         }
+        // The gateway tenant is always touched, even with nothing to touch
+        // in it: the touch also tells presence this edge is alive, which
+        // keeps its topic sessions.
         let mut by_tenant: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let gateway_ids = by_tenant
+            .entry(edge.config.gateway_tenant.clone())
+            .or_default();
         if announced {
-            by_tenant
-                .entry(edge.config.gateway_tenant.clone())
-                .or_default()
-                .push(format!("edge-{}", edge.edge_id));
+            gateway_ids.push(format!("edge-{}", edge.edge_id));
         }
         for peer in edge.registry.all().into_iter().filter(|p| p.in_presence) {
             by_tenant
@@ -242,12 +300,18 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
         // In chunks, so that no single transaction holds the store's write
         // lock for long while new connections wait to be recorded.
         for (tenant_id, instance_ids) in by_tenant {
-            for chunk in instance_ids.chunks(TOUCH_CHUNK) {
+            let chunks: Vec<&[String]> = if instance_ids.is_empty() {
+                vec![&[]]
+            } else {
+                instance_ids.chunks(TOUCH_CHUNK).collect()
+            };
+            for chunk in chunks {
                 let touched = edge
                     .presence()
                     .touch_instances(pb::TouchInstancesRequest {
                         tenant_id: tenant_id.clone(),
                         instance_ids: chunk.to_vec(),
+                        edge_id: edge.edge_id.clone(),
                     })
                     .await;
                 if let Err(status) = touched {

@@ -28,6 +28,11 @@ pub(crate) struct Peer {
     /// Whether this peer ever tracked a topic session (only then is there
     /// anything to untrack when it closes).
     pub(crate) tracked: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the connection directory has recorded this connection.
+    pub(crate) registered: Arc<std::sync::atomic::AtomicBool>,
+    /// Whether the directory dropped the record (the edge could not
+    /// heartbeat in time): the peer's next frame closes it with 4004.
+    pub(crate) expired: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Peer {

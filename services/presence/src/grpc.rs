@@ -246,7 +246,11 @@ impl Presence for PresenceService {
         let r = request.into_inner();
         let touched = self
             .instances
-            .touch(&r.tenant_id, &r.instance_ids)
+            .touch(
+                &r.tenant_id,
+                &r.instance_ids,
+                Some(r.edge_id.as_str()).filter(|e| !e.is_empty()),
+            )
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::TouchInstancesResponse {

@@ -230,6 +230,9 @@ type Pending = (InstanceWrite, oneshot::Sender<Result<bool, StoreError>>);
 /// At most this many writes share one transaction.
 const MAX_BATCH: usize = 128;
 
+/// The lease under which one presence replica prunes.
+pub const PRUNE_LEASE: &str = "presence.prune";
+
 /// Instance presence: upsert and list.
 #[derive(Clone)]
 pub struct Instances {
@@ -296,6 +299,7 @@ impl Instances {
         &self,
         tenant_id: &str,
         instance_ids: &[String],
+        edge_id: Option<&str>,
     ) -> Result<u64, PresenceError> {
         if instance_ids.len() > 10_000 {
             return Err(PresenceError::Invalid(
@@ -304,7 +308,7 @@ impl Instances {
         }
         Ok(self
             .store
-            .touch_instances(tenant_id, instance_ids, now_ms())
+            .touch_instances(tenant_id, instance_ids, edge_id, now_ms())
             .await?)
     }
 
@@ -334,8 +338,9 @@ impl Instances {
             .await?)
     }
 
-    /// Prunes instances and expires topic statuses every `every` until
-    /// `shutdown`.
+    /// Prunes instances, expires topic statuses and the sessions of dead
+    /// edges every `every` until `shutdown`, in one replica at a time (the
+    /// `presence.prune` lease).
     pub async fn prune_loop(
         self,
         topics: crate::Topics,
@@ -344,10 +349,28 @@ impl Instances {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        let holder = uuid::Uuid::new_v4().to_string();
+        let lease_ms = every.as_millis() as i64 * 3;
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep(every) => {}
+            }
+            match self.store.lease(PRUNE_LEASE, &holder, lease_ms).await {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(error) => {
+                    tracing::warn!(%error, "presence prune lease unavailable");
+                    continue;
+                }
+            }
+            match topics.expire_edges(retention.ttl).await {
+                Ok(0) => {}
+                Ok(left) => tracing::info!(
+                    left,
+                    "sessions of edges that stopped refreshing left their topics"
+                ),
+                Err(error) => tracing::warn!(%error, "expiring dead edges' sessions failed"),
             }
             match self.prune(retention).await {
                 Ok(pruned) if !pruned.is_empty() => {

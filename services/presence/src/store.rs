@@ -36,8 +36,11 @@ pub trait PresenceStore: Send + Sync + 'static {
         &self,
         tenant_id: &str,
         instance_ids: &[String],
+        edge_id: Option<&str>,
         at_ms: i64,
     ) -> Result<u64, StoreError>;
+    /// Takes or renews a singleton job's lease.
+    async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError>;
     /// Deletes entries last seen before `cutoff_ms` and, per tenant, all
     /// but the newest `cap`, appending `event(tenant, instance)` for each.
     async fn prune_instances(
@@ -150,10 +153,21 @@ impl PresenceStore for Store {
         &self,
         tenant_id: &str,
         instance_ids: &[String],
+        edge_id: Option<&str>,
         at_ms: i64,
     ) -> Result<u64, StoreError> {
         let mut touched = 0;
         let mut tx = self.begin().await?;
+        if let Some(edge_id) = edge_id {
+            sqlx::query(
+                "INSERT INTO presence_edges (edge_id, refreshed_at_ms) VALUES ($1, $2) \
+                 ON CONFLICT (edge_id) DO UPDATE SET refreshed_at_ms = excluded.refreshed_at_ms",
+            )
+            .bind(edge_id)
+            .bind(at_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
         for instance_id in instance_ids {
             touched += sqlx::query(
                 "UPDATE instance_presence SET last_seen_at_ms = $1 \
@@ -168,6 +182,10 @@ impl PresenceStore for Store {
         }
         self.commit(tx).await?;
         Ok(touched)
+    }
+
+    async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError> {
+        muster_store::lease::acquire(self, name, holder, ttl_ms).await
     }
 
     async fn prune_instances(
@@ -241,6 +259,9 @@ pub trait TopicStore: Send + Sync + 'static {
         edge_id: Option<&str>,
     ) -> Result<Vec<TopicSession>, StoreError>;
     async fn expire_statuses(&self, now_ms: i64) -> Result<Vec<TopicSession>, StoreError>;
+    /// Removes, with `leave` diffs, the sessions of edges that have not
+    /// refreshed since `cutoff_ms`, and forgets those edges.
+    async fn expire_edges(&self, cutoff_ms: i64) -> Result<Vec<TopicSession>, StoreError>;
 }
 
 const TOPIC_COLUMNS: &str = "tenant_id, topic, session_id, principal, kind, agent_id, since_ms, state, note, \
@@ -432,6 +453,30 @@ impl TopicStore for Store {
             topic_session,
         )
         .await
+    }
+
+    async fn expire_edges(&self, cutoff_ms: i64) -> Result<Vec<TopicSession>, StoreError> {
+        let mut tx = self.begin().await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {TOPIC_COLUMNS} FROM topic_sessions WHERE edge_id IN \
+             (SELECT edge_id FROM presence_edges WHERE refreshed_at_ms < $1)"
+        ))
+        .bind(cutoff_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        let sessions = rows
+            .iter()
+            .map(topic_session)
+            .collect::<Result<Vec<_>, _>>()?;
+        for session in &sessions {
+            delete_with_leave(&mut tx, session).await?;
+        }
+        sqlx::query("DELETE FROM presence_edges WHERE refreshed_at_ms < $1")
+            .bind(cutoff_ms)
+            .execute(&mut *tx)
+            .await?;
+        self.commit(tx).await?;
+        Ok(sessions)
     }
 
     async fn expire_statuses(&self, now_ms: i64) -> Result<Vec<TopicSession>, StoreError> {

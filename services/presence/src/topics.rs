@@ -230,4 +230,11 @@ impl Topics {
     pub async fn expire(&self) -> Result<usize, TopicError> {
         Ok(self.store.expire_statuses(now_ms()).await?.len())
     }
+
+    /// The sessions of edges that stopped refreshing for `ttl` leave, each
+    /// with a `leave` diff: a dead edge leaves no ghosts.
+    pub async fn expire_edges(&self, ttl: std::time::Duration) -> Result<usize, TopicError> {
+        let cutoff = now_ms() - ttl.as_millis() as i64;
+        Ok(self.store.expire_edges(cutoff).await?.len())
+    }
 }

@@ -70,10 +70,10 @@ muster_store::backend_suite! {
         let presence = Instances::new(Arc::new(store.clone()));
         let first = presence.upsert("t1", node("dev_a", "h")).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        let touched = presence.touch("t1", &["dev_a".into(), "dev_unknown".into()]).await.unwrap();
+        let touched = presence.touch("t1", &["dev_a".into(), "dev_unknown".into()], None).await.unwrap();
         assert_eq!(touched, 1);
         assert!(presence.list("t1").await.unwrap()[0].last_seen_at_ms > first.last_seen_at_ms);
-        assert_eq!(presence.touch("t2", &["dev_a".into()]).await.unwrap(), 0);
+        assert_eq!(presence.touch("t2", &["dev_a".into()], None).await.unwrap(), 0);
         assert_eq!(muster_store::testing::outbox_items(&store, "t1").await.unwrap().len(), 1);
     }
 

@@ -34,6 +34,27 @@ async fn diffs(store: &Store) -> Vec<Value> {
 }
 
 muster_store::backend_suite! {
+    async fn sessions_of_an_edge_that_stops_refreshing_leave(store: Store) {
+        let topics = Topics::new(Arc::new(store.clone()));
+        let instances = muster_presence::Instances::new(Arc::new(store.clone()));
+        topics.track(session("room", "s1", "c1")).await.unwrap();
+        topics.track(TopicSession { edge_id: "edge-b".into(), ..session("room", "s2", "c2") }).await.unwrap();
+        // Both edges refresh; then only edge-b goes on refreshing.
+        instances.touch("t1", &[], Some("edge-a")).await.unwrap();
+        instances.touch("t1", &[], Some("edge-b")).await.unwrap();
+        assert_eq!(topics.expire_edges(std::time::Duration::from_secs(60)).await.unwrap(), 0);
+        sqlx::query("UPDATE presence_edges SET refreshed_at_ms = 0 WHERE edge_id = 'edge-a'")
+            .execute(store.pool()).await.unwrap();
+        assert_eq!(topics.expire_edges(std::time::Duration::from_secs(60)).await.unwrap(), 1);
+        let left: Vec<_> = topics.list("t1", "room", None).await.unwrap().into_iter().map(|s| s.session_id).collect();
+        assert_eq!(left, vec!["s2".to_string()]);
+        let d = diffs(&store).await;
+        assert_eq!(d.last().unwrap()["kind"], "leave");
+        assert_eq!(d.last().unwrap()["session"], "s1");
+        // The dead edge is forgotten: nothing more leaves.
+        assert_eq!(topics.expire_edges(std::time::Duration::from_secs(60)).await.unwrap(), 0);
+    }
+
     async fn tracking_is_idempotent_and_diffs_join_status_leave(store: Store) {
         let topics = Topics::new(Arc::new(store.clone()));
         let tracked = topics.track(session("room", "s1", "c1")).await.unwrap();
