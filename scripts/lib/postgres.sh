@@ -1,0 +1,72 @@
+# Throwaway Postgres clusters from the installed server binaries, for the
+# test command and deploy/local-cluster. Source it; it defines:
+#   pg_start DIR   initdb in DIR/data, start on a free loopback port;
+#                  sets PG_PORT and PG_URL (database postgres, user muster)
+#   pg_stop DIR    stop the cluster in DIR (immediate)
+#   pg_restart DIR stop and start it again on the same port
+#   as_pg CMD...   run CMD as the postgres user when root (initdb refuses root)
+
+as_pg() {
+    if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+pg_find_bin() {
+    if command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/initdb" ]; then
+        pg_config --bindir
+        return
+    fi
+    local dir
+    for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r) /usr/local/bin /opt/homebrew/bin; do
+        [ -x "$dir/initdb" ] && { echo "$dir"; return; }
+    done
+    command -v initdb >/dev/null 2>&1 && dirname "$(command -v initdb)" && return
+    return 1
+}
+
+pg_bin_or_die() {
+    PG_BIN=$(pg_find_bin) || {
+        echo "no PostgreSQL server binaries (initdb, pg_ctl) found: install PostgreSQL" >&2
+        exit 1
+    }
+}
+
+pg_ctl_start() {
+    local dir=$1 port=$2
+    as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=300" start >/dev/null 2>&1
+}
+
+pg_start() {
+    local dir=$1
+    pg_bin_or_die
+    mkdir -p "$dir"
+    chmod 755 "$dir"
+    [ "$(id -u)" = 0 ] && chown postgres "$dir"
+    as_pg "$PG_BIN/initdb" -D "$dir/data" -U muster --auth=trust -E UTF8 >"$dir/initdb.log" 2>&1 || {
+        cat "$dir/initdb.log" >&2; return 1; }
+    local port
+    for _ in 1 2 3 4 5 6 7 8 9 10; do
+        port=$((20000 + RANDOM % 20000))
+        if pg_ctl_start "$dir" "$port"; then
+            PG_PORT=$port
+            PG_URL="postgres://muster@127.0.0.1:$port/postgres"
+            echo "$port" >"$dir/port"
+            return 0
+        fi
+    done
+    cat "$dir/server.log" >&2
+    echo "could not start postgres" >&2
+    return 1
+}
+
+pg_stop() {
+    local dir=$1
+    pg_bin_or_die
+    as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -m immediate stop >/dev/null 2>&1 || true
+}
+
+pg_restart() {
+    local dir=$1
+    pg_stop "$dir"
+    pg_ctl_start "$dir" "$(cat "$dir/port")"
+}
