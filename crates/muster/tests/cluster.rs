@@ -1,0 +1,258 @@
+//! A real cluster as separate processes (deploy/local-cluster: Postgres,
+//! a backplane, the other services, two edges, mTLS between them), driven
+//! by real WebSocket clients: events reach peers on every edge, a directed
+//! item reaches its device on the edge that holds it, a client whose edge
+//! is killed mid-stream resumes on the other edge without losing anything,
+//! and the cluster survives a backplane restart and a Postgres restart.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use muster_protocol::client::{Next, TokenVia, Ws, open};
+use muster_protocol::device::DeviceKey;
+use muster_store::outbox::{self, NewItem, Target};
+use muster_store::{Store, StoreOptions};
+use serde_json::{Value, json};
+
+const TOKEN: &str = "muster_cluster-test-admin-token-0123456789abcdef";
+const TENANT: &str = "00000000-0000-4000-8000-000000000000";
+const TICK: &str = "muster.test.tick";
+
+struct Cluster {
+    dir: PathBuf,
+    status: Value,
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/local-cluster")
+}
+
+fn run(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(script())
+        .args(args)
+        .env("MUSTER_CLUSTER_DIR", dir)
+        .env("MUSTER_BIN", env!("CARGO_BIN_EXE_muster"))
+        .env("MUSTER_ADMIN_TOKEN", TOKEN)
+        .output()
+        .expect("deploy/local-cluster runs");
+    assert!(
+        out.status.success(),
+        "local-cluster {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+impl Cluster {
+    fn up(dir: &Path) -> Cluster {
+        run(dir, &["up"]);
+        let status = serde_json::from_str(&run(dir, &["status", "--json"])).unwrap();
+        Cluster {
+            dir: dir.to_owned(),
+            status,
+        }
+    }
+
+    fn edges(&self) -> Vec<String> {
+        self.status["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["role"] == "edge")
+            .map(|p| p["ws_url"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn store_url(&self) -> String {
+        self.status["store"].as_str().unwrap().to_owned()
+    }
+
+    fn ctl(&self, args: &[&str]) {
+        run(&self.dir, args);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(script())
+            .arg("down")
+            .env("MUSTER_CLUSTER_DIR", &self.dir)
+            .output();
+    }
+}
+
+async fn peer(url: &str, role: &str, mode: &str) -> (Ws, String) {
+    let key = DeviceKey::generate();
+    let mut ws = open(url, TOKEN, TokenVia::Bearer, None).await.unwrap();
+    ws.handshake(&key, role, json!({"mode": mode})).await;
+    (ws, key.device_id())
+}
+
+async fn append(store: &Store, item: &NewItem) {
+    let mut tx = store.begin().await.unwrap();
+    outbox::append(&mut tx, item).await.unwrap();
+    store.commit(tx).await.unwrap();
+}
+
+/// Appends with retries: the store may be restarting.
+async fn append_retrying(store: &Store, item: &NewItem) {
+    for _ in 0..100 {
+        let attempt = async {
+            let mut tx = store.begin().await?;
+            outbox::append(&mut tx, item).await?;
+            store.commit(tx).await
+        };
+        if attempt.await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("could not append after retries");
+}
+
+async fn event_of(ws: &mut Ws, kind: &str, within: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match ws.next(left).await {
+            Next::Json(frame) if frame["type"] == kind && frame.get("event_id").is_some() => {
+                return Some(frame);
+            }
+            Next::Json(_) => {}
+            _ => return None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    // The postgres user runs the database inside it when tests run as root.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let cluster = Cluster::up(&dir.path().join("cluster"));
+    let edges = cluster.edges();
+    assert_eq!(edges.len(), 2, "{}", cluster.status);
+    let store = Store::connect(&cluster.store_url(), &StoreOptions::default())
+        .await
+        .unwrap();
+
+    // An event produced on one edge reaches operators on both.
+    let (mut watcher_1, _) = peer(&edges[0], "client", "cli").await;
+    let (mut watcher_2, _) = peer(&edges[1], "client", "cli").await;
+    let (mut node, node_device) = peer(&edges[1], "node", "node").await;
+    let long = Duration::from_secs(10);
+    for watcher in [&mut watcher_1, &mut watcher_2] {
+        let upserted = event_of(watcher, "presence.upserted", long)
+            .await
+            .expect("presence.upserted on every edge");
+        assert_eq!(upserted["payload"]["entry"]["instance_id"], node_device);
+    }
+
+    // A directed item reaches the device on the edge that holds it, and
+    // nobody else.
+    let mut directed = NewItem::event(TENANT, "muster.test.directed", json!({"n": 1}));
+    directed.target = Some(Target::Device(node_device.clone()));
+    append(&store, &directed).await;
+    let got = event_of(&mut node, "muster.test.directed", long)
+        .await
+        .expect("directed item delivered");
+    assert_eq!(got["event_id"], directed.event_id.as_str());
+    assert!(
+        event_of(
+            &mut watcher_1,
+            "muster.test.directed",
+            Duration::from_millis(500)
+        )
+        .await
+        .is_none()
+    );
+
+    // A client on edge 1 follows a stream of events; edge 1 is killed in
+    // the middle; the client reconnects to edge 2, resumes from the last
+    // event it saw, and ends up with every event committed.
+    let producer_store = store.clone();
+    let producer = tokio::spawn(async move {
+        let mut committed = Vec::new();
+        for n in 0..300 {
+            let item = NewItem::event(TENANT, TICK, json!({"n": n}));
+            append_retrying(&producer_store, &item).await;
+            committed.push(item.event_id);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        committed
+    });
+    let (mut client, _) = peer(&edges[0], "client", "cli").await;
+    let mut received: HashSet<String> = HashSet::new();
+    let mut last_seen: Option<String> = None;
+    let mut killed = false;
+    let mut resumed = false;
+    loop {
+        match client.next(Duration::from_secs(3)).await {
+            Next::Json(frame) if frame["type"] == TICK => {
+                let id = frame["event_id"].as_str().unwrap().to_owned();
+                last_seen = Some(id.clone());
+                received.insert(id);
+                if received.len() == 50 && !killed {
+                    cluster.ctl(&["kill", "edge-1"]);
+                    killed = true;
+                }
+            }
+            Next::Json(_) => {}
+            Next::Closed(..) | Next::Dropped => {
+                assert!(killed, "the connection ended before its edge was killed");
+                let (again, _) = peer(&edges[1], "client", "cli").await;
+                client = again;
+                let last = last_seen.clone().expect("saw events before the kill");
+                let (response, replayed) = client
+                    .call_with_events("muster.stream.resume", json!({"last_event_id": last}))
+                    .await;
+                assert_eq!(response["result"]["gap"], false, "{response}");
+                for event in replayed.iter().filter(|e| e["type"] == TICK) {
+                    received.insert(event["event_id"].as_str().unwrap().to_owned());
+                }
+                resumed = true;
+            }
+            Next::Silent => break,
+        }
+    }
+    assert!(killed && resumed);
+    let committed = producer.await.unwrap();
+    let missing: Vec<_> = committed
+        .iter()
+        .filter(|id| !received.contains(*id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} committed events never reached the client",
+        missing.len(),
+        committed.len()
+    );
+
+    // A restarted backplane: the edge resubscribes where it stopped.
+    cluster.ctl(&["kill", "backplane"]);
+    cluster.ctl(&["start", "backplane"]);
+    let after_restart = NewItem::event(TENANT, TICK, json!({"after": "backplane restart"}));
+    append_retrying(&store, &after_restart).await;
+    let got = event_of(&mut client, TICK, Duration::from_secs(15))
+        .await
+        .expect("an event after the backplane restart");
+    assert_eq!(got["event_id"], after_restart.event_id.as_str());
+
+    // A restarted Postgres: the services reconnect and delivery goes on.
+    cluster.ctl(&["pg-restart"]);
+    let after_pg = NewItem::event(TENANT, TICK, json!({"after": "postgres restart"}));
+    append_retrying(&store, &after_pg).await;
+    let got = event_of(&mut client, TICK, Duration::from_secs(20))
+        .await
+        .expect("an event after the Postgres restart");
+    assert_eq!(got["event_id"], after_pg.event_id.as_str());
+    let pong = client.call("ping", json!({})).await;
+    assert_eq!(pong["ok"], true);
+    store.close().await;
+}
