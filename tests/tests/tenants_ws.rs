@@ -1,0 +1,167 @@
+//! Randomized multi-tenant delivery: peers of several tenants with
+//! different scopes, items of random tenants, audiences and targets
+//! (including devices of other tenants). Every peer gets exactly the items
+//! of its own tenant that its scopes and device admit: zero cross-tenant
+//! deliveries, nothing missing. On SQLite and on Postgres.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use muster_e2e::Host;
+use muster_e2e::ws::{Next, TokenVia, Ws, open};
+use muster_protocol::device::DeviceKey;
+use muster_store::outbox::{self, NewItem, Target};
+use muster_store::{Store, StoreOptions};
+use rand::Rng;
+use rand::seq::IndexedRandom;
+use serde_json::json;
+
+const KIND: &str = "muster.test.random";
+const TENANTS: [&str; 3] = ["tenant-a", "tenant-b", "tenant-c"];
+const SCOPES: [&[&str]; 3] = [
+    &["operator.read"],
+    &["operator.write"],
+    &["operator.read", "operator.write"],
+];
+
+struct Peer {
+    tenant: &'static str,
+    scopes: &'static [&'static str],
+    device: String,
+    ws: Ws,
+}
+
+impl Peer {
+    fn admits(&self, item: &NewItem) -> bool {
+        item.tenant_id == self.tenant
+            && (item.audience_scopes.is_empty()
+                || item
+                    .audience_scopes
+                    .iter()
+                    .any(|s| self.scopes.contains(&s.as_str())))
+            && match &item.target {
+                None => true,
+                Some(Target::Device(device)) => *device == self.device,
+                Some(_) => false,
+            }
+    }
+}
+
+async fn tenants_flow(host: &Host) {
+    let mut peers = Vec::new();
+    for tenant in TENANTS {
+        for scopes in SCOPES {
+            let (_, token) = host.client_token_in(tenant, scopes).await;
+            let key = DeviceKey::generate();
+            let mut ws = open(&host.ws_url(), &token, TokenVia::Bearer, None)
+                .await
+                .unwrap();
+            ws.handshake(&key, "client", json!({"mode": "cli"})).await;
+            peers.push(Peer {
+                tenant,
+                scopes,
+                device: key.device_id(),
+                ws,
+            });
+        }
+    }
+    let devices: Vec<String> = peers.iter().map(|p| p.device.clone()).collect();
+
+    // Every peer reads all along (pongs keep flowing) until the producer
+    // is done and nothing more arrives.
+    let (done_tx, done) = tokio::sync::watch::channel(false);
+    let readers: Vec<_> = peers
+        .into_iter()
+        .map(|mut peer| {
+            let done = done.clone();
+            tokio::spawn(async move {
+                let mut received = Vec::new();
+                loop {
+                    match peer.ws.next(Duration::from_secs(2)).await {
+                        Next::Json(frame) if frame["type"] == KIND => received.push(frame),
+                        Next::Json(_) => {}
+                        Next::Silent if *done.borrow() => break,
+                        Next::Silent => {}
+                        other => panic!("{other:?}"),
+                    }
+                }
+                (peer, received)
+            })
+        })
+        .collect();
+
+    let store = Store::connect(&host.config.store_url(), &StoreOptions::default())
+        .await
+        .unwrap();
+    let mut items = Vec::new();
+    for n in 0..150 {
+        let item = {
+            let mut rng = rand::rng();
+            let tenant = *TENANTS.choose(&mut rng).unwrap();
+            let mut item = NewItem::event(tenant, KIND, json!({"tenant": tenant, "n": n}));
+            item.audience_scopes = match rng.random_range(0..3) {
+                0 => vec![],
+                1 => vec!["operator.read".into()],
+                _ => vec!["operator.write".into()],
+            };
+            if rng.random_bool(0.3) {
+                item.target = Some(Target::Device(devices.choose(&mut rng).unwrap().clone()));
+            }
+            item
+        };
+        let mut tx = store.begin().await.unwrap();
+        outbox::append(&mut tx, &item).await.unwrap();
+        store.commit(tx).await.unwrap();
+        items.push(item);
+    }
+    done_tx.send(true).unwrap();
+
+    let by_id: HashMap<&str, &NewItem> = items.iter().map(|i| (i.event_id.as_str(), i)).collect();
+    let mut delivered_anything = false;
+    for reader in readers {
+        let (peer, frames) = reader.await.unwrap();
+        let expected: HashSet<&str> = items
+            .iter()
+            .filter(|i| peer.admits(i))
+            .map(|i| i.event_id.as_str())
+            .collect();
+        let mut received = HashSet::new();
+        for frame in &frames {
+            let id = frame["event_id"].as_str().unwrap();
+            let item = by_id[id];
+            assert_eq!(
+                item.tenant_id, peer.tenant,
+                "cross-tenant delivery: {frame}"
+            );
+            assert_eq!(frame["payload"]["tenant"], peer.tenant, "{frame}");
+            assert!(
+                peer.admits(item),
+                "{frame} reached a peer it does not admit"
+            );
+            received.insert(id);
+        }
+        assert_eq!(
+            received, expected,
+            "peer of {} with {:?}",
+            peer.tenant, peer.scopes
+        );
+        delivered_anything |= !received.is_empty();
+    }
+    assert!(delivered_anything);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_cross_tenant_deliveries_on_sqlite() {
+    let host = Host::start(None).await;
+    tenants_flow(&host).await;
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_cross_tenant_deliveries_on_postgres() {
+    let url = muster_store::testing::create_postgres_database().await;
+    let host = Host::start(Some(url)).await;
+    tenants_flow(&host).await;
+    host.stop().await;
+}
