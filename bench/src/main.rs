@@ -8,8 +8,13 @@
 //!   tokio-tungstenite server holding the same number of sockets.
 //! - `beacons`: `presence.beacon` to `presence.upserted` at an operator,
 //!   end to end, with p50/p99, next to a bare WebSocket relay.
+//! - `latency`: commit to client across two edges of a local cluster on
+//!   Postgres at a fixed rate, next to INSERT + NOTIFY seen by LISTEN.
+//! - `appends`: outbox appends on Postgres, one and many per transaction,
+//!   next to raw `pgbench` single-row INSERTs on the same server.
 #![forbid(unsafe_code)]
 
+mod backplane;
 mod bare;
 mod scenarios;
 
@@ -51,6 +56,26 @@ enum Scenario {
         #[arg(long, default_value_t = 8)]
         nodes: usize,
     },
+    /// Outbox appends on Postgres next to raw pgbench INSERTs.
+    Appends {
+        /// A Postgres server (a database is created and dropped on it).
+        #[arg(long, env = "MUSTER_BENCH_DATABASE_URL")]
+        database_url: String,
+        #[arg(long, default_value_t = 16)]
+        clients: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 10)]
+        batch: usize,
+    },
+    /// Commit-to-client latency across two edges of a local cluster
+    /// (deploy/local-cluster, MUSTER_BIN or target/release/muster).
+    Latency {
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// The bare baseline server of `idle`, run as its own process.
     #[command(hide = true)]
     BareServer,
@@ -78,6 +103,13 @@ async fn main() -> anyhow::Result<()> {
         } => scenarios::handshakes(connections, concurrency, without_presence).await,
         Scenario::Idle { connections } => scenarios::idle(connections).await,
         Scenario::Beacons { seconds, nodes } => scenarios::beacons(seconds, nodes).await,
+        Scenario::Appends {
+            database_url,
+            clients,
+            seconds,
+            batch,
+        } => backplane::run(&database_url, clients, seconds, batch).await,
+        Scenario::Latency { rate, seconds } => backplane::latency(rate, seconds).await,
         Scenario::BareServer => bare::serve_forever().await,
         Scenario::ServeMuster => scenarios::serve_muster().await,
         Scenario::HoldIdle {

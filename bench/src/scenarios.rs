@@ -47,7 +47,7 @@ pub async fn start_muster() -> anyhow::Result<Muster> {
     })
 }
 
-fn report(what: &str, unit: &str, baseline: f64, muster: f64, higher_is_better: bool) {
+pub fn report(what: &str, unit: &str, baseline: f64, muster: f64, higher_is_better: bool) {
     let ratio = muster / baseline;
     println!(
         "{what}: baseline {baseline:.1} {unit}, muster {muster:.1} {unit}, ratio {ratio:.2}{}",
@@ -146,14 +146,14 @@ pub async fn handshakes(
     Ok(())
 }
 
-fn micros() -> u64 {
+pub fn micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_micros() as u64
 }
 
-fn percentiles(h: &Histogram<u64>) -> String {
+pub fn percentiles(h: &Histogram<u64>) -> String {
     format!(
         "p50 {:.2} ms, p99 {:.2} ms",
         h.value_at_quantile(0.50) as f64 / 1000.0,

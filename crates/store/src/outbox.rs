@@ -169,34 +169,13 @@ pub async fn sequence(store: &Store, limit: i64) -> Result<u64, StoreError> {
     if store.backend() == Backend::Sqlite {
         return Ok(0);
     }
-    let mut tx = store.pool().begin().await?;
-    let last: i64 = sqlx::query("SELECT last_position FROM outbox_sequence FOR UPDATE")
-        .fetch_one(&mut *tx)
+    // One round trip: migrations/postgres/0006 holds the steps.
+    let sequenced: i64 = sqlx::query("SELECT muster_sequence_outbox($1)")
+        .bind(limit)
+        .fetch_one(store.pool())
         .await?
         .try_get(0)?;
-    // Read after the lock is held: every sequencer before this one has
-    // committed, and this statement's snapshot sees its positions.
-    let sequenced = sqlx::query(
-        "UPDATE outbox SET position = $1 + pending.n \
-         FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM outbox \
-               WHERE position IS NULL ORDER BY id LIMIT $2) AS pending \
-         WHERE outbox.id = pending.id",
-    )
-    .bind(last)
-    .bind(limit)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
-    if sequenced == 0 {
-        tx.rollback().await?;
-        return Ok(0);
-    }
-    sqlx::query("UPDATE outbox_sequence SET last_position = $1")
-        .bind(last + sequenced as i64)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(sequenced)
+    Ok(sequenced as u64)
 }
 
 const ITEM_COLUMNS: &str = "position, tenant_id, event_id, type, payload, target_kind, target_id, \
