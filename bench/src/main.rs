@@ -10,12 +10,15 @@
 //!   end to end, with p50/p99, next to a bare WebSocket relay.
 //! - `latency`: commit to client across two edges of a local cluster on
 //!   Postgres at a fixed rate, next to INSERT + NOTIFY seen by LISTEN.
+//! - `fanout`: outbox events delivered to many operators, next to a bare
+//!   broadcast over the same number of sockets.
 //! - `appends`: outbox appends on Postgres, one and many per transaction,
 //!   next to raw `pgbench` single-row INSERTs on the same server.
 #![forbid(unsafe_code)]
 
 mod backplane;
 mod bare;
+mod fanout;
 mod scenarios;
 
 use clap::{Parser, Subcommand};
@@ -76,6 +79,13 @@ enum Scenario {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Deliveries per second to many subscribers.
+    Fanout {
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 200)]
+        events: usize,
+    },
     /// The bare baseline server of `idle`, run as its own process.
     #[command(hide = true)]
     BareServer,
@@ -110,6 +120,10 @@ async fn main() -> anyhow::Result<()> {
             batch,
         } => backplane::run(&database_url, clients, seconds, batch).await,
         Scenario::Latency { rate, seconds } => backplane::latency(rate, seconds).await,
+        Scenario::Fanout {
+            subscribers,
+            events,
+        } => fanout::fanout(subscribers, events).await,
         Scenario::BareServer => bare::serve_forever().await,
         Scenario::ServeMuster => scenarios::serve_muster().await,
         Scenario::HoldIdle {

@@ -59,7 +59,7 @@ pub fn report(what: &str, unit: &str, baseline: f64, muster: f64, higher_is_bett
     );
 }
 
-async fn bare_connect(
+pub async fn bare_connect(
     url: &str,
 ) -> anyhow::Result<
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,

@@ -177,23 +177,34 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
     // the middle; the client reconnects to edge 2, resumes from the last
     // event it saw, and ends up with every event committed.
     let producer_store = store.clone();
+    let committed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let producing = committed.clone();
     let producer = tokio::spawn(async move {
-        let mut committed = Vec::new();
         for n in 0..300 {
             let item = NewItem::event(TENANT, TICK, json!({"n": n}));
             append_retrying(&producer_store, &item).await;
-            committed.push(item.event_id);
+            producing.lock().unwrap().push(item.event_id);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        committed
     });
+    // Read until the producer is done and everything it committed arrived,
+    // or until a generous deadline (a loaded machine is slow, not lossy).
+    let all_arrived = |received: &HashSet<String>| {
+        producer.is_finished()
+            && committed
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|id| received.contains(id))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let (mut client, _) = peer(&edges[0], "client", "cli").await;
     let mut received: HashSet<String> = HashSet::new();
     let mut last_seen: Option<String> = None;
     let mut killed = false;
     let mut resumed = false;
-    loop {
-        match client.next(Duration::from_secs(3)).await {
+    while !all_arrived(&received) && tokio::time::Instant::now() < deadline {
+        match client.next(Duration::from_secs(1)).await {
             Next::Json(frame) if frame["type"] == TICK => {
                 let id = frame["event_id"].as_str().unwrap().to_owned();
                 last_seen = Some(id.clone());
@@ -218,11 +229,12 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
                 }
                 resumed = true;
             }
-            Next::Silent => break,
+            Next::Silent => {}
         }
     }
     assert!(killed && resumed);
-    let committed = producer.await.unwrap();
+    producer.await.unwrap();
+    let committed = committed.lock().unwrap().clone();
     let missing: Vec<_> = committed
         .iter()
         .filter(|id| !received.contains(*id))

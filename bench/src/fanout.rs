@@ -1,0 +1,110 @@
+//! Fanout: one stream of events delivered to many subscribers, next to a
+//! bare broadcast loop over the same number of sockets.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use muster_protocol::client::{TokenVia, open};
+use muster_protocol::device::DeviceKey;
+use muster_store::outbox::{self, NewItem};
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::scenarios::{bare_connect, report, start_muster};
+
+const KIND: &str = "muster.bench.fanout";
+
+/// Counts the frames `is_event` accepts on `stream` until it ends.
+fn count<S>(
+    mut stream: tokio_tungstenite::WebSocketStream<S>,
+    delivered: Arc<AtomicU64>,
+    is_event: fn(&str) -> bool,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        while let Some(Ok(frame)) = stream.next().await {
+            if let Ok(text) = frame.to_text()
+                && is_event(text)
+            {
+                delivered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+}
+
+/// Waits until `delivered` reaches `expected` (or 120 s pass); returns
+/// deliveries per second since `started`.
+async fn rate(delivered: &AtomicU64, expected: u64, started: Instant) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while delivered.load(Ordering::Relaxed) < expected {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} of {expected} deliveries",
+            delivered.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(expected as f64 / started.elapsed().as_secs_f64())
+}
+
+pub async fn fanout(subscribers: usize, events: usize) -> anyhow::Result<()> {
+    let gate = Arc::new(Semaphore::new(64));
+    let expected = (subscribers * events) as u64;
+
+    // Baseline: the bare relay broadcasts each published frame to every
+    // subscribed socket.
+    let bare = format!("ws://{}/ws", crate::bare::start().await?);
+    let delivered = Arc::new(AtomicU64::new(0));
+    for _ in 0..subscribers {
+        let _permit = gate.acquire().await?;
+        let mut ws = bare_connect(&bare).await?;
+        ws.send(Message::text("subscribe")).await?;
+        count(ws, delivered.clone(), |text| text.starts_with("{\"n\""));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut publisher = bare_connect(&bare).await?;
+    let started = Instant::now();
+    for n in 0..events {
+        publisher
+            .send(Message::text(json!({"n": n}).to_string()))
+            .await?;
+        publisher.next().await;
+    }
+    let baseline = rate(&delivered, expected, started).await?;
+
+    // muster: events appended to the outbox, ten per transaction, reach
+    // every operator connected to the edge.
+    let muster = start_muster().await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    for _ in 0..subscribers {
+        let _permit = gate.acquire().await?;
+        let mut ws = open(&muster.url, &muster.token, TokenVia::Bearer, None).await?;
+        ws.try_handshake(&DeviceKey::generate(), "client", json!({"mode": "cli"}))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        count(ws.stream, delivered.clone(), |text| text.contains(KIND));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let store = muster.running.store.clone();
+    let started = Instant::now();
+    for chunk in (0..events).collect::<Vec<_>>().chunks(10) {
+        let mut tx = store.begin().await?;
+        for n in chunk {
+            outbox::append(
+                &mut tx,
+                &NewItem::event(muster::DEFAULT_TENANT, KIND, json!({"n": n})),
+            )
+            .await?;
+        }
+        store.commit(tx).await?;
+    }
+    let measured = rate(&delivered, expected, started).await?;
+    println!("fanout: {events} events to {subscribers} subscribers");
+    report("fanout deliveries", "per s", baseline, measured, true);
+    muster.running.stop().await?;
+    Ok(())
+}
