@@ -301,6 +301,22 @@ async fn select_session(
     row.as_ref().map(topic_session).transpose()
 }
 
+/// Removes every session `select` finds, each with its `leave` diff.
+async fn leave_all(
+    tx: &mut Tx,
+    select: muster_store::AnyQuery<'_>,
+) -> Result<Vec<TopicSession>, StoreError> {
+    let rows = select.fetch_all(&mut **tx).await?;
+    let sessions = rows
+        .iter()
+        .map(topic_session)
+        .collect::<Result<Vec<_>, _>>()?;
+    for session in &sessions {
+        delete_with_leave(tx, session).await?;
+    }
+    Ok(sessions)
+}
+
 async fn delete_with_leave(tx: &mut Tx, session: &TopicSession) -> Result<(), StoreError> {
     sqlx::query(
         "DELETE FROM topic_sessions WHERE tenant_id = $1 AND topic = $2 AND session_id = $3",
@@ -382,20 +398,14 @@ impl TopicStore for Store {
         connection_id: &str,
     ) -> Result<Vec<TopicSession>, StoreError> {
         let mut tx = self.begin().await?;
-        let rows = sqlx::query(&format!(
+        let select = format!(
             "SELECT {TOPIC_COLUMNS} FROM topic_sessions WHERE tenant_id = $1 AND connection_id = $2"
-        ))
-        .bind(tenant_id)
-        .bind(connection_id)
-        .fetch_all(&mut *tx)
+        );
+        let sessions = leave_all(
+            &mut tx,
+            sqlx::query(&select).bind(tenant_id).bind(connection_id),
+        )
         .await?;
-        let sessions = rows
-            .iter()
-            .map(topic_session)
-            .collect::<Result<Vec<_>, _>>()?;
-        for session in &sessions {
-            delete_with_leave(&mut tx, session).await?;
-        }
         self.commit(tx).await?;
         Ok(sessions)
     }
@@ -457,20 +467,11 @@ impl TopicStore for Store {
 
     async fn expire_edges(&self, cutoff_ms: i64) -> Result<Vec<TopicSession>, StoreError> {
         let mut tx = self.begin().await?;
-        let rows = sqlx::query(&format!(
+        let select = format!(
             "SELECT {TOPIC_COLUMNS} FROM topic_sessions WHERE edge_id IN \
              (SELECT edge_id FROM presence_edges WHERE refreshed_at_ms < $1)"
-        ))
-        .bind(cutoff_ms)
-        .fetch_all(&mut *tx)
-        .await?;
-        let sessions = rows
-            .iter()
-            .map(topic_session)
-            .collect::<Result<Vec<_>, _>>()?;
-        for session in &sessions {
-            delete_with_leave(&mut tx, session).await?;
-        }
+        );
+        let sessions = leave_all(&mut tx, sqlx::query(&select).bind(cutoff_ms)).await?;
         sqlx::query("DELETE FROM presence_edges WHERE refreshed_at_ms < $1")
             .bind(cutoff_ms)
             .execute(&mut *tx)
