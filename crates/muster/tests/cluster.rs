@@ -176,6 +176,9 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
     // A client on edge 1 follows a stream of events; edge 1 is killed in
     // the middle; the client reconnects to edge 2, resumes from the last
     // event it saw, and ends up with every event committed.
+    // The client connects before the first event is produced: items
+    // committed before a peer connects are not its to receive.
+    let (mut client, _) = peer(&edges[0], "client", "cli").await;
     let producer_store = store.clone();
     let committed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let producing = committed.clone();
@@ -183,7 +186,7 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
         for n in 0..300 {
             let item = NewItem::event(TENANT, TICK, json!({"n": n}));
             append_retrying(&producer_store, &item).await;
-            producing.lock().unwrap().push(item.event_id);
+            producing.lock().unwrap().push((n, item.event_id));
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
@@ -195,10 +198,9 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
                 .lock()
                 .unwrap()
                 .iter()
-                .all(|id| received.contains(id))
+                .all(|(_, id)| received.contains(id))
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let (mut client, _) = peer(&edges[0], "client", "cli").await;
     let mut received: HashSet<String> = HashSet::new();
     let mut last_seen: Option<String> = None;
     let mut killed = false;
@@ -237,11 +239,12 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
     let committed = committed.lock().unwrap().clone();
     let missing: Vec<_> = committed
         .iter()
-        .filter(|id| !received.contains(*id))
+        .filter(|(_, id)| !received.contains(id))
+        .map(|(n, _)| n)
         .collect();
     assert!(
         missing.is_empty(),
-        "{} of {} committed events never reached the client",
+        "{} of {} committed events never reached the client: numbers {missing:?}",
         missing.len(),
         committed.len()
     );
