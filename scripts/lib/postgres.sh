@@ -10,16 +10,21 @@ as_pg() {
     if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
+# Explicit `return 0`: a bare `return` inside an EXIT trap (cleanup after a
+# failure) returns the status of the command that failed.
 pg_find_bin() {
     if command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/initdb" ]; then
         pg_config --bindir
-        return
+        return 0
     fi
     local dir
     for dir in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V -r) /usr/local/bin /opt/homebrew/bin; do
-        [ -x "$dir/initdb" ] && { echo "$dir"; return; }
+        [ -x "$dir/initdb" ] && { echo "$dir"; return 0; }
     done
-    command -v initdb >/dev/null 2>&1 && dirname "$(command -v initdb)" && return
+    if command -v initdb >/dev/null 2>&1; then
+        dirname "$(command -v initdb)"
+        return 0
+    fi
     return 1
 }
 
