@@ -19,6 +19,9 @@ pub const DEFAULT_TENANT: &str = "00000000-0000-4000-8000-000000000000";
 #[derive(Debug, Serialize)]
 pub struct NoFlags {}
 
+/// The shortest presence lifetime: two of the edges' 5 s refreshes.
+pub const MIN_PRESENCE_TTL_SECS: u64 = 10;
+
 /// Every setting of a muster process.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -55,6 +58,11 @@ pub struct Config {
     /// Whether `cli` connections (the command line) appear in instance
     /// presence.
     pub presence_include_cli: bool,
+    /// How long an instance presence entry lives without a refresh, and
+    /// how long an edge's topic sessions outlive its last refresh.
+    pub presence_ttl_secs: u64,
+    /// The most instance presence entries per tenant (oldest pruned first).
+    pub presence_cap: usize,
     /// The edge's name: the consumer its backplane progress is kept under
     /// and the owner of its connections in the directory. Unset: a new
     /// random id at every start.
@@ -104,6 +112,8 @@ impl Default for Config {
             log_format: "auto".into(),
             admin_token: None,
             presence_include_cli: false,
+            presence_ttl_secs: 60,
+            presence_cap: 500,
             edge_id: None,
             edge_allow_plaintext: false,
             edge_tls_cert: None,
@@ -130,6 +140,8 @@ const ENV_KEYS: &[&str] = &[
     "log_format",
     "admin_token",
     "presence_include_cli",
+    "presence_ttl_secs",
+    "presence_cap",
     "edge_id",
     "edge_allow_plaintext",
     "edge_tls_cert",
@@ -215,6 +227,14 @@ impl Config {
                  (set edge_allow_plaintext behind a proxy that terminates TLS)",
                 self.edge_listen
             );
+        }
+        // Edges refresh presence every 5 s: a shorter lifetime would prune
+        // live entries between two refreshes.
+        if self.presence_ttl_secs < MIN_PRESENCE_TTL_SECS {
+            bail!("presence_ttl_secs must be at least {MIN_PRESENCE_TTL_SECS}");
+        }
+        if self.presence_cap == 0 {
+            bail!("presence_cap must be at least 1");
         }
         if self.cert_reload_secs == 0 {
             bail!("cert_reload_secs must be at least 1");

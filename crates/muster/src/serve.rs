@@ -241,7 +241,10 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                 let topics = muster_presence::Topics::new(Arc::new(store.clone()));
                 tokio::spawn(instances.clone().prune_loop(
                     topics.clone(),
-                    muster_presence::Retention::default(),
+                    muster_presence::Retention {
+                        ttl: Duration::from_secs(config.presence_ttl_secs),
+                        cap: config.presence_cap,
+                    },
                     PRUNE_EVERY,
                     shutdown.clone().cancelled_owned(),
                 ));

@@ -3,7 +3,8 @@
 //! by real WebSocket clients: events reach peers on every edge, a directed
 //! item reaches its device on the edge that holds it, a client whose edge
 //! is killed mid-stream resumes on the other edge without losing anything,
-//! and the cluster survives a backplane restart and a Postgres restart.
+//! the killed edge's peers leave presence and their topics, and the
+//! cluster survives a backplane restart and a Postgres restart.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ use serde_json::{Value, json};
 const TOKEN: &str = "muster_cluster-test-admin-token-0123456789abcdef";
 const TENANT: &str = "00000000-0000-4000-8000-000000000000";
 const TICK: &str = "muster.test.tick";
+const GHOST_TTL_SECS: u64 = 15;
 
 struct Cluster {
     dir: PathBuf,
@@ -35,6 +37,9 @@ fn run(dir: &Path, args: &[&str]) -> String {
         .env("MUSTER_CLUSTER_DIR", dir)
         .env("MUSTER_BIN", env!("CARGO_BIN_EXE_muster"))
         .env("MUSTER_ADMIN_TOKEN", TOKEN)
+        // Short enough that a killed edge's peers are seen to go within the
+        // test, long enough that live ones never are.
+        .env("MUSTER_PRESENCE_TTL_SECS", GHOST_TTL_SECS.to_string())
         .output()
         .expect("deploy/local-cluster runs");
     assert!(
@@ -113,11 +118,26 @@ async fn append_retrying(store: &Store, item: &NewItem) {
 }
 
 async fn event_of(ws: &mut Ws, kind: &str, within: Duration) -> Option<Value> {
+    event_where(ws, kind, within, |_| true).await
+}
+
+/// The next event of `kind` (any kind when empty) whose payload `wanted`
+/// accepts.
+async fn event_where(
+    ws: &mut Ws,
+    kind: &str,
+    within: Duration,
+    wanted: impl Fn(&Value) -> bool,
+) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match ws.next(left).await {
-            Next::Json(frame) if frame["type"] == kind && frame.get("event_id").is_some() => {
+            Next::Json(frame)
+                if (kind.is_empty() || frame["type"] == kind)
+                    && frame.get("event_id").is_some()
+                    && wanted(&frame["payload"]) =>
+            {
                 return Some(frame);
             }
             Next::Json(_) => {}
@@ -269,5 +289,49 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
     assert_eq!(got["event_id"], after_pg.event_id.as_str());
     let pong = client.call("ping", json!({})).await;
     assert_eq!(pong["ok"], true);
+    drop(client);
+
+    // No ghosts: a peer on edge 1, in instance presence and in a topic that
+    // a peer on edge 2 follows, leaves both when edge 1 is killed (the edge
+    // stopped refreshing), with `presence.pruned` and a `leave` diff.
+    cluster.ctl(&["start", "edge-1"]);
+    let mut follower = peer(&edges[1], "client", "cli").await.0;
+    let sub = follower
+        .call("muster.topic.subscribe", json!({"topic": "ghost-room"}))
+        .await;
+    assert_eq!(sub["ok"], true, "{sub}");
+    let (mut ghost, ghost_device) = peer(&edges[0], "client", "ui").await;
+    let tracked = ghost
+        .call(
+            "muster.topic.track",
+            json!({"topic": "ghost-room", "principal": "ghost", "kind": "human"}),
+        )
+        .await;
+    assert_eq!(tracked["ok"], true, "{tracked}");
+    let joined = event_where(&mut follower, "muster.topic.diff", long, |p| {
+        p["kind"] == "join" && p["principal"] == "ghost"
+    })
+    .await;
+    assert!(joined.is_some(), "the ghost's join reaches edge 2");
+    cluster.ctl(&["kill", "edge-1"]);
+    let ghost_gone = |p: &Value| {
+        p["instance_id"] == ghost_device.as_str()
+            || (p["kind"] == "leave" && p["principal"] == "ghost")
+    };
+    // Either may come first.
+    let ghost_wait = Duration::from_secs(GHOST_TTL_SECS * 3);
+    let (mut pruned, mut left) = (false, false);
+    while !(pruned && left) {
+        let Some(event) = event_where(&mut follower, "", ghost_wait, ghost_gone).await else {
+            break;
+        };
+        match event["type"].as_str() {
+            Some("presence.pruned") => pruned = true,
+            Some("muster.topic.diff") => left = true,
+            _ => {}
+        }
+    }
+    assert!(pruned, "the killed edge's peer is pruned");
+    assert!(left, "the killed edge's topic session leaves");
     store.close().await;
 }
