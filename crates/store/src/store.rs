@@ -164,20 +164,6 @@ impl Store {
         self.commits.subscribe()
     }
 
-    /// Postgres: wakes the listeners of `channel` in every process (after
-    /// the caller's commit, never inside a transaction). SQLite: nothing.
-    pub async fn notify(&self, channel: &str) {
-        if self.backend == Backend::Postgres {
-            let sent = sqlx::query("SELECT pg_notify($1, '')")
-                .bind(channel)
-                .execute(&self.pool)
-                .await;
-            if let Err(error) = sent {
-                tracing::debug!(%error, channel, "notify failed; readers fall back to polling");
-            }
-        }
-    }
-
     /// Postgres: a receiver that changes whenever `channel` is notified by
     /// any process, and after the listening connection was lost (anything
     /// may have happened meanwhile). `None` on SQLite, which is one

@@ -30,9 +30,6 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// How many items one sequencing round positions at most.
 pub const MAX_SEQUENCE: i64 = 5000;
 
-/// The Postgres channel a sequencer notifies after positioning items.
-pub const SEQUENCED_CHANNEL: &str = "muster_outbox_sequenced";
-
 /// Where the backplane reads the outbox from.
 #[tonic::async_trait]
 pub trait OutboxStore: Send + Sync + 'static {
@@ -60,7 +57,6 @@ pub trait OutboxStore: Send + Sync + 'static {
     fn commits(&self) -> watch::Receiver<u64>;
     /// Changes when `channel` is notified by any process (Postgres).
     fn listen(&self, channel: &'static str) -> Option<watch::Receiver<u64>>;
-    async fn notify(&self, channel: &str);
 }
 
 #[tonic::async_trait]
@@ -125,10 +121,6 @@ impl OutboxStore for Store {
     fn listen(&self, channel: &'static str) -> Option<watch::Receiver<u64>> {
         Store::listen(self, channel)
     }
-
-    async fn notify(&self, channel: &str) {
-        Store::notify(self, channel).await
-    }
 }
 
 /// Reading the outbox.
@@ -158,8 +150,13 @@ async fn changed(signal: &mut Option<watch::Receiver<u64>>) {
 
 /// Makes committed items readable and says so. On Postgres it positions
 /// them (woken by this process's commits and other processes' `NOTIFY`,
-/// polling as the fallback), then wakes local readers and notifies other
-/// processes' readers; on SQLite, a local commit is the signal itself.
+/// polling as the fallback) and wakes local readers; on SQLite, a local
+/// commit is the signal itself.
+///
+/// Every replica listens to the same commit notifications, so a round
+/// woken by one that positions nothing still wakes local readers: another
+/// replica's round positioned those items (this round waited for its lock,
+/// or ran after it), and they are readable here now.
 async fn make_readable(store: Arc<dyn OutboxStore>, readable: watch::Sender<u64>) {
     let mut commits = store.commits();
     if !store.sequenced_after_commit() {
@@ -173,25 +170,27 @@ async fn make_readable(store: Arc<dyn OutboxStore>, readable: watch::Sender<u64>
     }
     let mut commits = Some(commits);
     let mut remote_commits = store.listen(muster_store::COMMITS_CHANNEL);
-    let mut remote_sequenced = store.listen(SEQUENCED_CHANNEL);
+    let mut woken = true;
     loop {
         match store.sequence(MAX_SEQUENCE).await {
-            Ok(0) => {}
+            Ok(0) => {
+                if woken {
+                    bump(&readable);
+                }
+            }
             Ok(_) => {
                 bump(&readable);
-                store.notify(SEQUENCED_CHANNEL).await;
+                woken = false;
                 continue;
             }
             Err(error) => tracing::warn!(%error, "sequencing the outbox failed; retrying"),
         }
-        tokio::select! {
+        woken = tokio::select! {
             _ = readable.closed() => return,
-            _ = changed(&mut commits) => {}
-            _ = changed(&mut remote_commits) => {}
-            // Another replica sequenced: its items are readable here too.
-            _ = changed(&mut remote_sequenced) => bump(&readable),
-            _ = tokio::time::sleep(POLL_INTERVAL) => {}
-        }
+            _ = changed(&mut commits) => true,
+            _ = changed(&mut remote_commits) => true,
+            _ = tokio::time::sleep(POLL_INTERVAL) => false,
+        };
     }
 }
 
