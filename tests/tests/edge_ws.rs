@@ -492,3 +492,95 @@ async fn a_peer_that_does_not_read_is_cut_off_with_1013() {
     }
     host.stop().await;
 }
+
+/// A client frame (masked, as clients must) carrying `text`.
+fn client_frame(text: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x81];
+    match text.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= usize::from(u16::MAX) => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x5a, 0x17, 0xc3, 0x08];
+    frame.extend_from_slice(&mask);
+    frame.extend(text.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Sends the upgrade request and `frames` in one write, so that the frames
+/// are there before the token is resolved; returns how the edge closes.
+async fn pipelined(host: &Host, token: &str, frames: &[Vec<u8>]) -> (u16, String) {
+    use futures::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    let url = host.ws_url();
+    let address = url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws")
+        .to_owned();
+    let mut tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let mut bytes = format!(
+        "GET /ws HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Protocol: tyrum-v1\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .into_bytes();
+    for frame in frames {
+        bytes.extend_from_slice(frame);
+    }
+    tcp.write_all(&bytes).await.unwrap();
+    // The response head, byte by byte: what follows it is WebSocket.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tcp.read_u8().await.unwrap());
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(tcp, Role::Client, None).await;
+    let within = Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(within, ws.next()).await {
+            Ok(Some(Ok(Message::Close(Some(close))))) => {
+                return (close.code.into(), close.reason.to_string());
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_beyond_the_early_queue_close_4003_handshake_overflow() {
+    let host = Host::start(None).await;
+    let ping = json!({"request_id": "r", "type": "ping", "payload": {}}).to_string();
+    // A token minted for each case is not in the edge's cache of verified
+    // tokens, so resolving it takes a call to identity, and every frame
+    // written with the upgrade arrives while it is in flight.
+    let cases = [
+        (vec![client_frame(ping.as_bytes()); 9], "nine frames"),
+        (vec![client_frame(&vec![b' '; 65 * 1024])], "65 KiB"),
+    ];
+    for (frames, case) in cases {
+        let (_, token) = host.client_token(&["operator.read"]).await;
+        let closed = pipelined(&host, &token, &frames).await;
+        assert_eq!(closed, (4003, "handshake overflow".to_owned()), "{case}");
+    }
+    // Within the limits the queued frames are replayed once the token is
+    // resolved: eight of them get the answer a frame before connect.init
+    // gets.
+    let (_, token) = host.client_token(&["operator.read"]).await;
+    let closed = pipelined(&host, &token, &vec![client_frame(ping.as_bytes()); 8]).await;
+    assert_eq!(
+        closed,
+        (4003, "expected connect.init/connect.proof".to_owned())
+    );
+    host.stop().await;
+}
