@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use sqlx::any::{AnyArguments, AnyConnectOptions, AnyPoolOptions, AnyRow};
 use sqlx::migrate::Migrator;
-use sqlx::{Any, AnyPool, Executor};
+use sqlx::{Any, AnyPool, Connection, Executor};
 use tokio::sync::watch;
 
 use crate::StoreError;
@@ -65,6 +65,10 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// How long a pooled connection may sit idle before it is pinged on
+/// acquire.
+const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
+
 impl Store {
     /// Connects to `sqlite://PATH` (created when missing) or
     /// `postgres://…`.
@@ -87,7 +91,20 @@ impl Store {
         let connect = AnyConnectOptions::from_str(&url)?;
         let mut pool = AnyPoolOptions::new()
             .max_connections(options.max_connections)
-            .acquire_timeout(options.acquire_timeout);
+            .acquire_timeout(options.acquire_timeout)
+            // By default every acquire pings the connection first: a round
+            // trip (a thread hop on SQLite) before every statement. Only a
+            // connection that sat idle is checked; one that broke while in
+            // use fails its next statement once and is then replaced.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for < IDLE_BEFORE_PING {
+                        return Ok(true);
+                    }
+                    Ok(conn.ping().await.is_ok())
+                })
+            });
         if backend == Backend::Sqlite {
             pool = pool.after_connect(|conn, _| {
                 Box::pin(async move {

@@ -178,10 +178,14 @@ async fn make_readable(store: Arc<dyn OutboxStore>, readable: watch::Sender<u64>
                     bump(&readable);
                 }
             }
-            Ok(_) => {
+            Ok(n) => {
                 bump(&readable);
                 woken = false;
-                continue;
+                // A full round may have left more; otherwise commits made
+                // during the round have notified, and the select returns.
+                if n as i64 == MAX_SEQUENCE {
+                    continue;
+                }
             }
             Err(error) => tracing::warn!(%error, "sequencing the outbox failed; retrying"),
         }
