@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+pub mod group;
 pub mod lease;
 pub mod outbox;
 mod store;

@@ -4,6 +4,9 @@
 //! stops heartbeating expire. The backplane uses it to send a directed
 //! item only to the edge that holds its target.
 
+use std::sync::Arc;
+
+use muster_store::group::GroupCommit;
 use muster_store::outbox::Target;
 use muster_store::{Store, StoreError, now_ms};
 use sqlx::Row;
@@ -41,10 +44,33 @@ impl Registration {
     }
 }
 
+/// A change edges make to the directory as peers come and go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Register(Registration),
+    Unregister {
+        edge_id: String,
+        connection_id: String,
+    },
+}
+
 #[tonic::async_trait]
 pub trait DirectoryStore: Send + Sync + 'static {
-    async fn register(&self, registration: &Registration) -> Result<(), StoreError>;
-    async fn unregister(&self, edge_id: &str, connection_id: &str) -> Result<bool, StoreError>;
+    /// Applies `changes` in one transaction; per change, whether it
+    /// changed a row (a registration always does).
+    async fn apply(&self, changes: &[Change]) -> Result<Vec<bool>, StoreError>;
+    async fn register(&self, registration: &Registration) -> Result<(), StoreError> {
+        self.apply(&[Change::Register(registration.clone())])
+            .await
+            .map(drop)
+    }
+    async fn unregister(&self, edge_id: &str, connection_id: &str) -> Result<bool, StoreError> {
+        let change = Change::Unregister {
+            edge_id: edge_id.to_owned(),
+            connection_id: connection_id.to_owned(),
+        };
+        Ok(self.apply(&[change]).await?.first() == Some(&true))
+    }
     /// Extends the edge's rows and returns the connection ids it still
     /// holds there.
     async fn heartbeat(&self, edge_id: &str) -> Result<Vec<String>, StoreError>;
@@ -64,37 +90,54 @@ pub trait DirectoryStore: Send + Sync + 'static {
 
 #[tonic::async_trait]
 impl DirectoryStore for Store {
-    async fn register(&self, r: &Registration) -> Result<(), StoreError> {
-        r.validate()?;
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO connections (connection_id, tenant_id, device_id, edge_id, role, \
-             connected_at_ms, expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) \
-             ON CONFLICT (connection_id) DO UPDATE SET tenant_id = excluded.tenant_id, \
-             device_id = excluded.device_id, edge_id = excluded.edge_id, role = excluded.role, \
-             expires_at_ms = excluded.expires_at_ms",
-        )
-        .bind(&r.connection_id)
-        .bind(&r.tenant_id)
-        .bind(&r.device_id)
-        .bind(&r.edge_id)
-        .bind(&r.role)
-        .bind(now)
-        .bind(now + DIRECTORY_TTL_MS)
-        .execute(self.pool())
-        .await?;
-        Ok(())
-    }
-
-    async fn unregister(&self, edge_id: &str, connection_id: &str) -> Result<bool, StoreError> {
-        let removed =
-            sqlx::query("DELETE FROM connections WHERE connection_id = $1 AND edge_id = $2")
-                .bind(connection_id)
-                .bind(edge_id)
-                .execute(self.pool())
-                .await?
-                .rows_affected();
-        Ok(removed == 1)
+    async fn apply(&self, changes: &[Change]) -> Result<Vec<bool>, StoreError> {
+        for change in changes {
+            if let Change::Register(registration) = change {
+                registration.validate()?;
+            }
+        }
+        let mut tx = self.begin().await?;
+        let mut changed = Vec::with_capacity(changes.len());
+        for change in changes {
+            let done = match change {
+                Change::Register(r) => {
+                    let now = now_ms();
+                    sqlx::query(
+                        "INSERT INTO connections (connection_id, tenant_id, device_id, edge_id, \
+                         role, connected_at_ms, expires_at_ms) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                         ON CONFLICT (connection_id) DO UPDATE SET tenant_id = excluded.tenant_id, \
+                         device_id = excluded.device_id, edge_id = excluded.edge_id, \
+                         role = excluded.role, expires_at_ms = excluded.expires_at_ms",
+                    )
+                    .bind(&r.connection_id)
+                    .bind(&r.tenant_id)
+                    .bind(&r.device_id)
+                    .bind(&r.edge_id)
+                    .bind(&r.role)
+                    .bind(now)
+                    .bind(now + DIRECTORY_TTL_MS)
+                    .execute(&mut *tx)
+                    .await?;
+                    true
+                }
+                Change::Unregister {
+                    edge_id,
+                    connection_id,
+                } => {
+                    sqlx::query("DELETE FROM connections WHERE connection_id = $1 AND edge_id = $2")
+                        .bind(connection_id)
+                        .bind(edge_id)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected()
+                        == 1
+                }
+            };
+            changed.push(done);
+        }
+        self.commit(tx).await?;
+        Ok(changed)
     }
 
     async fn heartbeat(&self, edge_id: &str) -> Result<Vec<String>, StoreError> {
@@ -158,5 +201,53 @@ impl DirectoryStore for Store {
             .fetch_optional(query.bind(now_ms()), |_| Ok(()))
             .await?
             .is_some())
+    }
+}
+
+/// At most this many directory changes share one transaction.
+const MAX_BATCH: usize = 256;
+
+/// The directory as the backplane serves it: registrations and
+/// unregistrations of connections arriving together share one commit.
+#[derive(Clone)]
+pub struct Directory {
+    store: Arc<dyn DirectoryStore>,
+    changes: GroupCommit<Change, bool>,
+}
+
+impl Directory {
+    /// Must be called inside a tokio runtime: it starts the writer.
+    pub fn new(store: Arc<dyn DirectoryStore>) -> Self {
+        let writer = store.clone();
+        let changes = GroupCommit::start(MAX_BATCH, move |batch: Vec<Change>| {
+            let store = writer.clone();
+            async move { store.apply(&batch).await }
+        });
+        Directory { store, changes }
+    }
+
+    pub async fn register(&self, registration: Registration) -> Result<(), StoreError> {
+        self.changes
+            .write(Change::Register(registration))
+            .await
+            .map(drop)
+    }
+
+    pub async fn unregister(
+        &self,
+        edge_id: String,
+        connection_id: String,
+    ) -> Result<bool, StoreError> {
+        self.changes
+            .write(Change::Unregister {
+                edge_id,
+                connection_id,
+            })
+            .await
+    }
+
+    /// Heartbeats, expiry and lookups, which need no batching.
+    pub fn store(&self) -> &Arc<dyn DirectoryStore> {
+        &self.store
     }
 }

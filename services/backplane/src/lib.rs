@@ -13,7 +13,7 @@ use muster_proto::v1 as pb;
 use muster_proto::v1::backplane_server::{Backplane, BackplaneServer};
 use muster_store::outbox::{self, Consumer, Depth, Item, Retention, Target};
 
-use crate::directory::{DirectoryStore, Registration};
+use crate::directory::{Directory, DirectoryStore, Registration};
 use muster_store::{Backend, Store, StoreError};
 use muster_tls::ServiceName::{Ctl, Edge};
 use tokio::sync::{mpsc, watch};
@@ -377,7 +377,7 @@ pub const RULES: &[Rule] = &[
 /// The gRPC face of [`Outbox`].
 pub struct BackplaneService {
     outbox: Outbox,
-    directory: Arc<dyn DirectoryStore>,
+    directory: Directory,
 }
 
 /// The backplane as the mesh serves it.
@@ -387,7 +387,7 @@ pub fn spec(outbox: Outbox, directory: Arc<dyn DirectoryStore>) -> ServiceSpec {
         grpc_service: "muster.v1.Backplane",
         routes: tonic::service::Routes::new(BackplaneServer::new(BackplaneService {
             outbox,
-            directory,
+            directory: Directory::new(directory),
         })),
         rules: RULES,
     }
@@ -440,7 +440,7 @@ impl Backplane for BackplaneService {
         let (out, stream) = mpsc::channel(256);
         let outbox = self.outbox.clone();
         tokio::spawn(async move { outbox.follow(after, items).await });
-        let directory = self.directory.clone();
+        let directory = self.directory.store().clone();
         let consumer = r.consumer_id;
         tokio::spawn(async move {
             while let Some(item) = rx.recv().await {
@@ -492,7 +492,7 @@ impl Backplane for BackplaneService {
             role: r.role,
         };
         self.directory
-            .register(&registration)
+            .register(registration)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::RegisterConnectionResponse {}))
@@ -505,7 +505,7 @@ impl Backplane for BackplaneService {
         let r = request.into_inner();
         let removed = self
             .directory
-            .unregister(&r.edge_id, &r.connection_id)
+            .unregister(r.edge_id, r.connection_id)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::UnregisterConnectionResponse { removed }))
@@ -517,6 +517,7 @@ impl Backplane for BackplaneService {
     ) -> Result<Response<pb::HeartbeatEdgeResponse>, Status> {
         let connection_ids = self
             .directory
+            .store()
             .heartbeat(&request.into_inner().edge_id)
             .await
             .map_err(|e| to_status(&e))?;
@@ -529,6 +530,7 @@ impl Backplane for BackplaneService {
     ) -> Result<Response<pb::ForgetEdgeResponse>, Status> {
         let removed = self
             .directory
+            .store()
             .forget_edge(&request.into_inner().edge_id)
             .await
             .map_err(|e| to_status(&e))?;

@@ -4,11 +4,10 @@ use std::sync::Arc;
 use muster_mesh::{ErrorCode, ServiceError};
 use muster_protocol::format_datetime;
 use muster_protocol::presence::{PresenceEntry, REASONS, wire_mode};
+use muster_store::group::GroupCommit;
 use muster_store::outbox::NewItem;
 use muster_store::{StoreError, now_ms};
 use serde_json::json;
-
-use tokio::sync::{mpsc, oneshot};
 
 use crate::PresenceStore;
 use crate::store::InstanceWrite;
@@ -170,43 +169,6 @@ impl InstanceEntry {
     }
 }
 
-/// Commits what is waiting in one transaction, so connections that arrive
-/// together share one commit (group commit). If a batch fails, each of its
-/// writes is retried alone so that one bad write fails only itself.
-async fn write_batches(store: Arc<dyn PresenceStore>, mut pending: mpsc::Receiver<Pending>) {
-    while let Some(first) = pending.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match pending.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let (writes, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        match store.write_instances(&writes).await {
-            Ok(changed) => {
-                for (reply, changed) in replies.into_iter().zip(changed) {
-                    let _ = reply.send(Ok(changed));
-                }
-            }
-            Err(error) if writes.len() == 1 => {
-                if let Some(reply) = replies.into_iter().next() {
-                    let _ = reply.send(Err(error));
-                }
-            }
-            Err(_) => {
-                for (write, reply) in writes.into_iter().zip(replies) {
-                    let outcome = store
-                        .write_instances(std::slice::from_ref(&write))
-                        .await
-                        .map(|changed| changed.first().copied().unwrap_or(false));
-                    let _ = reply.send(outcome);
-                }
-            }
-        }
-    }
-}
-
 /// `presence.pruned`, for operators only.
 fn pruned_event(tenant_id: &str, instance_id: &str) -> NewItem {
     NewItem {
@@ -224,9 +186,6 @@ fn upserted(entry: &InstanceEntry) -> serde_json::Value {
     json!({ "entry": entry.wire() })
 }
 
-/// Writes waiting for the writer: each with where its outcome goes.
-type Pending = (InstanceWrite, oneshot::Sender<Result<bool, StoreError>>);
-
 /// At most this many writes share one transaction.
 const MAX_BATCH: usize = 128;
 
@@ -237,27 +196,23 @@ pub const PRUNE_LEASE: &str = "presence.prune";
 #[derive(Clone)]
 pub struct Instances {
     store: Arc<dyn PresenceStore>,
-    writes: mpsc::Sender<Pending>,
+    writes: GroupCommit<InstanceWrite, bool>,
 }
 
 impl Instances {
     /// Must be called inside a tokio runtime: it starts the writer that
     /// commits concurrent changes together.
     pub fn new(store: Arc<dyn PresenceStore>) -> Self {
-        let (writes, pending) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(write_batches(store.clone(), pending));
+        let writer = store.clone();
+        let writes = GroupCommit::start(MAX_BATCH, move |batch: Vec<InstanceWrite>| {
+            let store = writer.clone();
+            async move { store.write_instances(&batch).await }
+        });
         Instances { store, writes }
     }
 
     async fn write(&self, write: InstanceWrite) -> Result<bool, StoreError> {
-        let (done, outcome) = oneshot::channel();
-        self.writes
-            .send((write, done))
-            .await
-            .map_err(|_| StoreError::invalid("presence", "writer stopped"))?;
-        outcome
-            .await
-            .map_err(|_| StoreError::invalid("presence", "writer stopped"))?
+        self.writes.write(write).await
     }
 
     /// Creates or refreshes an entry (stamped now) and emits

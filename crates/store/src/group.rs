@@ -1,0 +1,151 @@
+//! Group commit: writes that arrive while the previous transaction is
+//! committing share the next one, so that many concurrent callers pay for
+//! one commit (one fsync on SQLite) instead of one each.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::StoreError;
+
+type Reply<R> = oneshot::Sender<Result<R, StoreError>>;
+
+/// A writer task that commits what is waiting in one transaction. If a
+/// batch fails, each of its writes is retried alone, so that one bad write
+/// fails only its own caller.
+pub struct GroupCommit<W, R> {
+    pending: mpsc::Sender<(W, Reply<R>)>,
+}
+
+impl<W, R> Clone for GroupCommit<W, R> {
+    fn clone(&self) -> Self {
+        GroupCommit {
+            pending: self.pending.clone(),
+        }
+    }
+}
+
+impl<W, R> GroupCommit<W, R>
+where
+    W: Clone + Send + 'static,
+    R: Send + 'static,
+{
+    /// Starts the writer (inside a tokio runtime). `commit` writes a batch
+    /// in one transaction and returns one outcome per write, in order; at
+    /// most `max_batch` writes share it.
+    pub fn start<F, Fut>(max_batch: usize, commit: F) -> Self
+    where
+        F: Fn(Vec<W>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<R>, StoreError>> + Send + 'static,
+    {
+        let (pending, receiver) = mpsc::channel(4 * max_batch);
+        tokio::spawn(write_batches(max_batch, Arc::new(commit), receiver));
+        GroupCommit { pending }
+    }
+
+    /// Writes `write` with whatever else is waiting; returns its outcome
+    /// once its transaction committed.
+    pub async fn write(&self, write: W) -> Result<R, StoreError> {
+        let stopped = || StoreError::invalid("store", "writer stopped");
+        let (reply, outcome) = oneshot::channel();
+        self.pending
+            .send((write, reply))
+            .await
+            .map_err(|_| stopped())?;
+        outcome.await.map_err(|_| stopped())?
+    }
+}
+
+async fn write_batches<W, R, F, Fut>(
+    max_batch: usize,
+    commit: Arc<F>,
+    mut pending: mpsc::Receiver<(W, Reply<R>)>,
+) where
+    W: Clone,
+    F: Fn(Vec<W>) -> Fut,
+    Fut: Future<Output = Result<Vec<R>, StoreError>>,
+{
+    while let Some(first) = pending.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match pending.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let (writes, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        if writes.len() == 1 {
+            let outcome = commit(writes).await.and_then(one);
+            if let Some(reply) = replies.into_iter().next() {
+                let _ = reply.send(outcome);
+            }
+            continue;
+        }
+        match commit(writes.clone()).await {
+            Ok(outcomes) if outcomes.len() == replies.len() => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            _ => {
+                for (write, reply) in writes.into_iter().zip(replies) {
+                    let _ = reply.send(commit(vec![write]).await.and_then(one));
+                }
+            }
+        }
+    }
+}
+
+fn one<R>(outcomes: Vec<R>) -> Result<R, StoreError> {
+    outcomes
+        .into_iter()
+        .next()
+        .ok_or_else(|| StoreError::invalid("store", "a write without an outcome"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn concurrent_writes_share_commits_and_a_bad_one_fails_alone() {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let seen = batches.clone();
+        let group = GroupCommit::start(16, move |batch: Vec<i32>| {
+            seen.lock().unwrap().push(batch.len());
+            async move {
+                if batch.iter().any(|n| *n < 0) {
+                    return Err(StoreError::invalid("n", "negative"));
+                }
+                // A commit takes a while, so that writes queue behind it.
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                Ok(batch.iter().map(|n| n * 2).collect())
+            }
+        });
+        let writes: Vec<_> = (0..40)
+            .map(|n| {
+                let group = group.clone();
+                let n = if n == 17 { -1 } else { n };
+                tokio::spawn(async move { (n, group.write(n).await) })
+            })
+            .collect();
+        for write in writes {
+            let (n, outcome) = write.await.unwrap();
+            match outcome {
+                Ok(doubled) => {
+                    assert!(n >= 0, "the bad write must fail");
+                    assert_eq!(doubled, n * 2);
+                }
+                Err(error) => {
+                    assert_eq!(n, -1, "only the bad write fails: {error}");
+                }
+            }
+        }
+        let batches = batches.lock().unwrap();
+        assert!(batches.iter().any(|len| *len > 1), "{batches:?}");
+        assert!(batches.iter().all(|len| *len <= 16), "{batches:?}");
+    }
+}
