@@ -67,7 +67,18 @@ pub async fn start() -> anyhow::Result<SocketAddr> {
                             _ => return,
                         },
                         message = relayed.recv() => match message {
-                            Ok(text) if subscriber => { let _ = sink.send(Message::text(text)).await; }
+                            Ok(text) if subscriber => {
+                                // Like the edge: what is queued already goes
+                                // out in one write.
+                                let _ = sink.feed(Message::text(text)).await;
+                                for _ in 1..64 {
+                                    match relayed.try_recv() {
+                                        Ok(text) => { let _ = sink.feed(Message::text(text)).await; }
+                                        Err(_) => break,
+                                    }
+                                }
+                                let _ = sink.flush().await;
+                            }
                             Ok(_) => {}
                             Err(broadcast::error::RecvError::Lagged(_)) => {}
                             Err(_) => return,

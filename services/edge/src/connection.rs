@@ -47,6 +47,40 @@ async fn send_close(sink: &mut Sink, close: Close) {
     .await;
 }
 
+/// How many queued frames one write takes before it flushes.
+const MAX_COALESCED: usize = 64;
+
+/// Writes `first` and whatever else is queued already (up to
+/// [`MAX_COALESCED`] frames), then flushes once: a burst of events costs a
+/// write per burst, not per frame. Returns a close that was queued behind
+/// them; `Err` when the socket failed.
+async fn write_queued(
+    sink: &mut Sink,
+    first: Utf8Bytes,
+    inbox: &mut outbound::Inbox,
+) -> Result<Option<Close>, ()> {
+    let mut bytes = first.len();
+    sink.feed(Message::Text(first)).await.map_err(drop)?;
+    let mut then = None;
+    for _ in 1..MAX_COALESCED {
+        match inbox.rx.try_recv() {
+            Ok(Outgoing::Text(text)) => {
+                bytes += text.len();
+                sink.feed(Message::Text(text)).await.map_err(drop)?;
+            }
+            Ok(Outgoing::Close(close)) => {
+                then = Some(close);
+                break;
+            }
+            Err(_) => break,
+        }
+    }
+    let flushed = sink.flush().await;
+    inbox.written(bytes);
+    flushed.map_err(drop)?;
+    Ok(then)
+}
+
 async fn send_text(sink: &mut Sink, text: String) -> bool {
     sink.send(Message::Text(Utf8Bytes::from(text)))
         .await
@@ -344,14 +378,14 @@ async fn connected(
                 _ = slow.notified() => return Err(close::SLOW_CONSUMER),
                 out = inbox.rx.recv() => match out {
                     Some(Outgoing::Text(text)) => {
-                        let len = text.len();
-                        let sent = tokio::select! {
-                            sent = send_text(sink, text) => sent,
+                        let written = tokio::select! {
+                            written = write_queued(sink, text, &mut inbox) => written,
                             _ = slow.notified() => return Err(close::SLOW_CONSUMER),
                         };
-                        inbox.written(len);
-                        if !sent {
-                            return Ok(());
+                        match written {
+                            Ok(None) => {}
+                            Ok(Some(close)) => return Err(close),
+                            Err(()) => return Ok(()),
                         }
                     }
                     Some(Outgoing::Close(close)) => return Err(close),

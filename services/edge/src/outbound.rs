@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use axum::extract::ws::Utf8Bytes;
 use muster_protocol::close::Close;
 use tokio::sync::{Notify, mpsc};
 
@@ -14,7 +15,8 @@ pub const SLOW_CONSUMER_BYTES: usize = 5_242_880;
 
 #[derive(Debug)]
 pub(crate) enum Outgoing {
-    Text(String),
+    /// Shared: an event's frame is one allocation for all its peers.
+    Text(Utf8Bytes),
     Close(Close),
 }
 
@@ -64,7 +66,8 @@ pub(crate) fn channel() -> (Outbound, Inbox) {
 impl Outbound {
     /// Queues a frame; a peer already holding more than the limit is cut
     /// off with 1013 `slow consumer` instead.
-    pub(crate) fn send(&self, frame: String) {
+    pub(crate) fn send(&self, frame: impl Into<Utf8Bytes>) {
+        let frame = frame.into();
         let len = frame.len();
         let before = self.queued.fetch_add(len, Ordering::Relaxed);
         if before + len > SLOW_CONSUMER_BYTES {

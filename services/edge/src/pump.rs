@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ws::Utf8Bytes;
 use muster_proto::v1 as pb;
 use muster_proto::v1::backplane_client::BackplaneClient;
 use muster_protocol::{close, envelope};
@@ -83,8 +84,8 @@ pub(crate) fn frame_for(
     item: &pb::OutboxItem,
     payload: &serde_json::Value,
     target: Option<&Target>,
-    frame: &mut Option<String>,
-) -> Option<String> {
+    frame: &mut Option<Utf8Bytes>,
+) -> Option<Utf8Bytes> {
     if !delivered(&item.r#type) || item.tenant_id != peer.claims.tenant_id {
         return None;
     }
@@ -110,6 +111,7 @@ pub(crate) fn frame_for(
                     None,
                     payload,
                 )
+                .into()
             })
             .clone(),
     )
