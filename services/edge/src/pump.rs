@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
+use futures::FutureExt;
 use muster_proto::v1 as pb;
 use muster_proto::v1::backplane_client::BackplaneClient;
 use muster_protocol::{close, envelope};
@@ -42,37 +43,85 @@ pub(crate) fn target(item: &pb::OutboxItem) -> Option<Target> {
     })
 }
 
-/// Acts on one committed item: internal commands first, then delivery to
-/// every peer of its tenant that its audience and target admit.
-fn dispatch(edge: &Edge, item: &pb::OutboxItem) {
-    let payload: serde_json::Value = serde_json::from_str(&item.payload_json).unwrap_or_default();
-    if item.r#type == "token.revoked"
-        && let Some(token_id) = payload.get("token_id").and_then(|v| v.as_str())
-    {
-        edge.forget_token(token_id);
-        let closed = edge
-            .registry
-            .close_token(&item.tenant_id, token_id, close::TOKEN_REVOKED);
-        if closed > 0 {
-            tracing::info!(
-                token_id,
-                closed,
-                "closed the connections of a revoked token"
-            );
+/// At most this many items are dispatched together.
+const MAX_DISPATCH: usize = 256;
+
+/// An item to deliver, decoded once for all peers.
+struct Prepared<'a> {
+    item: &'a pb::OutboxItem,
+    payload: serde_json::Value,
+    target: Option<Target>,
+    /// The frame, once a peer needed it: the same text for every peer.
+    frame: Option<Utf8Bytes>,
+}
+
+/// Acts on committed items in order: internal commands, and delivery to
+/// every peer of an item's tenant that its audience and target admit.
+/// Deliveries between two commands go out together, so that a peer gets
+/// the frames of a burst in one queueing (and its connection writes them
+/// in one flush) instead of one wake-up per item.
+fn dispatch(edge: &Edge, items: &[pb::OutboxItem]) {
+    let mut pending = Vec::new();
+    for item in items {
+        let payload: serde_json::Value =
+            serde_json::from_str(&item.payload_json).unwrap_or_default();
+        if item.r#type == "token.revoked" {
+            deliver(edge, &mut pending);
+            revoke(edge, item, &payload);
+        }
+        // Items from before this edge started cannot be for its peers
+        // (they connected later); a peer that wants them asks to resume.
+        if item.occurred_at_ms >= edge.started_at_ms {
+            pending.push(Prepared {
+                item,
+                target: target(item),
+                payload,
+                frame: None,
+            });
         }
     }
-    // Items from before this edge started cannot be for its peers (they
-    // connected later); a peer that wants them asks to resume.
-    if item.occurred_at_ms < edge.started_at_ms {
+    deliver(edge, &mut pending);
+}
+
+fn revoke(edge: &Edge, item: &pb::OutboxItem, payload: &serde_json::Value) {
+    let Some(token_id) = payload.get("token_id").and_then(|v| v.as_str()) else {
         return;
+    };
+    edge.forget_token(token_id);
+    let closed = edge
+        .registry
+        .close_token(&item.tenant_id, token_id, close::TOKEN_REVOKED);
+    if closed > 0 {
+        tracing::info!(
+            token_id,
+            closed,
+            "closed the connections of a revoked token"
+        );
     }
-    let mut frame = None;
-    let target = target(item);
-    for peer in edge.registry.tenant(&item.tenant_id) {
-        if let Some(text) = frame_for(&peer, item, &payload, target.as_ref(), &mut frame) {
-            peer.outbound.send(text);
+}
+
+/// Queues the frames of `pending` for the peers they are for, peer by
+/// peer, in item order; empties `pending`.
+fn deliver(edge: &Edge, pending: &mut Vec<Prepared<'_>>) {
+    let mut tenants: Vec<String> = pending.iter().map(|p| p.item.tenant_id.clone()).collect();
+    tenants.sort_unstable();
+    tenants.dedup();
+    for tenant in tenants {
+        for peer in edge.registry.tenant(&tenant) {
+            for prepared in pending.iter_mut().filter(|p| p.item.tenant_id == tenant) {
+                if let Some(text) = frame_for(
+                    &peer,
+                    prepared.item,
+                    &prepared.payload,
+                    prepared.target.as_ref(),
+                    &mut prepared.frame,
+                ) {
+                    peer.outbound.send(text);
+                }
+            }
         }
     }
+    pending.clear();
 }
 
 /// The frame of `item` for `peer`, if the peer may and wants to see it:
@@ -145,8 +194,29 @@ pub(crate) async fn run(edge: Arc<Edge>) {
                     tokio::select! {
                         item = stream.next() => match item {
                             Some(Ok(item)) => {
-                                after = Some(item.position);
-                                dispatch(&edge, &item);
+                                // What else has arrived goes with it.
+                                let mut batch = vec![item];
+                                let mut broke = None;
+                                while batch.len() < MAX_DISPATCH {
+                                    match stream.next().now_or_never() {
+                                        Some(Some(Ok(item))) => batch.push(item),
+                                        Some(end) => {
+                                            broke = Some(end);
+                                            break;
+                                        }
+                                        None => break,
+                                    }
+                                }
+                                after = batch.last().map(|item| item.position);
+                                dispatch(&edge, &batch);
+                                match broke {
+                                    Some(Some(Err(status))) => {
+                                        tracing::warn!(code = ?status.code(), message = status.message(), "backplane stream broke");
+                                        break;
+                                    }
+                                    Some(_) => break,
+                                    None => {}
+                                }
                             }
                             Some(Err(status)) => {
                                 tracing::warn!(code = ?status.code(), message = status.message(), "backplane stream broke");

@@ -74,7 +74,8 @@ impl Peer {
 
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    peers: RwLock<HashMap<String, Peer>>,
+    /// Shared: delivery takes a tenant's peers for every batch of items.
+    peers: RwLock<HashMap<String, Arc<Peer>>>,
 }
 
 impl Registry {
@@ -82,7 +83,7 @@ impl Registry {
         self.peers
             .write()
             .expect("registry lock")
-            .insert(peer.connection_id.clone(), peer);
+            .insert(peer.connection_id.clone(), Arc::new(peer));
     }
 
     pub(crate) fn remove(&self, connection_id: &str) {
@@ -97,7 +98,7 @@ impl Registry {
     }
 
     /// The peers of one tenant.
-    pub(crate) fn tenant(&self, tenant_id: &str) -> Vec<Peer> {
+    pub(crate) fn tenant(&self, tenant_id: &str) -> Vec<Arc<Peer>> {
         self.peers
             .read()
             .expect("registry lock")
@@ -108,7 +109,7 @@ impl Registry {
     }
 
     /// Every peer, for presence refresh.
-    pub(crate) fn all(&self) -> Vec<Peer> {
+    pub(crate) fn all(&self) -> Vec<Arc<Peer>> {
         self.peers
             .read()
             .expect("registry lock")
