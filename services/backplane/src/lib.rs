@@ -16,7 +16,7 @@ use muster_store::outbox::{self, Consumer, Depth, Item, Retention, Target};
 use crate::directory::{Directory, DirectoryStore, Registration};
 use muster_store::{Backend, Store, StoreError};
 use muster_tls::ServiceName::{Ctl, Edge};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -127,9 +127,19 @@ impl OutboxStore for Store {
 #[derive(Clone)]
 pub struct Outbox {
     store: Arc<dyn OutboxStore>,
-    /// Changes when new items may have become readable.
-    readable: watch::Receiver<u64>,
+    /// The tail: every item as it becomes readable, read once for all
+    /// followers.
+    tail: Arc<broadcast::Sender<Batch>>,
+    /// True once the tail knows where it starts.
+    tail_ready: watch::Receiver<bool>,
 }
+
+/// Items the tail read together, oldest first.
+type Batch = Arc<[Item]>;
+
+/// How many batches a follower may fall behind the tail before it reads
+/// the store itself again.
+const TAIL_BATCHES: usize = 64;
 
 fn bump(signal: &watch::Sender<u64>) {
     signal.send_modify(|n| *n = n.wrapping_add(1));
@@ -198,23 +208,113 @@ async fn make_readable(store: Arc<dyn OutboxStore>, readable: watch::Sender<u64>
     }
 }
 
+/// Sends the items after `cursor`, moving it; false when the receiver
+/// went away.
+async fn send_after(
+    cursor: &mut i64,
+    items: impl Iterator<Item = &Item>,
+    sink: &mpsc::Sender<Result<Item, StoreError>>,
+) -> bool {
+    for item in items {
+        if item.position <= *cursor {
+            continue;
+        }
+        *cursor = item.position;
+        if sink.send(Ok(item.clone())).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Reads every item as it becomes readable, from the head at start, and
+/// publishes it to the followers; stops when the last [`Outbox`] is gone.
+async fn read_tail(
+    store: Arc<dyn OutboxStore>,
+    readable: watch::Receiver<u64>,
+    tail: std::sync::Weak<broadcast::Sender<Batch>>,
+    ready: watch::Sender<bool>,
+) {
+    let mut cursor = loop {
+        match store.head().await {
+            Ok(head) => break head,
+            Err(error) => tracing::warn!(%error, "reading the outbox head failed; retrying"),
+        }
+        if tail.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    };
+    ready.send_replace(true);
+    let mut readable = Some(readable);
+    loop {
+        if let Some(readable) = &mut readable {
+            readable.borrow_and_update();
+        }
+        match store.read_all_after(cursor, MAX_READ).await {
+            Ok(items) if !items.is_empty() => {
+                // A short page was everything readable when the read
+                // began; anything newer changes `readable` after it.
+                let full = items.len() == MAX_READ as usize;
+                cursor = items.last().map_or(cursor, |item| item.position);
+                let Some(tail) = tail.upgrade() else { return };
+                // No follower is no error: followers catch up from the
+                // store.
+                let _ = tail.send(Batch::from(items));
+                if full {
+                    continue;
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "outbox read failed; retrying"),
+        }
+        if tail.strong_count() == 0 {
+            return;
+        }
+        tokio::select! {
+            _ = changed(&mut readable) => {}
+            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+        }
+    }
+}
+
 impl Outbox {
     /// Starts making this store's items readable (the sequencer on
     /// Postgres) for as long as the returned reader or a clone lives.
     pub fn new(store: Arc<dyn OutboxStore>) -> Self {
         let (readable, receiver) = watch::channel(0);
         tokio::spawn(make_readable(store.clone(), readable));
+        let tail = Arc::new(broadcast::channel(TAIL_BATCHES).0);
+        let (ready, tail_ready) = watch::channel(false);
+        tokio::spawn(read_tail(
+            store.clone(),
+            receiver,
+            Arc::downgrade(&tail),
+            ready,
+        ));
         Outbox {
             store,
-            readable: receiver,
+            tail,
+            tail_ready,
         }
     }
 
     /// Streams every item after `after` (or after the current head) into
     /// `sink`, oldest first, as items become readable, until the receiver
     /// goes away.
+    ///
+    /// A follower reads the store only to catch up; then it takes the
+    /// tail's batches, so that N followers cost one read per wake-up, not
+    /// N. It subscribes to the tail before it catches up: whatever the tail
+    /// published before that was readable before it, so the catch-up reads
+    /// it, and whatever comes later is in the subscription (items at or
+    /// below the cursor are skipped). A follower that falls too far behind
+    /// the tail catches up from the store again.
     pub async fn follow(&self, after: Option<i64>, sink: mpsc::Sender<Result<Item, StoreError>>) {
-        let mut readable = Some(self.readable.clone());
+        let mut ready = self.tail_ready.clone();
+        if ready.wait_for(|ready| *ready).await.is_err() {
+            return;
+        }
         let mut cursor = match after {
             Some(position) => position,
             None => match self.store.head().await {
@@ -225,29 +325,42 @@ impl Outbox {
                 }
             },
         };
-        loop {
-            if let Some(readable) = &mut readable {
-                readable.borrow_and_update();
+        'catch_up: loop {
+            let mut batches = self.tail.subscribe();
+            loop {
+                match self.store.read_all_after(cursor, MAX_READ).await {
+                    Ok(items) => {
+                        let full = items.len() == MAX_READ as usize;
+                        if !send_after(&mut cursor, items.iter(), &sink).await {
+                            return;
+                        }
+                        if !full {
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "outbox read failed; retrying");
+                        tokio::select! {
+                            _ = sink.closed() => return,
+                            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                        }
+                    }
+                }
             }
-            match self.store.read_all_after(cursor, MAX_READ).await {
-                Ok(items) if !items.is_empty() => {
-                    for item in items {
-                        cursor = item.position;
-                        if sink.send(Ok(item)).await.is_err() {
+            loop {
+                let batch = tokio::select! {
+                    _ = sink.closed() => return,
+                    batch = batches.recv() => batch,
+                };
+                match batch {
+                    Ok(batch) => {
+                        if !send_after(&mut cursor, batch.iter(), &sink).await {
                             return;
                         }
                     }
-                    continue;
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue 'catch_up,
+                    Err(broadcast::error::RecvError::Closed) => return,
                 }
-                Ok(_) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "outbox read failed; retrying");
-                }
-            }
-            tokio::select! {
-                _ = sink.closed() => return,
-                _ = changed(&mut readable) => {}
-                _ = tokio::time::sleep(POLL_INTERVAL) => {}
             }
         }
     }
