@@ -63,16 +63,16 @@ async fn write_queued(
     sink.feed(Message::Text(first)).await.map_err(drop)?;
     let mut then = None;
     for _ in 1..MAX_COALESCED {
-        match inbox.rx.try_recv() {
-            Ok(Outgoing::Text(text)) => {
+        match inbox.try_recv() {
+            Some(Outgoing::Text(text)) => {
                 bytes += text.len();
                 sink.feed(Message::Text(text)).await.map_err(drop)?;
             }
-            Ok(Outgoing::Close(close)) => {
+            Some(Outgoing::Close(close)) => {
                 then = Some(close);
                 break;
             }
-            Err(_) => break,
+            None => break,
         }
     }
     let flushed = sink.flush().await;
@@ -381,8 +381,8 @@ async fn connected(
             tokio::select! {
                 _ = &mut shutdown => return Err(close::SERVER_SHUTDOWN),
                 _ = &mut slow_consumer => return Err(close::SLOW_CONSUMER),
-                out = inbox.rx.recv() => match out {
-                    Some(Outgoing::Text(text)) => {
+                out = inbox.recv() => match out {
+                    Outgoing::Text(text) => {
                         let written = tokio::select! {
                             written = write_queued(sink, text, &mut inbox) => written,
                             _ = &mut slow_consumer => return Err(close::SLOW_CONSUMER),
@@ -393,8 +393,7 @@ async fn connected(
                             Err(()) => return Ok(()),
                         }
                     }
-                    Some(Outgoing::Close(close)) => return Err(close),
-                    None => return Ok(()),
+                    Outgoing::Close(close) => return Err(close),
                 },
                 _ = ping.tick() => {
                     if last_pong.elapsed() > edge.config.pong_timeout {

@@ -1,17 +1,25 @@
 //! What the edge queues for one peer: frames in order, with the bytes
 //! waiting counted so a peer that does not read is cut off (1013) instead
 //! of growing the queue without bound.
+//!
+//! A queue that holds nothing holds no buffer: an idle connection pays for
+//! one small shared allocation, where a channel would allocate its first
+//! block of slots (and cache-padded counters) at once.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use muster_protocol::close::Close;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 
 /// A peer's queue may hold this many bytes before it is a slow consumer
 /// (Tyrum's `bufferedAmount` limit).
 pub const SLOW_CONSUMER_BYTES: usize = 5_242_880;
+
+/// A queue that drained to empty gives back a buffer larger than this.
+const KEEP_CAPACITY: usize = 64;
 
 #[derive(Debug)]
 pub(crate) enum Outgoing {
@@ -20,47 +28,102 @@ pub(crate) enum Outgoing {
     Close(Close),
 }
 
+#[derive(Debug, Default)]
+struct Queue {
+    frames: VecDeque<Outgoing>,
+    /// Bytes of text queued and not yet written.
+    bytes: usize,
+    /// The connection is gone: nothing more is queued.
+    closed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    queue: Mutex<Queue>,
+    /// Frames are waiting.
+    ready: Notify,
+    /// The peer was found to be a slow consumer; wakes the connection even
+    /// while it is stuck writing to a peer that does not read.
+    slow: Notify,
+}
+
+impl Shared {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().expect("outbound queue lock")
+    }
+}
+
 /// The sending side of a peer's queue.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbound {
-    tx: mpsc::UnboundedSender<Outgoing>,
-    queued: Arc<AtomicUsize>,
-    /// Wakes the connection even while it is stuck writing to a peer that
-    /// does not read.
-    slow: Arc<Notify>,
+    shared: Arc<Shared>,
 }
 
 /// The connection task's side: frames to write, and the byte count to
-/// release as they are written.
+/// release as they are written. Dropping it closes the queue.
 pub(crate) struct Inbox {
-    pub(crate) rx: mpsc::UnboundedReceiver<Outgoing>,
-    queued: Arc<AtomicUsize>,
-    slow: Arc<Notify>,
+    shared: Arc<Shared>,
 }
 
-impl Inbox {
-    pub(crate) fn written(&self, bytes: usize) {
-        self.queued.fetch_sub(bytes, Ordering::Relaxed);
-    }
+/// The slow-consumer signal of one queue.
+pub(crate) struct Slow(Arc<Shared>);
 
-    /// Signalled once the peer has been found to be a slow consumer.
-    pub(crate) fn slow(&self) -> Arc<Notify> {
-        self.slow.clone()
+impl Slow {
+    pub(crate) fn notified(&self) -> Notified<'_> {
+        self.0.slow.notified()
     }
 }
 
 pub(crate) fn channel() -> (Outbound, Inbox) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let queued = Arc::new(AtomicUsize::new(0));
-    let slow = Arc::new(Notify::new());
+    let shared = Arc::new(Shared::default());
     (
         Outbound {
-            tx,
-            queued: queued.clone(),
-            slow: slow.clone(),
+            shared: shared.clone(),
         },
-        Inbox { rx, queued, slow },
+        Inbox { shared },
     )
+}
+
+impl Inbox {
+    /// The next frame, once there is one.
+    pub(crate) async fn recv(&mut self) -> Outgoing {
+        loop {
+            if let Some(next) = self.try_recv() {
+                return next;
+            }
+            // A frame queued since the check left a permit: no wake-up is
+            // lost between the two.
+            self.shared.ready.notified().await;
+        }
+    }
+
+    /// The next frame, if one is queued.
+    pub(crate) fn try_recv(&mut self) -> Option<Outgoing> {
+        let mut queue = self.shared.queue();
+        let next = queue.frames.pop_front();
+        if queue.frames.is_empty() && queue.frames.capacity() > KEEP_CAPACITY {
+            queue.frames = VecDeque::new();
+        }
+        next
+    }
+
+    pub(crate) fn written(&self, bytes: usize) {
+        let mut queue = self.shared.queue();
+        queue.bytes = queue.bytes.saturating_sub(bytes);
+    }
+
+    pub(crate) fn slow(&self) -> Slow {
+        Slow(self.shared.clone())
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        let mut queue = self.shared.queue();
+        queue.closed = true;
+        queue.frames = VecDeque::new();
+        queue.bytes = 0;
+    }
 }
 
 impl Outbound {
@@ -69,19 +132,31 @@ impl Outbound {
     pub(crate) fn send(&self, frame: impl Into<Utf8Bytes>) {
         let frame = frame.into();
         let len = frame.len();
-        let before = self.queued.fetch_add(len, Ordering::Relaxed);
-        if before + len > SLOW_CONSUMER_BYTES {
-            self.queued.fetch_sub(len, Ordering::Relaxed);
-            metrics::counter!("muster_edge_slow_consumers_total").increment(1);
-            self.slow.notify_one();
-            return;
+        {
+            let mut queue = self.shared.queue();
+            if queue.closed {
+                return;
+            }
+            if queue.bytes + len > SLOW_CONSUMER_BYTES {
+                drop(queue);
+                metrics::counter!("muster_edge_slow_consumers_total").increment(1);
+                self.shared.slow.notify_one();
+                return;
+            }
+            queue.bytes += len;
+            queue.frames.push_back(Outgoing::Text(frame));
         }
-        if self.tx.send(Outgoing::Text(frame)).is_err() {
-            self.queued.fetch_sub(len, Ordering::Relaxed);
-        }
+        self.shared.ready.notify_one();
     }
 
     pub(crate) fn close(&self, close: Close) {
-        let _ = self.tx.send(Outgoing::Close(close));
+        {
+            let mut queue = self.shared.queue();
+            if queue.closed {
+                return;
+            }
+            queue.frames.push_back(Outgoing::Close(close));
+        }
+        self.shared.ready.notify_one();
     }
 }
