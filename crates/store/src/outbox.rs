@@ -366,23 +366,35 @@ pub async fn compact(store: &Store, retention: &Retention) -> Result<u64, StoreE
 pub struct Depth {
     pub items: i64,
     pub head: i64,
-    /// When the oldest item no consumer has acknowledged occurred.
+    /// When the oldest item after the furthest-behind consumer's position
+    /// occurred.
     pub oldest_unacked_ms: Option<i64>,
 }
 
+/// The outbox's size and age, from index lookups only: it runs on every
+/// replica every few seconds, on an outbox that may hold a million items,
+/// so it never counts rows. Items are the positioned window (positions
+/// are dense: compaction removes the oldest) plus those not positioned
+/// yet.
 pub async fn depth(store: &Store) -> Result<Depth, StoreError> {
     let row = sqlx::query(
-        "SELECT COUNT(*), COALESCE(MAX(position), 0), \
-         (SELECT MIN(occurred_at_ms) FROM outbox WHERE position > \
-            COALESCE((SELECT MIN(position) FROM outbox_consumers), 0)) \
-         FROM outbox",
+        "SELECT COALESCE((SELECT MAX(position) FROM outbox), 0), \
+         COALESCE((SELECT MIN(position) FROM outbox), 0), \
+         (SELECT COUNT(*) FROM outbox WHERE position IS NULL), \
+         (SELECT occurred_at_ms FROM outbox WHERE position > \
+            COALESCE((SELECT MIN(position) FROM outbox_consumers), 0) \
+          ORDER BY position LIMIT 1)",
     )
     .fetch_one(store.pool())
     .await?;
+    let head: i64 = row.try_get(0)?;
+    let oldest: i64 = row.try_get(1)?;
+    let unpositioned: i64 = row.try_get(2)?;
+    let window = if oldest > 0 { head - oldest + 1 } else { 0 };
     Ok(Depth {
-        items: row.try_get(0)?,
-        head: row.try_get(1)?,
-        oldest_unacked_ms: row.try_get(2)?,
+        items: window + unpositioned,
+        head,
+        oldest_unacked_ms: row.try_get(3)?,
     })
 }
 
