@@ -130,6 +130,25 @@ async fn append_retrying(store: &Store, item: &NewItem) {
     panic!("could not append after retries");
 }
 
+/// Reads `ws` until each of `wanted` has matched a frame, or `within`
+/// passes; says which matched. The connection must stay open.
+async fn seen_all(ws: &mut Ws, within: Duration, wanted: &[&dyn Fn(&Value) -> bool]) -> Vec<bool> {
+    let deadline = tokio::time::Instant::now() + within;
+    let mut seen = vec![false; wanted.len()];
+    while seen.contains(&false) && tokio::time::Instant::now() < deadline {
+        match ws.next(Duration::from_secs(1)).await {
+            Next::Json(frame) => {
+                for (seen, wanted) in seen.iter_mut().zip(wanted) {
+                    *seen |= wanted(&frame);
+                }
+            }
+            Next::Silent => {}
+            ended => panic!("the connection ended: {ended:?}"),
+        }
+    }
+    seen
+}
+
 async fn event_of(ws: &mut Ws, kind: &str, within: Duration) -> Option<Value> {
     event_where(ws, kind, within, |_| true).await
 }
@@ -321,35 +340,48 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
         )
         .await;
     assert_eq!(tracked["ok"], true, "{tracked}");
-    let joined = event_where(&mut follower, "muster.topic.diff", long, |p| {
-        p["kind"] == "join" && p["principal"] == "ghost"
-    })
+    // The ghost is in presence and in the topic, as edge 2 sees it (either
+    // may come first).
+    let seen = seen_all(
+        &mut follower,
+        long,
+        &[
+            &|f: &Value| {
+                f["type"] == "presence.upserted"
+                    && f["payload"]["entry"]["instance_id"] == ghost_device.as_str()
+            },
+            &|f: &Value| {
+                f["type"] == "muster.topic.diff"
+                    && f["payload"]["kind"] == "join"
+                    && f["payload"]["principal"] == "ghost"
+            },
+        ],
+    )
     .await;
-    assert!(joined.is_some(), "the ghost's join reaches edge 2");
+    let (upserted, joined) = (seen[0], seen[1]);
+    assert!(
+        upserted && joined,
+        "the ghost reaches edge 2: upserted {upserted}, joined {joined}"
+    );
     cluster.ctl(&["kill", "edge-1"]);
     // Either may come first.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(GHOST_TTL_SECS * 4);
-    let (mut pruned, mut left) = (false, false);
-    while !(pruned && left) && tokio::time::Instant::now() < deadline {
-        match follower.next(Duration::from_secs(1)).await {
-            Next::Json(frame) => {
-                let payload = &frame["payload"];
-                match frame["type"].as_str() {
-                    Some("presence.pruned") if payload["instance_id"] == ghost_device.as_str() => {
-                        pruned = true
-                    }
-                    Some("muster.topic.diff")
-                        if payload["kind"] == "leave" && payload["principal"] == "ghost" =>
-                    {
-                        left = true
-                    }
-                    _ => {}
-                }
-            }
-            Next::Silent => {}
-            ended => panic!("the follower's connection ended: {ended:?}"),
-        }
-    }
+    let seen = seen_all(
+        &mut follower,
+        Duration::from_secs(GHOST_TTL_SECS * 4),
+        &[
+            &|f: &Value| {
+                f["type"] == "presence.pruned"
+                    && f["payload"]["instance_id"] == ghost_device.as_str()
+            },
+            &|f: &Value| {
+                f["type"] == "muster.topic.diff"
+                    && f["payload"]["kind"] == "leave"
+                    && f["payload"]["principal"] == "ghost"
+            },
+        ],
+    )
+    .await;
+    let (pruned, left) = (seen[0], seen[1]);
     assert!(pruned, "the killed edge's peer is pruned (left: {left})");
     assert!(left, "the killed edge's topic session leaves");
     store.close().await;
