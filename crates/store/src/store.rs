@@ -46,6 +46,11 @@ impl Default for StoreOptions {
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// Where write transactions run. SQLite has one writer at a time, and
+    /// writers that find the file locked sleep in its busy handler (for
+    /// milliseconds, growing): one connection for every write transaction
+    /// makes them queue in the pool instead, in order. Postgres: `pool`.
+    writer: AnyPool,
     backend: Backend,
     /// Counts commits made through [`Store::commit`] in this process: the
     /// in-process wake-up for outbox readers (polling covers the rest).
@@ -120,13 +125,24 @@ impl Store {
                 })
             });
         }
+        let writer = match backend {
+            Backend::Sqlite => Some(
+                pool.clone()
+                    .max_connections(1)
+                    .connect_with(connect.clone())
+                    .await?,
+            ),
+            Backend::Postgres => None,
+        };
         let pool = pool.connect_with(connect).await?;
+        let writer = writer.unwrap_or_else(|| pool.clone());
         let commits = Arc::new(watch::channel(0).0);
         if backend == Backend::Postgres {
             tokio::spawn(notify_commits(pool.clone(), commits.subscribe()));
         }
         Ok(Store {
             pool,
+            writer,
             backend,
             commits,
             url: (backend == Backend::Postgres).then(|| Arc::from(url.as_str())),
@@ -166,7 +182,7 @@ impl Store {
             Backend::Sqlite => "BEGIN IMMEDIATE",
             Backend::Postgres => "BEGIN",
         };
-        Ok(self.pool.begin_with(statement).await?)
+        Ok(self.writer.begin_with(statement).await?)
     }
 
     /// Commits a write transaction and wakes this process's outbox readers.
@@ -224,6 +240,7 @@ impl Store {
     /// Waits for connections to be returned, then closes them.
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 }
 
