@@ -5,8 +5,9 @@
 //! SQLite is the single-host default (a file in the data directory, WAL,
 //! `synchronous=FULL` so an acknowledged write survives a crash); Postgres
 //! is the cluster store. Write transactions on SQLite start with
-//! `BEGIN IMMEDIATE`, so two writers queue on the busy timeout instead of
-//! failing when a read lock cannot be upgraded.
+//! `BEGIN IMMEDIATE` on one writer connection, so writers queue for it in
+//! order instead of failing when a read lock cannot be upgraded (or
+//! sleeping in SQLite's busy handler).
 #![forbid(unsafe_code)]
 
 mod error;
