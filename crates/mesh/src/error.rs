@@ -91,6 +91,7 @@ impl ServiceError for muster_store::StoreError {
             StoreError::Database(sqlx_error) if is_unavailable(sqlx_error) => {
                 ErrorCode::Unavailable
             }
+            StoreError::Unavailable(_) => ErrorCode::Unavailable,
             _ => ErrorCode::Internal,
         }
     }

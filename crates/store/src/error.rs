@@ -11,6 +11,10 @@ pub enum StoreError {
     Invalid { field: &'static str, reason: String },
     #[error("outbox payload field {key:?} looks like a secret; pass a handle instead")]
     SecretInPayload { key: String },
+    /// The store could not take the write (it shared a transaction that
+    /// failed for a reason of the store's, not of the write's).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl StoreError {
@@ -19,6 +23,17 @@ impl StoreError {
             field,
             reason: reason.into(),
         }
+    }
+
+    /// The write itself was refused (bad input, a constraint, a statement
+    /// the database rejected), as opposed to the store failing.
+    pub fn is_about_the_write(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Invalid { .. }
+                | StoreError::SecretInPayload { .. }
+                | StoreError::Database(sqlx::Error::Database(_))
+        )
     }
 
     /// A unique or check constraint refused the write.

@@ -12,8 +12,9 @@ use crate::StoreError;
 type Reply<R> = oneshot::Sender<Result<R, StoreError>>;
 
 /// A writer task that commits what is waiting in one transaction. If a
-/// batch fails, each of its writes is retried alone, so that one bad write
-/// fails only its own caller.
+/// batch fails because of a write in it (bad input, a constraint), each of
+/// its writes is retried alone, so that one bad write fails only its own
+/// caller; if the store failed, every caller gets that failure.
 pub struct GroupCommit<W, R> {
     pending: mpsc::Sender<(W, Reply<R>)>,
 }
@@ -88,6 +89,15 @@ async fn write_batches<W, R, F, Fut>(
                     let _ = reply.send(Ok(outcome));
                 }
             }
+            // The store failed (unreachable, pool exhausted, a commit whose
+            // outcome is unknown): retrying each write alone would wait out
+            // the failure once per write, and could apply a write twice.
+            Err(error) if !error.is_about_the_write() => {
+                let message = error.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(StoreError::Unavailable(message.clone())));
+                }
+            }
             _ => {
                 for (write, reply) in writes.into_iter().zip(replies) {
                     let _ = reply.send(commit(vec![write]).await.and_then(one));
@@ -147,5 +157,38 @@ mod tests {
         let batches = batches.lock().unwrap();
         assert!(batches.iter().any(|len| *len > 1), "{batches:?}");
         assert!(batches.iter().all(|len| *len <= 16), "{batches:?}");
+    }
+
+    #[tokio::test]
+    async fn a_store_failure_fails_the_batch_without_retrying_each_write() {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let group = GroupCommit::start(16, move |batch: Vec<i32>| {
+            seen.lock().unwrap().push(batch.len());
+            async move {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                Err::<Vec<i32>, _>(StoreError::Database(sqlx::Error::PoolTimedOut))
+            }
+        });
+        let writes: Vec<_> = (0..20)
+            .map(|n| {
+                let group = group.clone();
+                tokio::spawn(async move { group.write(n).await })
+            })
+            .collect();
+        for write in writes {
+            let outcome = write.await.unwrap();
+            assert!(
+                matches!(
+                    outcome,
+                    Err(StoreError::Database(_) | StoreError::Unavailable(_))
+                ),
+                "{outcome:?}"
+            );
+        }
+        // One call per batch: 20 writes, fewer calls, none of them a retry.
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.iter().sum::<usize>(), 20, "{calls:?}");
+        assert!(calls.len() < 20, "{calls:?}");
     }
 }

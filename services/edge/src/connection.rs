@@ -370,14 +370,8 @@ async fn connected(
             metadata_json: json!({"capabilities": capabilities, "edge_id": edge.edge_id})
                 .to_string(),
         };
-        if let Err(status) = Box::pin(upsert(edge, &claims.tenant_id, entry.clone())).await {
-            tracing::warn!(code = ?status.code(), "presence upsert on connect failed; retrying");
-            tokio::spawn(upsert_until_done(
-                edge.clone(),
-                claims.tenant_id.clone(),
-                peer.connection_id.clone(),
-                entry,
-            ));
+        if let Err(status) = Box::pin(upsert(edge, &claims.tenant_id, entry)).await {
+            tracing::warn!(code = ?status.code(), "presence upsert on connect failed");
         }
     }
 
@@ -533,33 +527,6 @@ async fn upsert(
         })
         .await?
         .into_inner())
-}
-
-/// How long the edge keeps retrying a peer's presence entry that could not
-/// be written when it connected.
-const UPSERT_RETRY_FOR: Duration = Duration::from_secs(30);
-
-/// Retries a connect-time presence upsert that failed, every second, while
-/// the peer is still connected: refreshes only touch entries that exist, so
-/// without it the peer would stay out of presence until it sent a beacon.
-async fn upsert_until_done(
-    edge: Arc<Edge>,
-    tenant_id: String,
-    connection_id: String,
-    entry: pb::InstanceEntry,
-) {
-    let deadline = Instant::now() + UPSERT_RETRY_FOR;
-    while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        if !edge.registry.contains(&connection_id) {
-            return;
-        }
-        match upsert(&edge, &tenant_id, entry.clone()).await {
-            Ok(_) => return,
-            Err(status) => tracing::debug!(code = ?status.code(), "presence upsert retry failed"),
-        }
-    }
-    tracing::warn!(%connection_id, "presence entry not written; the peer's next beacon writes it");
 }
 
 /// Handles one text frame of a connected peer (Part B §2.4, §3).
