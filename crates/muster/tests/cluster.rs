@@ -149,27 +149,13 @@ async fn seen_all(ws: &mut Ws, within: Duration, wanted: &[&dyn Fn(&Value) -> bo
     seen
 }
 
+/// The next event of `kind`, if one comes within `within`.
 async fn event_of(ws: &mut Ws, kind: &str, within: Duration) -> Option<Value> {
-    event_where(ws, kind, within, |_| true).await
-}
-
-/// The next event of `kind` (any kind when empty) whose payload `wanted`
-/// accepts.
-async fn event_where(
-    ws: &mut Ws,
-    kind: &str,
-    within: Duration,
-    wanted: impl Fn(&Value) -> bool,
-) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match ws.next(left).await {
-            Next::Json(frame)
-                if (kind.is_empty() || frame["type"] == kind)
-                    && frame.get("event_id").is_some()
-                    && wanted(&frame["payload"]) =>
-            {
+            Next::Json(frame) if frame["type"] == kind && frame.get("event_id").is_some() => {
                 return Some(frame);
             }
             Next::Json(_) => {}
