@@ -2,7 +2,7 @@
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     #[error("migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported store url (expected sqlite://… or postgres://…)")]
@@ -17,6 +17,34 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        if breaks_connections(&error) {
+            crate::store::suspect_connections();
+        }
+        StoreError::Database(error)
+    }
+}
+
+/// SQLSTATE classes that say the server or the connection failed, not the
+/// statement: connection exceptions, insufficient resources, operator
+/// intervention (a shutdown or restart), system errors.
+fn is_server_trouble(code: &str) -> bool {
+    ["08", "53", "57", "58"]
+        .iter()
+        .any(|class| code.starts_with(class))
+}
+
+/// The error means the connection it came from (and likely its pool
+/// siblings, as after a server restart) no longer works.
+fn breaks_connections(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| is_server_trouble(&code)),
+        _ => false,
+    }
+}
+
 impl StoreError {
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         StoreError::Invalid {
@@ -28,17 +56,37 @@ impl StoreError {
     /// The write itself was refused (bad input, a constraint, a statement
     /// the database rejected), as opposed to the store failing.
     pub fn is_about_the_write(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Invalid { .. }
-                | StoreError::SecretInPayload { .. }
-                | StoreError::Database(sqlx::Error::Database(_))
-        )
+        match self {
+            StoreError::Invalid { .. } | StoreError::SecretInPayload { .. } => true,
+            StoreError::Database(sqlx::Error::Database(db)) => {
+                !db.code().is_some_and(|code| is_server_trouble(&code))
+            }
+            _ => false,
+        }
     }
 
     /// A unique or check constraint refused the write.
     pub fn is_constraint_violation(&self) -> bool {
         matches!(self, StoreError::Database(sqlx::Error::Database(db))
             if db.is_unique_violation() || db.is_check_violation())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_server_trouble;
+
+    #[test]
+    fn server_trouble_is_told_from_a_refused_statement() {
+        // admin_shutdown (a restart), connection_failure, too_many_connections,
+        // io_error: the store failed.
+        for code in ["57P01", "08006", "53300", "58030"] {
+            assert!(is_server_trouble(code), "{code}");
+        }
+        // unique_violation, check_violation, syntax_error, serialization_failure
+        // (retrying the write alone is the cure): the write was refused.
+        for code in ["23505", "23514", "42601", "40001"] {
+            assert!(!is_server_trouble(code), "{code}");
+        }
     }
 }

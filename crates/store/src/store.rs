@@ -1,6 +1,7 @@
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use sqlx::any::{AnyArguments, AnyConnectOptions, AnyPoolOptions, AnyRow};
@@ -74,6 +75,22 @@ pub fn now_ms() -> i64 {
 /// acquire.
 const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
 
+/// After a statement fails because its connection broke, every acquire
+/// pings for this long: a server restart breaks all pooled connections at
+/// once, and without the ping each of them would fail one more caller.
+const SUSPECT_FOR_MS: i64 = 10_000;
+
+/// Until when (ms since the epoch) acquired connections are pinged. One
+/// value for the process: a broken connection in one pool says little
+/// about another pool's, but an extra ping is cheap and a failed caller is
+/// not.
+static SUSPECT_UNTIL_MS: AtomicI64 = AtomicI64::new(0);
+
+/// Makes every acquire ping its connection for a while.
+pub(crate) fn suspect_connections() {
+    SUSPECT_UNTIL_MS.fetch_max(now_ms() + SUSPECT_FOR_MS, Ordering::Relaxed);
+}
+
 impl Store {
     /// Connects to `sqlite://PATH` (created when missing) or
     /// `postgres://…`.
@@ -99,12 +116,14 @@ impl Store {
             .acquire_timeout(options.acquire_timeout)
             // By default every acquire pings the connection first: a round
             // trip (a thread hop on SQLite) before every statement. Only a
-            // connection that sat idle is checked; one that broke while in
-            // use fails its next statement once and is then replaced.
+            // connection that sat idle is checked, or any while connections
+            // are suspect because one of them just broke.
             .test_before_acquire(false)
             .before_acquire(|conn, meta| {
                 Box::pin(async move {
-                    if meta.idle_for < IDLE_BEFORE_PING {
+                    if meta.idle_for < IDLE_BEFORE_PING
+                        && SUSPECT_UNTIL_MS.load(Ordering::Relaxed) < now_ms()
+                    {
                         return Ok(true);
                     }
                     Ok(conn.ping().await.is_ok())

@@ -370,8 +370,12 @@ async fn connected(
             metadata_json: json!({"capabilities": capabilities, "edge_id": edge.edge_id})
                 .to_string(),
         };
-        if let Err(status) = Box::pin(upsert(edge, &claims.tenant_id, entry)).await {
-            tracing::warn!(code = ?status.code(), "presence upsert on connect failed");
+        if let Err(status) = Box::pin(upsert(edge, &claims.tenant_id, entry.clone())).await {
+            tracing::warn!(code = ?status.code(), "presence upsert on connect failed; the next refresh tries again");
+            edge.unannounced.lock().expect("unannounced lock").insert(
+                peer.connection_id.clone(),
+                (claims.tenant_id.clone(), entry),
+            );
         }
     }
 
@@ -476,6 +480,10 @@ impl Drop for Deregister {
 /// shutdown both are left to the TTL and to the next edge.
 async fn leave(edge: &Edge, peer: &Peer) {
     edge.registry.remove(&peer.connection_id);
+    edge.unannounced
+        .lock()
+        .expect("unannounced lock")
+        .remove(&peer.connection_id);
     if edge.shutdown.is_cancelled() {
         return;
     }
@@ -514,7 +522,7 @@ async fn leave(edge: &Edge, peer: &Peer) {
     }
 }
 
-async fn upsert(
+pub(crate) async fn upsert(
     edge: &Edge,
     tenant_id: &str,
     entry: pb::InstanceEntry,

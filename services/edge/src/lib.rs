@@ -98,6 +98,11 @@ pub struct Edge {
     /// Recently verified tokens, by SHA-256 of the token: a burst of
     /// connections costs one identity call. `token.revoked` evicts.
     verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], (Claims, std::time::Instant)>>,
+    /// Presence entries of connected peers that presence did not take at
+    /// connect (tenant and entry, by connection id); the next refresh
+    /// tries again, so that a store hiccup does not hide a peer until its
+    /// next beacon.
+    unannounced: std::sync::Mutex<std::collections::HashMap<String, (String, pb::InstanceEntry)>>,
     shutdown: CancellationToken,
 }
 
@@ -127,6 +132,7 @@ impl Edge {
             peers,
             registry: Registry::default(),
             verified: Default::default(),
+            unannounced: Default::default(),
             shutdown,
         })
     }

@@ -316,6 +316,26 @@ pub(crate) async fn keep_directory(edge: Arc<Edge>) {
     }
 }
 
+/// Upserts again the entries presence did not take when their peers
+/// connected. A peer that has left is skipped; one that leaves while its
+/// entry is being written may leave the entry behind, but nothing touches
+/// it any more, so the TTL prunes it (with `presence.pruned`).
+async fn announce_unannounced(edge: &Edge) {
+    let pending = std::mem::take(&mut *edge.unannounced.lock().expect("unannounced lock"));
+    for (connection_id, (tenant_id, entry)) in pending {
+        if !edge.registry.contains(&connection_id) {
+            continue;
+        }
+        if let Err(status) = crate::connection::upsert(edge, &tenant_id, entry.clone()).await {
+            tracing::warn!(code = ?status.code(), "presence upsert retry failed");
+            edge.unannounced
+                .lock()
+                .expect("unannounced lock")
+                .insert(connection_id, (tenant_id, entry));
+        }
+    }
+}
+
 /// Keeps the edge's own `gateway` entry and its peers' entries fresh: the
 /// gateway entry is upserted at start, then everything is touched every
 /// `touch_interval` (no event: only changes are broadcast).
@@ -353,6 +373,7 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
                 }
             }
         }
+        announce_unannounced(&edge).await;
         // The gateway tenant is always touched, even with nothing to touch
         // in it: the touch also tells presence this edge is alive, which
         // keeps its topic sessions.

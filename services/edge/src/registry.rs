@@ -93,6 +93,13 @@ impl Registry {
             .remove(connection_id);
     }
 
+    pub(crate) fn contains(&self, connection_id: &str) -> bool {
+        self.peers
+            .read()
+            .expect("registry lock")
+            .contains_key(connection_id)
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.peers.read().expect("registry lock").len()
     }
