@@ -1,6 +1,7 @@
 //! The outbox append primitive, on SQLite and on Postgres.
 
 use muster_store::outbox::{self, NewItem, Target};
+use muster_store::testing::outbox_items;
 use muster_store::{Store, StoreError};
 use serde_json::json;
 
@@ -81,6 +82,33 @@ muster_store::backend_suite! {
         assert!(matches!(outbox::append(&mut tx, &not_object).await, Err(StoreError::Invalid { field: "payload", .. })));
         tx.commit().await.unwrap();
         assert_eq!(count(&store).await, 0);
+    }
+
+    async fn many_items_append_in_order_with_one_statement_per_hundred(store: Store) {
+        let items: Vec<NewItem> = (0..250)
+            .map(|n| NewItem::event("t1", "n", json!({"n": n})))
+            .collect();
+        let mut tx = store.begin().await.unwrap();
+        outbox::append_all(&mut tx, &items).await.unwrap();
+        store.commit(tx).await.unwrap();
+        let read = outbox_items(&store, "t1").await.unwrap();
+        let ns: Vec<i64> = read.iter().map(|i| i.payload["n"].as_i64().unwrap()).collect();
+        assert_eq!(ns, (0..250).collect::<Vec<i64>>());
+        let ids: Vec<&str> = read.iter().map(|i| i.event_id.as_str()).collect();
+        assert_eq!(ids, items.iter().map(|i| i.event_id.as_str()).collect::<Vec<_>>());
+
+        // One bad item among good ones: nothing of the call is written.
+        let mut mixed: Vec<NewItem> = (0..150)
+            .map(|n| NewItem::event("t2", "n", json!({"n": n})))
+            .collect();
+        mixed[120] = NewItem::event("t2", "n", json!({"token_secret": "x"}));
+        let mut tx = store.begin().await.unwrap();
+        assert!(matches!(
+            outbox::append_all(&mut tx, &mixed).await,
+            Err(StoreError::SecretInPayload { .. })
+        ));
+        store.commit(tx).await.unwrap();
+        assert!(outbox_items(&store, "t2").await.unwrap().is_empty());
     }
 
     async fn event_ids_are_unique(store: Store) {

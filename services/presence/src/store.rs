@@ -76,6 +76,7 @@ impl PresenceStore for Store {
     async fn write_instances(&self, writes: &[InstanceWrite]) -> Result<Vec<bool>, StoreError> {
         let mut tx = self.begin().await?;
         let mut changed = Vec::with_capacity(writes.len());
+        let mut events = Vec::new();
         for write in writes {
             match write {
                 InstanceWrite::Upsert {
@@ -108,7 +109,7 @@ impl PresenceStore for Store {
                     .bind(entry.metadata.to_string())
                     .execute(&mut *tx)
                     .await?;
-                    outbox::append(&mut tx, event).await?;
+                    events.push(event);
                     changed.push(true);
                 }
                 InstanceWrite::Remove {
@@ -126,12 +127,13 @@ impl PresenceStore for Store {
                     .rows_affected()
                         > 0;
                     if removed {
-                        outbox::append(&mut tx, event).await?;
+                        events.push(event);
                     }
                     changed.push(removed);
                 }
             }
         }
+        outbox::append_all(&mut tx, events).await?;
         self.commit(tx).await?;
         Ok(changed)
     }
@@ -205,6 +207,7 @@ impl PresenceStore for Store {
         .fetch_all(&mut *tx)
         .await?;
         let mut pruned = Vec::with_capacity(rows.len());
+        let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
             let tenant_id: String = row.try_get("tenant_id")?;
             let instance_id: String = row.try_get("instance_id")?;
@@ -213,9 +216,10 @@ impl PresenceStore for Store {
                 .bind(&instance_id)
                 .execute(&mut *tx)
                 .await?;
-            outbox::append(&mut tx, &event(&tenant_id, &instance_id)).await?;
+            events.push(event(&tenant_id, &instance_id));
             pruned.push((tenant_id, instance_id));
         }
+        outbox::append_all(&mut tx, &events).await?;
         self.commit(tx).await?;
         Ok(pruned)
     }
