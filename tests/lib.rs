@@ -121,6 +121,25 @@ impl Host {
             .await
     }
 
+    /// Mints a node token bound to `device_id` in the default tenant.
+    pub async fn node_token(&self, device_id: &str) -> String {
+        let mut identity = muster_proto::v1::identity_client::IdentityClient::new(
+            self.channel(ServiceName::Identity, ServiceName::Ctl),
+        );
+        identity
+            .create_token(muster_proto::v1::CreateTokenRequest {
+                tenant_id: self.config.default_tenant.clone(),
+                role: "node".into(),
+                device_id: device_id.to_owned(),
+                label: "test node".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("node token minted")
+            .into_inner()
+            .token
+    }
+
     /// Mints a client token of `tenant_id` with `scopes`.
     pub async fn client_token_in(&self, tenant_id: &str, scopes: &[&str]) -> (String, String) {
         let mut identity = muster_proto::v1::identity_client::IdentityClient::new(
@@ -132,6 +151,7 @@ impl Host {
                 role: "client".into(),
                 scopes: scopes.iter().map(|s| s.to_string()).collect(),
                 label: "test".into(),
+                ..Default::default()
             })
             .await
             .expect("token minted")

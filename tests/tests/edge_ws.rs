@@ -81,6 +81,40 @@ async fn every_token_path_admits_and_a_bad_token_is_closed_4001() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_token_admits_its_own_device_as_a_node_only() {
+    let host = Host::start(None).await;
+    let key = DeviceKey::generate();
+    let token = host.node_token(&key.device_id()).await;
+
+    let mut node = open(&host.ws_url(), &token, TokenVia::Bearer, None)
+        .await
+        .unwrap();
+    let result = node.handshake(&key, "node", json!({})).await;
+    assert_eq!(result["device_id"], key.device_id());
+    assert_eq!(result["role"], "node");
+    // It carries no operator scopes.
+    assert_eq!(
+        node.call("muster.presence.list", json!({})).await["error"]["code"],
+        "forbidden"
+    );
+
+    // Another key: 4008 right after connect.init (Part B §3, check 5).
+    let mut ws = open(&host.ws_url(), &token, TokenVia::Bearer, None)
+        .await
+        .unwrap();
+    ws.send(init(&DeviceKey::generate(), "node")).await;
+    assert_closed(&mut ws, 4008, "scoped token mismatch").await;
+
+    // Its own key as a client: 4001, before the device is looked at.
+    let mut ws = open(&host.ws_url(), &token, TokenVia::Bearer, None)
+        .await
+        .unwrap();
+    ws.send(init(&key, "client")).await;
+    assert_closed(&mut ws, 4001, "unauthorized").await;
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_violations_close_with_their_exact_codes() {
     let host = Host::start(None).await;
     let key = DeviceKey::generate();

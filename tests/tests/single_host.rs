@@ -178,6 +178,7 @@ async fn acknowledged_state_survives_a_restart_and_the_admin_token_is_minted_onc
             role: "client".into(),
             scopes: vec!["operator.read".into()],
             label: "survivor".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -189,9 +189,12 @@ enum Token {
         /// operator.read, operator.write, operator.approvals, operator.pairing, operator.admin or * (repeatable, or comma-separated).
         #[arg(long = "scopes", alias = "scope", value_delimiter = ',')]
         scopes: Vec<String>,
-        /// admin or client.
+        /// admin, client, or node (with --device).
         #[arg(long, default_value = "client")]
         role: String,
+        /// For a node token: the device_id of the one node it admits.
+        #[arg(long)]
+        device: Option<String>,
         /// Tenant id [default: the configured default tenant].
         #[arg(long)]
         tenant: Option<String>,
@@ -423,7 +426,11 @@ fn print_token(info: &TokenInfo) {
         "{}  {:<6} {:<40} {}{}",
         info.token_id,
         info.role,
-        info.scopes.join(","),
+        if info.device_id.is_empty() {
+            info.scopes.join(",")
+        } else {
+            info.device_id.clone()
+        },
         info.label,
         if info.revoked_at_ms != 0 {
             "  (revoked)"
@@ -439,6 +446,7 @@ async fn run_token(file: Option<&std::path::Path>, token: Token) -> anyhow::Resu
             common,
             scopes,
             role,
+            device,
             tenant,
             label,
         } => {
@@ -450,6 +458,7 @@ async fn run_token(file: Option<&std::path::Path>, token: Token) -> anyhow::Resu
                     role,
                     scopes,
                     label,
+                    device_id: device.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();

@@ -13,9 +13,11 @@ use muster_protocol::{AUTH_SUBPROTOCOL_PREFIX, TOKEN_COOKIE};
 pub struct Claims {
     pub token_id: String,
     pub tenant_id: String,
-    /// `admin` or `client`.
+    /// `admin`, `client` or `node`.
     pub role: String,
     pub scopes: Vec<String>,
+    /// A node token's device: the only one it admits.
+    pub device_id: Option<String>,
 }
 
 impl Claims {
@@ -29,9 +31,14 @@ impl Claims {
     }
 
     /// May a connection in `role` hold these claims? Admin tokens may be a
-    /// client or a node; operator tokens are for clients only.
+    /// client or a node; operator tokens are for clients only, node tokens
+    /// for nodes only.
     pub fn admits_role(&self, role: &str) -> bool {
-        self.is_admin() || role == "client"
+        match self.role.as_str() {
+            "admin" => true,
+            "node" => role == "node",
+            _ => role == "client",
+        }
     }
 }
 
@@ -148,6 +155,7 @@ mod tests {
             tenant_id: "tenant".into(),
             role: role.into(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            device_id: None,
         }
     }
 

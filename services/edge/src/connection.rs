@@ -230,6 +230,13 @@ async fn handshake(
                 if expected != init.device.device_id {
                     return Err(close::DEVICE_ID_MISMATCH);
                 }
+                if claims
+                    .device_id
+                    .as_ref()
+                    .is_some_and(|bound| *bound != expected)
+                {
+                    return Err(close::SCOPED_TOKEN_MISMATCH);
+                }
                 let connection_id = uuid::Uuid::new_v4().to_string();
                 let challenge = device::new_challenge();
                 let reply = envelope::ok(

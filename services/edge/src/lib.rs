@@ -195,6 +195,7 @@ impl Edge {
                     tenant_id: c.tenant_id,
                     role: c.role,
                     scopes: c.scopes,
+                    device_id: Some(c.device_id).filter(|d| !d.is_empty()),
                 })
             }
             Err(status) if status.code() == tonic::Code::Unauthenticated => None,

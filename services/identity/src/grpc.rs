@@ -41,6 +41,7 @@ fn info(record: TokenRecord) -> TokenInfo {
         label: record.label,
         created_at_ms: record.created_at_ms,
         revoked_at_ms: record.revoked_at_ms.unwrap_or(0),
+        device_id: record.device_id.unwrap_or_default(),
     }
 }
 
@@ -54,7 +55,13 @@ impl Identity for IdentityService {
         let role = r.role.parse().map_err(|e| to_status(&e))?;
         let (record, secret) = self
             .tokens
-            .create(&r.tenant_id, role, r.scopes, &r.label)
+            .create(
+                &r.tenant_id,
+                role,
+                r.scopes,
+                &r.label,
+                Some(r.device_id.as_str()).filter(|d| !d.is_empty()),
+            )
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(CreateTokenResponse {
@@ -77,6 +84,7 @@ impl Identity for IdentityService {
             tenant_id: record.tenant_id,
             role: record.role.as_str().into(),
             scopes: record.scopes,
+            device_id: record.device_id.unwrap_or_default(),
         }))
     }
 

@@ -17,6 +17,8 @@ pub struct TokenRecord {
     pub label: String,
     pub created_at_ms: i64,
     pub revoked_at_ms: Option<i64>,
+    /// The device a node token admits.
+    pub device_id: Option<String>,
 }
 
 /// Where identity keeps its state. Each change commits with its event.
@@ -43,7 +45,8 @@ pub trait TokenStore: Send + Sync + 'static {
     async fn admin_token_minted(&self) -> Result<bool, StoreError>;
 }
 
-const COLUMNS: &str = "token_id, tenant_id, role, scopes, label, created_at_ms, revoked_at_ms";
+const COLUMNS: &str =
+    "token_id, tenant_id, role, scopes, label, created_at_ms, revoked_at_ms, device_id";
 
 fn record(row: &AnyRow) -> Result<TokenRecord, StoreError> {
     let role: String = row.try_get("role")?;
@@ -58,6 +61,7 @@ fn record(row: &AnyRow) -> Result<TokenRecord, StoreError> {
         label: row.try_get("label")?,
         created_at_ms: row.try_get("created_at_ms")?,
         revoked_at_ms: row.try_get("revoked_at_ms")?,
+        device_id: row.try_get("device_id")?,
     })
 }
 
@@ -71,8 +75,8 @@ impl TokenStore for Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
         sqlx::query(
-            "INSERT INTO operator_tokens (token_id, tenant_id, digest, role, scopes, label, created_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO operator_tokens (token_id, tenant_id, digest, role, scopes, label, \
+             created_at_ms, device_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&record.token_id)
         .bind(&record.tenant_id)
@@ -81,6 +85,7 @@ impl TokenStore for Store {
         .bind(serde_json::to_string(&record.scopes).unwrap_or_default())
         .bind(&record.label)
         .bind(record.created_at_ms)
+        .bind(record.device_id.as_deref())
         .execute(&mut *tx)
         .await?;
         outbox::append(&mut tx, event).await?;

@@ -31,6 +31,10 @@ pub enum Role {
     Admin,
     /// Limited to its scopes.
     Client,
+    /// One node, bound to its device_id: Part B's scoped token. It admits
+    /// only `role: "node"` connections of that device and carries no
+    /// operator scopes.
+    Node,
 }
 
 impl Role {
@@ -38,6 +42,7 @@ impl Role {
         match self {
             Role::Admin => "admin",
             Role::Client => "client",
+            Role::Node => "node",
         }
     }
 }
@@ -49,8 +54,9 @@ impl FromStr for Role {
         match s {
             "admin" => Ok(Role::Admin),
             "client" => Ok(Role::Client),
+            "node" => Ok(Role::Node),
             other => Err(TokenError::Invalid(format!(
-                "role must be admin or client, not {other:?}"
+                "role must be admin, client or node, not {other:?}"
             ))),
         }
     }
@@ -104,12 +110,26 @@ fn digest(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
-fn new_secret() -> Secret {
+fn new_secret(role: Role) -> Secret {
     let bytes: [u8; 32] = rand::random();
-    Secret(format!(
-        "muster_{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    ))
+    match role {
+        // The shape of Tyrum's scoped tokens: 64 hex characters.
+        Role::Node => Secret(hex::encode(bytes)),
+        Role::Admin | Role::Client => Secret(format!(
+            "muster_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        )),
+    }
+}
+
+/// `dev_` and 52 characters of lowercase base32 (PROTOCOL.md Part B §3).
+fn is_device_id(value: &str) -> bool {
+    value.strip_prefix("dev_").is_some_and(|rest| {
+        rest.len() == 52
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || (b'2'..=b'7').contains(&b))
+    })
 }
 
 /// The operator tokens: mint, verify, revoke, list.
@@ -123,17 +143,19 @@ impl Tokens {
         Tokens { store }
     }
 
-    /// Mints a token; the secret is returned here and nowhere else.
+    /// Mints a token; the secret is returned here and nowhere else. A
+    /// `node` token names the device it admits; other roles name none.
     pub async fn create(
         &self,
         tenant_id: &str,
         role: Role,
         scopes: Vec<String>,
         label: &str,
+        device_id: Option<&str>,
     ) -> Result<(TokenRecord, Secret), TokenError> {
-        let secret = new_secret();
+        let secret = new_secret(role);
         let record = self
-            .store_new(tenant_id, role, scopes, label, &secret)
+            .store_new(tenant_id, role, scopes, label, device_id, &secret)
             .await?;
         Ok((record, secret))
     }
@@ -144,10 +166,34 @@ impl Tokens {
         role: Role,
         scopes: Vec<String>,
         label: &str,
+        device_id: Option<&str>,
         secret: &Secret,
     ) -> Result<TokenRecord, TokenError> {
         if tenant_id.trim().is_empty() {
             return Err(TokenError::Invalid("tenant_id is required".into()));
+        }
+        match (role, device_id) {
+            (Role::Node, None) => {
+                return Err(TokenError::Invalid(
+                    "a node token needs the device_id it admits".into(),
+                ));
+            }
+            (Role::Node, Some(id)) if !is_device_id(id) => {
+                return Err(TokenError::Invalid(format!(
+                    "device_id must be dev_ and 52 base32 characters, not {id:?}"
+                )));
+            }
+            (Role::Node, Some(_)) if !scopes.is_empty() => {
+                return Err(TokenError::Invalid(
+                    "a node token carries no operator scopes".into(),
+                ));
+            }
+            (Role::Admin | Role::Client, Some(_)) => {
+                return Err(TokenError::Invalid(
+                    "only node tokens are bound to a device".into(),
+                ));
+            }
+            _ => {}
         }
         if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
             return Err(TokenError::Invalid(format!("unknown scope {bad:?}")));
@@ -166,6 +212,7 @@ impl Tokens {
             label: label.to_owned(),
             created_at_ms: now_ms(),
             revoked_at_ms: None,
+            device_id: device_id.map(str::to_owned),
         };
         let event = NewItem {
             audience_roles: vec!["client".into()],
@@ -241,12 +288,13 @@ impl Tokens {
         }
         let secret = provided
             .map(|v| Secret(v.to_owned()))
-            .unwrap_or_else(new_secret);
+            .unwrap_or_else(|| new_secret(Role::Admin));
         self.store_new(
             tenant_id,
             Role::Admin,
             vec!["*".into()],
             "initial admin",
+            None,
             &secret,
         )
         .await?;
@@ -262,5 +310,6 @@ fn token_payload(record: &TokenRecord) -> serde_json::Value {
         "scopes": record.scopes,
         "label": record.label,
         "revoked_at_ms": record.revoked_at_ms,
+        "device_id": record.device_id,
     })
 }

@@ -22,7 +22,7 @@ muster_store::backend_suite! {
     async fn minted_tokens_verify_until_revoked(store: Store) {
         let tokens = Tokens::new(Arc::new(store.clone()));
         let (record, secret) = tokens
-            .create("t1", Role::Client, vec!["operator.read".into(), "operator.read".into()], "ci")
+            .create("t1", Role::Client, vec!["operator.read".into(), "operator.read".into()], "ci", None)
             .await
             .unwrap();
         assert_eq!(record.scopes, vec!["operator.read".to_string()]);
@@ -49,13 +49,45 @@ muster_store::backend_suite! {
 
     async fn bad_requests_change_nothing(store: Store) {
         let tokens = Tokens::new(Arc::new(store.clone()));
-        let bad_scope = tokens.create("t1", Role::Client, vec!["root".into()], "x").await;
+        let bad_scope = tokens.create("t1", Role::Client, vec!["root".into()], "x", None).await;
         assert!(matches!(bad_scope, Err(TokenError::Invalid(_))));
-        let no_tenant = tokens.create("", Role::Admin, vec![], "x").await;
+        let no_tenant = tokens.create("", Role::Admin, vec![], "x", None).await;
         assert!(matches!(no_tenant, Err(TokenError::Invalid(_))));
+        let device = format!("dev_{}", "a".repeat(52));
+        for (role, scopes, device_id) in [
+            (Role::Node, vec![], None),
+            (Role::Node, vec![], Some("dev_short")),
+            (Role::Node, vec![], Some("node-1")),
+            (Role::Node, vec!["operator.read".to_string()], Some(device.as_str())),
+            (Role::Client, vec![], Some(device.as_str())),
+            (Role::Admin, vec![], Some(device.as_str())),
+        ] {
+            let refused = tokens.create("t1", role, scopes.clone(), "x", device_id).await;
+            assert!(
+                matches!(refused, Err(TokenError::Invalid(_))),
+                "{role:?} {scopes:?} {device_id:?}: {refused:?}"
+            );
+        }
         assert!(tokens.list("t1").await.unwrap().is_empty());
         assert_eq!(outbox_text(&store).await, "[]");
         assert!("root".parse::<Role>().is_err());
+    }
+
+    async fn node_tokens_name_their_device(store: Store) {
+        let tokens = Tokens::new(Arc::new(store.clone()));
+        let device = format!("dev_{}", "b2".repeat(26));
+        let (record, secret) =
+            tokens.create("t1", Role::Node, vec![], "node 1", Some(&device)).await.unwrap();
+        // Tyrum's scoped-token shape.
+        assert_eq!(secret.expose().len(), 64);
+        assert!(secret.expose().bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(record.device_id.as_deref(), Some(device.as_str()));
+        let claims = tokens.verify(secret.expose()).await.unwrap();
+        assert_eq!((claims.role, claims.device_id), (Role::Node, Some(device.clone())));
+        assert!(claims.scopes.is_empty());
+        let listed = tokens.list("t1").await.unwrap();
+        assert_eq!(listed[0].device_id.as_deref(), Some(device.as_str()));
+        assert!(outbox_text(&store).await.contains(&device));
     }
 
     async fn the_first_admin_token_is_minted_once(store: Store) {
