@@ -68,7 +68,12 @@ pub async fn bare_connect(
     request
         .headers_mut()
         .insert("sec-websocket-protocol", "tyrum-v1".parse()?);
-    Ok(tokio_tungstenite::connect_async(request).await?.0)
+    // Nagle off, as muster's own client does.
+    Ok(
+        tokio_tungstenite::connect_async_with_config(request, None, true)
+            .await?
+            .0,
+    )
 }
 
 /// Runs `n` jobs, `concurrency` at a time; returns jobs per second.

@@ -45,8 +45,14 @@ pub async fn open(
     via: TokenVia,
     protocols: Option<&str>,
 ) -> Result<Ws, Error> {
-    let (stream, response) =
-        tokio_tungstenite::connect_async(request(url, token, via, protocols)?).await?;
+    // Nagle off: a request written behind another small frame would
+    // otherwise wait for the server's delayed ACK.
+    let (stream, response) = tokio_tungstenite::connect_async_with_config(
+        request(url, token, via, protocols)?,
+        None,
+        true,
+    )
+    .await?;
     Ok(Ws { stream, response })
 }
 

@@ -48,7 +48,7 @@ async fn send_close(sink: &mut Sink, close: Close) {
 }
 
 /// How many queued frames one write takes before it flushes.
-const MAX_COALESCED: usize = 64;
+const MAX_COALESCED: usize = 256;
 
 /// Writes `first` and whatever else is queued already (up to
 /// [`MAX_COALESCED`] frames), then flushes once: a burst of events costs a
