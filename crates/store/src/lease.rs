@@ -23,7 +23,7 @@ pub async fn acquire(
     .bind(holder)
     .bind(now + ttl_ms)
     .bind(now)
-    .execute(store.pool())
+    .execute(store.writer())
     .await?
     .rows_affected();
     Ok(taken == 1)

@@ -306,7 +306,7 @@ pub async fn ack(store: &Store, consumer_id: &str, position: i64) -> Result<(), 
     .bind(consumer_id)
     .bind(position)
     .bind(now_ms())
-    .execute(store.pool())
+    .execute(store.writer())
     .await?;
     Ok(())
 }
@@ -372,7 +372,7 @@ pub async fn compact(store: &Store, retention: &Retention) -> Result<u64, StoreE
     let now = now_ms();
     sqlx::query("DELETE FROM outbox_consumers WHERE updated_at_ms < $1")
         .bind(now - retention.consumer_idle_ms)
-        .execute(store.pool())
+        .execute(store.writer())
         .await?;
     let acked: Option<i64> = sqlx::query("SELECT MIN(position) FROM outbox_consumers")
         .fetch_one(store.pool())
@@ -380,7 +380,7 @@ pub async fn compact(store: &Store, retention: &Retention) -> Result<u64, StoreE
         .try_get(0)?;
     let mut removed = sqlx::query("DELETE FROM outbox WHERE occurred_at_ms < $1")
         .bind(now - retention.ttl_ms)
-        .execute(store.pool())
+        .execute(store.writer())
         .await?
         .rows_affected();
     removed += sqlx::query(
@@ -388,14 +388,14 @@ pub async fn compact(store: &Store, retention: &Retention) -> Result<u64, StoreE
          (SELECT MAX(position) FROM outbox) - $1",
     )
     .bind(retention.max_items)
-    .execute(store.pool())
+    .execute(store.writer())
     .await?
     .rows_affected();
     if let Some(acked) = acked {
         removed += sqlx::query("DELETE FROM outbox WHERE position <= $1 AND occurred_at_ms < $2")
             .bind(acked)
             .bind(now - retention.min_age_ms)
-            .execute(store.pool())
+            .execute(store.writer())
             .await?
             .rows_affected();
     }

@@ -191,8 +191,18 @@ impl Store {
         self.backend
     }
 
+    /// For reads (and Postgres-only statements).
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// For writes outside [`Store::begin`] (autocommitted statements). On
+    /// SQLite this is the one writer connection, so such a write queues
+    /// with the transactions in order; through the reader pool it would
+    /// meet them in SQLite's busy handler, which sleeps in steps of up to
+    /// 100 ms and stalled every writer behind it.
+    pub fn writer(&self) -> &AnyPool {
+        &self.writer
     }
 
     /// Starts a write transaction.

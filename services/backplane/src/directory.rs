@@ -147,7 +147,7 @@ impl DirectoryStore for Store {
         sqlx::query("UPDATE connections SET expires_at_ms = $1 WHERE edge_id = $2")
             .bind(now_ms() + DIRECTORY_TTL_MS)
             .bind(edge_id)
-            .execute(self.pool())
+            .execute(self.writer())
             .await?;
         self.fetch_all(
             sqlx::query("SELECT connection_id FROM connections WHERE edge_id = $1").bind(edge_id),
@@ -159,7 +159,7 @@ impl DirectoryStore for Store {
     async fn forget_edge(&self, edge_id: &str) -> Result<u64, StoreError> {
         Ok(sqlx::query("DELETE FROM connections WHERE edge_id = $1")
             .bind(edge_id)
-            .execute(self.pool())
+            .execute(self.writer())
             .await?
             .rows_affected())
     }
@@ -168,7 +168,7 @@ impl DirectoryStore for Store {
         Ok(
             sqlx::query("DELETE FROM connections WHERE expires_at_ms < $1")
                 .bind(now_ms())
-                .execute(self.pool())
+                .execute(self.writer())
                 .await?
                 .rows_affected(),
         )
