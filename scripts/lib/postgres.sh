@@ -5,6 +5,19 @@
 #   pg_stop DIR    stop the cluster in DIR (immediate)
 #   pg_restart DIR stop and start it again on the same port
 #   as_pg CMD...   run CMD as the postgres user when root (initdb refuses root)
+#   random_port    a loopback port outside the kernel's ephemeral range
+
+# A random port below the kernel's ephemeral range: servers that bind :0
+# and outgoing connections take ports from that range, so a port picked
+# inside it can be taken between the pick and the bind.
+random_port() {
+    local low=32768
+    if [ -r /proc/sys/net/ipv4/ip_local_port_range ]; then
+        read -r low _ </proc/sys/net/ipv4/ip_local_port_range
+    fi
+    [ "$low" -gt 11024 ] || low=61000
+    echo $((10000 + RANDOM % (low - 10000)))
+}
 
 as_pg() {
     if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
@@ -54,7 +67,7 @@ pg_start() {
         cat "$dir/initdb.log" >&2; return 1; }
     local port
     for _ in 1 2 3 4 5 6 7 8 9 10; do
-        port=$((20000 + RANDOM % 20000))
+        port=$(random_port)
         if pg_ctl_start "$dir" "$port"; then
             PG_PORT=$port
             PG_URL="postgres://muster@127.0.0.1:$port/postgres"
