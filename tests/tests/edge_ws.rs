@@ -420,6 +420,67 @@ async fn presence_flows_to_operators_on_postgres() {
     host.stop().await;
 }
 
+/// With a cap of two entries, three nodes connecting one after another:
+/// the prune (every 5 s) removes what is over the cap, each with
+/// `presence.pruned`, and the listing holds two entries. Which ones go is
+/// the store's order (oldest `last_seen_at` first, covered by the presence
+/// store's tests); here the edge's periodic touch may give every live
+/// entry the same time.
+async fn the_cap_prunes_entries_beyond_it(store: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = muster_e2e::config_in(dir.path(), store);
+    config.presence_cap = 2;
+    let host = Host::start_with(config, dir).await;
+    // Left out of presence itself (`cli`), so that it counts nothing.
+    let mut operator = admin(&host).await;
+    operator
+        .handshake(&DeviceKey::generate(), "client", json!({"mode": "cli"}))
+        .await;
+    let mut nodes = Vec::new();
+    let mut connected = Vec::new();
+    for _ in 0..3 {
+        let key = DeviceKey::generate();
+        let mut node = admin(&host).await;
+        node.handshake(&key, "node", json!({"mode": "node"})).await;
+        nodes.push(node);
+        connected.push(key.device_id());
+    }
+    // Four entries (the edge's own gateway entry and three nodes) over a
+    // cap of two: two go.
+    let mut pruned = Vec::new();
+    while pruned.len() < 2 {
+        let event = operator.event("presence.pruned").await;
+        pruned.push(event["payload"]["instance_id"].as_str().unwrap().to_owned());
+    }
+    let listed = operator.call("muster.presence.list", json!({})).await;
+    let entries: Vec<String> = listed["result"]["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["instance_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(entries.len(), 2, "{listed}");
+    assert!(
+        pruned.iter().all(|id| !entries.contains(id)),
+        "{pruned:?} {entries:?}"
+    );
+    let nodes_left = connected.iter().filter(|id| entries.contains(id)).count();
+    let nodes_pruned = connected.iter().filter(|id| pruned.contains(id)).count();
+    assert_eq!(nodes_left + nodes_pruned, 3, "{pruned:?} {entries:?}");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cap_prunes_entries_beyond_it_on_sqlite() {
+    the_cap_prunes_entries_beyond_it(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cap_prunes_entries_beyond_it_on_postgres() {
+    let url = muster_store::testing::create_postgres_database().await;
+    the_cap_prunes_entries_beyond_it(Some(url)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_presence_and_status_are_for_operators_only() {
     let host = Host::start(None).await;
