@@ -1,6 +1,7 @@
 //! The edge over `wss://`: operators without a client certificate, client
-//! certificates verified against the mesh CA, and a certificate that is not
-//! the proved device's own refused.
+//! certificates verified against the mesh CA, a device with its own
+//! certificate admitted, and a certificate that is not the proved device's
+//! own refused.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,29 @@ async fn connect(
     ca_dir: &TlsDir,
     client: Option<&TlsDir>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let auth = client.map(|dir| {
+        let files = dir.files(ServiceName::Ctl);
+        let chain = rustls::pki_types::CertificateDer::pem_file_iter(&files.cert)
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&files.key).unwrap();
+        (chain, key)
+    });
+    connect_as(host, ca_dir, auth).await
+}
+
+type ClientAuth = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// A TLS connection to the edge, presenting `auth` if given.
+async fn connect_as(
+    host: &Host,
+    ca_dir: &TlsDir,
+    auth: Option<ClientAuth>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     let ca = std::fs::read(ca_dir.ca_cert_path()).unwrap();
     for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&ca) {
@@ -48,17 +72,9 @@ async fn connect(
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots);
-    let config = match client {
+    let config = match auth {
         None => builder.with_no_client_auth(),
-        Some(dir) => {
-            let files = dir.files(ServiceName::Ctl);
-            let chain = rustls::pki_types::CertificateDer::pem_file_iter(&files.cert)
-                .unwrap()
-                .collect::<Result<Vec<_>, _>>()
-                .unwrap();
-            let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&files.key).unwrap();
-            builder.with_client_auth_cert(chain, key).unwrap()
-        }
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
     };
     let addr = host
         .ws_url()
@@ -151,5 +167,74 @@ async fn operators_connect_over_wss_and_foreign_or_unbound_certificates_are_refu
         ws.next(Duration::from_secs(1)).await,
         Next::Dropped | Next::Silent | Next::Closed(..)
     ));
+    host.stop().await;
+}
+
+/// A device's certificate for its own Ed25519 key, issued by the mesh CA
+/// for `tenant_id`, with that key as the TLS client key.
+fn device_auth(host: &Host, key: &DeviceKey, tenant_id: &str) -> ClientAuth {
+    use base64::Engine;
+    let ca = host.config.tls().load_ca().unwrap();
+    let spki = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(key.pubkey())
+        .unwrap();
+    let pem = ca
+        .issue_device(
+            &host.config.trust_domain,
+            tenant_id,
+            &key.device_id(),
+            &spki,
+            &IssueOptions::valid_for(DAY),
+        )
+        .unwrap();
+    let chain = rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    // PKCS#8 v1 of an Ed25519 seed (RFC 8410).
+    let mut pkcs8 = vec![
+        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04,
+        0x20,
+    ];
+    pkcs8.extend_from_slice(&key.seed());
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(pkcs8.into());
+    (chain, key)
+}
+
+/// A WebSocket over TLS with the admin token, presenting `auth`.
+async fn admin_as(
+    host: &Host,
+    auth: ClientAuth,
+) -> muster_e2e::ws::Ws<tokio_rustls::client::TlsStream<TcpStream>> {
+    let stream = connect_as(host, &host.config.tls(), Some(auth))
+        .await
+        .unwrap();
+    open_over(
+        stream,
+        &wss_url(host),
+        &host.admin_token(),
+        TokenVia::Bearer,
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_with_its_own_certificate_is_admitted_and_one_of_another_tenant_is_not() {
+    let host = tls_host().await;
+    let key = DeviceKey::generate();
+    let tenant = host.config.default_tenant.clone();
+
+    let mut ws = admin_as(&host, device_auth(&host, &key, &tenant)).await;
+    let result = ws.handshake(&key, "node", json!({})).await;
+    assert_eq!(result["device_id"], key.device_id());
+    assert_eq!(ws.call("ping", json!({})).await["ok"], true);
+
+    // The same key, certified for another tenant than the token's.
+    let mut ws = admin_as(&host, device_auth(&host, &key, "other-tenant")).await;
+    let refused = ws.try_handshake(&key, "node", json!({})).await.unwrap_err();
+    assert!(
+        refused.contains("Closed(4001, \"unauthorized\")"),
+        "{refused}"
+    );
     host.stop().await;
 }

@@ -165,6 +165,48 @@ impl CertificateAuthority {
             not_after: params.not_after,
         })
     }
+
+    /// Issues a device's certificate for the device's own key
+    /// (`spki_der`: the DER SubjectPublicKeyInfo it proved at connect, so
+    /// the private key never leaves the device): URI SAN
+    /// `spiffe://<trust_domain>/tenant/<tenant_id>/device/<device_id>`,
+    /// client authentication only. Returns the certificate's PEM.
+    pub fn issue_device(
+        &self,
+        trust_domain: &str,
+        tenant_id: &str,
+        device_id: &str,
+        spki_der: &[u8],
+        opts: &IssueOptions,
+    ) -> Result<String, TlsError> {
+        let segment_ok = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        };
+        if !segment_ok(tenant_id) || !segment_ok(device_id) {
+            return Err(TlsError::Identity(format!(
+                "tenant {tenant_id:?} and device {device_id:?} must be non-empty path segments"
+            )));
+        }
+        let key = rcgen::SubjectPublicKeyInfo::from_der(spki_der)?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let spiffe = format!("spiffe://{trust_domain}/tenant/{tenant_id}/device/{device_id}");
+        params
+            .subject_alt_names
+            .push(SanType::URI(spiffe.as_str().try_into()?));
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, device_id);
+        dn.push(DnType::OrganizationName, "muster");
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = Some(random_serial());
+        let now = OffsetDateTime::now_utc();
+        params.not_before = opts.not_before.unwrap_or(now - BACKDATE);
+        params.not_after = opts.not_after.unwrap_or(now + opts.validity);
+        Ok(params.signed_by(&key, &self.issuer)?.pem())
+    }
 }
 
 fn random_serial() -> SerialNumber {
@@ -353,4 +395,38 @@ fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError
     file.write_all(bytes).map_err(err)?;
     file.sync_all().map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::PublicKeyData;
+
+    use super::*;
+
+    #[test]
+    fn a_device_certificate_names_the_device_and_carries_its_key() {
+        let ca = CertificateAuthority::generate("test ca", Duration::from_secs(3600)).unwrap();
+        let device_key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let spki = device_key.subject_public_key_info();
+        let opts = IssueOptions::valid_for(Duration::from_secs(3600));
+        let pem = ca
+            .issue_device("td", "t1", "dev_abc", &spki, &opts)
+            .unwrap();
+        let der = first_cert(pem.as_bytes(), Path::new("device")).unwrap();
+        let id = crate::peer_spiffe_id(&der).unwrap();
+        assert_eq!(id.to_string(), "spiffe://td/tenant/t1/device/dev_abc");
+        let (_, parsed) = X509Certificate::from_der(der.as_ref()).unwrap();
+        assert_eq!(parsed.public_key().raw, spki.as_slice());
+
+        for (tenant, device) in [("", "dev_abc"), ("t/1", "dev_abc"), ("t1", "../x")] {
+            assert!(
+                ca.issue_device("td", tenant, device, &spki, &opts).is_err(),
+                "{tenant:?} {device:?}"
+            );
+        }
+        assert!(
+            ca.issue_device("td", "t1", "dev_abc", b"not a key", &opts)
+                .is_err()
+        );
+    }
 }
