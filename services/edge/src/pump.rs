@@ -356,8 +356,29 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
     };
     let mut announced = false;
     let mut tick = tokio::time::interval(edge.config.touch_interval);
+    let gateway_id = format!("edge-{}", edge.edge_id);
     loop {
         tick.tick().await;
+        // The gateway's own entry is touched on its own. The touch also
+        // tells presence this edge is alive, which keeps its topic
+        // sessions; and when the entry was not there to touch (the cap
+        // pruned it, or the TTL after an outage), it is announced again.
+        let touched = edge
+            .presence()
+            .touch_instances(pb::TouchInstancesRequest {
+                tenant_id: edge.config.gateway_tenant.clone(),
+                instance_ids: vec![gateway_id.clone()],
+                edge_id: edge.edge_id.clone(),
+            })
+            .await;
+        match touched {
+            Ok(reply) if reply.get_ref().touched == 0 && announced => {
+                tracing::info!("the gateway presence entry was pruned; announcing it again");
+                announced = false;
+            }
+            Ok(_) => {}
+            Err(status) => tracing::debug!(code = ?status.code(), "presence refresh failed"),
+        }
         if !announced {
             let upsert = edge
                 .presence()
@@ -374,16 +395,7 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
             }
         }
         announce_unannounced(&edge).await;
-        // The gateway tenant is always touched, even with nothing to touch
-        // in it: the touch also tells presence this edge is alive, which
-        // keeps its topic sessions.
         let mut by_tenant: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        let gateway_ids = by_tenant
-            .entry(edge.config.gateway_tenant.clone())
-            .or_default();
-        if announced {
-            gateway_ids.push(format!("edge-{}", edge.edge_id));
-        }
         for peer in edge.registry.all().into_iter().filter(|p| p.in_presence) {
             by_tenant
                 .entry(peer.claims.tenant_id.clone())
@@ -393,12 +405,7 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
         // In chunks, so that no single transaction holds the store's write
         // lock for long while new connections wait to be recorded.
         for (tenant_id, instance_ids) in by_tenant {
-            let chunks: Vec<&[String]> = if instance_ids.is_empty() {
-                vec![&[]]
-            } else {
-                instance_ids.chunks(TOUCH_CHUNK).collect()
-            };
-            for chunk in chunks {
+            for chunk in instance_ids.chunks(TOUCH_CHUNK) {
                 let touched = edge
                     .presence()
                     .touch_instances(pb::TouchInstancesRequest {
