@@ -364,6 +364,33 @@ pub struct Retention {
     pub min_age_ms: i64,
 }
 
+/// Items one compaction statement deletes at most: on SQLite a statement
+/// holds the one writer connection, and every other write waits behind
+/// it, so a backlog goes in short statements rather than one long one.
+const COMPACT_CHUNK: u64 = 2_000;
+
+/// Deletes the items matching `condition` (with `binds` as $1, $2, …), a
+/// chunk per statement.
+async fn delete_in_chunks(
+    store: &Store,
+    condition: &str,
+    binds: &[i64],
+) -> Result<u64, StoreError> {
+    let sql = format!(
+        "DELETE FROM outbox WHERE event_id IN \
+         (SELECT event_id FROM outbox WHERE {condition} LIMIT {COMPACT_CHUNK})"
+    );
+    let mut removed = 0;
+    loop {
+        let query = binds.iter().fold(sqlx::query(&sql), |q, b| q.bind(*b));
+        let deleted = query.execute(store.writer()).await?.rows_affected();
+        removed += deleted;
+        if deleted < COMPACT_CHUNK {
+            return Ok(removed);
+        }
+    }
+}
+
 /// Deletes what `retention` no longer keeps; returns how many items went.
 /// An item goes when it is older than the TTL, or beyond the size cap, or
 /// when it is older than `min_age_ms` and every active consumer has
@@ -378,26 +405,21 @@ pub async fn compact(store: &Store, retention: &Retention) -> Result<u64, StoreE
         .fetch_one(store.pool())
         .await?
         .try_get(0)?;
-    let mut removed = sqlx::query("DELETE FROM outbox WHERE occurred_at_ms < $1")
-        .bind(now - retention.ttl_ms)
-        .execute(store.writer())
-        .await?
-        .rows_affected();
-    removed += sqlx::query(
-        "DELETE FROM outbox WHERE position <= \
-         (SELECT MAX(position) FROM outbox) - $1",
+    let mut removed =
+        delete_in_chunks(store, "occurred_at_ms < $1", &[now - retention.ttl_ms]).await?;
+    removed += delete_in_chunks(
+        store,
+        "position <= (SELECT MAX(position) FROM outbox) - $1",
+        &[retention.max_items],
     )
-    .bind(retention.max_items)
-    .execute(store.writer())
-    .await?
-    .rows_affected();
+    .await?;
     if let Some(acked) = acked {
-        removed += sqlx::query("DELETE FROM outbox WHERE position <= $1 AND occurred_at_ms < $2")
-            .bind(acked)
-            .bind(now - retention.min_age_ms)
-            .execute(store.writer())
-            .await?
-            .rows_affected();
+        removed += delete_in_chunks(
+            store,
+            "position <= $1 AND occurred_at_ms < $2",
+            &[acked, now - retention.min_age_ms],
+        )
+        .await?;
     }
     Ok(removed)
 }

@@ -176,6 +176,19 @@ muster_store::backend_suite! {
         assert!(outbox::consumers(&store).await.unwrap().is_empty());
     }
 
+    async fn a_backlog_larger_than_a_compaction_statement_goes_whole(store: Store) {
+        let items: Vec<NewItem> = (0..4_500).map(|n| NewItem::event("t1", "x", json!({"n": n}))).collect();
+        let mut tx = store.begin().await.unwrap();
+        outbox::append_all(&mut tx, &items).await.unwrap();
+        tx.commit().await.unwrap();
+        outbox::sequence(&store, 10_000).await.unwrap();
+        let cap = outbox::Retention { ttl_ms: i64::MAX / 4, max_items: 100, consumer_idle_ms: 60_000, min_age_ms: 3_600_000 };
+        assert_eq!(outbox::compact(&store, &cap).await.unwrap(), 4_400);
+        let left = outbox::read_after(&store, "t1", 0, 10_000).await.unwrap();
+        assert_eq!(left.len(), 100);
+        assert_eq!(left[0].payload["n"], 4_400);
+    }
+
     async fn a_lease_has_one_holder_until_it_expires(store: Store) {
         assert!(muster_store::lease::acquire(&store, "job", "a", 60_000).await.unwrap());
         assert!(!muster_store::lease::acquire(&store, "job", "b", 60_000).await.unwrap());
