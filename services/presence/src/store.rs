@@ -51,6 +51,10 @@ pub trait PresenceStore: Send + Sync + 'static {
     ) -> Result<Vec<(String, String)>, StoreError>;
 }
 
+/// Ids one touch statement names at most (SQLite's oldest builds allow 999
+/// parameters).
+const TOUCH_IDS_PER_STATEMENT: usize = 500;
+
 fn entry(row: &AnyRow) -> Result<InstanceEntry, StoreError> {
     let role: String = row.try_get("role")?;
     let last_input: i64 = row.try_get("last_input_seconds")?;
@@ -170,17 +174,22 @@ impl PresenceStore for Store {
             .execute(&mut *tx)
             .await?;
         }
-        for instance_id in instance_ids {
-            touched += sqlx::query(
+        // One statement per chunk of ids, not per id: an edge touches all
+        // its peers every few seconds, in the store's one write lane.
+        for chunk in instance_ids.chunks(TOUCH_IDS_PER_STATEMENT) {
+            let placeholders: Vec<String> =
+                (0..chunk.len()).map(|n| format!("${}", n + 3)).collect();
+            let sql = format!(
                 "UPDATE instance_presence SET last_seen_at_ms = $1 \
-                 WHERE tenant_id = $2 AND instance_id = $3",
-            )
-            .bind(at_ms)
-            .bind(tenant_id)
-            .bind(instance_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+                 WHERE tenant_id = $2 AND instance_id IN ({})",
+                placeholders.join(", ")
+            );
+            let query = chunk
+                .iter()
+                .fold(sqlx::query(&sql).bind(at_ms).bind(tenant_id), |q, id| {
+                    q.bind(id)
+                });
+            touched += query.execute(&mut *tx).await?.rows_affected();
         }
         self.commit(tx).await?;
         Ok(touched)

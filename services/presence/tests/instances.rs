@@ -74,6 +74,10 @@ muster_store::backend_suite! {
         assert_eq!(touched, 1);
         assert!(presence.list("t1").await.unwrap()[0].last_seen_at_ms > first.last_seen_at_ms);
         assert_eq!(presence.touch("t2", &["dev_a".into()], None).await.unwrap(), 0);
+        // Many ids, more than one statement takes, with the known one last.
+        let mut many: Vec<String> = (0..1_200).map(|n| format!("dev_unknown_{n}")).collect();
+        many.push("dev_a".into());
+        assert_eq!(presence.touch("t1", &many, None).await.unwrap(), 1);
         assert_eq!(muster_store::testing::outbox_items(&store, "t1").await.unwrap().len(), 1);
     }
 
