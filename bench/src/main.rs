@@ -45,6 +45,15 @@ enum Scenario {
         /// the protocol path alone, without the presence writes.
         #[arg(long)]
         without_presence: bool,
+        /// Keep every connection open until the run ends (a reconnect
+        /// storm: peers come back and stay) instead of closing each after
+        /// its handshake (churn: each connection's close is paid in the run).
+        #[arg(long)]
+        hold: bool,
+        /// `client` (an operator: it receives every presence event) or
+        /// `node` (receives none).
+        #[arg(long, default_value = "client")]
+        role: String,
     },
     /// Server memory per idle connection (server and clients in separate
     /// processes).
@@ -110,7 +119,9 @@ async fn main() -> anyhow::Result<()> {
             connections,
             concurrency,
             without_presence,
-        } => scenarios::handshakes(connections, concurrency, without_presence).await,
+            hold,
+            role,
+        } => scenarios::handshakes(connections, concurrency, without_presence, hold, &role).await,
         Scenario::Idle { connections } => scenarios::idle(connections).await,
         Scenario::Beacons { seconds, nodes } => scenarios::beacons(seconds, nodes).await,
         Scenario::Appends {

@@ -105,15 +105,28 @@ pub async fn handshakes(
     n: usize,
     concurrency: usize,
     without_presence: bool,
+    hold: bool,
+    role: &str,
 ) -> anyhow::Result<()> {
-    let mode = if without_presence { "cli" } else { "ui" };
+    anyhow::ensure!(
+        role == "client" || role == "node",
+        "--role is client or node"
+    );
+    let mode = match (without_presence, role) {
+        (true, _) => "cli",
+        (false, "node") => "node",
+        (false, _) => "ui",
+    };
+    let role = role.to_owned();
     let muster = start_muster().await?;
     let bare = format!("ws://{}/ws", crate::bare::start().await?);
     let keys: Arc<Vec<DeviceKey>> = Arc::new((0..n).map(|_| DeviceKey::generate()).collect());
+    // With `hold`, connections stay open until both runs are measured.
+    let held: Arc<std::sync::Mutex<Vec<Box<dyn Send>>>> = Default::default();
 
-    let bare_keys = keys.clone();
+    let (bare_keys, bare_held) = (keys.clone(), held.clone());
     let baseline = rate(n, concurrency, move |i| {
-        let (url, keys) = (bare.clone(), bare_keys.clone());
+        let (url, keys, held) = (bare.clone(), bare_keys.clone(), bare_held.clone());
         async move {
             let key = &keys[i];
             let mut ws = bare_connect(&url).await?;
@@ -126,26 +139,54 @@ pub async fn handshakes(
                 .await
                 .ok_or_else(|| anyhow::anyhow!("no reply"))??;
             anyhow::ensure!(reply.to_text()? == "ok", "bare verify failed");
-            ws.close(None).await?;
+            if hold {
+                held.lock().expect("held").push(Box::new(ws));
+            } else {
+                ws.close(None).await?;
+            }
             Ok(())
         }
     })
     .await?;
+    drop(std::mem::take(&mut *held.lock().expect("held")));
 
-    let (url, token) = (muster.url.clone(), muster.token.clone());
+    let (url, token, muster_held, run_role) = (
+        muster.url.clone(),
+        muster.token.clone(),
+        held.clone(),
+        role.clone(),
+    );
     let measured = rate(n, concurrency, move |i| {
-        let (url, token, keys) = (url.clone(), token.clone(), keys.clone());
+        let (url, token, keys, held, role) = (
+            url.clone(),
+            token.clone(),
+            keys.clone(),
+            muster_held.clone(),
+            run_role.clone(),
+        );
         async move {
             let mut ws = open(&url, &token, TokenVia::Bearer, None).await?;
-            ws.try_handshake(&keys[i], "client", json!({ "mode": mode }))
+            ws.try_handshake(&keys[i], &role, json!({ "mode": mode }))
                 .await
                 .map_err(anyhow::Error::msg)?;
-            ws.stream.close(None).await?;
+            if hold {
+                held.lock().expect("held").push(Box::new(ws));
+            } else {
+                ws.stream.close(None).await?;
+            }
             Ok(())
         }
     })
     .await?;
-    println!("handshakes: {n} connections, {concurrency} at a time, mode {mode}");
+    drop(std::mem::take(&mut *held.lock().expect("held")));
+    println!(
+        "handshakes: {n} connections, {concurrency} at a time, role {role}, mode {mode}, {}",
+        if hold {
+            "held open"
+        } else {
+            "each closed after its handshake"
+        }
+    );
     report("handshakes", "per s", baseline, measured, true);
     muster.running.stop().await?;
     Ok(())
