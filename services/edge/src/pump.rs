@@ -30,7 +30,7 @@ const DELIVERED: &[&str] = &[
     "plan.update",
 ];
 
-fn delivered(kind: &str) -> bool {
+pub(crate) fn delivered(kind: &str) -> bool {
     DELIVERED.contains(&kind) || kind.starts_with("turn.") || kind.starts_with("muster.")
 }
 
@@ -71,7 +71,8 @@ fn dispatch(edge: &Edge, items: &[pb::OutboxItem]) {
         }
         // Items from before this edge started cannot be for its peers
         // (they connected later); a peer that wants them asks to resume.
-        if item.occurred_at_ms >= edge.started_at_ms {
+        // The type is checked here, once, not for every peer.
+        if item.occurred_at_ms >= edge.started_at_ms && delivered(&item.r#type) {
             pending.push(Prepared {
                 item,
                 target: target(item),
@@ -101,22 +102,45 @@ fn revoke(edge: &Edge, item: &pb::OutboxItem, payload: &serde_json::Value) {
 }
 
 /// Queues the frames of `pending` for the peers they are for, peer by
-/// peer, in item order; empties `pending`.
+/// peer, in item order; empties `pending`. Peers are taken by role, and
+/// each only looks at the items for its role: in a fleet of nodes, an
+/// operator-only event (each arrival's `presence.upserted`) would
+/// otherwise be checked against every node, and a reconnect storm would
+/// cost the square of its size.
 fn deliver(edge: &Edge, pending: &mut Vec<Prepared<'_>>) {
     let mut tenants: Vec<String> = pending.iter().map(|p| p.item.tenant_id.clone()).collect();
     tenants.sort_unstable();
     tenants.dedup();
     for tenant in tenants {
-        for peer in edge.registry.tenant(&tenant) {
-            for prepared in pending.iter_mut().filter(|p| p.item.tenant_id == tenant) {
-                if let Some(text) = frame_for(
-                    &peer,
-                    prepared.item,
-                    &prepared.payload,
-                    prepared.target.as_ref(),
-                    &mut prepared.frame,
-                ) {
-                    peer.outbound.send(text);
+        let peers = edge.registry.tenant(&tenant);
+        for role in ["client", "node"] {
+            let items: Vec<usize> = (0..pending.len())
+                .filter(|&i| {
+                    let item = pending[i].item;
+                    let roles = item
+                        .audience
+                        .as_ref()
+                        .map(|a| &a.roles[..])
+                        .unwrap_or_default();
+                    item.tenant_id == tenant
+                        && (roles.is_empty() || roles.iter().any(|r| r == role))
+                })
+                .collect();
+            if items.is_empty() {
+                continue;
+            }
+            for peer in peers.iter().filter(|p| p.role == role) {
+                for &i in &items {
+                    let prepared = &mut pending[i];
+                    if let Some(text) = frame_for(
+                        peer,
+                        prepared.item,
+                        &prepared.payload,
+                        prepared.target.as_ref(),
+                        &mut prepared.frame,
+                    ) {
+                        peer.outbound.send(text);
+                    }
                 }
             }
         }
@@ -125,9 +149,10 @@ fn deliver(edge: &Edge, pending: &mut Vec<Prepared<'_>>) {
 }
 
 /// The frame of `item` for `peer`, if the peer may and wants to see it:
-/// a delivered type, the peer's tenant, audience and target, and for topic
-/// diffs a subscription to the topic. `frame` caches the text, which is
-/// the same for every peer.
+/// the peer's tenant, audience and target, and for topic diffs a
+/// subscription to the topic. Callers check once per item that its type
+/// is [`delivered`] at all. `frame` caches the text, which is the same for
+/// every peer.
 pub(crate) fn frame_for(
     peer: &crate::registry::Peer,
     item: &pb::OutboxItem,
@@ -135,7 +160,7 @@ pub(crate) fn frame_for(
     target: Option<&Target>,
     frame: &mut Option<Utf8Bytes>,
 ) -> Option<Utf8Bytes> {
-    if !delivered(&item.r#type) || item.tenant_id != peer.claims.tenant_id {
+    if item.tenant_id != peer.claims.tenant_id {
         return None;
     }
     if item.r#type == muster_presence::DIFF_EVENT

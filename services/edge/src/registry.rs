@@ -74,8 +74,9 @@ impl Peer {
 
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    /// Shared: delivery takes a tenant's peers for every batch of items.
-    peers: RwLock<HashMap<String, Arc<Peer>>>,
+    /// By tenant, then connection id: delivery takes one tenant's peers
+    /// for every batch of items, without looking at any other tenant's.
+    peers: RwLock<HashMap<String, HashMap<String, Arc<Peer>>>>,
 }
 
 impl Registry {
@@ -83,25 +84,38 @@ impl Registry {
         self.peers
             .write()
             .expect("registry lock")
+            .entry(peer.claims.tenant_id.clone())
+            .or_default()
             .insert(peer.connection_id.clone(), Arc::new(peer));
     }
 
     pub(crate) fn remove(&self, connection_id: &str) {
-        self.peers
-            .write()
-            .expect("registry lock")
-            .remove(connection_id);
+        let mut tenants = self.peers.write().expect("registry lock");
+        // Tenants are few; a peer's tenant is found by looking.
+        let emptied = tenants.iter_mut().find_map(|(tenant, peers)| {
+            peers.remove(connection_id)?;
+            peers.is_empty().then(|| tenant.clone())
+        });
+        if let Some(tenant) = emptied {
+            tenants.remove(&tenant);
+        }
     }
 
     pub(crate) fn contains(&self, connection_id: &str) -> bool {
         self.peers
             .read()
             .expect("registry lock")
-            .contains_key(connection_id)
+            .values()
+            .any(|peers| peers.contains_key(connection_id))
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.peers.read().expect("registry lock").len()
+        self.peers
+            .read()
+            .expect("registry lock")
+            .values()
+            .map(HashMap::len)
+            .sum()
     }
 
     /// The peers of one tenant.
@@ -109,10 +123,9 @@ impl Registry {
         self.peers
             .read()
             .expect("registry lock")
-            .values()
-            .filter(|p| p.claims.tenant_id == tenant_id)
-            .cloned()
-            .collect()
+            .get(tenant_id)
+            .map(|peers| peers.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Every peer, for presence refresh.
@@ -121,17 +134,19 @@ impl Registry {
             .read()
             .expect("registry lock")
             .values()
-            .cloned()
+            .flat_map(|peers| peers.values().cloned())
             .collect()
     }
 
     /// Closes every connection made with `token_id`; returns how many.
     pub(crate) fn close_token(&self, tenant_id: &str, token_id: &str, close: Close) -> usize {
-        let peers = self.peers.read().expect("registry lock");
+        let tenants = self.peers.read().expect("registry lock");
         let mut closed = 0;
-        for peer in peers
-            .values()
-            .filter(|p| p.claims.tenant_id == tenant_id && p.claims.token_id == token_id)
+        for peer in tenants
+            .get(tenant_id)
+            .into_iter()
+            .flat_map(|peers| peers.values())
+            .filter(|p| p.claims.token_id == token_id)
         {
             peer.outbound.close(close);
             closed += 1;
@@ -141,8 +156,10 @@ impl Registry {
 
     /// Closes every connection (server shutdown).
     pub(crate) fn close_all(&self, close: Close) {
-        for peer in self.peers.read().expect("registry lock").values() {
-            peer.outbound.close(close);
+        for peers in self.peers.read().expect("registry lock").values() {
+            for peer in peers.values() {
+                peer.outbound.close(close);
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use muster_proto::v1::backplane_client::BackplaneClient;
 use serde_json::{Value, json};
 
 use crate::Edge;
-use crate::pump::{frame_for, target};
+use crate::pump::{delivered, frame_for, target};
 use crate::registry::Peer;
 
 /// The most items one resume goes through; beyond it the peer is told
@@ -65,7 +65,7 @@ pub(crate) async fn resume(edge: &Edge, peer: &Peer, payload: &Value) -> Outcome
         if items.is_empty() {
             return Outcome::Done(json!({"gap": false, "replayed": replayed}));
         }
-        for item in &items {
+        for item in items.iter().filter(|i| delivered(&i.r#type)) {
             let payload: Value = serde_json::from_str(&item.payload_json).unwrap_or_default();
             if let Some(text) = frame_for(peer, item, &payload, target(item).as_ref(), &mut None) {
                 peer.outbound.send(text);
