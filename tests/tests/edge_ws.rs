@@ -420,6 +420,22 @@ async fn presence_flows_to_operators_on_postgres() {
     host.stop().await;
 }
 
+/// The next `kind` event, waiting longer than one prune or refresh period
+/// (5 s each) takes even on a loaded machine.
+async fn event_within(ws: &mut Ws, kind: &str) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match ws.next(left).await {
+            Next::Json(frame) if frame["type"] == kind && frame.get("event_id").is_some() => {
+                return frame;
+            }
+            Next::Json(_) => {}
+            other => panic!("no {kind} within 30 s: {other:?}"),
+        }
+    }
+}
+
 /// With a cap of two entries, three nodes connecting one after another:
 /// the prune (every 5 s) removes what is over the cap, each with
 /// `presence.pruned`. Which nodes go is the store's order (oldest
@@ -449,7 +465,7 @@ async fn the_cap_prunes_entries_beyond_it(store: Option<String>) {
     // cap of two: two go.
     let mut pruned = Vec::new();
     while pruned.len() < 2 {
-        let event = operator.event("presence.pruned").await;
+        let event = event_within(&mut operator, "presence.pruned").await;
         pruned.push(event["payload"]["instance_id"].as_str().unwrap().to_owned());
     }
     let listed = operator.call("muster.presence.list", json!({})).await;
@@ -476,7 +492,7 @@ async fn the_cap_prunes_entries_beyond_it(store: Option<String>) {
         .find(|id| id.starts_with("edge-"))
         .unwrap_or_else(|| panic!("the gateway entry was not pruned: {pruned:?}"));
     loop {
-        let event = operator.event("presence.upserted").await;
+        let event = event_within(&mut operator, "presence.upserted").await;
         if event["payload"]["entry"]["instance_id"] == gateway.as_str() {
             assert_eq!(event["payload"]["entry"]["role"], "gateway");
             break;
