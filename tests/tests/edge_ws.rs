@@ -440,8 +440,7 @@ async fn event_within(ws: &mut Ws, kind: &str) -> Value {
 /// the prune (every 5 s) removes what is over the cap, each with
 /// `presence.pruned`. Which nodes go is the store's order (oldest
 /// `last_seen_at` first, covered by the presence store's tests); here the
-/// edge's periodic touch may give every live entry the same time. The
-/// edge's own gateway entry, once pruned, is announced again.
+/// edge's periodic touch may give every live entry the same time.
 async fn the_cap_prunes_entries_beyond_it(store: Option<String>) {
     let dir = tempfile::tempdir().unwrap();
     let mut config = muster_e2e::config_in(dir.path(), store);
@@ -485,12 +484,45 @@ async fn the_cap_prunes_entries_beyond_it(store: Option<String>) {
             .all(|id| !entries.contains(id)),
         "{pruned:?} {entries:?}"
     );
-    // The edge's own entry goes first (oldest, or last among equals) and
-    // the edge announces it again at its next refresh.
-    let gateway = pruned
-        .iter()
-        .find(|id| id.starts_with("edge-"))
-        .unwrap_or_else(|| panic!("the gateway entry was not pruned: {pruned:?}"));
+    host.stop().await;
+}
+
+/// The edge's own gateway entry, removed behind its back (as the cap or
+/// the TTL after an outage would), is announced again at the edge's next
+/// refresh.
+async fn the_gateway_entry_returns(store: Option<String>) {
+    let host = Host::start(store).await;
+    let mut operator = admin(&host).await;
+    operator
+        .handshake(&DeviceKey::generate(), "client", json!({"mode": "cli"}))
+        .await;
+    let store = muster_store::Store::connect(
+        &host.config.store_url(),
+        &muster_store::StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    // Announced at start.
+    let gateway = loop {
+        let listed = operator.call("muster.presence.list", json!({})).await;
+        let gateway = listed["result"]["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["role"] == "gateway")
+            .map(|e| e["instance_id"].as_str().unwrap().to_owned());
+        if let Some(gateway) = gateway {
+            break gateway;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let removed = sqlx::query("DELETE FROM instance_presence WHERE instance_id = $1")
+        .bind(&gateway)
+        .execute(store.writer())
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(removed, 1);
     loop {
         let event = event_within(&mut operator, "presence.upserted").await;
         if event["payload"]["entry"]["instance_id"] == gateway.as_str() {
@@ -498,7 +530,19 @@ async fn the_cap_prunes_entries_beyond_it(store: Option<String>) {
             break;
         }
     }
+    store.close().await;
     host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_entry_returns_on_sqlite() {
+    the_gateway_entry_returns(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_entry_returns_on_postgres() {
+    let url = muster_store::testing::create_postgres_database().await;
+    the_gateway_entry_returns(Some(url)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
