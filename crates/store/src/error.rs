@@ -28,11 +28,14 @@ impl From<sqlx::Error> for StoreError {
 
 /// SQLSTATE classes that say the server or the connection failed, not the
 /// statement: connection exceptions, insufficient resources, operator
-/// intervention (a shutdown or restart), system errors.
+/// intervention (a shutdown or restart), system errors. Only Postgres
+/// reports SQLSTATEs (five characters); SQLite's codes are numbers of up to
+/// four digits, some of which start with the same digits.
 fn is_server_trouble(code: &str) -> bool {
-    ["08", "53", "57", "58"]
-        .iter()
-        .any(|class| code.starts_with(class))
+    code.len() == 5
+        && ["08", "53", "57", "58"]
+            .iter()
+            .any(|class| code.starts_with(class))
 }
 
 /// The error means the connection it came from (and likely its pool
@@ -86,6 +89,10 @@ mod tests {
         // unique_violation, check_violation, syntax_error, serialization_failure
         // (retrying the write alone is the cure): the write was refused.
         for code in ["23505", "23514", "42601", "40001"] {
+            assert!(!is_server_trouble(code), "{code}");
+        }
+        // SQLite's codes: SQLITE_CONSTRAINT_COMMITHOOK (531), SQLITE_BUSY.
+        for code in ["531", "5", "2067"] {
             assert!(!is_server_trouble(code), "{code}");
         }
     }
