@@ -18,4 +18,6 @@ mod store;
 pub mod testing;
 
 pub use error::StoreError;
-pub use store::{AnyQuery, Backend, COMMITS_CHANNEL, Store, StoreOptions, Tx, now_ms};
+pub use store::{
+    AnyQuery, Backend, COMMITS_CHANNEL, Store, StoreOptions, Tx, now_ms, placeholders,
+};

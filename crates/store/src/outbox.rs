@@ -156,24 +156,10 @@ pub async fn append_all<'a>(
             "INSERT INTO outbox (tenant_id, event_id, type, payload, target_kind, target_id, \
              audience_roles, audience_scopes, occurred_at_ms) VALUES ",
         );
-        for n in 0..chunk.len() {
-            let p = n * 9;
-            if n > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                p + 1,
-                p + 2,
-                p + 3,
-                p + 4,
-                p + 5,
-                p + 6,
-                p + 7,
-                p + 8,
-                p + 9
-            ));
-        }
+        let rows: Vec<String> = (0..chunk.len())
+            .map(|n| format!("({})", crate::placeholders(n * 9 + 1, 9)))
+            .collect();
+        sql.push_str(&rows.join(", "));
         let mut query = sqlx::query(&sql);
         for item in chunk {
             let (target_kind, target_id) = match &item.target {

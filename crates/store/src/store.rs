@@ -60,6 +60,16 @@ pub struct Store {
     url: Option<Arc<str>>,
 }
 
+/// `count` numbered parameters from `$first`, comma-separated: the
+/// placeholders of a statement that carries many values (both backends
+/// read `$n`).
+pub fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The Postgres channel a commit through [`Store::commit`] wakes.
 pub const COMMITS_CHANNEL: &str = "muster_commits";
 

@@ -177,12 +177,10 @@ impl PresenceStore for Store {
         // One statement per chunk of ids, not per id: an edge touches all
         // its peers every few seconds, in the store's one write lane.
         for chunk in instance_ids.chunks(TOUCH_IDS_PER_STATEMENT) {
-            let placeholders: Vec<String> =
-                (0..chunk.len()).map(|n| format!("${}", n + 3)).collect();
             let sql = format!(
                 "UPDATE instance_presence SET last_seen_at_ms = $1 \
                  WHERE tenant_id = $2 AND instance_id IN ({})",
-                placeholders.join(", ")
+                muster_store::placeholders(3, chunk.len())
             );
             let query = chunk
                 .iter()
