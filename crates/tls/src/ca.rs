@@ -179,8 +179,11 @@ impl CertificateAuthority {
         spki_der: &[u8],
         opts: &IssueOptions,
     ) -> Result<String, TlsError> {
+        // SPIFFE path segments: no empty, `.` or `..` segment, no `/`.
         let segment_ok = |s: &str| {
             !s.is_empty()
+                && s != "."
+                && s != ".."
                 && s.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         };
@@ -418,7 +421,12 @@ mod tests {
         let (_, parsed) = X509Certificate::from_der(der.as_ref()).unwrap();
         assert_eq!(parsed.public_key().raw, spki.as_slice());
 
-        for (tenant, device) in [("", "dev_abc"), ("t/1", "dev_abc"), ("t1", "../x")] {
+        for (tenant, device) in [
+            ("", "dev_abc"),
+            ("t/1", "dev_abc"),
+            ("t1", "../x"),
+            ("..", "d"),
+        ] {
             assert!(
                 ca.issue_device("td", tenant, device, &spki, &opts).is_err(),
                 "{tenant:?} {device:?}"
