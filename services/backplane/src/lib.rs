@@ -481,8 +481,7 @@ pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Backplane/Subscribe", &[Edge]),
     Rule::new("/muster.v1.Backplane/Ack", &[Edge]),
     Rule::new("/muster.v1.Backplane/Locate", &[Edge, Ctl]),
-    Rule::new("/muster.v1.Backplane/RegisterConnection", &[Edge]),
-    Rule::new("/muster.v1.Backplane/UnregisterConnection", &[Edge]),
+    Rule::new("/muster.v1.Backplane/UpdateConnections", &[Edge]),
     Rule::new("/muster.v1.Backplane/HeartbeatEdge", &[Edge]),
     Rule::new("/muster.v1.Backplane/ForgetEdge", &[Edge]),
 ];
@@ -592,36 +591,37 @@ impl Backplane for BackplaneService {
         Ok(Response::new(pb::AckResponse {}))
     }
 
-    async fn register_connection(
+    async fn update_connections(
         &self,
-        request: Request<pb::RegisterConnectionRequest>,
-    ) -> Result<Response<pb::RegisterConnectionResponse>, Status> {
-        let r = request.into_inner();
-        let registration = Registration {
-            connection_id: r.connection_id,
-            tenant_id: r.tenant_id,
-            device_id: r.device_id,
-            edge_id: r.edge_id,
-            role: r.role,
-        };
-        self.directory
-            .register(registration)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::RegisterConnectionResponse {}))
-    }
-
-    async fn unregister_connection(
-        &self,
-        request: Request<pb::UnregisterConnectionRequest>,
-    ) -> Result<Response<pb::UnregisterConnectionResponse>, Status> {
-        let r = request.into_inner();
-        let removed = self
-            .directory
-            .unregister(r.edge_id, r.connection_id)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::UnregisterConnectionResponse { removed }))
+        request: Request<pb::UpdateConnectionsRequest>,
+    ) -> Result<Response<pb::UpdateConnectionsResponse>, Status> {
+        let changes = request.into_inner().changes;
+        muster_proto::check_batch_len(changes.len())?;
+        // Submitted together and in order, the changes share the group
+        // commit's transactions; each still succeeds or fails alone.
+        let outcomes = futures::future::join_all(changes.into_iter().map(|change| async {
+            let applied = match change.change {
+                Some(pb::connection_change::Change::Register(r)) => {
+                    let registration = Registration {
+                        connection_id: r.connection_id,
+                        tenant_id: r.tenant_id,
+                        device_id: r.device_id,
+                        edge_id: r.edge_id,
+                        role: r.role,
+                    };
+                    self.directory.register(registration).await.map(|()| true)
+                }
+                Some(pb::connection_change::Change::Unregister(u)) => {
+                    self.directory.unregister(u.edge_id, u.connection_id).await
+                }
+                None => {
+                    return pb::ItemOutcome::of(Err(Status::invalid_argument("change is required")));
+                }
+            };
+            pb::ItemOutcome::of(applied.map_err(|e| to_status(&e)))
+        }))
+        .await;
+        Ok(Response::new(pb::UpdateConnectionsResponse { outcomes }))
     }
 
     async fn heartbeat_edge(

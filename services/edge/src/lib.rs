@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+mod batch;
 mod connection;
 mod http;
 mod outbound;
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 use muster_mesh::{MeshChannel, Rule, ServiceSpec};
 use muster_proto::v1 as pb;
+use muster_proto::v1::backplane_client::BackplaneClient;
 use muster_proto::v1::edge_server::{Edge as EdgeRpc, EdgeServer};
 use muster_proto::v1::identity_client::IdentityClient;
 use muster_proto::v1::presence_client::PresenceClient;
@@ -35,7 +37,20 @@ pub use outbound::SLOW_CONSUMER_BYTES;
 /// eagerly; its default is 128 KiB).
 pub const READ_BUFFER_BYTES: usize = 8 * 1024;
 
+use crate::batch::Batcher;
 use crate::registry::Registry;
+
+/// A batcher whose calls go over `channel`.
+fn batcher<I, O, F, Fut>(channel: &MeshChannel, call: F) -> Batcher<I, O>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    F: Fn(MeshChannel, Vec<I>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Vec<O>, Status>> + Send + 'static,
+{
+    let channel = channel.clone();
+    Batcher::start(MAX_BATCH, move |items| call(channel.clone(), items))
+}
 
 /// How an edge treats its peers.
 #[derive(Debug, Clone)]
@@ -103,21 +118,45 @@ pub struct Edge {
     /// tries again, so that a store hiccup does not hide a peer until its
     /// next beacon.
     unannounced: std::sync::Mutex<std::collections::HashMap<String, (String, pb::InstanceEntry)>>,
+    /// Presence changes (upserts, removals), batched into `UpdateInstances`.
+    instance_changes: Batcher<pb::InstanceChange, pb::InstanceOutcome>,
+    /// Directory changes (registrations, unregistrations), batched into
+    /// `UpdateConnections`.
+    connection_changes: Batcher<pb::ConnectionChange, pb::ItemOutcome>,
     shutdown: CancellationToken,
 }
+
+/// At most this many changes share one batched call.
+const MAX_BATCH: usize = 256;
 
 /// How long a verified token is trusted without asking identity again.
 /// Revocation does not wait for it: `token.revoked` evicts at once.
 const VERIFIED_TTL: Duration = Duration::from_secs(10);
 
 impl Edge {
-    /// An edge whose clients connect at `ws_addr`.
+    /// An edge whose clients connect at `ws_addr`. Must be called inside a
+    /// tokio runtime: it starts the tasks that batch calls to presence and
+    /// the backplane.
     pub fn new(
         ws_addr: SocketAddr,
         config: EdgeConfig,
         peers: EdgePeers,
         shutdown: CancellationToken,
     ) -> Arc<Edge> {
+        let instance_changes = batcher(&peers.presence, |channel, changes| async move {
+            let request = pb::UpdateInstancesRequest { changes };
+            let reply = PresenceClient::new(channel)
+                .update_instances(request)
+                .await?;
+            Ok(reply.into_inner().outcomes)
+        });
+        let connection_changes = batcher(&peers.backplane, |channel, changes| async move {
+            let request = pb::UpdateConnectionsRequest { changes };
+            let reply = BackplaneClient::new(channel)
+                .update_connections(request)
+                .await?;
+            Ok(reply.into_inner().outcomes)
+        });
         Arc::new(Edge {
             edge_id: config
                 .edge_id
@@ -133,6 +172,8 @@ impl Edge {
             registry: Registry::default(),
             verified: Default::default(),
             unannounced: Default::default(),
+            instance_changes,
+            connection_changes,
             shutdown,
         })
     }
@@ -149,8 +190,39 @@ impl Edge {
         PresenceClient::new(self.peers.presence.clone())
     }
 
-    fn backplane(&self) -> muster_proto::v1::backplane_client::BackplaneClient<MeshChannel> {
-        muster_proto::v1::backplane_client::BackplaneClient::new(self.peers.backplane.clone())
+    fn backplane(&self) -> BackplaneClient<MeshChannel> {
+        BackplaneClient::new(self.peers.backplane.clone())
+    }
+
+    /// Upserts (with `presence.upserted`) or removes (with
+    /// `presence.pruned`) one instance, together with whatever other
+    /// changes are waiting. An upsert returns the entry as stored; a
+    /// removal, whether the instance was present.
+    async fn change_instance(
+        &self,
+        change: pb::instance_change::Change,
+    ) -> Result<(bool, Option<pb::InstanceEntry>), Status> {
+        let change = pb::InstanceChange {
+            change: Some(change),
+        };
+        let outcome = self.instance_changes.call(change).await?;
+        let changed = outcome
+            .outcome
+            .ok_or_else(|| Status::internal("an outcome without a result"))?
+            .into_result()?;
+        Ok((changed, outcome.entry))
+    }
+
+    /// Registers or unregisters one connection in the directory, together
+    /// with whatever other changes are waiting; whether it changed anything.
+    async fn change_connection(
+        &self,
+        change: pb::connection_change::Change,
+    ) -> Result<bool, Status> {
+        let change = pb::ConnectionChange {
+            change: Some(change),
+        };
+        self.connection_changes.call(change).await?.into_result()
     }
 
     /// Resolves a presented token; `None` for anything identity does not

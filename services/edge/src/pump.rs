@@ -405,13 +405,8 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
             Err(status) => tracing::debug!(code = ?status.code(), "presence refresh failed"),
         }
         if !announced {
-            let upsert = edge
-                .presence()
-                .upsert_instance(pb::UpsertInstanceRequest {
-                    tenant_id: edge.config.gateway_tenant.clone(),
-                    entry: Some(gateway()),
-                })
-                .await;
+            let upsert =
+                crate::connection::upsert(&edge, &edge.config.gateway_tenant, gateway()).await;
             match upsert {
                 Ok(_) => announced = true,
                 Err(status) => {

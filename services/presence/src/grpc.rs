@@ -50,10 +50,9 @@ impl From<TopicSession> for pb::TopicSession {
 
 /// Who may call what on presence; everything else is denied.
 pub const RULES: &[Rule] = &[
-    Rule::new("/muster.v1.Presence/UpsertInstance", &[Edge]),
+    Rule::new("/muster.v1.Presence/UpdateInstances", &[Edge]),
     Rule::new("/muster.v1.Presence/ListInstances", &[Edge, Ctl]),
     Rule::new("/muster.v1.Presence/TouchInstances", &[Edge]),
-    Rule::new("/muster.v1.Presence/RemoveInstance", &[Edge]),
     Rule::new("/muster.v1.Presence/TrackTopic", &[Edge]),
     Rule::new("/muster.v1.Presence/UntrackTopic", &[Edge]),
     Rule::new("/muster.v1.Presence/UntrackConnection", &[Edge]),
@@ -65,6 +64,39 @@ pub const RULES: &[Rule] = &[
 pub struct PresenceService {
     instances: Instances,
     topics: Topics,
+}
+
+impl PresenceService {
+    async fn apply(&self, change: pb::InstanceChange) -> pb::InstanceOutcome {
+        let applied = match change.change {
+            Some(pb::instance_change::Change::Upsert(upsert)) => {
+                let stored = async {
+                    let entry = upsert
+                        .entry
+                        .ok_or_else(|| PresenceError::Invalid("entry is required".into()))
+                        .and_then(InstanceEntry::try_from)?;
+                    self.instances.upsert(&upsert.tenant_id, entry).await
+                }
+                .await;
+                match stored {
+                    Ok(entry) => (Ok(true), Some(entry.into())),
+                    Err(e) => (Err(to_status(&e)), None),
+                }
+            }
+            Some(pb::instance_change::Change::Remove(remove)) => {
+                let removed = self
+                    .instances
+                    .remove(&remove.tenant_id, &remove.instance_id)
+                    .await;
+                (removed.map_err(|e| to_status(&e)), None)
+            }
+            None => (Err(Status::invalid_argument("change is required")), None),
+        };
+        pb::InstanceOutcome {
+            outcome: Some(pb::ItemOutcome::of(applied.0)),
+            entry: applied.1,
+        }
+    }
 }
 
 /// Presence as the mesh serves it.
@@ -125,22 +157,16 @@ impl From<InstanceEntry> for pb::InstanceEntry {
 
 #[tonic::async_trait]
 impl Presence for PresenceService {
-    async fn upsert_instance(
+    async fn update_instances(
         &self,
-        request: Request<pb::UpsertInstanceRequest>,
-    ) -> Result<Response<pb::InstanceEntry>, Status> {
-        let r = request.into_inner();
-        let entry = r
-            .entry
-            .ok_or_else(|| PresenceError::Invalid("entry is required".into()))
-            .and_then(InstanceEntry::try_from)
-            .map_err(|e| to_status(&e))?;
-        let stored = self
-            .instances
-            .upsert(&r.tenant_id, entry)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(stored.into()))
+        request: Request<pb::UpdateInstancesRequest>,
+    ) -> Result<Response<pb::UpdateInstancesResponse>, Status> {
+        let changes = request.into_inner().changes;
+        muster_proto::check_batch_len(changes.len())?;
+        // Submitted together and in order, the changes share the group
+        // commit's transactions; each still succeeds or fails alone.
+        let outcomes = futures::future::join_all(changes.into_iter().map(|c| self.apply(c))).await;
+        Ok(Response::new(pb::UpdateInstancesResponse { outcomes }))
     }
 
     async fn track_topic(
@@ -224,19 +250,6 @@ impl Presence for PresenceService {
         Ok(Response::new(pb::ListTopicResponse {
             sessions: sessions.into_iter().map(Into::into).collect(),
         }))
-    }
-
-    async fn remove_instance(
-        &self,
-        request: Request<pb::RemoveInstanceRequest>,
-    ) -> Result<Response<pb::RemoveInstanceResponse>, Status> {
-        let r = request.into_inner();
-        let removed = self
-            .instances
-            .remove(&r.tenant_id, &r.instance_id)
-            .await
-            .map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::RemoveInstanceResponse { removed }))
     }
 
     async fn touch_instances(
