@@ -29,7 +29,7 @@ impl<W, R> Clone for GroupCommit<W, R> {
 
 impl<W, R> GroupCommit<W, R>
 where
-    W: Clone + Send + 'static,
+    W: Clone + Send + Sync + 'static,
     R: Send + 'static,
 {
     /// Starts the writer (inside a tokio runtime). `commit` writes a batch
@@ -37,7 +37,7 @@ where
     /// most `max_batch` writes share it.
     pub fn start<F, Fut>(max_batch: usize, commit: F) -> Self
     where
-        F: Fn(Vec<W>) -> Fut + Send + Sync + 'static,
+        F: Fn(Arc<[W]>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<Vec<R>, StoreError>> + Send + 'static,
     {
         let (pending, receiver) = mpsc::channel(4 * max_batch);
@@ -64,7 +64,7 @@ async fn write_batches<W, R, F, Fut>(
     mut pending: mpsc::Receiver<(W, Reply<R>)>,
 ) where
     W: Clone,
-    F: Fn(Vec<W>) -> Fut,
+    F: Fn(Arc<[W]>) -> Fut,
     Fut: Future<Output = Result<Vec<R>, StoreError>>,
 {
     while let Some(first) = pending.recv().await {
@@ -76,6 +76,9 @@ async fn write_batches<W, R, F, Fut>(
             }
         }
         let (writes, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        // Shared, not copied: the writes are needed again only if the batch
+        // fails because of one of them.
+        let writes: Arc<[W]> = writes.into();
         if writes.len() == 1 {
             let outcome = commit(writes).await.and_then(one);
             if let Some(reply) = replies.into_iter().next() {
@@ -99,8 +102,9 @@ async fn write_batches<W, R, F, Fut>(
                 }
             }
             _ => {
-                for (write, reply) in writes.into_iter().zip(replies) {
-                    let _ = reply.send(commit(vec![write]).await.and_then(one));
+                for (write, reply) in writes.iter().zip(replies) {
+                    let alone: Arc<[W]> = Arc::new([write.clone()]);
+                    let _ = reply.send(commit(alone).await.and_then(one));
                 }
             }
         }
@@ -124,7 +128,7 @@ mod tests {
     async fn concurrent_writes_share_commits_and_a_bad_one_fails_alone() {
         let batches = Arc::new(Mutex::new(Vec::new()));
         let seen = batches.clone();
-        let group = GroupCommit::start(16, move |batch: Vec<i32>| {
+        let group = GroupCommit::start(16, move |batch: Arc<[i32]>| {
             seen.lock().unwrap().push(batch.len());
             async move {
                 if batch.iter().any(|n| *n < 0) {
@@ -163,7 +167,7 @@ mod tests {
     async fn a_store_failure_fails_the_batch_without_retrying_each_write() {
         let calls = Arc::new(Mutex::new(Vec::new()));
         let seen = calls.clone();
-        let group = GroupCommit::start(16, move |batch: Vec<i32>| {
+        let group = GroupCommit::start(16, move |batch: Arc<[i32]>| {
             seen.lock().unwrap().push(batch.len());
             async move {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;

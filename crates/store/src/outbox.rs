@@ -134,13 +134,9 @@ pub async fn append(tx: &mut Tx, item: &NewItem) -> Result<(), StoreError> {
     append_all(tx, [item]).await
 }
 
-/// The most items one INSERT carries: nine parameters each, under
-/// SQLite's 999-parameter limit (older builds) and far under Postgres's.
-const ITEMS_PER_INSERT: usize = 100;
-
-/// Appends `items` inside `tx` in order, as [`append`] does each, but with
-/// one statement per hundred items instead of one per item: a round trip
-/// per statement is most of an append's cost. Every item is checked
+/// Appends `items` inside `tx` in order, as [`append`] does each, but
+/// many items per statement (up to 64) instead of one per item: a round
+/// trip per statement is most of an append's cost. Every item is checked
 /// before anything is written, so a bad one writes none.
 pub async fn append_all<'a>(
     tx: &mut Tx,
@@ -151,15 +147,12 @@ pub async fn append_all<'a>(
         validate(item)?;
     }
     let occurred_at_ms = now_ms();
-    for chunk in items.chunks(ITEMS_PER_INSERT) {
+    for chunk in crate::in_statements(&items, 9) {
         let mut sql = String::from(
             "INSERT INTO outbox (tenant_id, event_id, type, payload, target_kind, target_id, \
              audience_roles, audience_scopes, occurred_at_ms) VALUES ",
         );
-        let rows: Vec<String> = (0..chunk.len())
-            .map(|n| format!("({})", crate::placeholders(n * 9 + 1, 9)))
-            .collect();
-        sql.push_str(&rows.join(", "));
+        sql.push_str(&crate::values_rows(chunk.len(), 9));
         let mut query = sqlx::query(&sql);
         for item in chunk {
             let (target_kind, target_id) = match &item.target {

@@ -70,6 +70,57 @@ pub fn placeholders(first: usize, count: usize) -> String {
         .join(", ")
 }
 
+/// The `VALUES` of a statement that inserts `rows` rows of `columns`
+/// values each: `($1, $2), ($3, $4)`.
+pub fn values_rows(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|row| format!("({})", placeholders(row * columns + 1, columns)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The last of each run of items with the same key, in the order of those
+/// last ones: one statement may not insert-or-update the same row twice on
+/// Postgres, and the last of consecutive upserts of a row is what stays.
+pub fn last_of_each<'a, T, K: Eq + std::hash::Hash>(
+    items: &[&'a T],
+    key: impl Fn(&'a T) -> K,
+) -> Vec<&'a T> {
+    let mut last = std::collections::HashMap::with_capacity(items.len());
+    for (n, item) in items.iter().enumerate() {
+        last.insert(key(item), n);
+    }
+    items
+        .iter()
+        .enumerate()
+        .filter(|(n, item)| last.get(&key(item)) == Some(n))
+        .map(|(_, item)| *item)
+        .collect()
+}
+
+/// `rows` split into the chunks of multi-row statements of `columns`
+/// values per row. Chunk sizes are powers of four (64, 16, 4, 1), so that a
+/// few statement shapes stay prepared in each connection's cache instead
+/// of one per row count; a chunk's parameters stay within SQLite's oldest
+/// limit of 999.
+pub fn in_statements<T>(rows: &[T], columns: usize) -> Vec<&[T]> {
+    let mut size = 1;
+    while size * 4 * columns <= 999 && size < 64 {
+        size *= 4;
+    }
+    let mut chunks = Vec::new();
+    let mut rest = rows;
+    while !rest.is_empty() {
+        while size > rest.len() {
+            size /= 4;
+        }
+        let (chunk, tail) = rest.split_at(size);
+        chunks.push(chunk);
+        rest = tail;
+    }
+    chunks
+}
+
 /// The Postgres channel a commit through [`Store::commit`] wakes.
 pub const COMMITS_CHANNEL: &str = "muster_commits";
 
@@ -340,5 +391,37 @@ async fn listen(url: Arc<str>, channel: &'static str, wake: watch::Sender<u64>) 
                 },
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_come_in_a_few_sizes_within_the_parameter_limit() {
+        let rows: Vec<u32> = (0..157).collect();
+        let sizes: Vec<usize> = in_statements(&rows, 9).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [64, 64, 16, 4, 4, 4, 1]);
+        let sizes: Vec<usize> = in_statements(&rows[..3], 500)
+            .iter()
+            .map(|c| c.len())
+            .collect();
+        assert_eq!(sizes, [1, 1, 1]);
+        assert!(in_statements::<u32>(&[], 9).is_empty());
+        let flat: Vec<u32> = in_statements(&rows, 12).concat();
+        assert_eq!(flat, rows);
+    }
+
+    #[test]
+    fn values_number_every_row_and_the_last_upsert_of_a_key_stays() {
+        assert_eq!(values_rows(2, 2), "($1, $2), ($3, $4)");
+        let items = [(1, "a"), (2, "b"), (1, "c")];
+        let refs: Vec<&(i32, &str)> = items.iter().collect();
+        let kept: Vec<&str> = last_of_each(&refs, |(k, _)| *k)
+            .iter()
+            .map(|i| i.1)
+            .collect();
+        assert_eq!(kept, ["b", "c"]);
     }
 }

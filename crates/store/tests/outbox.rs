@@ -84,7 +84,7 @@ muster_store::backend_suite! {
         assert_eq!(count(&store).await, 0);
     }
 
-    async fn many_items_append_in_order_with_one_statement_per_hundred(store: Store) {
+    async fn many_items_append_in_order_in_multi_row_statements(store: Store) {
         let items: Vec<NewItem> = (0..250)
             .map(|n| NewItem::event("t1", "n", json!({"n": n})))
             .collect();

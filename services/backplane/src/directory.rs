@@ -88,6 +88,40 @@ pub trait DirectoryStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 }
 
+/// Records connections (or moves them to another edge), many per
+/// statement.
+async fn insert_registrations(
+    tx: &mut muster_store::Tx,
+    registrations: &[&Registration],
+) -> Result<(), StoreError> {
+    const COLUMNS: usize = 7;
+    let registrations = muster_store::last_of_each(registrations, |r| r.connection_id.as_str());
+    let now = now_ms();
+    for chunk in muster_store::in_statements(&registrations, COLUMNS) {
+        let sql = format!(
+            "INSERT INTO connections (connection_id, tenant_id, device_id, edge_id, \
+             role, connected_at_ms, expires_at_ms) VALUES {} \
+             ON CONFLICT (connection_id) DO UPDATE SET tenant_id = excluded.tenant_id, \
+             device_id = excluded.device_id, edge_id = excluded.edge_id, \
+             role = excluded.role, expires_at_ms = excluded.expires_at_ms",
+            muster_store::values_rows(chunk.len(), COLUMNS)
+        );
+        let mut query = sqlx::query(&sql);
+        for r in chunk {
+            query = query
+                .bind(&r.connection_id)
+                .bind(&r.tenant_id)
+                .bind(&r.device_id)
+                .bind(&r.edge_id)
+                .bind(&r.role)
+                .bind(now)
+                .bind(now + DIRECTORY_TTL_MS);
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl DirectoryStore for Store {
     async fn apply(&self, changes: &[Change]) -> Result<Vec<bool>, StoreError> {
@@ -98,44 +132,34 @@ impl DirectoryStore for Store {
         }
         let mut tx = self.begin().await?;
         let mut changed = Vec::with_capacity(changes.len());
+        // Consecutive registrations share statements; an unregistration
+        // between them keeps its place in the order.
+        let mut registrations = Vec::new();
         for change in changes {
-            let done = match change {
+            match change {
                 Change::Register(r) => {
-                    let now = now_ms();
-                    sqlx::query(
-                        "INSERT INTO connections (connection_id, tenant_id, device_id, edge_id, \
-                         role, connected_at_ms, expires_at_ms) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7) \
-                         ON CONFLICT (connection_id) DO UPDATE SET tenant_id = excluded.tenant_id, \
-                         device_id = excluded.device_id, edge_id = excluded.edge_id, \
-                         role = excluded.role, expires_at_ms = excluded.expires_at_ms",
-                    )
-                    .bind(&r.connection_id)
-                    .bind(&r.tenant_id)
-                    .bind(&r.device_id)
-                    .bind(&r.edge_id)
-                    .bind(&r.role)
-                    .bind(now)
-                    .bind(now + DIRECTORY_TTL_MS)
-                    .execute(&mut *tx)
-                    .await?;
-                    true
+                    registrations.push(r);
+                    changed.push(true);
                 }
                 Change::Unregister {
                     edge_id,
                     connection_id,
                 } => {
-                    sqlx::query("DELETE FROM connections WHERE connection_id = $1 AND edge_id = $2")
-                        .bind(connection_id)
-                        .bind(edge_id)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected()
-                        == 1
+                    insert_registrations(&mut tx, &std::mem::take(&mut registrations)).await?;
+                    let removed = sqlx::query(
+                        "DELETE FROM connections WHERE connection_id = $1 AND edge_id = $2",
+                    )
+                    .bind(connection_id)
+                    .bind(edge_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                        == 1;
+                    changed.push(removed);
                 }
-            };
-            changed.push(done);
+            }
         }
+        insert_registrations(&mut tx, &registrations).await?;
         self.commit(tx).await?;
         Ok(changed)
     }
@@ -219,7 +243,7 @@ impl Directory {
     /// Must be called inside a tokio runtime: it starts the writer.
     pub fn new(store: Arc<dyn DirectoryStore>) -> Self {
         let writer = store.clone();
-        let changes = GroupCommit::start(MAX_BATCH, move |batch: Vec<Change>| {
+        let changes = GroupCommit::start(MAX_BATCH, move |batch: Arc<[Change]>| {
             let store = writer.clone();
             async move { store.apply(&batch).await }
         });

@@ -615,7 +615,9 @@ impl Backplane for BackplaneService {
                     self.directory.unregister(u.edge_id, u.connection_id).await
                 }
                 None => {
-                    return pb::ItemOutcome::of(Err(Status::invalid_argument("change is required")));
+                    return pb::ItemOutcome::of(Err(Status::invalid_argument(
+                        "change is required",
+                    )));
                 }
             };
             pb::ItemOutcome::of(applied.map_err(|e| to_status(&e)))

@@ -15,6 +15,29 @@ fn registration(connection: &str, device: &str, edge: &str) -> Registration {
 }
 
 muster_store::backend_suite! {
+    async fn one_batch_applies_its_changes_in_order(store: Store) {
+        use muster_backplane::directory::Change;
+        let mut changes: Vec<Change> = (0..100)
+            .map(|n| Change::Register(registration(&format!("c{n}"), &format!("dev_{n}"), "edge-1")))
+            .collect();
+        // The same connection twice in a row (it moved), an unregistration
+        // between registrations, and one of a connection never recorded.
+        changes.push(Change::Register(registration("cx", "dev_x", "edge-1")));
+        changes.push(Change::Register(registration("cx", "dev_x", "edge-2")));
+        changes.push(Change::Unregister { edge_id: "edge-1".into(), connection_id: "c5".into() });
+        changes.push(Change::Unregister { edge_id: "edge-1".into(), connection_id: "nowhere".into() });
+        changes.push(Change::Register(registration("c5", "dev_5", "edge-2")));
+        let changed = store.apply(&changes).await.unwrap();
+        assert_eq!(&changed[100..], [true, true, true, false, true]);
+        let mut on_1 = store.heartbeat("edge-1").await.unwrap();
+        on_1.sort();
+        assert_eq!(on_1.len(), 99, "c0..c99 less c5");
+        assert!(!on_1.contains(&"c5".to_string()));
+        let mut on_2 = store.heartbeat("edge-2").await.unwrap();
+        on_2.sort();
+        assert_eq!(on_2, ["c5", "cx"]);
+    }
+
     async fn records_route_directed_items_and_expire_without_heartbeats(store: Store) {
         store.register(&registration("c1", "dev_a", "edge-1")).await.unwrap();
         store.register(&registration("c2", "dev_b", "edge-2")).await.unwrap();

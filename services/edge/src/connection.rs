@@ -11,7 +11,7 @@ use futures::{SinkExt, StreamExt};
 use muster_proto::v1 as pb;
 use muster_protocol::PROTOCOL_REV;
 use muster_protocol::close::{self, Close};
-use muster_protocol::device::{self, ProofError};
+use muster_protocol::device::{self, ProofError, VerifyingKey};
 use muster_protocol::envelope::{self, FrameError, Inbound, Request};
 use muster_protocol::handshake::{ConnectInit, ConnectProof};
 use muster_protocol::presence::{Beacon, wire_mode};
@@ -192,7 +192,7 @@ async fn handshake(
     cert: Option<&CertificateDer<'static>>,
 ) -> Result<Handshaken, Close> {
     let deadline = Instant::now() + edge.config.handshake_timeout;
-    let mut pending: Option<(String, String, ConnectInit, String)> = None;
+    let mut pending: Option<(String, String, ConnectInit, String, VerifyingKey)> = None;
     let mut early = early.into_iter();
     loop {
         let text = match early.next() {
@@ -225,7 +225,8 @@ async fn handshake(
                 if !claims.admits_role(init.role.as_str()) {
                     return Err(close::UNAUTHORIZED);
                 }
-                let (_, expected) =
+                // Parsed once: decoding the key's curve point is the costly part.
+                let (key, expected) =
                     device::parse_pubkey(&init.device.pubkey).map_err(|_| close::INVALID_PROOF)?;
                 if expected != init.device.device_id {
                     return Err(close::DEVICE_ID_MISMATCH);
@@ -248,10 +249,10 @@ async fn handshake(
                     return Err(close::HANDSHAKE_TIMEOUT);
                 }
                 // A second init replaces the first.
-                pending = Some((connection_id, challenge, init, expected));
+                pending = Some((connection_id, challenge, init, expected, key));
             }
             "connect.proof" => {
-                let Some((connection_id, challenge, init, device_id)) = pending.take() else {
+                let Some((connection_id, challenge, init, device_id, key)) = pending.take() else {
                     return Err(close::EXPECTED_INIT_FIRST);
                 };
                 let proof =
@@ -259,8 +260,6 @@ async fn handshake(
                 if proof.connection_id != connection_id {
                     return Err(close::CONNECTION_ID_MISMATCH);
                 }
-                let (key, _) =
-                    device::parse_pubkey(&init.device.pubkey).map_err(|_| close::INVALID_PROOF)?;
                 let transcript = device::transcript(
                     init.protocol_rev,
                     init.role.as_str(),

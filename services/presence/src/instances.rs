@@ -204,7 +204,7 @@ impl Instances {
     /// commits concurrent changes together.
     pub fn new(store: Arc<dyn PresenceStore>) -> Self {
         let writer = store.clone();
-        let writes = GroupCommit::start(MAX_BATCH, move |batch: Vec<InstanceWrite>| {
+        let writes = GroupCommit::start(MAX_BATCH, move |batch: Arc<[InstanceWrite]>| {
             let store = writer.clone();
             async move { store.write_instances(&batch).await }
         });

@@ -75,12 +75,59 @@ fn entry(row: &AnyRow) -> Result<InstanceEntry, StoreError> {
     })
 }
 
+/// Inserts or replaces entries, many per statement.
+async fn upsert_entries(
+    tx: &mut muster_store::Tx,
+    upserts: &[(&str, &InstanceEntry)],
+) -> Result<(), StoreError> {
+    const COLUMNS: usize = 12;
+    let upserts: Vec<&(&str, &InstanceEntry)> = upserts.iter().collect();
+    let upserts = muster_store::last_of_each(&upserts, |(tenant_id, entry)| {
+        (*tenant_id, entry.instance_id.as_str())
+    });
+    for chunk in muster_store::in_statements(&upserts, COLUMNS) {
+        let sql = format!(
+            "INSERT INTO instance_presence (tenant_id, instance_id, role, reported_host, reported_ip, \
+             observed_ip, version, mode, last_seen_at_ms, last_input_seconds, reason, metadata) \
+             VALUES {} \
+             ON CONFLICT (tenant_id, instance_id) DO UPDATE SET role = excluded.role, \
+             reported_host = excluded.reported_host, reported_ip = excluded.reported_ip, \
+             observed_ip = excluded.observed_ip, version = excluded.version, mode = excluded.mode, \
+             last_seen_at_ms = excluded.last_seen_at_ms, \
+             last_input_seconds = excluded.last_input_seconds, reason = excluded.reason, \
+             metadata = excluded.metadata",
+            muster_store::values_rows(chunk.len(), COLUMNS)
+        );
+        let mut query = sqlx::query(&sql);
+        for (tenant_id, entry) in chunk {
+            query = query
+                .bind(*tenant_id)
+                .bind(&entry.instance_id)
+                .bind(entry.role.as_str())
+                .bind(&entry.reported_host)
+                .bind(&entry.reported_ip)
+                .bind(&entry.observed_ip)
+                .bind(&entry.version)
+                .bind(&entry.mode)
+                .bind(entry.last_seen_at_ms)
+                .bind(entry.last_input_seconds.unwrap_or(-1))
+                .bind(&entry.reason)
+                .bind(entry.metadata.to_string());
+        }
+        query.execute(&mut **tx).await?;
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl PresenceStore for Store {
     async fn write_instances(&self, writes: &[InstanceWrite]) -> Result<Vec<bool>, StoreError> {
         let mut tx = self.begin().await?;
         let mut changed = Vec::with_capacity(writes.len());
         let mut events = Vec::new();
+        // Consecutive upserts share statements; a removal between them
+        // keeps its place in the order.
+        let mut upserts = Vec::new();
         for write in writes {
             match write {
                 InstanceWrite::Upsert {
@@ -88,31 +135,7 @@ impl PresenceStore for Store {
                     entry,
                     event,
                 } => {
-                    sqlx::query(
-                        "INSERT INTO instance_presence (tenant_id, instance_id, role, reported_host, reported_ip, \
-                         observed_ip, version, mode, last_seen_at_ms, last_input_seconds, reason, metadata) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
-                         ON CONFLICT (tenant_id, instance_id) DO UPDATE SET role = excluded.role, \
-                         reported_host = excluded.reported_host, reported_ip = excluded.reported_ip, \
-                         observed_ip = excluded.observed_ip, version = excluded.version, mode = excluded.mode, \
-                         last_seen_at_ms = excluded.last_seen_at_ms, \
-                         last_input_seconds = excluded.last_input_seconds, reason = excluded.reason, \
-                         metadata = excluded.metadata",
-                    )
-                    .bind(tenant_id)
-                    .bind(&entry.instance_id)
-                    .bind(entry.role.as_str())
-                    .bind(&entry.reported_host)
-                    .bind(&entry.reported_ip)
-                    .bind(&entry.observed_ip)
-                    .bind(&entry.version)
-                    .bind(&entry.mode)
-                    .bind(entry.last_seen_at_ms)
-                    .bind(entry.last_input_seconds.unwrap_or(-1))
-                    .bind(&entry.reason)
-                    .bind(entry.metadata.to_string())
-                    .execute(&mut *tx)
-                    .await?;
+                    upserts.push((tenant_id.as_str(), entry.as_ref()));
                     events.push(event);
                     changed.push(true);
                 }
@@ -121,6 +144,7 @@ impl PresenceStore for Store {
                     instance_id,
                     event,
                 } => {
+                    upsert_entries(&mut tx, &std::mem::take(&mut upserts)).await?;
                     let removed = sqlx::query(
                         "DELETE FROM instance_presence WHERE tenant_id = $1 AND instance_id = $2",
                     )
@@ -137,6 +161,7 @@ impl PresenceStore for Store {
                 }
             }
         }
+        upsert_entries(&mut tx, &upserts).await?;
         outbox::append_all(&mut tx, events).await?;
         self.commit(tx).await?;
         Ok(changed)

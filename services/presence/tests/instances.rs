@@ -49,6 +49,53 @@ muster_store::backend_suite! {
         assert!(wire.last_seen_at.ends_with('Z'));
     }
 
+    async fn one_batch_applies_its_writes_in_order(store: Store) {
+        use muster_presence::{InstanceWrite, PresenceStore};
+        use muster_store::outbox::NewItem;
+        let upsert = |id: &str, host: &str| InstanceWrite::Upsert {
+            tenant_id: "t1".into(),
+            entry: Box::new(InstanceEntry { last_seen_at_ms: 1, ..node(id, host) }),
+            event: NewItem::event("t1", "presence.upserted", json!({"id": id, "host": host})),
+        };
+        let remove = |id: &str| InstanceWrite::Remove {
+            tenant_id: "t1".into(),
+            instance_id: id.into(),
+            event: NewItem::event("t1", "presence.pruned", json!({"id": id})),
+        };
+        // More entries than one statement carries, the same instance
+        // upserted twice in a row (one statement may not touch a row twice
+        // on Postgres), and removals between upserts.
+        let mut writes: Vec<InstanceWrite> = (0..100).map(|n| upsert(&format!("dev_{n}"), "h")).collect();
+        writes.push(upsert("dev_x", "first"));
+        writes.push(upsert("dev_x", "second"));
+        writes.push(remove("dev_5"));
+        writes.push(remove("dev_gone"));
+        writes.push(upsert("dev_5", "back"));
+        writes.push(remove("dev_7"));
+        let changed = store.write_instances(&writes).await.unwrap();
+        assert_eq!(changed.len(), writes.len());
+        assert_eq!(&changed[100..], [true, true, true, false, true, true]);
+
+        let listed = Instances::new(Arc::new(store.clone())).list("t1").await.unwrap();
+        assert_eq!(listed.len(), 100, "dev_0..99 less dev_7, plus dev_x");
+        let host = |id: &str| listed.iter().find(|e| e.instance_id == id).map(|e| e.reported_host.clone());
+        assert_eq!(host("dev_x").as_deref(), Some("second"));
+        assert_eq!(host("dev_5").as_deref(), Some("back"));
+        assert_eq!(host("dev_7"), None);
+        // One event per applied write, in order; none for the removal that
+        // found nothing.
+        let events = muster_store::testing::outbox_items(&store, "t1").await.unwrap();
+        assert_eq!(events.len(), writes.len() - 1);
+        let tail: Vec<String> = events[100..].iter().map(|e| format!("{} {}", e.kind, e.payload)).collect();
+        assert_eq!(tail, [
+            r#"presence.upserted {"host":"first","id":"dev_x"}"#,
+            r#"presence.upserted {"host":"second","id":"dev_x"}"#,
+            r#"presence.pruned {"id":"dev_5"}"#,
+            r#"presence.upserted {"host":"back","id":"dev_5"}"#,
+            r#"presence.pruned {"id":"dev_7"}"#,
+        ]);
+    }
+
     async fn bad_entries_change_nothing(store: Store) {
         let presence = Instances::new(Arc::new(store.clone()));
         let empty = presence.upsert("t1", node(" ", "h")).await;
