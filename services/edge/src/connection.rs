@@ -150,7 +150,7 @@ async fn authenticate(
     edge: &Edge,
     stream: &mut Stream,
     token: Option<String>,
-) -> Result<(Claims, Vec<String>), Close> {
+) -> Result<(Arc<Claims>, Vec<String>), Close> {
     let verify = edge.verify(token);
     tokio::pin!(verify);
     let mut early = Vec::new();
@@ -320,7 +320,7 @@ async fn connected(
     edge: &Arc<Edge>,
     sink: &mut Sink,
     stream: &mut Stream,
-    claims: Claims,
+    claims: Arc<Claims>,
     handshaken: Box<Handshaken>,
     remote: SocketAddr,
 ) -> Result<(), Close> {
@@ -331,7 +331,7 @@ async fn connected(
     let (outbound, mut inbox) = outbound::channel();
     let mode = handshaken.init.device.mode.clone().unwrap_or_default();
     let in_presence = mode != "cli" || edge.config.presence_includes_cli;
-    let peer = Peer {
+    let peer = Arc::new(Peer {
         connection_id: handshaken.connection_id.clone(),
         device_id: handshaken.device_id.clone(),
         role,
@@ -343,11 +343,11 @@ async fn connected(
         tracked: Default::default(),
         registered: Default::default(),
         expired: Default::default(),
-    };
+    });
     edge.registry.insert(peer.clone());
     let _registered = Deregister {
         edge: edge.clone(),
-        connection_id: peer.connection_id.clone(),
+        peer: peer.clone(),
     };
     tracing::info!(connection_id = %peer.connection_id, device_id = %peer.device_id, role, tenant_id = %claims.tenant_id, "peer connected");
     if std::env::var_os("X_NOREG").is_none() {
@@ -476,12 +476,12 @@ async fn register(edge: &Edge, peer: &Peer) {
 /// Takes a peer out of the registry even if its task ends by a panic.
 struct Deregister {
     edge: Arc<Edge>,
-    connection_id: String,
+    peer: Arc<Peer>,
 }
 
 impl Drop for Deregister {
     fn drop(&mut self) {
-        self.edge.registry.remove(&self.connection_id);
+        self.edge.registry.remove(&self.peer.connection_id);
     }
 }
 

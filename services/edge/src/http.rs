@@ -124,7 +124,10 @@ async fn upgrade(
 
 /// An operator's bearer token with `operator.read` (or admin), or the HTTP
 /// refusal.
-async fn operator(edge: &Edge, headers: &HeaderMap) -> Result<crate::Claims, Response> {
+async fn operator(
+    edge: &Edge,
+    headers: &HeaderMap,
+) -> Result<std::sync::Arc<crate::Claims>, Response> {
     let token = presented_token(headers, std::iter::empty());
     let claims = edge
         .verify(token)

@@ -112,7 +112,7 @@ pub struct Edge {
     registry: Registry,
     /// Recently verified tokens, by SHA-256 of the token: a burst of
     /// connections costs one identity call. `token.revoked` evicts.
-    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], (Claims, std::time::Instant)>>,
+    verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], Verified>>,
     /// Presence entries of connected peers that presence did not take at
     /// connect (tenant and entry, by connection id); the next refresh
     /// tries again, so that a store hiccup does not hide a peer until its
@@ -128,6 +128,10 @@ pub struct Edge {
 
 /// At most this many changes share one batched call.
 const MAX_BATCH: usize = 256;
+
+/// A token's claims, by the SHA-256 of the token, and when identity
+/// confirmed them.
+type Verified = (Arc<Claims>, std::time::Instant);
 
 /// How long a verified token is trusted without asking identity again.
 /// Revocation does not wait for it: `token.revoked` evicts at once.
@@ -227,7 +231,8 @@ impl Edge {
 
     /// Resolves a presented token; `None` for anything identity does not
     /// recognize (the reason is never told to the peer).
-    async fn verify(&self, token: Option<String>) -> Option<Claims> {
+    /// Connections made with one token share its claims.
+    async fn verify(&self, token: Option<String>) -> Option<Arc<Claims>> {
         use sha2::Digest;
         let token = token?;
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
@@ -236,7 +241,7 @@ impl Edge {
         {
             return Some(claims.clone());
         }
-        let claims = self.verify_remote(token).await?;
+        let claims = Arc::new(self.verify_remote(token).await?);
         let mut cache = self.verified.lock().expect("cache lock");
         // Bounded: expired entries go whenever the cache grows large.
         if cache.len() > 10_000 {

@@ -10,29 +10,31 @@ use muster_store::outbox::Target;
 use crate::auth::Claims;
 use crate::outbound::Outbound;
 
-/// One authenticated, handshaken connection.
-#[derive(Debug, Clone)]
+/// One authenticated, handshaken connection: held once (behind an `Arc`)
+/// by the registry and the connection's task, which matters at tens of
+/// thousands of idle peers.
+#[derive(Debug)]
 pub(crate) struct Peer {
     pub(crate) connection_id: String,
     pub(crate) device_id: String,
     /// `client` or `node`.
     pub(crate) role: &'static str,
-    pub(crate) claims: Claims,
+    pub(crate) claims: Arc<Claims>,
     /// Whether the peer is in instance presence (CLI connections are not).
     pub(crate) in_presence: bool,
     /// The remote address the edge saw.
     pub(crate) observed_ip: String,
     pub(crate) outbound: Outbound,
     /// Topics whose diffs this peer receives.
-    pub(crate) topics: Arc<Mutex<HashSet<String>>>,
+    pub(crate) topics: Mutex<HashSet<String>>,
     /// Whether this peer ever tracked a topic session (only then is there
     /// anything to untrack when it closes).
-    pub(crate) tracked: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) tracked: std::sync::atomic::AtomicBool,
     /// Whether the connection directory has recorded this connection.
-    pub(crate) registered: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) registered: std::sync::atomic::AtomicBool,
     /// Whether the directory dropped the record (the edge could not
     /// heartbeat in time): the peer's next frame closes it with 4004.
-    pub(crate) expired: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) expired: std::sync::atomic::AtomicBool,
 }
 
 impl Peer {
@@ -80,13 +82,13 @@ pub(crate) struct Registry {
 }
 
 impl Registry {
-    pub(crate) fn insert(&self, peer: Peer) {
+    pub(crate) fn insert(&self, peer: Arc<Peer>) {
         self.peers
             .write()
             .expect("registry lock")
             .entry(peer.claims.tenant_id.clone())
             .or_default()
-            .insert(peer.connection_id.clone(), Arc::new(peer));
+            .insert(peer.connection_id.clone(), peer);
     }
 
     pub(crate) fn remove(&self, connection_id: &str) {
