@@ -487,49 +487,64 @@ async fn the_cap_prunes_entries_beyond_it(store: Option<String>) {
     host.stop().await;
 }
 
-/// The edge's own gateway entry, removed behind its back (as the cap or
-/// the TTL after an outage would), is announced again at the edge's next
-/// refresh.
+/// The edge's own gateway entry and a connected node's entry, removed
+/// behind the edge's back (as the TTL after an outage would), are
+/// announced again at the edge's next refresh, the node's as it reported
+/// itself.
 async fn the_gateway_entry_returns(store: Option<String>) {
     let host = Host::start(store).await;
     let mut operator = admin(&host).await;
     operator
         .handshake(&DeviceKey::generate(), "client", json!({"mode": "cli"}))
         .await;
+    let node_key = DeviceKey::generate();
+    let mut node = admin(&host).await;
+    node.handshake(&node_key, "node", json!({"mode": "node", "label": "lab-7"}))
+        .await;
+    let node_id = node_key.device_id();
     let store = muster_store::Store::connect(
         &host.config.store_url(),
         &muster_store::StoreOptions::default(),
     )
     .await
     .unwrap();
-    // Announced at start.
+    // Announced at start and at connect.
     let gateway = loop {
         let listed = operator.call("muster.presence.list", json!({})).await;
-        let gateway = listed["result"]["entries"]
-            .as_array()
-            .unwrap()
+        let entries = listed["result"]["entries"].as_array().unwrap().clone();
+        let gateway = entries
             .iter()
             .find(|e| e["role"] == "gateway")
             .map(|e| e["instance_id"].as_str().unwrap().to_owned());
-        if let Some(gateway) = gateway {
+        let node_listed = entries.iter().any(|e| e["instance_id"] == node_id.as_str());
+        if let (Some(gateway), true) = (gateway, node_listed) {
             break gateway;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let removed = sqlx::query("DELETE FROM instance_presence WHERE instance_id = $1")
+    let removed = sqlx::query("DELETE FROM instance_presence WHERE instance_id IN ($1, $2)")
         .bind(&gateway)
+        .bind(&node_id)
         .execute(store.writer())
         .await
         .unwrap()
         .rows_affected();
-    assert_eq!(removed, 1);
-    loop {
+    assert_eq!(removed, 2);
+    let (mut gateway_back, mut node_back) = (false, false);
+    while !(gateway_back && node_back) {
         let event = event_within(&mut operator, "presence.upserted").await;
-        if event["payload"]["entry"]["instance_id"] == gateway.as_str() {
-            assert_eq!(event["payload"]["entry"]["role"], "gateway");
-            break;
+        let entry = &event["payload"]["entry"];
+        if entry["instance_id"] == gateway.as_str() {
+            assert_eq!(entry["role"], "gateway");
+            gateway_back = true;
+        }
+        if entry["instance_id"] == node_id.as_str() {
+            assert_eq!(entry["role"], "node");
+            assert_eq!(entry["host"], "lab-7");
+            node_back = true;
         }
     }
+    drop(node);
     store.close().await;
     host.stop().await;
 }

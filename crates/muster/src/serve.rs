@@ -237,14 +237,15 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                 muster_approvals::spec(muster_approvals::Approvals::new(Arc::new(store.clone())))
             }
             ServiceName::Presence => {
-                let instances = muster_presence::Instances::new(Arc::new(store.clone()));
+                let retention = muster_presence::Retention {
+                    ttl: Duration::from_secs(config.presence_ttl_secs),
+                    cap: config.presence_cap,
+                };
+                let instances =
+                    muster_presence::Instances::with_retention(Arc::new(store.clone()), retention);
                 let topics = muster_presence::Topics::new(Arc::new(store.clone()));
                 tokio::spawn(instances.clone().prune_loop(
                     topics.clone(),
-                    muster_presence::Retention {
-                        ttl: Duration::from_secs(config.presence_ttl_secs),
-                        cap: config.presence_cap,
-                    },
                     PRUNE_EVERY,
                     shutdown.clone().cancelled_owned(),
                 ));

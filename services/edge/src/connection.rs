@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use crate::auth::{Claims, authorize};
 use crate::outbound::{self, Outgoing};
-use crate::registry::Peer;
+use crate::registry::{Peer, Reported};
 use crate::{Edge, topics, wire_error};
 
 /// Frames that may arrive before authentication resolves.
@@ -331,12 +331,32 @@ async fn connected(
     let (outbound, mut inbox) = outbound::channel();
     let mode = handshaken.init.device.mode.clone().unwrap_or_default();
     let in_presence = mode != "cli" || edge.config.presence_includes_cli;
+    let reported = in_presence.then(|| {
+        let capabilities: Vec<&str> = handshaken
+            .init
+            .capabilities
+            .iter()
+            .map(|c| c.id.as_str())
+            .collect();
+        Box::new(Reported {
+            host: handshaken.init.device.label.clone().unwrap_or_default(),
+            ip: String::new(),
+            version: handshaken.init.device.version.clone().unwrap_or_default(),
+            mode: wire_mode(&mode).unwrap_or_default(),
+            last_input_seconds: -1,
+            metadata_json: json!({"capabilities": capabilities, "edge_id": edge.edge_id})
+                .to_string(),
+            reason: "connect",
+        })
+    });
     let peer = Arc::new(Peer {
         connection_id: handshaken.connection_id.clone(),
         device_id: handshaken.device_id.clone(),
         role,
         claims: claims.clone(),
         in_presence,
+        reported: std::sync::Mutex::new(reported),
+        announced: Default::default(),
         observed_ip: remote.ip().to_string(),
         outbound: outbound.clone(),
         topics: Default::default(),
@@ -358,32 +378,10 @@ async fn connected(
         return Ok(());
     }
     if in_presence {
-        let capabilities: Vec<&str> = handshaken
-            .init
-            .capabilities
-            .iter()
-            .map(|c| c.id.as_str())
-            .collect();
-        let entry = pb::InstanceEntry {
-            instance_id: handshaken.device_id.clone(),
-            role: role.into(),
-            reported_host: handshaken.init.device.label.clone().unwrap_or_default(),
-            reported_ip: String::new(),
-            observed_ip: remote.ip().to_string(),
-            version: handshaken.init.device.version.clone().unwrap_or_default(),
-            mode: wire_mode(&mode).unwrap_or_default(),
-            last_seen_at_ms: 0,
-            last_input_seconds: -1,
-            reason: "connect".into(),
-            metadata_json: json!({"capabilities": capabilities, "edge_id": edge.edge_id})
-                .to_string(),
-        };
-        if let Err(status) = Box::pin(upsert(edge, &claims.tenant_id, entry.clone())).await {
+        // A refusal is not final: the edge's refresh announces every peer
+        // presence has not taken.
+        if let Err(status) = Box::pin(announce(edge, &peer)).await {
             tracing::warn!(code = ?status.code(), "presence upsert on connect failed; the next refresh tries again");
-            edge.unannounced.lock().expect("unannounced lock").insert(
-                peer.connection_id.clone(),
-                (claims.tenant_id.clone(), entry),
-            );
         }
     }
 
@@ -491,10 +489,6 @@ impl Drop for Deregister {
 /// shutdown both are left to the TTL and to the next edge.
 async fn leave(edge: &Edge, peer: &Peer) {
     edge.registry.remove(&peer.connection_id);
-    edge.unannounced
-        .lock()
-        .expect("unannounced lock")
-        .remove(&peer.connection_id);
     if edge.shutdown.is_cancelled() {
         return;
     }
@@ -533,6 +527,23 @@ async fn leave(edge: &Edge, peer: &Peer) {
     if let Err(status) = edge.change_instance(change).await {
         tracing::debug!(code = ?status.code(), "presence removal failed; the TTL will prune it");
     }
+}
+
+/// Upserts the peer's presence entry as it last reported it; marks the
+/// peer announced once presence took it.
+pub(crate) async fn announce(edge: &Edge, peer: &Peer) -> Result<(), tonic::Status> {
+    let Some(entry) = peer
+        .reported
+        .lock()
+        .expect("reported lock")
+        .as_deref()
+        .map(|reported| peer.entry(reported))
+    else {
+        return Ok(());
+    };
+    upsert(edge, &peer.claims.tenant_id, entry).await?;
+    peer.announced.store(true, Ordering::Relaxed);
+    Ok(())
 }
 
 pub(crate) async fn upsert(
@@ -654,20 +665,23 @@ async fn respond(edge: &Edge, peer: &Peer, request: &Request) -> String {
 }
 
 async fn beacon_upsert(edge: &Edge, peer: &Peer, beacon: Beacon) -> Result<Value, tonic::Status> {
-    let entry = pb::InstanceEntry {
-        instance_id: peer.device_id.clone(),
-        role: peer.role.into(),
-        reported_host: beacon.host.unwrap_or_default(),
-        reported_ip: beacon.ip.unwrap_or_default(),
-        observed_ip: peer.observed_ip.clone(),
+    let reported = Reported {
+        host: beacon.host.unwrap_or_default(),
+        ip: beacon.ip.unwrap_or_default(),
         version: beacon.version.unwrap_or_default(),
         mode: beacon.mode.unwrap_or_default(),
-        last_seen_at_ms: 0,
         last_input_seconds: beacon.last_input_seconds.unwrap_or(-1),
-        reason: "periodic".into(),
         metadata_json: beacon.metadata.unwrap_or_else(|| json!({})).to_string(),
+        reason: "periodic",
     };
-    let stored = upsert(edge, &peer.claims.tenant_id, entry).await?;
+    let stored = upsert(edge, &peer.claims.tenant_id, peer.entry(&reported)).await?;
+    if peer.in_presence {
+        // What the peer reported last (and presence took) is what it is
+        // announced with again, should presence lose its entry while it
+        // stays connected.
+        *peer.reported.lock().expect("reported lock") = Some(Box::new(reported));
+        peer.announced.store(true, Ordering::Relaxed);
+    }
     let entry = wire_entry(stored)?;
     Ok(json!({ "entry": entry }))
 }

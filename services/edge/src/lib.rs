@@ -113,11 +113,6 @@ pub struct Edge {
     /// Recently verified tokens, by SHA-256 of the token: a burst of
     /// connections costs one identity call. `token.revoked` evicts.
     verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], Verified>>,
-    /// Presence entries of connected peers that presence did not take at
-    /// connect (tenant and entry, by connection id); the next refresh
-    /// tries again, so that a store hiccup does not hide a peer until its
-    /// next beacon.
-    unannounced: std::sync::Mutex<std::collections::HashMap<String, (String, pb::InstanceEntry)>>,
     /// Presence changes (upserts, removals), batched into `UpdateInstances`.
     instance_changes: Batcher<pb::InstanceChange, pb::InstanceOutcome>,
     /// Directory changes (registrations, unregistrations), batched into
@@ -175,7 +170,6 @@ impl Edge {
             peers,
             registry: Registry::default(),
             verified: Default::default(),
-            unannounced: Default::default(),
             instance_changes,
             connection_changes,
             shutdown,

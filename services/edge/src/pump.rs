@@ -1,7 +1,7 @@
 //! Events from the backplane to peers, and the presence the edge keeps
 //! fresh for its peers and itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -341,22 +341,20 @@ pub(crate) async fn keep_directory(edge: Arc<Edge>) {
     }
 }
 
-/// Upserts again the entries presence did not take when their peers
-/// connected. A peer that has left is skipped; one that leaves while its
-/// entry is being written may leave the entry behind, but nothing touches
-/// it any more, so the TTL prunes it (with `presence.pruned`).
-async fn announce_unannounced(edge: &Edge) {
-    let pending = std::mem::take(&mut *edge.unannounced.lock().expect("unannounced lock"));
-    for (connection_id, (tenant_id, entry)) in pending {
-        if !edge.registry.contains(&connection_id) {
-            continue;
-        }
-        if let Err(status) = crate::connection::upsert(edge, &tenant_id, entry.clone()).await {
+/// Upserts again the entries presence does not hold for connected peers:
+/// refused when their peers connected, or pruned while they stayed (after
+/// an outage longer than the TTL). A peer that leaves while its entry is
+/// being written may leave the entry behind, but nothing touches it any
+/// more, so the TTL prunes it (with `presence.pruned`).
+async fn announce_pending(edge: &Edge) {
+    let pending = edge
+        .registry
+        .all()
+        .into_iter()
+        .filter(|p| p.in_presence && !p.announced.load(std::sync::atomic::Ordering::Relaxed));
+    for peer in pending {
+        if let Err(status) = crate::connection::announce(edge, &peer).await {
             tracing::warn!(code = ?status.code(), "presence upsert retry failed");
-            edge.unannounced
-                .lock()
-                .expect("unannounced lock")
-                .insert(connection_id, (tenant_id, entry));
         }
     }
 }
@@ -414,7 +412,6 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
                 }
             }
         }
-        announce_unannounced(&edge).await;
         let mut by_tenant: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for peer in edge.registry.all().into_iter().filter(|p| p.in_presence) {
             by_tenant
@@ -434,10 +431,32 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
                         edge_id: edge.edge_id.clone(),
                     })
                     .await;
-                if let Err(status) = touched {
-                    tracing::debug!(code = ?status.code(), "presence refresh failed");
+                match touched {
+                    Ok(reply) if !reply.get_ref().missing_ids.is_empty() => {
+                        let missing: HashSet<&str> = reply
+                            .get_ref()
+                            .missing_ids
+                            .iter()
+                            .map(String::as_str)
+                            .collect();
+                        tracing::info!(
+                            count = missing.len(),
+                            "presence lost entries of connected peers; announcing them again"
+                        );
+                        for peer in edge.registry.tenant(&tenant_id) {
+                            if missing.contains(peer.device_id.as_str()) {
+                                peer.announced
+                                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(status) => {
+                        tracing::debug!(code = ?status.code(), "presence refresh failed")
+                    }
                 }
             }
         }
+        announce_pending(&edge).await;
     }
 }

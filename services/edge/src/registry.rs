@@ -22,6 +22,13 @@ pub(crate) struct Peer {
     pub(crate) claims: Arc<Claims>,
     /// Whether the peer is in instance presence (CLI connections are not).
     pub(crate) in_presence: bool,
+    /// What it last reported for its presence entry (at connect, or by a
+    /// beacon): announced again when presence lost the entry while the
+    /// peer stayed. `None` for peers left out of presence.
+    pub(crate) reported: Mutex<Option<Box<Reported>>>,
+    /// Whether presence took the entry; if not, the next refresh tries
+    /// again.
+    pub(crate) announced: std::sync::atomic::AtomicBool,
     /// The remote address the edge saw.
     pub(crate) observed_ip: String,
     pub(crate) outbound: Outbound,
@@ -37,7 +44,39 @@ pub(crate) struct Peer {
     pub(crate) expired: std::sync::atomic::AtomicBool,
 }
 
+/// What a peer reported about itself for presence; the rest of its entry
+/// (id, role, observed address) is the peer's own.
+#[derive(Debug, Clone)]
+pub(crate) struct Reported {
+    pub(crate) host: String,
+    pub(crate) ip: String,
+    pub(crate) version: String,
+    pub(crate) mode: String,
+    /// -1 when not reported.
+    pub(crate) last_input_seconds: i64,
+    /// A JSON object.
+    pub(crate) metadata_json: String,
+    pub(crate) reason: &'static str,
+}
+
 impl Peer {
+    /// The peer's presence entry, as it reported itself.
+    pub(crate) fn entry(&self, reported: &Reported) -> muster_proto::v1::InstanceEntry {
+        muster_proto::v1::InstanceEntry {
+            instance_id: self.device_id.clone(),
+            role: self.role.into(),
+            reported_host: reported.host.clone(),
+            reported_ip: reported.ip.clone(),
+            observed_ip: self.observed_ip.clone(),
+            version: reported.version.clone(),
+            mode: reported.mode.clone(),
+            last_seen_at_ms: 0,
+            last_input_seconds: reported.last_input_seconds,
+            reason: reported.reason.into(),
+            metadata_json: reported.metadata_json.clone(),
+        }
+    }
+
     pub(crate) fn subscribe(&self, topic: &str) {
         self.topics
             .lock()
@@ -101,14 +140,6 @@ impl Registry {
         if let Some(tenant) = emptied {
             tenants.remove(&tenant);
         }
-    }
-
-    pub(crate) fn contains(&self, connection_id: &str) -> bool {
-        self.peers
-            .read()
-            .expect("registry lock")
-            .values()
-            .any(|peers| peers.contains_key(connection_id))
     }
 
     pub(crate) fn len(&self) -> usize {

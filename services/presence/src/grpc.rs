@@ -267,7 +267,8 @@ impl Presence for PresenceService {
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::TouchInstancesResponse {
-            touched: touched as u32,
+            touched: touched.touched as u32,
+            missing_ids: touched.missing,
         }))
     }
 

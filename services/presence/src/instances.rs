@@ -197,18 +197,37 @@ pub const PRUNE_LEASE: &str = "presence.prune";
 pub struct Instances {
     store: Arc<dyn PresenceStore>,
     writes: GroupCommit<InstanceWrite, bool>,
+    retention: Retention,
+}
+
+/// What a touch found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Touched {
+    pub touched: u64,
+    /// Ids that were not there to touch, at most as many as the tenant has
+    /// room for under the cap.
+    pub missing: Vec<String>,
 }
 
 impl Instances {
     /// Must be called inside a tokio runtime: it starts the writer that
     /// commits concurrent changes together.
     pub fn new(store: Arc<dyn PresenceStore>) -> Self {
+        Self::with_retention(store, Retention::default())
+    }
+
+    /// As [`Instances::new`], pruning by `retention`.
+    pub fn with_retention(store: Arc<dyn PresenceStore>, retention: Retention) -> Self {
         let writer = store.clone();
         let writes = GroupCommit::start(MAX_BATCH, move |batch: Arc<[InstanceWrite]>| {
             let store = writer.clone();
             async move { store.write_instances(&batch).await }
         });
-        Instances { store, writes }
+        Instances {
+            store,
+            writes,
+            retention,
+        }
     }
 
     async fn write(&self, write: InstanceWrite) -> Result<bool, StoreError> {
@@ -249,22 +268,41 @@ impl Instances {
     }
 
     /// Marks live instances seen now, without an event. Unknown ids are
-    /// skipped; returns how many were touched.
+    /// not created: they come back as missing, as many as fit under the
+    /// cap, for their edge to announce again (an entry pruned while its
+    /// peer stayed connected, after an outage longer than the TTL).
     pub async fn touch(
         &self,
         tenant_id: &str,
         instance_ids: &[String],
         edge_id: Option<&str>,
-    ) -> Result<u64, PresenceError> {
+    ) -> Result<Touched, PresenceError> {
         if instance_ids.len() > 10_000 {
             return Err(PresenceError::Invalid(
                 "at most 10000 instances per touch".into(),
             ));
         }
-        Ok(self
+        let touched = self
             .store
             .touch_instances(tenant_id, instance_ids, edge_id, now_ms())
-            .await?)
+            .await?;
+        let mut missing = Vec::new();
+        if touched.len() < instance_ids.len() {
+            let present: std::collections::HashSet<&str> =
+                touched.iter().map(String::as_str).collect();
+            missing = instance_ids
+                .iter()
+                .filter(|id| !present.contains(id.as_str()))
+                .cloned()
+                .collect();
+            let held = self.store.count_instances(tenant_id).await?;
+            let room = (self.retention.cap as u64).saturating_sub(held) as usize;
+            missing.truncate(room);
+        }
+        Ok(Touched {
+            touched: touched.len() as u64,
+            missing,
+        })
     }
 
     /// Removes an instance that left (its last connection closed) and
@@ -299,7 +337,6 @@ impl Instances {
     pub async fn prune_loop(
         self,
         topics: crate::Topics,
-        retention: Retention,
         every: std::time::Duration,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
@@ -319,6 +356,7 @@ impl Instances {
                     continue;
                 }
             }
+            let retention = self.retention;
             match topics.expire_edges(retention.ttl).await {
                 Ok(0) => {}
                 Ok(left) => tracing::info!(

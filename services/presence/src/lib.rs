@@ -9,6 +9,6 @@ pub mod store;
 mod topics;
 
 pub use grpc::{PresenceService, RULES, spec};
-pub use instances::{InstanceEntry, InstanceRole, Instances, PresenceError, Retention};
+pub use instances::{InstanceEntry, InstanceRole, Instances, PresenceError, Retention, Touched};
 pub use store::{InstanceWrite, PresenceStore, TopicStore};
 pub use topics::{DIFF_EVENT, NOTE_CHARS, TopicError, TopicSession, Topics};

@@ -32,13 +32,15 @@ pub trait PresenceStore: Send + Sync + 'static {
     async fn write_instances(&self, writes: &[InstanceWrite]) -> Result<Vec<bool>, StoreError>;
     /// Newest first.
     async fn list_instances(&self, tenant_id: &str) -> Result<Vec<InstanceEntry>, StoreError>;
+    /// Returns the ids that were present (and so touched).
     async fn touch_instances(
         &self,
         tenant_id: &str,
         instance_ids: &[String],
         edge_id: Option<&str>,
         at_ms: i64,
-    ) -> Result<u64, StoreError>;
+    ) -> Result<Vec<String>, StoreError>;
+    async fn count_instances(&self, tenant_id: &str) -> Result<u64, StoreError>;
     /// Takes or renews a singleton job's lease.
     async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError>;
     /// Deletes entries last seen before `cutoff_ms` and, per tenant, all
@@ -186,8 +188,8 @@ impl PresenceStore for Store {
         instance_ids: &[String],
         edge_id: Option<&str>,
         at_ms: i64,
-    ) -> Result<u64, StoreError> {
-        let mut touched = 0;
+    ) -> Result<Vec<String>, StoreError> {
+        let mut touched = Vec::with_capacity(instance_ids.len());
         let mut tx = self.begin().await?;
         if let Some(edge_id) = edge_id {
             sqlx::query(
@@ -204,7 +206,7 @@ impl PresenceStore for Store {
         for chunk in instance_ids.chunks(TOUCH_IDS_PER_STATEMENT) {
             let sql = format!(
                 "UPDATE instance_presence SET last_seen_at_ms = $1 \
-                 WHERE tenant_id = $2 AND instance_id IN ({})",
+                 WHERE tenant_id = $2 AND instance_id IN ({}) RETURNING instance_id",
                 muster_store::placeholders(3, chunk.len())
             );
             let query = chunk
@@ -212,10 +214,23 @@ impl PresenceStore for Store {
                 .fold(sqlx::query(&sql).bind(at_ms).bind(tenant_id), |q, id| {
                     q.bind(id)
                 });
-            touched += query.execute(&mut *tx).await?.rows_affected();
+            for row in query.fetch_all(&mut *tx).await? {
+                touched.push(row.try_get::<String, _>(0)?);
+            }
         }
         self.commit(tx).await?;
         Ok(touched)
+    }
+
+    async fn count_instances(&self, tenant_id: &str) -> Result<u64, StoreError> {
+        let counted = self
+            .fetch_all(
+                sqlx::query("SELECT COUNT(*) FROM instance_presence WHERE tenant_id = $1")
+                    .bind(tenant_id),
+                |row| Ok(row.try_get::<i64, _>(0)?),
+            )
+            .await?;
+        Ok(counted.first().copied().unwrap_or(0).max(0) as u64)
     }
 
     async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError> {

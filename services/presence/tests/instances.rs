@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use muster_presence::{InstanceEntry, InstanceRole, Instances, PresenceError, Retention};
+use muster_presence::{InstanceEntry, InstanceRole, Instances, PresenceError, Retention, Touched};
 use muster_store::Store;
 use serde_json::json;
 
@@ -118,14 +118,24 @@ muster_store::backend_suite! {
         let first = presence.upsert("t1", node("dev_a", "h")).await.unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         let touched = presence.touch("t1", &["dev_a".into(), "dev_unknown".into()], None).await.unwrap();
-        assert_eq!(touched, 1);
+        // An unknown id is not created, but named for its edge to announce.
+        assert_eq!(touched, Touched { touched: 1, missing: vec!["dev_unknown".into()] });
         assert!(presence.list("t1").await.unwrap()[0].last_seen_at_ms > first.last_seen_at_ms);
-        assert_eq!(presence.touch("t2", &["dev_a".into()], None).await.unwrap(), 0);
+        assert_eq!(presence.list("t1").await.unwrap().len(), 1);
+        assert_eq!(presence.touch("t2", &["dev_a".into()], None).await.unwrap().touched, 0);
         // Many ids, more than one statement takes, with the known one last.
         let mut many: Vec<String> = (0..1_200).map(|n| format!("dev_unknown_{n}")).collect();
         many.push("dev_a".into());
-        assert_eq!(presence.touch("t1", &many, None).await.unwrap(), 1);
+        let touched = presence.touch("t1", &many, None).await.unwrap();
+        assert_eq!(touched.touched, 1);
+        // Only as many missing as fit under the cap (500, one taken).
+        assert_eq!(touched.missing.len(), 499);
+        assert_eq!(touched.missing[0], "dev_unknown_0");
         assert_eq!(muster_store::testing::outbox_items(&store, "t1").await.unwrap().len(), 1);
+
+        // A full tenant has no room: nothing is named.
+        let full = Instances::with_retention(Arc::new(store.clone()), Retention { ttl: std::time::Duration::from_secs(60), cap: 1 });
+        assert!(full.touch("t1", &many, None).await.unwrap().missing.is_empty());
     }
 
     async fn pruning_drops_the_stale_and_the_oldest_beyond_the_cap(store: Store) {
