@@ -12,13 +12,25 @@ use muster_store::outbox::{self, NewItem, Target};
 use muster_store::{Store, StoreOptions};
 use serde_json::json;
 
-async fn node(host: &Host) -> (Ws, String) {
+/// A connected node, its device id and its connection id.
+async fn node(host: &Host) -> (Ws, String, String) {
     let key = DeviceKey::generate();
     let mut ws = open(&host.ws_url(), &host.admin_token(), TokenVia::Bearer, None)
         .await
         .unwrap();
-    ws.handshake(&key, "node", json!({"mode": "node"})).await;
-    (ws, key.device_id())
+    let proved = ws.handshake(&key, "node", json!({"mode": "node"})).await;
+    let connection_id = proved["client_id"].as_str().unwrap().to_owned();
+    (ws, key.device_id(), connection_id)
+}
+
+/// The `n` of the next `count` frames of type `kind`, in arrival order.
+async fn numbers(ws: &mut Ws, kind: &str, count: usize) -> Vec<i64> {
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        let event = ws.event(kind).await;
+        seen.push(event["payload"]["n"].as_i64().unwrap());
+    }
+    seen
 }
 
 /// The host's store, opened as a second client of the same database.
@@ -42,8 +54,8 @@ async fn rows_for(store: &Store, device_id: &str) -> i64 {
 
 async fn directory_flow(host: &Host) {
     let store = store_of(host).await;
-    let (mut a, device_a) = node(host).await;
-    let (mut b, device_b) = node(host).await;
+    let (mut a, device_a, _) = node(host).await;
+    let (mut b, device_b, connection_b) = node(host).await;
     assert_eq!(rows_for(&store, &device_a).await, 1);
     assert_eq!(rows_for(&store, &device_b).await, 1);
 
@@ -67,6 +79,30 @@ async fn directory_flow(host: &Host) {
             other => panic!("{other:?}"),
         }
     }
+
+    // Directed and broadcast items committed together reach each peer in
+    // commit order: A gets what is for everyone and for its device, B what
+    // is for everyone and for its connection.
+    let item = |n: i64, target: Option<Target>| NewItem {
+        target,
+        ..NewItem::event(
+            host.config.default_tenant.clone(),
+            "muster.test.mixed",
+            json!({"n": n}),
+        )
+    };
+    let items = [
+        item(0, None),
+        item(1, Some(Target::Device(device_a.clone()))),
+        item(2, Some(Target::Connection(connection_b.clone()))),
+        item(3, Some(Target::Device("dev_elsewhere".into()))),
+        item(4, None),
+    ];
+    let mut tx = store.begin().await.unwrap();
+    outbox::append_all(&mut tx, &items).await.unwrap();
+    store.commit(tx).await.unwrap();
+    assert_eq!(numbers(&mut a, "muster.test.mixed", 3).await, [0, 1, 4]);
+    assert_eq!(numbers(&mut b, "muster.test.mixed", 3).await, [0, 2, 4]);
 
     // A closed connection leaves the directory.
     drop(b);

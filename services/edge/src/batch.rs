@@ -4,6 +4,7 @@
 //! a reconnect storm, one call (one mTLS round trip) carries many peers.
 
 use std::future::Future;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -34,8 +35,10 @@ where
     /// Starts the task (inside a tokio runtime). `call` sends a batch of at
     /// most `max_batch` items and returns one outcome per item, in order
     /// (each item's own success or failure is inside its outcome); an error
-    /// of the whole call is every item's.
-    pub(crate) fn start<F, Fut>(max_batch: usize, call: F) -> Self
+    /// of the whole call is every item's. A call that takes longer than
+    /// `deadline` fails its items, so that one stuck call does not hold
+    /// every later item behind it.
+    pub(crate) fn start<F, Fut>(max_batch: usize, deadline: Duration, call: F) -> Self
     where
         F: Fn(Vec<I>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<Vec<O>, Status>> + Send + 'static,
@@ -46,7 +49,10 @@ where
             while receiver.recv_many(&mut batch, max_batch).await > 0 {
                 let (items, replies): (Vec<I>, Vec<Reply<O>>) = batch.drain(..).unzip();
                 let sent = items.len();
-                match call(items).await {
+                let outcomes = tokio::time::timeout(deadline, call(items))
+                    .await
+                    .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer in time")));
+                match outcomes {
                     Ok(outcomes) if outcomes.len() == sent => {
                         for (reply, outcome) in replies.into_iter().zip(outcomes) {
                             let _ = reply.send(Ok(outcome));
@@ -96,7 +102,7 @@ mod tests {
         let seen = calls.clone();
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let opened = gate.clone();
-        let batcher = Batcher::start(3, move |items: Vec<u32>| {
+        let batcher = Batcher::start(3, Duration::from_secs(10), move |items: Vec<u32>| {
             seen.lock().unwrap().push(items.clone());
             let gate = opened.clone();
             async move {
@@ -128,10 +134,23 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_call_fails_each_of_its_items() {
-        let batcher = Batcher::start(8, |_: Vec<u32>| async {
+        let batcher = Batcher::start(8, Duration::from_secs(10), |_: Vec<u32>| async {
             Err::<Vec<u32>, _>(Status::unavailable("down"))
         });
         let outcome = batcher.call(1).await;
         assert_eq!(outcome.unwrap_err().code(), tonic::Code::Unavailable);
+    }
+
+    #[tokio::test]
+    async fn a_stuck_call_fails_at_its_deadline_and_later_items_go_on() {
+        let batcher = Batcher::start(8, Duration::from_millis(50), |items: Vec<u32>| async move {
+            if items.contains(&0) {
+                std::future::pending::<()>().await;
+            }
+            Ok(items)
+        });
+        let outcome = batcher.call(0).await;
+        assert_eq!(outcome.unwrap_err().code(), tonic::Code::DeadlineExceeded);
+        assert_eq!(batcher.call(7).await.unwrap(), 7);
     }
 }

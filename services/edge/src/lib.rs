@@ -49,7 +49,9 @@ where
     Fut: std::future::Future<Output = Result<Vec<O>, Status>> + Send + 'static,
 {
     let channel = channel.clone();
-    Batcher::start(MAX_BATCH, move |items| call(channel.clone(), items))
+    Batcher::start(MAX_BATCH, BATCH_DEADLINE, move |items| {
+        call(channel.clone(), items)
+    })
 }
 
 /// How an edge treats its peers.
@@ -123,6 +125,10 @@ pub struct Edge {
 
 /// At most this many changes share one batched call.
 const MAX_BATCH: usize = 256;
+
+/// How long a batched call to presence or the backplane may take before
+/// its changes fail (and later ones go on without it).
+const BATCH_DEADLINE: Duration = Duration::from_secs(10);
 
 /// A token's claims, by the SHA-256 of the token, and when identity
 /// confirmed them.

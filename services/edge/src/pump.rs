@@ -1,7 +1,7 @@
 //! Events from the backplane to peers, and the presence the edge keeps
 //! fresh for its peers and itself.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,7 +106,8 @@ fn revoke(edge: &Edge, item: &pb::OutboxItem, payload: &serde_json::Value) {
 /// each only looks at the items for its role: in a fleet of nodes, an
 /// operator-only event (each arrival's `presence.upserted`) would
 /// otherwise be checked against every node, and a reconnect storm would
-/// cost the square of its size.
+/// cost the square of its size. Likewise an item directed at one device or
+/// connection is looked up by that id, not checked against every peer.
 fn deliver(edge: &Edge, pending: &mut Vec<Prepared<'_>>) {
     let mut tenants: Vec<String> = pending.iter().map(|p| p.item.tenant_id.clone()).collect();
     tenants.sort_unstable();
@@ -114,23 +115,57 @@ fn deliver(edge: &Edge, pending: &mut Vec<Prepared<'_>>) {
     for tenant in tenants {
         let peers = edge.registry.tenant(&tenant);
         for role in ["client", "node"] {
-            let items: Vec<usize> = (0..pending.len())
-                .filter(|&i| {
-                    let item = pending[i].item;
-                    let roles = item
-                        .audience
-                        .as_ref()
-                        .map(|a| &a.roles[..])
-                        .unwrap_or_default();
-                    item.tenant_id == tenant
-                        && (roles.is_empty() || roles.iter().any(|r| r == role))
-                })
-                .collect();
-            if items.is_empty() {
+            let mut broadcast = Vec::new();
+            let mut directed: HashMap<String, Vec<usize>> = HashMap::new();
+            for (i, prepared) in pending.iter().enumerate() {
+                let item = prepared.item;
+                let roles = item
+                    .audience
+                    .as_ref()
+                    .map(|a| &a.roles[..])
+                    .unwrap_or_default();
+                if item.tenant_id != tenant
+                    || !(roles.is_empty() || roles.iter().any(|r| r == role))
+                {
+                    continue;
+                }
+                match &prepared.target {
+                    None => broadcast.push(i),
+                    Some(Target::Device(id) | Target::Connection(id)) => {
+                        directed.entry(id.clone()).or_default().push(i)
+                    }
+                    // For the edge itself, never for its peers.
+                    Some(Target::Edge(_)) => {}
+                }
+            }
+            if broadcast.is_empty() && directed.is_empty() {
                 continue;
             }
             for peer in peers.iter().filter(|p| p.role == role) {
-                for &i in &items {
+                // Nothing directed (the usual batch): no lookups per peer.
+                let (by_device, by_connection) = if directed.is_empty() {
+                    (None, None)
+                } else {
+                    (
+                        directed.get(peer.device_id.as_str()),
+                        directed.get(peer.connection_id.as_str()),
+                    )
+                };
+                let mine: Vec<usize>;
+                let items = if by_device.is_none() && by_connection.is_none() {
+                    &broadcast
+                } else {
+                    let mut merged: Vec<usize> = broadcast
+                        .iter()
+                        .chain(by_device.into_iter().flatten())
+                        .chain(by_connection.into_iter().flatten())
+                        .copied()
+                        .collect();
+                    merged.sort_unstable();
+                    mine = merged;
+                    &mine
+                };
+                for &i in items {
                     let prepared = &mut pending[i];
                     if let Some(text) = frame_for(
                         peer,
