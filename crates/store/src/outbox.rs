@@ -135,9 +135,10 @@ pub async fn append(tx: &mut Tx, item: &NewItem) -> Result<(), StoreError> {
 }
 
 /// Appends `items` inside `tx` in order, as [`append`] does each, but
-/// many items per statement (up to 64) instead of one per item: a round
-/// trip per statement is most of an append's cost. Every item is checked
-/// before anything is written, so a bad one writes none.
+/// many items per statement (up to 64; see [`crate::in_statements`])
+/// instead of one per item: a round trip per statement is most of an
+/// append's cost. Every item is checked before anything is written, so a
+/// bad one writes none.
 pub async fn append_all<'a>(
     tx: &mut Tx,
     items: impl IntoIterator<Item = &'a NewItem>,

@@ -99,21 +99,26 @@ pub fn last_of_each<'a, T, K: Eq + std::hash::Hash>(
 }
 
 /// `rows` split into the chunks of multi-row statements of `columns`
-/// values per row. Chunk sizes are powers of four (64, 16, 4, 1), so that a
-/// few statement shapes stay prepared in each connection's cache instead
-/// of one per row count; a chunk's parameters stay within SQLite's oldest
+/// values per row: up to 16 rows go in one statement; more go in chunks of
+/// 64, 32 or 16 and then one for the rest (50 rows: 32 + 16 + 2). So a
+/// batch takes one to a few statements, and each kind of statement has at
+/// most 19 shapes, which stay prepared in each connection's cache instead
+/// of one per row count. A chunk's parameters stay within SQLite's oldest
 /// limit of 999.
 pub fn in_statements<T>(rows: &[T], columns: usize) -> Vec<&[T]> {
-    let mut size = 1;
-    while size * 4 * columns <= 999 && size < 64 {
-        size *= 4;
-    }
+    const EXACT: usize = 16;
+    let largest = [64, 32, 16, 8, 4, 2, 1]
+        .into_iter()
+        .find(|size| size * columns <= 999)
+        .unwrap_or(1);
     let mut chunks = Vec::new();
     let mut rest = rows;
     while !rest.is_empty() {
-        while size > rest.len() {
-            size /= 4;
-        }
+        let size = if rest.len() <= EXACT.min(largest) {
+            rest.len()
+        } else {
+            (1 << rest.len().ilog2()).min(largest)
+        };
         let (chunk, tail) = rest.split_at(size);
         chunks.push(chunk);
         rest = tail;
@@ -402,7 +407,17 @@ mod tests {
     fn statements_come_in_a_few_sizes_within_the_parameter_limit() {
         let rows: Vec<u32> = (0..157).collect();
         let sizes: Vec<usize> = in_statements(&rows, 9).iter().map(|c| c.len()).collect();
-        assert_eq!(sizes, [64, 64, 16, 4, 4, 4, 1]);
+        assert_eq!(sizes, [64, 64, 16, 13]);
+        let sizes: Vec<usize> = in_statements(&rows[..10], 9)
+            .iter()
+            .map(|c| c.len())
+            .collect();
+        assert_eq!(sizes, [10]);
+        let sizes: Vec<usize> = in_statements(&rows[..50], 12)
+            .iter()
+            .map(|c| c.len())
+            .collect();
+        assert_eq!(sizes, [32, 16, 2]);
         let sizes: Vec<usize> = in_statements(&rows[..3], 500)
             .iter()
             .map(|c| c.len())
