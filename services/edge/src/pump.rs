@@ -387,12 +387,23 @@ async fn announce_pending(edge: &Edge) {
         .all()
         .into_iter()
         .filter(|p| p.in_presence && !p.announced.load(std::sync::atomic::Ordering::Relaxed));
-    for peer in pending {
+    // Concurrently, so that the edge's batching sends them a few hundred
+    // per call: after an outage, every peer may be pending at once.
+    let announce = |peer: Arc<crate::registry::Peer>| async move {
         if let Err(status) = crate::connection::announce(edge, &peer).await {
             tracing::warn!(code = ?status.code(), "presence upsert retry failed");
         }
-    }
+    };
+    futures::StreamExt::for_each_concurrent(
+        futures::stream::iter(pending),
+        ANNOUNCE_CONCURRENCY,
+        announce,
+    )
+    .await;
 }
+
+/// How many peers' entries are announced again at a time.
+const ANNOUNCE_CONCURRENCY: usize = 512;
 
 /// Keeps the edge's own `gateway` entry and its peers' entries fresh: the
 /// gateway entry is upserted at start, then everything is touched every
