@@ -88,10 +88,14 @@ pub trait DirectoryStore: Send + Sync + 'static {
     ) -> Result<bool, StoreError>;
 }
 
+/// Rows that [`muster_store::in_statements`] always puts in one statement.
+const ONE_STATEMENT: usize = 16;
+
 /// Records connections (or moves them to another edge), many per
-/// statement.
+/// statement: inside `tx`, or each statement committed on its own.
 async fn insert_registrations(
-    tx: &mut muster_store::Tx,
+    store: &Store,
+    mut tx: Option<&mut muster_store::Tx>,
     registrations: &[&Registration],
 ) -> Result<(), StoreError> {
     const COLUMNS: usize = 7;
@@ -117,7 +121,10 @@ async fn insert_registrations(
                 .bind(now)
                 .bind(now + DIRECTORY_TTL_MS);
         }
-        query.execute(&mut **tx).await?;
+        match tx.as_deref_mut() {
+            Some(tx) => query.execute(&mut **tx).await?,
+            None => query.execute(store.writer()).await?,
+        };
     }
     Ok(())
 }
@@ -129,6 +136,20 @@ impl DirectoryStore for Store {
             if let Change::Register(registration) = change {
                 registration.validate()?;
             }
+        }
+        // A reconnect storm's batch: arrivals only, few enough for one
+        // statement, which commits alone (no BEGIN and COMMIT round trips
+        // while their handshakes wait for it).
+        let arrivals: Vec<&Registration> = changes
+            .iter()
+            .filter_map(|change| match change {
+                Change::Register(r) => Some(r),
+                Change::Unregister { .. } => None,
+            })
+            .collect();
+        if arrivals.len() == changes.len() && arrivals.len() <= ONE_STATEMENT {
+            insert_registrations(self, None, &arrivals).await?;
+            return Ok(vec![true; changes.len()]);
         }
         let mut tx = self.begin().await?;
         let mut changed = Vec::with_capacity(changes.len());
@@ -145,7 +166,8 @@ impl DirectoryStore for Store {
                     edge_id,
                     connection_id,
                 } => {
-                    insert_registrations(&mut tx, &std::mem::take(&mut registrations)).await?;
+                    insert_registrations(self, Some(&mut tx), &std::mem::take(&mut registrations))
+                        .await?;
                     let removed = sqlx::query(
                         "DELETE FROM connections WHERE connection_id = $1 AND edge_id = $2",
                     )
@@ -159,7 +181,7 @@ impl DirectoryStore for Store {
                 }
             }
         }
-        insert_registrations(&mut tx, &registrations).await?;
+        insert_registrations(self, Some(&mut tx), &registrations).await?;
         self.commit(tx).await?;
         Ok(changed)
     }

@@ -36,6 +36,24 @@ muster_store::backend_suite! {
         let mut on_2 = store.heartbeat("edge-2").await.unwrap();
         on_2.sort();
         assert_eq!(on_2, ["c5", "cx"]);
+
+        // Arrivals alone, few enough for one statement (committed on its
+        // own), the same connection twice among them.
+        let arrivals = vec![
+            Change::Register(registration("a1", "dev_a1", "edge-3")),
+            Change::Register(registration("a2", "dev_a2", "edge-3")),
+            Change::Register(registration("a1", "dev_a1", "edge-4")),
+        ];
+        assert_eq!(store.apply(&arrivals).await.unwrap(), [true, true, true]);
+        assert_eq!(store.heartbeat("edge-3").await.unwrap(), ["a2"]);
+        assert_eq!(store.heartbeat("edge-4").await.unwrap(), ["a1"]);
+        // A bad one among them: none is written.
+        let bad = vec![
+            Change::Register(registration("a3", "dev_a3", "edge-5")),
+            Change::Register(Registration { tenant_id: " ".into(), ..registration("a4", "dev_a4", "edge-5") }),
+        ];
+        assert!(store.apply(&bad).await.is_err());
+        assert!(store.heartbeat("edge-5").await.unwrap().is_empty());
     }
 
     async fn records_route_directed_items_and_expire_without_heartbeats(store: Store) {
