@@ -112,6 +112,29 @@ async fn directory_flow(host: &Host) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // A record of a connection the edge does not hold (its removal was
+    // lost, or it was recorded after the edge stopped waiting): the
+    // edge's next heartbeat removes it instead of keeping it alive.
+    let edge_id: String = sqlx::Row::try_get(
+        &sqlx::query("SELECT edge_id FROM connections WHERE device_id = $1")
+            .bind(&device_a)
+            .fetch_one(store.pool())
+            .await
+            .unwrap(),
+        0,
+    )
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO connections (connection_id, tenant_id, device_id, edge_id, role, \
+         connected_at_ms, expires_at_ms) VALUES ('gone', $1, 'dev_gone', $2, 'node', 0, $3)",
+    )
+    .bind(&host.config.default_tenant)
+    .bind(&edge_id)
+    .bind(i64::MAX / 2)
+    .execute(store.pool())
+    .await
+    .unwrap();
+
     // The record of A is dropped (as when its edge missed heartbeats for
     // longer than the TTL): after the edge's next heartbeat, A's next
     // frame closes it with 4004.
@@ -121,6 +144,7 @@ async fn directory_flow(host: &Host) {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(rows_for(&store, "dev_gone").await, 0, "stale record kept");
     a.send(json!({"request_id": "r1", "type": "ping", "payload": {}}))
         .await;
     assert_eq!(a.closed().await, (4004, "conversation expired".to_owned()));

@@ -373,7 +373,42 @@ pub(crate) async fn keep_directory(edge: Arc<Edge>) {
                 tracing::info!(connection_id = %peer.connection_id, "connection record dropped: the next frame closes it");
             }
         }
+        remove_orphans(&edge, held).await;
     }
+}
+
+/// Removes the directory's records of connections this edge no longer
+/// holds: a departure whose removal failed, or an arrival recorded after
+/// the edge stopped waiting for it. Without this, the edge's heartbeats
+/// would keep such a record alive for as long as the edge runs. The
+/// registry is read after the heartbeat answered: a connection joins it
+/// before it is recorded, so a record missing from it is of a connection
+/// that left (removing it twice is harmless).
+async fn remove_orphans(edge: &Edge, held: HashSet<String>) {
+    let live: HashSet<String> = edge
+        .registry
+        .all()
+        .into_iter()
+        .map(|p| p.connection_id.clone())
+        .collect();
+    let orphans = held.into_iter().filter(|id| !live.contains(id));
+    let remove = |connection_id: String| async move {
+        let change = pb::connection_change::Change::Unregister(pb::UnregisterConnection {
+            edge_id: edge.edge_id.clone(),
+            connection_id,
+        });
+        match edge.change_connection(change).await {
+            Ok(true) => tracing::debug!("removed the record of a connection that left"),
+            Ok(false) => {}
+            Err(status) => tracing::debug!(code = ?status.code(), "removing a stale record failed"),
+        }
+    };
+    futures::StreamExt::for_each_concurrent(
+        futures::stream::iter(orphans),
+        UPKEEP_CONCURRENCY,
+        remove,
+    )
+    .await;
 }
 
 /// Upserts again the entries presence does not hold for connected peers:
@@ -396,14 +431,15 @@ async fn announce_pending(edge: &Edge) {
     };
     futures::StreamExt::for_each_concurrent(
         futures::stream::iter(pending),
-        ANNOUNCE_CONCURRENCY,
+        UPKEEP_CONCURRENCY,
         announce,
     )
     .await;
 }
 
-/// How many peers' entries are announced again at a time.
-const ANNOUNCE_CONCURRENCY: usize = 512;
+/// How many presence entries or directory records the edge's upkeep sends
+/// at a time (its batching groups them into calls).
+const UPKEEP_CONCURRENCY: usize = 512;
 
 /// Keeps the edge's own `gateway` entry and its peers' entries fresh: the
 /// gateway entry is upserted at start, then everything is touched every
