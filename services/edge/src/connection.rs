@@ -370,9 +370,7 @@ async fn connected(
         peer: peer.clone(),
     };
     tracing::info!(connection_id = %peer.connection_id, device_id = %peer.device_id, role, tenant_id = %claims.tenant_id, "peer connected");
-    if std::env::var_os("X_NOREG").is_none() {
-        Box::pin(register(edge, &peer)).await;
-    }
+    Box::pin(register(edge, &peer)).await;
     if !send_text(sink, handshaken.reply.clone()).await {
         Box::pin(leave(edge, &peer)).await;
         return Ok(());
