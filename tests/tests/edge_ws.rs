@@ -491,7 +491,7 @@ async fn the_cap_prunes_entries_beyond_it(store: Option<String>) {
 /// behind the edge's back (as the TTL after an outage would), are
 /// announced again at the edge's next refresh, the node's as it reported
 /// itself.
-async fn the_gateway_entry_returns(store: Option<String>) {
+async fn lost_presence_entries_return(store: Option<String>) {
     let host = Host::start(store).await;
     let mut operator = admin(&host).await;
     operator
@@ -550,14 +550,14 @@ async fn the_gateway_entry_returns(store: Option<String>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_gateway_entry_returns_on_sqlite() {
-    the_gateway_entry_returns(None).await;
+async fn lost_presence_entries_return_on_sqlite() {
+    lost_presence_entries_return(None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_gateway_entry_returns_on_postgres() {
+async fn lost_presence_entries_return_on_postgres() {
     let url = muster_store::testing::create_postgres_database().await;
-    the_gateway_entry_returns(Some(url)).await;
+    lost_presence_entries_return(Some(url)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

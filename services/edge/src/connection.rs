@@ -490,15 +490,10 @@ async fn leave(edge: &Edge, peer: &Peer) {
     if edge.shutdown.is_cancelled() {
         return;
     }
-    if peer.registered.load(Ordering::Relaxed) {
-        let unregister = pb::UnregisterConnection {
-            edge_id: edge.edge_id.clone(),
-            connection_id: peer.connection_id.clone(),
-        };
-        let change = pb::connection_change::Change::Unregister(unregister);
-        if let Err(status) = edge.change_connection(change).await {
-            tracing::debug!(code = ?status.code(), "unregistering a closed connection failed; it expires");
-        }
+    if peer.registered.load(Ordering::Relaxed)
+        && let Err(status) = edge.unregister(peer.connection_id.clone()).await
+    {
+        tracing::debug!(code = ?status.code(), "unregistering a closed connection failed; the next heartbeat removes it");
     }
     if peer.tracked.load(std::sync::atomic::Ordering::Relaxed) {
         let untrack = pb::UntrackConnectionRequest {

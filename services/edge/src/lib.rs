@@ -229,6 +229,17 @@ impl Edge {
         self.connection_changes.call(change).await?.into_result()
     }
 
+    /// Removes this edge's record of a connection from the directory;
+    /// whether there was one.
+    async fn unregister(&self, connection_id: String) -> Result<bool, Status> {
+        let unregister = pb::UnregisterConnection {
+            edge_id: self.edge_id.clone(),
+            connection_id,
+        };
+        self.change_connection(pb::connection_change::Change::Unregister(unregister))
+            .await
+    }
+
     /// Resolves a presented token; `None` for anything identity does not
     /// recognize (the reason is never told to the peer).
     /// Connections made with one token share its claims.

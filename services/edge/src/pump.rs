@@ -393,11 +393,7 @@ async fn remove_orphans(edge: &Edge, held: HashSet<String>) {
         .collect();
     let orphans = held.into_iter().filter(|id| !live.contains(id));
     let remove = |connection_id: String| async move {
-        let change = pb::connection_change::Change::Unregister(pb::UnregisterConnection {
-            edge_id: edge.edge_id.clone(),
-            connection_id,
-        });
-        match edge.change_connection(change).await {
+        match edge.unregister(connection_id).await {
             Ok(true) => tracing::debug!("removed the record of a connection that left"),
             Ok(false) => {}
             Err(status) => tracing::debug!(code = ?status.code(), "removing a stale record failed"),
