@@ -63,7 +63,7 @@ fn baseline(url: &str, clients: usize, seconds: u64, script_text: &str) -> anyho
 }
 
 /// Items appended per second by `clients` tasks, `batch` items per
-/// transaction, while the backplane's sequencer positions them.
+/// transaction, while the backplane's sequencer (if running) positions them.
 async fn appends(store: &Store, clients: usize, seconds: u64, batch: usize) -> f64 {
     let appended = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -90,7 +90,13 @@ async fn appends(store: &Store, clients: usize, seconds: u64, batch: usize) -> f
     appended.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
 }
 
-pub async fn run(url: &str, clients: usize, seconds: u64, batch: usize) -> anyhow::Result<()> {
+pub async fn run(
+    url: &str,
+    clients: usize,
+    seconds: u64,
+    batch: usize,
+    sequencer: bool,
+) -> anyhow::Result<()> {
     let name = format!("muster_bench_{}", std::process::id());
     let admin = Store::connect(url, &StoreOptions::default()).await?;
     sqlx::query(&format!("CREATE DATABASE {name}"))
@@ -107,7 +113,7 @@ pub async fn run(url: &str, clients: usize, seconds: u64, batch: usize) -> anyho
     .await?;
     store.migrate().await?;
     sqlx::query(BASELINE_TABLE).execute(store.pool()).await?;
-    let _sequencer = muster_backplane::Outbox::new(Arc::new(store.clone()));
+    let sequencer = sequencer.then(|| muster_backplane::Outbox::new(Arc::new(store.clone())));
 
     let bare = baseline(&bench_url, clients, seconds, BASELINE_INSERT)?;
     // Not the goal's baseline: the most a transaction of BEGIN, one
@@ -121,7 +127,14 @@ pub async fn run(url: &str, clients: usize, seconds: u64, batch: usize) -> anyho
     )?;
     let single = appends(&store, clients, seconds, 1).await;
     let batched = appends(&store, clients, seconds, batch).await;
-    println!("appends: {clients} clients, {seconds} s each, Postgres at {url}");
+    println!(
+        "appends: {clients} clients, {seconds} s each, Postgres at {url}{}",
+        if sequencer.is_some() {
+            ""
+        } else {
+            ", without the sequencer"
+        }
+    );
     println!(
         "pgbench BEGIN; INSERT; COMMIT: {bare_tx:.1} per s, {:.2} of the single-statement baseline",
         bare_tx / bare
@@ -135,7 +148,7 @@ pub async fn run(url: &str, clients: usize, seconds: u64, batch: usize) -> anyho
         true,
     );
     store.close().await;
-    drop(_sequencer);
+    drop(sequencer);
     sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
         .execute(admin.pool())
         .await?;

@@ -79,6 +79,11 @@ enum Scenario {
         seconds: u64,
         #[arg(long, default_value_t = 10)]
         batch: usize,
+        /// Append without the sequencer running: what giving each item its
+        /// position after the commit (a second write of every row) costs.
+        /// Items stay unreadable; for measuring only.
+        #[arg(long)]
+        without_sequencer: bool,
     },
     /// Commit-to-client latency across two edges of a local cluster
     /// (deploy/local-cluster, MUSTER_BIN or target/release/muster).
@@ -129,7 +134,8 @@ async fn main() -> anyhow::Result<()> {
             clients,
             seconds,
             batch,
-        } => backplane::run(&database_url, clients, seconds, batch).await,
+            without_sequencer,
+        } => backplane::run(&database_url, clients, seconds, batch, !without_sequencer).await,
         Scenario::Latency { rate, seconds } => backplane::latency(rate, seconds).await,
         Scenario::Fanout {
             subscribers,
