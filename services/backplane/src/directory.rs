@@ -4,6 +4,7 @@
 //! stops heartbeating expire. The backplane uses it to send a directed
 //! item only to the edge that holds its target.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use muster_store::group::GroupCommit;
@@ -78,6 +79,14 @@ pub trait DirectoryStore: Send + Sync + 'static {
     async fn forget_edge(&self, edge_id: &str) -> Result<u64, StoreError>;
     /// Removes rows whose edge stopped heartbeating.
     async fn expire(&self) -> Result<u64, StoreError>;
+    /// For each directed item's tenant and target, whether `edge_id` holds
+    /// the target: one lookup for them all, so that a burst of commands to
+    /// many devices costs a query per batch, not one per item.
+    async fn holding(
+        &self,
+        edge_id: &str,
+        targets: &[(&str, &Target)],
+    ) -> Result<Vec<bool>, StoreError>;
     /// Whether `edge_id` holds the target of a directed item of
     /// `tenant_id`.
     async fn holds(
@@ -85,7 +94,9 @@ pub trait DirectoryStore: Send + Sync + 'static {
         edge_id: &str,
         tenant_id: &str,
         target: &Target,
-    ) -> Result<bool, StoreError>;
+    ) -> Result<bool, StoreError> {
+        Ok(self.holding(edge_id, &[(tenant_id, target)]).await?[0])
+    }
 }
 
 /// Rows that [`muster_store::in_statements`] always puts in one statement.
@@ -220,33 +231,60 @@ impl DirectoryStore for Store {
         )
     }
 
-    async fn holds(
+    async fn holding(
         &self,
         edge_id: &str,
-        tenant_id: &str,
-        target: &Target,
-    ) -> Result<bool, StoreError> {
-        let query = match target {
-            Target::Edge(id) => return Ok(id == edge_id),
-            Target::Connection(id) => sqlx::query(
-                "SELECT 1 FROM connections WHERE edge_id = $1 AND tenant_id = $2 \
-                 AND connection_id = $3 AND expires_at_ms >= $4",
-            )
-            .bind(edge_id)
-            .bind(tenant_id)
-            .bind(id.as_str()),
-            Target::Device(id) => sqlx::query(
-                "SELECT 1 FROM connections WHERE edge_id = $1 AND tenant_id = $2 \
-                 AND device_id = $3 AND expires_at_ms >= $4 LIMIT 1",
-            )
-            .bind(edge_id)
-            .bind(tenant_id)
-            .bind(id.as_str()),
-        };
-        Ok(self
-            .fetch_optional(query.bind(now_ms()), |_| Ok(()))
-            .await?
-            .is_some())
+        targets: &[(&str, &Target)],
+    ) -> Result<Vec<bool>, StoreError> {
+        // Device and connection ids are looked up together: a UUID
+        // connection id and a `dev_…` device id cannot be mistaken for each
+        // other, and the tenant is checked on what comes back.
+        let mut ids: Vec<&str> = targets
+            .iter()
+            .filter_map(|(_, target)| match target {
+                Target::Device(id) | Target::Connection(id) => Some(id.as_str()),
+                Target::Edge(_) => None,
+            })
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut devices = HashSet::new();
+        let mut connections = HashSet::new();
+        let now = now_ms();
+        for chunk in muster_store::in_statements(&ids, 1) {
+            let list = muster_store::placeholders(3, chunk.len());
+            let sql = format!(
+                "SELECT tenant_id, device_id, connection_id FROM connections \
+                 WHERE edge_id = $1 AND expires_at_ms >= $2 \
+                 AND (device_id IN ({list}) OR connection_id IN ({list}))"
+            );
+            let query = chunk
+                .iter()
+                .fold(sqlx::query(&sql).bind(edge_id).bind(now), |q, id| {
+                    q.bind(*id)
+                });
+            let rows = self
+                .fetch_all(query, |row| {
+                    Ok((
+                        row.try_get::<String, _>(0)?,
+                        row.try_get::<String, _>(1)?,
+                        row.try_get::<String, _>(2)?,
+                    ))
+                })
+                .await?;
+            for (tenant_id, device_id, connection_id) in rows {
+                devices.insert((tenant_id.clone(), device_id));
+                connections.insert((tenant_id, connection_id));
+            }
+        }
+        Ok(targets
+            .iter()
+            .map(|&(tenant_id, target)| match target {
+                Target::Edge(id) => id == edge_id,
+                Target::Device(id) => devices.contains(&(tenant_id.to_owned(), id.clone())),
+                Target::Connection(id) => connections.contains(&(tenant_id.to_owned(), id.clone())),
+            })
+            .collect())
     }
 }
 

@@ -528,6 +528,43 @@ fn to_pb(item: Item) -> pb::OutboxItem {
     }
 }
 
+/// At most this many items that wait together in a subscription share
+/// one directory lookup.
+const FORWARD_BATCH: usize = 256;
+
+/// Which of `items` go to `consumer`: a directed item only if that edge
+/// holds its target (a subscriber without a name gets everything). If the
+/// directory cannot be read, every item goes: the edge delivers only to
+/// its own peers.
+async fn addressed_to(
+    directory: &dyn DirectoryStore,
+    consumer: &str,
+    items: &[Result<Item, StoreError>],
+) -> Vec<bool> {
+    let mut keep = vec![true; items.len()];
+    let directed: Vec<(usize, (&str, &Target))> = items
+        .iter()
+        .enumerate()
+        .filter_map(|(n, item)| {
+            let item = item.as_ref().ok()?;
+            Some((n, (item.tenant_id.as_str(), item.target.as_ref()?)))
+        })
+        .collect();
+    if consumer.is_empty() || directed.is_empty() {
+        return keep;
+    }
+    let targets: Vec<(&str, &Target)> = directed.iter().map(|&(_, target)| target).collect();
+    match directory.holding(consumer, &targets).await {
+        Ok(held) => {
+            for (&(n, _), held) in directed.iter().zip(held) {
+                keep[n] = held;
+            }
+        }
+        Err(error) => tracing::warn!(%error, "directory lookup failed; sending the items anyway"),
+    }
+    keep
+}
+
 #[tonic::async_trait]
 impl Backplane for BackplaneService {
     type SubscribeStream = ReceiverStream<Result<pb::OutboxItem, Status>>;
@@ -555,24 +592,17 @@ impl Backplane for BackplaneService {
         let directory = self.directory.store().clone();
         let consumer = r.consumer_id;
         tokio::spawn(async move {
-            while let Some(item) = rx.recv().await {
-                // A directed item goes only to the edge that holds its
-                // target (a subscriber without a name gets everything).
-                if let Ok(item) = &item
-                    && let Some(target) = &item.target
-                    && !consumer.is_empty()
-                {
-                    match directory.holds(&consumer, &item.tenant_id, target).await {
-                        Ok(true) => {}
-                        Ok(false) => continue,
-                        Err(error) => {
-                            tracing::warn!(%error, "directory lookup failed; sending the item anyway")
-                        }
+            let mut batch = Vec::with_capacity(FORWARD_BATCH);
+            while rx.recv_many(&mut batch, FORWARD_BATCH).await > 0 {
+                let keep = addressed_to(&*directory, &consumer, &batch).await;
+                for (item, keep) in batch.drain(..).zip(keep) {
+                    if !keep {
+                        continue;
                     }
-                }
-                let item = item.map(to_pb).map_err(|e| to_status(&e));
-                if out.send(item).await.is_err() {
-                    return;
+                    let item = item.map(to_pb).map_err(|e| to_status(&e));
+                    if out.send(item).await.is_err() {
+                        return;
+                    }
                 }
             }
         });

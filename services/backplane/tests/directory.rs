@@ -93,6 +93,53 @@ muster_store::backend_suite! {
         assert_eq!(store.forget_edge("edge-3").await.unwrap(), 1);
     }
 
+    async fn many_targets_are_looked_up_at_once(store: Store) {
+        use muster_backplane::directory::Change;
+        // 100 devices on edge-1 (more than one statement's worth of ids),
+        // one on edge-2, and one on edge-1 in another tenant.
+        let mut changes: Vec<Change> = (0..100)
+            .map(|n| Change::Register(registration(&format!("c{n}"), &format!("dev_{n}"), "edge-1")))
+            .collect();
+        changes.push(Change::Register(registration("c-two", "dev_two", "edge-2")));
+        changes.push(Change::Register(Registration {
+            tenant_id: "t2".into(),
+            ..registration("c-other", "dev_other", "edge-1")
+        }));
+        store.apply(&changes).await.unwrap();
+
+        let mut targets: Vec<(&str, Target)> = (0..120)
+            .map(|n| ("t1", Target::Device(format!("dev_{n}"))))
+            .collect();
+        targets.extend([
+            ("t1", Target::Connection("c7".into())),
+            ("t1", Target::Connection("c-two".into())),
+            ("t1", Target::Device("dev_two".into())),
+            ("t1", Target::Device("dev_other".into())),
+            ("t2", Target::Device("dev_other".into())),
+            ("t2", Target::Device("dev_3".into())),
+            ("t1", Target::Edge("edge-1".into())),
+            ("t1", Target::Edge("edge-2".into())),
+            ("t1", Target::Device("dev_3".into())),
+        ]);
+        let asked: Vec<(&str, &Target)> = targets.iter().map(|(t, target)| (*t, target)).collect();
+        let held = store.holding("edge-1", &asked).await.unwrap();
+        assert_eq!(held.len(), asked.len());
+        assert!(held[..100].iter().all(|h| *h), "every recorded device is found");
+        assert!(held[100..120].iter().all(|h| !*h), "devices never recorded are not");
+        // A connection of this edge; one of another edge, by connection and
+        // by device; a device of this edge in another tenant, asked for in
+        // the wrong tenant and in its own; a device of t1 asked for in t2;
+        // edges; a device asked for twice.
+        assert_eq!(&held[120..], [true, false, false, false, true, false, true, false, true]);
+        // One at a time, the same answers.
+        for (n, (tenant, target)) in asked.iter().enumerate() {
+            assert_eq!(store.holds("edge-1", tenant, target).await.unwrap(), held[n], "{target:?}");
+        }
+        // An expired record holds nothing.
+        sqlx::query("UPDATE connections SET expires_at_ms = 0").execute(store.pool()).await.unwrap();
+        assert!(store.holding("edge-1", &asked[..100]).await.unwrap().iter().all(|h| !*h));
+    }
+
     async fn bad_registrations_are_refused_and_change_nothing(store: Store) {
         for bad in [
             Registration { connection_id: " ".into(), ..registration("c", "d", "e") },
