@@ -98,6 +98,75 @@ pub fn last_of_each<'a, T, K: Eq + std::hash::Hash>(
         .collect()
 }
 
+/// A batch of writes and removals, split into runs in which no key is both
+/// written and removed. Within a run the writes and the removals touch
+/// different rows, so each kind may go as one statement, in either order,
+/// and leave what applying the batch item by item would: consecutive
+/// arrivals and departures of a reconnect storm share two statements
+/// instead of taking one each. `key` gives an item's key and whether it
+/// is a removal.
+pub fn conflict_free_runs<'a, T, K: Eq + std::hash::Hash>(
+    items: &'a [T],
+    key: impl Fn(&'a T) -> (K, bool),
+) -> Vec<&'a [T]> {
+    let mut runs = Vec::new();
+    let mut start = 0;
+    let mut written = std::collections::HashSet::new();
+    let mut removed = std::collections::HashSet::new();
+    for (n, item) in items.iter().enumerate() {
+        let (key, removal) = key(item);
+        let (own, other) = if removal {
+            (&mut removed, &mut written)
+        } else {
+            (&mut written, &mut removed)
+        };
+        if other.contains(&key) {
+            runs.push(&items[start..n]);
+            start = n;
+            written.clear();
+            removed.clear();
+            if removal {
+                removed.insert(key);
+            } else {
+                written.insert(key);
+            }
+        } else {
+            own.insert(key);
+        }
+    }
+    if start < items.len() {
+        runs.push(&items[start..]);
+    }
+    runs
+}
+
+/// Deletes the rows of `table` whose two key `columns` match one of `keys`,
+/// many per statement; returns the keys of the rows it deleted.
+pub async fn delete_keys(
+    tx: &mut crate::Tx,
+    table: &str,
+    columns: [&str; 2],
+    keys: &[(&str, &str)],
+) -> Result<std::collections::HashSet<(String, String)>, StoreError> {
+    use sqlx::Row;
+    let [first, second] = columns;
+    let mut deleted = std::collections::HashSet::with_capacity(keys.len());
+    for chunk in in_statements(keys, 2) {
+        let sql = format!(
+            "DELETE FROM {table} WHERE ({first}, {second}) IN (VALUES {}) \
+             RETURNING {first}, {second}",
+            values_rows(chunk.len(), 2)
+        );
+        let query = chunk
+            .iter()
+            .fold(sqlx::query(&sql), |q, (a, b)| q.bind(*a).bind(*b));
+        for row in query.fetch_all(&mut **tx).await? {
+            deleted.insert((row.try_get::<String, _>(0)?, row.try_get::<String, _>(1)?));
+        }
+    }
+    Ok(deleted)
+}
+
 /// `rows` split into the chunks of multi-row statements of `columns`
 /// values per row: up to 16 rows go in one statement; more go in chunks of
 /// 64, 32 or 16 and then one for the rest (50 rows: 32 + 16 + 2). So a
@@ -426,6 +495,38 @@ mod tests {
         assert!(in_statements::<u32>(&[], 9).is_empty());
         let flat: Vec<u32> = in_statements(&rows, 12).concat();
         assert_eq!(flat, rows);
+    }
+
+    #[test]
+    fn runs_break_where_a_key_is_both_written_and_removed() {
+        // (key, removal)
+        let items = [
+            ("a", false),
+            ("b", true),
+            ("c", false),
+            ("a", false),
+            ("d", true),
+            ("d", true),
+            ("c", true),
+            ("e", false),
+            ("c", false),
+            ("a", true),
+        ];
+        let runs: Vec<usize> = conflict_free_runs(&items, |(k, r)| (*k, *r))
+            .iter()
+            .map(|run| run.len())
+            .collect();
+        // "c" is written, removed, then written again: each time a run
+        // begins. "a" was written only in the first run, so its removal
+        // joins the last.
+        assert_eq!(runs, [6, 2, 2]);
+        assert_eq!(runs.iter().sum::<usize>(), items.len());
+        assert!(conflict_free_runs(&items[..0], |(k, r)| (*k, *r)).is_empty());
+        let alone: Vec<usize> = conflict_free_runs(&items[..3], |(k, r)| (*k, *r))
+            .iter()
+            .map(|run| run.len())
+            .collect();
+        assert_eq!(alone, [3]);
     }
 
     #[test]

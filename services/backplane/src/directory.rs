@@ -164,35 +164,45 @@ impl DirectoryStore for Store {
         }
         let mut tx = self.begin().await?;
         let mut changed = Vec::with_capacity(changes.len());
-        // Consecutive registrations share statements; an unregistration
-        // between them keeps its place in the order.
-        let mut registrations = Vec::new();
-        for change in changes {
-            match change {
-                Change::Register(r) => {
-                    registrations.push(r);
-                    changed.push(true);
-                }
+        let runs = muster_store::conflict_free_runs(changes, |change| match change {
+            Change::Register(r) => (r.connection_id.as_str(), false),
+            Change::Unregister { connection_id, .. } => (connection_id.as_str(), true),
+        });
+        for run in runs {
+            let registrations: Vec<&Registration> = run
+                .iter()
+                .filter_map(|change| match change {
+                    Change::Register(r) => Some(r),
+                    Change::Unregister { .. } => None,
+                })
+                .collect();
+            insert_registrations(self, Some(&mut tx), &registrations).await?;
+            let removals: Vec<(&str, &str)> = run
+                .iter()
+                .filter_map(|change| match change {
+                    Change::Register(_) => None,
+                    Change::Unregister {
+                        edge_id,
+                        connection_id,
+                    } => Some((connection_id.as_str(), edge_id.as_str())),
+                })
+                .collect();
+            let mut removed = muster_store::delete_keys(
+                &mut tx,
+                "connections",
+                ["connection_id", "edge_id"],
+                &removals,
+            )
+            .await?;
+            // A connection unregistered twice was removed by the first.
+            changed.extend(run.iter().map(|change| match change {
+                Change::Register(_) => true,
                 Change::Unregister {
                     edge_id,
                     connection_id,
-                } => {
-                    insert_registrations(self, Some(&mut tx), &std::mem::take(&mut registrations))
-                        .await?;
-                    let removed = sqlx::query(
-                        "DELETE FROM connections WHERE connection_id = $1 AND edge_id = $2",
-                    )
-                    .bind(connection_id)
-                    .bind(edge_id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected()
-                        == 1;
-                    changed.push(removed);
-                }
-            }
+                } => removed.remove(&(connection_id.clone(), edge_id.clone())),
+            }));
         }
-        insert_registrations(self, Some(&mut tx), &registrations).await?;
         self.commit(tx).await?;
         Ok(changed)
     }

@@ -27,11 +27,14 @@ muster_store::backend_suite! {
         changes.push(Change::Unregister { edge_id: "edge-1".into(), connection_id: "c5".into() });
         changes.push(Change::Unregister { edge_id: "edge-1".into(), connection_id: "nowhere".into() });
         changes.push(Change::Register(registration("c5", "dev_5", "edge-2")));
+        // Unregistered twice: the first removes it.
+        changes.push(Change::Unregister { edge_id: "edge-1".into(), connection_id: "c9".into() });
+        changes.push(Change::Unregister { edge_id: "edge-1".into(), connection_id: "c9".into() });
         let changed = store.apply(&changes).await.unwrap();
-        assert_eq!(&changed[100..], [true, true, true, false, true]);
+        assert_eq!(&changed[100..], [true, true, true, false, true, true, false]);
         let mut on_1 = store.heartbeat("edge-1").await.unwrap();
         on_1.sort();
-        assert_eq!(on_1.len(), 99, "c0..c99 less c5");
+        assert_eq!(on_1.len(), 98, "c0..c99 less c5 and c9");
         assert!(!on_1.contains(&"c5".to_string()));
         let mut on_2 = store.heartbeat("edge-2").await.unwrap();
         on_2.sort();

@@ -23,6 +23,28 @@ pub enum InstanceWrite {
     },
 }
 
+impl InstanceWrite {
+    /// The row it touches, and whether it removes it.
+    fn key(&self) -> ((&str, &str), bool) {
+        match self {
+            InstanceWrite::Upsert {
+                tenant_id, entry, ..
+            } => ((tenant_id.as_str(), entry.instance_id.as_str()), false),
+            InstanceWrite::Remove {
+                tenant_id,
+                instance_id,
+                ..
+            } => ((tenant_id.as_str(), instance_id.as_str()), true),
+        }
+    }
+
+    fn event(&self) -> &NewItem {
+        match self {
+            InstanceWrite::Upsert { event, .. } | InstanceWrite::Remove { event, .. } => event,
+        }
+    }
+}
+
 /// Where presence keeps its state. Each change commits with its event.
 #[tonic::async_trait]
 pub trait PresenceStore: Send + Sync + 'static {
@@ -126,44 +148,51 @@ impl PresenceStore for Store {
     async fn write_instances(&self, writes: &[InstanceWrite]) -> Result<Vec<bool>, StoreError> {
         let mut tx = self.begin().await?;
         let mut changed = Vec::with_capacity(writes.len());
-        let mut events = Vec::new();
-        // Consecutive upserts share statements; a removal between them
-        // keeps its place in the order.
-        let mut upserts = Vec::new();
-        for write in writes {
-            match write {
-                InstanceWrite::Upsert {
-                    tenant_id,
-                    entry,
-                    event,
-                } => {
-                    upserts.push((tenant_id.as_str(), entry.as_ref()));
-                    events.push(event);
-                    changed.push(true);
-                }
+        for run in muster_store::conflict_free_runs(writes, InstanceWrite::key) {
+            let upserts: Vec<(&str, &InstanceEntry)> = run
+                .iter()
+                .filter_map(|write| match write {
+                    InstanceWrite::Upsert {
+                        tenant_id, entry, ..
+                    } => Some((tenant_id.as_str(), entry.as_ref())),
+                    InstanceWrite::Remove { .. } => None,
+                })
+                .collect();
+            upsert_entries(&mut tx, &upserts).await?;
+            let removals: Vec<(&str, &str)> = run
+                .iter()
+                .filter_map(|write| match write {
+                    InstanceWrite::Upsert { .. } => None,
+                    InstanceWrite::Remove {
+                        tenant_id,
+                        instance_id,
+                        ..
+                    } => Some((tenant_id.as_str(), instance_id.as_str())),
+                })
+                .collect();
+            let mut removed = muster_store::delete_keys(
+                &mut tx,
+                "instance_presence",
+                ["tenant_id", "instance_id"],
+                &removals,
+            )
+            .await?;
+            // An instance removed twice was removed by the first.
+            changed.extend(run.iter().map(|write| match write {
+                InstanceWrite::Upsert { .. } => true,
                 InstanceWrite::Remove {
                     tenant_id,
                     instance_id,
-                    event,
-                } => {
-                    upsert_entries(&mut tx, &std::mem::take(&mut upserts)).await?;
-                    let removed = sqlx::query(
-                        "DELETE FROM instance_presence WHERE tenant_id = $1 AND instance_id = $2",
-                    )
-                    .bind(tenant_id)
-                    .bind(instance_id)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected()
-                        > 0;
-                    if removed {
-                        events.push(event);
-                    }
-                    changed.push(removed);
-                }
-            }
+                    ..
+                } => removed.remove(&(tenant_id.clone(), instance_id.clone())),
+            }));
         }
-        upsert_entries(&mut tx, &upserts).await?;
+        // Each write that changed a row has its event, in the batch's order.
+        let events = writes
+            .iter()
+            .zip(&changed)
+            .filter(|(_, changed)| **changed)
+            .map(|(write, _)| write.event());
         outbox::append_all(&mut tx, events).await?;
         self.commit(tx).await?;
         Ok(changed)

@@ -72,20 +72,23 @@ muster_store::backend_suite! {
         writes.push(remove("dev_gone"));
         writes.push(upsert("dev_5", "back"));
         writes.push(remove("dev_7"));
+        writes.push(remove("dev_9"));
+        writes.push(remove("dev_9"));
         let changed = store.write_instances(&writes).await.unwrap();
         assert_eq!(changed.len(), writes.len());
-        assert_eq!(&changed[100..], [true, true, true, false, true, true]);
+        // Of an instance removed twice, the first removal removed it.
+        assert_eq!(&changed[100..], [true, true, true, false, true, true, true, false]);
 
         let listed = Instances::new(Arc::new(store.clone())).list("t1").await.unwrap();
-        assert_eq!(listed.len(), 100, "dev_0..99 less dev_7, plus dev_x");
+        assert_eq!(listed.len(), 99, "dev_0..99 less dev_7 and dev_9, plus dev_x");
         let host = |id: &str| listed.iter().find(|e| e.instance_id == id).map(|e| e.reported_host.clone());
         assert_eq!(host("dev_x").as_deref(), Some("second"));
         assert_eq!(host("dev_5").as_deref(), Some("back"));
         assert_eq!(host("dev_7"), None);
-        // One event per applied write, in order; none for the removal that
+        // One event per applied write, in order; none for the removals that
         // found nothing.
         let events = muster_store::testing::outbox_items(&store, "t1").await.unwrap();
-        assert_eq!(events.len(), writes.len() - 1);
+        assert_eq!(events.len(), writes.len() - 2);
         let tail: Vec<String> = events[100..].iter().map(|e| format!("{} {}", e.kind, e.payload)).collect();
         assert_eq!(tail, [
             r#"presence.upserted {"host":"first","id":"dev_x"}"#,
@@ -93,6 +96,7 @@ muster_store::backend_suite! {
             r#"presence.pruned {"id":"dev_5"}"#,
             r#"presence.upserted {"host":"back","id":"dev_5"}"#,
             r#"presence.pruned {"id":"dev_7"}"#,
+            r#"presence.pruned {"id":"dev_9"}"#,
         ]);
     }
 
