@@ -98,6 +98,18 @@ pub fn last_of_each<'a, T, K: Eq + std::hash::Hash>(
         .collect()
 }
 
+/// A condition that the two `columns` match one of `rows` pairs of
+/// parameters, numbered from `$1`: `(a, b) IN (SELECT column1, column2
+/// FROM (VALUES ($1, $2), …))`. Written as a subquery rather than a list
+/// of row values, which older SQLite scans the table for.
+pub fn pairs_in(columns: [&str; 2], rows: usize) -> String {
+    let [first, second] = columns;
+    format!(
+        "({first}, {second}) IN (SELECT column1, column2 FROM (VALUES {}) AS pairs)",
+        values_rows(rows, 2)
+    )
+}
+
 /// A batch of writes and removals, split into runs in which no key is both
 /// written and removed. Within a run the writes and the removals touch
 /// different rows, so each kind may go as one statement, in either order,
@@ -153,9 +165,8 @@ pub async fn delete_keys(
     let mut deleted = std::collections::HashSet::with_capacity(keys.len());
     for chunk in in_statements(keys, 2) {
         let sql = format!(
-            "DELETE FROM {table} WHERE ({first}, {second}) IN (VALUES {}) \
-             RETURNING {first}, {second}",
-            values_rows(chunk.len(), 2)
+            "DELETE FROM {table} WHERE {} RETURNING {first}, {second}",
+            pairs_in(columns, chunk.len())
         );
         let query = chunk
             .iter()
@@ -532,6 +543,10 @@ mod tests {
     #[test]
     fn values_number_every_row_and_the_last_upsert_of_a_key_stays() {
         assert_eq!(values_rows(2, 2), "($1, $2), ($3, $4)");
+        assert_eq!(
+            pairs_in(["a", "b"], 2),
+            "(a, b) IN (SELECT column1, column2 FROM (VALUES ($1, $2), ($3, $4)) AS pairs)"
+        );
         let items = [(1, "a"), (2, "b"), (1, "c")];
         let refs: Vec<&(i32, &str)> = items.iter().collect();
         let kept: Vec<&str> = last_of_each(&refs, |(k, _)| *k)

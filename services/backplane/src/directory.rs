@@ -80,8 +80,9 @@ pub trait DirectoryStore: Send + Sync + 'static {
     /// Removes rows whose edge stopped heartbeating.
     async fn expire(&self) -> Result<u64, StoreError>;
     /// For each directed item's tenant and target, whether `edge_id` holds
-    /// the target: one lookup for them all, so that a burst of commands to
-    /// many devices costs a query per batch, not one per item.
+    /// the target: looked up together (a statement per up to 64 devices
+    /// or connections), so that a burst of commands to many devices costs a
+    /// few queries per batch, not one per item.
     async fn holding(
         &self,
         edge_id: &str,
@@ -246,46 +247,59 @@ impl DirectoryStore for Store {
         edge_id: &str,
         targets: &[(&str, &Target)],
     ) -> Result<Vec<bool>, StoreError> {
-        // Device and connection ids are looked up together: a UUID
-        // connection id and a `dev_…` device id cannot be mistaken for each
-        // other, and the tenant is checked on what comes back.
-        let mut ids: Vec<&str> = targets
-            .iter()
-            .filter_map(|(_, target)| match target {
-                Target::Device(id) | Target::Connection(id) => Some(id.as_str()),
-                Target::Edge(_) => None,
-            })
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut devices = HashSet::new();
-        let mut connections = HashSet::new();
+        // Devices by (tenant, device) and connections by their id, so that
+        // each lookup is an index probe, not a read of the edge's rows.
+        let mut device_keys: Vec<(&str, &str)> = Vec::new();
+        let mut connection_ids: Vec<&str> = Vec::new();
+        for &(tenant_id, target) in targets {
+            match target {
+                Target::Device(id) => device_keys.push((tenant_id, id.as_str())),
+                Target::Connection(id) => connection_ids.push(id.as_str()),
+                Target::Edge(_) => {}
+            }
+        }
+        device_keys.sort_unstable();
+        device_keys.dedup();
+        connection_ids.sort_unstable();
+        connection_ids.dedup();
         let now = now_ms();
-        for chunk in muster_store::in_statements(&ids, 1) {
-            let list = muster_store::placeholders(3, chunk.len());
+        let pair = |row: &sqlx::any::AnyRow| {
+            Ok((row.try_get::<String, _>(0)?, row.try_get::<String, _>(1)?))
+        };
+        let mut devices = HashSet::new();
+        for chunk in muster_store::in_statements(&device_keys, 2) {
+            // The edge and expiry are checked on what comes back: in the
+            // statement, SQLite may pick the index on edge_id and read
+            // every row of the edge.
             let sql = format!(
-                "SELECT tenant_id, device_id, connection_id FROM connections \
-                 WHERE edge_id = $1 AND expires_at_ms >= $2 \
-                 AND (device_id IN ({list}) OR connection_id IN ({list}))"
+                "SELECT tenant_id, device_id, edge_id, expires_at_ms FROM connections WHERE {}",
+                muster_store::pairs_in(["tenant_id", "device_id"], chunk.len()),
             );
-            let query = chunk
-                .iter()
-                .fold(sqlx::query(&sql).bind(edge_id).bind(now), |q, id| {
-                    q.bind(*id)
-                });
+            let query = chunk.iter().fold(sqlx::query(&sql), |q, (tenant_id, id)| {
+                q.bind(*tenant_id).bind(*id)
+            });
             let rows = self
                 .fetch_all(query, |row| {
-                    Ok((
-                        row.try_get::<String, _>(0)?,
-                        row.try_get::<String, _>(1)?,
-                        row.try_get::<String, _>(2)?,
-                    ))
+                    let held =
+                        row.try_get::<String, _>(2)? == edge_id && row.try_get::<i64, _>(3)? >= now;
+                    held.then(|| pair(row)).transpose()
                 })
                 .await?;
-            for (tenant_id, device_id, connection_id) in rows {
-                devices.insert((tenant_id.clone(), device_id));
-                connections.insert((tenant_id, connection_id));
-            }
+            devices.extend(rows.into_iter().flatten());
+        }
+        // A connection's tenant is checked on what comes back.
+        let mut connections = HashSet::new();
+        for chunk in muster_store::in_statements(&connection_ids, 1) {
+            let n = chunk.len();
+            let sql = format!(
+                "SELECT tenant_id, connection_id FROM connections \
+                 WHERE connection_id IN ({}) AND edge_id = ${} AND expires_at_ms >= ${}",
+                muster_store::placeholders(1, n),
+                n + 1,
+                n + 2
+            );
+            let query = chunk.iter().fold(sqlx::query(&sql), |q, id| q.bind(*id));
+            connections.extend(self.fetch_all(query.bind(edge_id).bind(now), pair).await?);
         }
         Ok(targets
             .iter()
