@@ -356,7 +356,7 @@ async fn connected(
         claims: claims.clone(),
         in_presence,
         reported: std::sync::Mutex::new(reported),
-        announced: Default::default(),
+        announcing: Default::default(),
         observed_ip: remote.ip().to_string(),
         outbound: outbound.clone(),
         topics: Default::default(),
@@ -522,21 +522,25 @@ async fn leave(edge: &Edge, peer: &Peer) {
     }
 }
 
-/// Upserts the peer's presence entry as it last reported it; marks the
-/// peer announced once presence took it.
+/// Upserts the peer's presence entry as it last reported it, unless an
+/// upsert of it is in flight or presence holds it already.
 pub(crate) async fn announce(edge: &Edge, peer: &Peer) -> Result<(), tonic::Status> {
-    let Some(entry) = peer
+    if !peer.announcing.start() {
+        return Ok(());
+    }
+    let entry = peer
         .reported
         .lock()
         .expect("reported lock")
         .as_deref()
-        .map(|reported| peer.entry(reported))
-    else {
+        .map(|reported| peer.entry(reported));
+    let Some(entry) = entry else {
+        peer.announcing.finish(false);
         return Ok(());
     };
-    upsert(edge, &peer.claims.tenant_id, entry).await?;
-    peer.announced.store(true, Ordering::Relaxed);
-    Ok(())
+    let upserted = upsert(edge, &peer.claims.tenant_id, entry).await;
+    peer.announcing.finish(upserted.is_ok());
+    upserted.map(drop)
 }
 
 pub(crate) async fn upsert(
@@ -673,7 +677,7 @@ async fn beacon_upsert(edge: &Edge, peer: &Peer, beacon: Beacon) -> Result<Value
         // announced with again, should presence lose its entry while it
         // stays connected.
         *peer.reported.lock().expect("reported lock") = Some(Box::new(reported));
-        peer.announced.store(true, Ordering::Relaxed);
+        peer.announcing.finish(true);
     }
     let entry = wire_entry(stored)?;
     Ok(json!({ "entry": entry }))

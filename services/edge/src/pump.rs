@@ -417,7 +417,7 @@ async fn announce_pending(edge: &Edge) {
         .registry
         .all()
         .into_iter()
-        .filter(|p| p.in_presence && !p.announced.load(std::sync::atomic::Ordering::Relaxed));
+        .filter(|p| p.in_presence && p.announcing.is_pending());
     // Concurrently, so that the edge's batching sends them a few hundred
     // per call: after an outage, every peer may be pending at once.
     let announce = |peer: Arc<crate::registry::Peer>| async move {
@@ -523,8 +523,7 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
                         );
                         for peer in edge.registry.tenant(&tenant_id) {
                             if missing.contains(peer.device_id.as_str()) {
-                                peer.announced
-                                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                                peer.announcing.lost();
                             }
                         }
                     }

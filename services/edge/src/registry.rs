@@ -2,6 +2,7 @@
 //! connections of a revoked token.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
 use std::sync::{Arc, Mutex, RwLock};
 
 use muster_protocol::close::Close;
@@ -26,9 +27,10 @@ pub(crate) struct Peer {
     /// beacon): announced again when presence lost the entry while the
     /// peer stayed. `None` for peers left out of presence.
     pub(crate) reported: Mutex<Option<Box<Reported>>>,
-    /// Whether presence took the entry; if not, the next refresh tries
-    /// again.
-    pub(crate) announced: std::sync::atomic::AtomicBool,
+    /// Where its presence entry stands: [`Announcing`] guards against a
+    /// second upsert while one is in flight (a refresh that runs meanwhile
+    /// would otherwise send the entry again, and its event twice).
+    pub(crate) announcing: Announcing,
     /// The remote address the edge saw.
     pub(crate) observed_ip: String,
     pub(crate) outbound: Outbound,
@@ -57,6 +59,44 @@ pub(crate) struct Reported {
     /// A JSON object.
     pub(crate) metadata_json: String,
     pub(crate) reason: &'static str,
+}
+
+/// Whether presence holds a peer's entry, as far as the edge knows.
+#[derive(Debug, Default)]
+pub(crate) struct Announcing(std::sync::atomic::AtomicU8);
+
+impl Announcing {
+    /// Not held (new, refused, or lost): the next refresh announces it.
+    const PENDING: u8 = 0;
+    const IN_FLIGHT: u8 = 1;
+    const HELD: u8 = 2;
+
+    /// Claims the announcement; false when one is in flight or presence
+    /// holds the entry already.
+    pub(crate) fn start(&self) -> bool {
+        self.0
+            .compare_exchange(Self::PENDING, Self::IN_FLIGHT, AcqRel, Acquire)
+            .is_ok()
+    }
+
+    /// Presence took the entry (an announcement or a beacon), or refused
+    /// an announcement.
+    pub(crate) fn finish(&self, held: bool) {
+        self.0
+            .store(if held { Self::HELD } else { Self::PENDING }, Release);
+    }
+
+    /// Presence lost a held entry (pruned, or the TTL after an outage); an
+    /// announcement in flight will write it anyway.
+    pub(crate) fn lost(&self) {
+        let _ = self
+            .0
+            .compare_exchange(Self::HELD, Self::PENDING, AcqRel, Acquire);
+    }
+
+    pub(crate) fn is_pending(&self) -> bool {
+        self.0.load(Acquire) == Self::PENDING
+    }
 }
 
 impl Peer {
@@ -194,5 +234,30 @@ impl Registry {
                 peer.outbound.close(close);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Announcing;
+
+    #[test]
+    fn an_entry_is_announced_once_at_a_time_and_again_only_once_lost() {
+        let state = Announcing::default();
+        assert!(state.is_pending());
+        assert!(state.start());
+        assert!(!state.start(), "one announcement in flight at a time");
+        // A refresh that finds the entry missing while it is being written
+        // leaves it to the write in flight.
+        state.lost();
+        assert!(!state.is_pending());
+        state.finish(true);
+        assert!(!state.start(), "held: nothing to announce");
+        state.lost();
+        assert!(state.is_pending());
+        assert!(state.start());
+        // Refused: the next refresh tries again.
+        state.finish(false);
+        assert!(state.is_pending());
     }
 }
