@@ -178,3 +178,36 @@ pub fn http_get(url: &str, bearer: Option<&str>) -> String {
     stream.read_to_string(&mut response).expect("read response");
     response
 }
+
+/// A fresh Postgres database for one test (from `MUSTER_TEST_DATABASE_URL`;
+/// without a server the test fails).
+pub async fn postgres_store() -> String {
+    muster_store::testing::create_postgres_database().await
+}
+
+/// Each test once on SQLite and once on a fresh Postgres database, named
+/// `<test>::sqlite` and `<test>::postgres`; `store` is what to give
+/// [`Host::start`].
+#[macro_export]
+macro_rules! on_both_stores {
+    ($(async fn $name:ident($store:ident : Option<String>) $body:block)*) => {
+        $(
+            mod $name {
+                #[allow(unused_imports)]
+                use super::*;
+
+                async fn run($store: Option<String>) $body
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    run(None).await
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    run(Some($crate::postgres_store().await)).await
+                }
+            }
+        )*
+    };
+}

@@ -26,315 +26,323 @@ async fn assert_closed(ws: &mut Ws, code: u16, reason: &str) {
     assert_eq!(ws.closed().await, (code, reason.to_owned()));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_upgrade_needs_tyrum_v1_and_echoes_only_it() {
-    let host = Host::start(None).await;
-    let Err(Error::Http(response)) = open(&host.ws_url(), "x", TokenVia::Nowhere, Some("")).await
-    else {
-        panic!("an upgrade without tyrum-v1 must fail");
-    };
-    assert_eq!(response.status(), 400);
-    assert_eq!(
-        response.headers()["content-type"],
-        "text/plain; charset=utf-8"
-    );
-    let body = String::from_utf8(response.body().clone().unwrap()).unwrap();
-    assert_eq!(body, "Missing required WebSocket subprotocol: tyrum-v1\n");
+muster_e2e::on_both_stores! {
+    async fn the_upgrade_needs_tyrum_v1_and_echoes_only_it(store: Option<String>) {
+        let host = Host::start(store).await;
+        let Err(Error::Http(response)) = open(&host.ws_url(), "x", TokenVia::Nowhere, Some("")).await
+        else {
+            panic!("an upgrade without tyrum-v1 must fail");
+        };
+        assert_eq!(response.status(), 400);
+        assert_eq!(
+            response.headers()["content-type"],
+            "text/plain; charset=utf-8"
+        );
+        let body = String::from_utf8(response.body().clone().unwrap()).unwrap();
+        assert_eq!(body, "Missing required WebSocket subprotocol: tyrum-v1\n");
 
-    let ws = open(
-        &host.ws_url(),
-        &host.admin_token(),
-        TokenVia::Subprotocol,
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(ws.response.headers()["sec-websocket-protocol"], "tyrum-v1");
-    host.stop().await;
+        let ws = open(
+            &host.ws_url(),
+            &host.admin_token(),
+            TokenVia::Subprotocol,
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(ws.response.headers()["sec-websocket-protocol"], "tyrum-v1");
+        host.stop().await;
+    }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_token_path_admits_and_a_bad_token_is_closed_4001() {
-    let host = Host::start(None).await;
-    for via in [TokenVia::Bearer, TokenVia::Cookie, TokenVia::Subprotocol] {
-        let mut ws = open(&host.ws_url(), &host.admin_token(), via, None)
+muster_e2e::on_both_stores! {
+    async fn every_token_path_admits_and_a_bad_token_is_closed_4001(store: Option<String>) {
+        let host = Host::start(store).await;
+        for via in [TokenVia::Bearer, TokenVia::Cookie, TokenVia::Subprotocol] {
+            let mut ws = open(&host.ws_url(), &host.admin_token(), via, None)
+                .await
+                .unwrap();
+            let key = DeviceKey::generate();
+            let result = ws.handshake(&key, "client", json!({})).await;
+            assert_eq!(result["device_id"], key.device_id(), "{via:?}");
+            assert_eq!(result["role"], "client");
+        }
+        for (token, via) in [("muster_wrong", TokenVia::Bearer), ("", TokenVia::Nowhere)] {
+            let mut ws = open(&host.ws_url(), token, via, None).await.unwrap();
+            assert_closed(&mut ws, 4001, "unauthorized").await;
+        }
+        // An operator token is for clients; a node needs an admin (or scoped
+        // node) token.
+        let (_, reader) = host.client_token(&["operator.read"]).await;
+        let mut ws = open(&host.ws_url(), &reader, TokenVia::Bearer, None)
             .await
             .unwrap();
-        let key = DeviceKey::generate();
-        let result = ws.handshake(&key, "client", json!({})).await;
-        assert_eq!(result["device_id"], key.device_id(), "{via:?}");
-        assert_eq!(result["role"], "client");
-    }
-    for (token, via) in [("muster_wrong", TokenVia::Bearer), ("", TokenVia::Nowhere)] {
-        let mut ws = open(&host.ws_url(), token, via, None).await.unwrap();
+        ws.send(init(&DeviceKey::generate(), "node")).await;
         assert_closed(&mut ws, 4001, "unauthorized").await;
+        host.stop().await;
     }
-    // An operator token is for clients; a node needs an admin (or scoped
-    // node) token.
-    let (_, reader) = host.client_token(&["operator.read"]).await;
-    let mut ws = open(&host.ws_url(), &reader, TokenVia::Bearer, None)
-        .await
-        .unwrap();
-    ws.send(init(&DeviceKey::generate(), "node")).await;
-    assert_closed(&mut ws, 4001, "unauthorized").await;
-    host.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_token_admits_its_own_device_as_a_node_only() {
-    let host = Host::start(None).await;
-    let key = DeviceKey::generate();
-    let token = host.node_token(&key.device_id()).await;
+muster_e2e::on_both_stores! {
+    async fn a_node_token_admits_its_own_device_as_a_node_only(store: Option<String>) {
+        let host = Host::start(store).await;
+        let key = DeviceKey::generate();
+        let token = host.node_token(&key.device_id()).await;
 
-    let mut node = open(&host.ws_url(), &token, TokenVia::Bearer, None)
-        .await
-        .unwrap();
-    let result = node.handshake(&key, "node", json!({})).await;
-    assert_eq!(result["device_id"], key.device_id());
-    assert_eq!(result["role"], "node");
-    // It carries no operator scopes.
-    assert_eq!(
-        node.call("muster.presence.list", json!({})).await["error"]["code"],
-        "forbidden"
-    );
-
-    // Another key: 4008 right after connect.init (Part B §3, check 5).
-    let mut ws = open(&host.ws_url(), &token, TokenVia::Bearer, None)
-        .await
-        .unwrap();
-    ws.send(init(&DeviceKey::generate(), "node")).await;
-    assert_closed(&mut ws, 4008, "scoped token mismatch").await;
-
-    // Its own key as a client: 4001, before the device is looked at.
-    let mut ws = open(&host.ws_url(), &token, TokenVia::Bearer, None)
-        .await
-        .unwrap();
-    ws.send(init(&key, "client")).await;
-    assert_closed(&mut ws, 4001, "unauthorized").await;
-    host.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handshake_violations_close_with_their_exact_codes() {
-    let host = Host::start(None).await;
-    let key = DeviceKey::generate();
-    let other = DeviceKey::generate();
-    let cases: Vec<(Vec<String>, u16, &str)> = vec![
-        (vec!["{not json".into()], 4003, "invalid json"),
-        (vec![json!({"request_id": "r", "type": "connect", "payload": {}}).to_string()], 4003,
-            "legacy connect is deprecated; use connect.init/connect.proof"),
-        (vec![json!({"request_id": "r", "type": "ping", "payload": {}}).to_string()], 4003,
-            "expected connect.init/connect.proof"),
-        (vec![json!({"request_id": "r", "type": "connect.init", "payload": {"protocol_rev": 2}}).to_string()], 4003,
-            "expected connect.init/connect.proof"),
-        (vec![json!({"request_id": "r", "type": "connect.proof", "payload": {"connection_id": "c", "proof": "p"}}).to_string()], 4003,
-            "expected connect.init first"),
-        (vec![json!({"request_id": "r", "type": "connect.init", "payload": {"protocol_rev": 1, "role": "client",
-            "device": {"device_id": key.device_id(), "pubkey": key.pubkey()}}}).to_string()], 4005, "protocol_rev mismatch"),
-        (vec![json!({"request_id": "r", "type": "connect.init", "payload": {"protocol_rev": 2, "role": "client",
-            "device": {"device_id": other.device_id(), "pubkey": key.pubkey()}}}).to_string()], 4006, "device_id mismatch"),
-    ];
-    for (frames, code, reason) in cases {
-        let mut ws = admin(&host).await;
-        for frame in &frames {
-            ws.send_text(frame).await;
-        }
-        assert_eq!(ws.closed().await, (code, reason.to_owned()), "{frames:?}");
-    }
-
-    // After a good init: a proof for another connection, or a bad proof.
-    for (mangle, code, reason) in [
-        ("connection", 4003, "connection_id mismatch"),
-        ("signature", 4007, "invalid proof"),
-        ("garbage", 4007, "invalid proof"),
-    ] {
-        let mut ws = admin(&host).await;
-        let reply = ws
-            .call("connect.init", init(&key, "client")["payload"].clone())
-            .await;
-        let connection_id = reply["result"]["connection_id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-        let challenge = reply["result"]["challenge"].as_str().unwrap().to_owned();
-        assert_eq!(challenge.len(), 43);
-        let (cid, proof) = match mangle {
-            "connection" => (
-                "3f1c2a9e-7b4d-4c1e-9a2f-5d6e7f8a9b0c".to_owned(),
-                "x".to_owned(),
-            ),
-            "signature" => (
-                connection_id.clone(),
-                other.sign(&transcript(
-                    2,
-                    "client",
-                    &key.device_id(),
-                    &connection_id,
-                    &challenge,
-                )),
-            ),
-            _ => (connection_id.clone(), "%%%".to_owned()),
-        };
-        ws.send(json!({"request_id": "p", "type": "connect.proof", "payload": {"connection_id": cid, "proof": proof}})).await;
-        assert_closed(&mut ws, code, reason).await;
-    }
-    host.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_peer_is_closed_4002_after_ten_seconds() {
-    let host = Host::start(None).await;
-    let mut ws = admin(&host).await;
-    let started = std::time::Instant::now();
-    assert_closed(&mut ws, 4002, "handshake timeout").await;
-    let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_secs(9) && waited < Duration::from_secs(14),
-        "{waited:?}"
-    );
-    host.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_the_handshake_envelopes_are_strict() {
-    let host = Host::start(None).await;
-    let mut ws = admin(&host).await;
-    ws.handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
-        .await;
-
-    let pong = ws.call("ping", json!({})).await;
-    assert_eq!(
-        pong,
-        json!({"request_id": pong["request_id"], "type": "ping", "ok": true})
-    );
-    let bad_ping = ws.call("ping", json!({"x": 1})).await;
-    assert_eq!(bad_ping["error"]["code"], "invalid_request");
-
-    for (frame, code, message) in [
-        (
-            "{oops".to_owned(),
-            "invalid_json",
-            Some("message is not valid JSON"),
-        ),
-        (
-            json!({"request_id": "r", "type": "ping"}).to_string(),
-            "invalid_message",
-            None,
-        ),
-        (
-            json!({"event_id": "e", "type": "x", "occurred_at": "t", "payload": {}}).to_string(),
-            "unexpected_event",
-            Some("clients must not send events"),
-        ),
-        (
-            json!({"request_id": "t", "type": "task.execute", "ok": true}).to_string(),
-            "unauthorized",
-            Some("only nodes may respond to task.execute"),
-        ),
-    ] {
-        ws.send_text(&frame).await;
-        let event = ws.event("error").await;
-        assert_eq!(event["payload"]["code"], code, "{frame}");
-        if let Some(message) = message {
-            assert_eq!(event["payload"]["message"], message);
-        }
-        let keys: Vec<_> = event["payload"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .cloned()
-            .collect();
-        assert_eq!(keys, vec!["code", "message"]);
-        assert!(event["occurred_at"].as_str().unwrap().ends_with('Z'));
-    }
-    // A response to anything but task.execute is ignored: ping still works.
-    ws.send(json!({"request_id": "x", "type": "ping", "ok": true}))
-        .await;
-    assert_eq!(ws.call("ping", json!({})).await["ok"], true);
-
-    for kind in [
-        "conversation.list",
-        "workflow.start",
-        "no.such.type",
-        "connect.init",
-    ] {
-        let reply = ws.call(kind, json!({})).await;
+        let mut node = open(&host.ws_url(), &token, TokenVia::Bearer, None)
+            .await
+            .unwrap();
+        let result = node.handshake(&key, "node", json!({})).await;
+        assert_eq!(result["device_id"], key.device_id());
+        assert_eq!(result["role"], "node");
+        // It carries no operator scopes.
         assert_eq!(
-            reply["error"],
-            json!({"code": "unsupported_request", "message": "request not supported"}),
-            "{kind}"
+            node.call("muster.presence.list", json!({})).await["error"]["code"],
+            "forbidden"
         );
+
+        // Another key: 4008 right after connect.init (Part B §3, check 5).
+        let mut ws = open(&host.ws_url(), &token, TokenVia::Bearer, None)
+            .await
+            .unwrap();
+        ws.send(init(&DeviceKey::generate(), "node")).await;
+        assert_closed(&mut ws, 4008, "scoped token mismatch").await;
+
+        // Its own key as a client: 4001, before the device is looked at.
+        let mut ws = open(&host.ws_url(), &token, TokenVia::Bearer, None)
+            .await
+            .unwrap();
+        ws.send(init(&key, "client")).await;
+        assert_closed(&mut ws, 4001, "unauthorized").await;
+        host.stop().await;
     }
-    host.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scoped_tokens_get_what_their_scopes_allow() {
-    let host = Host::start(None).await;
-    let (_, reader) = host.client_token(&["operator.read"]).await;
-    let mut ws = open(&host.ws_url(), &reader, TokenVia::Subprotocol, None)
-        .await
-        .unwrap();
-    ws.handshake(&DeviceKey::generate(), "client", json!({}))
-        .await;
-    assert_eq!(ws.call("ping", json!({})).await["ok"], true);
-    let listed = ws.call("muster.presence.list", json!({})).await;
-    assert_eq!(listed["ok"], true, "{listed}");
-    let refused = ws.call("approval.resolve", json!({})).await;
-    assert_eq!(
-        refused["error"],
-        json!({"code": "forbidden", "message": "insufficient scope"})
-    );
-    for kind in ["task.execute", "connect.init", "no.such.type"] {
-        let refused = ws.call(kind, json!({})).await;
+muster_e2e::on_both_stores! {
+    async fn handshake_violations_close_with_their_exact_codes(store: Option<String>) {
+        let host = Host::start(store).await;
+        let key = DeviceKey::generate();
+        let other = DeviceKey::generate();
+        let cases: Vec<(Vec<String>, u16, &str)> = vec![
+            (vec!["{not json".into()], 4003, "invalid json"),
+            (vec![json!({"request_id": "r", "type": "connect", "payload": {}}).to_string()], 4003,
+                "legacy connect is deprecated; use connect.init/connect.proof"),
+            (vec![json!({"request_id": "r", "type": "ping", "payload": {}}).to_string()], 4003,
+                "expected connect.init/connect.proof"),
+            (vec![json!({"request_id": "r", "type": "connect.init", "payload": {"protocol_rev": 2}}).to_string()], 4003,
+                "expected connect.init/connect.proof"),
+            (vec![json!({"request_id": "r", "type": "connect.proof", "payload": {"connection_id": "c", "proof": "p"}}).to_string()], 4003,
+                "expected connect.init first"),
+            (vec![json!({"request_id": "r", "type": "connect.init", "payload": {"protocol_rev": 1, "role": "client",
+                "device": {"device_id": key.device_id(), "pubkey": key.pubkey()}}}).to_string()], 4005, "protocol_rev mismatch"),
+            (vec![json!({"request_id": "r", "type": "connect.init", "payload": {"protocol_rev": 2, "role": "client",
+                "device": {"device_id": other.device_id(), "pubkey": key.pubkey()}}}).to_string()], 4006, "device_id mismatch"),
+        ];
+        for (frames, code, reason) in cases {
+            let mut ws = admin(&host).await;
+            for frame in &frames {
+                ws.send_text(frame).await;
+            }
+            assert_eq!(ws.closed().await, (code, reason.to_owned()), "{frames:?}");
+        }
+
+        // After a good init: a proof for another connection, or a bad proof.
+        for (mangle, code, reason) in [
+            ("connection", 4003, "connection_id mismatch"),
+            ("signature", 4007, "invalid proof"),
+            ("garbage", 4007, "invalid proof"),
+        ] {
+            let mut ws = admin(&host).await;
+            let reply = ws
+                .call("connect.init", init(&key, "client")["payload"].clone())
+                .await;
+            let connection_id = reply["result"]["connection_id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let challenge = reply["result"]["challenge"].as_str().unwrap().to_owned();
+            assert_eq!(challenge.len(), 43);
+            let (cid, proof) = match mangle {
+                "connection" => (
+                    "3f1c2a9e-7b4d-4c1e-9a2f-5d6e7f8a9b0c".to_owned(),
+                    "x".to_owned(),
+                ),
+                "signature" => (
+                    connection_id.clone(),
+                    other.sign(&transcript(
+                        2,
+                        "client",
+                        &key.device_id(),
+                        &connection_id,
+                        &challenge,
+                    )),
+                ),
+                _ => (connection_id.clone(), "%%%".to_owned()),
+            };
+            ws.send(json!({"request_id": "p", "type": "connect.proof", "payload": {"connection_id": cid, "proof": proof}})).await;
+            assert_closed(&mut ws, code, reason).await;
+        }
+        host.stop().await;
+    }
+}
+
+muster_e2e::on_both_stores! {
+    async fn a_silent_peer_is_closed_4002_after_ten_seconds(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut ws = admin(&host).await;
+        let started = std::time::Instant::now();
+        assert_closed(&mut ws, 4002, "handshake timeout").await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(9) && waited < Duration::from_secs(14),
+            "{waited:?}"
+        );
+        host.stop().await;
+    }
+}
+
+muster_e2e::on_both_stores! {
+    async fn after_the_handshake_envelopes_are_strict(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut ws = admin(&host).await;
+        ws.handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
+            .await;
+
+        let pong = ws.call("ping", json!({})).await;
+        assert_eq!(
+            pong,
+            json!({"request_id": pong["request_id"], "type": "ping", "ok": true})
+        );
+        let bad_ping = ws.call("ping", json!({"x": 1})).await;
+        assert_eq!(bad_ping["error"]["code"], "invalid_request");
+
+        for (frame, code, message) in [
+            (
+                "{oops".to_owned(),
+                "invalid_json",
+                Some("message is not valid JSON"),
+            ),
+            (
+                json!({"request_id": "r", "type": "ping"}).to_string(),
+                "invalid_message",
+                None,
+            ),
+            (
+                json!({"event_id": "e", "type": "x", "occurred_at": "t", "payload": {}}).to_string(),
+                "unexpected_event",
+                Some("clients must not send events"),
+            ),
+            (
+                json!({"request_id": "t", "type": "task.execute", "ok": true}).to_string(),
+                "unauthorized",
+                Some("only nodes may respond to task.execute"),
+            ),
+        ] {
+            ws.send_text(&frame).await;
+            let event = ws.event("error").await;
+            assert_eq!(event["payload"]["code"], code, "{frame}");
+            if let Some(message) = message {
+                assert_eq!(event["payload"]["message"], message);
+            }
+            let keys: Vec<_> = event["payload"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned()
+                .collect();
+            assert_eq!(keys, vec!["code", "message"]);
+            assert!(event["occurred_at"].as_str().unwrap().ends_with('Z'));
+        }
+        // A response to anything but task.execute is ignored: ping still works.
+        ws.send(json!({"request_id": "x", "type": "ping", "ok": true}))
+            .await;
+        assert_eq!(ws.call("ping", json!({})).await["ok"], true);
+
+        for kind in [
+            "conversation.list",
+            "workflow.start",
+            "no.such.type",
+            "connect.init",
+        ] {
+            let reply = ws.call(kind, json!({})).await;
+            assert_eq!(
+                reply["error"],
+                json!({"code": "unsupported_request", "message": "request not supported"}),
+                "{kind}"
+            );
+        }
+        host.stop().await;
+    }
+}
+
+muster_e2e::on_both_stores! {
+    async fn scoped_tokens_get_what_their_scopes_allow(store: Option<String>) {
+        let host = Host::start(store).await;
+        let (_, reader) = host.client_token(&["operator.read"]).await;
+        let mut ws = open(&host.ws_url(), &reader, TokenVia::Subprotocol, None)
+            .await
+            .unwrap();
+        ws.handshake(&DeviceKey::generate(), "client", json!({}))
+            .await;
+        assert_eq!(ws.call("ping", json!({})).await["ok"], true);
+        let listed = ws.call("muster.presence.list", json!({})).await;
+        assert_eq!(listed["ok"], true, "{listed}");
+        let refused = ws.call("approval.resolve", json!({})).await;
         assert_eq!(
             refused["error"],
-            json!({"code": "forbidden", "message": "request is not scope-authorized for scoped tokens"}),
-            "{kind}"
+            json!({"code": "forbidden", "message": "insufficient scope"})
         );
+        for kind in ["task.execute", "connect.init", "no.such.type"] {
+            let refused = ws.call(kind, json!({})).await;
+            assert_eq!(
+                refused["error"],
+                json!({"code": "forbidden", "message": "request is not scope-authorized for scoped tokens"}),
+                "{kind}"
+            );
+        }
+        // Within its scope but not implemented yet.
+        assert_eq!(
+            ws.call("approval.list", json!({})).await["error"]["code"],
+            "unsupported_request"
+        );
+        host.stop().await;
     }
-    // Within its scope but not implemented yet.
-    assert_eq!(
-        ws.call("approval.list", json!({})).await["error"]["code"],
-        "unsupported_request"
-    );
-    host.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_revoked_token_closes_its_live_connections() {
-    let host = Host::start(None).await;
-    let (token_id, token) = host.client_token(&["operator.read"]).await;
-    let mut ws = open(&host.ws_url(), &token, TokenVia::Bearer, None)
-        .await
-        .unwrap();
-    ws.handshake(&DeviceKey::generate(), "client", json!({}))
-        .await;
-    let mut bystander = admin(&host).await;
-    bystander
-        .handshake(&DeviceKey::generate(), "client", json!({}))
-        .await;
+muster_e2e::on_both_stores! {
+    async fn a_revoked_token_closes_its_live_connections(store: Option<String>) {
+        let host = Host::start(store).await;
+        let (token_id, token) = host.client_token(&["operator.read"]).await;
+        let mut ws = open(&host.ws_url(), &token, TokenVia::Bearer, None)
+            .await
+            .unwrap();
+        ws.handshake(&DeviceKey::generate(), "client", json!({}))
+            .await;
+        let mut bystander = admin(&host).await;
+        bystander
+            .handshake(&DeviceKey::generate(), "client", json!({}))
+            .await;
 
-    let mut identity = muster_proto::v1::identity_client::IdentityClient::new(host.channel(
-        muster_tls::ServiceName::Identity,
-        muster_tls::ServiceName::Ctl,
-    ));
-    let revoked_at = std::time::Instant::now();
-    identity
-        .revoke_token(muster_proto::v1::RevokeTokenRequest { token_id })
-        .await
-        .unwrap();
-    assert_closed(&mut ws, 4001, "token revoked").await;
-    assert!(
-        revoked_at.elapsed() < Duration::from_secs(1),
-        "closed within a second"
-    );
-    assert_eq!(bystander.call("ping", json!({})).await["ok"], true);
-    let mut again = open(&host.ws_url(), &token, TokenVia::Bearer, None)
-        .await
-        .unwrap();
-    assert_closed(&mut again, 4001, "unauthorized").await;
-    host.stop().await;
+        let mut identity = muster_proto::v1::identity_client::IdentityClient::new(host.channel(
+            muster_tls::ServiceName::Identity,
+            muster_tls::ServiceName::Ctl,
+        ));
+        let revoked_at = std::time::Instant::now();
+        identity
+            .revoke_token(muster_proto::v1::RevokeTokenRequest { token_id })
+            .await
+            .unwrap();
+        assert_closed(&mut ws, 4001, "token revoked").await;
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "closed within a second"
+        );
+        assert_eq!(bystander.call("ping", json!({})).await["ok"], true);
+        let mut again = open(&host.ws_url(), &token, TokenVia::Bearer, None)
+            .await
+            .unwrap();
+        assert_closed(&mut again, 4001, "unauthorized").await;
+        host.stop().await;
+    }
 }
 
 async fn presence_flows_to_operators(host: &Host) {
@@ -375,7 +383,14 @@ async fn presence_flows_to_operators(host: &Host) {
         .await;
     assert_eq!(beacon["result"]["entry"]["reason"], "periodic", "{beacon}");
     assert_eq!(beacon["result"]["entry"]["ip"], "10.1.2.3");
-    let update = operator.event("presence.upserted").await;
+    // The next upsert of the node's entry is the beacon's (other entries,
+    // such as the edge's own, may be upserted meanwhile).
+    let update = loop {
+        let event = operator.event("presence.upserted").await;
+        if event["payload"]["entry"]["instance_id"] == node_key.device_id() {
+            break event;
+        }
+    };
     assert_eq!(update["payload"]["entry"]["host"], "lab-box-2");
     assert_eq!(
         update["payload"]["entry"]["metadata"]["observed_ip"],
@@ -405,19 +420,12 @@ async fn presence_flows_to_operators(host: &Host) {
     assert!(entries.iter().any(|e| e["role"] == "client"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_flows_to_operators_on_sqlite() {
-    let host = Host::start(None).await;
-    presence_flows_to_operators(&host).await;
-    host.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_flows_to_operators_on_postgres() {
-    let url = muster_store::testing::create_postgres_database().await;
-    let host = Host::start(Some(url)).await;
-    presence_flows_to_operators(&host).await;
-    host.stop().await;
+muster_e2e::on_both_stores! {
+    async fn presence_flows_to_operators_on_each_store(store: Option<String>) {
+        let host = Host::start(store).await;
+        presence_flows_to_operators(&host).await;
+        host.stop().await;
+    }
 }
 
 /// The next `kind` event, waiting longer than one prune or refresh period
@@ -436,246 +444,232 @@ async fn event_within(ws: &mut Ws, kind: &str) -> Value {
     }
 }
 
-/// With a cap of two entries, three nodes connecting one after another:
-/// the prune (every 5 s) removes what is over the cap, each with
-/// `presence.pruned`. Which nodes go is the store's order (oldest
-/// `last_seen_at` first, covered by the presence store's tests); here the
-/// edge's periodic touch may give every live entry the same time.
-async fn the_cap_prunes_entries_beyond_it(store: Option<String>) {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = muster_e2e::config_in(dir.path(), store);
-    config.presence_cap = 2;
-    let host = Host::start_with(config, dir).await;
-    // Left out of presence itself (`cli`), so that it counts nothing.
-    let mut operator = admin(&host).await;
-    operator
-        .handshake(&DeviceKey::generate(), "client", json!({"mode": "cli"}))
-        .await;
-    let mut nodes = Vec::new();
-    let mut connected = Vec::new();
-    for _ in 0..3 {
-        let key = DeviceKey::generate();
-        let mut node = admin(&host).await;
-        node.handshake(&key, "node", json!({"mode": "node"})).await;
-        nodes.push(node);
-        connected.push(key.device_id());
-    }
-    // Four entries (the edge's own gateway entry and three nodes) over a
-    // cap of two: two go.
-    let mut pruned = Vec::new();
-    while pruned.len() < 2 {
-        let event = event_within(&mut operator, "presence.pruned").await;
-        pruned.push(event["payload"]["instance_id"].as_str().unwrap().to_owned());
-    }
-    let listed = operator.call("muster.presence.list", json!({})).await;
-    let entries: Vec<String> = listed["result"]["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["instance_id"].as_str().unwrap().to_owned())
-        .collect();
-    let nodes_left = connected.iter().filter(|id| entries.contains(id)).count();
-    let nodes_pruned = connected.iter().filter(|id| pruned.contains(id)).count();
-    assert_eq!(nodes_left + nodes_pruned, 3, "{pruned:?} {entries:?}");
-    assert!(
-        pruned
-            .iter()
-            .filter(|id| connected.contains(id))
-            .all(|id| !entries.contains(id)),
-        "{pruned:?} {entries:?}"
-    );
-    host.stop().await;
-}
-
-/// The edge's own gateway entry and a connected node's entry, removed
-/// behind the edge's back (as the TTL after an outage would), are
-/// announced again at the edge's next refresh, the node's as it reported
-/// itself.
-async fn lost_presence_entries_return(store: Option<String>) {
-    let host = Host::start(store).await;
-    let mut operator = admin(&host).await;
-    operator
-        .handshake(&DeviceKey::generate(), "client", json!({"mode": "cli"}))
-        .await;
-    let node_key = DeviceKey::generate();
-    let mut node = admin(&host).await;
-    node.handshake(&node_key, "node", json!({"mode": "node", "label": "lab-7"}))
-        .await;
-    let node_id = node_key.device_id();
-    let store = muster_store::Store::connect(
-        &host.config.store_url(),
-        &muster_store::StoreOptions::default(),
-    )
-    .await
-    .unwrap();
-    // Announced at start and at connect.
-    let gateway = loop {
+// With a cap of two entries, three nodes connecting one after another:
+// the prune (every 5 s) removes what is over the cap, each with
+// `presence.pruned`. Which nodes go is the store's order (oldest
+// `last_seen_at` first, covered by the presence store's tests); here the
+// edge's periodic touch may give every live entry the same time.
+muster_e2e::on_both_stores! {
+    async fn the_cap_prunes_entries_beyond_it(store: Option<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = muster_e2e::config_in(dir.path(), store);
+        config.presence_cap = 2;
+        let host = Host::start_with(config, dir).await;
+        // Left out of presence itself (`cli`), so that it counts nothing.
+        let mut operator = admin(&host).await;
+        operator
+            .handshake(&DeviceKey::generate(), "client", json!({"mode": "cli"}))
+            .await;
+        let mut nodes = Vec::new();
+        let mut connected = Vec::new();
+        for _ in 0..3 {
+            let key = DeviceKey::generate();
+            let mut node = admin(&host).await;
+            node.handshake(&key, "node", json!({"mode": "node"})).await;
+            nodes.push(node);
+            connected.push(key.device_id());
+        }
+        // Four entries (the edge's own gateway entry and three nodes) over a
+        // cap of two: two go.
+        let mut pruned = Vec::new();
+        while pruned.len() < 2 {
+            let event = event_within(&mut operator, "presence.pruned").await;
+            pruned.push(event["payload"]["instance_id"].as_str().unwrap().to_owned());
+        }
         let listed = operator.call("muster.presence.list", json!({})).await;
-        let entries = listed["result"]["entries"].as_array().unwrap().clone();
-        let gateway = entries
+        let entries: Vec<String> = listed["result"]["entries"]
+            .as_array()
+            .unwrap()
             .iter()
-            .find(|e| e["role"] == "gateway")
-            .map(|e| e["instance_id"].as_str().unwrap().to_owned());
-        let node_listed = entries.iter().any(|e| e["instance_id"] == node_id.as_str());
-        if let (Some(gateway), true) = (gateway, node_listed) {
-            break gateway;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let removed = sqlx::query("DELETE FROM instance_presence WHERE instance_id IN ($1, $2)")
-        .bind(&gateway)
-        .bind(&node_id)
-        .execute(store.writer())
+            .map(|e| e["instance_id"].as_str().unwrap().to_owned())
+            .collect();
+        let nodes_left = connected.iter().filter(|id| entries.contains(id)).count();
+        let nodes_pruned = connected.iter().filter(|id| pruned.contains(id)).count();
+        assert_eq!(nodes_left + nodes_pruned, 3, "{pruned:?} {entries:?}");
+        assert!(
+            pruned
+                .iter()
+                .filter(|id| connected.contains(id))
+                .all(|id| !entries.contains(id)),
+            "{pruned:?} {entries:?}"
+        );
+        host.stop().await;
+    }
+}
+
+// The edge's own gateway entry and a connected node's entry, removed
+// behind the edge's back (as the TTL after an outage would), are
+// announced again at the edge's next refresh, the node's as it reported
+// itself.
+muster_e2e::on_both_stores! {
+    async fn lost_presence_entries_return(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut operator = admin(&host).await;
+        operator
+            .handshake(&DeviceKey::generate(), "client", json!({"mode": "cli"}))
+            .await;
+        let node_key = DeviceKey::generate();
+        let mut node = admin(&host).await;
+        node.handshake(&node_key, "node", json!({"mode": "node", "label": "lab-7"}))
+            .await;
+        let node_id = node_key.device_id();
+        let store = muster_store::Store::connect(
+            &host.config.store_url(),
+            &muster_store::StoreOptions::default(),
+        )
         .await
-        .unwrap()
-        .rows_affected();
-    assert_eq!(removed, 2);
-    let (mut gateway_back, mut node_back) = (false, false);
-    while !(gateway_back && node_back) {
-        let event = event_within(&mut operator, "presence.upserted").await;
-        let entry = &event["payload"]["entry"];
-        if entry["instance_id"] == gateway.as_str() {
-            assert_eq!(entry["role"], "gateway");
-            gateway_back = true;
+        .unwrap();
+        // Announced at start and at connect.
+        let gateway = loop {
+            let listed = operator.call("muster.presence.list", json!({})).await;
+            let entries = listed["result"]["entries"].as_array().unwrap().clone();
+            let gateway = entries
+                .iter()
+                .find(|e| e["role"] == "gateway")
+                .map(|e| e["instance_id"].as_str().unwrap().to_owned());
+            let node_listed = entries.iter().any(|e| e["instance_id"] == node_id.as_str());
+            if let (Some(gateway), true) = (gateway, node_listed) {
+                break gateway;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let removed = sqlx::query("DELETE FROM instance_presence WHERE instance_id IN ($1, $2)")
+            .bind(&gateway)
+            .bind(&node_id)
+            .execute(store.writer())
+            .await
+            .unwrap()
+            .rows_affected();
+        assert_eq!(removed, 2);
+        let (mut gateway_back, mut node_back) = (false, false);
+        while !(gateway_back && node_back) {
+            let event = event_within(&mut operator, "presence.upserted").await;
+            let entry = &event["payload"]["entry"];
+            if entry["instance_id"] == gateway.as_str() {
+                assert_eq!(entry["role"], "gateway");
+                gateway_back = true;
+            }
+            if entry["instance_id"] == node_id.as_str() {
+                assert_eq!(entry["role"], "node");
+                assert_eq!(entry["host"], "lab-7");
+                node_back = true;
+            }
         }
-        if entry["instance_id"] == node_id.as_str() {
-            assert_eq!(entry["role"], "node");
-            assert_eq!(entry["host"], "lab-7");
-            node_back = true;
-        }
+        drop(node);
+        store.close().await;
+        host.stop().await;
     }
-    drop(node);
-    store.close().await;
-    host.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_presence_entries_return_on_sqlite() {
-    lost_presence_entries_return(None).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lost_presence_entries_return_on_postgres() {
-    let url = muster_store::testing::create_postgres_database().await;
-    lost_presence_entries_return(Some(url)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cap_prunes_entries_beyond_it_on_sqlite() {
-    the_cap_prunes_entries_beyond_it(None).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cap_prunes_entries_beyond_it_on_postgres() {
-    let url = muster_store::testing::create_postgres_database().await;
-    the_cap_prunes_entries_beyond_it(Some(url)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_presence_and_status_are_for_operators_only() {
-    let host = Host::start(None).await;
-    let mut node = admin(&host).await;
-    node.handshake(&DeviceKey::generate(), "node", json!({}))
-        .await;
-    let base = host.http_base();
-    let (_, reader) = host.client_token(&["operator.read"]).await;
-    let (_, writer) = host.client_token(&["operator.write"]).await;
-    let get =
-        |path: &str, token: Option<&str>| muster_e2e::http_get(&format!("{base}{path}"), token);
-    assert!(get("/presence", None).starts_with("HTTP/1.1 401"));
-    assert!(get("/presence", Some("muster_nope")).starts_with("HTTP/1.1 401"));
-    assert!(get("/presence", Some(&writer)).starts_with("HTTP/1.1 403"));
-    let listed = get("/presence", Some(&reader));
-    assert!(listed.starts_with("HTTP/1.1 200"), "{listed}");
-    assert!(listed.contains("\"role\":\"node\""), "{listed}");
-    let status = get("/status", Some(&host.admin_token()));
-    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
-    assert!(status.contains("\"connections\":1"), "{status}");
-    assert!(!status.contains(&host.admin_token()));
-    host.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_closes_peers_with_1001() {
-    let host = Host::start(None).await;
-    let mut ws = admin(&host).await;
-    ws.handshake(&DeviceKey::generate(), "client", json!({}))
-        .await;
-    let stopping = tokio::spawn(host.stop());
-    assert_closed(&mut ws, 1001, "server shutdown").await;
-    stopping.await.unwrap();
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_never_answers_pings_is_dropped_without_a_close_frame() {
-    let host = Host::start(None).await;
-    let mut ws = admin(&host).await;
-    ws.handshake(&DeviceKey::generate(), "client", json!({}))
-        .await;
-    // Not reading means not answering the server's pings.
-    tokio::time::sleep(Duration::from_secs(17)).await;
-    loop {
-        match ws.next(Duration::from_secs(5)).await {
-            Next::Json(_) => continue,
-            Next::Dropped => break,
-            other => panic!("expected the socket to be dropped, got {other:?}"),
-        }
-    }
-    host.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_does_not_read_is_cut_off_with_1013() {
-    let host = Host::start(None).await;
-    let mut operator = admin(&host).await;
-    operator
-        .handshake(&DeviceKey::generate(), "client", json!({}))
-        .await;
-    // Nodes beacon large entries; every one is a presence.upserted frame
-    // queued for the operator, who does not read.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut nodes = Vec::new();
-    for _ in 0..4 {
+muster_e2e::on_both_stores! {
+    async fn http_presence_and_status_are_for_operators_only(store: Option<String>) {
+        let host = Host::start(store).await;
         let mut node = admin(&host).await;
         node.handshake(&DeviceKey::generate(), "node", json!({}))
             .await;
-        let stop = stop.clone();
-        nodes.push(tokio::spawn(async move {
-            let blob = "x".repeat(7_000);
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let _ = node
-                    .try_call(
-                        "presence.beacon",
-                        json!({"metadata": {"blob": blob}}),
-                        Duration::from_secs(5),
-                    )
-                    .await;
+        let base = host.http_base();
+        let (_, reader) = host.client_token(&["operator.read"]).await;
+        let (_, writer) = host.client_token(&["operator.write"]).await;
+        let get =
+            |path: &str, token: Option<&str>| muster_e2e::http_get(&format!("{base}{path}"), token);
+        assert!(get("/presence", None).starts_with("HTTP/1.1 401"));
+        assert!(get("/presence", Some("muster_nope")).starts_with("HTTP/1.1 401"));
+        assert!(get("/presence", Some(&writer)).starts_with("HTTP/1.1 403"));
+        let listed = get("/presence", Some(&reader));
+        assert!(listed.starts_with("HTTP/1.1 200"), "{listed}");
+        assert!(listed.contains("\"role\":\"node\""), "{listed}");
+        let status = get("/status", Some(&host.admin_token()));
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        assert!(status.contains("\"connections\":1"), "{status}");
+        assert!(!status.contains(&host.admin_token()));
+        host.stop().await;
+    }
+}
+
+muster_e2e::on_both_stores! {
+    async fn shutdown_closes_peers_with_1001(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut ws = admin(&host).await;
+        ws.handshake(&DeviceKey::generate(), "client", json!({}))
+            .await;
+        let stopping = tokio::spawn(host.stop());
+        assert_closed(&mut ws, 1001, "server shutdown").await;
+        stopping.await.unwrap();
+    }
+}
+
+muster_e2e::on_both_stores! {
+    async fn a_peer_that_never_answers_pings_is_dropped_without_a_close_frame(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut ws = admin(&host).await;
+        ws.handshake(&DeviceKey::generate(), "client", json!({}))
+            .await;
+        // Not reading means not answering the server's pings.
+        tokio::time::sleep(Duration::from_secs(17)).await;
+        loop {
+            match ws.next(Duration::from_secs(5)).await {
+                Next::Json(_) => continue,
+                Next::Dropped => break,
+                other => panic!("expected the socket to be dropped, got {other:?}"),
             }
-        }));
-    }
-    // Flood until the edge gives up on the operator (the kernel's socket
-    // buffers absorb a varying amount first).
-    let started = std::time::Instant::now();
-    while !muster_telemetry::metrics()
-        .render()
-        .lines()
-        .any(|l| l.starts_with("muster_edge_slow_consumers_total") && !l.ends_with(" 0"))
-    {
-        assert!(started.elapsed() < Duration::from_secs(60), "never cut off");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let closed = loop {
-        match operator.next(Duration::from_secs(10)).await {
-            Next::Json(_) => continue,
-            other => break other,
         }
-    };
-    assert_eq!(closed, Next::Closed(1013, "slow consumer".into()));
-    for node in nodes {
-        node.await.unwrap();
+        host.stop().await;
     }
-    host.stop().await;
+}
+
+muster_e2e::on_both_stores! {
+    async fn a_peer_that_does_not_read_is_cut_off_with_1013(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut operator = admin(&host).await;
+        operator
+            .handshake(&DeviceKey::generate(), "client", json!({}))
+            .await;
+        // Nodes beacon large entries; every one is a presence.upserted frame
+        // queued for the operator, who does not read.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut nodes = Vec::new();
+        for _ in 0..4 {
+            let mut node = admin(&host).await;
+            node.handshake(&DeviceKey::generate(), "node", json!({}))
+                .await;
+            let stop = stop.clone();
+            nodes.push(tokio::spawn(async move {
+                let blob = "x".repeat(7_000);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = node
+                        .try_call(
+                            "presence.beacon",
+                            json!({"metadata": {"blob": blob}}),
+                            Duration::from_secs(5),
+                        )
+                        .await;
+                }
+            }));
+        }
+        // Flood until the edge gives up on the operator (the kernel's socket
+        // buffers absorb a varying amount first).
+        let started = std::time::Instant::now();
+        while !muster_telemetry::metrics()
+            .render()
+            .lines()
+            .any(|l| l.starts_with("muster_edge_slow_consumers_total") && !l.ends_with(" 0"))
+        {
+            assert!(started.elapsed() < Duration::from_secs(60), "never cut off");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let closed = loop {
+            match operator.next(Duration::from_secs(10)).await {
+                Next::Json(_) => continue,
+                other => break other,
+            }
+        };
+        assert_eq!(closed, Next::Closed(1013, "slow consumer".into()));
+        for node in nodes {
+            node.await.unwrap();
+        }
+        host.stop().await;
+    }
 }
 
 /// A client frame (masked, as clients must) carrying `text`.
@@ -742,30 +736,31 @@ async fn pipelined(host: &Host, token: &str, frames: &[Vec<u8>]) -> (u16, String
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn frames_beyond_the_early_queue_close_4003_handshake_overflow() {
-    let host = Host::start(None).await;
-    let ping = json!({"request_id": "r", "type": "ping", "payload": {}}).to_string();
-    // A token minted for each case is not in the edge's cache of verified
-    // tokens, so resolving it takes a call to identity, and every frame
-    // written with the upgrade arrives while it is in flight.
-    let cases = [
-        (vec![client_frame(ping.as_bytes()); 9], "nine frames"),
-        (vec![client_frame(&vec![b' '; 65 * 1024])], "65 KiB"),
-    ];
-    for (frames, case) in cases {
+muster_e2e::on_both_stores! {
+    async fn frames_beyond_the_early_queue_close_4003_handshake_overflow(store: Option<String>) {
+        let host = Host::start(store).await;
+        let ping = json!({"request_id": "r", "type": "ping", "payload": {}}).to_string();
+        // A token minted for each case is not in the edge's cache of verified
+        // tokens, so resolving it takes a call to identity, and every frame
+        // written with the upgrade arrives while it is in flight.
+        let cases = [
+            (vec![client_frame(ping.as_bytes()); 9], "nine frames"),
+            (vec![client_frame(&vec![b' '; 65 * 1024])], "65 KiB"),
+        ];
+        for (frames, case) in cases {
+            let (_, token) = host.client_token(&["operator.read"]).await;
+            let closed = pipelined(&host, &token, &frames).await;
+            assert_eq!(closed, (4003, "handshake overflow".to_owned()), "{case}");
+        }
+        // Within the limits the queued frames are replayed once the token is
+        // resolved: eight of them get the answer a frame before connect.init
+        // gets.
         let (_, token) = host.client_token(&["operator.read"]).await;
-        let closed = pipelined(&host, &token, &frames).await;
-        assert_eq!(closed, (4003, "handshake overflow".to_owned()), "{case}");
+        let closed = pipelined(&host, &token, &vec![client_frame(ping.as_bytes()); 8]).await;
+        assert_eq!(
+            closed,
+            (4003, "expected connect.init/connect.proof".to_owned())
+        );
+        host.stop().await;
     }
-    // Within the limits the queued frames are replayed once the token is
-    // resolved: eight of them get the answer a frame before connect.init
-    // gets.
-    let (_, token) = host.client_token(&["operator.read"]).await;
-    let closed = pipelined(&host, &token, &vec![client_frame(ping.as_bytes()); 8]).await;
-    assert_eq!(
-        closed,
-        (4003, "expected connect.init/connect.proof".to_owned())
-    );
-    host.stop().await;
 }
