@@ -15,9 +15,9 @@ use tokio::net::TcpStream;
 
 const DAY: Duration = Duration::from_secs(86_400);
 
-async fn tls_host() -> Host {
+async fn tls_host(store: Option<String>) -> Host {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = config_in(dir.path(), None);
+    let mut config = config_in(dir.path(), store);
     let tls = config.tls();
     muster_tls::install_crypto_provider();
     let (ca, _) = tls.ensure_ca(DAY * 3650).unwrap();
@@ -95,79 +95,80 @@ fn wss_url(host: &Host) -> String {
 
 use rustls::pki_types::pem::PemObject;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operators_connect_over_wss_and_foreign_or_unbound_certificates_are_refused() {
-    let host = tls_host().await;
-    assert!(
-        host.ws_url().starts_with("wss://127.0.0.1:"),
-        "{}",
-        host.ws_url()
-    );
-    let ours = host.config.tls();
+muster_e2e::on_both_stores! {
+    async fn operators_connect_over_wss_and_foreign_or_unbound_certificates_are_refused(store: Option<String>) {
+        let host = tls_host(store).await;
+        assert!(
+            host.ws_url().starts_with("wss://127.0.0.1:"),
+            "{}",
+            host.ws_url()
+        );
+        let ours = host.config.tls();
 
-    // No client certificate: an operator with a token.
-    let stream = connect(&host, &ours, None).await.unwrap();
-    let mut ws = open_over(
-        stream,
-        &wss_url(&host),
-        &host.admin_token(),
-        TokenVia::Bearer,
-    )
-    .await
-    .unwrap();
-    ws.handshake(&DeviceKey::generate(), "client", json!({}))
-        .await;
-    assert_eq!(ws.call("ping", json!({})).await["ok"], true);
-
-    // A certificate from another CA never gets past TLS.
-    let other = tempfile::tempdir().unwrap();
-    let foreign = TlsDir::new(other.path());
-    let (foreign_ca, _) = foreign.ensure_ca(DAY).unwrap();
-    foreign
-        .ensure_issued(
-            &foreign_ca,
-            "muster.local",
-            ServiceName::Ctl,
-            &IssueOptions::valid_for(DAY),
-        )
-        .unwrap();
-    let refused = match connect(&host, &ours, Some(&foreign)).await {
-        Err(_) => true,
-        Ok(stream) => open_over(
+        // No client certificate: an operator with a token.
+        let stream = connect(&host, &ours, None).await.unwrap();
+        let mut ws = open_over(
             stream,
             &wss_url(&host),
             &host.admin_token(),
             TokenVia::Bearer,
         )
         .await
-        .is_err(),
-    };
-    assert!(refused, "a foreign client certificate was accepted");
+        .unwrap();
+        ws.handshake(&DeviceKey::generate(), "client", json!({}))
+            .await;
+        assert_eq!(ws.call("ping", json!({})).await["ok"], true);
 
-    // A certificate from our CA that is not the proved device's: closed
-    // with 4001 once the device has proved its key.
-    let stream = connect(&host, &ours, Some(&ours)).await.unwrap();
-    let mut ws = open_over(
-        stream,
-        &wss_url(&host),
-        &host.admin_token(),
-        TokenVia::Bearer,
-    )
-    .await
-    .unwrap();
-    let refused = ws
-        .try_handshake(&DeviceKey::generate(), "node", json!({}))
+        // A certificate from another CA never gets past TLS.
+        let other = tempfile::tempdir().unwrap();
+        let foreign = TlsDir::new(other.path());
+        let (foreign_ca, _) = foreign.ensure_ca(DAY).unwrap();
+        foreign
+            .ensure_issued(
+                &foreign_ca,
+                "muster.local",
+                ServiceName::Ctl,
+                &IssueOptions::valid_for(DAY),
+            )
+            .unwrap();
+        let refused = match connect(&host, &ours, Some(&foreign)).await {
+            Err(_) => true,
+            Ok(stream) => open_over(
+                stream,
+                &wss_url(&host),
+                &host.admin_token(),
+                TokenVia::Bearer,
+            )
+            .await
+            .is_err(),
+        };
+        assert!(refused, "a foreign client certificate was accepted");
+
+        // A certificate from our CA that is not the proved device's: closed
+        // with 4001 once the device has proved its key.
+        let stream = connect(&host, &ours, Some(&ours)).await.unwrap();
+        let mut ws = open_over(
+            stream,
+            &wss_url(&host),
+            &host.admin_token(),
+            TokenVia::Bearer,
+        )
         .await
-        .unwrap_err();
-    assert!(
-        refused.contains("Closed(4001, \"unauthorized\")"),
-        "{refused}"
-    );
-    assert!(matches!(
-        ws.next(Duration::from_secs(1)).await,
-        Next::Dropped | Next::Silent | Next::Closed(..)
-    ));
-    host.stop().await;
+        .unwrap();
+        let refused = ws
+            .try_handshake(&DeviceKey::generate(), "node", json!({}))
+            .await
+            .unwrap_err();
+        assert!(
+            refused.contains("Closed(4001, \"unauthorized\")"),
+            "{refused}"
+        );
+        assert!(matches!(
+            ws.next(Duration::from_secs(1)).await,
+            Next::Dropped | Next::Silent | Next::Closed(..)
+        ));
+        host.stop().await;
+    }
 }
 
 /// A device's certificate for its own Ed25519 key, issued by the mesh CA
@@ -218,23 +219,24 @@ async fn admin_as(
     .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_device_with_its_own_certificate_is_admitted_and_one_of_another_tenant_is_not() {
-    let host = tls_host().await;
-    let key = DeviceKey::generate();
-    let tenant = host.config.default_tenant.clone();
+muster_e2e::on_both_stores! {
+    async fn a_device_with_its_own_certificate_is_admitted_and_one_of_another_tenant_is_not(store: Option<String>) {
+        let host = tls_host(store).await;
+        let key = DeviceKey::generate();
+        let tenant = host.config.default_tenant.clone();
 
-    let mut ws = admin_as(&host, device_auth(&host, &key, &tenant)).await;
-    let result = ws.handshake(&key, "node", json!({})).await;
-    assert_eq!(result["device_id"], key.device_id());
-    assert_eq!(ws.call("ping", json!({})).await["ok"], true);
+        let mut ws = admin_as(&host, device_auth(&host, &key, &tenant)).await;
+        let result = ws.handshake(&key, "node", json!({})).await;
+        assert_eq!(result["device_id"], key.device_id());
+        assert_eq!(ws.call("ping", json!({})).await["ok"], true);
 
-    // The same key, certified for another tenant than the token's.
-    let mut ws = admin_as(&host, device_auth(&host, &key, "other-tenant")).await;
-    let refused = ws.try_handshake(&key, "node", json!({})).await.unwrap_err();
-    assert!(
-        refused.contains("Closed(4001, \"unauthorized\")"),
-        "{refused}"
-    );
-    host.stop().await;
+        // The same key, certified for another tenant than the token's.
+        let mut ws = admin_as(&host, device_auth(&host, &key, "other-tenant")).await;
+        let refused = ws.try_handshake(&key, "node", json!({})).await.unwrap_err();
+        assert!(
+            refused.contains("Closed(4001, \"unauthorized\")"),
+            "{refused}"
+        );
+        host.stop().await;
+    }
 }
