@@ -66,17 +66,26 @@ async fn no_service_answers_without_a_certificate(host: &Host) {
             "{name}: {err:?}"
         );
     }
-    // Every server saw and refused the handshake.
-    let metrics = muster_telemetry::metrics().render();
+    // Every server saw and refused the handshake. A server counts the
+    // refusal after it has sent it, so the count may trail the client's
+    // error by a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     for name in ServiceName::SERVICES {
-        let counted = metrics.lines().any(|line| {
-            line.starts_with("muster_mesh_handshake_failures_total")
-                && line.contains(&format!("service=\"{name}\""))
-        });
-        assert!(
-            counted,
-            "{name} did not count a refused handshake:\n{metrics}"
-        );
+        loop {
+            let metrics = muster_telemetry::metrics().render();
+            let counted = metrics.lines().any(|line| {
+                line.starts_with("muster_mesh_handshake_failures_total")
+                    && line.contains(&format!("service=\"{name}\""))
+            });
+            if counted {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} did not count a refused handshake:\n{metrics}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
 
