@@ -2,27 +2,33 @@
 //! cannot avoid (accept, echo the subprotocol, verify one Ed25519
 //! signature), and a relay for round trips.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 
 use futures::{SinkExt, StreamExt};
 use muster_protocol::device;
 use tokio::net::TcpListener;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// The bare server's listener. A frame is a proof to verify
 /// (`{"pubkey", "proof", "text"}`, answered `ok`), `subscribe` (the
-/// connection then receives relayed frames), or anything else: answered
+/// connection then receives relayed frames), `subscribe <name>` (it
+/// receives the frames sent to that name), a frame with `"to": <name>`
+/// (sent to that subscriber alone, unanswered), or anything else: answered
 /// `ok` and relayed to every subscriber.
 pub async fn start() -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (relay, _) = broadcast::channel::<String>(4096);
+    let routes: Arc<Mutex<HashMap<String, mpsc::UnboundedSender<String>>>> = Default::default();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let relay = relay.clone();
+            let routes = routes.clone();
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 // tungstenite's callback signature fixes the error type.
@@ -45,6 +51,7 @@ pub async fn start() -> anyhow::Result<SocketAddr> {
                 let (mut sink, mut stream) = ws.split();
                 let mut relayed = relay.subscribe();
                 let mut subscriber = false;
+                let (to_me, mut sent_to_me) = mpsc::unbounded_channel::<String>();
                 loop {
                     tokio::select! {
                         frame = stream.next() => match frame {
@@ -58,6 +65,13 @@ pub async fn start() -> anyhow::Result<SocketAddr> {
                                     let _ = sink.send(Message::text(if ok { "ok" } else { "no" })).await;
                                 } else if text.as_str() == "subscribe" {
                                     subscriber = true;
+                                } else if let Some(name) = text.strip_prefix("subscribe ") {
+                                    routes.lock().unwrap().insert(name.to_owned(), to_me.clone());
+                                } else if let Some(name) = value["to"].as_str() {
+                                    let route = routes.lock().unwrap().get(name).cloned();
+                                    if let Some(route) = route {
+                                        let _ = route.send(text.to_string());
+                                    }
                                 } else {
                                     let _ = relay.send(text.to_string());
                                     let _ = sink.send(Message::text("ok")).await;
@@ -68,27 +82,35 @@ pub async fn start() -> anyhow::Result<SocketAddr> {
                         },
                         message = relayed.recv() => match message {
                             Ok(text) if subscriber => {
-                                // Like the edge: what is queued already goes
-                                // out in one write.
-                                let _ = sink.feed(Message::text(text)).await;
-                                for _ in 1..64 {
-                                    match relayed.try_recv() {
-                                        Ok(text) => { let _ = sink.feed(Message::text(text)).await; }
-                                        Err(_) => break,
-                                    }
-                                }
-                                let _ = sink.flush().await;
+                                write_queued(&mut sink, text, || relayed.try_recv().ok()).await;
                             }
                             Ok(_) => {}
                             Err(broadcast::error::RecvError::Lagged(_)) => {}
                             Err(_) => return,
                         },
+                        Some(text) = sent_to_me.recv() => {
+                            write_queued(&mut sink, text, || sent_to_me.try_recv().ok()).await;
+                        }
                     }
                 }
             });
         }
     });
     Ok(addr)
+}
+
+/// Like the edge: `first` and what is queued behind it (up to 64 frames)
+/// go out with one flush.
+async fn write_queued<S>(sink: &mut S, first: String, mut next: impl FnMut() -> Option<String>)
+where
+    S: futures::Sink<Message> + Unpin,
+{
+    let _ = sink.feed(Message::text(first)).await;
+    for _ in 1..64 {
+        let Some(text) = next() else { break };
+        let _ = sink.feed(Message::text(text)).await;
+    }
+    let _ = sink.flush().await;
 }
 
 /// Runs the bare server until killed, printing its address first.

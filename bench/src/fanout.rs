@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use futures::{SinkExt, StreamExt};
 use muster_protocol::client::{TokenVia, open};
 use muster_protocol::device::DeviceKey;
-use muster_store::outbox::{self, NewItem};
+use muster_store::outbox::{self, NewItem, Target};
 use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::scenarios::{bare_connect, report, start_muster};
+use crate::scenarios::{Muster, bare_connect, report, start_muster};
 
 const KIND: &str = "muster.bench.fanout";
 
@@ -83,31 +83,101 @@ pub async fn fanout(subscribers: usize, events: usize) -> anyhow::Result<()> {
     // reach every operator connected to the edge.
     let muster = start_muster().await?;
     let delivered = Arc::new(AtomicU64::new(0));
-    for _ in 0..subscribers {
+    connect(&muster, &gate, subscribers, "client", "cli", &delivered).await?;
+    let items: Vec<NewItem> = (0..events)
+        .map(|n| NewItem::event(muster::DEFAULT_TENANT, KIND, json!({"n": n})))
+        .collect();
+    println!("fanout: {events} events to {subscribers} subscribers");
+    let measured = publish(muster, &items, &delivered, expected).await?;
+    report("fanout deliveries", "per s", baseline, measured, true);
+    Ok(())
+}
+
+/// Connects `peers` peers to muster as `role` in `mode`, each counting the
+/// frames of the benchmark's events it receives; returns their device ids.
+async fn connect(
+    muster: &Muster,
+    gate: &Semaphore,
+    peers: usize,
+    role: &str,
+    mode: &str,
+    delivered: &Arc<AtomicU64>,
+) -> anyhow::Result<Vec<String>> {
+    let mut devices = Vec::with_capacity(peers);
+    for _ in 0..peers {
         let _permit = gate.acquire().await?;
+        let key = DeviceKey::generate();
         let mut ws = open(&muster.url, &muster.token, TokenVia::Bearer, None).await?;
-        ws.try_handshake(&DeviceKey::generate(), "client", json!({"mode": "cli"}))
+        ws.try_handshake(&key, role, json!({"mode": mode}))
             .await
             .map_err(anyhow::Error::msg)?;
+        devices.push(key.device_id());
         count(ws.stream, delivered.clone(), |text| text.contains(KIND));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(devices)
+}
+
+/// Commits `items` in one transaction (a burst, as the bare publisher's;
+/// what is measured is delivery, not commits) and returns deliveries per
+/// second until `expected` arrived. The items are published when they
+/// commit, as the bare publisher's are when they are sent.
+async fn publish(
+    muster: Muster,
+    items: &[NewItem],
+    delivered: &AtomicU64,
+    expected: u64,
+) -> anyhow::Result<f64> {
     let store = muster.running.store.clone();
     let mut tx = store.begin().await?;
-    for n in 0..events {
-        outbox::append(
-            &mut tx,
-            &NewItem::event(muster::DEFAULT_TENANT, KIND, json!({"n": n})),
-        )
-        .await?;
-    }
-    // The events are published when they commit, as the bare publisher's
-    // are when they are sent.
+    outbox::append_all(&mut tx, items).await?;
     let started = Instant::now();
     store.commit(tx).await?;
-    let measured = rate(&delivered, expected, started).await?;
-    println!("fanout: {events} events to {subscribers} subscribers");
-    report("fanout deliveries", "per s", baseline, measured, true);
+    let measured = rate(delivered, expected, started).await?;
     muster.running.stop().await?;
+    Ok(measured)
+}
+
+/// Directed delivery: `items` items, each for one of `subscribers` nodes in
+/// turn, next to the bare relay routing each frame to its one socket.
+pub async fn directed(subscribers: usize, items: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(subscribers > 0, "directed needs subscribers");
+    let gate = Arc::new(Semaphore::new(64));
+    let expected = items as u64;
+
+    let bare = format!("ws://{}/ws", crate::bare::start().await?);
+    let delivered = Arc::new(AtomicU64::new(0));
+    for n in 0..subscribers {
+        let _permit = gate.acquire().await?;
+        let mut ws = bare_connect(&bare).await?;
+        ws.send(Message::text(format!("subscribe s{n}"))).await?;
+        count(ws, delivered.clone(), |text| text.starts_with("{\"n\""));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut publisher = bare_connect(&bare).await?;
+    let started = Instant::now();
+    for n in 0..items {
+        let to = format!("s{}", n % subscribers);
+        publisher
+            .feed(Message::text(json!({"n": n, "to": to}).to_string()))
+            .await?;
+    }
+    publisher.flush().await?;
+    let baseline = rate(&delivered, expected, started).await?;
+
+    // muster: the items, committed in one transaction, go through the
+    // backplane's directory lookups and the edge's routing by device.
+    let muster = start_muster().await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let devices = connect(&muster, &gate, subscribers, "node", "node", &delivered).await?;
+    let directed: Vec<NewItem> = (0..items)
+        .map(|n| NewItem {
+            target: Some(Target::Device(devices[n % subscribers].clone())),
+            ..NewItem::event(muster::DEFAULT_TENANT, KIND, json!({"n": n}))
+        })
+        .collect();
+    println!("directed: {items} items, each to one of {subscribers} nodes");
+    let measured = publish(muster, &directed, &delivered, expected).await?;
+    report("directed deliveries", "per s", baseline, measured, true);
     Ok(())
 }

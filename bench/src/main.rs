@@ -99,6 +99,12 @@ enum Scenario {
         subscribers: usize,
         #[arg(long, default_value_t = 200)]
         events: usize,
+        /// Each item directed at one subscriber's device (subscribers are
+        /// nodes), in turn, instead of broadcast: directory lookups and
+        /// routing by device. The bare relay routes each frame to its one
+        /// socket by name.
+        #[arg(long)]
+        directed: bool,
     },
     /// The bare baseline server of `idle`, run as its own process.
     #[command(hide = true)]
@@ -140,7 +146,13 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Fanout {
             subscribers,
             events,
+            directed: false,
         } => fanout::fanout(subscribers, events).await,
+        Scenario::Fanout {
+            subscribers,
+            events,
+            directed: true,
+        } => fanout::directed(subscribers, events).await,
         Scenario::BareServer => bare::serve_forever().await,
         Scenario::ServeMuster => scenarios::serve_muster().await,
         Scenario::HoldIdle {
