@@ -534,12 +534,13 @@ pub(crate) async fn announce(edge: &Edge, peer: &Peer) -> Result<(), tonic::Stat
         .expect("reported lock")
         .as_deref()
         .map(|reported| peer.entry(reported));
+    let round = || edge.refresh_round.load(Ordering::Acquire);
     let Some(entry) = entry else {
-        peer.announcing.finish(false);
+        peer.announcing.finish(false, round());
         return Ok(());
     };
     let upserted = upsert(edge, &peer.claims.tenant_id, entry).await;
-    peer.announcing.finish(upserted.is_ok());
+    peer.announcing.finish(upserted.is_ok(), round());
     upserted.map(drop)
 }
 
@@ -677,7 +678,8 @@ async fn beacon_upsert(edge: &Edge, peer: &Peer, beacon: Beacon) -> Result<Value
         // announced with again, should presence lose its entry while it
         // stays connected.
         *peer.reported.lock().expect("reported lock") = Some(Box::new(reported));
-        peer.announcing.finish(true);
+        peer.announcing
+            .finish(true, edge.refresh_round.load(Ordering::Acquire));
     }
     let entry = wire_entry(stored)?;
     Ok(json!({ "entry": entry }))

@@ -120,6 +120,10 @@ pub struct Edge {
     /// Directory changes (registrations, unregistrations), batched into
     /// `UpdateConnections`.
     connection_changes: Batcher<pb::ConnectionChange, pb::ItemOutcome>,
+    /// The presence refresh's current round: a peer's entry found missing
+    /// in a round is announced again only if it was written before that
+    /// round began (see `registry::Announcing`).
+    refresh_round: std::sync::atomic::AtomicU64,
     shutdown: CancellationToken,
 }
 
@@ -178,6 +182,7 @@ impl Edge {
             verified: Default::default(),
             instance_changes,
             connection_changes,
+            refresh_round: Default::default(),
             shutdown,
         })
     }

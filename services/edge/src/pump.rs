@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::Ordering::AcqRel;
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
@@ -490,6 +491,8 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
                 }
             }
         }
+        // Entries written from here on may land after this round's looks.
+        let round = edge.refresh_round.fetch_add(1, AcqRel) + 1;
         let mut by_tenant: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for peer in edge.registry.all().into_iter().filter(|p| p.in_presence) {
             by_tenant
@@ -523,7 +526,7 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
                         );
                         for peer in edge.registry.tenant(&tenant_id) {
                             if missing.contains(peer.device_id.as_str()) {
-                                peer.announcing.lost();
+                                peer.announcing.lost(round);
                             }
                         }
                     }

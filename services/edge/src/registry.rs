@@ -61,41 +61,48 @@ pub(crate) struct Reported {
     pub(crate) reason: &'static str,
 }
 
-/// Whether presence holds a peer's entry, as far as the edge knows.
+/// Whether presence holds a peer's entry, as far as the edge knows, and
+/// since which refresh round: the state in the low two bits, the round
+/// above them.
 #[derive(Debug, Default)]
-pub(crate) struct Announcing(std::sync::atomic::AtomicU8);
+pub(crate) struct Announcing(std::sync::atomic::AtomicU64);
 
 impl Announcing {
     /// Not held (new, refused, or lost): the next refresh announces it.
-    const PENDING: u8 = 0;
-    const IN_FLIGHT: u8 = 1;
-    const HELD: u8 = 2;
+    const PENDING: u64 = 0;
+    const IN_FLIGHT: u64 = 1;
+    const HELD: u64 = 2;
+    const STATE: u64 = 0b11;
 
     /// Claims the announcement; false when one is in flight or presence
     /// holds the entry already.
     pub(crate) fn start(&self) -> bool {
         self.0
-            .compare_exchange(Self::PENDING, Self::IN_FLIGHT, AcqRel, Acquire)
+            .fetch_update(AcqRel, Acquire, |v| {
+                (v & Self::STATE == Self::PENDING).then_some(Self::IN_FLIGHT)
+            })
             .is_ok()
     }
 
-    /// Presence took the entry (an announcement or a beacon), or refused
-    /// an announcement.
-    pub(crate) fn finish(&self, held: bool) {
-        self.0
-            .store(if held { Self::HELD } else { Self::PENDING }, Release);
+    /// Presence took the entry (an announcement or a beacon) during
+    /// refresh round `round`, or refused an announcement.
+    pub(crate) fn finish(&self, held: bool, round: u64) {
+        let state = if held { Self::HELD } else { Self::PENDING };
+        self.0.store(round << 2 | state, Release);
     }
 
-    /// Presence lost a held entry (pruned, or the TTL after an outage); an
-    /// announcement in flight will write it anyway.
-    pub(crate) fn lost(&self) {
-        let _ = self
-            .0
-            .compare_exchange(Self::HELD, Self::PENDING, AcqRel, Acquire);
+    /// Presence did not have the entry when refresh round `round` looked:
+    /// an entry held since before that round was lost (pruned, or the TTL
+    /// after an outage). One written since, or in flight, may have landed
+    /// after the look, so it is left alone.
+    pub(crate) fn lost(&self, round: u64) {
+        let _ = self.0.fetch_update(AcqRel, Acquire, |v| {
+            (v & Self::STATE == Self::HELD && v >> 2 < round).then_some(Self::PENDING)
+        });
     }
 
     pub(crate) fn is_pending(&self) -> bool {
-        self.0.load(Acquire) == Self::PENDING
+        self.0.load(Acquire) & Self::STATE == Self::PENDING
     }
 }
 
@@ -249,15 +256,19 @@ mod tests {
         assert!(!state.start(), "one announcement in flight at a time");
         // A refresh that finds the entry missing while it is being written
         // leaves it to the write in flight.
-        state.lost();
+        state.lost(1);
         assert!(!state.is_pending());
-        state.finish(true);
+        state.finish(true, 1);
         assert!(!state.start(), "held: nothing to announce");
-        state.lost();
+        // Written during round 1: round 1's look may predate the write.
+        state.lost(1);
+        assert!(!state.is_pending());
+        // Round 2 looked after the write: the entry is gone.
+        state.lost(2);
         assert!(state.is_pending());
         assert!(state.start());
         // Refused: the next refresh tries again.
-        state.finish(false);
+        state.finish(false, 2);
         assert!(state.is_pending());
     }
 }
