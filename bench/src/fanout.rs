@@ -21,7 +21,7 @@ const KIND: &str = "muster.bench.fanout";
 fn count<S>(
     mut stream: tokio_tungstenite::WebSocketStream<S>,
     delivered: Arc<AtomicU64>,
-    is_event: fn(&str) -> bool,
+    is_event: impl Fn(&str) -> bool + Send + 'static,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -83,7 +83,17 @@ pub async fn fanout(subscribers: usize, events: usize) -> anyhow::Result<()> {
     // reach every operator connected to the edge.
     let muster = start_muster().await?;
     let delivered = Arc::new(AtomicU64::new(0));
-    connect(&muster, &gate, subscribers, "client", "cli", &delivered).await?;
+    let any_event = |text: &str, _, _| text.contains(KIND);
+    connect(
+        &muster,
+        &gate,
+        subscribers,
+        "client",
+        "cli",
+        &delivered,
+        any_event,
+    )
+    .await?;
     let items: Vec<NewItem> = (0..events)
         .map(|n| NewItem::event(muster::DEFAULT_TENANT, KIND, json!({"n": n})))
         .collect();
@@ -94,7 +104,8 @@ pub async fn fanout(subscribers: usize, events: usize) -> anyhow::Result<()> {
 }
 
 /// Connects `peers` peers to muster as `role` in `mode`, each counting the
-/// frames of the benchmark's events it receives; returns their device ids.
+/// frames that `is_mine(frame, its index, peers)` accepts; returns their
+/// device ids.
 async fn connect(
     muster: &Muster,
     gate: &Semaphore,
@@ -102,9 +113,10 @@ async fn connect(
     role: &str,
     mode: &str,
     delivered: &Arc<AtomicU64>,
+    is_mine: fn(&str, usize, usize) -> bool,
 ) -> anyhow::Result<Vec<String>> {
     let mut devices = Vec::with_capacity(peers);
-    for _ in 0..peers {
+    for index in 0..peers {
         let _permit = gate.acquire().await?;
         let key = DeviceKey::generate();
         let mut ws = open(&muster.url, &muster.token, TokenVia::Bearer, None).await?;
@@ -112,7 +124,9 @@ async fn connect(
             .await
             .map_err(anyhow::Error::msg)?;
         devices.push(key.device_id());
-        count(ws.stream, delivered.clone(), |text| text.contains(KIND));
+        count(ws.stream, delivered.clone(), move |text| {
+            is_mine(text, index, peers)
+        });
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     Ok(devices)
@@ -151,7 +165,9 @@ pub async fn directed(subscribers: usize, items: usize) -> anyhow::Result<()> {
         let _permit = gate.acquire().await?;
         let mut ws = bare_connect(&bare).await?;
         ws.send(Message::text(format!("subscribe s{n}"))).await?;
-        count(ws, delivered.clone(), |text| text.starts_with("{\"n\""));
+        count(ws, delivered.clone(), move |text| {
+            addressed_to(text, &["n"], n, subscribers)
+        });
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut publisher = bare_connect(&bare).await?;
@@ -164,12 +180,25 @@ pub async fn directed(subscribers: usize, items: usize) -> anyhow::Result<()> {
     }
     publisher.flush().await?;
     let baseline = rate(&delivered, expected, started).await?;
+    exactly(&delivered, expected).await?;
 
     // muster: the items, committed in one transaction, go through the
     // backplane's directory lookups and the edge's routing by device.
     let muster = start_muster().await?;
     let delivered = Arc::new(AtomicU64::new(0));
-    let devices = connect(&muster, &gate, subscribers, "node", "node", &delivered).await?;
+    let mine = |text: &str, index, peers| {
+        text.contains(KIND) && addressed_to(text, &["payload", "n"], index, peers)
+    };
+    let devices = connect(
+        &muster,
+        &gate,
+        subscribers,
+        "node",
+        "node",
+        &delivered,
+        mine,
+    )
+    .await?;
     let directed: Vec<NewItem> = (0..items)
         .map(|n| NewItem {
             target: Some(Target::Device(devices[n % subscribers].clone())),
@@ -178,6 +207,28 @@ pub async fn directed(subscribers: usize, items: usize) -> anyhow::Result<()> {
         .collect();
     println!("directed: {items} items, each to one of {subscribers} nodes");
     let measured = publish(muster, &directed, &delivered, expected).await?;
+    exactly(&delivered, expected).await?;
     report("directed deliveries", "per s", baseline, measured, true);
+    Ok(())
+}
+
+/// Whether a frame's item number (at `path`) makes it the `index`th
+/// subscriber's: item n goes to subscriber n mod `subscribers`. A frame
+/// routed to the wrong socket is not counted, so the run cannot finish.
+fn addressed_to(text: &str, path: &[&str], index: usize, subscribers: usize) -> bool {
+    let Ok(frame) = serde_json::from_str::<serde_json::Value>(text) else {
+        return false;
+    };
+    let n = path.iter().fold(&frame, |value, key| &value[*key]);
+    n.as_u64()
+        .is_some_and(|n| n as usize % subscribers == index)
+}
+
+/// Fails if more than `expected` deliveries arrive (duplicates) within a
+/// moment after the last expected one.
+async fn exactly(delivered: &AtomicU64, expected: u64) -> anyhow::Result<()> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let seen = delivered.load(Ordering::Relaxed);
+    anyhow::ensure!(seen == expected, "{seen} deliveries of {expected}");
     Ok(())
 }
