@@ -48,7 +48,21 @@ fn anonymous_channel(host: &Host, service: ServiceName) -> muster_mesh::MeshChan
     muster_mesh::channel_with(config, service, &host.address(service)).unwrap()
 }
 
+/// How many refused handshakes `service` has counted in this process.
+fn refused(service: ServiceName) -> u64 {
+    let label = format!("service=\"{service}\"");
+    muster_telemetry::metrics()
+        .render()
+        .lines()
+        .filter(|line| line.starts_with("muster_mesh_handshake_failures_total"))
+        .filter(|line| line.contains(&label))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|count| count as u64)
+        .sum()
+}
+
 async fn no_service_answers_without_a_certificate(host: &Host) {
+    let before: Vec<u64> = ServiceName::SERVICES.iter().map(|s| refused(*s)).collect();
     for name in ServiceName::SERVICES {
         let mut health = HealthClient::new(anonymous_channel(host, name));
         let err = health
@@ -70,19 +84,12 @@ async fn no_service_answers_without_a_certificate(host: &Host) {
     // refusal after it has sent it, so the count may trail the client's
     // error by a moment.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    for name in ServiceName::SERVICES {
-        loop {
-            let metrics = muster_telemetry::metrics().render();
-            let counted = metrics.lines().any(|line| {
-                line.starts_with("muster_mesh_handshake_failures_total")
-                    && line.contains(&format!("service=\"{name}\""))
-            });
-            if counted {
-                break;
-            }
+    for (name, before) in ServiceName::SERVICES.into_iter().zip(before) {
+        while refused(name) <= before {
             assert!(
                 std::time::Instant::now() < deadline,
-                "{name} did not count a refused handshake:\n{metrics}"
+                "{name} did not count a refused handshake:\n{}",
+                muster_telemetry::metrics().render()
             );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
