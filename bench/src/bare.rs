@@ -51,7 +51,9 @@ pub async fn start() -> anyhow::Result<SocketAddr> {
                 let (mut sink, mut stream) = ws.split();
                 let mut relayed = relay.subscribe();
                 let mut subscriber = false;
-                let (to_me, mut sent_to_me) = mpsc::unbounded_channel::<String>();
+                // Made when the connection subscribes by name: an idle
+                // connection of the baseline holds no channel.
+                let mut sent_to_me: Option<mpsc::UnboundedReceiver<String>> = None;
                 loop {
                     tokio::select! {
                         frame = stream.next() => match frame {
@@ -66,7 +68,9 @@ pub async fn start() -> anyhow::Result<SocketAddr> {
                                 } else if text.as_str() == "subscribe" {
                                     subscriber = true;
                                 } else if let Some(name) = text.strip_prefix("subscribe ") {
-                                    routes.lock().unwrap().insert(name.to_owned(), to_me.clone());
+                                    let (to_me, receiver) = mpsc::unbounded_channel();
+                                    routes.lock().unwrap().insert(name.to_owned(), to_me);
+                                    sent_to_me = Some(receiver);
                                 } else if let Some(name) = value["to"].as_str() {
                                     let route = routes.lock().unwrap().get(name).cloned();
                                     if let Some(route) = route {
@@ -88,8 +92,10 @@ pub async fn start() -> anyhow::Result<SocketAddr> {
                             Err(broadcast::error::RecvError::Lagged(_)) => {}
                             Err(_) => return,
                         },
-                        Some(text) = sent_to_me.recv() => {
-                            write_queued(&mut sink, text, || sent_to_me.try_recv().ok()).await;
+                        Some(text) = next_sent(&mut sent_to_me) => {
+                            if let Some(receiver) = sent_to_me.as_mut() {
+                                write_queued(&mut sink, text, || receiver.try_recv().ok()).await;
+                            }
                         }
                     }
                 }
@@ -97,6 +103,15 @@ pub async fn start() -> anyhow::Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// The next frame sent to this connection by name; never, before it
+/// subscribed by name.
+async fn next_sent(receiver: &mut Option<mpsc::UnboundedReceiver<String>>) -> Option<String> {
+    match receiver {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Like the edge: `first` and what is queued behind it (up to 64 frames)
