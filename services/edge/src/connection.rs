@@ -357,6 +357,7 @@ async fn connected(
         in_presence,
         reported: std::sync::Mutex::new(reported),
         announcing: Default::default(),
+        presence_writes: Default::default(),
         observed_ip: remote.ip().to_string(),
         outbound: outbound.clone(),
         topics: Default::default(),
@@ -525,6 +526,7 @@ async fn leave(edge: &Edge, peer: &Peer) {
 /// Upserts the peer's presence entry as it last reported it, unless an
 /// upsert of it is in flight or presence holds it already.
 pub(crate) async fn announce(edge: &Edge, peer: &Peer) -> Result<(), tonic::Status> {
+    let _one_at_a_time = peer.presence_writes.lock().await;
     if !peer.announcing.start() {
         return Ok(());
     }
@@ -672,6 +674,7 @@ async fn beacon_upsert(edge: &Edge, peer: &Peer, beacon: Beacon) -> Result<Value
         metadata_json: beacon.metadata.unwrap_or_else(|| json!({})).to_string(),
         reason: "periodic",
     };
+    let _one_at_a_time = peer.presence_writes.lock().await;
     let stored = upsert(edge, &peer.claims.tenant_id, peer.entry(&reported)).await?;
     if peer.in_presence {
         // What the peer reported last (and presence took) is what it is

@@ -31,6 +31,10 @@ pub(crate) struct Peer {
     /// second upsert while one is in flight (a refresh that runs meanwhile
     /// would otherwise send the entry again, and its event twice).
     pub(crate) announcing: Announcing,
+    /// The peer's presence writes (an announcement, a beacon) go one at a
+    /// time, so that an announcement made with what the peer reported
+    /// before never lands after, and undoes, a newer beacon.
+    pub(crate) presence_writes: tokio::sync::Mutex<()>,
     /// The remote address the edge saw.
     pub(crate) observed_ip: String,
     pub(crate) outbound: Outbound,
