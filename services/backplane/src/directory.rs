@@ -88,16 +88,6 @@ pub trait DirectoryStore: Send + Sync + 'static {
         edge_id: &str,
         targets: &[(&str, &Target)],
     ) -> Result<Vec<bool>, StoreError>;
-    /// Whether `edge_id` holds the target of a directed item of
-    /// `tenant_id`.
-    async fn holds(
-        &self,
-        edge_id: &str,
-        tenant_id: &str,
-        target: &Target,
-    ) -> Result<bool, StoreError> {
-        Ok(self.holding(edge_id, &[(tenant_id, target)]).await?[0])
-    }
 }
 
 /// Rows that [`muster_store::in_statements`] always puts in one statement.
