@@ -68,6 +68,11 @@ async fn write_batches<W, R, F, Fut>(
     Fut: Future<Output = Result<Vec<R>, StoreError>>,
 {
     while let Some(first) = pending.recv().await {
+        // The callers of the last batch were woken by its replies and are
+        // about to write again: letting them run first makes this batch
+        // theirs too, where taking only what is queued now commits one or
+        // two at a time while the rest wait for the next round.
+        tokio::task::yield_now().await;
         let mut batch = vec![first];
         while batch.len() < max_batch {
             match pending.try_recv() {
