@@ -62,32 +62,82 @@ fn baseline(url: &str, clients: usize, seconds: u64, script_text: &str) -> anyho
         .ok_or_else(|| anyhow::anyhow!("no tps in pgbench output: {text}"))
 }
 
-/// Items appended per second by `clients` tasks, `batch` items per
-/// transaction, while the backplane's sequencer (if running) positions them.
-async fn appends(store: &Store, clients: usize, seconds: u64, batch: usize) -> f64 {
-    let appended = Arc::new(AtomicU64::new(0));
+/// Items per second from `clients` tasks, each calling `op(client, n)`
+/// for n = 1, 2, … until `seconds` are up; a call returns how many items it
+/// wrote.
+async fn per_second<F, Fut>(clients: usize, seconds: u64, op: F) -> f64
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = u64> + Send,
+{
+    let op = Arc::new(op);
+    let written = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let (store, appended) = (store.clone(), appended.clone());
+        .map(|client| {
+            let (op, written) = (op.clone(), written.clone());
             tokio::spawn(async move {
+                let mut n = 0;
                 while Instant::now() < deadline {
-                    let items: Vec<NewItem> = (0..batch)
-                        .map(|n| NewItem::event("t1", "bench.appended", json!({"n": n})))
-                        .collect();
-                    let mut tx = store.begin().await.expect("begin");
-                    outbox::append_all(&mut tx, &items).await.expect("append");
-                    store.commit(tx).await.expect("commit");
-                    appended.fetch_add(batch as u64, Ordering::Relaxed);
+                    n += 1;
+                    written.fetch_add(op(client, n).await, Ordering::Relaxed);
                 }
             })
         })
         .collect();
     for task in tasks {
-        task.await.expect("append task");
+        task.await.expect("bench task");
     }
-    appended.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    written.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Items appended per second by `clients` tasks, `batch` items per
+/// transaction, while the backplane's sequencer (if running) positions them.
+async fn appends(store: &Store, clients: usize, seconds: u64, batch: usize) -> f64 {
+    let store = store.clone();
+    per_second(clients, seconds, move |_, _| {
+        let store = store.clone();
+        async move {
+            let items: Vec<NewItem> = (0..batch)
+                .map(|n| NewItem::event("t1", "bench.appended", json!({"n": n})))
+                .collect();
+            let mut tx = store.begin().await.expect("begin");
+            outbox::append_all(&mut tx, &items).await.expect("append");
+            store.commit(tx).await.expect("commit");
+            batch as u64
+        }
+    })
+    .await
+}
+
+/// Calls per second from `clients` tasks, each call one presence upsert of
+/// a new instance (its row and its `presence.upserted` item) through the
+/// presence service's writer, as an edge's arrivals go: calls that arrive
+/// while a transaction commits share the next one.
+async fn presence_upserts(store: &Store, clients: usize, seconds: u64) -> f64 {
+    let instances = muster_presence::Instances::new(Arc::new(store.clone()));
+    per_second(clients, seconds, move |client, n| {
+        let instances = instances.clone();
+        async move {
+            let entry = muster_presence::InstanceEntry {
+                instance_id: format!("bench-{client}-{n}"),
+                role: muster_presence::InstanceRole::Node,
+                reported_host: "bench".into(),
+                reported_ip: "127.0.0.1".into(),
+                observed_ip: "127.0.0.1".into(),
+                version: "bench".into(),
+                mode: "node".into(),
+                last_seen_at_ms: 0,
+                last_input_seconds: None,
+                reason: "connect".into(),
+                metadata: json!({}),
+            };
+            instances.upsert("t1", entry).await.expect("upsert");
+            1
+        }
+    })
+    .await
 }
 
 pub async fn run(
@@ -127,6 +177,7 @@ pub async fn run(
     )?;
     let single = appends(&store, clients, seconds, 1).await;
     let batched = appends(&store, clients, seconds, batch).await;
+    let shared = presence_upserts(&store, clients, seconds).await;
     println!(
         "appends: {clients} clients, {seconds} s each, Postgres at {url}{}",
         if sequencer.is_some() {
@@ -145,6 +196,13 @@ pub async fn run(
         "items per s",
         bare,
         batched,
+        true,
+    );
+    crate::scenarios::report(
+        "appends, one per call through presence's writer (an instance row and its event each)",
+        "per s",
+        bare,
+        shared,
         true,
     );
     store.close().await;

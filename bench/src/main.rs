@@ -13,7 +13,8 @@
 //! - `fanout`: outbox events delivered to many operators, next to a bare
 //!   broadcast over the same number of sockets.
 //! - `appends`: outbox appends on Postgres, one and many per transaction,
-//!   next to raw `pgbench` single-row INSERTs on the same server.
+//!   and presence's callers (a state change and its item per call), next
+//!   to raw `pgbench` single-row INSERTs on the same server.
 #![forbid(unsafe_code)]
 
 mod backplane;
