@@ -513,6 +513,10 @@ async fn leave(edge: &Edge, peer: &Peer) {
     if !peer.in_presence || still_here {
         return;
     }
+    // After any announcement of the peer in flight (a refresh's retry, a
+    // beacon), so that the removal lands last; none starts after it.
+    let _one_at_a_time = peer.presence_writes.lock().await;
+    peer.announcing.leave();
     let remove = pb::RemoveInstance {
         tenant_id: peer.claims.tenant_id.clone(),
         instance_id: peer.device_id.clone(),

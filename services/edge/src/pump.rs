@@ -410,9 +410,9 @@ async fn remove_orphans(edge: &Edge, held: HashSet<String>) {
 
 /// Upserts again the entries presence does not hold for connected peers:
 /// refused when their peers connected, or pruned while they stayed (after
-/// an outage longer than the TTL). A peer that leaves while its entry is
-/// being written may leave the entry behind, but nothing touches it any
-/// more, so the TTL prunes it (with `presence.pruned`).
+/// an outage longer than the TTL). A peer that leaves waits for its
+/// announcement in flight before its entry is removed, and is not
+/// announced after.
 async fn announce_pending(edge: &Edge) {
     let pending = edge
         .registry

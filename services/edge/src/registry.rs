@@ -76,6 +76,8 @@ impl Announcing {
     const PENDING: u64 = 0;
     const IN_FLIGHT: u64 = 1;
     const HELD: u64 = 2;
+    /// Its connection closed: never announced again.
+    const LEFT: u64 = 3;
     const STATE: u64 = 0b11;
 
     /// Claims the announcement; false when one is in flight or presence
@@ -92,7 +94,15 @@ impl Announcing {
     /// refresh round `round`, or refused an announcement.
     pub(crate) fn finish(&self, held: bool, round: u64) {
         let state = if held { Self::HELD } else { Self::PENDING };
-        self.0.store(round << 2 | state, Release);
+        let _ = self.0.fetch_update(AcqRel, Acquire, |v| {
+            (v & Self::STATE != Self::LEFT).then_some(round << 2 | state)
+        });
+    }
+
+    /// The peer's connection closed: whatever is announcing it now or
+    /// later does not write its entry again.
+    pub(crate) fn leave(&self) {
+        self.0.store(Self::LEFT, Release);
     }
 
     /// Presence did not have the entry when refresh round `round` looked:
@@ -274,5 +284,23 @@ mod tests {
         // Refused: the next refresh tries again.
         state.finish(false, 2);
         assert!(state.is_pending());
+    }
+
+    #[test]
+    fn a_peer_that_left_is_never_announced_again() {
+        let state = Announcing::default();
+        assert!(state.start());
+        state.leave();
+        // The announcement in flight when the peer left ends…
+        state.finish(false, 1);
+        assert!(
+            !state.is_pending(),
+            "a refused write does not make it pending"
+        );
+        state.finish(true, 1);
+        state.lost(2);
+        // …and nothing starts another.
+        assert!(!state.is_pending());
+        assert!(!state.start());
     }
 }
