@@ -33,6 +33,15 @@ pub(crate) fn router(edge: Arc<Edge>) -> Router {
 #[derive(Debug, Clone)]
 pub(crate) struct ClientCert(pub(crate) Option<CertificateDer<'static>>);
 
+/// Sets up an accepted socket. Without TCP_NODELAY a small frame written
+/// behind another small one (an event after a ping) waits for the peer's
+/// delayed ACK: 40 ms.
+pub(crate) fn tune_accepted(tcp: &tokio::net::TcpStream) {
+    if let Err(error) = tcp.set_nodelay(true) {
+        tracing::debug!(%error, "TCP_NODELAY not set");
+    }
+}
+
 /// Serves `wss://`: each connection's TLS handshake in its own task with a
 /// deadline, then HTTP/1.1 with upgrades.
 pub(crate) async fn serve_tls(
@@ -49,8 +58,7 @@ pub(crate) async fn serve_tls(
             }
             accepted = listener.accept() => match accepted {
                 Ok((tcp, remote)) => {
-                    // As on plain ws: no 40 ms Nagle stalls behind small writes.
-                    let _ = tcp.set_nodelay(true);
+                    tune_accepted(&tcp);
                     (tcp, remote)
                 }
                 Err(error) => {
@@ -156,4 +164,18 @@ async fn status(State(edge): State<Arc<Edge>>, headers: HeaderMap) -> Response {
         Err(refusal) => return refusal,
     };
     axum::Json(connection::status(&edge, &claims.tenant_id).await).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn accepted_sockets_send_small_writes_at_once() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = tokio::net::TcpStream::connect(addr);
+        let ((tcp, _), _client) = tokio::try_join!(listener.accept(), client).unwrap();
+        assert!(!tcp.nodelay().unwrap(), "Nagle is on by default");
+        super::tune_accepted(&tcp);
+        assert!(tcp.nodelay().unwrap());
+    }
 }

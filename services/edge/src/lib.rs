@@ -349,11 +349,7 @@ pub async fn serve_http(edge: Arc<Edge>, listener: TcpListener) -> std::io::Resu
     }
     let shutdown = edge.shutdown.clone();
     let closer = edge.clone();
-    // Without TCP_NODELAY a small frame written behind another small one
-    // (an event after a ping) waits for the peer's delayed ACK: 40 ms.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| http::tune_accepted(tcp));
     let served = axum::serve(
         listener,
         http::router(edge).into_make_service_with_connect_info::<SocketAddr>(),
