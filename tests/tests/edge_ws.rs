@@ -78,6 +78,15 @@ muster_e2e::on_both_stores! {
             .unwrap();
         ws.send(init(&DeviceKey::generate(), "node")).await;
         assert_closed(&mut ws, 4001, "unauthorized").await;
+        // Its role is checked after the device id (Part B §3, checks 3 and
+        // 4): a wrong id is 4006 first.
+        let mut ws = open(&host.ws_url(), &reader, TokenVia::Bearer, None)
+            .await
+            .unwrap();
+        let mut wrong_id = init(&DeviceKey::generate(), "node");
+        wrong_id["payload"]["device"]["device_id"] = json!(DeviceKey::generate().device_id());
+        ws.send(wrong_id).await;
+        assert_closed(&mut ws, 4006, "device_id mismatch").await;
         host.stop().await;
     }
 }
@@ -136,6 +145,10 @@ muster_e2e::on_both_stores! {
                 "device": {"device_id": key.device_id(), "pubkey": key.pubkey()}}}).to_string()], 4005, "protocol_rev mismatch"),
             (vec![json!({"request_id": "r", "type": "connect.init", "payload": {"protocol_rev": 2, "role": "client",
                 "device": {"device_id": other.device_id(), "pubkey": key.pubkey()}}}).to_string()], 4006, "device_id mismatch"),
+            // A pubkey that is no key, with an id it does not imply: the id
+            // is checked first.
+            (vec![json!({"request_id": "r", "type": "connect.init", "payload": {"protocol_rev": 2, "role": "client",
+                "device": {"device_id": key.device_id(), "pubkey": "AAAA"}}}).to_string()], 4006, "device_id mismatch"),
         ];
         for (frames, code, reason) in cases {
             let mut ws = admin(&host).await;
@@ -181,6 +194,22 @@ muster_e2e::on_both_stores! {
             ws.send(json!({"request_id": "p", "type": "connect.proof", "payload": {"connection_id": cid, "proof": proof}})).await;
             assert_closed(&mut ws, code, reason).await;
         }
+
+        // A pubkey that is no key but implies the id it is sent with passes
+        // the init (Part B §3 hashes what it decodes to) and fails the
+        // proof, whatever the signature.
+        let mut ws = admin(&host).await;
+        let not_a_key = "AAAA";
+        let reply = ws
+            .call("connect.init", json!({"protocol_rev": 2, "role": "client", "device": {
+                "device_id": muster_protocol::device::device_id_of_pubkey(not_a_key).unwrap(),
+                "pubkey": not_a_key}}))
+            .await;
+        assert_eq!(reply["ok"], true, "{reply}");
+        let connection_id = reply["result"]["connection_id"].as_str().unwrap().to_owned();
+        ws.send(json!({"request_id": "p", "type": "connect.proof", "payload": {
+            "connection_id": connection_id, "proof": key.sign("anything")}})).await;
+        assert_closed(&mut ws, 4007, "invalid proof").await;
         host.stop().await;
     }
 }

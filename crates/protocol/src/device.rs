@@ -43,6 +43,14 @@ pub fn device_id_of_spki(der: &[u8]) -> String {
     )
 }
 
+/// The device id a `pubkey` implies: the hash of what it decodes to,
+/// whether or not that is a key (Part B §3 checks the id at `connect.init`
+/// and the key at `connect.proof`). None when it is not base64url.
+pub fn device_id_of_pubkey(pubkey: &str) -> Option<String> {
+    let der = URL_SAFE_NO_PAD.decode(pubkey.trim_end_matches('=')).ok()?;
+    Some(device_id_of_spki(&der))
+}
+
 /// Decodes a `pubkey` (unpadded base64url DER SPKI) into the key and the
 /// device id it implies.
 pub fn parse_pubkey(pubkey: &str) -> Result<(VerifyingKey, String), ProofError> {
@@ -164,6 +172,13 @@ mod tests {
     #[test]
     fn malformed_keys_and_proofs_are_refused() {
         assert_eq!(parse_pubkey("not base64!").unwrap_err(), ProofError::BadKey);
+        assert_eq!(device_id_of_pubkey("not base64!"), None);
+        // Not a key, but it still implies an id: the init check compares
+        // ids, the proof check refuses the key.
+        assert_eq!(
+            device_id_of_pubkey("AAAA"),
+            Some(device_id_of_spki(&[0, 0, 0]))
+        );
         assert_eq!(parse_pubkey("AAAA").unwrap_err(), ProofError::BadKey);
         let key = DeviceKey::generate();
         let (verifying, _) = parse_pubkey(&key.pubkey()).unwrap();

@@ -192,7 +192,7 @@ async fn handshake(
     cert: Option<&CertificateDer<'static>>,
 ) -> Result<Handshaken, Close> {
     let deadline = Instant::now() + edge.config.handshake_timeout;
-    let mut pending: Option<(String, String, ConnectInit, String, VerifyingKey)> = None;
+    let mut pending: Option<(String, String, ConnectInit, String, Option<VerifyingKey>)> = None;
     let mut early = early.into_iter();
     loop {
         let text = match early.next() {
@@ -222,14 +222,18 @@ async fn handshake(
                 if init.protocol_rev != PROTOCOL_REV {
                     return Err(close::PROTOCOL_REV_MISMATCH);
                 }
-                if !claims.admits_role(init.role.as_str()) {
+                // Part B §3's checks in its order: a node's scoped token is
+                // refused for another role before the device is looked at;
+                // other tokens' role after it.
+                let role_admitted = claims.admits_role(init.role.as_str());
+                if claims.role == "node" && !role_admitted {
                     return Err(close::UNAUTHORIZED);
                 }
-                // Parsed once: decoding the key's curve point is the costly part.
-                let (key, expected) =
-                    device::parse_pubkey(&init.device.pubkey).map_err(|_| close::INVALID_PROOF)?;
-                if expected != init.device.device_id {
-                    return Err(close::DEVICE_ID_MISMATCH);
+                let expected = device::device_id_of_pubkey(&init.device.pubkey)
+                    .filter(|expected| *expected == init.device.device_id)
+                    .ok_or(close::DEVICE_ID_MISMATCH)?;
+                if !role_admitted {
+                    return Err(close::UNAUTHORIZED);
                 }
                 if claims
                     .device_id
@@ -238,6 +242,11 @@ async fn handshake(
                 {
                     return Err(close::SCOPED_TOKEN_MISMATCH);
                 }
+                // Parsed once, here: decoding the key's curve point is the
+                // costly part. A pubkey that is no key fails at the proof.
+                let key = device::parse_pubkey(&init.device.pubkey)
+                    .ok()
+                    .map(|(key, _)| key);
                 let connection_id = uuid::Uuid::new_v4().to_string();
                 let challenge = device::new_challenge();
                 let reply = envelope::ok(
@@ -267,6 +276,7 @@ async fn handshake(
                     &connection_id,
                     &challenge,
                 );
+                let key = key.ok_or(close::INVALID_PROOF)?;
                 device::verify_proof(&key, &transcript, &proof.proof).map_err(
                     |e: ProofError| {
                         tracing::debug!(?e, "proof refused");
