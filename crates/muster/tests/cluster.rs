@@ -149,6 +149,25 @@ async fn seen_all(ws: &mut Ws, within: Duration, wanted: &[&dyn Fn(&Value) -> bo
     seen
 }
 
+/// Reads `ws` until an event with each of `event_ids` has arrived; fails
+/// with the ones missing after `within`.
+async fn assert_all_arrive(ws: &mut Ws, event_ids: &[String], within: Duration) {
+    let mut missing: HashSet<&str> = event_ids.iter().map(String::as_str).collect();
+    let deadline = tokio::time::Instant::now() + within;
+    while !missing.is_empty() && tokio::time::Instant::now() < deadline {
+        match ws.next(Duration::from_secs(1)).await {
+            Next::Json(frame) => {
+                if let Some(id) = frame["event_id"].as_str() {
+                    missing.remove(id);
+                }
+            }
+            Next::Silent => {}
+            ended => panic!("the connection ended: {ended:?}"),
+        }
+    }
+    assert!(missing.is_empty(), "never arrived: {missing:?}");
+}
+
 /// The next event of `kind`, if one comes within `within`.
 async fn event_of(ws: &mut Ws, kind: &str, within: Duration) -> Option<Value> {
     let deadline = tokio::time::Instant::now() + within;
@@ -201,15 +220,11 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
         .await
         .expect("directed item delivered");
     assert_eq!(got["event_id"], directed.event_id.as_str());
-    assert!(
-        event_of(
-            &mut watcher_1,
-            "muster.test.directed",
-            Duration::from_millis(500)
-        )
-        .await
-        .is_none()
-    );
+    // Neither the operator on the other edge nor the one on the same edge.
+    for watcher in [&mut watcher_1, &mut watcher_2] {
+        let seen = event_of(watcher, "muster.test.directed", Duration::from_millis(500)).await;
+        assert!(seen.is_none(), "{seen:?}");
+    }
 
     // A client on edge 1 follows a stream of events; edge 1 is killed in
     // the middle; the client reconnects to edge 2, resumes from the last
@@ -287,24 +302,34 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
         committed.len()
     );
 
-    // A restarted backplane: the edge resubscribes where it stopped.
+    // A restarted backplane: the edge resubscribes where it stopped, so
+    // what was committed while the backplane was down arrives too.
     cluster.ctl(&["kill", "backplane"]);
+    let mut while_down = Vec::new();
+    for n in 0..5 {
+        let item = NewItem::event(TENANT, TICK, json!({"while": "backplane down", "n": n}));
+        append_retrying(&store, &item).await;
+        while_down.push(item.event_id);
+    }
     cluster.ctl(&["start", "backplane"]);
     let after_restart = NewItem::event(TENANT, TICK, json!({"after": "backplane restart"}));
     append_retrying(&store, &after_restart).await;
-    let got = event_of(&mut client, TICK, Duration::from_secs(15))
-        .await
-        .expect("an event after the backplane restart");
-    assert_eq!(got["event_id"], after_restart.event_id.as_str());
+    while_down.push(after_restart.event_id);
+    assert_all_arrive(&mut client, &while_down, Duration::from_secs(15)).await;
 
-    // A restarted Postgres: the services reconnect and delivery goes on.
+    // A restarted Postgres: the services reconnect and delivery goes on,
+    // with nothing committed around the restart lost.
+    let mut around = Vec::new();
+    for n in 0..5 {
+        let item = NewItem::event(TENANT, TICK, json!({"before": "postgres restart", "n": n}));
+        append_retrying(&store, &item).await;
+        around.push(item.event_id);
+    }
     cluster.ctl(&["pg-restart"]);
     let after_pg = NewItem::event(TENANT, TICK, json!({"after": "postgres restart"}));
     append_retrying(&store, &after_pg).await;
-    let got = event_of(&mut client, TICK, Duration::from_secs(20))
-        .await
-        .expect("an event after the Postgres restart");
-    assert_eq!(got["event_id"], after_pg.event_id.as_str());
+    around.push(after_pg.event_id);
+    assert_all_arrive(&mut client, &around, Duration::from_secs(20)).await;
     let pong = client.call("ping", json!({})).await;
     assert_eq!(pong["ok"], true);
     drop(client);
