@@ -65,29 +65,30 @@ muster_store::backend_suite! {
 /// inserted (random delays between insert and commit), read by a follower
 /// that tails by position: every committed item arrives, once, in
 /// increasing position order. A reader that tailed insertion order would
-/// pass items that commit late and never see them.
+/// pass items that commit late and never see them. Twelve producers run
+/// `rounds` transactions each, all at once, so that commits overlap the
+/// sequencer's rounds and each other in every order.
 async fn producers_race_a_follower(store: &Store, rounds: usize) {
     use rand::Rng;
     use std::collections::HashSet;
     use std::time::Duration;
 
+    const PRODUCERS: usize = 12;
     let reader = Outbox::new(Arc::new(store.clone()));
     let (sink, mut items) = tokio::sync::mpsc::channel(1024);
     let head = outbox::head(store).await.unwrap();
     let follower = tokio::spawn(async move { reader.follow(Some(head), sink).await });
 
-    let mut committed = HashSet::new();
-    let mut received = Vec::new();
-    for round in 0..rounds {
-        let producers = (0..6).map(|p| {
-            let store = store.clone();
-            tokio::spawn(async move {
+    let producers = (0..PRODUCERS).map(|p| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for round in 0..rounds {
                 let (count, delay_ms) = {
                     let mut rng = rand::rng();
                     (rng.random_range(1..=3), rng.random_range(0..6))
                 };
                 let mut tx = store.begin().await.unwrap();
-                let mut ids = Vec::new();
                 for n in 0..count {
                     let item = NewItem::event(
                         "t1",
@@ -99,15 +100,23 @@ async fn producers_race_a_follower(store: &Store, rounds: usize) {
                 }
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
                 store.commit(tx).await.unwrap();
-                ids
-            })
-        });
-        for ids in futures::future::join_all(producers).await {
-            committed.extend(ids.unwrap());
-        }
-        // Drain what has arrived so far, without waiting.
-        while let Ok(item) = items.try_recv() {
-            received.push(item.unwrap());
+            }
+            ids
+        })
+    });
+    let mut committed = HashSet::new();
+    let mut received = Vec::new();
+    let mut producers = futures::future::join_all(producers);
+    // The follower's channel is bounded: read while the producers run.
+    loop {
+        tokio::select! {
+            done = &mut producers => {
+                for ids in done {
+                    committed.extend(ids.unwrap());
+                }
+                break;
+            }
+            Some(item) = items.recv() => received.push(item.unwrap()),
         }
     }
     while received.len() < committed.len() {
