@@ -1,10 +1,12 @@
 //! A real cluster as separate processes (deploy/local-cluster: Postgres,
 //! a backplane, the other services, two edges, mTLS between them), driven
 //! by real WebSocket clients: events reach peers on every edge, a directed
-//! item reaches its device on the edge that holds it, a client whose edge
-//! is killed mid-stream resumes on the other edge without losing anything,
-//! the killed edge's peers leave presence and their topics, and the
-//! cluster survives a backplane restart and a Postgres restart.
+//! item reaches its device on the edge that holds it, a client and a node
+//! whose edge is killed mid-stream resume on the other edge without losing
+//! anything (the node's commands follow its device to the other edge), the
+//! killed edge's peers leave presence and their topics, and the cluster
+//! survives a backplane restart and a Postgres restart with nothing
+//! committed around them lost.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,7 @@ use serde_json::{Value, json};
 const TOKEN: &str = "muster_cluster-test-admin-token-0123456789abcdef";
 const TENANT: &str = "00000000-0000-4000-8000-000000000000";
 const TICK: &str = "muster.test.tick";
+const DIRECTED: &str = "muster.test.directed";
 const GHOST_TTL_SECS: u64 = 15;
 
 struct Cluster {
@@ -149,6 +152,63 @@ async fn seen_all(ws: &mut Ws, within: Duration, wanted: &[&dyn Fn(&Value) -> bo
     seen
 }
 
+/// Resumes after `last` (which the outbox still holds: no gap); returns
+/// the ids of the replayed events of `kind`.
+async fn resume(ws: &mut Ws, last: &str, kind: &str) -> Vec<String> {
+    let (response, replayed) = ws
+        .call_with_events("muster.stream.resume", json!({"last_event_id": last}))
+        .await;
+    assert_eq!(response["result"]["gap"], false, "{response}");
+    replayed
+        .iter()
+        .filter(|e| e["type"] == kind)
+        .map(|e| e["event_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A node's side of the kill: reads the commands directed at it until all
+/// of the 30 the producer commits have arrived (or a minute passes); when
+/// its edge goes, reconnects to `fallback` with the same key and resumes
+/// from the last command it saw. Returns the ids received and whether it
+/// resumed.
+async fn follow_commands(
+    mut ws: Ws,
+    key: DeviceKey,
+    fallback: String,
+    commands: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> (HashSet<String>, bool) {
+    let mut received = HashSet::new();
+    let mut resumed = false;
+    let mut last: Option<String> = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let all_arrived = |received: &HashSet<String>| {
+        let commands = commands.lock().unwrap();
+        commands.len() == 30 && commands.iter().all(|id| received.contains(id))
+    };
+    while !all_arrived(&received) && tokio::time::Instant::now() < deadline {
+        match ws.next(Duration::from_secs(1)).await {
+            Next::Json(frame) if frame["type"] == DIRECTED => {
+                let id = frame["event_id"].as_str().unwrap().to_owned();
+                last = Some(id.clone());
+                received.insert(id);
+            }
+            Next::Json(_) | Next::Silent => {}
+            Next::Closed(..) | Next::Dropped => {
+                ws = open(&fallback, TOKEN, TokenVia::Bearer, None)
+                    .await
+                    .unwrap();
+                ws.handshake(&key, "node", json!({"mode": "node"})).await;
+                let last = last
+                    .as_deref()
+                    .expect("the node saw commands before its edge went");
+                received.extend(resume(&mut ws, last, DIRECTED).await);
+                resumed = true;
+            }
+        }
+    }
+    (received, resumed)
+}
+
 /// Reads `ws` until an event with each of `event_ids` has arrived; fails
 /// with the ones missing after `within`.
 async fn assert_all_arrive(ws: &mut Ws, event_ids: &[String], within: Duration) {
@@ -232,17 +292,41 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
     // The client connects before the first event is produced: items
     // committed before a peer connects are not its to receive.
     let (mut client, _) = peer(&edges[0], "client", "cli").await;
+    // A node on the same edge gets every tenth tick's command, directed at
+    // its device; it too reconnects to edge 2 and resumes.
+    let mover_key = DeviceKey::generate();
+    let mut mover = open(&edges[0], TOKEN, TokenVia::Bearer, None)
+        .await
+        .unwrap();
+    mover
+        .handshake(&mover_key, "node", json!({"mode": "node"}))
+        .await;
     let producer_store = store.clone();
     let committed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let producing = committed.clone();
+    let commands = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let commanding = commands.clone();
+    let mover_device = mover_key.device_id();
     let producer = tokio::spawn(async move {
         for n in 0..300 {
             let item = NewItem::event(TENANT, TICK, json!({"n": n}));
             append_retrying(&producer_store, &item).await;
             producing.lock().unwrap().push((n, item.event_id));
+            if n % 10 == 0 {
+                let mut command = NewItem::event(TENANT, DIRECTED, json!({"n": n}));
+                command.target = Some(Target::Device(mover_device.clone()));
+                append_retrying(&producer_store, &command).await;
+                commanding.lock().unwrap().push(command.event_id);
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
+    let mover = tokio::spawn(follow_commands(
+        mover,
+        mover_key,
+        edges[1].clone(),
+        commands.clone(),
+    ));
     // Read until the producer is done and everything it committed arrived,
     // or until a generous deadline (a loaded machine is slow, not lossy).
     let all_arrived = |received: &HashSet<String>| {
@@ -274,14 +358,8 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
                 assert!(killed, "the connection ended before its edge was killed");
                 let (again, _) = peer(&edges[1], "client", "cli").await;
                 client = again;
-                let last = last_seen.clone().expect("saw events before the kill");
-                let (response, replayed) = client
-                    .call_with_events("muster.stream.resume", json!({"last_event_id": last}))
-                    .await;
-                assert_eq!(response["result"]["gap"], false, "{response}");
-                for event in replayed.iter().filter(|e| e["type"] == TICK) {
-                    received.insert(event["event_id"].as_str().unwrap().to_owned());
-                }
+                let last = last_seen.as_deref().expect("saw events before the kill");
+                received.extend(resume(&mut client, last, TICK).await);
                 resumed = true;
             }
             Next::Silent => {}
@@ -289,6 +367,22 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
     }
     assert!(killed && resumed);
     producer.await.unwrap();
+    let (commands_received, mover_resumed) = mover.await.unwrap();
+    assert!(
+        mover_resumed,
+        "the node's edge went, so it resumed on the other"
+    );
+    let commands = commands.lock().unwrap().clone();
+    assert_eq!(commands.len(), 30);
+    let commands_missing: Vec<_> = commands
+        .iter()
+        .filter(|id| !commands_received.contains(*id))
+        .collect();
+    assert!(
+        commands_missing.is_empty(),
+        "{} of 30 commands never reached the node: {commands_missing:?}",
+        commands_missing.len()
+    );
     let committed = committed.lock().unwrap().clone();
     let missing: Vec<_> = committed
         .iter()
