@@ -1,8 +1,10 @@
 //! Randomized multi-tenant delivery: peers of several tenants with
 //! different scopes, items of random tenants, audiences and targets
-//! (including devices of other tenants). Every peer gets exactly the items
-//! of its own tenant that its scopes and device admit: zero cross-tenant
-//! deliveries, nothing missing. On SQLite and on Postgres.
+//! (devices and connections of other tenants, and one device key connected
+//! in every tenant) from concurrent producers. Every peer gets exactly the
+//! items of its own tenant that its role, scopes, device and connection
+//! admit: zero cross-tenant deliveries, nothing missing. On SQLite and on
+//! Postgres.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -28,12 +30,14 @@ struct Peer {
     tenant: &'static str,
     scopes: &'static [&'static str],
     device: String,
+    connection: String,
     ws: Ws,
 }
 
 impl Peer {
     fn admits(&self, item: &NewItem) -> bool {
         item.tenant_id == self.tenant
+            && (item.audience_roles.is_empty() || item.audience_roles.iter().any(|r| r == "client"))
             && (item.audience_scopes.is_empty()
                 || item
                     .audience_scopes
@@ -42,30 +46,40 @@ impl Peer {
             && match &item.target {
                 None => true,
                 Some(Target::Device(device)) => *device == self.device,
-                Some(_) => false,
+                Some(Target::Connection(connection)) => *connection == self.connection,
+                Some(Target::Edge(_)) => false,
             }
     }
 }
 
 async fn tenants_flow(host: &Host) {
     let mut peers = Vec::new();
+    // The same device in every tenant: an item for it in one tenant is not
+    // for it in another.
+    let everywhere = DeviceKey::generate();
     for tenant in TENANTS {
-        for scopes in SCOPES {
+        for (n, scopes) in SCOPES.into_iter().enumerate() {
             let (_, token) = host.client_token_in(tenant, scopes).await;
-            let key = DeviceKey::generate();
+            let key = if n == 0 {
+                DeviceKey::from_seed(everywhere.seed())
+            } else {
+                DeviceKey::generate()
+            };
             let mut ws = open(&host.ws_url(), &token, TokenVia::Bearer, None)
                 .await
                 .unwrap();
-            ws.handshake(&key, "client", json!({"mode": "cli"})).await;
+            let connected = ws.handshake(&key, "client", json!({"mode": "cli"})).await;
             peers.push(Peer {
                 tenant,
                 scopes,
                 device: key.device_id(),
+                connection: connected["client_id"].as_str().unwrap().to_owned(),
                 ws,
             });
         }
     }
     let devices: Vec<String> = peers.iter().map(|p| p.device.clone()).collect();
+    let connections: Vec<String> = peers.iter().map(|p| p.connection.clone()).collect();
 
     // Every peer reads all along (pongs keep flowing) until the producer
     // is done and nothing more arrives.
@@ -93,26 +107,50 @@ async fn tenants_flow(host: &Host) {
     let store = Store::connect(&host.config.store_url(), &StoreOptions::default())
         .await
         .unwrap();
-    let mut items = Vec::new();
-    for n in 0..150 {
-        let item = {
-            let mut rng = rand::rng();
-            let tenant = *TENANTS.choose(&mut rng).unwrap();
-            let mut item = NewItem::event(tenant, KIND, json!({"tenant": tenant, "n": n}));
-            item.audience_scopes = match rng.random_range(0..3) {
-                0 => vec![],
-                1 => vec!["operator.read".into()],
-                _ => vec!["operator.write".into()],
-            };
-            if rng.random_bool(0.3) {
-                item.target = Some(Target::Device(devices.choose(&mut rng).unwrap().clone()));
+    // Three producers at once, 50 items each.
+    let producers = (0..3).map(|producer| {
+        let (store, devices, connections) = (store.clone(), devices.clone(), connections.clone());
+        tokio::spawn(async move {
+            let mut items = Vec::new();
+            for n in 0..50 {
+                let item = {
+                    let mut rng = rand::rng();
+                    let tenant = *TENANTS.choose(&mut rng).unwrap();
+                    let mut item = NewItem::event(
+                        tenant,
+                        KIND,
+                        json!({"tenant": tenant, "producer": producer, "n": n}),
+                    );
+                    item.audience_roles = match rng.random_range(0..4) {
+                        0 => vec!["node".into()],
+                        1 => vec!["client".into()],
+                        _ => vec![],
+                    };
+                    item.audience_scopes = match rng.random_range(0..3) {
+                        0 => vec![],
+                        1 => vec!["operator.read".into()],
+                        _ => vec!["operator.write".into()],
+                    };
+                    item.target = match rng.random_range(0..10) {
+                        0..=2 => Some(Target::Device(devices.choose(&mut rng).unwrap().clone())),
+                        3 => Some(Target::Connection(
+                            connections.choose(&mut rng).unwrap().clone(),
+                        )),
+                        _ => None,
+                    };
+                    item
+                };
+                let mut tx = store.begin().await.unwrap();
+                outbox::append(&mut tx, &item).await.unwrap();
+                store.commit(tx).await.unwrap();
+                items.push(item);
             }
-            item
-        };
-        let mut tx = store.begin().await.unwrap();
-        outbox::append(&mut tx, &item).await.unwrap();
-        store.commit(tx).await.unwrap();
-        items.push(item);
+            items
+        })
+    });
+    let mut items = Vec::new();
+    for produced in futures::future::join_all(producers).await {
+        items.extend(produced.unwrap());
     }
     done_tx.send(true).unwrap();
 
