@@ -286,6 +286,19 @@ muster_e2e::on_both_stores! {
             .await;
         assert_eq!(ws.call("ping", json!({})).await["ok"], true);
 
+        // A node's task.execute result for a task it was never sent.
+        let mut node = admin(&host).await;
+        node.handshake(&DeviceKey::generate(), "node", json!({"mode": "node"}))
+            .await;
+        node.send(json!({"request_id": "t", "type": "task.execute", "ok": true}))
+            .await;
+        let event = node.event("error").await;
+        assert_eq!(
+            event["payload"],
+            json!({"code": "unauthorized",
+                "message": "task.execute result received from an unexpected connection"})
+        );
+
         for kind in [
             "conversation.list",
             "workflow.start",
