@@ -542,6 +542,59 @@ muster_e2e::on_both_stores! {
     }
 }
 
+// An entry no edge refreshes any more (its edge died, or it vanished in
+// an outage) goes once it is older than the TTL, with `presence.pruned`
+// to operators; the entries of connected peers, refreshed by their edge,
+// stay.
+muster_e2e::on_both_stores! {
+    async fn entries_nobody_refreshes_go_after_the_ttl(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut operator = admin(&host).await;
+        operator
+            .handshake(&DeviceKey::generate(), "client", json!({"mode": "cli"}))
+            .await;
+        let node_key = DeviceKey::generate();
+        let mut node = admin(&host).await;
+        node.handshake(&node_key, "node", json!({"mode": "node"})).await;
+        let store = muster_store::Store::connect(
+            &host.config.store_url(),
+            &muster_store::StoreOptions::default(),
+        )
+        .await
+        .unwrap();
+        // As a dead edge's peer leaves it: last seen longer ago than the TTL
+        // (60 s), and no edge holds it to refresh it.
+        let stale = DeviceKey::generate().device_id();
+        let long_ago = muster_store::now_ms() - 61_000;
+        sqlx::query(
+            "INSERT INTO instance_presence (tenant_id, instance_id, role, reported_host, \
+             reported_ip, observed_ip, version, mode, last_seen_at_ms, last_input_seconds, \
+             reason, metadata) VALUES ($1, $2, 'node', '', '', '', '1.0.0', 'node', $3, -1, \
+             'connect', '{}')",
+        )
+        .bind(&host.config.default_tenant)
+        .bind(&stale)
+        .bind(long_ago)
+        .execute(store.writer())
+        .await
+        .unwrap();
+        // The next prune (every 5 s) takes it, and only it.
+        let pruned = event_within(&mut operator, "presence.pruned").await;
+        assert_eq!(pruned["payload"]["instance_id"], stale.as_str(), "{pruned}");
+        let listed = operator.call("muster.presence.list", json!({})).await;
+        let ids: Vec<&str> = listed["result"]["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["instance_id"].as_str().unwrap())
+            .collect();
+        assert!(!ids.contains(&stale.as_str()), "{ids:?}");
+        assert!(ids.contains(&node_key.device_id().as_str()), "{ids:?}");
+        store.close().await;
+        host.stop().await;
+    }
+}
+
 // The edge's own gateway entry and a connected node's entry, removed
 // behind the edge's back (as the TTL after an outage would), are
 // announced again at the edge's next refresh, the node's as it reported
