@@ -542,6 +542,25 @@ muster_e2e::on_both_stores! {
     }
 }
 
+/// An operator (left out of presence), a node connected with `device`
+/// fields, and the host's store.
+async fn operator_and_node(host: &Host, device: Value) -> (Ws, DeviceKey, Ws, muster_store::Store) {
+    let mut operator = admin(host).await;
+    operator
+        .handshake(&DeviceKey::generate(), "client", json!({"mode": "cli"}))
+        .await;
+    let node_key = DeviceKey::generate();
+    let mut node = admin(host).await;
+    node.handshake(&node_key, "node", device).await;
+    let store = muster_store::Store::connect(
+        &host.config.store_url(),
+        &muster_store::StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    (operator, node_key, node, store)
+}
+
 // An entry no edge refreshes any more (its edge died, or it vanished in
 // an outage) goes once it is older than the TTL, with `presence.pruned`
 // to operators; the entries of connected peers, refreshed by their edge,
@@ -549,19 +568,8 @@ muster_e2e::on_both_stores! {
 muster_e2e::on_both_stores! {
     async fn entries_nobody_refreshes_go_after_the_ttl(store: Option<String>) {
         let host = Host::start(store).await;
-        let mut operator = admin(&host).await;
-        operator
-            .handshake(&DeviceKey::generate(), "client", json!({"mode": "cli"}))
-            .await;
-        let node_key = DeviceKey::generate();
-        let mut node = admin(&host).await;
-        node.handshake(&node_key, "node", json!({"mode": "node"})).await;
-        let store = muster_store::Store::connect(
-            &host.config.store_url(),
-            &muster_store::StoreOptions::default(),
-        )
-        .await
-        .unwrap();
+        let (mut operator, node_key, _node, store) =
+            operator_and_node(&host, json!({"mode": "node"})).await;
         // As a dead edge's peer leaves it: last seen longer ago than the TTL
         // (60 s), and no edge holds it to refresh it.
         let stale = DeviceKey::generate().device_id();
@@ -602,21 +610,9 @@ muster_e2e::on_both_stores! {
 muster_e2e::on_both_stores! {
     async fn lost_presence_entries_return(store: Option<String>) {
         let host = Host::start(store).await;
-        let mut operator = admin(&host).await;
-        operator
-            .handshake(&DeviceKey::generate(), "client", json!({"mode": "cli"}))
-            .await;
-        let node_key = DeviceKey::generate();
-        let mut node = admin(&host).await;
-        node.handshake(&node_key, "node", json!({"mode": "node", "label": "lab-7"}))
-            .await;
+        let (mut operator, node_key, node, store) =
+            operator_and_node(&host, json!({"mode": "node", "label": "lab-7"})).await;
         let node_id = node_key.device_id();
-        let store = muster_store::Store::connect(
-            &host.config.store_url(),
-            &muster_store::StoreOptions::default(),
-        )
-        .await
-        .unwrap();
         // Announced at start and at connect.
         let gateway = loop {
             let listed = operator.call("muster.presence.list", json!({})).await;
