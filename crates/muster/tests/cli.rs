@@ -462,6 +462,17 @@ fn wait_for_line(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_watch_shows_a_node_connecting_and_leaving_live() {
+    watch_a_node_come_and_go(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_watch_shows_the_same_as_lines_for_people() {
+    watch_a_node_come_and_go(false).await;
+}
+
+/// `muster presence --watch` (with `--json` or as lines for people) while
+/// a node connects and leaves.
+async fn watch_a_node_come_and_go(json: bool) {
     use muster_protocol::client::{TokenVia, open};
     use muster_protocol::device::DeviceKey;
 
@@ -469,8 +480,13 @@ async fn presence_watch_shows_a_node_connecting_and_leaving_live() {
     let data = dir.path().join("data");
     let served = Served::start(&data, &[]);
     let token = served.token().unwrap();
+    let mut args = vec!["presence", "--watch"];
+    if json {
+        args.push("--json");
+    }
     let mut watch = Command::new(BIN)
-        .args(["presence", "--watch", "--json", "--data-dir"])
+        .args(&args)
+        .arg("--data-dir")
         .arg(&data)
         .env("MUSTER_TOKEN", &token)
         .env("RUST_LOG", "warn")
@@ -479,7 +495,13 @@ async fn presence_watch_shows_a_node_connecting_and_leaving_live() {
         .unwrap();
     let lines = line_reader(watch.stdout.take().unwrap());
     // The listing comes first: the edge's own gateway entry is in it.
-    wait_for_line(&lines, |l| l.contains("\"role\":\"gateway\""));
+    if json {
+        wait_for_line(&lines, |l| l.contains("\"role\":\"gateway\""));
+    } else {
+        wait_for_line(&lines, |l| {
+            l.split_whitespace().nth(1) == Some("gateway") && !l.starts_with('+')
+        });
+    }
 
     let endpoints: Endpoints =
         serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
@@ -489,10 +511,20 @@ async fn presence_watch_shows_a_node_connecting_and_leaving_live() {
     node.handshake(&key, "node", serde_json::json!({"label": "lab-box"}))
         .await;
     let joined = wait_for_line(&lines, |l| l.contains(&key.device_id()));
-    assert!(joined.contains("\"reason\":\"connect\""), "{joined}");
     drop(node);
     let left = wait_for_line(&lines, |l| l.contains(&key.device_id()));
-    assert_eq!(left, format!("{{\"instance_id\":\"{}\"}}", key.device_id()));
+    if json {
+        assert!(joined.contains("\"reason\":\"connect\""), "{joined}");
+        assert_eq!(left, format!("{{\"instance_id\":\"{}\"}}", key.device_id()));
+    } else {
+        let fields: Vec<&str> = joined.split_whitespace().collect();
+        assert_eq!(
+            fields[..4],
+            ["+", key.device_id().as_str(), "node", "lab-box"],
+            "{joined}"
+        );
+        assert_eq!(left, format!("- {}", key.device_id()));
+    }
 
     // The watcher itself, a cli connection, never showed up in presence.
     let status = Command::new(BIN)
