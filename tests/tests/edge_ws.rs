@@ -443,13 +443,43 @@ async fn presence_flows_to_operators(host: &Host) {
         .await;
     assert_eq!(bad["error"]["code"], "invalid_request");
 
-    // Nodes never receive presence events.
+    // Nodes never receive presence events: a second node's arrival reaches
+    // the operator, and an item directed at the first node, committed
+    // after it, reaches that node with no presence event before it (a
+    // peer's items arrive in commit order).
+    let second_key = DeviceKey::generate();
     let mut second = admin(host).await;
-    second
-        .handshake(&DeviceKey::generate(), "node", json!({}))
-        .await;
-    if let Next::Json(frame) = node.next(Duration::from_millis(500)).await {
-        assert_ne!(frame["type"], "presence.upserted", "{frame}");
+    second.handshake(&second_key, "node", json!({})).await;
+    loop {
+        let event = operator.event("presence.upserted").await;
+        if event["payload"]["entry"]["instance_id"] == second_key.device_id() {
+            break;
+        }
+    }
+    let store = muster_store::Store::connect(
+        &host.config.store_url(),
+        &muster_store::StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    let mut sentinel = muster_store::outbox::NewItem::event(
+        &host.config.default_tenant,
+        "muster.test.sentinel",
+        json!({}),
+    );
+    sentinel.target = Some(muster_store::outbox::Target::Device(node_key.device_id()));
+    let mut tx = store.begin().await.unwrap();
+    muster_store::outbox::append(&mut tx, &sentinel)
+        .await
+        .unwrap();
+    store.commit(tx).await.unwrap();
+    store.close().await;
+    loop {
+        match node.next(Duration::from_secs(10)).await {
+            Next::Json(frame) if frame["type"] == "muster.test.sentinel" => break,
+            Next::Json(frame) => assert_ne!(frame["type"], "presence.upserted", "{frame}"),
+            other => panic!("the directed item never came: {other:?}"),
+        }
     }
 
     let listed = operator.call("muster.presence.list", json!({})).await;
