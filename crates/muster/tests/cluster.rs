@@ -273,10 +273,10 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
 
     // A directed item reaches the device on the edge that holds it, and
     // nobody else.
-    let mut directed = NewItem::event(TENANT, "muster.test.directed", json!({"n": 1}));
+    let mut directed = NewItem::event(TENANT, DIRECTED, json!({"n": 1}));
     directed.target = Some(Target::Device(node_device.clone()));
     append(&store, &directed).await;
-    let got = event_of(&mut node, "muster.test.directed", long)
+    let got = event_of(&mut node, DIRECTED, long)
         .await
         .expect("directed item delivered");
     assert_eq!(got["event_id"], directed.event_id.as_str());
