@@ -11,12 +11,29 @@ use muster_protocol::device::DeviceKey;
 use serde_json::{Value, json};
 
 async fn peer(host: &Host, token: &str, role: &str, mode: &str) -> Ws {
+    peer_with(host, token, role, mode, &DeviceKey::generate()).await
+}
+
+async fn peer_with(host: &Host, token: &str, role: &str, mode: &str, key: &DeviceKey) -> Ws {
     let mut ws = open(&host.ws_url(), token, TokenVia::Bearer, None)
         .await
         .unwrap();
-    ws.handshake(&DeviceKey::generate(), role, json!({"mode": mode}))
-        .await;
+    ws.handshake(key, role, json!({"mode": mode})).await;
     ws
+}
+
+/// The next `kind` event about `instance_id`.
+async fn presence_event(ws: &mut Ws, kind: &str, instance_id: &str) -> Value {
+    loop {
+        let event = ws.event(kind).await;
+        let about = match kind {
+            "presence.upserted" => &event["payload"]["entry"]["instance_id"],
+            _ => &event["payload"]["instance_id"],
+        };
+        if about == instance_id {
+            return event;
+        }
+    }
 }
 
 fn ids(events: &[Value]) -> HashSet<String> {
@@ -36,10 +53,11 @@ async fn resume_flow(host: &Host) {
 
     // While the operator is away, a node arrives and leaves.
     let mut watcher = peer(host, &host.admin_token(), "client", "cli").await;
-    let node_two = peer(host, &host.admin_token(), "node", "node").await;
-    let arrived = watcher.event("presence.upserted").await;
+    let two = DeviceKey::generate();
+    let node_two = peer_with(host, &host.admin_token(), "node", "node", &two).await;
+    let arrived = presence_event(&mut watcher, "presence.upserted", &two.device_id()).await;
     drop(node_two);
-    let left = watcher.event("presence.pruned").await;
+    let left = presence_event(&mut watcher, "presence.pruned", &two.device_id()).await;
 
     let mut back = peer(host, &operator_token, "client", "cli").await;
     let (response, replayed) = back
