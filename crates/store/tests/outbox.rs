@@ -189,6 +189,32 @@ muster_store::backend_suite! {
         assert_eq!(left[0].payload["n"], 4_400);
     }
 
+    async fn the_ttl_takes_a_backlog_whole_in_position_order(store: Store) {
+        let items: Vec<NewItem> = (0..4_500).map(|n| NewItem::event("t1", "x", json!({"n": n}))).collect();
+        let mut tx = store.begin().await.unwrap();
+        outbox::append_all(&mut tx, &items).await.unwrap();
+        tx.commit().await.unwrap();
+        outbox::sequence(&store, 10_000).await.unwrap();
+        let positions: Vec<i64> = outbox::read_after(&store, "t1", 0, 10_000).await.unwrap().iter().map(|i| i.position).collect();
+        // The oldest 2 100 are a day old, and so is one far behind them
+        // whose producer's clock was behind.
+        let day_ago = "UPDATE outbox SET occurred_at_ms = occurred_at_ms - 86400000 \
+                       WHERE position <= $1 AND position > $2";
+        sqlx::query(day_ago).bind(positions[2_099]).bind(0).execute(store.pool()).await.unwrap();
+        sqlx::query(day_ago).bind(positions[4_400]).bind(positions[4_399]).execute(store.pool()).await.unwrap();
+        let ttl = outbox::Retention { ttl_ms: 3_600_000, max_items: 1_000_000, consumer_idle_ms: 60_000, min_age_ms: 3_600_000 };
+        // More than one statement's chunk goes; the straggler, beyond the
+        // oldest chunk of what is left, waits for the items before it.
+        assert_eq!(outbox::compact(&store, &ttl).await.unwrap(), 2_100);
+        let left = outbox::read_after(&store, "t1", 0, 10_000).await.unwrap();
+        assert_eq!(left.len(), 2_400);
+        assert_eq!(left[0].payload["n"], 2_100);
+        assert_eq!(outbox::compact(&store, &ttl).await.unwrap(), 0);
+        // Once those have expired too, it goes with them.
+        sqlx::query(day_ago).bind(positions[4_399]).bind(positions[2_099]).execute(store.pool()).await.unwrap();
+        assert_eq!(outbox::compact(&store, &ttl).await.unwrap(), 2_301);
+    }
+
     async fn a_lease_has_one_holder_until_it_expires(store: Store) {
         assert!(muster_store::lease::acquire(&store, "job", "a", 60_000).await.unwrap());
         assert!(!muster_store::lease::acquire(&store, "job", "b", 60_000).await.unwrap());
