@@ -56,14 +56,15 @@ pub async fn fanout(subscribers: usize, events: usize) -> anyhow::Result<()> {
     let expected = (subscribers * events) as u64;
 
     // Baseline: the bare relay broadcasts each published frame to every
-    // subscribed socket.
+    // subscribed socket. The frames are muster's own event frames (Part B
+    // envelopes of the same items), so that both deliver the same bytes.
     let bare = format!("ws://{}/ws", crate::bare::start().await?);
     let delivered = Arc::new(AtomicU64::new(0));
     for _ in 0..subscribers {
         let _permit = gate.acquire().await?;
         let mut ws = bare_connect(&bare).await?;
         ws.send(Message::text("subscribe")).await?;
-        count(ws, delivered.clone(), |text| text.starts_with("{\"n\""));
+        count(ws, delivered.clone(), |text| text.contains(KIND));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     // The publisher does not wait for the relay's answers, as muster's
@@ -71,9 +72,14 @@ pub async fn fanout(subscribers: usize, events: usize) -> anyhow::Result<()> {
     let mut publisher = bare_connect(&bare).await?;
     let started = Instant::now();
     for n in 0..events {
-        publisher
-            .feed(Message::text(json!({"n": n}).to_string()))
-            .await?;
+        let frame = muster_protocol::envelope::event(
+            &uuid::Uuid::new_v4().to_string(),
+            KIND,
+            muster_store::now_ms(),
+            None,
+            &json!({"n": n}),
+        );
+        publisher.feed(Message::text(frame)).await?;
     }
     publisher.flush().await?;
     let baseline = rate(&delivered, expected, started).await?;
