@@ -107,14 +107,7 @@ muster_e2e::on_both_stores! {
 
         // No client certificate: an operator with a token.
         let stream = connect(&host, &ours, None).await.unwrap();
-        let mut ws = open_over(
-            stream,
-            &wss_url(&host),
-            &host.admin_token(),
-            TokenVia::Bearer,
-        )
-        .await
-        .unwrap();
+        let mut ws = admin_over(&host, stream).await.unwrap();
         ws.handshake(&DeviceKey::generate(), "client", json!({}))
             .await;
         assert_eq!(ws.call("ping", json!({})).await["ok"], true);
@@ -133,28 +126,14 @@ muster_e2e::on_both_stores! {
             .unwrap();
         let refused = match connect(&host, &ours, Some(&foreign)).await {
             Err(_) => true,
-            Ok(stream) => open_over(
-                stream,
-                &wss_url(&host),
-                &host.admin_token(),
-                TokenVia::Bearer,
-            )
-            .await
-            .is_err(),
+            Ok(stream) => admin_over(&host, stream).await.is_err(),
         };
         assert!(refused, "a foreign client certificate was accepted");
 
         // A certificate from our CA that is not the proved device's: closed
         // with 4001 once the device has proved its key.
         let stream = connect(&host, &ours, Some(&ours)).await.unwrap();
-        let mut ws = open_over(
-            stream,
-            &wss_url(&host),
-            &host.admin_token(),
-            TokenVia::Bearer,
-        )
-        .await
-        .unwrap();
+        let mut ws = admin_over(&host, stream).await.unwrap();
         let refused = ws
             .try_handshake(&DeviceKey::generate(), "node", json!({}))
             .await
@@ -201,14 +180,13 @@ fn device_auth(host: &Host, key: &DeviceKey, tenant_id: &str) -> ClientAuth {
     (chain, key)
 }
 
-/// A WebSocket over TLS with the admin token, presenting `auth`.
-async fn admin_as(
+type TlsWs = muster_e2e::ws::Ws<tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// The WebSocket upgrade over `stream` with the admin token.
+async fn admin_over(
     host: &Host,
-    auth: ClientAuth,
-) -> muster_e2e::ws::Ws<tokio_rustls::client::TlsStream<TcpStream>> {
-    let stream = connect_as(host, &host.config.tls(), Some(auth))
-        .await
-        .unwrap();
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+) -> Result<TlsWs, tokio_tungstenite::tungstenite::Error> {
     open_over(
         stream,
         &wss_url(host),
@@ -216,7 +194,14 @@ async fn admin_as(
         TokenVia::Bearer,
     )
     .await
-    .unwrap()
+}
+
+/// A WebSocket over TLS with the admin token, presenting `auth`.
+async fn admin_as(host: &Host, auth: ClientAuth) -> TlsWs {
+    let stream = connect_as(host, &host.config.tls(), Some(auth))
+        .await
+        .unwrap();
+    admin_over(host, stream).await.unwrap()
 }
 
 muster_e2e::on_both_stores! {
