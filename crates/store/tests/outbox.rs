@@ -200,7 +200,7 @@ muster_store::backend_suite! {
         // whose producer's clock was behind.
         let day_ago = "UPDATE outbox SET occurred_at_ms = occurred_at_ms - 86400000 \
                        WHERE position <= $1 AND position > $2";
-        sqlx::query(day_ago).bind(positions[2_099]).bind(0).execute(store.pool()).await.unwrap();
+        sqlx::query(day_ago).bind(positions[2_099]).bind(0_i64).execute(store.pool()).await.unwrap();
         sqlx::query(day_ago).bind(positions[4_400]).bind(positions[4_399]).execute(store.pool()).await.unwrap();
         let ttl = outbox::Retention { ttl_ms: 3_600_000, max_items: 1_000_000, consumer_idle_ms: 60_000, min_age_ms: 3_600_000 };
         // More than one statement's chunk goes; the straggler, beyond the
