@@ -152,18 +152,23 @@ pub fn conflict_free_runs<'a, T, K: Eq + std::hash::Hash>(
     runs
 }
 
-/// Deletes the rows of `table` whose two key `columns` match one of `keys`,
-/// many per statement; returns the keys of the rows it deleted.
-pub async fn delete_keys(
+/// Deletes the rows of `table` that the removals among `run` (a run of
+/// [`conflict_free_runs`]) name by their two key `columns`, many per
+/// statement; `removal` gives a removal's key, `None` for a write. Returns,
+/// per item of `run`, whether it changed a row: a write always does, a
+/// removal if the row was there (of a key removed twice, the first).
+pub async fn remove_in_run<'a, T>(
     tx: &mut crate::Tx,
     table: &str,
     columns: [&str; 2],
-    keys: &[(&str, &str)],
-) -> Result<std::collections::HashSet<(String, String)>, StoreError> {
+    run: &'a [T],
+    removal: impl Fn(&'a T) -> Option<(&'a str, &'a str)>,
+) -> Result<Vec<bool>, StoreError> {
     use sqlx::Row;
+    let keys: Vec<(&str, &str)> = run.iter().filter_map(&removal).collect();
     let [first, second] = columns;
     let mut deleted = std::collections::HashSet::with_capacity(keys.len());
-    for chunk in in_statements(keys, 2) {
+    for chunk in in_statements(&keys, 2) {
         let sql = format!(
             "DELETE FROM {table} WHERE {} RETURNING {first}, {second}",
             pairs_in(columns, chunk.len())
@@ -175,7 +180,13 @@ pub async fn delete_keys(
             deleted.insert((row.try_get::<String, _>(0)?, row.try_get::<String, _>(1)?));
         }
     }
-    Ok(deleted)
+    Ok(run
+        .iter()
+        .map(|item| match removal(item) {
+            None => true,
+            Some((a, b)) => deleted.remove(&(a.to_owned(), b.to_owned())),
+        })
+        .collect())
 }
 
 /// `rows` split into the chunks of multi-row statements of `columns`

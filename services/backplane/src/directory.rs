@@ -168,31 +168,21 @@ impl DirectoryStore for Store {
                 })
                 .collect();
             insert_registrations(self, Some(&mut tx), &registrations).await?;
-            let removals: Vec<(&str, &str)> = run
-                .iter()
-                .filter_map(|change| match change {
+            let removed = muster_store::remove_in_run(
+                &mut tx,
+                "connections",
+                ["connection_id", "edge_id"],
+                run,
+                |change| match change {
                     Change::Register(_) => None,
                     Change::Unregister {
                         edge_id,
                         connection_id,
                     } => Some((connection_id.as_str(), edge_id.as_str())),
-                })
-                .collect();
-            let mut removed = muster_store::delete_keys(
-                &mut tx,
-                "connections",
-                ["connection_id", "edge_id"],
-                &removals,
+                },
             )
             .await?;
-            // A connection unregistered twice was removed by the first.
-            changed.extend(run.iter().map(|change| match change {
-                Change::Register(_) => true,
-                Change::Unregister {
-                    edge_id,
-                    connection_id,
-                } => removed.remove(&(connection_id.clone(), edge_id.clone())),
-            }));
+            changed.extend(removed);
         }
         self.commit(tx).await?;
         Ok(changed)

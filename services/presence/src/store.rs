@@ -159,33 +159,22 @@ impl PresenceStore for Store {
                 })
                 .collect();
             upsert_entries(&mut tx, &upserts).await?;
-            let removals: Vec<(&str, &str)> = run
-                .iter()
-                .filter_map(|write| match write {
+            let removed = muster_store::remove_in_run(
+                &mut tx,
+                "instance_presence",
+                ["tenant_id", "instance_id"],
+                run,
+                |write| match write {
                     InstanceWrite::Upsert { .. } => None,
                     InstanceWrite::Remove {
                         tenant_id,
                         instance_id,
                         ..
                     } => Some((tenant_id.as_str(), instance_id.as_str())),
-                })
-                .collect();
-            let mut removed = muster_store::delete_keys(
-                &mut tx,
-                "instance_presence",
-                ["tenant_id", "instance_id"],
-                &removals,
+                },
             )
             .await?;
-            // An instance removed twice was removed by the first.
-            changed.extend(run.iter().map(|write| match write {
-                InstanceWrite::Upsert { .. } => true,
-                InstanceWrite::Remove {
-                    tenant_id,
-                    instance_id,
-                    ..
-                } => removed.remove(&(tenant_id.clone(), instance_id.clone())),
-            }));
+            changed.extend(removed);
         }
         // Each write that changed a row has its event, in the batch's order.
         let events = writes
