@@ -166,47 +166,46 @@ async fn resume(ws: &mut Ws, last: &str, kind: &str) -> Vec<String> {
         .collect()
 }
 
-/// A node's side of the kill: reads the commands directed at it until all
-/// of the 30 the producer commits have arrived (or a minute passes); when
-/// its edge goes, reconnects to `fallback` with the same key and resumes
-/// from the last command it saw. Returns the ids received and whether it
-/// resumed.
-async fn follow_commands(
+/// A peer's side of an edge kill: reads events of `kind` until `done`
+/// says all arrived, or a minute passes, calling `seen` with the count
+/// after each; when its edge goes, `reconnect` gives it a connection to
+/// the other edge, where it resumes from the last event it saw. Returns
+/// the connection it ends with, the ids received and whether it resumed.
+async fn follow_across_a_kill<R, Fut>(
     mut ws: Ws,
-    key: DeviceKey,
-    fallback: String,
-    commands: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-) -> (HashSet<String>, bool) {
+    kind: &str,
+    reconnect: R,
+    done: impl Fn(&HashSet<String>) -> bool,
+    mut seen: impl FnMut(usize),
+) -> (Ws, HashSet<String>, bool)
+where
+    R: Fn() -> Fut,
+    Fut: std::future::Future<Output = Ws>,
+{
     let mut received = HashSet::new();
     let mut resumed = false;
     let mut last: Option<String> = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let all_arrived = |received: &HashSet<String>| {
-        let commands = commands.lock().unwrap();
-        commands.len() == 30 && commands.iter().all(|id| received.contains(id))
-    };
-    while !all_arrived(&received) && tokio::time::Instant::now() < deadline {
+    while !done(&received) && tokio::time::Instant::now() < deadline {
         match ws.next(Duration::from_secs(1)).await {
-            Next::Json(frame) if frame["type"] == DIRECTED => {
+            Next::Json(frame) if frame["type"] == kind => {
                 let id = frame["event_id"].as_str().unwrap().to_owned();
                 last = Some(id.clone());
                 received.insert(id);
+                seen(received.len());
             }
             Next::Json(_) | Next::Silent => {}
             Next::Closed(..) | Next::Dropped => {
-                ws = open(&fallback, TOKEN, TokenVia::Bearer, None)
-                    .await
-                    .unwrap();
-                ws.handshake(&key, "node", json!({"mode": "node"})).await;
+                ws = reconnect().await;
                 let last = last
                     .as_deref()
-                    .expect("the node saw commands before its edge went");
-                received.extend(resume(&mut ws, last, DIRECTED).await);
+                    .expect("events arrived before the edge went");
+                received.extend(resume(&mut ws, last, kind).await);
                 resumed = true;
             }
         }
     }
-    (received, resumed)
+    (ws, received, resumed)
 }
 
 /// Reads `ws` until an event with each of `event_ids` has arrived; fails
@@ -300,7 +299,7 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
     // event it saw, and ends up with every event committed.
     // The client connects before the first event is produced: items
     // committed before a peer connects are not its to receive.
-    let (mut client, _) = peer(&edges[0], "client", "cli").await;
+    let (client, _) = peer(&edges[0], "client", "cli").await;
     // A node on the same edge gets every tenth tick's command, directed at
     // its device; it too reconnects to edge 2 and resumes.
     let mover_key = DeviceKey::generate();
@@ -330,12 +329,6 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     });
-    let mover = tokio::spawn(follow_commands(
-        mover,
-        mover_key,
-        edges[1].clone(),
-        commands.clone(),
-    ));
     // Read until the producer is done and everything it committed arrived,
     // or until a generous deadline (a loaded machine is slow, not lossy).
     let all_arrived = |received: &HashSet<String>| {
@@ -346,37 +339,47 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
                 .iter()
                 .all(|(_, id)| received.contains(id))
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let mut received: HashSet<String> = HashSet::new();
-    let mut last_seen: Option<String> = None;
-    let mut killed = false;
-    let mut resumed = false;
-    while !all_arrived(&received) && tokio::time::Instant::now() < deadline {
-        match client.next(Duration::from_secs(1)).await {
-            Next::Json(frame) if frame["type"] == TICK => {
-                let id = frame["event_id"].as_str().unwrap().to_owned();
-                last_seen = Some(id.clone());
-                received.insert(id);
-                if received.len() == 50 && !killed {
-                    cluster.ctl(&["kill", "edge-1"]);
-                    killed = true;
-                }
+    let all_commands = |received: &HashSet<String>| {
+        let commands = commands.lock().unwrap();
+        commands.len() == 30 && commands.iter().all(|id| received.contains(id))
+    };
+    let killed = std::cell::Cell::new(false);
+    let client_follows = follow_across_a_kill(
+        client,
+        TICK,
+        || async {
+            assert!(
+                killed.get(),
+                "the connection ended before its edge was killed"
+            );
+            peer(&edges[1], "client", "cli").await.0
+        },
+        all_arrived,
+        |count| {
+            if count == 50 && !killed.get() {
+                cluster.ctl(&["kill", "edge-1"]);
+                killed.set(true);
             }
-            Next::Json(_) => {}
-            Next::Closed(..) | Next::Dropped => {
-                assert!(killed, "the connection ended before its edge was killed");
-                let (again, _) = peer(&edges[1], "client", "cli").await;
-                client = again;
-                let last = last_seen.as_deref().expect("saw events before the kill");
-                received.extend(resume(&mut client, last, TICK).await);
-                resumed = true;
-            }
-            Next::Silent => {}
-        }
-    }
-    assert!(killed && resumed);
+        },
+    );
+    let mover_follows = follow_across_a_kill(
+        mover,
+        DIRECTED,
+        || async {
+            let mut ws = open(&edges[1], TOKEN, TokenVia::Bearer, None)
+                .await
+                .unwrap();
+            ws.handshake(&mover_key, "node", json!({"mode": "node"}))
+                .await;
+            ws
+        },
+        all_commands,
+        |_| {},
+    );
+    let ((mut client, received, resumed), (_mover, commands_received, mover_resumed)) =
+        tokio::join!(client_follows, mover_follows);
+    assert!(killed.get() && resumed);
     producer.await.unwrap();
-    let (commands_received, mover_resumed) = mover.await.unwrap();
     assert!(
         mover_resumed,
         "the node's edge went, so it resumed on the other"
