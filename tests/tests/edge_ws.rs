@@ -91,6 +91,53 @@ muster_e2e::on_both_stores! {
     }
 }
 
+/// Opens `/ws` with the admin token where `via` puts it, from a page at
+/// `origin` (as a browser sends it).
+async fn open_from(host: &Host, origin: &str, via: TokenVia) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = host.ws_url().into_client_request().unwrap();
+    let headers = request.headers_mut();
+    headers.insert("origin", origin.parse().unwrap());
+    headers.insert("sec-websocket-protocol", "tyrum-v1".parse().unwrap());
+    let token = host.admin_token();
+    match via {
+        TokenVia::Cookie => headers.insert(
+            "cookie",
+            format!("theme=dark; tyrum_admin_token={token}")
+                .parse()
+                .unwrap(),
+        ),
+        TokenVia::Bearer => {
+            headers.insert("authorization", format!("Bearer {token}").parse().unwrap())
+        }
+        other => panic!("{other:?} carries no header"),
+    };
+    let (stream, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    Ws { stream, response }
+}
+
+muster_e2e::on_both_stores! {
+    async fn the_cookie_counts_only_from_the_same_origin(store: Option<String>) {
+        let host = Host::start(store).await;
+        let own = host.http_base();
+        let mut ws = open_from(&host, &own, TokenVia::Cookie).await;
+        let key = DeviceKey::generate();
+        assert_eq!(ws.handshake(&key, "client", json!({})).await["device_id"], key.device_id());
+        // A page elsewhere cannot ride the operator's cookie...
+        let mut ws = open_from(&host, "http://evil.example", TokenVia::Cookie).await;
+        assert_closed(&mut ws, 4001, "unauthorized").await;
+        // ...nor one on another port of the same host.
+        let other_port = own.rsplit_once(':').map(|(base, _)| format!("{base}:1")).unwrap();
+        let mut ws = open_from(&host, &other_port, TokenVia::Cookie).await;
+        assert_closed(&mut ws, 4001, "unauthorized").await;
+        // A token the page holds itself is its own to present.
+        let mut ws = open_from(&host, "http://evil.example", TokenVia::Bearer).await;
+        let key = DeviceKey::generate();
+        assert_eq!(ws.handshake(&key, "client", json!({})).await["device_id"], key.device_id());
+        host.stop().await;
+    }
+}
+
 muster_e2e::on_both_stores! {
     async fn a_node_token_admits_its_own_device_as_a_node_only(store: Option<String>) {
         let host = Host::start(store).await;
@@ -345,6 +392,20 @@ muster_e2e::on_both_stores! {
         assert_eq!(
             ws.call("approval.list", json!({})).await["error"]["code"],
             "unsupported_request"
+        );
+        // `*` holds every scope; types outside the scope table stay refused.
+        let (_, every) = host.client_token(&["*"]).await;
+        let mut ws = open(&host.ws_url(), &every, TokenVia::Bearer, None)
+            .await
+            .unwrap();
+        ws.handshake(&DeviceKey::generate(), "client", json!({}))
+            .await;
+        let resolved = ws.call("approval.resolve", json!({})).await;
+        assert_eq!(resolved["error"]["code"], "unsupported_request", "{resolved}");
+        let refused = ws.call("task.execute", json!({})).await;
+        assert_eq!(
+            refused["error"],
+            json!({"code": "forbidden", "message": "request is not scope-authorized for scoped tokens"})
         );
         host.stop().await;
     }
