@@ -857,6 +857,52 @@ muster_e2e::on_both_stores! {
     }
 }
 
+muster_e2e::on_both_stores! {
+    async fn refused_frames_close_1009_or_1007_in_every_phase(store: Option<String>) {
+        use futures::SinkExt;
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+        let host = Host::start(store).await;
+        let too_big = 1024 * 1024 + 1;
+        let not_utf8 = [b'{', 0xff, 0xfe, b'}'];
+        // While the token is being resolved. A frame's header is enough to
+        // refuse it: the edge reads no further.
+        let mut header = vec![0x81, 0x80 | 127];
+        header.extend_from_slice(&(too_big as u64).to_be_bytes());
+        header.extend_from_slice(&[0x5a, 0x17, 0xc3, 0x08]);
+        let (_, token) = host.client_token(&["operator.read"]).await;
+        assert_eq!(pipelined(&host, &token, &[header]).await, (1009, String::new()));
+        let (_, token) = host.client_token(&["operator.read"]).await;
+        let closed = pipelined(&host, &token, &[client_frame(&not_utf8)]).await;
+        assert_eq!(closed, (1007, String::new()));
+        // During the handshake and after it.
+        for handshaken in [false, true] {
+            let mut ws = admin(&host).await;
+            if handshaken {
+                ws.handshake(&DeviceKey::generate(), "client", json!({})).await;
+            }
+            ws.send_text(&" ".repeat(too_big)).await;
+            assert_closed(&mut ws, 1009, "").await;
+            let mut ws = admin(&host).await;
+            if handshaken {
+                ws.handshake(&DeviceKey::generate(), "client", json!({})).await;
+            }
+            let frame = Frame::message(not_utf8.to_vec(), OpCode::Data(Data::Text), true);
+            ws.stream.send(Message::Frame(frame)).await.unwrap();
+            assert_closed(&mut ws, 1007, "").await;
+        }
+        // A frame at the limit is read (and answered as the JSON it is not).
+        let mut ws = admin(&host).await;
+        ws.handshake(&DeviceKey::generate(), "client", json!({})).await;
+        ws.send_text(&" ".repeat(too_big - 1)).await;
+        let error = ws.event("error").await;
+        assert_eq!(error["payload"]["code"], "invalid_json", "{error}");
+        host.stop().await;
+    }
+}
+
 /// A client frame (masked, as clients must) carrying `text`.
 fn client_frame(text: &[u8]) -> Vec<u8> {
     let mut frame = vec![0x81];

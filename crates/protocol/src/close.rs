@@ -13,6 +13,11 @@ const fn close(code: u16, reason: &'static str) -> Close {
 
 pub const SERVER_SHUTDOWN: Close = close(1001, "server shutdown");
 pub const SLOW_CONSUMER: Close = close(1013, "slow consumer");
+/// A frame above the edge's size limit. `ws` 8.x, which Tyrum's gateway
+/// runs on, closes with the code alone.
+pub const MESSAGE_TOO_BIG: Close = close(1009, "");
+/// A text frame that is not UTF-8, closed as `ws` 8.x closes it.
+pub const INVALID_PAYLOAD: Close = close(1007, "");
 pub const UNAUTHORIZED: Close = close(4001, "unauthorized");
 pub const TOKEN_REVOKED: Close = close(4001, "token revoked");
 pub const HANDSHAKE_TIMEOUT: Close = close(4002, "handshake timeout");

@@ -145,6 +145,20 @@ async fn serve(
     .await
 }
 
+/// The close for a frame the WebSocket layer refused, as `ws` 8.x sends
+/// it: too large (1009) or a text frame that is not UTF-8 (1007). Other
+/// read errors (a reset, a protocol violation) end the connection without
+/// one.
+fn refused(error: &axum::Error) -> Option<Close> {
+    use std::error::Error as _;
+    use tokio_tungstenite::tungstenite::Error;
+    match error.source()?.downcast_ref::<Error>()? {
+        Error::Capacity(_) => Some(close::MESSAGE_TOO_BIG),
+        Error::Utf8(_) => Some(close::INVALID_PAYLOAD),
+        _ => None,
+    }
+}
+
 /// Resolves the token while queueing what the peer sends meanwhile.
 async fn authenticate(
     edge: &Edge,
@@ -176,7 +190,8 @@ async fn authenticate(
                     }
                 }
                 Some(Ok(_)) => {}
-                Some(Err(_)) | None => return Err(close::UNAUTHORIZED),
+                Some(Err(error)) => return Err(refused(&error).unwrap_or(close::UNAUTHORIZED)),
+                None => return Err(close::UNAUTHORIZED),
             },
         }
     }
@@ -199,7 +214,10 @@ async fn handshake(
             Some(text) => text,
             None => match tokio::time::timeout_at(deadline, stream.next()).await {
                 Err(_) => return Err(close::HANDSHAKE_TIMEOUT),
-                Ok(None) | Ok(Some(Err(_))) => return Err(close::HANDSHAKE_TIMEOUT),
+                Ok(Some(Err(error))) => {
+                    return Err(refused(&error).unwrap_or(close::HANDSHAKE_TIMEOUT));
+                }
+                Ok(None) => return Err(close::HANDSHAKE_TIMEOUT),
                 Ok(Some(Ok(Message::Text(text)))) => text.to_string(),
                 Ok(Some(Ok(Message::Binary(bytes)))) => {
                     String::from_utf8_lossy(&bytes).into_owned()
@@ -437,7 +455,8 @@ async fn connected(
                     }
                 }
                 frame = stream.next() => match frame {
-                    None | Some(Err(_)) => return Ok(()),
+                    None => return Ok(()),
+                    Some(Err(error)) => return refused(&error).map_or(Ok(()), Err),
                     Some(Ok(Message::Close(_))) => return Ok(()),
                     Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
                     Some(Ok(Message::Ping(_))) => {}
