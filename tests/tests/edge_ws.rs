@@ -503,6 +503,16 @@ async fn presence_flows_to_operators(host: &Host) {
         .call("presence.beacon", json!({"mode": "spaceship"}))
         .await;
     assert_eq!(bad["error"]["code"], "invalid_request");
+    // Presence's own checks fail the same way, with their details.
+    let long_host = node
+        .call("presence.beacon", json!({"host": "h".repeat(300)}))
+        .await;
+    assert_eq!(
+        long_host["error"],
+        json!({"code": "invalid_request", "message": "host longer than 256 bytes",
+               "details": {"issues": [{"message": "host longer than 256 bytes"}]}}),
+        "{long_host}"
+    );
 
     // Nodes never receive presence events: a second node's arrival reaches
     // the operator, and an item directed at the first node, committed

@@ -140,6 +140,15 @@ async fn topics_flow(host: &Host) {
         count["result"],
         json!({"total": 1, "humans": 1, "agents": 0})
     );
+    // A type of the topic family muster does not have is not a count.
+    for payload in [json!({"topic": "room-1"}), json!({})] {
+        let unknown = watcher.call("muster.topic.counts", payload).await;
+        assert_eq!(
+            unknown["error"],
+            json!({"code": "unsupported_request", "message": "request not supported"}),
+            "{unknown}"
+        );
+    }
 
     // Unsubscribed peers get no diffs. A peer's items arrive in commit
     // order, so a diff of a topic it still follows, committed after,

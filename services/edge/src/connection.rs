@@ -631,6 +631,16 @@ fn invalid_request(request: &Request, message: &str) -> String {
     )
 }
 
+fn unsupported(request: &Request) -> String {
+    envelope::error(
+        &request.request_id,
+        &request.kind,
+        "unsupported_request",
+        "request not supported",
+        None,
+    )
+}
+
 /// The response to one request.
 async fn respond(edge: &Edge, peer: &Peer, request: &Request) -> String {
     if let Err(refusal) = authorize(&peer.claims, peer.role, &request.kind) {
@@ -676,24 +686,21 @@ async fn respond(edge: &Edge, peer: &Peer, request: &Request) -> String {
                 topics::Outcome::Done(result) => Ok(result),
                 topics::Outcome::Invalid(message) => return invalid_request(request, &message),
                 topics::Outcome::Failed(status) => Err(status),
+                topics::Outcome::Unsupported => return unsupported(request),
             }
         }
-        _ => {
-            return envelope::error(
-                &request.request_id,
-                &request.kind,
-                "unsupported_request",
-                "request not supported",
-                None,
-            );
-        }
+        _ => return unsupported(request),
     };
     match result {
         Ok(result) => envelope::ok(&request.request_id, &request.kind, result),
-        Err(status) => {
-            let (code, message) = wire_error(&status);
-            envelope::error(&request.request_id, &request.kind, code, &message, None)
-        }
+        Err(status) => match wire_error(&status) {
+            // A service's validation failure is a schema failure like the
+            // edge's own, with the same details (Part B §2.4).
+            ("invalid_request", message) => invalid_request(request, &message),
+            (code, message) => {
+                envelope::error(&request.request_id, &request.kind, code, &message, None)
+            }
+        },
     }
 }
 

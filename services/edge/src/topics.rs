@@ -17,6 +17,8 @@ pub(crate) enum Outcome {
     Done(Option<Value>),
     Invalid(String),
     Failed(tonic::Status),
+    /// Not a `muster.topic.*` type muster has.
+    Unsupported,
 }
 
 fn wire(s: &pb::TopicSession) -> Value {
@@ -114,6 +116,16 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                 .map(|s| Some(json!({ "session": wire(&s.into_inner()) })))
         }
         kind => {
+            let known = matches!(
+                kind,
+                "muster.topic.subscribe"
+                    | "muster.topic.unsubscribe"
+                    | "muster.topic.list"
+                    | "muster.topic.count"
+            );
+            if !known {
+                return Outcome::Unsupported;
+            }
             let topic = match Topic::parse(&request.payload) {
                 Ok(topic) => topic,
                 Err(message) => return Outcome::Invalid(message),
@@ -130,7 +142,7 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                 "muster.topic.list" => list(edge, peer, &topic)
                     .await
                     .map(|s| Some(json!({ "sessions": s.iter().map(wire).collect::<Vec<_>>() }))),
-                _ => list(edge, peer, &topic).await.map(|s| {
+                _count => list(edge, peer, &topic).await.map(|s| {
                     let humans = s.iter().filter(|x| x.kind == "human").count();
                     Some(json!({ "total": s.len(), "humans": humans, "agents": s.len() - humans }))
                 }),
