@@ -473,7 +473,23 @@ async fn presence_flows_to_operators(host: &Host) {
     assert_eq!(entry["host"], "lab-box");
     assert_eq!(entry["reason"], "connect");
     assert_eq!(entry["mode"], "node");
-    assert_eq!(entry["metadata"]["observed_ip"], "127.0.0.1");
+    assert_eq!(entry["ip"], "127.0.0.1");
+    let metadata = entry["metadata"].as_object().unwrap();
+    let mut keys: Vec<&str> = metadata.keys().map(String::as_str).collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "capabilities",
+            "edge_id",
+            "observed_ip",
+            "raw_remote_ip",
+            "resolved_client_ip"
+        ]
+    );
+    for key in ["observed_ip", "raw_remote_ip", "resolved_client_ip"] {
+        assert_eq!(metadata[key], "127.0.0.1", "{key}");
+    }
     let parsed: muster_protocol::presence::PresenceEntry =
         serde_json::from_value(entry.clone()).unwrap();
     assert_eq!(parsed.instance_id, node_key.device_id());

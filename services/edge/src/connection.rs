@@ -372,8 +372,15 @@ async fn connected(
             version: handshaken.init.device.version.clone().unwrap_or_default(),
             mode: wire_mode(&mode).unwrap_or_default(),
             last_input_seconds: -1,
-            metadata_json: json!({"capabilities": capabilities, "edge_id": edge.edge_id})
-                .to_string(),
+            // Part B §4's keys. The edge trusts no proxy headers, so the
+            // resolved client address is the socket's.
+            metadata_json: json!({
+                "capabilities": capabilities,
+                "edge_id": edge.edge_id,
+                "raw_remote_ip": remote.ip().to_string(),
+                "resolved_client_ip": remote.ip().to_string(),
+            })
+            .to_string(),
             reason: "connect",
         })
     });
