@@ -405,6 +405,13 @@ async fn connected(
         edge: edge.clone(),
         peer: peer.clone(),
     };
+    // `token.revoked` closes the registered peers of the token; one that
+    // was still in its handshake then is closed here. Its revocation is
+    // noted before the registry is walked, and this peer is in the
+    // registry before the note is read, so one of the two sees the other.
+    if edge.is_revoked(&peer.claims.token_id) {
+        return Err(close::TOKEN_REVOKED);
+    }
     tracing::info!(connection_id = %peer.connection_id, device_id = %peer.device_id, role, tenant_id = %claims.tenant_id, "peer connected");
     Box::pin(register(edge, &peer)).await;
     if !send_text(sink, handshaken.reply.clone()).await {

@@ -115,6 +115,10 @@ pub struct Edge {
     /// Recently verified tokens, by SHA-256 of the token: a burst of
     /// connections costs one identity call. `token.revoked` evicts.
     verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], Verified>>,
+    /// Tokens revoked lately, by id, and when the edge heard of it: a
+    /// verification or a handshake already under way when `token.revoked`
+    /// arrived must not outlive it. Taken after `verified` when both are.
+    revoked: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Presence changes (upserts, removals), batched into `UpdateInstances`.
     instance_changes: Batcher<pb::InstanceChange, pb::InstanceOutcome>,
     /// Directory changes (registrations, unregistrations), batched into
@@ -141,6 +145,9 @@ type Verified = (Arc<Claims>, std::time::Instant);
 /// How long a verified token is trusted without asking identity again.
 /// Revocation does not wait for it: `token.revoked` evicts at once.
 const VERIFIED_TTL: Duration = Duration::from_secs(10);
+
+/// How long the edge remembers a revoked token id.
+const REVOKED_MEMORY: Duration = Duration::from_secs(600);
 
 impl Edge {
     /// An edge whose clients connect at `ws_addr`. Must be called inside a
@@ -180,6 +187,7 @@ impl Edge {
             peers,
             registry: Registry::default(),
             verified: Default::default(),
+            revoked: Default::default(),
             instance_changes,
             connection_changes,
             refresh_round: Default::default(),
@@ -259,6 +267,10 @@ impl Edge {
         }
         let claims = Arc::new(self.verify_remote(token).await?);
         let mut cache = self.verified.lock().expect("cache lock");
+        // Revoked while identity was answering: the answer is stale.
+        if self.is_revoked(&claims.token_id) {
+            return None;
+        }
         // Bounded: expired entries go whenever the cache grows large.
         if cache.len() > 10_000 {
             cache.retain(|_, (_, at)| at.elapsed() < VERIFIED_TTL);
@@ -267,12 +279,23 @@ impl Edge {
         Some(claims)
     }
 
-    /// Forgets every cached verification of `token_id`.
-    fn forget_token(&self, token_id: &str) {
-        self.verified
+    /// Remembers that `token_id` is revoked and forgets every cached
+    /// verification of it.
+    fn revoke_token(&self, token_id: &str) {
+        let mut cache = self.verified.lock().expect("cache lock");
+        let mut revoked = self.revoked.lock().expect("revoked lock");
+        // Longer than any verification or handshake takes.
+        revoked.retain(|_, at| at.elapsed() < REVOKED_MEMORY);
+        revoked.insert(token_id.to_owned(), std::time::Instant::now());
+        cache.retain(|_, (claims, _)| claims.token_id != token_id);
+    }
+
+    /// Whether `token.revoked` named `token_id` lately.
+    fn is_revoked(&self, token_id: &str) -> bool {
+        self.revoked
             .lock()
-            .expect("cache lock")
-            .retain(|_, (claims, _)| claims.token_id != token_id);
+            .expect("revoked lock")
+            .contains_key(token_id)
     }
 
     async fn verify_remote(&self, token: String) -> Option<Claims> {

@@ -89,7 +89,7 @@ fn revoke(edge: &Edge, item: &pb::OutboxItem, payload: &serde_json::Value) {
     let Some(token_id) = payload.get("token_id").and_then(|v| v.as_str()) else {
         return;
     };
-    edge.forget_token(token_id);
+    edge.revoke_token(token_id);
     let closed = edge
         .registry
         .close_token(&item.tenant_id, token_id, close::TOKEN_REVOKED);
