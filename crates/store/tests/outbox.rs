@@ -231,3 +231,84 @@ muster_store::backend_suite! {
         store.ping().await.unwrap();
     }
 }
+
+/// Postgres: the sequencer's floor (migrations/postgres/0011) rises past
+/// positioned items, and never past an item whose transaction is still
+/// open, however long it stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sequencers_floor_never_passes_an_open_transaction() {
+    use sqlx::Row;
+    let store = muster_store::testing::postgres().await;
+    let floor = || async {
+        let row = sqlx::query("SELECT floor_id FROM outbox_sequence")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        row.try_get::<i64, _>(0).unwrap()
+    };
+    let position_of = |event_id: String| {
+        let store = store.clone();
+        async move {
+            let row = sqlx::query("SELECT position FROM outbox WHERE event_id = $1")
+                .bind(event_id)
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+            row.try_get::<Option<i64>, _>(0).unwrap()
+        }
+    };
+    let commit_one = || async {
+        let mut tx = store.begin().await.unwrap();
+        outbox::append(&mut tx, &NewItem::event("t1", "short", json!({})))
+            .await
+            .unwrap();
+        store.commit(tx).await.unwrap();
+        outbox::sequence(&store, 100).await.unwrap();
+    };
+
+    // The append is the open transaction's first statement: it takes its
+    // item id and its transaction id in that statement.
+    let long = NewItem::event("t1", "long", json!({}));
+    let mut open = store.begin().await.unwrap();
+    outbox::append(&mut open, &long).await.unwrap();
+    let long_id: i64 = sqlx::query("SELECT id FROM outbox WHERE event_id = $1")
+        .bind(&long.event_id)
+        .fetch_one(&mut *open)
+        .await
+        .unwrap()
+        .try_get(0)
+        .unwrap();
+    for _ in 0..8 {
+        commit_one().await;
+    }
+    // Invisible to the rounds meanwhile, but it holds the floor below it.
+    let held = floor().await;
+    assert!(
+        held < long_id,
+        "floor {held} passed the open item {long_id}"
+    );
+
+    store.commit(open).await.unwrap();
+    outbox::sequence(&store, 100).await.unwrap();
+    let position = position_of(long.event_id.clone()).await;
+    assert!(position.is_some(), "the item is positioned once it commits");
+    for _ in 0..4 {
+        commit_one().await;
+    }
+    let risen = floor().await;
+    assert!(risen >= long_id, "floor {risen} stays below {long_id}");
+    // A rolled-back item does not hold the floor.
+    let mut rolled_back = store.begin().await.unwrap();
+    outbox::append(&mut rolled_back, &NewItem::event("t1", "gone", json!({})))
+        .await
+        .unwrap();
+    drop(rolled_back);
+    for _ in 0..4 {
+        commit_one().await;
+    }
+    assert!(floor().await > risen);
+    let items = outbox::read_all_after(&store, 0, 100).await.unwrap();
+    assert_eq!(items.len(), 17);
+    assert!(items.windows(2).all(|w| w[1].position == w[0].position + 1));
+    store.close().await;
+}
