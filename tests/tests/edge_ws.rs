@@ -303,9 +303,17 @@ muster_e2e::on_both_stores! {
                 None,
             ),
             (
-                json!({"event_id": "e", "type": "x", "occurred_at": "t", "payload": {}}).to_string(),
+                json!({"event_id": "e", "type": "x", "occurred_at": "2026-07-24T21:00:00.000Z",
+                       "payload": {}})
+                .to_string(),
                 "unexpected_event",
                 Some("clients must not send events"),
+            ),
+            (
+                json!({"event_id": "e", "type": "x", "occurred_at": "yesterday", "payload": {}})
+                    .to_string(),
+                "invalid_message",
+                None,
             ),
             (
                 json!({"request_id": "t", "type": "task.execute", "ok": true}).to_string(),

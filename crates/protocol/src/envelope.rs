@@ -55,6 +55,64 @@ fn only_keys(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), FrameErro
     }
 }
 
+/// `dt` of Part B §2.3: ISO-8601 with `Z`, no offset, any fraction.
+fn is_datetime(text: &str) -> bool {
+    text.ends_with('Z') && crate::parse_datetime(text).is_some()
+}
+
+/// A `TyrumKey` of Part B §2.3: one of its forms, no segment empty.
+fn is_tyrum_key(key: &str) -> bool {
+    let parts: Vec<&str> = key.split(':').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return false;
+    }
+    match parts.as_slice() {
+        ["agent", _, "main"] | ["agent", _, "dm", _] | ["agent", _, _, "dm", _] => true,
+        ["agent", _, _, _, "dm" | "group" | "channel", _] => true,
+        ["cron", _] | ["node", _] => true,
+        ["hook", id] => uuid::Uuid::parse_str(id).is_ok(),
+        _ => false,
+    }
+}
+
+/// An `EventScope` of Part B §2: strict, by `kind`.
+fn event_scope(scope: &Value) -> Result<(), FrameError> {
+    let invalid = |why: &str| Err(FrameError::Invalid(format!("scope: {why}")));
+    let Value::Object(scope) = scope else {
+        return invalid("expected an object");
+    };
+    let field = |key: &str| scope.get(key).and_then(Value::as_str).unwrap_or_default();
+    let (key, valid) = match field("kind") {
+        "global" => (None, true),
+        "agent" => (
+            Some("agent_id"),
+            uuid::Uuid::parse_str(field("agent_id")).is_ok(),
+        ),
+        "conversation" => (
+            Some("conversation_key"),
+            is_tyrum_key(field("conversation_key")),
+        ),
+        "turn" => (
+            Some("turn_id"),
+            uuid::Uuid::parse_str(field("turn_id")).is_ok(),
+        ),
+        "node" => {
+            let id = field("node_id");
+            (Some("node_id"), !id.is_empty() && !id.contains(':'))
+        }
+        "client" => (Some("client_id"), !field("client_id").trim().is_empty()),
+        _ => return invalid("unknown kind"),
+    };
+    let mut allowed = vec!["kind"];
+    allowed.extend(key);
+    only_keys(scope, &allowed)?;
+    if valid {
+        Ok(())
+    } else {
+        invalid(&format!("{}: invalid", key.unwrap_or("kind")))
+    }
+}
+
 /// Classifies and validates a text frame.
 pub fn parse(text: &str) -> Result<Inbound, FrameError> {
     let value: Value = serde_json::from_str(text).map_err(|_| FrameError::InvalidJson)?;
@@ -62,12 +120,25 @@ pub fn parse(text: &str) -> Result<Inbound, FrameError> {
         return Err(FrameError::Invalid("expected an object".into()));
     };
     if map.contains_key("event_id") {
+        // Only a valid event is an event: anything else fails as a frame.
         only_keys(
             &map,
             &["event_id", "type", "occurred_at", "scope", "payload"],
         )?;
         non_empty(&map, "event_id")?;
         non_empty(&map, "type")?;
+        let occurred_at = non_empty(&map, "occurred_at")?;
+        if !is_datetime(&occurred_at) {
+            return Err(FrameError::Invalid(
+                "occurred_at: expected an ISO-8601 datetime in UTC (Z)".into(),
+            ));
+        }
+        if let Some(scope) = map.get("scope") {
+            event_scope(scope)?;
+        }
+        if !map.contains_key("payload") {
+            return Err(FrameError::Invalid("payload: required".into()));
+        }
         return Ok(Inbound::Event);
     }
     if let Some(ok) = map.get("ok") {
@@ -197,10 +268,27 @@ mod tests {
             ),
             Ok(Inbound::Response(Response { ok: false, .. }))
         ));
-        assert_eq!(
-            parse(r#"{"event_id":"e","type":"x","occurred_at":"t","payload":{}}"#),
-            Ok(Inbound::Event)
-        );
+        for event in [
+            r#"{"event_id":"e","type":"x","occurred_at":"2026-07-24T21:00:00Z","payload":{}}"#,
+            r#"{"event_id":"e","type":"x","occurred_at":"2026-07-24T21:00:00.123456Z","payload":null,"scope":{"kind":"global"}}"#,
+            r#"{"event_id":"e","type":"x","occurred_at":"2026-07-24T21:00:00.000Z","payload":1,"scope":{"kind":"node","node_id":"n1"}}"#,
+            r#"{"event_id":"e","type":"x","occurred_at":"2026-07-24T21:00:00.000Z","payload":{},"scope":{"kind":"conversation","conversation_key":"agent:a:slack:acme:group:g1"}}"#,
+        ] {
+            assert_eq!(parse(event), Ok(Inbound::Event), "{event}");
+        }
+        // An event that is not a valid one is an invalid frame.
+        for bad in [
+            r#"{"event_id":"e","type":"x","occurred_at":"t","payload":{}}"#,
+            r#"{"event_id":"e","type":"x","occurred_at":"2026-07-24T21:00:00+02:00","payload":{}}"#,
+            r#"{"event_id":"e","type":"x","occurred_at":"2026-07-24T21:00:00Z"}"#,
+            r#"{"event_id":"e","type":"x","occurred_at":"2026-07-24T21:00:00Z","payload":{},"scope":{"kind":"node","node_id":"a:b"}}"#,
+            r#"{"event_id":"e","type":"x","occurred_at":"2026-07-24T21:00:00Z","payload":{},"scope":{"kind":"global","x":1}}"#,
+            r#"{"event_id":"e","type":"x","occurred_at":"2026-07-24T21:00:00Z","payload":{},"scope":{"kind":"agent","agent_id":"nope"}}"#,
+            r#"{"event_id":"e","type":"x","occurred_at":"2026-07-24T21:00:00Z","payload":{},"scope":{"kind":"conversation","conversation_key":"agent:a"}}"#,
+            r#"{"event_id":"e","type":"x","occurred_at":"2026-07-24T21:00:00Z","payload":{},"scope":{"kind":"planet"}}"#,
+        ] {
+            assert!(matches!(parse(bad), Err(FrameError::Invalid(_))), "{bad}");
+        }
         assert_eq!(parse("{nope"), Err(FrameError::InvalidJson));
         for bad in [
             r#"[1]"#,
