@@ -320,6 +320,28 @@ muster_e2e::on_both_stores! {
                 "unauthorized",
                 Some("only nodes may respond to task.execute"),
             ),
+            ("[1]".to_owned(), "invalid_message", None),
+            ("\"ping\"".to_owned(), "invalid_message", None),
+            (
+                json!({"request_id": " ", "type": "ping", "payload": {}}).to_string(),
+                "invalid_message",
+                None,
+            ),
+            (
+                json!({"request_id": 7, "type": "ping", "payload": {}}).to_string(),
+                "invalid_message",
+                None,
+            ),
+            (
+                json!({"request_id": "r", "payload": {}}).to_string(),
+                "invalid_message",
+                None,
+            ),
+            (
+                json!({"request_id": "r", "type": "ping", "payload": {}, "extra": 1}).to_string(),
+                "invalid_message",
+                None,
+            ),
         ] {
             ws.send_text(&frame).await;
             let event = ws.event("error").await;
@@ -335,6 +357,26 @@ muster_e2e::on_both_stores! {
                 .collect();
             assert_eq!(keys, vec!["code", "message"]);
             assert!(event["occurred_at"].as_str().unwrap().ends_with('Z'));
+        }
+        // A frame sent as binary is read as the same text.
+        {
+            use futures::SinkExt;
+            let frame = json!({"request_id": "b", "type": "ping", "payload": {}}).to_string();
+            ws.stream
+                .send(tokio_tungstenite::tungstenite::Message::binary(frame.into_bytes()))
+                .await
+                .unwrap();
+            // Events (presence, say) may come first.
+            let pong = loop {
+                match ws.next(Duration::from_secs(5)).await {
+                    Next::Json(frame) if frame.get("event_id").is_some() => continue,
+                    other => break other,
+                }
+            };
+            assert_eq!(
+                pong,
+                Next::Json(json!({"request_id": "b", "type": "ping", "ok": true}))
+            );
         }
         // A response to anything but task.execute is ignored: ping still works.
         ws.send(json!({"request_id": "x", "type": "ping", "ok": true}))
@@ -793,7 +835,12 @@ muster_e2e::on_both_stores! {
             let event = event_within(&mut operator, "presence.upserted").await;
             let entry = &event["payload"]["entry"];
             if entry["instance_id"] == gateway.as_str() {
+                // The edge's own entry, as it announces itself.
                 assert_eq!(entry["role"], "gateway");
+                assert_eq!(entry["reason"], "self");
+                assert_eq!(entry["mode"], "backend");
+                assert_eq!(entry["metadata"]["edge_id"], gateway.trim_start_matches("edge-"));
+                assert!(entry["metadata"]["ws_url"].as_str().unwrap().starts_with("ws://"));
                 gateway_back = true;
             }
             if entry["instance_id"] == node_id.as_str() {
