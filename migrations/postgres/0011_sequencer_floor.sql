@@ -23,9 +23,14 @@
 -- transaction id before it looks.
 
 ALTER TABLE outbox ALTER COLUMN id DROP IDENTITY;
-CREATE SEQUENCE outbox_id_seq OWNED BY outbox.id;
+-- One value at a time, in the order asked: a session's cache of values
+-- would hand out ids out of that order.
+CREATE SEQUENCE outbox_id_seq CACHE 1 OWNED BY outbox.id;
 SELECT setval('outbox_id_seq', COALESCE((SELECT MAX(id) FROM outbox), 0) + 1, false);
 -- An item id, after making sure the transaction has a transaction id.
+-- Items are appended only with this default (outbox::append): an id taken
+-- any other way could come before its transaction's id and slip under the
+-- floor.
 CREATE FUNCTION muster_outbox_id() RETURNS BIGINT
 LANGUAGE sql VOLATILE AS $$
     SELECT CASE WHEN pg_current_xact_id() IS NOT NULL THEN nextval('outbox_id_seq') END
@@ -48,6 +53,10 @@ DECLARE
     horizon xid8;
     sequenced BIGINT;
 BEGIN
+    -- The horizon must be a transaction id given after this round looks.
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'muster_sequence_outbox runs in a transaction of its own';
+    END IF;
     SELECT floor_id INTO floor_at FROM outbox_sequence;
     IF NOT EXISTS (SELECT 1 FROM outbox WHERE position IS NULL AND id > floor_at) THEN
         RETURN 0;
@@ -68,9 +77,11 @@ BEGIN
           WHERE position IS NULL AND id > s.floor_id ORDER BY id LIMIT max_items) AS pending
     WHERE outbox.id = pending.id;
     GET DIAGNOSTICS sequenced = ROW_COUNT;
-    IF passed AND sequenced < max_items THEN
-        -- Everything visible above the floor is positioned now, and what is
-        -- left at or below the candidate never commits.
+    -- Every producer of an id up to the candidate has finished: what this
+    -- statement sees unpositioned there (after the update above) is all
+    -- that will ever be, and when it is nothing, the floor rises.
+    IF passed AND NOT EXISTS (SELECT 1 FROM outbox WHERE position IS NULL
+                              AND id > s.floor_id AND id <= s.candidate_id) THEN
         s.floor_id := GREATEST(s.floor_id, s.candidate_id);
         s.candidate_id := NULL;
     END IF;

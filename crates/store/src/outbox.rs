@@ -181,7 +181,7 @@ pub async fn append_all<'a>(
 
 /// Postgres: gives committed items without a position the next positions,
 /// in insertion order, at most `limit`; returns how many. One sequencer
-/// runs at a time (the row lock on `outbox_sequence`) and its positions
+/// runs at a time (an advisory lock) and its positions
 /// become visible together at its commit, so positions appear in
 /// increasing order: an item committed after a reader passed position `p`
 /// gets a position above `p`. SQLite: nothing to do (positions are given
@@ -190,7 +190,9 @@ pub async fn sequence(store: &Store, limit: i64) -> Result<u64, StoreError> {
     if store.backend() == Backend::Sqlite {
         return Ok(0);
     }
-    // One round trip: migrations/postgres/0006 holds the steps.
+    // One round trip: migrations/postgres/0011 holds the steps (and
+    // docs/decisions/0004 why they are sound). Called outside any
+    // transaction: the round's own transaction id must come after it looks.
     let sequenced: i64 = sqlx::query("SELECT muster_sequence_outbox($1)")
         .bind(limit)
         .fetch_one(store.pool())

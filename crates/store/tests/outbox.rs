@@ -307,6 +307,17 @@ async fn the_sequencers_floor_never_passes_an_open_transaction() {
         commit_one().await;
     }
     assert!(floor().await > risen);
+    // A round inside a transaction that already has an id is refused: its
+    // horizon would come before it looks.
+    let mut tx = store.begin().await.unwrap();
+    outbox::append(&mut tx, &NewItem::event("t1", "inside", json!({})))
+        .await
+        .unwrap();
+    let inside = sqlx::query("SELECT muster_sequence_outbox(10)")
+        .execute(&mut *tx)
+        .await;
+    assert!(inside.is_err(), "{inside:?}");
+    drop(tx);
     let items = outbox::read_all_after(&store, 0, 100).await.unwrap();
     assert_eq!(items.len(), 17);
     assert!(items.windows(2).all(|w| w[1].position == w[0].position + 1));
