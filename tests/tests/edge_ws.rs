@@ -1008,6 +1008,21 @@ muster_e2e::on_both_stores! {
         ws.send_text(&" ".repeat(too_big - 1)).await;
         let error = ws.event("error").await;
         assert_eq!(error["payload"]["code"], "invalid_json", "{error}");
+        let (mut config, dir) = host.stop().await;
+
+        // The limit is the operator's to raise (up to Tyrum's 100 MiB).
+        config.edge_max_frame_bytes = 2 * too_big;
+        let host = Host::start_with(config, dir).await;
+        let (_, token) = host.client_token(&["operator.read"]).await;
+        let mut ws = open(&host.ws_url(), &token, TokenVia::Bearer, None)
+            .await
+            .unwrap();
+        ws.handshake(&DeviceKey::generate(), "client", json!({})).await;
+        ws.send_text(&" ".repeat(too_big)).await;
+        let error = ws.event("error").await;
+        assert_eq!(error["payload"]["code"], "invalid_json", "{error}");
+        ws.send_text(&" ".repeat(2 * too_big + 1)).await;
+        assert_closed(&mut ws, 1009, "").await;
         host.stop().await;
     }
 }

@@ -22,6 +22,14 @@ pub struct NoFlags {}
 /// The shortest presence lifetime: two of the edges' 5 s refreshes.
 pub const MIN_PRESENCE_TTL_SECS: u64 = 10;
 
+/// The edge's frame limit by default. Tyrum allows 100 MiB; peers send
+/// small JSON, and every byte of a frame is held until it is whole.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Below this, a `connect.init` with many capabilities might not fit.
+const MIN_MAX_FRAME_BYTES: usize = 64 * 1024;
+/// Tyrum's own limit (`ws` 8.x's default).
+const MAX_MAX_FRAME_BYTES: usize = 100 * 1024 * 1024;
+
 /// Every setting of a muster process.
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(default)]
@@ -70,6 +78,8 @@ pub struct Config {
     /// Serve plain `ws://` on a non-loopback address (behind a proxy that
     /// terminates TLS). Off: such an edge refuses to start.
     pub edge_allow_plaintext: bool,
+    /// The largest frame a peer may send; larger ones close 1009.
+    pub edge_max_frame_bytes: usize,
     /// The edge's own certificate and key (PEM): with both set it serves
     /// `wss://`, taking client certificates from the mesh CA optionally.
     pub edge_tls_cert: Option<PathBuf>,
@@ -116,6 +126,7 @@ impl Default for Config {
             presence_cap: 500,
             edge_id: None,
             edge_allow_plaintext: false,
+            edge_max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             edge_tls_cert: None,
             edge_tls_key: None,
         }
@@ -144,6 +155,7 @@ const ENV_KEYS: &[&str] = &[
     "presence_cap",
     "edge_id",
     "edge_allow_plaintext",
+    "edge_max_frame_bytes",
     "edge_tls_cert",
     "edge_tls_key",
 ];
@@ -235,6 +247,11 @@ impl Config {
         }
         if self.presence_cap == 0 {
             bail!("presence_cap must be at least 1");
+        }
+        if !(MIN_MAX_FRAME_BYTES..=MAX_MAX_FRAME_BYTES).contains(&self.edge_max_frame_bytes) {
+            bail!(
+                "edge_max_frame_bytes must be from {MIN_MAX_FRAME_BYTES} to {MAX_MAX_FRAME_BYTES}"
+            );
         }
         if self.cert_reload_secs == 0 {
             bail!("cert_reload_secs must be at least 1");
@@ -353,6 +370,16 @@ mod tests {
         )
         .unwrap();
         assert!(Config::load(Some(&file), NoFlags {}).is_ok());
+        for (limit, ok) in [
+            (65_535, false),
+            (65_536, true),
+            (104_857_600, true),
+            (104_857_601, false),
+        ] {
+            std::fs::write(&file, format!("edge_max_frame_bytes = {limit}\n")).unwrap();
+            let loaded = Config::load(Some(&file), NoFlags {});
+            assert_eq!(loaded.is_ok(), ok, "{limit}: {loaded:?}");
+        }
         std::fs::write(&file, "services = [\"nosuch\"]\n").unwrap();
         assert!(Config::load(Some(&file), NoFlags {}).is_err());
         assert!(Config::load(Some(&dir.path().join("missing.toml")), NoFlags {}).is_err());

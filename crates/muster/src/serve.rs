@@ -282,6 +282,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                     gateway_tenant: config.default_tenant.clone(),
                     presence_includes_cli: config.presence_include_cli,
                     edge_id: config.edge_id.clone(),
+                    max_message_bytes: config.edge_max_frame_bytes,
                     ..muster_edge::EdgeConfig::default()
                 };
                 let edge = muster_edge::Edge::new(
