@@ -584,10 +584,14 @@ async fn status(
         );
         println!("connections  {}", status["connections"]);
         let p = &status["presence"];
-        println!(
-            "presence     {} ({} gateway, {} client, {} node)",
-            p["total"], p["gateway"], p["client"], p["node"]
-        );
+        if p.is_null() {
+            println!("presence     unavailable");
+        } else {
+            println!(
+                "presence     {} ({} gateway, {} client, {} node)",
+                p["total"], p["gateway"], p["client"], p["node"]
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -501,5 +501,18 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
     let (pruned, left) = (seen[0], seen[1]);
     assert!(pruned, "the killed edge's peer is pruned (left: {left})");
     assert!(left, "the killed edge's topic session leaves");
+
+    // Without presence, an edge still reports itself, and says presence is
+    // what it cannot count.
+    cluster.ctl(&["kill", "presence"]);
+    let status = follower.call("muster.status", json!({})).await;
+    assert_eq!(status["ok"], true, "{status}");
+    assert_eq!(status["result"]["presence"], Value::Null, "{status}");
+    assert!(
+        status["result"]["connections"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+    let listed = follower.call("muster.presence.list", json!({})).await;
+    assert_eq!(listed["ok"], false, "{listed}");
     store.close().await;
 }

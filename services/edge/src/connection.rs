@@ -749,21 +749,31 @@ pub(crate) fn wire_entry(entry: pb::InstanceEntry) -> Result<Value, tonic::Statu
 }
 
 /// What `/status` and `muster.status` report for one tenant.
+/// The edge's own state, and presence's counts; `presence` is null when
+/// presence cannot be reached (the edge still answers for itself).
 pub(crate) async fn status(edge: &Edge, tenant_id: &str) -> Value {
-    let entries = list_presence(edge, tenant_id).await.unwrap_or_default();
-    let count = |role: &str| entries.iter().filter(|e| e["role"] == role).count();
+    let presence = match list_presence(edge, tenant_id).await {
+        Ok(entries) => {
+            let count = |role: &str| entries.iter().filter(|e| e["role"] == role).count();
+            json!({
+                "total": entries.len(),
+                "gateway": count("gateway"),
+                "client": count("client"),
+                "node": count("node"),
+            })
+        }
+        Err(status) => {
+            tracing::warn!(code = ?status.code(), "status without presence");
+            Value::Null
+        }
+    };
     json!({
         "edge_id": edge.edge_id,
         "ws_url": edge.ws_url,
         "version": env!("CARGO_PKG_VERSION"),
         "started_at": muster_protocol::format_datetime(edge.started_at_ms),
         "connections": edge.open_connections(),
-        "presence": {
-            "total": entries.len(),
-            "gateway": count("gateway"),
-            "client": count("client"),
-            "node": count("node"),
-        },
+        "presence": presence,
     })
 }
 
