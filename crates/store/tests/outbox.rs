@@ -232,6 +232,20 @@ muster_store::backend_suite! {
     }
 }
 
+/// Appends `item` in `tx` and returns the id it took, seen from inside
+/// the transaction (nothing else sees it before the commit).
+async fn append_for_its_id(tx: &mut muster_store::Tx, item: &NewItem) -> i64 {
+    use sqlx::Row;
+    outbox::append(tx, item).await.unwrap();
+    sqlx::query("SELECT id FROM outbox WHERE event_id = $1")
+        .bind(&item.event_id)
+        .fetch_one(&mut **tx)
+        .await
+        .unwrap()
+        .try_get(0)
+        .unwrap()
+}
+
 /// Postgres: the sequencer's floor (migrations/postgres/0011) rises past
 /// positioned items, and never past an item whose transaction is still
 /// open, however long it stays open.
@@ -270,14 +284,7 @@ async fn the_sequencers_floor_never_passes_an_open_transaction() {
     // item id and its transaction id in that statement.
     let long = NewItem::event("t1", "long", json!({}));
     let mut open = store.begin().await.unwrap();
-    outbox::append(&mut open, &long).await.unwrap();
-    let long_id: i64 = sqlx::query("SELECT id FROM outbox WHERE event_id = $1")
-        .bind(&long.event_id)
-        .fetch_one(&mut *open)
-        .await
-        .unwrap()
-        .try_get(0)
-        .unwrap();
+    let long_id = append_for_its_id(&mut open, &long).await;
     for _ in 0..8 {
         commit_one().await;
     }
@@ -316,14 +323,7 @@ async fn the_sequencers_floor_never_passes_an_open_transaction() {
     // A rolled-back item does not hold the floor.
     let mut rolled_back = store.begin().await.unwrap();
     let gone = NewItem::event("t1", "gone", json!({}));
-    outbox::append(&mut rolled_back, &gone).await.unwrap();
-    let gone_id: i64 = sqlx::query("SELECT id FROM outbox WHERE event_id = $1")
-        .bind(&gone.event_id)
-        .fetch_one(&mut *rolled_back)
-        .await
-        .unwrap()
-        .try_get(0)
-        .unwrap();
+    let gone_id = append_for_its_id(&mut rolled_back, &gone).await;
     drop(rolled_back);
     assert!(rise_to(gone_id).await > risen);
     // A round inside a transaction that already has an id is refused: its
