@@ -494,12 +494,18 @@ async fn watch_a_node_come_and_go(json: bool) {
         .spawn()
         .unwrap();
     let lines = line_reader(watch.stdout.take().unwrap());
-    // The listing comes first: the edge's own gateway entry is in it.
+    // The watch is live once the edge's own gateway entry shows: in the
+    // listing, or as its upsert when the edge announced itself after the
+    // listing was read.
     if json {
         wait_for_line(&lines, |l| l.contains("\"role\":\"gateway\""));
     } else {
         wait_for_line(&lines, |l| {
-            l.split_whitespace().nth(1) == Some("gateway") && !l.starts_with('+')
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            match fields.as_slice() {
+                ["+", _, role, ..] | [_, role, ..] => *role == "gateway",
+                _ => false,
+            }
         });
     }
 
