@@ -54,6 +54,56 @@ muster_e2e::on_both_stores! {
     }
 }
 
+/// What the edge sends back for `request`, read until it closes the
+/// connection.
+async fn raw_exchange(address: &str, request: &str) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(address).await?;
+    tcp.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
+        .await
+        .expect("the edge ends the exchange")?;
+    Ok(answer)
+}
+
+fn upgrade_request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: tyrum-v1\r\n\r\n"
+    )
+}
+
+muster_e2e::on_both_stores! {
+    async fn an_upgrade_for_another_path_gets_its_socket_closed(store: Option<String>) {
+        let host = Host::start(store).await;
+        let url = host.ws_url();
+        let address = url.trim_start_matches("ws://").trim_end_matches("/ws").to_owned();
+        for path in ["/", "/other", "/healthz", "/ws/", "/wss"] {
+            // Not a response of any kind: the connection just ends (or
+            // is reset).
+            let answer = raw_exchange(&address, &upgrade_request(path)).await.unwrap_or_default();
+            assert!(answer.is_empty(), "{path}: {}", String::from_utf8_lossy(&answer));
+            let refused = open(&url.replace("/ws", path), &host.admin_token(), TokenVia::Bearer, None).await;
+            assert!(
+                matches!(refused, Err(Error::Io(_) | Error::ConnectionClosed | Error::Protocol(_))),
+                "{path}: {refused:?}"
+            );
+        }
+        // The same request for /ws is answered with the upgrade, and a
+        // plain request for another path with its 404.
+        let answer = raw_exchange(&address, &upgrade_request("/ws?x=1")).await;
+        let answer = String::from_utf8_lossy(answer.as_deref().unwrap_or_default()).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+        let answer = raw_exchange(&address, "GET /other HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 404"));
+        host.stop().await;
+    }
+}
+
 muster_e2e::on_both_stores! {
     async fn every_token_path_admits_and_a_bad_token_is_closed_4001(store: Option<String>) {
         let host = Host::start(store).await;

@@ -8,9 +8,10 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper::body::Incoming;
 use muster_protocol::{MISSING_SUBPROTOCOL_BODY, SUBPROTOCOL};
 use rustls::pki_types::CertificateDer;
 use serde_json::json;
@@ -42,12 +43,14 @@ pub(crate) fn tune_accepted(tcp: &tokio::net::TcpStream) {
     }
 }
 
-/// Serves `wss://`: each connection's TLS handshake in its own task with a
-/// deadline, then HTTP/1.1 with upgrades.
-pub(crate) async fn serve_tls(
+/// Serves the edge's listener until shutdown, `wss://` when `tls` is set
+/// (each connection's TLS handshake in its own task, with a deadline), then
+/// HTTP with upgrades; at shutdown every peer is closed with 1001 `server
+/// shutdown`.
+pub(crate) async fn serve(
     edge: Arc<Edge>,
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
     let app = router(edge.clone());
     loop {
@@ -68,9 +71,13 @@ pub(crate) async fn serve_tls(
                 }
             },
         };
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
         let app = app.clone();
+        let Some(tls) = tls.clone() else {
+            tokio::spawn(serve_connection(tcp, app, remote, None));
+            continue;
+        };
         tokio::spawn(async move {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
             let stream =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => stream,
@@ -82,16 +89,43 @@ pub(crate) async fn serve_tls(
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(|c| c.clone().into_owned());
-            let app = app
-                .layer(axum::Extension(ConnectInfo(remote)))
-                .layer(axum::Extension(ClientCert(cert)));
-            let service = hyper_util::service::TowerToHyperService::new(app);
-            let _ =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+            serve_connection(stream, app, remote, cert).await;
         });
     }
+}
+
+/// HTTP on one accepted connection. An upgrade request for any path but
+/// `/ws` gets no response at all: the service fails, and the connection
+/// is dropped, as Part B asks (other paths: socket destroyed). Plain
+/// requests for other paths get their 404.
+async fn serve_connection<S>(
+    stream: S,
+    app: Router,
+    remote: SocketAddr,
+    cert: Option<CertificateDer<'static>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let app = app
+        .layer(axum::Extension(ConnectInfo(remote)))
+        .layer(axum::Extension(ClientCert(cert)));
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let refused =
+            request.headers().contains_key(header::UPGRADE) && request.uri().path() != "/ws";
+        let app = app.clone();
+        async move {
+            if refused {
+                return Err(std::io::Error::other("upgrade refused: not /ws"));
+            }
+            match tower::ServiceExt::oneshot(app, request).await {
+                Ok(response) => Ok(response),
+                Err(never) => match never {},
+            }
+        }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+        .await;
 }
 
 async fn upgrade(

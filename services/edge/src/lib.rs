@@ -364,26 +364,8 @@ pub async fn serve_http(edge: Arc<Edge>, listener: TcpListener) -> std::io::Resu
     let pump = tokio::spawn(pump::run(edge.clone()));
     let refresh = tokio::spawn(pump::refresh_presence(edge.clone()));
     tokio::spawn(pump::keep_directory(edge.clone()));
-    if let Some(tls) = edge.config.tls.clone() {
-        let served = http::serve_tls(edge, listener, tls).await;
-        pump.abort();
-        refresh.abort();
-        return served;
-    }
-    let shutdown = edge.shutdown.clone();
-    let closer = edge.clone();
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| http::tune_accepted(tcp));
-    let served = axum::serve(
-        listener,
-        http::router(edge).into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        shutdown.cancelled().await;
-        closer
-            .registry
-            .close_all(muster_protocol::close::SERVER_SHUTDOWN);
-    })
-    .await;
+    let tls = edge.config.tls.clone();
+    let served = http::serve(edge, listener, tls).await;
     pump.abort();
     refresh.abort();
     served
