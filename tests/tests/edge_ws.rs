@@ -931,14 +931,27 @@ muster_e2e::on_both_stores! {
 }
 
 muster_e2e::on_both_stores! {
-    async fn shutdown_closes_peers_with_1001(store: Option<String>) {
+    async fn shutdown_closes_peers_with_1001_and_idle_http_connections(store: Option<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let host = Host::start(store).await;
         let mut ws = admin(&host).await;
         ws.handshake(&DeviceKey::generate(), "client", json!({}))
             .await;
+        // A kept-alive HTTP connection, idle after its answer.
+        let address = host.http_base().trim_start_matches("http://").to_owned();
+        let mut http = tokio::net::TcpStream::connect(&address).await.unwrap();
+        http.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+        let mut answer = [0u8; 512];
+        let n = http.read(&mut answer).await.unwrap();
+        assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+
         let stopping = tokio::spawn(host.stop());
         assert_closed(&mut ws, 1001, "server shutdown").await;
-        stopping.await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), stopping).await.expect("the edge stops").unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(5), http.read(&mut answer))
+            .await
+            .expect("the idle connection is closed");
+        assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
     }
 }
 

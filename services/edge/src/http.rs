@@ -45,18 +45,21 @@ pub(crate) fn tune_accepted(tcp: &tokio::net::TcpStream) {
 
 /// Serves the edge's listener until shutdown, `wss://` when `tls` is set
 /// (each connection's TLS handshake in its own task, with a deadline), then
-/// HTTP with upgrades; at shutdown every peer is closed with 1001 `server
-/// shutdown`.
+/// HTTP with upgrades. At shutdown every peer is closed with 1001 `server
+/// shutdown`, and HTTP requests under way finish (the process bounds the
+/// wait: `shutdown_grace_secs`).
 pub(crate) async fn serve(
     edge: Arc<Edge>,
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
     let app = router(edge.clone());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (tcp, remote) = tokio::select! {
             _ = edge.shutdown.cancelled() => {
                 edge.registry.close_all(muster_protocol::close::SERVER_SHUTDOWN);
+                graceful.shutdown().await;
                 return Ok(());
             }
             accepted = listener.accept() => match accepted {
@@ -72,8 +75,9 @@ pub(crate) async fn serve(
             },
         };
         let app = app.clone();
+        let watcher = graceful.watcher();
         let Some(tls) = tls.clone() else {
-            tokio::spawn(serve_connection(tcp, app, remote, None));
+            tokio::spawn(serve_connection(tcp, app, remote, None, watcher));
             continue;
         };
         tokio::spawn(async move {
@@ -89,7 +93,7 @@ pub(crate) async fn serve(
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(|c| c.clone().into_owned());
-            serve_connection(stream, app, remote, cert).await;
+            serve_connection(stream, app, remote, cert, watcher).await;
         });
     }
 }
@@ -103,6 +107,7 @@ async fn serve_connection<S>(
     app: Router,
     remote: SocketAddr,
     cert: Option<CertificateDer<'static>>,
+    watcher: hyper_util::server::graceful::Watcher,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -123,9 +128,11 @@ async fn serve_connection<S>(
             }
         }
     });
-    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
-        .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
-        .await;
+    let builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    let connection =
+        builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
+    let _ = watcher.watch(connection).await;
 }
 
 async fn upgrade(
