@@ -68,12 +68,14 @@ pub async fn bare_connect(
     request
         .headers_mut()
         .insert("sec-websocket-protocol", "tyrum-v1".parse()?);
-    // Nagle off, as muster's own client does.
-    Ok(
-        tokio_tungstenite::connect_async_with_config(request, None, true)
-            .await?
-            .0,
+    // Nagle off and the read buffer muster's own client uses.
+    Ok(tokio_tungstenite::connect_async_with_config(
+        request,
+        Some(muster_protocol::client::config()),
+        true,
     )
+    .await?
+    .0)
 }
 
 /// Runs `n` jobs, `concurrency` at a time; returns jobs per second.

@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::Response;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -38,6 +38,15 @@ impl<S> std::fmt::Debug for Ws<S> {
     }
 }
 
+/// The client's WebSocket settings. tungstenite zero-fills its read buffer
+/// up to `read_buffer_size` before every read of the socket (128 KiB by
+/// default: most of a short-lived client's CPU); the edge's frames are
+/// small JSON, and a larger one still arrives whole, the buffer growing
+/// for it.
+pub fn config() -> WebSocketConfig {
+    WebSocketConfig::default().read_buffer_size(8 * 1024)
+}
+
 /// Opens `/ws` offering `tyrum-v1` (unless `protocols` says otherwise).
 pub async fn open(
     url: &str,
@@ -49,7 +58,7 @@ pub async fn open(
     // otherwise wait for the server's delayed ACK.
     let (stream, response) = tokio_tungstenite::connect_async_with_config(
         request(url, token, via, protocols)?,
-        None,
+        Some(config()),
         true,
     )
     .await?;
@@ -61,8 +70,12 @@ pub async fn open_over<S>(stream: S, url: &str, token: &str, via: TokenVia) -> R
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (stream, response) =
-        tokio_tungstenite::client_async(request(url, token, via, None)?, stream).await?;
+    let (stream, response) = tokio_tungstenite::client_async_with_config(
+        request(url, token, via, None)?,
+        stream,
+        Some(config()),
+    )
+    .await?;
     Ok(Ws { stream, response })
 }
 
