@@ -80,13 +80,16 @@ pub(crate) async fn serve(
             tokio::spawn(serve_connection(tcp, app, remote, None, watcher));
             continue;
         };
+        let stopping = edge.shutdown.clone();
         tokio::spawn(async move {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-            let stream =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    _ => return,
-                };
+            // A handshake still under way at shutdown is dropped: its
+            // watcher would hold the drain until the deadline.
+            let accepted = tokio::select! {
+                _ = stopping.cancelled() => return,
+                accepted = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)) => accepted,
+            };
+            let Ok(Ok(stream)) = accepted else { return };
             let cert = stream
                 .get_ref()
                 .1
