@@ -22,13 +22,14 @@ pub struct NoFlags {}
 /// The shortest presence lifetime: two of the edges' 5 s refreshes.
 pub const MIN_PRESENCE_TTL_SECS: u64 = 10;
 
-/// The edge's frame limit by default. Tyrum allows 100 MiB; peers send
-/// small JSON, and every byte of a frame is held until it is whole.
-pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// The edge's frame limit by default: Part B's (Tyrum nodes return
+/// screenshots in `task.execute` results). Every byte of a frame is held
+/// until it is whole, so an operator may lower it.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = muster_protocol::MAX_PAYLOAD_BYTES;
 /// Below this, a `connect.init` with many capabilities might not fit.
 const MIN_MAX_FRAME_BYTES: usize = 64 * 1024;
-/// Tyrum's own limit (`ws` 8.x's default).
-const MAX_MAX_FRAME_BYTES: usize = 100 * 1024 * 1024;
+/// Tyrum's own limit (`ws` 8.x's default): no Tyrum client sends more.
+const MAX_MAX_FRAME_BYTES: usize = muster_protocol::MAX_PAYLOAD_BYTES;
 
 /// Every setting of a muster process.
 #[derive(Clone, Serialize, Deserialize)]

@@ -9,5 +9,5 @@ pub mod ctl;
 pub mod operator;
 pub mod serve;
 
-pub use config::{Config, DEFAULT_TENANT, NoFlags};
+pub use config::{Config, DEFAULT_MAX_FRAME_BYTES, DEFAULT_TENANT, NoFlags};
 pub use serve::{Endpoints, Running, start};

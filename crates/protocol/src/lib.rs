@@ -22,6 +22,9 @@ pub const AUTH_SUBPROTOCOL_PREFIX: &str = "tyrum-auth.";
 pub const PROTOCOL_REV: i64 = 2;
 /// The body of the 400 answer to an upgrade without `tyrum-v1`.
 pub const MISSING_SUBPROTOCOL_BODY: &str = "Missing required WebSocket subprotocol: tyrum-v1\n";
+/// The largest message a peer may send (Part B: `ws` 8.x's default,
+/// 100 MiB).
+pub const MAX_PAYLOAD_BYTES: usize = 100 * 1024 * 1024;
 /// The cookie an admin token may travel in.
 pub const TOKEN_COOKIE: &str = "tyrum_admin_token";
 

@@ -85,7 +85,7 @@ impl Default for EdgeConfig {
             handshake_timeout: Duration::from_secs(10),
             ping_interval: Duration::from_secs(5),
             pong_timeout: Duration::from_secs(10),
-            max_message_bytes: 1024 * 1024,
+            max_message_bytes: muster_protocol::MAX_PAYLOAD_BYTES,
             presence_includes_cli: false,
             gateway_tenant: String::new(),
             touch_interval: Duration::from_secs(5),
