@@ -34,8 +34,18 @@ pub fn config_in(dir: &std::path::Path, store: Option<String>) -> Config {
 impl Host {
     /// Starts every service on SQLite (`store: None`) or the given store.
     pub async fn start(store: Option<String>) -> Host {
+        Host::start_configured(store, |_| {}).await
+    }
+
+    /// Starts every service with the test configuration as `configure`
+    /// changes it.
+    pub async fn start_configured(
+        store: Option<String>,
+        configure: impl FnOnce(&mut Config),
+    ) -> Host {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = config_in(dir.path(), store);
+        let mut config = config_in(dir.path(), store);
+        configure(&mut config);
         Host::start_with(config, dir).await
     }
 

@@ -54,6 +54,36 @@ muster_e2e::on_both_stores! {
     }
 }
 
+muster_e2e::on_both_stores! {
+    async fn an_address_over_its_upgrade_limit_gets_429_before_the_subprotocol_check(store: Option<String>) {
+        let host = Host::start_configured(store, |config| config.edge_upgrades_per_ip_per_minute = 3).await;
+        let token = host.admin_token();
+        // Every upgrade counts, refused ones too.
+        let Err(Error::Http(refused)) = open(&host.ws_url(), &token, TokenVia::Bearer, Some("")).await
+        else {
+            panic!("an upgrade without tyrum-v1 must fail");
+        };
+        assert_eq!(refused.status(), 400);
+        for _ in 0..2 {
+            let ws = open(&host.ws_url(), &token, TokenVia::Bearer, None).await.unwrap();
+            drop(ws);
+        }
+        for protocols in [None, Some("")] {
+            let Err(Error::Http(limited)) = open(&host.ws_url(), &token, TokenVia::Bearer, protocols).await
+            else {
+                panic!("the fourth upgrade in a minute must be refused");
+            };
+            assert_eq!(limited.status(), 429);
+            let retry_after: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+            assert!((1..=60).contains(&retry_after), "{retry_after}");
+        }
+        // Plain requests are not counted or limited.
+        let health = muster_e2e::http_get(&format!("{}/healthz", host.http_base()), None);
+        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+        host.stop().await;
+    }
+}
+
 /// What the edge sends back for `request`, read until it closes the
 /// connection.
 async fn raw_exchange(address: &str, request: &str) -> std::io::Result<Vec<u8>> {
@@ -738,10 +768,7 @@ async fn event_within(ws: &mut Ws, kind: &str) -> Value {
 // edge's periodic touch may give every live entry the same time.
 muster_e2e::on_both_stores! {
     async fn the_cap_prunes_entries_beyond_it(store: Option<String>) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = muster_e2e::config_in(dir.path(), store);
-        config.presence_cap = 2;
-        let host = Host::start_with(config, dir).await;
+        let host = Host::start_configured(store, |config| config.presence_cap = 2).await;
         // Left out of presence itself (`cli`), so that it counts nothing.
         let mut operator = admin(&host).await;
         operator
@@ -1038,10 +1065,7 @@ muster_e2e::on_both_stores! {
 
         // An operator's lower limit, so that refusals need no 100 MiB
         // frames.
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = muster_e2e::config_in(dir.path(), store);
-        config.edge_max_frame_bytes = 1024 * 1024;
-        let host = Host::start_with(config, dir).await;
+        let host = Host::start_configured(store, |config| config.edge_max_frame_bytes = 1024 * 1024).await;
         let too_big = 1024 * 1024 + 1;
         let not_utf8 = [b'{', 0xff, 0xfe, b'}'];
         // While the token is being resolved. A frame's header is enough to

@@ -81,6 +81,8 @@ pub struct Config {
     pub edge_allow_plaintext: bool,
     /// The largest frame a peer may send; larger ones close 1009.
     pub edge_max_frame_bytes: usize,
+    /// Upgrades one address may ask for per minute; 0: no limit.
+    pub edge_upgrades_per_ip_per_minute: u32,
     /// The edge's own certificate and key (PEM): with both set it serves
     /// `wss://`, taking client certificates from the mesh CA optionally.
     pub edge_tls_cert: Option<PathBuf>,
@@ -128,6 +130,7 @@ impl Default for Config {
             edge_id: None,
             edge_allow_plaintext: false,
             edge_max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            edge_upgrades_per_ip_per_minute: 0,
             edge_tls_cert: None,
             edge_tls_key: None,
         }
@@ -157,6 +160,7 @@ const ENV_KEYS: &[&str] = &[
     "edge_id",
     "edge_allow_plaintext",
     "edge_max_frame_bytes",
+    "edge_upgrades_per_ip_per_minute",
     "edge_tls_cert",
     "edge_tls_key",
 ];

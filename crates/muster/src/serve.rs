@@ -283,6 +283,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                     presence_includes_cli: config.presence_include_cli,
                     edge_id: config.edge_id.clone(),
                     max_message_bytes: config.edge_max_frame_bytes,
+                    upgrades_per_ip_per_minute: config.edge_upgrades_per_ip_per_minute,
                     ..muster_edge::EdgeConfig::default()
                 };
                 let edge = muster_edge::Edge::new(

@@ -145,6 +145,21 @@ async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    if let Err(retry_after) = edge
+        .upgrade_limit
+        .admit(remote.ip(), std::time::Instant::now())
+    {
+        metrics::counter!("muster_edge_upgrades_limited_total").increment(1);
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [
+                (header::RETRY_AFTER, retry_after.to_string()),
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8".into()),
+            ],
+            "Too Many Requests\n",
+        )
+            .into_response();
+    }
     let offered: Vec<String> = ws
         .requested_protocols()
         .filter_map(|p| p.to_str().ok())

@@ -9,6 +9,7 @@ pub mod auth;
 mod batch;
 mod connection;
 mod http;
+mod limit;
 mod outbound;
 mod pump;
 mod registry;
@@ -77,6 +78,9 @@ pub struct EdgeConfig {
     /// The edge's name (backplane consumer, directory owner); `None`: a
     /// random id.
     pub edge_id: Option<String>,
+    /// Upgrades one address may ask for per minute (Part B's optional
+    /// per-IP limit; over it, 429); 0: no limit.
+    pub upgrades_per_ip_per_minute: u32,
 }
 
 impl Default for EdgeConfig {
@@ -91,6 +95,7 @@ impl Default for EdgeConfig {
             touch_interval: Duration::from_secs(5),
             tls: None,
             edge_id: None,
+            upgrades_per_ip_per_minute: 0,
         }
     }
 }
@@ -128,6 +133,7 @@ pub struct Edge {
     /// in a round is announced again only if it was written before that
     /// round began (see `registry::Announcing`).
     refresh_round: std::sync::atomic::AtomicU64,
+    upgrade_limit: limit::UpgradeLimit,
     shutdown: CancellationToken,
 }
 
@@ -183,6 +189,7 @@ impl Edge {
                 if config.tls.is_some() { "wss" } else { "ws" }
             ),
             started_at_ms: muster_store::now_ms(),
+            upgrade_limit: limit::UpgradeLimit::new(config.upgrades_per_ip_per_minute),
             config,
             peers,
             registry: Registry::default(),
