@@ -114,12 +114,11 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let app = app
-        .layer(axum::Extension(ConnectInfo(remote)))
-        .layer(axum::Extension(ClientCert(cert)));
-    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+    let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
         let refused =
             request.headers().contains_key(header::UPGRADE) && request.uri().path() != "/ws";
+        request.extensions_mut().insert(ConnectInfo(remote));
+        request.extensions_mut().insert(ClientCert(cert.clone()));
         let app = app.clone();
         async move {
             if refused {
