@@ -137,7 +137,10 @@ impl Outbound {
             if queue.closed {
                 return;
             }
-            if queue.bytes + len > SLOW_CONSUMER_BYTES {
+            // As Tyrum checks `bufferedAmount` before a send: what is
+            // already queued counts, the frame itself does not, so one
+            // large frame still goes to a peer that keeps up.
+            if queue.bytes > SLOW_CONSUMER_BYTES {
                 drop(queue);
                 metrics::counter!("muster_edge_slow_consumers_total").increment(1);
                 self.shared.slow.notify_one();
@@ -158,5 +161,32 @@ impl Outbound {
             queue.frames.push_back(Outgoing::Close(close));
         }
         self.shared.ready.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    fn queued(inbox: &mut Inbox) -> usize {
+        std::iter::from_fn(|| inbox.try_recv()).count()
+    }
+
+    #[test]
+    fn a_peer_is_slow_once_more_than_the_limit_waits_before_a_send() {
+        let (outbound, mut inbox) = channel();
+        let slow = inbox.slow();
+        // One frame above the limit goes to a peer with nothing queued.
+        outbound.send("x".repeat(SLOW_CONSUMER_BYTES + 1));
+        assert_eq!(queued(&mut inbox), 1);
+        // Unwritten, it makes the next send the one that cuts the peer off.
+        outbound.send("y");
+        assert_eq!(queued(&mut inbox), 0);
+        assert!(slow.notified().now_or_never().is_some());
+        // Written, it counts no more.
+        inbox.written(SLOW_CONSUMER_BYTES + 1);
+        outbound.send("z");
+        assert_eq!(queued(&mut inbox), 1);
     }
 }
