@@ -514,5 +514,32 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
     );
     let listed = follower.call("muster.presence.list", json!({})).await;
     assert_eq!(listed["ok"], false, "{listed}");
+
+    // Without identity, a token the edge has not verified lately cannot be
+    // checked: 1013, which clients retry, not the final 4001. Once identity
+    // is back, the same unknown token is refused with 4001.
+    const UNKNOWN: &str = "muster_cluster-test-unknown-token-0123456789abcdef";
+    cluster.ctl(&["kill", "identity"]);
+    let mut ws = open(&edges[1], UNKNOWN, TokenVia::Bearer, None)
+        .await
+        .unwrap();
+    assert_eq!(ws.closed().await, (1013, "try again later".to_owned()));
+    cluster.ctl(&["start", "identity"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut ws = open(&edges[1], UNKNOWN, TokenVia::Bearer, None)
+            .await
+            .unwrap();
+        let closed = ws.closed().await;
+        if closed == (4001, "unauthorized".to_owned()) {
+            break;
+        }
+        assert_eq!(closed, (1013, "try again later".to_owned()));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "identity did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     store.close().await;
 }

@@ -13,6 +13,10 @@ const fn close(code: u16, reason: &'static str) -> Close {
 
 pub const SERVER_SHUTDOWN: Close = close(1001, "server shutdown");
 pub const SLOW_CONSUMER: Close = close(1013, "slow consumer");
+/// The token could not be checked (identity unreachable): a muster
+/// addition, so that clients reconnect later instead of taking the final
+/// 4001 for a token that may be good.
+pub const TRY_AGAIN_LATER: Close = close(1013, "try again later");
 /// A frame above the edge's size limit. `ws` 8.x, which Tyrum's gateway
 /// runs on, closes with the code alone.
 pub const MESSAGE_TOO_BIG: Close = close(1009, "");

@@ -172,7 +172,11 @@ async fn authenticate(
     loop {
         tokio::select! {
             claims = &mut verify => {
-                return claims.map(|c| (c, early)).ok_or(close::UNAUTHORIZED);
+                return match claims {
+                    Ok(claims) => Ok((claims, early)),
+                    Err(crate::Unverified::Refused) => Err(close::UNAUTHORIZED),
+                    Err(crate::Unverified::Unavailable) => Err(close::TRY_AGAIN_LATER),
+                };
             }
             frame = stream.next() => match frame {
                 Some(Ok(Message::Text(text))) => {

@@ -195,10 +195,12 @@ async fn operator(
     headers: &HeaderMap,
 ) -> Result<std::sync::Arc<crate::Claims>, Response> {
     let token = presented_token(headers, std::iter::empty());
-    let claims = edge
-        .verify(token)
-        .await
-        .ok_or_else(|| (StatusCode::UNAUTHORIZED, "unauthorized\n").into_response())?;
+    let claims = edge.verify(token).await.map_err(|why| match why {
+        crate::Unverified::Refused => (StatusCode::UNAUTHORIZED, "unauthorized\n").into_response(),
+        crate::Unverified::Unavailable => {
+            (StatusCode::SERVICE_UNAVAILABLE, "identity unavailable\n").into_response()
+        }
+    })?;
     if !claims.is_admin() && !claims.has_any_scope(["operator.read"]) {
         return Err((StatusCode::FORBIDDEN, "insufficient scope\n").into_response());
     }

@@ -144,6 +144,16 @@ const MAX_BATCH: usize = 256;
 /// its changes fail (and later ones go on without it).
 const BATCH_DEADLINE: Duration = Duration::from_secs(10);
 
+/// Why a token was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unverified {
+    /// Missing, unknown, revoked or otherwise refused by identity.
+    Refused,
+    /// Identity could not be asked (down, overloaded, timed out): the token
+    /// may be good.
+    Unavailable,
+}
+
 /// A token's claims, by the SHA-256 of the token, and when identity
 /// confirmed them.
 type Verified = (Arc<Claims>, std::time::Instant);
@@ -263,27 +273,27 @@ impl Edge {
     /// Resolves a presented token; `None` for anything identity does not
     /// recognize (the reason is never told to the peer).
     /// Connections made with one token share its claims.
-    async fn verify(&self, token: Option<String>) -> Option<Arc<Claims>> {
+    async fn verify(&self, token: Option<String>) -> Result<Arc<Claims>, Unverified> {
         use sha2::Digest;
-        let token = token?;
+        let token = token.ok_or(Unverified::Refused)?;
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
         if let Some((claims, at)) = self.verified.lock().expect("cache lock").get(&digest)
             && at.elapsed() < VERIFIED_TTL
         {
-            return Some(claims.clone());
+            return Ok(claims.clone());
         }
         let claims = Arc::new(self.verify_remote(token).await?);
         let mut cache = self.verified.lock().expect("cache lock");
         // Revoked while identity was answering: the answer is stale.
         if self.is_revoked(&claims.token_id) {
-            return None;
+            return Err(Unverified::Refused);
         }
         // Bounded: expired entries go whenever the cache grows large.
         if cache.len() > 10_000 {
             cache.retain(|_, (_, at)| at.elapsed() < VERIFIED_TTL);
         }
         cache.insert(digest, (claims.clone(), std::time::Instant::now()));
-        Some(claims)
+        Ok(claims)
     }
 
     /// Remembers that `token_id` is revoked and forgets every cached
@@ -305,7 +315,7 @@ impl Edge {
             .contains_key(token_id)
     }
 
-    async fn verify_remote(&self, token: String) -> Option<Claims> {
+    async fn verify_remote(&self, token: String) -> Result<Claims, Unverified> {
         match self
             .identity()
             .verify_token(pb::VerifyTokenRequest { token })
@@ -313,7 +323,7 @@ impl Edge {
         {
             Ok(reply) => {
                 let c = reply.into_inner();
-                Some(Claims {
+                Ok(Claims {
                     token_id: c.token_id,
                     tenant_id: c.tenant_id,
                     role: c.role,
@@ -321,10 +331,20 @@ impl Edge {
                     device_id: Some(c.device_id).filter(|d| !d.is_empty()),
                 })
             }
-            Err(status) if status.code() == tonic::Code::Unauthenticated => None,
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::NotFound
+                ) =>
+            {
+                Err(Unverified::Refused)
+            }
             Err(status) => {
                 tracing::warn!(code = ?status.code(), message = status.message(), "token verification failed");
-                None
+                Err(Unverified::Unavailable)
             }
         }
     }
