@@ -958,6 +958,36 @@ muster_e2e::on_both_stores! {
 }
 
 muster_e2e::on_both_stores! {
+    async fn a_peer_that_closes_gets_the_closing_handshake_answered(store: Option<String>) {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::Message;
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+        let host = Host::start(store).await;
+        let mut ws = admin(&host).await;
+        ws.handshake(&DeviceKey::generate(), "client", json!({}))
+            .await;
+        let frame = CloseFrame { code: CloseCode::Normal, reason: "client disconnect".into() };
+        ws.stream.send(Message::Close(Some(frame))).await.unwrap();
+        // Events sent before the edge read the close may come first.
+        let answer = loop {
+            let next = tokio::time::timeout(Duration::from_secs(5), ws.stream.next())
+                .await
+                .expect("the edge answers");
+            if !matches!(next, Some(Ok(Message::Text(_)))) {
+                break next;
+            }
+        };
+        assert!(
+            matches!(&answer, Some(Ok(Message::Close(Some(frame)))) if frame.code == CloseCode::Normal),
+            "{answer:?}"
+        );
+        host.stop().await;
+    }
+}
+
+muster_e2e::on_both_stores! {
     async fn shutdown_closes_peers_with_1001_and_idle_http_connections(store: Option<String>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let host = Host::start(store).await;

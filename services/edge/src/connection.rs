@@ -475,7 +475,13 @@ async fn connected(
                 frame = stream.next() => match frame {
                     None => return Ok(()),
                     Some(Err(error)) => return refused(&error).map_or(Ok(()), Err),
-                    Some(Ok(Message::Close(_))) => return Ok(()),
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite queued the answering close frame;
+                        // it leaves with the flush, so the peer's close is
+                        // clean (not 1006).
+                        let _ = tokio::time::timeout(Duration::from_secs(1), sink.flush()).await;
+                        return Ok(());
+                    }
                     Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
                     Some(Ok(Message::Ping(_))) => {}
                     Some(Ok(Message::Text(_) | Message::Binary(_))) if peer.expired.load(Ordering::Relaxed) => {
