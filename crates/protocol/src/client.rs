@@ -257,17 +257,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
         role: &str,
         extra_device: Value,
     ) -> Result<Value, String> {
+        self.try_handshake_advertising(key, role, extra_device, Value::Null)
+            .await
+    }
+
+    /// The handshake of a peer that advertises `capabilities` (a JSON
+    /// array of descriptors; null: none sent).
+    pub async fn try_handshake_advertising(
+        &mut self,
+        key: &DeviceKey,
+        role: &str,
+        extra_device: Value,
+        capabilities: Value,
+    ) -> Result<Value, String> {
         let mut device = json!({"device_id": key.device_id(), "pubkey": key.pubkey()});
         if let (Some(d), Some(extra)) = (device.as_object_mut(), extra_device.as_object()) {
             d.extend(extra.clone());
         }
+        let mut init = json!({"protocol_rev": 2, "role": role, "device": device});
+        if !capabilities.is_null() {
+            init["capabilities"] = capabilities;
+        }
         let within = Duration::from_secs(10);
         let init = self
-            .try_call(
-                "connect.init",
-                json!({"protocol_rev": 2, "role": role, "device": device}),
-                within,
-            )
+            .try_call("connect.init", init, within)
             .await
             .map_err(|next| format!("connect.init: {next:?}"))?;
         if init["ok"] != true {

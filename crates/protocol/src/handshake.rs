@@ -133,7 +133,11 @@ impl ConnectInit {
         ] {
             non_empty(name, value)?;
         }
-        for capability in &init.capabilities {
+        let mut init = init;
+        for capability in &mut init.capabilities {
+            // Tyrum's schema trims both strings before it checks them.
+            trim_in_place(&mut capability.id);
+            trim_in_place(&mut capability.version);
             if !is_capability_id(&capability.id) {
                 return Err(format!("capabilities: invalid id {:?}", capability.id));
             }
@@ -144,8 +148,103 @@ impl ConnectInit {
                 ));
             }
         }
+        init.capabilities = normalize_capabilities(std::mem::take(&mut init.capabilities));
         Ok(init)
     }
+}
+
+fn trim_in_place(text: &mut String) {
+    let trimmed = text.trim();
+    if trimmed.len() != text.len() {
+        *text = trimmed.to_owned();
+    }
+}
+
+/// Browser automation: what the monolithic `tyrum.playwright` stood for.
+const BROWSER_AUTOMATION: &[&str] = &[
+    "tyrum.browser.navigate",
+    "tyrum.browser.navigate-back",
+    "tyrum.browser.snapshot",
+    "tyrum.browser.click",
+    "tyrum.browser.type",
+    "tyrum.browser.fill-form",
+    "tyrum.browser.select-option",
+    "tyrum.browser.hover",
+    "tyrum.browser.drag",
+    "tyrum.browser.press-key",
+    "tyrum.browser.screenshot",
+    "tyrum.browser.evaluate",
+    "tyrum.browser.wait-for",
+    "tyrum.browser.tabs",
+    "tyrum.browser.upload-file",
+    "tyrum.browser.console-messages",
+    "tyrum.browser.network-requests",
+    "tyrum.browser.resize",
+    "tyrum.browser.close",
+    "tyrum.browser.handle-dialog",
+    "tyrum.browser.run-code",
+    "tyrum.browser.launch",
+];
+
+/// The sensors every mobile or browser umbrella id stood for.
+const SENSORS: &[&str] = &[
+    "tyrum.location.get",
+    "tyrum.camera.capture-photo",
+    "tyrum.audio.record",
+];
+
+const DESKTOP: &[&str] = &[
+    "tyrum.desktop.screenshot",
+    "tyrum.desktop.snapshot",
+    "tyrum.desktop.query",
+    "tyrum.desktop.act",
+    "tyrum.desktop.mouse",
+    "tyrum.desktop.keyboard",
+    "tyrum.desktop.wait-for",
+];
+
+/// The canonical ids a legacy capability id stands for; `None` for an id
+/// that is not legacy.
+fn canonical_ids(id: &str) -> Option<&'static [&'static str]> {
+    Some(match id {
+        "tyrum.playwright" => BROWSER_AUTOMATION,
+        "tyrum.ios" | "tyrum.android" | "tyrum.browser" => SENSORS,
+        "tyrum.desktop" => DESKTOP,
+        "tyrum.ios.location.get-current"
+        | "tyrum.android.location.get-current"
+        | "tyrum.browser.geolocation.get" => &SENSORS[0..1],
+        "tyrum.ios.camera.capture-photo"
+        | "tyrum.android.camera.capture-photo"
+        | "tyrum.browser.camera.capture-photo" => &SENSORS[1..2],
+        "tyrum.ios.audio.record-clip"
+        | "tyrum.android.audio.record-clip"
+        | "tyrum.browser.microphone.record" => &SENSORS[2..3],
+        _ => return None,
+    })
+}
+
+/// Part B §3: legacy ids expand to their canonical ids, then descriptors
+/// dedupe by id. An id keeps the place it first appeared in and the
+/// version it was last given.
+pub fn normalize_capabilities(descriptors: Vec<CapabilityDescriptor>) -> Vec<CapabilityDescriptor> {
+    let mut normalized: Vec<CapabilityDescriptor> = Vec::with_capacity(descriptors.len());
+    let mut add =
+        |id: String, version: &str| match normalized.iter_mut().find(|known| known.id == id) {
+            Some(known) => version.clone_into(&mut known.version),
+            None => normalized.push(CapabilityDescriptor {
+                id,
+                version: version.to_owned(),
+            }),
+        };
+    for descriptor in descriptors {
+        match canonical_ids(&descriptor.id) {
+            Some(ids) => ids
+                .iter()
+                .for_each(|id| add((*id).to_owned(), &descriptor.version)),
+            None => add(descriptor.id, &descriptor.version),
+        }
+    }
+    normalized
 }
 
 impl ConnectProof {
@@ -186,6 +285,63 @@ mod tests {
             assert!(ConnectInit::parse(&bad).is_err(), "{bad}");
         }
         assert!(is_semver("1.2.3-rc.1+build.5"));
+        let trimmed = json!({"protocol_rev": 2, "role": "node", "device": {"device_id": "d", "pubkey": "k"},
+            "capabilities": [{"id": " tyrum.fs.read ", "version": " 2.0.0"}]});
+        assert_eq!(
+            ConnectInit::parse(&trimmed).unwrap().capabilities,
+            [CapabilityDescriptor {
+                id: "tyrum.fs.read".into(),
+                version: "2.0.0".into()
+            }]
+        );
         assert!(!is_capability_id("tyrum"));
+    }
+
+    fn ids(init: &ConnectInit) -> Vec<(&str, &str)> {
+        init.capabilities
+            .iter()
+            .map(|c| (c.id.as_str(), c.version.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn legacy_capability_ids_expand_and_dedupe() {
+        let init = ConnectInit::parse(&json!({"protocol_rev": 2, "role": "node",
+        "device": {"device_id": "d", "pubkey": "k"},
+        "capabilities": [
+            {"id": "tyrum.fs.read"},
+            {"id": "tyrum.ios", "version": "1.1.0"},
+            {"id": "tyrum.android.camera.capture-photo", "version": "2.0.0"},
+            {"id": "tyrum.browser.geolocation.get"},
+            {"id": "tyrum.fs.read", "version": "3.0.0"},
+        ]}))
+        .unwrap();
+        assert_eq!(
+            ids(&init),
+            [
+                ("tyrum.fs.read", "3.0.0"),
+                ("tyrum.location.get", "1.0.0"),
+                ("tyrum.camera.capture-photo", "2.0.0"),
+                ("tyrum.audio.record", "1.1.0"),
+            ]
+        );
+        let playwright = ConnectInit::parse(&json!({"protocol_rev": 2, "role": "node",
+            "device": {"device_id": "d", "pubkey": "k"},
+            "capabilities": [{"id": "tyrum.playwright"}, {"id": "tyrum.desktop"}]}))
+        .unwrap();
+        let expanded = ids(&playwright);
+        assert_eq!(expanded.len(), 22 + 7);
+        assert!(
+            expanded[..22]
+                .iter()
+                .all(|(id, _)| id.starts_with("tyrum.browser."))
+        );
+        assert_eq!(expanded[22], ("tyrum.desktop.screenshot", "1.0.0"));
+        // A canonical browser id is no umbrella.
+        let canonical = ConnectInit::parse(&json!({"protocol_rev": 2, "role": "node",
+            "device": {"device_id": "d", "pubkey": "k"},
+            "capabilities": [{"id": "tyrum.browser.click"}]}))
+        .unwrap();
+        assert_eq!(ids(&canonical), [("tyrum.browser.click", "1.0.0")]);
     }
 }
