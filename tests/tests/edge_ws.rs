@@ -614,12 +614,16 @@ async fn presence_flows_to_operators(host: &Host) {
 
     let node_key = DeviceKey::generate();
     let mut node = admin(host).await;
-    node.handshake(
+    // Legacy capability ids arrive expanded and deduplicated (Part B §3).
+    node.try_handshake_advertising(
         &node_key,
         "node",
         json!({"label": "lab-box", "version": "1.2.3", "mode": "node"}),
+        json!([{"id": "tyrum.ios"}, {"id": "tyrum.browser.geolocation.get", "version": "2.0.0"},
+               {"id": "tyrum.fs.read"}]),
     )
-    .await;
+    .await
+    .unwrap();
     let upserted = loop {
         let event = operator.event("presence.upserted").await;
         if event["payload"]["entry"]["instance_id"] == node_key.device_id() {
@@ -644,6 +648,15 @@ async fn presence_flows_to_operators(host: &Host) {
             "raw_remote_ip",
             "resolved_client_ip"
         ]
+    );
+    assert_eq!(
+        metadata["capabilities"],
+        json!([
+            "tyrum.location.get",
+            "tyrum.camera.capture-photo",
+            "tyrum.audio.record",
+            "tyrum.fs.read"
+        ])
     );
     for key in ["observed_ip", "raw_remote_ip", "resolved_client_ip"] {
         assert_eq!(metadata[key], "127.0.0.1", "{key}");
@@ -1243,6 +1256,66 @@ muster_e2e::on_both_stores! {
             closed,
             (4003, "expected connect.init/connect.proof".to_owned())
         );
+        host.stop().await;
+    }
+}
+
+/// Blocks writes to the instance presence table until the returned
+/// connection is dropped: a store that has stalled.
+async fn stall_presence_writes(store_url: &str) -> Box<dyn std::any::Any + Send> {
+    use sqlx::Connection;
+    if store_url.starts_with("sqlite:") {
+        let mut connection = sqlx::SqliteConnection::connect(store_url).await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        Box::new(connection)
+    } else {
+        let mut connection = sqlx::PgConnection::connect(store_url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut connection).await.unwrap();
+        sqlx::query("LOCK TABLE instance_presence IN EXCLUSIVE MODE")
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        Box::new(connection)
+    }
+}
+
+// A request that waits on a stalled store (until the edge's 10 s deadline)
+// does not stop the heartbeat: the peer keeps answering pings meanwhile and
+// stays connected, and its frames are still answered in the order sent.
+muster_e2e::on_both_stores! {
+    async fn a_slow_request_does_not_stop_the_heartbeat(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut node = admin(&host).await;
+        node.handshake(&DeviceKey::generate(), "node", json!({}))
+            .await;
+        let stalled = stall_presence_writes(&host.config.store_url()).await;
+        node.send(json!({"request_id": "b1", "type": "presence.beacon", "payload": {}}))
+            .await;
+        node.send(json!({"request_id": "p1", "type": "ping", "payload": {}}))
+            .await;
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            drop(stalled);
+        });
+        // Reading answers the edge's pings while the beacon waits.
+        let mut answered = Vec::new();
+        while answered.len() < 2 {
+            match node.next(Duration::from_secs(20)).await {
+                Next::Json(frame) if frame.get("request_id").is_some() => {
+                    answered.push(frame["request_id"].as_str().unwrap().to_owned());
+                }
+                Next::Json(_) => {}
+                other => panic!("the node lost its connection: {other:?}"),
+            }
+        }
+        assert_eq!(answered, ["b1", "p1"]);
+        release.await.unwrap();
+        // Past the stall and another ping interval, still connected.
+        assert_eq!(node.next(Duration::from_secs(6)).await, Next::Silent);
+        node.call("ping", json!({})).await;
         host.stop().await;
     }
 }

@@ -444,8 +444,15 @@ async fn connected(
     // Every way out of the loop returns from this block, so that the peer
     // always leaves (registry, topics, presence) before the socket closes.
     let outcome = async {
+        // Frames are handled one at a time in arrival order, beside the
+        // loop: a request that waits on a slow service must not stop the
+        // pings, the pongs or the events to this peer.
+        let mut requests = Requests::default();
         loop {
             tokio::select! {
+                () = requests.handled(), if requests.busy() => {
+                    requests.start_next(|text| Box::pin(handle_frame(edge, &peer, &outbound, text)));
+                }
                 _ = &mut shutdown => return Err(close::SERVER_SHUTDOWN),
                 _ = &mut slow_consumer => return Err(close::SLOW_CONSUMER),
                 out = inbox.recv() => match out {
@@ -472,7 +479,7 @@ async fn connected(
                         return Ok(());
                     }
                 }
-                frame = stream.next() => match frame {
+                frame = stream.next(), if requests.has_room() => match frame {
                     None => return Ok(()),
                     Some(Err(error)) => return refused(&error).map_or(Ok(()), Err),
                     Some(Ok(Message::Close(_))) => {
@@ -487,10 +494,12 @@ async fn connected(
                     Some(Ok(Message::Text(_) | Message::Binary(_))) if peer.expired.load(Ordering::Relaxed) => {
                         return Err(close::CONVERSATION_EXPIRED);
                     }
-                    Some(Ok(Message::Text(text))) => Box::pin(handle_frame(edge, &peer, &outbound, text.as_str())).await,
+                    Some(Ok(Message::Text(text))) => {
+                        requests.push(text, |text| Box::pin(handle_frame(edge, &peer, &outbound, text)));
+                    }
                     Some(Ok(Message::Binary(bytes))) => {
-                        let text = String::from_utf8_lossy(&bytes).into_owned();
-                        Box::pin(handle_frame(edge, &peer, &outbound, &text)).await
+                        let text = Utf8Bytes::from(String::from_utf8_lossy(&bytes).into_owned());
+                        requests.push(text, |text| Box::pin(handle_frame(edge, &peer, &outbound, text)));
                     }
                 },
             }
@@ -618,11 +627,66 @@ pub(crate) async fn upsert(
         .ok_or_else(|| tonic::Status::internal("an upsert without its entry"))
 }
 
+/// Frames read beyond this many (or [`QUEUED_REQUEST_BYTES`]) waiting to be
+/// handled stop the reading: the peer's writes then wait in the socket.
+const QUEUED_REQUESTS: usize = 64;
+const QUEUED_REQUEST_BYTES: usize = 1024 * 1024;
+
+/// A connected peer's frames: the one being handled and those waiting
+/// behind it. Holds no allocation while the peer is idle.
+#[derive(Default)]
+struct Requests<'a> {
+    handling: Option<futures::future::BoxFuture<'a, ()>>,
+    queued: std::collections::VecDeque<Utf8Bytes>,
+    queued_bytes: usize,
+}
+
+impl<'a> Requests<'a> {
+    fn busy(&self) -> bool {
+        self.handling.is_some()
+    }
+
+    fn has_room(&self) -> bool {
+        self.queued.len() < QUEUED_REQUESTS && self.queued_bytes < QUEUED_REQUEST_BYTES
+    }
+
+    /// Resolves when the frame being handled is done; pending while none is.
+    async fn handled(&mut self) {
+        match self.handling.as_mut() {
+            Some(handling) => {
+                handling.await;
+                self.handling = None;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    fn push(
+        &mut self,
+        text: Utf8Bytes,
+        handle: impl FnOnce(Utf8Bytes) -> futures::future::BoxFuture<'a, ()>,
+    ) {
+        if self.handling.is_none() {
+            self.handling = Some(handle(text));
+        } else {
+            self.queued_bytes += text.len();
+            self.queued.push_back(text);
+        }
+    }
+
+    fn start_next(&mut self, handle: impl FnOnce(Utf8Bytes) -> futures::future::BoxFuture<'a, ()>) {
+        if let Some(text) = self.queued.pop_front() {
+            self.queued_bytes -= text.len();
+            self.handling = Some(handle(text));
+        }
+    }
+}
+
 /// Handles one text frame of a connected peer (Part B §2.4, §3).
-async fn handle_frame(edge: &Edge, peer: &Peer, out: &outbound::Outbound, text: &str) {
+async fn handle_frame(edge: &Edge, peer: &Peer, out: &outbound::Outbound, text: Utf8Bytes) {
     let error_event =
         |code: &str, message: &str| out.send(envelope::error_event(code, message, now_ms()));
-    match envelope::parse(text) {
+    match envelope::parse(text.as_str()) {
         Err(FrameError::InvalidJson) => error_event("invalid_json", "message is not valid JSON"),
         Err(FrameError::Invalid(message)) => error_event("invalid_message", &message),
         Ok(Inbound::Event) => error_event("unexpected_event", "clients must not send events"),
