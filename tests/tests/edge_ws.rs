@@ -1007,6 +1007,13 @@ muster_e2e::on_both_stores! {
         let mut ws = admin(&host).await;
         ws.handshake(&DeviceKey::generate(), "client", json!({}))
             .await;
+        // Peers still in their handshake: one that has sent nothing, one
+        // waiting to send its proof.
+        let mut silent = admin(&host).await;
+        let mut proving = admin(&host).await;
+        let key = DeviceKey::generate();
+        let initialized = proving.call("connect.init", init(&key, "client")["payload"].clone()).await;
+        assert_eq!(initialized["ok"], true);
         // A kept-alive HTTP connection, idle after its answer.
         let address = host.http_base().trim_start_matches("http://").to_owned();
         let mut http = tokio::net::TcpStream::connect(&address).await.unwrap();
@@ -1017,6 +1024,8 @@ muster_e2e::on_both_stores! {
 
         let stopping = tokio::spawn(host.stop());
         assert_closed(&mut ws, 1001, "server shutdown").await;
+        assert_closed(&mut silent, 1001, "server shutdown").await;
+        assert_closed(&mut proving, 1001, "server shutdown").await;
         tokio::time::timeout(Duration::from_secs(5), stopping).await.expect("the edge stops").unwrap();
         let end = tokio::time::timeout(Duration::from_secs(5), http.read(&mut answer))
             .await

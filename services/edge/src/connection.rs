@@ -132,8 +132,18 @@ async fn serve(
     // idle connection pay for a request it is not making. The connected
     // phase is boxed too: inline, this future would keep room for the
     // claims and handshake it moved into it (about 2 KB a connection).
-    let (claims, early) = Box::pin(authenticate(edge, stream, token)).await?;
-    let handshaken = Box::pin(handshake(edge, sink, stream, &claims, early, cert.as_ref())).await?;
+    let before = async {
+        let (claims, early) = Box::pin(authenticate(edge, stream, token)).await?;
+        let handshaken =
+            Box::pin(handshake(edge, sink, stream, &claims, early, cert.as_ref())).await?;
+        Ok((claims, handshaken))
+    };
+    // A peer still authenticating or in its handshake is closed at shutdown
+    // as a connected one is, rather than left to its handshake timeout.
+    let (claims, handshaken) = tokio::select! {
+        before = before => before?,
+        () = edge.shutdown.cancelled() => return Err(close::SERVER_SHUTDOWN),
+    };
     Box::pin(connected(
         edge,
         sink,
