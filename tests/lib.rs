@@ -172,6 +172,32 @@ impl Host {
 
 /// A plain HTTP/1.1 GET with an optional bearer token: the whole response.
 pub fn http_get(url: &str, bearer: Option<&str>) -> String {
+    http_request("GET", url, bearer, None)
+}
+
+/// A plain HTTP/1.1 POST of a JSON body with an optional bearer token:
+/// the status code and the body as JSON (null when it is not JSON).
+pub fn http_post(url: &str, bearer: Option<&str>, body: &str) -> (u16, serde_json::Value) {
+    let response = http_request("POST", url, bearer, Some(body));
+    (http_status(&response), http_json(&response))
+}
+
+/// The status code of a whole HTTP/1.1 response.
+pub fn http_status(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("a status line")
+}
+
+/// The body of a whole HTTP/1.1 response as JSON; null when it is not.
+pub fn http_json(response: &str) -> serde_json::Value {
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+fn http_request(method: &str, url: &str, bearer: Option<&str>, body: Option<&str>) -> String {
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").expect("http url");
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
@@ -179,9 +205,18 @@ pub fn http_get(url: &str, bearer: Option<&str>) -> String {
     let auth = bearer
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
+    let content = body
+        .map(|b| {
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            )
+        })
+        .unwrap_or_default();
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\n{auth}Connection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {authority}\r\n{auth}{content}Connection: close\r\n\r\n{}",
+        body.unwrap_or_default()
     )
     .expect("write request");
     let mut response = String::new();

@@ -200,6 +200,10 @@ enum Token {
         tenant: Option<String>,
         #[arg(long, default_value = "")]
         label: String,
+        /// The token expires this many seconds after it is minted (at most
+        /// a year) [default: never].
+        #[arg(long)]
+        ttl_seconds: Option<u64>,
     },
     /// List a tenant's tokens (never their secrets).
     List {
@@ -433,9 +437,14 @@ fn print_token(info: &TokenInfo) {
         },
         info.label,
         if info.revoked_at_ms != 0 {
-            "  (revoked)"
+            "  (revoked)".to_owned()
+        } else if info.expires_at_ms != 0 {
+            format!(
+                "  (expires {})",
+                muster_protocol::format_datetime(info.expires_at_ms)
+            )
         } else {
-            ""
+            String::new()
         }
     );
 }
@@ -449,6 +458,7 @@ async fn run_token(file: Option<&std::path::Path>, token: Token) -> anyhow::Resu
             device,
             tenant,
             label,
+            ttl_seconds,
         } => {
             let ctl = Ctl::new(&load(file, &common)?)?;
             let mut identity = IdentityClient::new(ctl.channel(ServiceName::Identity)?);
@@ -459,12 +469,19 @@ async fn run_token(file: Option<&std::path::Path>, token: Token) -> anyhow::Resu
                     scopes,
                     label,
                     device_id: device.unwrap_or_default(),
+                    ttl_seconds: ttl_seconds.unwrap_or(0),
                 })
                 .await?
                 .into_inner();
             let info = created.info.context("identity returned no token info")?;
             println!("token id  {}", info.token_id);
             println!("token     {}", created.token);
+            if info.expires_at_ms != 0 {
+                println!(
+                    "expires   {}",
+                    muster_protocol::format_datetime(info.expires_at_ms)
+                );
+            }
             println!("(shown once; stored hashed)");
         }
         Token::List {
@@ -489,6 +506,7 @@ async fn run_token(file: Option<&std::path::Path>, token: Token) -> anyhow::Resu
                             "token_id": t.token_id, "tenant_id": t.tenant_id, "role": t.role,
                             "scopes": t.scopes, "label": t.label, "created_at_ms": t.created_at_ms,
                             "revoked_at_ms": (t.revoked_at_ms != 0).then_some(t.revoked_at_ms),
+                            "expires_at_ms": (t.expires_at_ms != 0).then_some(t.expires_at_ms),
                         })
                     })
                     .collect();

@@ -411,6 +411,8 @@ fn a_cluster_service_runs_alone_on_certificates_from_muster_certs() {
             "create",
             "--scopes",
             "operator.read",
+            "--ttl-seconds",
+            "3600",
             "--trust-domain",
             "prod.example",
             "--tls-dir",
@@ -424,7 +426,9 @@ fn a_cluster_service_runs_alone_on_certificates_from_muster_certs() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("token     muster_"));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("token     muster_"), "{printed}");
+    assert!(printed.contains("expires   20"), "{printed}");
 
     served.terminate();
     assert!(served.wait(Duration::from_secs(20)).success());

@@ -24,6 +24,9 @@ pub const MESSAGE_TOO_BIG: Close = close(1009, "");
 pub const INVALID_PAYLOAD: Close = close(1007, "");
 pub const UNAUTHORIZED: Close = close(4001, "unauthorized");
 pub const TOKEN_REVOKED: Close = close(4001, "token revoked");
+/// Part B's fallback reason for a token that stopped being valid while
+/// connected; muster's tokens do when they expire.
+pub const TOKEN_INVALIDATED: Close = close(4001, "token invalidated");
 pub const HANDSHAKE_TIMEOUT: Close = close(4002, "handshake timeout");
 pub const HANDSHAKE_OVERFLOW: Close = close(4003, "handshake overflow");
 pub const INVALID_JSON: Close = close(4003, "invalid json");

@@ -18,9 +18,16 @@ pub struct Claims {
     pub scopes: Vec<String>,
     /// A node token's device: the only one it admits.
     pub device_id: Option<String>,
+    /// When the token stops being accepted (ms since the epoch).
+    pub expires_at_ms: Option<i64>,
 }
 
 impl Claims {
+    /// Whether the token has expired by `now_ms`.
+    pub fn expired(&self, now_ms: i64) -> bool {
+        self.expires_at_ms.is_some_and(|at| now_ms >= at)
+    }
+
     pub fn is_admin(&self) -> bool {
         self.role == "admin"
     }
@@ -156,6 +163,7 @@ mod tests {
             role: role.into(),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             device_id: None,
+            expires_at_ms: None,
         }
     }
 

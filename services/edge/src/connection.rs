@@ -480,6 +480,9 @@ async fn connected(
                     Outgoing::Close(close) => return Err(close),
                 },
                 _ = ping.tick() => {
+                    if peer.claims.expired(now_ms()) {
+                        return Err(close::TOKEN_INVALIDATED);
+                    }
                     if last_pong.elapsed() > edge.config.pong_timeout {
                         // Dropped without a close frame: the peer sees 1006.
                         tracing::info!(connection_id = %peer.connection_id, "no pong: terminating");

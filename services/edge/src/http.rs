@@ -1,5 +1,5 @@
-//! The edge's HTTP surface: the WebSocket upgrade, health, and the
-//! operator views `/presence` and `/status`.
+//! The edge's HTTP surface: the WebSocket upgrade, health, the operator
+//! views `/presence` and `/status`, and token management (`/auth/tokens`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,7 +10,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use hyper::body::Incoming;
 use muster_protocol::{MISSING_SUBPROTOCOL_BODY, SUBPROTOCOL};
 use rustls::pki_types::CertificateDer;
@@ -26,6 +26,9 @@ pub(crate) fn router(edge: Arc<Edge>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/presence", get(presence))
         .route("/status", get(status))
+        .route("/auth/tokens", get(crate::tokens::list))
+        .route("/auth/tokens/issue", post(crate::tokens::issue))
+        .route("/auth/tokens/revoke", post(crate::tokens::revoke))
         .with_state(edge)
 }
 

@@ -14,6 +14,7 @@ mod outbound;
 mod pump;
 mod registry;
 mod resume;
+mod tokens;
 mod topics;
 
 use std::net::SocketAddr;
@@ -279,6 +280,7 @@ impl Edge {
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
         if let Some((claims, at)) = self.verified.lock().expect("cache lock").get(&digest)
             && at.elapsed() < VERIFIED_TTL
+            && !claims.expired(muster_store::now_ms())
         {
             return Ok(claims.clone());
         }
@@ -329,6 +331,7 @@ impl Edge {
                     role: c.role,
                     scopes: c.scopes,
                     device_id: Some(c.device_id).filter(|d| !d.is_empty()),
+                    expires_at_ms: Some(c.expires_at_ms).filter(|at| *at != 0),
                 })
             }
             Err(status)

@@ -42,6 +42,7 @@ fn info(record: TokenRecord) -> TokenInfo {
         created_at_ms: record.created_at_ms,
         revoked_at_ms: record.revoked_at_ms.unwrap_or(0),
         device_id: record.device_id.unwrap_or_default(),
+        expires_at_ms: record.expires_at_ms.unwrap_or(0),
     }
 }
 
@@ -61,6 +62,7 @@ impl Identity for IdentityService {
                 r.scopes,
                 &r.label,
                 Some(r.device_id.as_str()).filter(|d| !d.is_empty()),
+                Some(r.ttl_seconds).filter(|ttl| *ttl != 0),
             )
             .await
             .map_err(|e| to_status(&e))?;
@@ -85,6 +87,7 @@ impl Identity for IdentityService {
             role: record.role.as_str().into(),
             scopes: record.scopes,
             device_id: record.device_id.unwrap_or_default(),
+            expires_at_ms: record.expires_at_ms.unwrap_or(0),
         }))
     }
 

@@ -19,6 +19,15 @@ pub struct TokenRecord {
     pub revoked_at_ms: Option<i64>,
     /// The device a node token admits.
     pub device_id: Option<String>,
+    /// From this moment on the token is refused; `None`: never.
+    pub expires_at_ms: Option<i64>,
+}
+
+impl TokenRecord {
+    /// Neither revoked nor expired at `now_ms`.
+    pub fn is_live(&self, now_ms: i64) -> bool {
+        self.revoked_at_ms.is_none() && self.expires_at_ms.is_none_or(|at| now_ms < at)
+    }
 }
 
 /// Where identity keeps its state. Each change commits with its event.
@@ -45,8 +54,8 @@ pub trait TokenStore: Send + Sync + 'static {
     async fn admin_token_minted(&self) -> Result<bool, StoreError>;
 }
 
-const COLUMNS: &str =
-    "token_id, tenant_id, role, scopes, label, created_at_ms, revoked_at_ms, device_id";
+const COLUMNS: &str = "token_id, tenant_id, role, scopes, label, created_at_ms, revoked_at_ms, \
+                       device_id, expires_at_ms";
 
 fn record(row: &AnyRow) -> Result<TokenRecord, StoreError> {
     let role: String = row.try_get("role")?;
@@ -62,6 +71,7 @@ fn record(row: &AnyRow) -> Result<TokenRecord, StoreError> {
         created_at_ms: row.try_get("created_at_ms")?,
         revoked_at_ms: row.try_get("revoked_at_ms")?,
         device_id: row.try_get("device_id")?,
+        expires_at_ms: row.try_get("expires_at_ms")?,
     })
 }
 
@@ -76,7 +86,7 @@ impl TokenStore for Store {
         let mut tx = self.begin().await?;
         sqlx::query(
             "INSERT INTO operator_tokens (token_id, tenant_id, digest, role, scopes, label, \
-             created_at_ms, device_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+             created_at_ms, device_id, expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(&record.token_id)
         .bind(&record.tenant_id)
@@ -86,6 +96,7 @@ impl TokenStore for Store {
         .bind(&record.label)
         .bind(record.created_at_ms)
         .bind(record.device_id.as_deref())
+        .bind(record.expires_at_ms)
         .execute(&mut *tx)
         .await?;
         outbox::append(&mut tx, event).await?;

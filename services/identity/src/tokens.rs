@@ -21,6 +21,9 @@ pub const SCOPES: &[&str] = &[
     "*",
 ];
 
+/// The longest lifetime a token may be minted with (Tyrum's bound too).
+pub const MAX_TTL_SECONDS: u64 = 365 * 24 * 60 * 60;
+
 /// Operators choose their own admin token only if it is at least this long.
 pub const MIN_PROVIDED_TOKEN_LEN: usize = 32;
 
@@ -144,7 +147,9 @@ impl Tokens {
     }
 
     /// Mints a token; the secret is returned here and nowhere else. A
-    /// `node` token names the device it admits; other roles name none.
+    /// `node` token names the device it admits; other roles name none. With
+    /// `ttl_seconds` (1 to [`MAX_TTL_SECONDS`]) the token expires that long
+    /// after now.
     pub async fn create(
         &self,
         tenant_id: &str,
@@ -152,14 +157,24 @@ impl Tokens {
         scopes: Vec<String>,
         label: &str,
         device_id: Option<&str>,
+        ttl_seconds: Option<u64>,
     ) -> Result<(TokenRecord, Secret), TokenError> {
         let secret = new_secret(role);
         let record = self
-            .store_new(tenant_id, role, scopes, label, device_id, &secret)
+            .store_new(
+                tenant_id,
+                role,
+                scopes,
+                label,
+                device_id,
+                ttl_seconds,
+                &secret,
+            )
             .await?;
         Ok((record, secret))
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn store_new(
         &self,
         tenant_id: &str,
@@ -167,8 +182,16 @@ impl Tokens {
         scopes: Vec<String>,
         label: &str,
         device_id: Option<&str>,
+        ttl_seconds: Option<u64>,
         secret: &Secret,
     ) -> Result<TokenRecord, TokenError> {
+        if let Some(ttl) = ttl_seconds
+            && !(1..=MAX_TTL_SECONDS).contains(&ttl)
+        {
+            return Err(TokenError::Invalid(format!(
+                "ttl_seconds must be between 1 and {MAX_TTL_SECONDS}"
+            )));
+        }
         if tenant_id.trim().is_empty() {
             return Err(TokenError::Invalid("tenant_id is required".into()));
         }
@@ -204,15 +227,17 @@ impl Tokens {
         let mut scopes = scopes;
         scopes.sort();
         scopes.dedup();
+        let created_at_ms = now_ms();
         let record = TokenRecord {
             token_id: uuid::Uuid::new_v4().to_string(),
             tenant_id: tenant_id.to_owned(),
             role,
             scopes,
             label: label.to_owned(),
-            created_at_ms: now_ms(),
+            created_at_ms,
             revoked_at_ms: None,
             device_id: device_id.map(str::to_owned),
+            expires_at_ms: ttl_seconds.map(|ttl| created_at_ms + ttl as i64 * 1000),
         };
         let event = NewItem {
             audience_roles: vec!["client".into()],
@@ -226,14 +251,14 @@ impl Tokens {
         Ok(record)
     }
 
-    /// The claims of a live token; unknown and revoked tokens alike are
-    /// [`TokenError::Unrecognized`].
+    /// The claims of a live token; unknown, revoked and expired tokens
+    /// alike are [`TokenError::Unrecognized`].
     pub async fn verify(&self, presented: &str) -> Result<TokenRecord, TokenError> {
         if presented.is_empty() || presented.len() > 4096 {
             return Err(TokenError::Unrecognized);
         }
         match self.store.token_by_digest(&digest(presented)).await? {
-            Some(record) if record.revoked_at_ms.is_none() => Ok(record),
+            Some(record) if record.is_live(now_ms()) => Ok(record),
             _ => Err(TokenError::Unrecognized),
         }
     }
@@ -295,6 +320,7 @@ impl Tokens {
             vec!["*".into()],
             "initial admin",
             None,
+            None,
             &secret,
         )
         .await?;
@@ -311,5 +337,6 @@ fn token_payload(record: &TokenRecord) -> serde_json::Value {
         "label": record.label,
         "revoked_at_ms": record.revoked_at_ms,
         "device_id": record.device_id,
+        "expires_at_ms": record.expires_at_ms,
     })
 }

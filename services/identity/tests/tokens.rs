@@ -22,7 +22,7 @@ muster_store::backend_suite! {
     async fn minted_tokens_verify_until_revoked(store: Store) {
         let tokens = Tokens::new(Arc::new(store.clone()));
         let (record, secret) = tokens
-            .create("t1", Role::Client, vec!["operator.read".into(), "operator.read".into()], "ci", None)
+            .create("t1", Role::Client, vec!["operator.read".into(), "operator.read".into()], "ci", None, None)
             .await
             .unwrap();
         assert_eq!(record.scopes, vec!["operator.read".to_string()]);
@@ -49,9 +49,9 @@ muster_store::backend_suite! {
 
     async fn bad_requests_change_nothing(store: Store) {
         let tokens = Tokens::new(Arc::new(store.clone()));
-        let bad_scope = tokens.create("t1", Role::Client, vec!["root".into()], "x", None).await;
+        let bad_scope = tokens.create("t1", Role::Client, vec!["root".into()], "x", None, None).await;
         assert!(matches!(bad_scope, Err(TokenError::Invalid(_))));
-        let no_tenant = tokens.create("", Role::Admin, vec![], "x", None).await;
+        let no_tenant = tokens.create("", Role::Admin, vec![], "x", None, None).await;
         assert!(matches!(no_tenant, Err(TokenError::Invalid(_))));
         let device = format!("dev_{}", "a".repeat(52));
         for (role, scopes, device_id) in [
@@ -62,22 +62,38 @@ muster_store::backend_suite! {
             (Role::Client, vec![], Some(device.as_str())),
             (Role::Admin, vec![], Some(device.as_str())),
         ] {
-            let refused = tokens.create("t1", role, scopes.clone(), "x", device_id).await;
+            let refused = tokens.create("t1", role, scopes.clone(), "x", device_id, None).await;
             assert!(
                 matches!(refused, Err(TokenError::Invalid(_))),
                 "{role:?} {scopes:?} {device_id:?}: {refused:?}"
             );
+        }
+        for ttl in [0, muster_identity::MAX_TTL_SECONDS + 1] {
+            let refused = tokens.create("t1", Role::Client, vec![], "x", None, Some(ttl)).await;
+            assert!(matches!(refused, Err(TokenError::Invalid(_))), "{ttl}: {refused:?}");
         }
         assert!(tokens.list("t1").await.unwrap().is_empty());
         assert_eq!(outbox_text(&store).await, "[]");
         assert!("root".parse::<Role>().is_err());
     }
 
+    async fn tokens_with_a_lifetime_expire(store: Store) {
+        let tokens = Tokens::new(Arc::new(store.clone()));
+        let (record, secret) =
+            tokens.create("t1", Role::Client, vec![], "short", None, Some(1)).await.unwrap();
+        assert_eq!(record.expires_at_ms, Some(record.created_at_ms + 1000));
+        assert_eq!(tokens.verify(secret.expose()).await.unwrap(), record);
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        assert!(matches!(tokens.verify(secret.expose()).await, Err(TokenError::Unrecognized)));
+        // Listed, with its expiry, until an operator revokes it.
+        assert_eq!(tokens.list("t1").await.unwrap(), [record]);
+    }
+
     async fn node_tokens_name_their_device(store: Store) {
         let tokens = Tokens::new(Arc::new(store.clone()));
         let device = format!("dev_{}", "b2".repeat(26));
         let (record, secret) =
-            tokens.create("t1", Role::Node, vec![], "node 1", Some(&device)).await.unwrap();
+            tokens.create("t1", Role::Node, vec![], "node 1", Some(&device), None).await.unwrap();
         // Tyrum's scoped-token shape.
         assert_eq!(secret.expose().len(), 64);
         assert!(secret.expose().bytes().all(|b| b.is_ascii_hexdigit()));

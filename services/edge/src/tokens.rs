@@ -1,0 +1,296 @@
+//! Operator tokens over HTTP, in the shapes of Tyrum's `/auth/tokens`
+//! routes (PROTOCOL.md Part B §9: "an equivalent (CLI and HTTP)"): list,
+//! issue and revoke the tokens of the caller's tenant. Admin tokens and
+//! tokens with `operator.admin` only.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use muster_proto::v1 as pb;
+use muster_protocol::format_datetime;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::auth::presented_token;
+use crate::{Claims, Edge, Unverified, wire_error};
+
+fn refusal(status: StatusCode, error: &str, message: &str) -> Response {
+    (
+        status,
+        axum::Json(json!({"error": error, "message": message})),
+    )
+        .into_response()
+}
+
+/// The caller's claims, if they may manage tokens; else the refusal.
+async fn admin(edge: &Edge, headers: &HeaderMap) -> Result<Arc<Claims>, Response> {
+    let claims = edge
+        .verify(presented_token(headers, std::iter::empty()))
+        .await
+        .map_err(|why| match why {
+            Unverified::Refused => {
+                refusal(StatusCode::UNAUTHORIZED, "unauthorized", "unauthorized")
+            }
+            Unverified::Unavailable => refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "identity unavailable",
+            ),
+        })?;
+    if !claims.is_admin() && !claims.has_any_scope(["operator.admin"]) {
+        return Err(refusal(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "admin token required",
+        ));
+    }
+    Ok(claims)
+}
+
+/// A failed call to identity: its validation as the request's fault, the
+/// rest without detail.
+fn failed(status: &tonic::Status) -> Response {
+    match wire_error(status) {
+        ("invalid_request", message) => bad_request(&message),
+        _ => refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "identity unavailable",
+        ),
+    }
+}
+
+/// The body as `T`, or why not.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    let value: Value = serde_json::from_slice(body).map_err(|_| "invalid json".to_owned())?;
+    serde_json::from_value(value).map_err(|e| e.to_string())
+}
+
+/// An admin's request with its body as `T`, or the refusal.
+async fn admin_request<T: serde::de::DeserializeOwned>(
+    edge: &Edge,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(Arc<Claims>, T), Response> {
+    let claims = admin(edge, headers).await?;
+    let request = parse(body).map_err(|message| bad_request(&message))?;
+    Ok((claims, request))
+}
+
+fn bad_request(message: &str) -> Response {
+    refusal(StatusCode::BAD_REQUEST, "invalid_request", message)
+}
+
+/// A label, or what an unlabelled token is called (Tyrum's display names
+/// are never empty).
+fn display_name(label: &str, role: &str) -> String {
+    if label.trim().is_empty() {
+        format!("{role} token")
+    } else {
+        label.to_owned()
+    }
+}
+
+fn datetime_or_null(ms: i64) -> Value {
+    if ms == 0 {
+        Value::Null
+    } else {
+        Value::String(format_datetime(ms))
+    }
+}
+
+fn list_item(info: &pb::TokenInfo) -> Value {
+    let updated = info.revoked_at_ms.max(info.created_at_ms);
+    json!({
+        "token_id": info.token_id,
+        "tenant_id": info.tenant_id,
+        "display_name": display_name(&info.label, &info.role),
+        "role": info.role,
+        "device_id": (!info.device_id.is_empty()).then_some(&info.device_id),
+        "scopes": info.scopes,
+        "issued_at": format_datetime(info.created_at_ms),
+        "expires_at": datetime_or_null(info.expires_at_ms),
+        "revoked_at": datetime_or_null(info.revoked_at_ms),
+        "created_at": format_datetime(info.created_at_ms),
+        "updated_at": format_datetime(updated),
+    })
+}
+
+/// The tokens of `claims`' tenant, or the answer for identity's failure.
+async fn tenant_tokens(edge: &Edge, claims: &Claims) -> Result<Vec<pb::TokenInfo>, Response> {
+    let request = pb::ListTokensRequest {
+        tenant_id: claims.tenant_id.clone(),
+    };
+    match edge.identity().list_tokens(request).await {
+        Ok(reply) => Ok(reply.into_inner().tokens),
+        Err(status) => Err(failed(&status)),
+    }
+}
+
+/// `GET /auth/tokens`: the tenant's tokens, never their secrets.
+pub(crate) async fn list(State(edge): State<Arc<Edge>>, headers: HeaderMap) -> Response {
+    let listed = match admin(&edge, &headers).await {
+        Ok(claims) => tenant_tokens(&edge, &claims).await,
+        Err(refused) => return refused,
+    };
+    match listed {
+        Ok(tokens) => {
+            let tokens: Vec<Value> = tokens.iter().map(list_item).collect();
+            axum::Json(json!({ "tokens": tokens })).into_response()
+        }
+        Err(failed) => failed,
+    }
+}
+
+/// Tyrum's `TenantAuthTokenIssueRequest`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Issue {
+    display_name: Option<String>,
+    role: String,
+    #[serde(default)]
+    scopes: Vec<String>,
+    device_id: Option<String>,
+    ttl_seconds: Option<u64>,
+}
+
+impl Issue {
+    fn check(mut self) -> Result<Issue, &'static str> {
+        if let Some(name) = self.display_name.as_mut() {
+            *name = name.trim().to_owned();
+            if name.is_empty() || name.len() > 120 {
+                return Err("display_name must be 1 to 120 characters");
+            }
+        }
+        if !["admin", "client", "node"].contains(&self.role.as_str()) {
+            return Err("role must be admin, client or node");
+        }
+        for scope in &mut self.scopes {
+            *scope = scope.trim().to_owned();
+            if scope.is_empty() {
+                return Err("scopes must be non-empty strings");
+            }
+        }
+        if let Some(device_id) = self.device_id.as_mut() {
+            *device_id = device_id.trim().to_owned();
+            if device_id.is_empty() {
+                return Err("device_id must be a non-empty string");
+            }
+        }
+        // 0 would mean "never" to identity; its own check bounds the rest.
+        if self.ttl_seconds == Some(0) {
+            return Err("ttl_seconds must be a positive integer");
+        }
+        Ok(self)
+    }
+}
+
+/// `POST /auth/tokens/issue`: mints a token in the caller's tenant; the
+/// secret is in this response and nowhere else.
+pub(crate) async fn issue(
+    State(edge): State<Arc<Edge>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (claims, request) = match admin_request::<Issue>(&edge, &headers, &body).await {
+        Ok((claims, request)) => match request.check() {
+            Ok(request) => (claims, request),
+            Err(message) => return bad_request(message),
+        },
+        Err(refused) => return refused,
+    };
+    let label = request
+        .display_name
+        .unwrap_or_else(|| display_name("", &request.role));
+    let created = edge
+        .identity()
+        .create_token(pb::CreateTokenRequest {
+            tenant_id: claims.tenant_id.clone(),
+            role: request.role,
+            scopes: request.scopes,
+            label,
+            device_id: request.device_id.unwrap_or_default(),
+            ttl_seconds: request.ttl_seconds.unwrap_or(0),
+        })
+        .await;
+    let created = match created {
+        Ok(reply) => reply.into_inner(),
+        Err(status) => return failed(&status),
+    };
+    let Some(info) = created.info else {
+        return refusal(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "identity unavailable",
+        );
+    };
+    tracing::info!(token_id = %info.token_id, issued_by = %claims.token_id, "token issued over http");
+    let mut issued = json!({
+        "token": created.token,
+        "token_id": info.token_id,
+        "tenant_id": info.tenant_id,
+        "display_name": display_name(&info.label, &info.role),
+        "role": info.role,
+        "scopes": info.scopes,
+        "issued_at": format_datetime(info.created_at_ms),
+        "updated_at": format_datetime(info.created_at_ms),
+    });
+    if !info.device_id.is_empty() {
+        issued["device_id"] = json!(info.device_id);
+    }
+    if info.expires_at_ms != 0 {
+        issued["expires_at"] = json!(format_datetime(info.expires_at_ms));
+    }
+    (StatusCode::CREATED, axum::Json(issued)).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Revoke {
+    token_id: String,
+}
+
+/// `POST /auth/tokens/revoke`: revokes a live token of the caller's
+/// tenant; its connections on every edge close with 4001 `token
+/// revoked`. `{"revoked": false}` for any other id.
+pub(crate) async fn revoke(
+    State(edge): State<Arc<Edge>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (claims, token_id) = match admin_request::<Revoke>(&edge, &headers, &body).await {
+        Ok((claims, request)) if !request.token_id.trim().is_empty() => {
+            (claims, request.token_id.trim().to_owned())
+        }
+        Ok(_) => return bad_request("token_id must be a non-empty string"),
+        Err(refused) => return refused,
+    };
+    // Only the caller's tenant's live tokens: another tenant's id is
+    // answered as an unknown one.
+    let live = match tenant_tokens(&edge, &claims).await {
+        Ok(tokens) => tokens
+            .iter()
+            .any(|t| t.token_id == token_id && t.revoked_at_ms == 0),
+        Err(failed) => return failed,
+    };
+    if !live {
+        return axum::Json(json!({"revoked": false})).into_response();
+    }
+    match edge
+        .identity()
+        .revoke_token(pb::RevokeTokenRequest {
+            token_id: token_id.clone(),
+        })
+        .await
+    {
+        Ok(_) => axum::Json(json!({"revoked": true, "token_id": token_id})).into_response(),
+        // Revoked by someone else meanwhile.
+        Err(status) if status.code() == tonic::Code::NotFound => {
+            axum::Json(json!({"revoked": false})).into_response()
+        }
+        Err(status) => failed(&status),
+    }
+}

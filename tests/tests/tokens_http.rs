@@ -1,0 +1,176 @@
+//! Operator tokens over HTTP (PROTOCOL.md Part B §9: Tyrum's
+//! `/auth/tokens` routes): issue, list and revoke, admin only, with the
+//! tokens they mint admitting WebSocket peers until revoked or expired.
+
+use std::time::Duration;
+
+use muster_e2e::Host;
+use muster_e2e::ws::{TokenVia, Ws, open};
+use muster_e2e::{http_get, http_json, http_post, http_status};
+use muster_protocol::device::DeviceKey;
+use serde_json::{Value, json};
+
+async fn connected(host: &Host, token: &str) -> Ws {
+    let mut ws = open(&host.ws_url(), token, TokenVia::Bearer, None)
+        .await
+        .unwrap();
+    ws.handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
+        .await;
+    ws
+}
+
+fn tokens(host: &Host, bearer: &str) -> Vec<Value> {
+    let listed = http_get(&format!("{}/auth/tokens", host.http_base()), Some(bearer));
+    assert_eq!(http_status(&listed), 200, "{listed}");
+    http_json(&listed)["tokens"].as_array().unwrap().clone()
+}
+
+muster_e2e::on_both_stores! {
+    async fn an_admin_issues_lists_and_revokes_tokens(store: Option<String>) {
+        let host = Host::start(store).await;
+        let admin = host.admin_token();
+        let issue = format!("{}/auth/tokens/issue", host.http_base());
+        let revoke = format!("{}/auth/tokens/revoke", host.http_base());
+
+        let (status, issued) = http_post(
+            &issue,
+            Some(&admin),
+            r#"{"display_name": " ci ", "role": "client", "scopes": ["operator.read"]}"#,
+        );
+        assert_eq!(status, 201, "{issued}");
+        let mut keys: Vec<&str> = issued.as_object().unwrap().keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["display_name", "issued_at", "role", "scopes", "tenant_id", "token", "token_id", "updated_at"]
+        );
+        assert_eq!(issued["display_name"], "ci");
+        assert_eq!(issued["scopes"], json!(["operator.read"]));
+        assert_eq!(issued["tenant_id"], muster::DEFAULT_TENANT);
+        let token = issued["token"].as_str().unwrap().to_owned();
+        let token_id = issued["token_id"].as_str().unwrap().to_owned();
+
+        // The new token admits a peer, with its scopes.
+        let mut reader = connected(&host, &token).await;
+        assert_eq!(reader.call("ping", json!({})).await["ok"], true);
+
+        let listed = tokens(&host, &admin);
+        let item = listed.iter().find(|t| t["token_id"] == token_id).unwrap();
+        assert_eq!(item["display_name"], "ci");
+        assert_eq!((&item["revoked_at"], &item["expires_at"], &item["device_id"]), (&Value::Null, &Value::Null, &Value::Null));
+        assert!(!listed.iter().any(|t| t.to_string().contains(&token)), "no secret in a listing");
+
+        // Revoking closes its live connection, on every edge.
+        let (status, revoked) = http_post(&revoke, Some(&admin), &json!({"token_id": token_id}).to_string());
+        assert_eq!((status, revoked), (200, json!({"revoked": true, "token_id": token_id})));
+        assert_eq!(reader.closed().await, (4001, "token revoked".to_owned()));
+        let (_, again) = http_post(&revoke, Some(&admin), &json!({"token_id": token_id}).to_string());
+        assert_eq!(again, json!({"revoked": false}));
+        let (_, unknown) = http_post(&revoke, Some(&admin), r#"{"token_id": "no-such-token"}"#);
+        assert_eq!(unknown, json!({"revoked": false}));
+        let item = tokens(&host, &admin).into_iter().find(|t| t["token_id"] == token_id).unwrap();
+        assert!(item["revoked_at"].is_string(), "{item}");
+
+        // Another tenant's token is not the caller's to revoke.
+        let (other_id, other) = host.client_token_in("other-tenant", &["operator.read"]).await;
+        let (_, foreign) = http_post(&revoke, Some(&admin), &json!({"token_id": other_id}).to_string());
+        assert_eq!(foreign, json!({"revoked": false}));
+        connected(&host, &other).await;
+        assert!(!tokens(&host, &admin).iter().any(|t| t["token_id"] == other_id));
+
+        // Node tokens name their device.
+        let device = DeviceKey::generate().device_id();
+        let (status, node) = http_post(
+            &issue,
+            Some(&admin),
+            &json!({"role": "node", "device_id": device}).to_string(),
+        );
+        assert_eq!(status, 201, "{node}");
+        assert_eq!((&node["device_id"], &node["display_name"]), (&json!(device), &json!("node token")));
+        host.stop().await;
+    }
+}
+
+muster_e2e::on_both_stores! {
+    async fn only_admins_manage_tokens_and_bad_requests_mint_nothing(store: Option<String>) {
+        let host = Host::start(store).await;
+        let admin = host.admin_token();
+        let base = host.http_base();
+        let issue = format!("{base}/auth/tokens/issue");
+        let (_, reader) = host.client_token(&["operator.read", "operator.write"]).await;
+        let (_, token_admin) = host.client_token(&["operator.admin"]).await;
+        let before = tokens(&host, &admin).len();
+
+        let forbidden = json!({"error": "forbidden", "message": "admin token required"});
+        let body = r#"{"role": "client"}"#;
+        assert_eq!(http_post(&issue, Some(&reader), body), (403, forbidden.clone()));
+        assert_eq!(http_post(&format!("{base}/auth/tokens/revoke"), Some(&reader), r#"{"token_id": "x"}"#), (403, forbidden.clone()));
+        let listed = http_get(&format!("{base}/auth/tokens"), Some(&reader));
+        assert_eq!((http_status(&listed), http_json(&listed)), (403, forbidden));
+        assert_eq!(http_post(&issue, None, body).0, 401);
+        assert_eq!(http_post(&issue, Some("muster_not-a-token"), body).0, 401);
+
+        for bad in [
+            "not json",
+            r#"{"role": "client", "tenant_id": "other"}"#,
+            r#"{"role": "root"}"#,
+            r#"{"role": "client", "scopes": ["root"]}"#,
+            r#"{"role": "client", "scopes": [" "]}"#,
+            r#"{"role": "client", "display_name": ""}"#,
+            r#"{"role": "client", "ttl_seconds": 0}"#,
+            r#"{"role": "client", "ttl_seconds": -5}"#,
+            r#"{"role": "client", "ttl_seconds": 31536001}"#,
+            r#"{"role": "node"}"#,
+            r#"{"role": "client", "device_id": "dev_x"}"#,
+        ] {
+            let (status, refused) = http_post(&issue, Some(&admin), bad);
+            assert_eq!(status, 400, "{bad}: {refused}");
+            assert_eq!(refused["error"], "invalid_request", "{bad}");
+            assert!(refused["message"].as_str().is_some_and(|m| !m.is_empty()), "{bad}");
+        }
+        assert_eq!(http_post(&issue, Some(&admin), "not json").1["message"], "invalid json");
+        assert_eq!(tokens(&host, &admin).len(), before, "nothing minted");
+
+        // A token with operator.admin manages tokens as an admin does.
+        let (status, _) = http_post(&issue, Some(&token_admin), body);
+        assert_eq!(status, 201);
+        assert_eq!(tokens(&host, &token_admin).len(), before + 1);
+        host.stop().await;
+    }
+}
+
+// A token issued with a lifetime admits peers until it expires; then its
+// live connections close with 4001 `token invalidated` (within a ping
+// interval) and it is refused everywhere.
+muster_e2e::on_both_stores! {
+    async fn an_expired_token_is_refused_and_its_connections_close(store: Option<String>) {
+        let host = Host::start(store).await;
+        let admin = host.admin_token();
+        let (status, issued) = http_post(
+            &format!("{}/auth/tokens/issue", host.http_base()),
+            Some(&admin),
+            r#"{"role": "client", "scopes": ["operator.read"], "ttl_seconds": 2}"#,
+        );
+        assert_eq!(status, 201, "{issued}");
+        let expires_at = issued["expires_at"].as_str().unwrap();
+        let expires = muster_protocol::parse_datetime(expires_at).unwrap();
+        let issued_at = muster_protocol::parse_datetime(issued["issued_at"].as_str().unwrap()).unwrap();
+        assert_eq!(expires - issued_at, 2000);
+        let token = issued["token"].as_str().unwrap().to_owned();
+        let listed = tokens(&host, &admin);
+        let item = listed.iter().find(|t| t["token_id"] == issued["token_id"]).unwrap();
+        assert_eq!(item["expires_at"], expires_at);
+
+        let mut ws = connected(&host, &token).await;
+        let opened = std::time::Instant::now();
+        assert_eq!(ws.closed().await, (4001, "token invalidated".to_owned()));
+        let lived = opened.elapsed();
+        assert!(lived > Duration::from_millis(1000) && lived < Duration::from_secs(9), "{lived:?}");
+
+        let mut refused = open(&host.ws_url(), &token, TokenVia::Bearer, None).await.unwrap();
+        assert_eq!(refused.closed().await, (4001, "unauthorized".to_owned()));
+        let status = http_get(&format!("{}/status", host.http_base()), Some(&token));
+        assert_eq!(http_status(&status), 401);
+        host.stop().await;
+    }
+}
