@@ -134,6 +134,11 @@ impl ConnectInit {
             non_empty(name, value)?;
         }
         let mut init = init;
+        if init.capabilities.len() > MAX_CAPABILITIES {
+            return Err(format!(
+                "capabilities: more than {MAX_CAPABILITIES} descriptors"
+            ));
+        }
         for capability in &mut init.capabilities {
             // Tyrum's schema trims both strings before it checks them.
             trim_in_place(&mut capability.id);
@@ -152,6 +157,10 @@ impl ConnectInit {
         Ok(init)
     }
 }
+
+/// The most descriptors one `connect.init` may advertise (Tyrum's catalog
+/// has about fifty ids).
+pub const MAX_CAPABILITIES: usize = 256;
 
 fn trim_in_place(text: &mut String) {
     let trimmed = text.trim();
@@ -228,14 +237,18 @@ fn canonical_ids(id: &str) -> Option<&'static [&'static str]> {
 /// version it was last given.
 pub fn normalize_capabilities(descriptors: Vec<CapabilityDescriptor>) -> Vec<CapabilityDescriptor> {
     let mut normalized: Vec<CapabilityDescriptor> = Vec::with_capacity(descriptors.len());
-    let mut add =
-        |id: String, version: &str| match normalized.iter_mut().find(|known| known.id == id) {
-            Some(known) => version.clone_into(&mut known.version),
-            None => normalized.push(CapabilityDescriptor {
+    let mut places: std::collections::HashMap<String, usize> =
+        std::collections::HashMap::with_capacity(descriptors.len());
+    let mut add = |id: String, version: &str| match places.get(&id) {
+        Some(&place) => version.clone_into(&mut normalized[place].version),
+        None => {
+            places.insert(id.clone(), normalized.len());
+            normalized.push(CapabilityDescriptor {
                 id,
                 version: version.to_owned(),
-            }),
-        };
+            });
+        }
+    };
     for descriptor in descriptors {
         match canonical_ids(&descriptor.id) {
             Some(ids) => ids
@@ -343,5 +356,11 @@ mod tests {
             "capabilities": [{"id": "tyrum.browser.click"}]}))
         .unwrap();
         assert_eq!(ids(&canonical), [("tyrum.browser.click", "1.0.0")]);
+        let too_many: Vec<Value> = (0..=MAX_CAPABILITIES)
+            .map(|n| json!({"id": format!("x.c{n}")}))
+            .collect();
+        let refused = ConnectInit::parse(&json!({"protocol_rev": 2, "role": "node",
+            "device": {"device_id": "d", "pubkey": "k"}, "capabilities": too_many}));
+        assert!(refused.is_err());
     }
 }
