@@ -1293,7 +1293,8 @@ async fn stall_presence_writes(store_url: &str) -> Box<dyn std::any::Any + Send>
 
 // A request that waits on a stalled store (until the edge's 10 s deadline)
 // does not stop the heartbeat: the peer keeps answering pings meanwhile and
-// stays connected, and its frames are still answered in the order sent.
+// stays connected, also while its later frames wait unread, and its
+// frames are still answered in the order sent.
 muster_e2e::on_both_stores! {
     async fn a_slow_request_does_not_stop_the_heartbeat(store: Option<String>) {
         let host = Host::start(store).await;
@@ -1301,17 +1302,23 @@ muster_e2e::on_both_stores! {
         node.handshake(&DeviceKey::generate(), "node", json!({}))
             .await;
         let stalled = stall_presence_writes(&host.config.store_url()).await;
-        node.send(json!({"request_id": "b1", "type": "presence.beacon", "payload": {}}))
-            .await;
+        // More than the edge reads ahead while one waits (64): reading
+        // pauses, so the pongs wait unread in the socket too.
+        let mut sent: Vec<String> = (0..70).map(|n| format!("b{n}")).collect();
+        for id in &sent {
+            node.send(json!({"request_id": id, "type": "presence.beacon", "payload": {}}))
+                .await;
+        }
         node.send(json!({"request_id": "p1", "type": "ping", "payload": {}}))
             .await;
+        sent.push("p1".into());
         let release = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(12)).await;
             drop(stalled);
         });
         // Reading answers the edge's pings while the beacon waits.
         let mut answered = Vec::new();
-        while answered.len() < 2 {
+        while answered.len() < sent.len() {
             match node.next(Duration::from_secs(20)).await {
                 Next::Json(frame) if frame.get("request_id").is_some() => {
                     answered.push(frame["request_id"].as_str().unwrap().to_owned());
@@ -1320,11 +1327,50 @@ muster_e2e::on_both_stores! {
                 other => panic!("the node lost its connection: {other:?}"),
             }
         }
-        assert_eq!(answered, ["b1", "p1"]);
+        assert_eq!(answered, sent);
         release.await.unwrap();
         // Past the stall and another ping interval, still connected.
         assert_eq!(node.next(Duration::from_secs(6)).await, Next::Silent);
         node.call("ping", json!({})).await;
+        host.stop().await;
+    }
+}
+
+// Frames a peer sent before it closed are still handled: the last beacon
+// of a node that leaves while an earlier one waits on a stalled store
+// lands, and then the node leaves presence.
+muster_e2e::on_both_stores! {
+    async fn what_a_peer_sent_before_closing_still_happens(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut operator = admin(&host).await;
+        operator
+            .handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
+            .await;
+        let key = DeviceKey::generate();
+        let mut node = admin(&host).await;
+        node.handshake(&key, "node", json!({})).await;
+        let stalled = stall_presence_writes(&host.config.store_url()).await;
+        node.send(json!({"request_id": "b1", "type": "presence.beacon", "payload": {"host": "first"}}))
+            .await;
+        node.send(json!({"request_id": "b2", "type": "presence.beacon", "payload": {"host": "last words"}}))
+            .await;
+        node.stream.close(None).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(stalled);
+        let mut hosts = Vec::new();
+        loop {
+            let event = operator.next(Duration::from_secs(20)).await;
+            let Next::Json(event) = event else { panic!("{event:?}") };
+            let entry = &event["payload"]["entry"];
+            match event["type"].as_str() {
+                Some("presence.upserted") if entry["instance_id"] == key.device_id() => {
+                    hosts.push(entry["host"].as_str().unwrap_or_default().to_owned());
+                }
+                Some("presence.pruned") if event["payload"]["instance_id"] == key.device_id() => break,
+                _ => {}
+            }
+        }
+        assert_eq!(hosts.last().map(String::as_str), Some("last words"), "{hosts:?}");
         host.stop().await;
     }
 }

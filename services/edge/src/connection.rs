@@ -426,6 +426,9 @@ async fn connected(
     if edge.is_revoked(&peer.claims.token_id) {
         return Err(close::TOKEN_REVOKED);
     }
+    if peer.claims.expired(now_ms()) {
+        return Err(close::TOKEN_INVALIDATED);
+    }
     tracing::info!(connection_id = %peer.connection_id, device_id = %peer.device_id, role, tenant_id = %claims.tenant_id, "peer connected");
     Box::pin(register(edge, &peer)).await;
     if !send_text(sink, handshaken.reply.clone()).await {
@@ -457,13 +460,20 @@ async fn connected(
         // Frames are handled one at a time in arrival order, beside the
         // loop: a request that waits on a slow service must not stop the
         // pings, the pongs or the events to this peer.
-        let mut requests = Requests::default();
+        let mut requests = Requests::new(|text| Box::pin(handle_frame(edge, &peer, &outbound, text)));
         loop {
             tokio::select! {
-                () = requests.handled(), if requests.busy() => {
-                    requests.start_next(|text| Box::pin(handle_frame(edge, &peer, &outbound, text)));
+                () = requests.handled(), if requests.busy() => requests.start_next(),
+                _ = &mut shutdown => {
+                    // Requests already read get a moment (Tyrum terminates
+                    // 250 ms after its close), and their answers go out
+                    // before the close.
+                    let _ = tokio::time::timeout(SHUTDOWN_FINISH, requests.finish()).await;
+                    if let Some(Outgoing::Text(first)) = inbox.try_recv() {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), write_queued(sink, first, &mut inbox)).await;
+                    }
+                    return Err(close::SERVER_SHUTDOWN);
                 }
-                _ = &mut shutdown => return Err(close::SERVER_SHUTDOWN),
                 _ = &mut slow_consumer => return Err(close::SLOW_CONSUMER),
                 out = inbox.recv() => match out {
                     Outgoing::Text(text) => {
@@ -483,7 +493,11 @@ async fn connected(
                     if peer.claims.expired(now_ms()) {
                         return Err(close::TOKEN_INVALIDATED);
                     }
-                    if last_pong.elapsed() > edge.config.pong_timeout {
+                    if !requests.has_room() {
+                        // The socket is not being read, so the peer's pongs
+                        // wait in it: no judging it until reading resumes.
+                        last_pong = Instant::now();
+                    } else if last_pong.elapsed() > edge.config.pong_timeout {
                         // Dropped without a close frame: the peer sees 1006.
                         tracing::info!(connection_id = %peer.connection_id, "no pong: terminating");
                         return Ok(());
@@ -493,13 +507,20 @@ async fn connected(
                     }
                 }
                 frame = stream.next(), if requests.has_room() => match frame {
-                    None => return Ok(()),
-                    Some(Err(error)) => return refused(&error).map_or(Ok(()), Err),
+                    None => {
+                        requests.finish_after_the_peer_left().await;
+                        return Ok(());
+                    }
+                    Some(Err(error)) => {
+                        requests.finish_after_the_peer_left().await;
+                        return refused(&error).map_or(Ok(()), Err);
+                    }
                     Some(Ok(Message::Close(_))) => {
                         // tungstenite queued the answering close frame;
                         // it leaves with the flush, so the peer's close is
                         // clean (not 1006).
                         let _ = tokio::time::timeout(Duration::from_secs(1), sink.flush()).await;
+                        requests.finish_after_the_peer_left().await;
                         return Ok(());
                     }
                     Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
@@ -507,12 +528,9 @@ async fn connected(
                     Some(Ok(Message::Text(_) | Message::Binary(_))) if peer.expired.load(Ordering::Relaxed) => {
                         return Err(close::CONVERSATION_EXPIRED);
                     }
-                    Some(Ok(Message::Text(text))) => {
-                        requests.push(text, |text| Box::pin(handle_frame(edge, &peer, &outbound, text)));
-                    }
+                    Some(Ok(Message::Text(text))) => requests.push(text),
                     Some(Ok(Message::Binary(bytes))) => {
-                        let text = Utf8Bytes::from(String::from_utf8_lossy(&bytes).into_owned());
-                        requests.push(text, |text| Box::pin(handle_frame(edge, &peer, &outbound, text)));
+                        requests.push(Utf8Bytes::from(String::from_utf8_lossy(&bytes).into_owned()));
                     }
                 },
             }
@@ -645,16 +663,34 @@ pub(crate) async fn upsert(
 const QUEUED_REQUESTS: usize = 64;
 const QUEUED_REQUEST_BYTES: usize = 1024 * 1024;
 
+/// How long requests already read may take to finish at shutdown.
+const SHUTDOWN_FINISH: Duration = Duration::from_millis(250);
+
+/// How long requests already read may take to finish once their peer has
+/// gone: as long as one call to a service may take.
+const FINISH_AFTER_LEAVING: Duration = Duration::from_secs(10);
+
+type Handling<'a> = futures::future::BoxFuture<'a, ()>;
+
 /// A connected peer's frames: the one being handled and those waiting
 /// behind it. Holds no allocation while the peer is idle.
-#[derive(Default)]
-struct Requests<'a> {
-    handling: Option<futures::future::BoxFuture<'a, ()>>,
+struct Requests<'a, H> {
+    handle: H,
+    handling: Option<Handling<'a>>,
     queued: std::collections::VecDeque<Utf8Bytes>,
     queued_bytes: usize,
 }
 
-impl<'a> Requests<'a> {
+impl<'a, H: FnMut(Utf8Bytes) -> Handling<'a>> Requests<'a, H> {
+    fn new(handle: H) -> Self {
+        Requests {
+            handle,
+            handling: None,
+            queued: Default::default(),
+            queued_bytes: 0,
+        }
+    }
+
     fn busy(&self) -> bool {
         self.handling.is_some()
     }
@@ -674,29 +710,49 @@ impl<'a> Requests<'a> {
         }
     }
 
-    fn push(
-        &mut self,
-        text: Utf8Bytes,
-        handle: impl FnOnce(Utf8Bytes) -> futures::future::BoxFuture<'a, ()>,
-    ) {
+    fn push(&mut self, text: Utf8Bytes) {
         if self.handling.is_none() {
-            self.handling = Some(handle(text));
+            self.handling = Some((self.handle)(text));
         } else {
             self.queued_bytes += text.len();
             self.queued.push_back(text);
         }
     }
 
-    fn start_next(&mut self, handle: impl FnOnce(Utf8Bytes) -> futures::future::BoxFuture<'a, ()>) {
+    fn start_next(&mut self) {
         if let Some(text) = self.queued.pop_front() {
             self.queued_bytes -= text.len();
-            self.handling = Some(handle(text));
+            self.handling = Some((self.handle)(text));
         }
+        if self.queued.is_empty() && self.queued.capacity() > 0 {
+            // A burst's room is not kept while the peer idles.
+            self.queued = Default::default();
+        }
+    }
+
+    /// Handles every frame read so far.
+    async fn finish(&mut self) {
+        while self.busy() {
+            self.handled().await;
+            self.start_next();
+        }
+    }
+
+    /// What a peer asked for before it left still happens (a node's last
+    /// result is applied), though the answers have nowhere to go.
+    async fn finish_after_the_peer_left(&mut self) {
+        let _ = tokio::time::timeout(FINISH_AFTER_LEAVING, self.finish()).await;
     }
 }
 
 /// Handles one text frame of a connected peer (Part B §2.4, §3).
 async fn handle_frame(edge: &Edge, peer: &Peer, out: &outbound::Outbound, text: Utf8Bytes) {
+    if peer.claims.expired(now_ms()) {
+        // Nothing more on an expired token, even before the next ping
+        // closes the connection.
+        out.close(close::TOKEN_INVALIDATED);
+        return;
+    }
     let error_event =
         |code: &str, message: &str| out.send(envelope::error_event(code, message, now_ms()));
     match envelope::parse(text.as_str()) {
