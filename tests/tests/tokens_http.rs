@@ -131,10 +131,23 @@ muster_e2e::on_both_stores! {
         assert_eq!(http_post(&issue, Some(&admin), "not json").1["message"], "invalid json");
         assert_eq!(tokens(&host, &admin).len(), before, "nothing minted");
 
-        // A token with operator.admin manages tokens as an admin does.
+        // A token with operator.admin manages tokens, but gives no more
+        // than it holds: no admin tokens, no scopes it lacks, and it
+        // cannot revoke an admin token.
         let (status, _) = http_post(&issue, Some(&token_admin), body);
         assert_eq!(status, 201);
-        assert_eq!(tokens(&host, &token_admin).len(), before + 1);
+        let (status, _) = http_post(&issue, Some(&token_admin), r#"{"role": "client", "scopes": ["operator.admin"]}"#);
+        assert_eq!(status, 201);
+        for beyond in [r#"{"role": "admin"}"#, r#"{"role": "client", "scopes": ["operator.write"]}"#, r#"{"role": "client", "scopes": ["*"]}"#] {
+            let (status, refused) = http_post(&issue, Some(&token_admin), beyond);
+            assert_eq!((status, &refused["error"]), (403, &json!("forbidden")), "{beyond}: {refused}");
+        }
+        let listed = tokens(&host, &token_admin);
+        assert_eq!(listed.len(), before + 2);
+        let initial = listed.iter().find(|t| t["role"] == "admin").unwrap()["token_id"].clone();
+        let (status, _) = http_post(&format!("{base}/auth/tokens/revoke"), Some(&token_admin), &json!({"token_id": initial}).to_string());
+        assert_eq!(status, 403);
+        assert!(tokens(&host, &admin).iter().all(|t| t["revoked_at"].is_null()));
         host.stop().await;
     }
 }

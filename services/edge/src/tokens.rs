@@ -188,6 +188,25 @@ impl Issue {
     }
 }
 
+/// An `operator.admin` token that is not an admin token issues no more
+/// than it holds: no admin tokens, no scopes it lacks.
+fn within_reach(claims: &Claims, request: &Issue) -> Result<(), String> {
+    if claims.is_admin() {
+        return Ok(());
+    }
+    if request.role == "admin" {
+        return Err("only an admin token may issue admin tokens".into());
+    }
+    match request
+        .scopes
+        .iter()
+        .find(|scope| !claims.has_any_scope([scope.as_str()]))
+    {
+        Some(scope) => Err(format!("scope {scope} is not the caller's to give")),
+        None => Ok(()),
+    }
+}
+
 /// `POST /auth/tokens/issue`: mints a token in the caller's tenant; the
 /// secret is in this response and nowhere else.
 pub(crate) async fn issue(
@@ -202,6 +221,9 @@ pub(crate) async fn issue(
         },
         Err(refused) => return refused,
     };
+    if let Err(message) = within_reach(&claims, &request) {
+        return refusal(StatusCode::FORBIDDEN, "forbidden", &message);
+    }
     let label = request
         .display_name
         .unwrap_or_else(|| display_name("", &request.role));
@@ -270,14 +292,22 @@ pub(crate) async fn revoke(
     };
     // Only the caller's tenant's live tokens: another tenant's id is
     // answered as an unknown one.
-    let live = match tenant_tokens(&edge, &claims).await {
-        Ok(tokens) => tokens
-            .iter()
-            .any(|t| t.token_id == token_id && t.revoked_at_ms == 0),
+    let tokens = match tenant_tokens(&edge, &claims).await {
+        Ok(tokens) => tokens,
         Err(failed) => return failed,
     };
-    if !live {
+    let Some(target) = tokens
+        .iter()
+        .find(|t| t.token_id == token_id && t.revoked_at_ms == 0)
+    else {
         return axum::Json(json!({"revoked": false})).into_response();
+    };
+    if target.role == "admin" && !claims.is_admin() {
+        return refusal(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "only an admin token may revoke admin tokens",
+        );
     }
     match edge
         .identity()
