@@ -179,6 +179,24 @@ pub async fn append_all<'a>(
     Ok(())
 }
 
+/// Runs `change`, one statement, and when it changed a row appends `event`
+/// in the same transaction; false (and nothing written) when it changed
+/// none. The shape of a conditional change: revoke a live token, decide a
+/// pending approval.
+pub async fn change_with_event<'q>(
+    store: &Store,
+    change: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    event: &NewItem,
+) -> Result<bool, StoreError> {
+    let mut tx = store.begin().await?;
+    if change.execute(&mut *tx).await?.rows_affected() == 0 {
+        return Ok(false);
+    }
+    append(&mut tx, event).await?;
+    store.commit(tx).await?;
+    Ok(true)
+}
+
 /// Postgres: gives committed items without a position the next positions,
 /// in insertion order, at most `limit`; returns how many. One sequencer
 /// runs at a time (an advisory lock) and its positions

@@ -99,8 +99,7 @@ impl ApprovalStore for Store {
 
     async fn decide_approval(&self, d: &Approval, event: &NewItem) -> Result<bool, StoreError> {
         let decided_at = d.decided_at_ms.unwrap_or_default();
-        let mut tx = self.begin().await?;
-        let updated = sqlx::query(
+        let decide = sqlx::query(
             "UPDATE approvals SET status = $1, decided_at_ms = $2, decided_by = $3, reason = $4 \
              WHERE tenant_id = $5 AND approval_id = $6 AND status = 'pending' AND expires_at_ms > $2",
         )
@@ -109,15 +108,7 @@ impl ApprovalStore for Store {
         .bind(&d.decided_by)
         .bind(&d.reason)
         .bind(&d.tenant_id)
-        .bind(&d.approval_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            return Ok(false);
-        }
-        outbox::append(&mut tx, event).await?;
-        self.commit(tx).await?;
-        Ok(true)
+        .bind(&d.approval_id);
+        outbox::change_with_event(self, decide, event).await
     }
 }
