@@ -178,7 +178,18 @@ pub fn http_get(url: &str, bearer: Option<&str>) -> String {
 /// A plain HTTP/1.1 POST of a JSON body with an optional bearer token:
 /// the status code and the body as JSON (null when it is not JSON).
 pub fn http_post(url: &str, bearer: Option<&str>, body: &str) -> (u16, serde_json::Value) {
-    let response = http_request("POST", url, bearer, Some(body));
+    http_send("POST", url, bearer, body)
+}
+
+/// A plain HTTP/1.1 request of `method` with a JSON body: the status code
+/// and the body as JSON (null when it is not JSON).
+pub fn http_send(
+    method: &str,
+    url: &str,
+    bearer: Option<&str>,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let response = http_request(method, url, bearer, Some(body));
     (http_status(&response), http_json(&response))
 }
 

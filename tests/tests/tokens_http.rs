@@ -1,12 +1,13 @@
 //! Operator tokens over HTTP (PROTOCOL.md Part B §9: Tyrum's
-//! `/auth/tokens` routes): issue, list and revoke, admin only, with the
-//! tokens they mint admitting WebSocket peers until revoked or expired.
+//! `/auth/tokens` routes): issue, list, edit and revoke, admin only, with
+//! the tokens they mint admitting WebSocket peers until revoked, edited or
+//! expired.
 
 use std::time::Duration;
 
 use muster_e2e::Host;
 use muster_e2e::ws::{TokenVia, Ws, open};
-use muster_e2e::{http_get, http_json, http_post, http_status};
+use muster_e2e::{http_get, http_json, http_post, http_send, http_status};
 use muster_protocol::device::DeviceKey;
 use serde_json::{Value, json};
 
@@ -184,6 +185,80 @@ muster_e2e::on_both_stores! {
         assert_eq!(refused.closed().await, (4001, "unauthorized".to_owned()));
         let status = http_get(&format!("{}/status", host.http_base()), Some(&token));
         assert_eq!(http_status(&status), 401);
+        host.stop().await;
+    }
+}
+
+// Editing a token closes its live connections with 4001 `token updated`;
+// they come back with the new claims. A bad edit changes nothing.
+muster_e2e::on_both_stores! {
+    async fn an_edit_closes_the_tokens_connections_and_takes_effect(store: Option<String>) {
+        let host = Host::start(store).await;
+        let admin = host.admin_token();
+        let base = host.http_base();
+        let (token_id, token) = host.client_token(&["operator.read"]).await;
+        let edit = format!("{base}/auth/tokens/{token_id}");
+        let mut reader = connected(&host, &token).await;
+
+        let (status, edited) = http_send(
+            "PATCH",
+            &edit,
+            Some(&admin),
+            r#"{"display_name": "ci-2", "scopes": ["operator.write", "operator.read"]}"#,
+        );
+        assert_eq!(status, 200, "{edited}");
+        assert_eq!(edited["token"]["display_name"], "ci-2");
+        assert_eq!(edited["token"]["scopes"], json!(["operator.read", "operator.write"]));
+        assert_eq!(reader.closed().await, (4001, "token updated".to_owned()));
+        // Back with the new claims.
+        let mut again = connected(&host, &token).await;
+        assert_eq!(again.call("ping", json!({})).await["ok"], true);
+        // A new name changes no claims: the connection stays.
+        let (status, renamed) = http_send("PATCH", &edit, Some(&admin), r#"{"display_name": "ci-3"}"#);
+        assert_eq!((status, &renamed["token"]["display_name"]), (200, &json!("ci-3")));
+
+        let before = tokens(&host, &admin);
+        for (body, status, error) in [
+            ("{}", 400, "invalid_request"),
+            (r#"{"expires_at": "soon"}"#, 400, "invalid_request"),
+            (r#"{"device_id": "dev_x"}"#, 400, "invalid_request"),
+            (r#"{"role": "node"}"#, 400, "invalid_request"),
+            (r#"{"scopes": ["root"]}"#, 400, "invalid_request"),
+            (r#"{"label": "x"}"#, 400, "invalid_request"),
+        ] {
+            let (got, refused) = http_send("PATCH", &edit, Some(&admin), body);
+            assert_eq!((got, refused["error"].as_str()), (status, Some(error)), "{body}: {refused}");
+        }
+        let (status, missing) = http_send("PATCH", &format!("{base}/auth/tokens/no-such"), Some(&admin), r#"{"display_name": "x"}"#);
+        assert_eq!((status, missing), (404, json!({"error": "not_found", "message": "token not found"})));
+        assert_eq!(tokens(&host, &admin), before, "bad edits change nothing");
+        assert_eq!(again.call("ping", json!({})).await["ok"], true, "nor close anything");
+
+        // An expiry in the past ends the token at once; null lifts it.
+        let (status, _) = http_send("PATCH", &edit, Some(&admin), r#"{"expires_at": "2020-01-01T00:00:00.000Z"}"#);
+        assert_eq!(status, 200);
+        assert_eq!(again.closed().await, (4001, "token updated".to_owned()));
+        let mut refused = open(&host.ws_url(), &token, TokenVia::Bearer, None).await.unwrap();
+        assert_eq!(refused.closed().await, (4001, "unauthorized".to_owned()));
+        let (status, lifted) = http_send("PATCH", &edit, Some(&admin), r#"{"expires_at": null}"#);
+        assert_eq!((status, &lifted["token"]["expires_at"]), (200, &Value::Null));
+        connected(&host, &token).await;
+
+        // A token that is not an admin token edits no admin token and gives
+        // no more than it holds; nobody edits a revoked token.
+        let (_, token_admin) = host.client_token(&["operator.admin"]).await;
+        let initial = before.iter().find(|t| t["role"] == "admin").unwrap()["token_id"].as_str().unwrap().to_owned();
+        for (url, body) in [
+            (format!("{base}/auth/tokens/{initial}"), r#"{"display_name": "mine"}"#),
+            (edit.clone(), r#"{"role": "admin"}"#),
+            (edit.clone(), r#"{"scopes": ["operator.write"]}"#),
+        ] {
+            let (status, refused) = http_send("PATCH", &url, Some(&token_admin), body);
+            assert_eq!((status, &refused["error"]), (403, &json!("forbidden")), "{body}");
+        }
+        http_post(&format!("{base}/auth/tokens/revoke"), Some(&admin), &json!({"token_id": token_id}).to_string());
+        let (status, conflict) = http_send("PATCH", &edit, Some(&admin), r#"{"display_name": "late"}"#);
+        assert_eq!((status, conflict), (409, json!({"error": "conflict", "message": "revoked tokens cannot be edited"})));
         host.stop().await;
     }
 }

@@ -24,6 +24,8 @@ pub const MESSAGE_TOO_BIG: Close = close(1009, "");
 pub const INVALID_PAYLOAD: Close = close(1007, "");
 pub const UNAUTHORIZED: Close = close(4001, "unauthorized");
 pub const TOKEN_REVOKED: Close = close(4001, "token revoked");
+/// A token edited while connected: the connection's claims are stale.
+pub const TOKEN_UPDATED: Close = close(4001, "token updated");
 /// Part B's fallback reason for a token that stopped being valid while
 /// connected; muster's tokens do when they expire.
 pub const TOKEN_INVALIDATED: Close = close(4001, "token invalidated");

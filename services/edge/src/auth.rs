@@ -20,9 +20,57 @@ pub struct Claims {
     pub device_id: Option<String>,
     /// When the token stops being accepted (ms since the epoch).
     pub expires_at_ms: Option<i64>,
+    /// When the token was last changed, as identity orders its changes
+    /// (0: never).
+    pub updated_at_ms: i64,
+}
+
+/// What a token lets a connection do, as `token.updated` states it, and
+/// when it changed: claims from before the change that grant otherwise
+/// are stale.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub role: String,
+    pub scopes: Vec<String>,
+    pub device_id: Option<String>,
+    pub expires_at_ms: Option<i64>,
+    pub updated_at_ms: i64,
+}
+
+impl Grant {
+    /// The grant a `token.updated` payload states; `None` when it is not one.
+    pub fn from_payload(payload: &serde_json::Value) -> Option<Grant> {
+        Some(Grant {
+            role: payload.get("role")?.as_str()?.to_owned(),
+            scopes: payload
+                .get("scopes")?
+                .as_array()?
+                .iter()
+                .map(|s| s.as_str().map(str::to_owned))
+                .collect::<Option<_>>()?,
+            device_id: payload
+                .get("device_id")
+                .and_then(|d| d.as_str())
+                .map(str::to_owned),
+            expires_at_ms: payload.get("expires_at_ms").and_then(|at| at.as_i64()),
+            updated_at_ms: payload.get("updated_at_ms")?.as_i64()?,
+        })
+    }
 }
 
 impl Claims {
+    /// Whether these claims were given before the change `grant` states
+    /// and grant otherwise. A new label changes no claims; claims given
+    /// after the change (identity answered with it before the edge heard
+    /// of it) are not stale.
+    pub fn stale_after(&self, grant: &Grant) -> bool {
+        self.updated_at_ms < grant.updated_at_ms
+            && (self.role != grant.role
+                || self.scopes != grant.scopes
+                || self.device_id != grant.device_id
+                || self.expires_at_ms != grant.expires_at_ms)
+    }
+
     /// Whether the token has expired by `now_ms`.
     pub fn expired(&self, now_ms: i64) -> bool {
         self.expires_at_ms.is_some_and(|at| now_ms >= at)
@@ -164,6 +212,7 @@ mod tests {
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             device_id: None,
             expires_at_ms: None,
+            updated_at_ms: 0,
         }
     }
 

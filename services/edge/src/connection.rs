@@ -419,12 +419,15 @@ async fn connected(
         edge: edge.clone(),
         peer: peer.clone(),
     };
-    // `token.revoked` closes the registered peers of the token; one that
-    // was still in its handshake then is closed here. Its revocation is
+    // `token.revoked` (`token.updated`) closes the registered peers of the
+    // token; one that was still in its handshake then is closed here. Its revocation is
     // noted before the registry is walked, and this peer is in the
     // registry before the note is read, so one of the two sees the other.
     if edge.is_revoked(&peer.claims.token_id) {
         return Err(close::TOKEN_REVOKED);
+    }
+    if edge.is_stale(&peer.claims) {
+        return Err(close::TOKEN_UPDATED);
     }
     if peer.claims.expired(now_ms()) {
         return Err(close::TOKEN_INVALIDATED);

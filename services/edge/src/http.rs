@@ -10,7 +10,7 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use hyper::body::Incoming;
 use muster_protocol::{MISSING_SUBPROTOCOL_BODY, SUBPROTOCOL};
 use rustls::pki_types::CertificateDer;
@@ -29,6 +29,7 @@ pub(crate) fn router(edge: Arc<Edge>) -> Router {
         .route("/auth/tokens", get(crate::tokens::list))
         .route("/auth/tokens/issue", post(crate::tokens::issue))
         .route("/auth/tokens/revoke", post(crate::tokens::revoke))
+        .route("/auth/tokens/{token_id}", patch(crate::tokens::edit))
         .with_state(edge)
 }
 

@@ -125,6 +125,10 @@ pub struct Edge {
     /// verification or a handshake already under way when `token.revoked`
     /// arrived must not outlive it. Taken after `verified` when both are.
     revoked: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Tokens changed lately (`token.updated`), by id: what each grants
+    /// now, and when the edge heard of it. Claims that grant otherwise are
+    /// stale.
+    updated: std::sync::Mutex<std::collections::HashMap<String, (auth::Grant, std::time::Instant)>>,
     /// Presence changes (upserts, removals), batched into `UpdateInstances`.
     instance_changes: Batcher<pb::InstanceChange, pb::InstanceOutcome>,
     /// Directory changes (registrations, unregistrations), batched into
@@ -205,6 +209,7 @@ impl Edge {
             peers,
             registry: Registry::default(),
             verified: Default::default(),
+            updated: Default::default(),
             revoked: Default::default(),
             instance_changes,
             connection_changes,
@@ -290,6 +295,12 @@ impl Edge {
         if self.is_revoked(&claims.token_id) {
             return Err(Unverified::Refused);
         }
+        // Changed while identity was answering: not kept; a connection
+        // made with it is closed with `token updated` once its handshake is
+        // done.
+        if self.is_stale(&claims) {
+            return Ok(claims);
+        }
         // Bounded: expired entries go whenever the cache grows large.
         if cache.len() > 10_000 {
             cache.retain(|_, (_, at)| at.elapsed() < VERIFIED_TTL);
@@ -307,6 +318,26 @@ impl Edge {
         revoked.retain(|_, at| at.elapsed() < REVOKED_MEMORY);
         revoked.insert(token_id.to_owned(), std::time::Instant::now());
         cache.retain(|_, (claims, _)| claims.token_id != token_id);
+    }
+
+    /// Notes what `token_id` grants since its latest change and forgets
+    /// every cached verification of it that this makes stale.
+    fn token_changed(&self, token_id: &str, grant: auth::Grant) {
+        let mut cache = self.verified.lock().expect("cache lock");
+        let mut updated = self.updated.lock().expect("updated lock");
+        updated.retain(|_, (_, at)| at.elapsed() < REVOKED_MEMORY);
+        cache.retain(|_, (claims, _)| claims.token_id != token_id || !claims.stale_after(&grant));
+        updated.insert(token_id.to_owned(), (grant, std::time::Instant::now()));
+    }
+
+    /// Whether the token changed lately, after these claims were given, to
+    /// grant otherwise.
+    fn is_stale(&self, claims: &Claims) -> bool {
+        self.updated
+            .lock()
+            .expect("updated lock")
+            .get(&claims.token_id)
+            .is_some_and(|(grant, _)| claims.stale_after(grant))
     }
 
     /// Whether `token.revoked` named `token_id` lately.
@@ -332,6 +363,7 @@ impl Edge {
                     scopes: c.scopes,
                     device_id: Some(c.device_id).filter(|d| !d.is_empty()),
                     expires_at_ms: Some(c.expires_at_ms).filter(|at| *at != 0),
+                    updated_at_ms: c.updated_at_ms,
                 })
             }
             Err(status)

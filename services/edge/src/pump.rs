@@ -66,9 +66,9 @@ fn dispatch(edge: &Edge, items: &[pb::OutboxItem]) {
     for item in items {
         let payload: serde_json::Value =
             serde_json::from_str(&item.payload_json).unwrap_or_default();
-        if item.r#type == "token.revoked" {
+        if item.r#type == "token.revoked" || item.r#type == "token.updated" {
             deliver(edge, &mut pending);
-            revoke(edge, item, &payload);
+            invalidate(edge, item, &payload);
         }
         // Items from before this edge started cannot be for its peers
         // (they connected later); a peer that wants them asks to resume.
@@ -85,19 +85,33 @@ fn dispatch(edge: &Edge, items: &[pb::OutboxItem]) {
     deliver(edge, &mut pending);
 }
 
-fn revoke(edge: &Edge, item: &pb::OutboxItem, payload: &serde_json::Value) {
+/// `token.revoked` and `token.updated`: the token's cached claims go, and
+/// its connections close.
+fn invalidate(edge: &Edge, item: &pb::OutboxItem, payload: &serde_json::Value) {
     let Some(token_id) = payload.get("token_id").and_then(|v| v.as_str()) else {
         return;
     };
-    edge.revoke_token(token_id);
-    let closed = edge
-        .registry
-        .close_token(&item.tenant_id, token_id, close::TOKEN_REVOKED);
+    let closed = if item.r#type == "token.updated" {
+        let Some(grant) = crate::auth::Grant::from_payload(payload) else {
+            return;
+        };
+        // Only connections whose claims changed: a new label, or a
+        // connection made after the change, keeps its connection.
+        let stale = |claims: &crate::Claims| claims.stale_after(&grant);
+        edge.token_changed(token_id, grant.clone());
+        edge.registry
+            .close_token(&item.tenant_id, token_id, stale, close::TOKEN_UPDATED)
+    } else {
+        edge.revoke_token(token_id);
+        edge.registry
+            .close_token(&item.tenant_id, token_id, |_| true, close::TOKEN_REVOKED)
+    };
     if closed > 0 {
         tracing::info!(
             token_id,
             closed,
-            "closed the connections of a revoked token"
+            kind = %item.r#type,
+            "closed the connections of a changed token"
         );
     }
 }

@@ -233,14 +233,20 @@ impl Registry {
     }
 
     /// Closes every connection made with `token_id`; returns how many.
-    pub(crate) fn close_token(&self, tenant_id: &str, token_id: &str, close: Close) -> usize {
+    pub(crate) fn close_token(
+        &self,
+        tenant_id: &str,
+        token_id: &str,
+        which: impl Fn(&crate::Claims) -> bool,
+        close: Close,
+    ) -> usize {
         let tenants = self.peers.read().expect("registry lock");
         let mut closed = 0;
         for peer in tenants
             .get(tenant_id)
             .into_iter()
             .flat_map(|peers| peers.values())
-            .filter(|p| p.claims.token_id == token_id)
+            .filter(|p| p.claims.token_id == token_id && which(&p.claims))
         {
             peer.outbound.close(close);
             closed += 1;

@@ -1,12 +1,12 @@
 //! Operator tokens over HTTP, in the shapes of Tyrum's `/auth/tokens`
 //! routes (PROTOCOL.md Part B §9: "an equivalent (CLI and HTTP)"): list,
-//! issue and revoke the tokens of the caller's tenant. Admin tokens and
-//! tokens with `operator.admin` only.
+//! issue, edit and revoke the tokens of the caller's tenant. Admin tokens
+//! and tokens with `operator.admin` only.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use muster_proto::v1 as pb;
@@ -103,7 +103,10 @@ fn datetime_or_null(ms: i64) -> Value {
 }
 
 fn list_item(info: &pb::TokenInfo) -> Value {
-    let updated = info.revoked_at_ms.max(info.created_at_ms);
+    let updated = info
+        .revoked_at_ms
+        .max(info.updated_at_ms)
+        .max(info.created_at_ms);
     json!({
         "token_id": info.token_id,
         "tenant_id": info.tenant_id,
@@ -190,15 +193,14 @@ impl Issue {
 
 /// An `operator.admin` token that is not an admin token issues no more
 /// than it holds: no admin tokens, no scopes it lacks.
-fn within_reach(claims: &Claims, request: &Issue) -> Result<(), String> {
+fn within_reach(claims: &Claims, role: &str, scopes: &[String]) -> Result<(), String> {
     if claims.is_admin() {
         return Ok(());
     }
-    if request.role == "admin" {
-        return Err("only an admin token may issue admin tokens".into());
+    if role == "admin" {
+        return Err("only an admin token may make admin tokens".into());
     }
-    match request
-        .scopes
+    match scopes
         .iter()
         .find(|scope| !claims.has_any_scope([scope.as_str()]))
     {
@@ -221,7 +223,7 @@ pub(crate) async fn issue(
         },
         Err(refused) => return refused,
     };
-    if let Err(message) = within_reach(&claims, &request) {
+    if let Err(message) = within_reach(&claims, &request.role, &request.scopes) {
         return refusal(StatusCode::FORBIDDEN, "forbidden", &message);
     }
     let label = request
@@ -321,6 +323,147 @@ pub(crate) async fn revoke(
         Err(status) if status.code() == tonic::Code::NotFound => {
             axum::Json(json!({"revoked": false})).into_response()
         }
+        Err(status) => failed(&status),
+    }
+}
+
+/// Tyrum's `AuthTokenUpdateRequest`: a field that is absent stays as it
+/// is; `device_id` and `expires_at` may be null (none, never).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Edit {
+    display_name: Option<String>,
+    role: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    device_id: Option<Option<String>>,
+    scopes: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "present")]
+    expires_at: Option<Option<String>>,
+}
+
+/// Tells a field given as null (`Some(None)`) from one left out (`None`).
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+impl Edit {
+    /// The change for identity, or why the request is bad.
+    fn change(self, token_id: String) -> Result<pb::UpdateTokenRequest, String> {
+        let trimmed = |value: String, name: &str| {
+            let value = value.trim().to_owned();
+            if value.is_empty() {
+                Err(format!("{name} must be a non-empty string"))
+            } else {
+                Ok(value)
+            }
+        };
+        if self.display_name.is_none()
+            && self.role.is_none()
+            && self.device_id.is_none()
+            && self.scopes.is_none()
+            && self.expires_at.is_none()
+        {
+            return Err("at least one field must be updated".into());
+        }
+        let label = self
+            .display_name
+            .map(|name| trimmed(name, "display_name"))
+            .transpose()?;
+        if label.as_ref().is_some_and(|name| name.len() > 120) {
+            return Err("display_name must be 1 to 120 characters".into());
+        }
+        let scopes = match self.scopes {
+            Some(scopes) => Some(pb::Scopes {
+                scopes: scopes
+                    .into_iter()
+                    .map(|scope| trimmed(scope, "scopes"))
+                    .collect::<Result<_, _>>()?,
+            }),
+            None => None,
+        };
+        let device_id = match self.device_id {
+            Some(Some(device_id)) => Some(trimmed(device_id, "device_id")?),
+            Some(None) => Some(String::new()),
+            None => None,
+        };
+        let expires_at_ms = match self.expires_at {
+            Some(Some(at)) => Some(
+                muster_protocol::parse_datetime(&at)
+                    .ok_or("expires_at must be a date-time (RFC 3339)")?,
+            ),
+            Some(None) => Some(0),
+            None => None,
+        };
+        Ok(pb::UpdateTokenRequest {
+            token_id,
+            label,
+            role: self.role,
+            device_id,
+            scopes,
+            expires_at_ms,
+        })
+    }
+}
+
+/// `PATCH /auth/tokens/{token_id}`: edits a live token of the caller's
+/// tenant; its connections on every edge close with 4001 `token updated`,
+/// so that they come back with the new claims.
+pub(crate) async fn edit(
+    State(edge): State<Arc<Edge>>,
+    Path(token_id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let (claims, change) = match admin_request::<Edit>(&edge, &headers, &body).await {
+        Ok((claims, edit)) => match edit.change(token_id.trim().to_owned()) {
+            Ok(change) => (claims, change),
+            Err(message) => return bad_request(&message),
+        },
+        Err(refused) => return refused,
+    };
+    let tokens = match tenant_tokens(&edge, &claims).await {
+        Ok(tokens) => tokens,
+        Err(failed) => return failed,
+    };
+    let Some(target) = tokens.iter().find(|t| t.token_id == change.token_id) else {
+        return refusal(StatusCode::NOT_FOUND, "not_found", "token not found");
+    };
+    if target.revoked_at_ms != 0 {
+        return refusal(
+            StatusCode::CONFLICT,
+            "conflict",
+            "revoked tokens cannot be edited",
+        );
+    }
+    if !claims.is_admin() {
+        let scopes = change.scopes.as_ref().map_or(&[][..], |s| &s.scopes[..]);
+        let reach = within_reach(
+            &claims,
+            change.role.as_deref().unwrap_or(&target.role),
+            scopes,
+        )
+        .and_then(|()| {
+            if target.role == "admin" {
+                Err("only an admin token may edit admin tokens".to_owned())
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(message) = reach {
+            return refusal(StatusCode::FORBIDDEN, "forbidden", &message);
+        }
+    }
+    match edge.identity().update_token(change).await {
+        Ok(reply) => axum::Json(json!({ "token": list_item(&reply.into_inner()) })).into_response(),
+        Err(status) if status.code() == tonic::Code::NotFound => refusal(
+            StatusCode::CONFLICT,
+            "conflict",
+            "revoked tokens cannot be edited",
+        ),
         Err(status) => failed(&status),
     }
 }

@@ -2,18 +2,19 @@ use muster_mesh::{Rule, ServiceSpec, to_status};
 use muster_proto::v1::identity_server::{Identity, IdentityServer};
 use muster_proto::v1::{
     CreateTokenRequest, CreateTokenResponse, ListTokensRequest, ListTokensResponse,
-    RevokeTokenRequest, TokenClaims, TokenInfo, VerifyTokenRequest,
+    RevokeTokenRequest, TokenClaims, TokenInfo, UpdateTokenRequest, VerifyTokenRequest,
 };
 use muster_tls::ServiceName::{Ctl, Edge};
 use tonic::{Request, Response, Status};
 
-use crate::{TokenRecord, Tokens};
+use crate::{TokenChange, TokenRecord, Tokens};
 
 /// Who may call what on identity; everything else is denied.
 pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Identity/VerifyToken", &[Edge]),
     Rule::new("/muster.v1.Identity/CreateToken", &[Edge, Ctl]),
     Rule::new("/muster.v1.Identity/RevokeToken", &[Edge, Ctl]),
+    Rule::new("/muster.v1.Identity/UpdateToken", &[Edge, Ctl]),
     Rule::new("/muster.v1.Identity/ListTokens", &[Edge, Ctl]),
 ];
 
@@ -43,6 +44,7 @@ fn info(record: TokenRecord) -> TokenInfo {
         revoked_at_ms: record.revoked_at_ms.unwrap_or(0),
         device_id: record.device_id.unwrap_or_default(),
         expires_at_ms: record.expires_at_ms.unwrap_or(0),
+        updated_at_ms: record.updated_at_ms,
     }
 }
 
@@ -88,6 +90,7 @@ impl Identity for IdentityService {
             scopes: record.scopes,
             device_id: record.device_id.unwrap_or_default(),
             expires_at_ms: record.expires_at_ms.unwrap_or(0),
+            updated_at_ms: record.updated_at_ms,
         }))
     }
 
@@ -98,6 +101,30 @@ impl Identity for IdentityService {
         let record = self
             .tokens
             .revoke(&request.into_inner().token_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(info(record)))
+    }
+
+    async fn update_token(
+        &self,
+        request: Request<UpdateTokenRequest>,
+    ) -> Result<Response<TokenInfo>, Status> {
+        let r = request.into_inner();
+        let role = match r.role {
+            Some(role) => Some(role.parse().map_err(|e| to_status(&e))?),
+            None => None,
+        };
+        let change = TokenChange {
+            label: r.label,
+            role,
+            device_id: r.device_id.map(|d| Some(d).filter(|d| !d.is_empty())),
+            scopes: r.scopes.map(|s| s.scopes),
+            expires_at_ms: r.expires_at_ms.map(|at| Some(at).filter(|at| *at != 0)),
+        };
+        let record = self
+            .tokens
+            .update(&r.token_id, change)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(info(record)))

@@ -9,4 +9,4 @@ mod tokens;
 
 pub use grpc::{IdentityService, RULES, spec};
 pub use store::{TokenRecord, TokenStore};
-pub use tokens::{MAX_TTL_SECONDS, Role, SCOPES, Secret, TokenError, Tokens};
+pub use tokens::{MAX_TTL_SECONDS, Role, SCOPES, Secret, TokenChange, TokenError, Tokens};

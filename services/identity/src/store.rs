@@ -21,6 +21,9 @@ pub struct TokenRecord {
     pub device_id: Option<String>,
     /// From this moment on the token is refused; `None`: never.
     pub expires_at_ms: Option<i64>,
+    /// When the token was last changed (0: never); strictly increasing per
+    /// token, so that edges can order what they hear.
+    pub updated_at_ms: i64,
 }
 
 impl TokenRecord {
@@ -49,13 +52,17 @@ pub trait TokenStore: Send + Sync + 'static {
         at_ms: i64,
         event: &NewItem,
     ) -> Result<bool, StoreError>;
+    /// Replaces a live token's label, role, scopes, device and expiry with
+    /// `record`'s; false when there was no live token.
+    async fn update_token(&self, record: &TokenRecord, event: &NewItem)
+    -> Result<bool, StoreError>;
     async fn list_tokens(&self, tenant_id: &str) -> Result<Vec<TokenRecord>, StoreError>;
     /// Whether any admin token, live or revoked, was ever minted.
     async fn admin_token_minted(&self) -> Result<bool, StoreError>;
 }
 
 const COLUMNS: &str = "token_id, tenant_id, role, scopes, label, created_at_ms, revoked_at_ms, \
-                       device_id, expires_at_ms";
+                       device_id, expires_at_ms, updated_at_ms";
 
 fn record(row: &AnyRow) -> Result<TokenRecord, StoreError> {
     let role: String = row.try_get("role")?;
@@ -72,6 +79,7 @@ fn record(row: &AnyRow) -> Result<TokenRecord, StoreError> {
         revoked_at_ms: row.try_get("revoked_at_ms")?,
         device_id: row.try_get("device_id")?,
         expires_at_ms: row.try_get("expires_at_ms")?,
+        updated_at_ms: row.try_get("updated_at_ms")?,
     })
 }
 
@@ -132,21 +140,31 @@ impl TokenStore for Store {
         at_ms: i64,
         event: &NewItem,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.begin().await?;
-        let updated = sqlx::query(
+        let revoke = sqlx::query(
             "UPDATE operator_tokens SET revoked_at_ms = $1 WHERE token_id = $2 AND revoked_at_ms IS NULL",
         )
         .bind(at_ms)
-        .bind(token_id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            return Ok(false);
-        }
-        outbox::append(&mut tx, event).await?;
-        self.commit(tx).await?;
-        Ok(true)
+        .bind(token_id);
+        outbox::change_with_event(self, revoke, event).await
+    }
+
+    async fn update_token(
+        &self,
+        record: &TokenRecord,
+        event: &NewItem,
+    ) -> Result<bool, StoreError> {
+        let update = sqlx::query(
+            "UPDATE operator_tokens SET label = $1, role = $2, scopes = $3, device_id = $4, \
+             expires_at_ms = $5, updated_at_ms = $6 WHERE token_id = $7 AND revoked_at_ms IS NULL",
+        )
+        .bind(&record.label)
+        .bind(record.role.as_str())
+        .bind(serde_json::to_string(&record.scopes).unwrap_or_default())
+        .bind(record.device_id.as_deref())
+        .bind(record.expires_at_ms)
+        .bind(record.updated_at_ms)
+        .bind(&record.token_id);
+        outbox::change_with_event(self, update, event).await
     }
 
     async fn list_tokens(&self, tenant_id: &str) -> Result<Vec<TokenRecord>, StoreError> {

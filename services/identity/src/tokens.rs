@@ -135,6 +135,62 @@ fn is_device_id(value: &str) -> bool {
     })
 }
 
+/// What a token may be: a node token names its device and holds no
+/// scopes, other tokens name no device, scopes are Part B's, labels are
+/// short. Returns the scopes sorted and deduplicated.
+fn checked(
+    role: Role,
+    scopes: Vec<String>,
+    label: &str,
+    device_id: Option<&str>,
+) -> Result<Vec<String>, TokenError> {
+    match (role, device_id) {
+        (Role::Node, None) => {
+            return Err(TokenError::Invalid(
+                "a node token needs the device_id it admits".into(),
+            ));
+        }
+        (Role::Node, Some(id)) if !is_device_id(id) => {
+            return Err(TokenError::Invalid(format!(
+                "device_id must be dev_ and 52 base32 characters, not {id:?}"
+            )));
+        }
+        (Role::Node, Some(_)) if !scopes.is_empty() => {
+            return Err(TokenError::Invalid(
+                "a node token carries no operator scopes".into(),
+            ));
+        }
+        (Role::Admin | Role::Client, Some(_)) => {
+            return Err(TokenError::Invalid(
+                "only node tokens are bound to a device".into(),
+            ));
+        }
+        _ => {}
+    }
+    if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
+        return Err(TokenError::Invalid(format!("unknown scope {bad:?}")));
+    }
+    if label.len() > 200 {
+        return Err(TokenError::Invalid("label longer than 200 bytes".into()));
+    }
+    let mut scopes = scopes;
+    scopes.sort();
+    scopes.dedup();
+    Ok(scopes)
+}
+
+/// Changes to a live token: each field that is `Some` replaces the
+/// token's (`device_id: Some(None)` unbinds it, `expires_at_ms: Some(None)`
+/// makes it never expire).
+#[derive(Debug, Clone, Default)]
+pub struct TokenChange {
+    pub label: Option<String>,
+    pub role: Option<Role>,
+    pub device_id: Option<Option<String>>,
+    pub scopes: Option<Vec<String>>,
+    pub expires_at_ms: Option<Option<i64>>,
+}
+
 /// The operator tokens: mint, verify, revoke, list.
 #[derive(Clone)]
 pub struct Tokens {
@@ -195,38 +251,7 @@ impl Tokens {
         if tenant_id.trim().is_empty() {
             return Err(TokenError::Invalid("tenant_id is required".into()));
         }
-        match (role, device_id) {
-            (Role::Node, None) => {
-                return Err(TokenError::Invalid(
-                    "a node token needs the device_id it admits".into(),
-                ));
-            }
-            (Role::Node, Some(id)) if !is_device_id(id) => {
-                return Err(TokenError::Invalid(format!(
-                    "device_id must be dev_ and 52 base32 characters, not {id:?}"
-                )));
-            }
-            (Role::Node, Some(_)) if !scopes.is_empty() => {
-                return Err(TokenError::Invalid(
-                    "a node token carries no operator scopes".into(),
-                ));
-            }
-            (Role::Admin | Role::Client, Some(_)) => {
-                return Err(TokenError::Invalid(
-                    "only node tokens are bound to a device".into(),
-                ));
-            }
-            _ => {}
-        }
-        if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
-            return Err(TokenError::Invalid(format!("unknown scope {bad:?}")));
-        }
-        if label.len() > 200 {
-            return Err(TokenError::Invalid("label longer than 200 bytes".into()));
-        }
-        let mut scopes = scopes;
-        scopes.sort();
-        scopes.dedup();
+        let scopes = checked(role, scopes, label, device_id)?;
         let created_at_ms = now_ms();
         let record = TokenRecord {
             token_id: uuid::Uuid::new_v4().to_string(),
@@ -238,12 +263,9 @@ impl Tokens {
             revoked_at_ms: None,
             device_id: device_id.map(str::to_owned),
             expires_at_ms: ttl_seconds.map(|ttl| created_at_ms + ttl as i64 * 1000),
+            updated_at_ms: 0,
         };
-        let event = NewItem {
-            audience_roles: vec!["client".into()],
-            audience_scopes: vec!["operator.admin".into()],
-            ..NewItem::event(&record.tenant_id, "token.created", token_payload(&record))
-        };
+        let event = token_event("token.created", &record);
         self.store
             .insert_token(&record, &digest(secret.expose()), &event)
             .await?;
@@ -263,30 +285,81 @@ impl Tokens {
         }
     }
 
-    /// Revokes a live token and emits `token.revoked`, which edges act on
-    /// by closing that token's connections.
-    pub async fn revoke(&self, token_id: &str) -> Result<TokenRecord, TokenError> {
-        let record = self
-            .store
+    /// The token `token_id` while it is not revoked.
+    async fn live(&self, token_id: &str) -> Result<TokenRecord, TokenError> {
+        self.store
             .token_by_id(token_id)
             .await?
             .filter(|r| r.revoked_at_ms.is_none())
-            .ok_or_else(|| TokenError::NotFound(token_id.to_owned()))?;
+            .ok_or_else(|| TokenError::NotFound(token_id.to_owned()))
+    }
+
+    /// Revokes a live token and emits `token.revoked`, which edges act on
+    /// by closing that token's connections.
+    pub async fn revoke(&self, token_id: &str) -> Result<TokenRecord, TokenError> {
+        let record = self.live(token_id).await?;
         let at = now_ms();
         let revoked = TokenRecord {
             revoked_at_ms: Some(at),
             ..record
         };
-        let event = NewItem {
-            audience_roles: vec!["client".into()],
-            audience_scopes: vec!["operator.admin".into()],
-            ..NewItem::event(&revoked.tenant_id, "token.revoked", token_payload(&revoked))
-        };
+        let event = token_event("token.revoked", &revoked);
         if !self.store.revoke_token(token_id, at, &event).await? {
             return Err(TokenError::NotFound(token_id.to_owned()));
         }
         tracing::info!(token_id, "operator token revoked");
         Ok(revoked)
+    }
+
+    /// Changes a live token and emits `token.updated`, which edges act on
+    /// by closing that token's connections (their claims are stale).
+    pub async fn update(
+        &self,
+        token_id: &str,
+        change: TokenChange,
+    ) -> Result<TokenRecord, TokenError> {
+        let TokenChange {
+            label,
+            role,
+            device_id,
+            scopes,
+            expires_at_ms,
+        } = change;
+        if label.is_none()
+            && role.is_none()
+            && device_id.is_none()
+            && scopes.is_none()
+            && expires_at_ms.is_none()
+        {
+            return Err(TokenError::Invalid(
+                "at least one field must be updated".into(),
+            ));
+        }
+        let record = self.live(token_id).await?;
+        let role = role.unwrap_or(record.role);
+        let device_id = device_id.unwrap_or(record.device_id.clone());
+        let label = label.unwrap_or(record.label.clone());
+        let scopes = checked(
+            role,
+            scopes.unwrap_or(record.scopes.clone()),
+            &label,
+            device_id.as_deref(),
+        )?;
+        let updated = TokenRecord {
+            role,
+            scopes,
+            label,
+            device_id,
+            expires_at_ms: expires_at_ms.unwrap_or(record.expires_at_ms),
+            updated_at_ms: now_ms().max(record.updated_at_ms + 1),
+            ..record
+        };
+        let event = token_event("token.updated", &updated);
+        if !self.store.update_token(&updated, &event).await? {
+            return Err(TokenError::NotFound(token_id.to_owned()));
+        }
+        tracing::info!(token_id, "operator token updated");
+        Ok(updated)
     }
 
     pub async fn list(&self, tenant_id: &str) -> Result<Vec<TokenRecord>, TokenError> {
@@ -328,6 +401,16 @@ impl Tokens {
     }
 }
 
+/// A token's change, for operators with `operator.admin` (and the edges,
+/// which act on `token.revoked` and `token.updated`).
+fn token_event(kind: &str, record: &TokenRecord) -> NewItem {
+    NewItem {
+        audience_roles: vec!["client".into()],
+        audience_scopes: vec!["operator.admin".into()],
+        ..NewItem::event(&record.tenant_id, kind, token_payload(record))
+    }
+}
+
 fn token_payload(record: &TokenRecord) -> serde_json::Value {
     json!({
         "token_id": record.token_id,
@@ -338,5 +421,6 @@ fn token_payload(record: &TokenRecord) -> serde_json::Value {
         "revoked_at_ms": record.revoked_at_ms,
         "device_id": record.device_id,
         "expires_at_ms": record.expires_at_ms,
+        "updated_at_ms": record.updated_at_ms,
     })
 }

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use muster_identity::{Role, TokenError, Tokens};
+use muster_identity::{Role, TokenChange, TokenError, Tokens};
 use muster_store::Store;
 
 async fn outbox_text(store: &Store) -> String {
@@ -87,6 +87,53 @@ muster_store::backend_suite! {
         assert!(matches!(tokens.verify(secret.expose()).await, Err(TokenError::Unrecognized)));
         // Listed, with its expiry, until an operator revokes it.
         assert_eq!(tokens.list("t1").await.unwrap(), [record]);
+    }
+
+    async fn live_tokens_can_be_changed(store: Store) {
+        let tokens = Tokens::new(Arc::new(store.clone()));
+        let (record, secret) =
+            tokens.create("t1", Role::Client, vec!["operator.read".into()], "ci", None, None).await.unwrap();
+        let none = tokens.update(&record.token_id, TokenChange::default()).await;
+        assert!(matches!(none, Err(TokenError::Invalid(_))), "{none:?}");
+        let changed = tokens
+            .update(&record.token_id, TokenChange {
+                label: Some("ci-2".into()),
+                scopes: Some(vec!["operator.write".into(), "operator.read".into()]),
+                expires_at_ms: Some(Some(record.created_at_ms + 3_600_000)),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(changed.scopes, ["operator.read", "operator.write"]);
+        assert_eq!((changed.label.as_str(), changed.expires_at_ms), ("ci-2", Some(record.created_at_ms + 3_600_000)));
+        assert_eq!(tokens.verify(secret.expose()).await.unwrap(), changed);
+        // A change that would make an impossible token changes nothing.
+        let device = format!("dev_{}", "c".repeat(52));
+        for bad in [
+            TokenChange { role: Some(Role::Node), ..Default::default() },
+            TokenChange { device_id: Some(Some(device.clone())), ..Default::default() },
+            TokenChange { scopes: Some(vec!["root".into()]), ..Default::default() },
+        ] {
+            let refused = tokens.update(&record.token_id, bad.clone()).await;
+            assert!(matches!(refused, Err(TokenError::Invalid(_))), "{bad:?}: {refused:?}");
+        }
+        let node = tokens
+            .update(&record.token_id, TokenChange {
+                role: Some(Role::Node),
+                device_id: Some(Some(device.clone())),
+                scopes: Some(vec![]),
+                expires_at_ms: Some(None),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!((node.role, node.device_id.as_deref(), node.expires_at_ms), (Role::Node, Some(device.as_str()), None));
+        let events = outbox_text(&store).await;
+        assert_eq!(events.matches("token.updated").count(), 2, "{events}");
+        tokens.revoke(&record.token_id).await.unwrap();
+        let revoked = tokens.update(&record.token_id, TokenChange { label: Some("x".into()), ..Default::default() }).await;
+        assert!(matches!(revoked, Err(TokenError::NotFound(_))), "{revoked:?}");
+        assert!(matches!(tokens.update("no-such", TokenChange { label: Some("x".into()), ..Default::default() }).await, Err(TokenError::NotFound(_))));
     }
 
     async fn node_tokens_name_their_device(store: Store) {
