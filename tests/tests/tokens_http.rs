@@ -221,6 +221,8 @@ muster_e2e::on_both_stores! {
         for (body, status, error) in [
             ("{}", 400, "invalid_request"),
             (r#"{"expires_at": "soon"}"#, 400, "invalid_request"),
+            (r#"{"expires_at": "1970-01-01T00:00:00.000Z"}"#, 400, "invalid_request"),
+            (r#"{"expires_at": "2999-01-01T00:00:00.000Z"}"#, 400, "invalid_request"),
             (r#"{"device_id": "dev_x"}"#, 400, "invalid_request"),
             (r#"{"role": "node"}"#, 400, "invalid_request"),
             (r#"{"scopes": ["root"]}"#, 400, "invalid_request"),
@@ -252,6 +254,8 @@ muster_e2e::on_both_stores! {
             (format!("{base}/auth/tokens/{initial}"), r#"{"display_name": "mine"}"#),
             (edit.clone(), r#"{"role": "admin"}"#),
             (edit.clone(), r#"{"scopes": ["operator.write"]}"#),
+            // The token holds operator.write: no edit of it is within reach.
+            (edit.clone(), r#"{"expires_at": null}"#),
         ] {
             let (status, refused) = http_send("PATCH", &url, Some(&token_admin), body);
             assert_eq!((status, &refused["error"]), (403, &json!("forbidden")), "{body}");

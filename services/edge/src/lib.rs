@@ -289,17 +289,20 @@ impl Edge {
         {
             return Ok(claims.clone());
         }
-        let claims = Arc::new(self.verify_remote(token).await?);
+        let mut claims = Arc::new(self.verify_remote(token.clone()).await?);
+        if self.is_stale(&claims) {
+            // Identity answered before a change this edge has heard of; it
+            // answers with the change now.
+            claims = Arc::new(self.verify_remote(token).await?);
+        }
         let mut cache = self.verified.lock().expect("cache lock");
         // Revoked while identity was answering: the answer is stale.
         if self.is_revoked(&claims.token_id) {
             return Err(Unverified::Refused);
         }
-        // Changed while identity was answering: not kept; a connection
-        // made with it is closed with `token updated` once its handshake is
-        // done.
+        // Changed again while identity was answering: the peer tries again.
         if self.is_stale(&claims) {
-            return Ok(claims);
+            return Err(Unverified::Unavailable);
         }
         // Bounded: expired entries go whenever the cache grows large.
         if cache.len() > 10_000 {
@@ -326,6 +329,14 @@ impl Edge {
         let mut cache = self.verified.lock().expect("cache lock");
         let mut updated = self.updated.lock().expect("updated lock");
         updated.retain(|_, (_, at)| at.elapsed() < REVOKED_MEMORY);
+        // Identity orders a token's changes; only a later one replaces
+        // what this edge knows.
+        if updated
+            .get(token_id)
+            .is_some_and(|(known, _)| known.updated_at_ms >= grant.updated_at_ms)
+        {
+            return;
+        }
         cache.retain(|_, (claims, _)| claims.token_id != token_id || !claims.stale_after(&grant));
         updated.insert(token_id.to_owned(), (grant, std::time::Instant::now()));
     }

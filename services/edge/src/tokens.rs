@@ -393,7 +393,8 @@ impl Edit {
         let expires_at_ms = match self.expires_at {
             Some(Some(at)) => Some(
                 muster_protocol::parse_datetime(&at)
-                    .ok_or("expires_at must be a date-time (RFC 3339)")?,
+                    .filter(|at| *at > 0)
+                    .ok_or("expires_at must be a date-time (RFC 3339) after 1970")?,
             ),
             Some(None) => Some(0),
             None => None,
@@ -405,6 +406,7 @@ impl Edit {
             device_id,
             scopes,
             expires_at_ms,
+            ..Default::default()
         })
     }
 }
@@ -418,7 +420,7 @@ pub(crate) async fn edit(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let (claims, change) = match admin_request::<Edit>(&edge, &headers, &body).await {
+    let (claims, mut change) = match admin_request::<Edit>(&edge, &headers, &body).await {
         Ok((claims, edit)) => match edit.change(token_id.trim().to_owned()) {
             Ok(change) => (claims, change),
             Err(message) => return bad_request(&message),
@@ -440,7 +442,10 @@ pub(crate) async fn edit(
         );
     }
     if !claims.is_admin() {
-        let scopes = change.scopes.as_ref().map_or(&[][..], |s| &s.scopes[..]);
+        // What the token grants after the edit, fields left out included:
+        // reviving an expired token with scopes the caller lacks gives
+        // them as much as minting it would.
+        let scopes = change.scopes.as_ref().map_or(&target.scopes, |s| &s.scopes);
         let reach = within_reach(
             &claims,
             change.role.as_deref().unwrap_or(&target.role),
@@ -457,12 +462,21 @@ pub(crate) async fn edit(
             return refusal(StatusCode::FORBIDDEN, "forbidden", &message);
         }
     }
+    // Identity applies the edit only to the token as checked here: this
+    // tenant's, unchanged since.
+    change.tenant_id = claims.tenant_id.clone();
+    change.if_updated_at_ms = Some(target.updated_at_ms);
     match edge.identity().update_token(change).await {
         Ok(reply) => axum::Json(json!({ "token": list_item(&reply.into_inner()) })).into_response(),
         Err(status) if status.code() == tonic::Code::NotFound => refusal(
             StatusCode::CONFLICT,
             "conflict",
             "revoked tokens cannot be edited",
+        ),
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => refusal(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the token changed meanwhile; try again",
         ),
         Err(status) => failed(&status),
     }

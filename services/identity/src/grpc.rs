@@ -121,6 +121,8 @@ impl Identity for IdentityService {
             device_id: r.device_id.map(|d| Some(d).filter(|d| !d.is_empty())),
             scopes: r.scopes.map(|s| s.scopes),
             expires_at_ms: r.expires_at_ms.map(|at| Some(at).filter(|at| *at != 0)),
+            only_in_tenant: Some(r.tenant_id).filter(|t| !t.is_empty()),
+            only_if_updated_at_ms: r.if_updated_at_ms,
         };
         let record = self
             .tokens

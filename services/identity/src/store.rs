@@ -52,10 +52,15 @@ pub trait TokenStore: Send + Sync + 'static {
         at_ms: i64,
         event: &NewItem,
     ) -> Result<bool, StoreError>;
-    /// Replaces a live token's label, role, scopes, device and expiry with
-    /// `record`'s; false when there was no live token.
-    async fn update_token(&self, record: &TokenRecord, event: &NewItem)
-    -> Result<bool, StoreError>;
+    /// Replaces a live token's label, role, scopes, device, expiry and
+    /// version with `record`'s if its version is still `previous`; false
+    /// when there was no such token.
+    async fn update_token(
+        &self,
+        record: &TokenRecord,
+        previous: i64,
+        event: &NewItem,
+    ) -> Result<bool, StoreError>;
     async fn list_tokens(&self, tenant_id: &str) -> Result<Vec<TokenRecord>, StoreError>;
     /// Whether any admin token, live or revoked, was ever minted.
     async fn admin_token_minted(&self) -> Result<bool, StoreError>;
@@ -151,11 +156,13 @@ impl TokenStore for Store {
     async fn update_token(
         &self,
         record: &TokenRecord,
+        previous: i64,
         event: &NewItem,
     ) -> Result<bool, StoreError> {
         let update = sqlx::query(
             "UPDATE operator_tokens SET label = $1, role = $2, scopes = $3, device_id = $4, \
-             expires_at_ms = $5, updated_at_ms = $6 WHERE token_id = $7 AND revoked_at_ms IS NULL",
+             expires_at_ms = $5, updated_at_ms = $6 \
+             WHERE token_id = $7 AND revoked_at_ms IS NULL AND updated_at_ms = $8",
         )
         .bind(&record.label)
         .bind(record.role.as_str())
@@ -163,7 +170,8 @@ impl TokenStore for Store {
         .bind(record.device_id.as_deref())
         .bind(record.expires_at_ms)
         .bind(record.updated_at_ms)
-        .bind(&record.token_id);
+        .bind(&record.token_id)
+        .bind(previous);
         outbox::change_with_event(self, update, event).await
     }
 

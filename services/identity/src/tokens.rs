@@ -91,6 +91,9 @@ pub enum TokenError {
     Unrecognized,
     #[error("no live token {0}")]
     NotFound(String),
+    /// The token changed since the caller looked at it.
+    #[error("token {0} changed meanwhile; look again")]
+    Changed(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -101,6 +104,7 @@ impl ServiceError for TokenError {
             TokenError::Invalid(_) => ErrorCode::InvalidArgument,
             TokenError::Unrecognized => ErrorCode::Unauthenticated,
             TokenError::NotFound(_) => ErrorCode::NotFound,
+            TokenError::Changed(_) => ErrorCode::InvalidState,
             TokenError::Store(e) => e.code(),
         }
     }
@@ -181,7 +185,8 @@ fn checked(
 
 /// Changes to a live token: each field that is `Some` replaces the
 /// token's (`device_id: Some(None)` unbinds it, `expires_at_ms: Some(None)`
-/// makes it never expire).
+/// makes it never expire). The `only_*` fields are conditions on the token
+/// as it is: its tenant, and when it was last changed.
 #[derive(Debug, Clone, Default)]
 pub struct TokenChange {
     pub label: Option<String>,
@@ -189,7 +194,22 @@ pub struct TokenChange {
     pub device_id: Option<Option<String>>,
     pub scopes: Option<Vec<String>>,
     pub expires_at_ms: Option<Option<i64>>,
+    pub only_in_tenant: Option<String>,
+    pub only_if_updated_at_ms: Option<i64>,
 }
+
+impl TokenChange {
+    fn is_empty(&self) -> bool {
+        self.label.is_none()
+            && self.role.is_none()
+            && self.device_id.is_none()
+            && self.scopes.is_none()
+            && self.expires_at_ms.is_none()
+    }
+}
+
+/// Edits that race are tried again this many times.
+const UPDATE_ATTEMPTS: usize = 3;
 
 /// The operator tokens: mint, verify, revoke, list.
 #[derive(Clone)]
@@ -318,48 +338,64 @@ impl Tokens {
         token_id: &str,
         change: TokenChange,
     ) -> Result<TokenRecord, TokenError> {
-        let TokenChange {
-            label,
-            role,
-            device_id,
-            scopes,
-            expires_at_ms,
-        } = change;
-        if label.is_none()
-            && role.is_none()
-            && device_id.is_none()
-            && scopes.is_none()
-            && expires_at_ms.is_none()
-        {
+        if change.is_empty() {
             return Err(TokenError::Invalid(
                 "at least one field must be updated".into(),
             ));
         }
-        let record = self.live(token_id).await?;
-        let role = role.unwrap_or(record.role);
-        let device_id = device_id.unwrap_or(record.device_id.clone());
-        let label = label.unwrap_or(record.label.clone());
-        let scopes = checked(
-            role,
-            scopes.unwrap_or(record.scopes.clone()),
-            &label,
-            device_id.as_deref(),
-        )?;
-        let updated = TokenRecord {
-            role,
-            scopes,
-            label,
-            device_id,
-            expires_at_ms: expires_at_ms.unwrap_or(record.expires_at_ms),
-            updated_at_ms: now_ms().max(record.updated_at_ms + 1),
-            ..record
-        };
-        let event = token_event("token.updated", &updated);
-        if !self.store.update_token(&updated, &event).await? {
-            return Err(TokenError::NotFound(token_id.to_owned()));
+        if let Some(Some(at)) = change.expires_at_ms
+            && !(1..=now_ms() + MAX_TTL_SECONDS as i64 * 1000).contains(&at)
+        {
+            return Err(TokenError::Invalid(
+                "expires_at must be after 1970 and at most a year from now".into(),
+            ));
         }
-        tracing::info!(token_id, "operator token updated");
-        Ok(updated)
+        for _ in 0..UPDATE_ATTEMPTS {
+            let record = self.live(token_id).await?;
+            if change
+                .only_in_tenant
+                .as_ref()
+                .is_some_and(|tenant| *tenant != record.tenant_id)
+            {
+                return Err(TokenError::NotFound(token_id.to_owned()));
+            }
+            if change
+                .only_if_updated_at_ms
+                .is_some_and(|at| at != record.updated_at_ms)
+            {
+                return Err(TokenError::Changed(token_id.to_owned()));
+            }
+            let previous = record.updated_at_ms;
+            let role = change.role.unwrap_or(record.role);
+            let device_id = change.device_id.clone().unwrap_or(record.device_id.clone());
+            let label = change.label.clone().unwrap_or(record.label.clone());
+            let scopes = checked(
+                role,
+                change.scopes.clone().unwrap_or(record.scopes.clone()),
+                &label,
+                device_id.as_deref(),
+            )?;
+            let updated = TokenRecord {
+                role,
+                scopes,
+                label,
+                device_id,
+                expires_at_ms: change.expires_at_ms.unwrap_or(record.expires_at_ms),
+                updated_at_ms: now_ms().max(previous + 1),
+                ..record
+            };
+            let event = token_event("token.updated", &updated);
+            // Written only over the version read, so that edits that race
+            // do not lose one another and versions only grow.
+            if self.store.update_token(&updated, previous, &event).await? {
+                tracing::info!(token_id, "operator token updated");
+                return Ok(updated);
+            }
+            if change.only_if_updated_at_ms.is_some() {
+                return Err(TokenError::Changed(token_id.to_owned()));
+            }
+        }
+        Err(TokenError::Changed(token_id.to_owned()))
     }
 
     pub async fn list(&self, tenant_id: &str) -> Result<Vec<TokenRecord>, TokenError> {

@@ -130,6 +130,26 @@ muster_store::backend_suite! {
         assert_eq!((node.role, node.device_id.as_deref(), node.expires_at_ms), (Role::Node, Some(device.as_str()), None));
         let events = outbox_text(&store).await;
         assert_eq!(events.matches("token.updated").count(), 2, "{events}");
+        // Conditions on the token as the caller saw it.
+        let label = |l: &str| TokenChange { label: Some(l.into()), ..Default::default() };
+        let elsewhere = TokenChange { only_in_tenant: Some("t2".into()), ..label("x") };
+        assert!(matches!(tokens.update(&record.token_id, elsewhere).await, Err(TokenError::NotFound(_))));
+        let old = TokenChange { only_if_updated_at_ms: Some(changed.updated_at_ms), ..label("x") };
+        assert!(matches!(tokens.update(&record.token_id, old).await, Err(TokenError::Changed(_))));
+        for at in [-5, node.created_at_ms + 400 * 24 * 3_600_000] {
+            let expiry = TokenChange { expires_at_ms: Some(Some(at)), ..Default::default() };
+            assert!(matches!(tokens.update(&record.token_id, expiry).await, Err(TokenError::Invalid(_))), "{at}");
+        }
+        // Edits that race both land, one after the other.
+        let (a, b) = tokio::join!(
+            tokens.update(&record.token_id, label("a")),
+            tokens.update(&record.token_id, label("b")),
+        );
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_ne!(a.updated_at_ms, b.updated_at_ms);
+        assert!(a.updated_at_ms > node.updated_at_ms && b.updated_at_ms > node.updated_at_ms);
+        let last = if a.updated_at_ms > b.updated_at_ms { a } else { b };
+        assert_eq!(tokens.list("t1").await.unwrap(), [last]);
         tokens.revoke(&record.token_id).await.unwrap();
         let revoked = tokens.update(&record.token_id, TokenChange { label: Some("x".into()), ..Default::default() }).await;
         assert!(matches!(revoked, Err(TokenError::NotFound(_))), "{revoked:?}");
