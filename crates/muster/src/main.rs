@@ -12,7 +12,10 @@ use muster::config::Config;
 use muster::ctl::Ctl;
 use muster::operator;
 use muster_proto::v1::identity_client::IdentityClient;
-use muster_proto::v1::{CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, TokenInfo};
+use muster_proto::v1::{
+    CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, Scopes, TokenInfo,
+    UpdateTokenRequest,
+};
 use muster_telemetry::LogFormat;
 use muster_tls::{CertSummary, IssueOptions, ServiceName};
 use serde::Serialize;
@@ -219,6 +222,33 @@ enum Token {
         #[command(flatten)]
         common: Common,
         token_id: String,
+    },
+    /// Change a live token; its connections whose claims change close with
+    /// 4001 `token updated` and come back with the new ones.
+    Update {
+        #[command(flatten)]
+        common: Common,
+        token_id: String,
+        #[arg(long)]
+        label: Option<String>,
+        /// The token's scopes from now on (repeatable, or comma-separated;
+        /// `--scopes ''` for none).
+        #[arg(long = "scopes", alias = "scope", value_delimiter = ',')]
+        scopes: Option<Vec<String>>,
+        #[arg(long)]
+        role: Option<String>,
+        /// The one node a node token admits.
+        #[arg(long, conflicts_with = "no_device")]
+        device: Option<String>,
+        /// Bind the token to no device.
+        #[arg(long)]
+        no_device: bool,
+        /// The token expires this many seconds from now (at most a year).
+        #[arg(long, conflicts_with = "no_expiry")]
+        ttl_seconds: Option<u64>,
+        /// The token never expires.
+        #[arg(long)]
+        no_expiry: bool,
     },
 }
 
@@ -514,6 +544,44 @@ async fn run_token(file: Option<&std::path::Path>, token: Token) -> anyhow::Resu
             } else {
                 tokens.iter().for_each(print_token);
             }
+        }
+        Token::Update {
+            common,
+            token_id,
+            label,
+            scopes,
+            role,
+            device,
+            no_device,
+            ttl_seconds,
+            no_expiry,
+        } => {
+            let ctl = Ctl::new(&load(file, &common)?)?;
+            let mut identity = IdentityClient::new(ctl.channel(ServiceName::Identity)?);
+            let expires_at_ms =
+                match (ttl_seconds, no_expiry) {
+                    (Some(ttl), _) => Some(muster_store::now_ms().saturating_add(
+                        i64::try_from(ttl).unwrap_or(i64::MAX).saturating_mul(1000),
+                    )),
+                    (None, true) => Some(0),
+                    (None, false) => None,
+                };
+            let info = identity
+                .update_token(UpdateTokenRequest {
+                    token_id,
+                    label,
+                    role,
+                    device_id: device.or(no_device.then(String::new)),
+                    scopes: scopes.map(|scopes| Scopes {
+                        scopes: scopes.into_iter().filter(|s| !s.is_empty()).collect(),
+                    }),
+                    expires_at_ms,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            print!("updated ");
+            print_token(&info);
         }
         Token::Revoke { common, token_id } => {
             let ctl = Ctl::new(&load(file, &common)?)?;

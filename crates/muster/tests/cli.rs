@@ -429,6 +429,39 @@ fn a_cluster_service_runs_alone_on_certificates_from_muster_certs() {
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(printed.contains("token     muster_"), "{printed}");
     assert!(printed.contains("expires   20"), "{printed}");
+    let token_id = printed
+        .lines()
+        .find_map(|l| l.strip_prefix("token id  "))
+        .expect("the token id is printed")
+        .to_owned();
+
+    let update = |args: &[&str]| {
+        Command::new(BIN)
+            .args(["token", "update", &token_id])
+            .args(args)
+            .args(["--trust-domain", "prod.example", "--tls-dir"])
+            .arg(&tls)
+            .env("MUSTER_PEERS__IDENTITY", &address)
+            .output()
+            .unwrap()
+    };
+    let out = update(&["--scopes", "operator.read,operator.write", "--no-expiry"]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(printed.starts_with("updated "), "{printed}");
+    assert!(
+        printed.contains("operator.read,operator.write"),
+        "{printed}"
+    );
+    assert!(!printed.contains("expires"), "{printed}");
+    // A bad change is refused and says why.
+    let out = update(&["--scopes", "root"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scope"));
 
     served.terminate();
     assert!(served.wait(Duration::from_secs(20)).success());
