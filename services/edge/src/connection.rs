@@ -511,11 +511,11 @@ async fn connected(
                 }
                 frame = stream.next(), if requests.has_room() => match frame {
                     None => {
-                        requests.finish_after_the_peer_left().await;
+                        requests.finish_after_the_peer_left(&mut inbox).await;
                         return Ok(());
                     }
                     Some(Err(error)) => {
-                        requests.finish_after_the_peer_left().await;
+                        requests.finish_after_the_peer_left(&mut inbox).await;
                         return refused(&error).map_or(Ok(()), Err);
                     }
                     Some(Ok(Message::Close(_))) => {
@@ -523,7 +523,7 @@ async fn connected(
                         // it leaves with the flush, so the peer's close is
                         // clean (not 1006).
                         let _ = tokio::time::timeout(Duration::from_secs(1), sink.flush()).await;
-                        requests.finish_after_the_peer_left().await;
+                        requests.finish_after_the_peer_left(&mut inbox).await;
                         return Ok(());
                     }
                     Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
@@ -742,8 +742,10 @@ impl<'a, H: FnMut(Utf8Bytes) -> Handling<'a>> Requests<'a, H> {
     }
 
     /// What a peer asked for before it left still happens (a node's last
-    /// result is applied), though the answers have nowhere to go.
-    async fn finish_after_the_peer_left(&mut self) {
+    /// result is applied), though the answers have nowhere to go: its
+    /// queue takes nothing more meanwhile, events included.
+    async fn finish_after_the_peer_left(&mut self, inbox: &mut outbound::Inbox) {
+        inbox.shut();
         let _ = tokio::time::timeout(FINISH_AFTER_LEAVING, self.finish()).await;
     }
 }

@@ -117,12 +117,20 @@ impl Inbox {
     }
 }
 
-impl Drop for Inbox {
-    fn drop(&mut self) {
+impl Inbox {
+    /// Takes nothing more: what is queued goes, and later sends are
+    /// dropped (the peer is gone).
+    pub(crate) fn shut(&mut self) {
         let mut queue = self.shared.queue();
         queue.closed = true;
         queue.frames = VecDeque::new();
         queue.bytes = 0;
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.shut();
     }
 }
 
@@ -188,5 +196,18 @@ mod tests {
         inbox.written(SLOW_CONSUMER_BYTES + 1);
         outbound.send("z");
         assert_eq!(queued(&mut inbox), 1);
+    }
+
+    #[test]
+    fn a_shut_queue_takes_nothing() {
+        let (outbound, mut inbox) = channel();
+        outbound.send("queued before");
+        inbox.shut();
+        assert_eq!(queued(&mut inbox), 0);
+        outbound.send("x".repeat(SLOW_CONSUMER_BYTES + 1));
+        outbound.send("y");
+        outbound.close(muster_protocol::close::SLOW_CONSUMER);
+        assert_eq!(queued(&mut inbox), 0);
+        assert!(inbox.slow().notified().now_or_never().is_none());
     }
 }
