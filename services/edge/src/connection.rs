@@ -420,9 +420,10 @@ async fn connected(
         peer: peer.clone(),
     };
     // `token.revoked` (`token.updated`) closes the registered peers of the
-    // token; one that was still in its handshake then is closed here. Its revocation is
-    // noted before the registry is walked, and this peer is in the
-    // registry before the note is read, so one of the two sees the other.
+    // token; one that was still in its handshake then is closed here. The
+    // change is noted before the registry is walked, and this peer is in
+    // the registry before the note is read, so one of the two sees the
+    // other.
     if edge.is_revoked(&peer.claims.token_id) {
         return Err(close::TOKEN_REVOKED);
     }
