@@ -160,34 +160,46 @@ struct Issue {
     ttl_seconds: Option<u64>,
 }
 
+/// `value` trimmed, unless nothing is left.
+fn non_empty(value: String, name: &str) -> Result<String, String> {
+    let value = value.trim().to_owned();
+    if value.is_empty() {
+        Err(format!("{name} must be a non-empty string"))
+    } else {
+        Ok(value)
+    }
+}
+
+/// A display name as Tyrum bounds it: 1 to 120 characters once trimmed.
+fn display_name_field(name: String) -> Result<String, String> {
+    let name = non_empty(name, "display_name")?;
+    if name.chars().count() > 120 {
+        return Err("display_name must be 1 to 120 characters".into());
+    }
+    Ok(name)
+}
+
 impl Issue {
-    fn check(mut self) -> Result<Issue, &'static str> {
-        if let Some(name) = self.display_name.as_mut() {
-            *name = name.trim().to_owned();
-            if name.is_empty() || name.len() > 120 {
-                return Err("display_name must be 1 to 120 characters");
-            }
-        }
-        if !["admin", "client", "node"].contains(&self.role.as_str()) {
-            return Err("role must be admin, client or node");
-        }
-        for scope in &mut self.scopes {
-            *scope = scope.trim().to_owned();
-            if scope.is_empty() {
-                return Err("scopes must be non-empty strings");
-            }
-        }
-        if let Some(device_id) = self.device_id.as_mut() {
-            *device_id = device_id.trim().to_owned();
-            if device_id.is_empty() {
-                return Err("device_id must be a non-empty string");
-            }
-        }
+    /// The request with its strings trimmed, or why it is bad. Roles and
+    /// scopes are identity's to check.
+    fn check(self) -> Result<Issue, String> {
         // 0 would mean "never" to identity; its own check bounds the rest.
         if self.ttl_seconds == Some(0) {
-            return Err("ttl_seconds must be a positive integer");
+            return Err("ttl_seconds must be a positive integer".into());
         }
-        Ok(self)
+        Ok(Issue {
+            display_name: self.display_name.map(display_name_field).transpose()?,
+            scopes: self
+                .scopes
+                .into_iter()
+                .map(|scope| non_empty(scope, "scopes"))
+                .collect::<Result<_, _>>()?,
+            device_id: self
+                .device_id
+                .map(|device_id| non_empty(device_id, "device_id"))
+                .transpose()?,
+            ..self
+        })
     }
 }
 
@@ -219,7 +231,7 @@ pub(crate) async fn issue(
     let (claims, request) = match admin_request::<Issue>(&edge, &headers, &body).await {
         Ok((claims, request)) => match request.check() {
             Ok(request) => (claims, request),
-            Err(message) => return bad_request(message),
+            Err(message) => return bad_request(&message),
         },
         Err(refused) => return refused,
     };
@@ -353,14 +365,6 @@ where
 impl Edit {
     /// The change for identity, or why the request is bad.
     fn change(self, token_id: String) -> Result<pb::UpdateTokenRequest, String> {
-        let trimmed = |value: String, name: &str| {
-            let value = value.trim().to_owned();
-            if value.is_empty() {
-                Err(format!("{name} must be a non-empty string"))
-            } else {
-                Ok(value)
-            }
-        };
         if self.display_name.is_none()
             && self.role.is_none()
             && self.device_id.is_none()
@@ -369,24 +373,18 @@ impl Edit {
         {
             return Err("at least one field must be updated".into());
         }
-        let label = self
-            .display_name
-            .map(|name| trimmed(name, "display_name"))
-            .transpose()?;
-        if label.as_ref().is_some_and(|name| name.len() > 120) {
-            return Err("display_name must be 1 to 120 characters".into());
-        }
+        let label = self.display_name.map(display_name_field).transpose()?;
         let scopes = match self.scopes {
             Some(scopes) => Some(pb::Scopes {
                 scopes: scopes
                     .into_iter()
-                    .map(|scope| trimmed(scope, "scopes"))
+                    .map(|scope| non_empty(scope, "scopes"))
                     .collect::<Result<_, _>>()?,
             }),
             None => None,
         };
         let device_id = match self.device_id {
-            Some(Some(device_id)) => Some(trimmed(device_id, "device_id")?),
+            Some(Some(device_id)) => Some(non_empty(device_id, "device_id")?),
             Some(None) => Some(String::new()),
             None => None,
         };
