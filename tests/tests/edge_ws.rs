@@ -84,6 +84,99 @@ muster_e2e::on_both_stores! {
     }
 }
 
+/// The next `presence.upserted` entry for `device_id` that `operator`
+/// receives (other entries, such as the edge's own, may come first).
+async fn upserted_entry<S>(operator: &mut Ws<S>, device_id: &str) -> Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let mut event = operator.event("presence.upserted").await;
+        if event["payload"]["entry"]["instance_id"] == device_id {
+            return event["payload"]["entry"].take();
+        }
+    }
+}
+
+/// Opens `/ws` from the loopback address `source` (the edge listens on
+/// 127.0.0.1; Linux routes all of 127/8 to it), with `headers` added to
+/// the upgrade request.
+async fn open_from_address(
+    host: &Host,
+    source: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws<tokio::net::TcpStream>, Error> {
+    let url = host.ws_url();
+    let address: std::net::SocketAddr = url
+        .trim_start_matches("ws://")
+        .trim_end_matches("/ws")
+        .parse()
+        .unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    let tcp = socket.connect(address).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let mut request =
+        muster_e2e::ws::request(&url, &host.admin_token(), TokenVia::Bearer, None).unwrap();
+    for (name, value) in headers {
+        request.headers_mut().append(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    muster_e2e::ws::open_request_over(tcp, request).await
+}
+
+muster_e2e::on_both_stores! {
+    async fn a_trusted_proxy_names_the_client_for_the_upgrade_limit_and_presence(store: Option<String>) {
+        let host = Host::start_configured(store, |config| {
+            config.edge_upgrades_per_ip_per_minute = 2;
+            config.edge_trusted_proxies = vec!["127.0.0.2".into()];
+        })
+        .await;
+        let mut operator = admin(&host).await;
+        operator
+            .handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
+            .await;
+
+        // Through the proxy: the hop it saw (the left one was written by
+        // the client and is not believed).
+        let forwarded = [("x-forwarded-for", "192.0.2.1, 203.0.113.7")];
+        let node_key = DeviceKey::generate();
+        let mut node = open_from_address(&host, "127.0.0.2", &forwarded).await.unwrap();
+        node.handshake(&node_key, "node", json!({"mode": "node"})).await;
+        let entry = upserted_entry(&mut operator, &node_key.device_id()).await;
+        assert_eq!(entry["ip"], "203.0.113.7", "{entry}");
+        assert_eq!(entry["metadata"]["raw_remote_ip"], "127.0.0.2");
+        assert_eq!(entry["metadata"]["resolved_client_ip"], "203.0.113.7");
+        assert_eq!(entry["metadata"]["observed_ip"], "203.0.113.7");
+
+        // The limit counts the client, not the proxy every client shares:
+        // 203.0.113.7 has had one upgrade and gets one more.
+        let second = open_from_address(&host, "127.0.0.2", &forwarded).await.unwrap();
+        drop(second);
+        let Err(Error::Http(limited)) = open_from_address(&host, "127.0.0.2", &forwarded).await else {
+            panic!("the third upgrade of 203.0.113.7 in a minute must be refused");
+        };
+        assert_eq!(limited.status(), 429);
+        let other = [("x-forwarded-for", "203.0.113.8")];
+        let through_proxy = open_from_address(&host, "127.0.0.2", &other).await.unwrap();
+        drop(through_proxy);
+
+        // From a socket that is no trusted proxy the header means nothing:
+        // the peer is its own address, and 127.0.0.3 has its own count.
+        let spoofed_key = DeviceKey::generate();
+        let mut spoofed = open_from_address(&host, "127.0.0.3", &[("x-forwarded-for", "203.0.113.8")])
+            .await
+            .unwrap();
+        spoofed.handshake(&spoofed_key, "node", json!({"mode": "node"})).await;
+        let entry = upserted_entry(&mut operator, &spoofed_key.device_id()).await;
+        assert_eq!(entry["ip"], "127.0.0.3", "{entry}");
+        assert_eq!(entry["metadata"]["resolved_client_ip"], "127.0.0.3");
+        host.stop().await;
+    }
+}
+
 /// What the edge sends back for `request`, read until it closes the
 /// connection.
 async fn raw_exchange(address: &str, request: &str) -> std::io::Result<Vec<u8>> {
@@ -624,13 +717,7 @@ async fn presence_flows_to_operators(host: &Host) {
     )
     .await
     .unwrap();
-    let upserted = loop {
-        let event = operator.event("presence.upserted").await;
-        if event["payload"]["entry"]["instance_id"] == node_key.device_id() {
-            break event;
-        }
-    };
-    let entry = &upserted["payload"]["entry"];
+    let entry = &upserted_entry(&mut operator, &node_key.device_id()).await;
     assert_eq!(entry["role"], "node");
     assert_eq!(entry["host"], "lab-box");
     assert_eq!(entry["reason"], "connect");
@@ -675,17 +762,9 @@ async fn presence_flows_to_operators(host: &Host) {
     assert_eq!(beacon["result"]["entry"]["ip"], "10.1.2.3");
     // The next upsert of the node's entry is the beacon's (other entries,
     // such as the edge's own, may be upserted meanwhile).
-    let update = loop {
-        let event = operator.event("presence.upserted").await;
-        if event["payload"]["entry"]["instance_id"] == node_key.device_id() {
-            break event;
-        }
-    };
-    assert_eq!(update["payload"]["entry"]["host"], "lab-box-2");
-    assert_eq!(
-        update["payload"]["entry"]["metadata"]["observed_ip"],
-        "127.0.0.1"
-    );
+    let update = upserted_entry(&mut operator, &node_key.device_id()).await;
+    assert_eq!(update["host"], "lab-box-2");
+    assert_eq!(update["metadata"]["observed_ip"], "127.0.0.1");
     let bad = node
         .call("presence.beacon", json!({"mode": "spaceship"}))
         .await;
@@ -708,12 +787,7 @@ async fn presence_flows_to_operators(host: &Host) {
     let second_key = DeviceKey::generate();
     let mut second = admin(host).await;
     second.handshake(&second_key, "node", json!({})).await;
-    loop {
-        let event = operator.event("presence.upserted").await;
-        if event["payload"]["entry"]["instance_id"] == second_key.device_id() {
-            break;
-        }
-    }
+    upserted_entry(&mut operator, &second_key.device_id()).await;
     let store = muster_store::Store::connect(
         &host.config.store_url(),
         &muster_store::StoreOptions::default(),

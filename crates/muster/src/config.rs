@@ -83,6 +83,14 @@ pub struct Config {
     pub edge_max_frame_bytes: usize,
     /// Upgrades one address may ask for per minute; 0: no limit.
     pub edge_upgrades_per_ip_per_minute: u32,
+    /// Proxies in front of the edge (addresses or networks) whose
+    /// forwarding header names the client: a list, or one string of
+    /// comma-separated entries (as an environment variable gives it).
+    #[serde(deserialize_with = "one_or_many")]
+    pub edge_trusted_proxies: Vec<String>,
+    /// The header those proxies write: `x-forwarded-for`, `forwarded` or
+    /// `x-real-ip`.
+    pub edge_forwarded_header: String,
     /// The edge's own certificate and key (PEM): with both set it serves
     /// `wss://`, taking client certificates from the mesh CA optionally.
     pub edge_tls_cert: Option<PathBuf>,
@@ -131,6 +139,8 @@ impl Default for Config {
             edge_allow_plaintext: false,
             edge_max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             edge_upgrades_per_ip_per_minute: 0,
+            edge_trusted_proxies: Vec::new(),
+            edge_forwarded_header: "x-forwarded-for".into(),
             edge_tls_cert: None,
             edge_tls_key: None,
         }
@@ -161,9 +171,30 @@ const ENV_KEYS: &[&str] = &[
     "edge_allow_plaintext",
     "edge_max_frame_bytes",
     "edge_upgrades_per_ip_per_minute",
+    "edge_trusted_proxies",
+    "edge_forwarded_header",
     "edge_tls_cert",
     "edge_tls_key",
 ];
+
+/// A list, or a string of comma-separated entries.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(joined) => joined
+            .split(',')
+            .map(str::trim)
+            .filter(|entry| !entry.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        OneOrMany::Many(entries) => entries,
+    })
+}
 
 /// A URL with any password replaced, for logs.
 pub fn redact_url(url: &str) -> String {
@@ -261,7 +292,18 @@ impl Config {
         if self.cert_reload_secs == 0 {
             bail!("cert_reload_secs must be at least 1");
         }
+        self.trusted_proxies()?;
         Ok(())
+    }
+
+    /// The edge's trusted proxies, parsed.
+    pub fn trusted_proxies(&self) -> anyhow::Result<muster_edge::TrustedProxies> {
+        let header = self
+            .edge_forwarded_header
+            .parse()
+            .map_err(|why: String| anyhow::anyhow!("edge_forwarded_header: {why}"))?;
+        muster_edge::TrustedProxies::parse(&self.edge_trusted_proxies, header)
+            .map_err(|why| anyhow::anyhow!("edge_trusted_proxies: {why}"))
     }
 
     /// The services to run: all for a single host.
@@ -385,6 +427,30 @@ mod tests {
             let loaded = Config::load(Some(&file), NoFlags {});
             assert_eq!(loaded.is_ok(), ok, "{limit}: {loaded:?}");
         }
+        // Trusted proxies: a list, or one comma-separated string as an
+        // environment variable gives it; never everything.
+        for (text, ok) in [
+            (
+                "edge_trusted_proxies = [\"10.0.0.0/8\", \"fd00::1\"]\n",
+                true,
+            ),
+            ("edge_trusted_proxies = \"10.0.0.0/8, 127.0.0.1\"\n", true),
+            ("edge_trusted_proxies = \"0.0.0.0/0\"\n", false),
+            ("edge_trusted_proxies = [\"proxy.internal\"]\n", false),
+            ("edge_forwarded_header = \"Forwarded\"\n", true),
+            ("edge_forwarded_header = \"x-client-ip\"\n", false),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let loaded = Config::load(Some(&file), NoFlags {});
+            assert_eq!(loaded.is_ok(), ok, "{text}: {loaded:?}");
+        }
+        std::fs::write(
+            &file,
+            "edge_trusted_proxies = \" 10.0.0.0/8 ,127.0.0.1,\"\n",
+        )
+        .unwrap();
+        let loaded = Config::load(Some(&file), NoFlags {}).unwrap();
+        assert_eq!(loaded.edge_trusted_proxies, ["10.0.0.0/8", "127.0.0.1"]);
         std::fs::write(&file, "services = [\"nosuch\"]\n").unwrap();
         assert!(Config::load(Some(&file), NoFlags {}).is_err());
         assert!(Config::load(Some(&dir.path().join("missing.toml")), NoFlags {}).is_err());

@@ -277,6 +277,10 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                     ),
                     _ => None,
                 };
+                let trusted_proxies = config.trusted_proxies()?;
+                if !trusted_proxies.is_empty() {
+                    tracing::info!(proxies = %trusted_proxies, "the edge believes forwarding headers from these proxies");
+                }
                 let edge_config = muster_edge::EdgeConfig {
                     tls: edge_tls,
                     gateway_tenant: config.default_tenant.clone(),
@@ -284,6 +288,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                     edge_id: config.edge_id.clone(),
                     max_message_bytes: config.edge_max_frame_bytes,
                     upgrades_per_ip_per_minute: config.edge_upgrades_per_ip_per_minute,
+                    trusted_proxies,
                     ..muster_edge::EdgeConfig::default()
                 };
                 let edge = muster_edge::Edge::new(

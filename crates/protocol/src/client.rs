@@ -70,18 +70,26 @@ pub async fn open_over<S>(stream: S, url: &str, token: &str, via: TokenVia) -> R
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let (stream, response) = tokio_tungstenite::client_async_with_config(
-        request(url, token, via, None)?,
-        stream,
-        Some(config()),
-    )
-    .await?;
+    open_request_over(stream, request(url, token, via, None)?).await
+}
+
+/// Sends `request` (an [`request`] with headers of the caller's, say) over
+/// a stream the caller connected.
+pub async fn open_request_over<S>(
+    stream: S,
+    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> Result<Ws<S>, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (stream, response) =
+        tokio_tungstenite::client_async_with_config(request, stream, Some(config())).await?;
     Ok(Ws { stream, response })
 }
 
 /// The upgrade request: `tyrum-v1` (unless `protocols` says otherwise)
 /// and the token where `via` puts it.
-fn request(
+pub fn request(
     url: &str,
     token: &str,
     via: TokenVia,

@@ -1,7 +1,6 @@
 //! One WebSocket peer, from authentication through the handshake to the
 //! request loop (PROTOCOL.md Part B §1–§3).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +21,7 @@ use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
 use crate::auth::{Claims, authorize};
+use crate::client_ip::PeerAddress;
 use crate::outbound::{self, Outgoing};
 use crate::registry::{Peer, Reported};
 use crate::{Edge, topics, wire_error};
@@ -106,7 +106,7 @@ pub(crate) async fn run(
     edge: Arc<Edge>,
     socket: WebSocket,
     token: Option<String>,
-    remote: SocketAddr,
+    remote: PeerAddress,
     cert: Option<CertificateDer<'static>>,
 ) {
     metrics::gauge!("muster_edge_sockets").increment(1.0);
@@ -123,7 +123,7 @@ async fn serve(
     sink: &mut Sink,
     stream: &mut Stream,
     token: Option<String>,
-    remote: SocketAddr,
+    remote: PeerAddress,
     cert: Option<CertificateDer<'static>>,
 ) -> Result<(), Close> {
     // The phases before and after the handshake are boxed, and so is the
@@ -364,7 +364,7 @@ async fn connected(
     stream: &mut Stream,
     claims: Arc<Claims>,
     handshaken: Box<Handshaken>,
-    remote: SocketAddr,
+    remote: PeerAddress,
 ) -> Result<(), Close> {
     let role = match handshaken.init.role {
         muster_protocol::handshake::Role::Client => "client",
@@ -386,13 +386,13 @@ async fn connected(
             version: handshaken.init.device.version.clone().unwrap_or_default(),
             mode: wire_mode(&mode).unwrap_or_default(),
             last_input_seconds: -1,
-            // Part B §4's keys. The edge trusts no proxy headers, so the
-            // resolved client address is the socket's.
+            // Part B §4's keys: the socket's address, and the client's as
+            // resolved through the trusted proxies (see client_ip).
             metadata_json: json!({
                 "capabilities": capabilities,
                 "edge_id": edge.edge_id,
-                "raw_remote_ip": remote.ip().to_string(),
-                "resolved_client_ip": remote.ip().to_string(),
+                "raw_remote_ip": remote.socket.ip().to_string(),
+                "resolved_client_ip": remote.client.to_string(),
             })
             .to_string(),
             reason: "connect",
@@ -407,7 +407,7 @@ async fn connected(
         reported: std::sync::Mutex::new(reported),
         announcing: Default::default(),
         presence_writes: Default::default(),
-        observed_ip: remote.ip().to_string(),
+        observed_ip: remote.client.to_string(),
         outbound: outbound.clone(),
         topics: Default::default(),
         tracked: Default::default(),

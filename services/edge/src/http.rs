@@ -18,6 +18,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::auth::presented_token;
+use crate::client_ip::PeerAddress;
 use crate::{Edge, connection};
 
 pub(crate) fn router(edge: Arc<Edge>) -> Router {
@@ -148,9 +149,13 @@ async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let remote = PeerAddress {
+        socket: remote,
+        client: edge.config.trusted_proxies.resolve(remote.ip(), &headers),
+    };
     if let Err(retry_after) = edge
         .upgrade_limit
-        .admit(remote.ip(), std::time::Instant::now())
+        .admit(remote.client, std::time::Instant::now())
     {
         metrics::counter!("muster_edge_upgrades_limited_total").increment(1);
         return (

@@ -7,6 +7,7 @@
 
 pub mod auth;
 mod batch;
+mod client_ip;
 mod connection;
 mod http;
 mod limit;
@@ -33,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 pub use auth::Claims;
+pub use client_ip::{ForwardedHeader, TrustedProxies};
 pub use outbound::SLOW_CONSUMER_BYTES;
 
 /// The initial read buffer of each peer's socket (tungstenite allocates it
@@ -82,6 +84,9 @@ pub struct EdgeConfig {
     /// Upgrades one address may ask for per minute (Part B's optional
     /// per-IP limit; over it, 429); 0: no limit.
     pub upgrades_per_ip_per_minute: u32,
+    /// The proxies whose forwarding headers name a peer's address (for
+    /// the per-IP limit and presence); none: the socket's address.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Default for EdgeConfig {
@@ -97,6 +102,7 @@ impl Default for EdgeConfig {
             tls: None,
             edge_id: None,
             upgrades_per_ip_per_minute: 0,
+            trusted_proxies: TrustedProxies::default(),
         }
     }
 }
