@@ -190,6 +190,56 @@ async fn raw_exchange(address: &str, request: &str) -> std::io::Result<Vec<u8>> 
     Ok(answer)
 }
 
+muster_e2e::on_both_stores! {
+    async fn after_its_close_the_edge_waits_for_the_peers_close_up_to_250_ms(store: Option<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let host = Host::start(store).await;
+        let address = host.ws_url().trim_start_matches("ws://").trim_end_matches("/ws").to_owned();
+        let mut tcp = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let upgrade = upgrade_request("/ws").replace(
+            "\r\n\r\n",
+            &format!("\r\nAuthorization: Bearer {}\r\n\r\n", host.admin_token()),
+        );
+        tcp.write_all(upgrade.as_bytes()).await.unwrap();
+        // A masked text frame (mask key 0, so the payload reads as sent).
+        let frame = |text: &str| [&[0x81, 0x80 | text.len() as u8, 0, 0, 0, 0], text.as_bytes()].concat();
+        // Not JSON: the handshake ends with 4003 `invalid json`.
+        tcp.write_all(&frame("x")).await.unwrap();
+        let mut read = Vec::new();
+        let close = loop {
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut chunk))
+                .await
+                .expect("the edge answers")
+                .unwrap();
+            assert!(n > 0, "ended before a close: {}", String::from_utf8_lossy(&read));
+            read.extend_from_slice(&chunk[..n]);
+            let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+            let frames = &read[end + 4..];
+            if frames.len() >= 2 && frames.len() >= 2 + usize::from(frames[1]) {
+                break frames[..2 + usize::from(frames[1])].to_vec();
+            }
+        };
+        let closed_at = std::time::Instant::now();
+        assert_eq!(close[0], 0x88, "{close:?}");
+        assert_eq!(u16::from_be_bytes([close[2], close[3]]), 4003);
+        assert_eq!(&close[4..], b"invalid json");
+        // The peer goes on sending and never answers the close: the edge
+        // reads what comes, and ends the connection when 250 ms are up,
+        // with a FIN (a read of 0), not a reset.
+        tcp.write_all(&frame("{}")).await.unwrap();
+        let mut rest = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut rest))
+            .await
+            .expect("the edge ends the connection")
+            .expect("a clean end, not a reset");
+        assert_eq!(n, 0);
+        let waited = closed_at.elapsed();
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+        host.stop().await;
+    }
+}
+
 fn upgrade_request(path: &str) -> String {
     format!(
         "GET {path} HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n\

@@ -47,6 +47,26 @@ async fn send_close(sink: &mut Sink, close: Close) {
     .await;
 }
 
+/// How long the edge waits for a peer to answer its close (Part B: a
+/// shutdown terminates after 250 ms; `ws` waits the same for every close).
+const CLOSE_LINGER: Duration = Duration::from_millis(250);
+
+/// After the edge's own close, reads (and drops) what the peer still sends
+/// until its answering close, for up to [`CLOSE_LINGER`]. A socket dropped
+/// with unread bytes in it is reset rather than closed, and a reset may
+/// discard the close frame before the peer's stack hands it over; waiting
+/// for the peer's close also lets the close handshake end cleanly.
+async fn linger(stream: &mut Stream) {
+    let _ = tokio::time::timeout(CLOSE_LINGER, async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// How many queued frames one write takes before it flushes.
 const MAX_COALESCED: usize = 256;
 
@@ -114,6 +134,7 @@ pub(crate) async fn run(
     let outcome = Box::pin(serve(&edge, &mut sink, &mut stream, token, remote, cert)).await;
     if let Err(close) = outcome {
         Box::pin(send_close(&mut sink, close)).await;
+        linger(&mut stream).await;
     }
     metrics::gauge!("muster_edge_sockets").decrement(1.0);
 }
