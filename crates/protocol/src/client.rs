@@ -73,8 +73,8 @@ where
     open_request_over(stream, request(url, token, via, None)?).await
 }
 
-/// Sends `request` (an [`request`] with headers of the caller's, say) over
-/// a stream the caller connected.
+/// Opens `/ws` with `request` (one from [`request`], with headers added)
+/// over a stream the caller connected.
 pub async fn open_request_over<S>(
     stream: S,
     request: tokio_tungstenite::tungstenite::handshake::client::Request,
@@ -101,13 +101,12 @@ pub fn request(
         TokenVia::Bearer => {
             request
                 .headers_mut()
-                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+                .insert("authorization", header(format!("Bearer {token}"))?);
         }
         TokenVia::Cookie => {
-            request.headers_mut().insert(
-                "cookie",
-                format!("tyrum_admin_token={token}").parse().unwrap(),
-            );
+            request
+                .headers_mut()
+                .insert("cookie", header(format!("tyrum_admin_token={token}"))?);
         }
         TokenVia::Subprotocol => {
             let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token);
@@ -118,9 +117,19 @@ pub fn request(
     if !offered.is_empty() {
         request
             .headers_mut()
-            .insert("sec-websocket-protocol", offered.parse().unwrap());
+            .insert("sec-websocket-protocol", header(offered)?);
     }
     Ok(request)
+}
+
+/// A header value; a token with characters no header may hold is the
+/// caller's error, not a panic.
+fn header(value: String) -> Result<tokio_tungstenite::tungstenite::http::HeaderValue, Error> {
+    value.try_into().map_err(
+        |e: tokio_tungstenite::tungstenite::http::header::InvalidHeaderValue| {
+            Error::HttpFormat(e.into())
+        },
+    )
 }
 
 /// What the server did next.

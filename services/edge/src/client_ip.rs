@@ -67,22 +67,31 @@ struct Network {
 }
 
 impl Network {
-    fn contains(&self, ip: IpAddr) -> bool {
-        match (self.address, canonical(ip)) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+    /// `ip` with the bits past this network's prefix cleared.
+    fn mask(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(ip) => {
                 let mask = u32::MAX
                     .checked_shl(32 - u32::from(self.prefix))
                     .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
+                IpAddr::V4((u32::from(ip) & mask).into())
             }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+            IpAddr::V6(ip) => {
                 let mask = u128::MAX
                     .checked_shl(128 - u32::from(self.prefix))
                     .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
+                IpAddr::V6((u128::from(ip) & mask).into())
             }
-            _ => false,
         }
+    }
+
+    fn masked(&self) -> IpAddr {
+        self.mask(self.address)
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        ip.is_ipv4() == self.address.is_ipv4() && self.mask(ip) == self.address
     }
 }
 
@@ -123,10 +132,9 @@ impl TrustedProxies {
             let max = if written.is_ipv4() { 32 } else { 128 };
             let prefix = match prefix {
                 None => max,
-                Some(prefix) => prefix
-                    .trim()
-                    .parse::<u8>()
-                    .ok()
+                Some(prefix) => Some(prefix.trim())
+                    .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|p| p.parse::<u8>().ok())
                     .filter(|p| *p <= max)
                     .ok_or_else(|| {
                         format!("trusted proxy {entry:?}: the prefix must be 1 to {max}")
@@ -139,7 +147,7 @@ impl TrustedProxies {
             }
             // Peers' addresses are compared as IPv4 when they are IPv4
             // written as IPv6, so such a network is kept as IPv4 too.
-            let address = canonical(written);
+            let address = written.to_canonical();
             let prefix = match (written, address) {
                 (IpAddr::V6(_), IpAddr::V4(_)) => prefix.checked_sub(96).ok_or_else(|| {
                     format!("trusted proxy {entry:?}: an IPv4-mapped network needs a prefix of 97 to 128")
@@ -151,7 +159,18 @@ impl TrustedProxies {
                     "trusted proxy {entry:?}: a prefix of 96 would trust every IPv4 address"
                 ));
             }
-            networks.push(Network { address, prefix });
+            let network = Network { address, prefix };
+            // `10.0.0.7/8` is most likely a mistake for one host, and it
+            // would trust sixteen million: the network must be written as
+            // such.
+            if network.masked() != network.address {
+                return Err(format!(
+                    "trusted proxy {entry:?}: has bits set past its prefix \
+                     (the network is {}/{prefix}; one address needs no prefix)",
+                    network.masked(),
+                ));
+            }
+            networks.push(network);
         }
         Ok(TrustedProxies { networks, header })
     }
@@ -171,37 +190,38 @@ impl TrustedProxies {
     /// (`unknown`, an obfuscated name) leaves the client unknown, and the
     /// last trusted proxy stands for it: nothing the client wrote is taken.
     pub fn resolve(&self, socket: IpAddr, headers: &HeaderMap) -> IpAddr {
-        let socket = canonical(socket);
+        let socket = socket.to_canonical();
         if !self.trusts(socket) {
             return socket;
         }
-        let mut hops: Vec<Option<IpAddr>> = Vec::new();
-        // A proxy may add a header line of its own instead of extending
-        // the last one: lines are hops in the order they arrived.
-        for value in headers.get_all(self.header.name()) {
-            let Ok(value) = value.to_str() else {
-                hops.push(None);
-                continue;
-            };
-            match self.header {
-                ForwardedHeader::XForwardedFor => {
-                    hops.extend(value.split(',').map(|hop| address_of(hop.trim())));
-                }
-                ForwardedHeader::Forwarded => hops.extend(forwarded_for(value)),
-                ForwardedHeader::XRealIp => hops.push(address_of(value.trim())),
-            }
-        }
-        if self.header == ForwardedHeader::XRealIp && hops.len() > 1 {
+        let lines = headers.get_all(self.header.name());
+        if self.header == ForwardedHeader::XRealIp {
             // One address is the header's whole meaning; several lines
             // mean something other than the proxy wrote it.
-            return socket;
+            let mut lines = lines.iter();
+            return match (lines.next(), lines.next()) {
+                (Some(line), None) => hop_address(line.as_bytes()).unwrap_or(socket),
+                _ => socket,
+            };
         }
+        // Hops are taken from the raw bytes, nearest proxy first, and only
+        // as far as the first that is not a trusted proxy: a stray quote or
+        // a byte that is not ASCII in a hop the client wrote spoils that
+        // hop alone, never the proxies' hops to its right. A proxy may add
+        // a line of its own instead of extending the last: lines are hops
+        // in the order they arrived.
         let mut client = socket;
-        for hop in hops.into_iter().rev() {
-            match hop {
-                Some(ip) if self.trusts(ip) => client = ip,
-                Some(ip) => return ip,
-                None => return client,
+        for line in lines.iter().rev() {
+            for hop in line.as_bytes().rsplit(|b| *b == b',') {
+                let hop = match self.header {
+                    ForwardedHeader::Forwarded => forwarded_for(hop),
+                    _ => hop_address(hop),
+                };
+                match hop {
+                    Some(ip) if self.trusts(ip) => client = ip,
+                    Some(ip) => return ip,
+                    None => return client,
+                }
             }
         }
         client
@@ -215,28 +235,29 @@ impl fmt::Display for TrustedProxies {
     }
 }
 
-/// IPv4 addresses written as IPv6 (`::ffff:10.0.0.1`) are IPv4.
-fn canonical(ip: IpAddr) -> IpAddr {
-    ip.to_canonical()
+/// A hop's address; `None` when it is not one (or not UTF-8).
+fn hop_address(hop: &[u8]) -> Option<IpAddr> {
+    std::str::from_utf8(hop).ok().and_then(address_of)
 }
 
 /// An address as proxies write a hop: bare, `[v6]`, `[v6]:port`,
 /// `v4:port`, optionally quoted; `None` for anything else.
 fn address_of(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim();
     let hop = hop
         .strip_prefix('"')
         .and_then(|h| h.strip_suffix('"'))
         .unwrap_or(hop)
         .trim();
     if let Ok(ip) = hop.parse::<IpAddr>() {
-        return Some(canonical(ip));
+        return Some(ip.to_canonical());
     }
     if let Some(rest) = hop.strip_prefix('[') {
         let (inside, after) = rest.split_once(']')?;
         if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
             return None;
         }
-        return inside.parse::<IpAddr>().ok().map(canonical);
+        return inside.parse::<IpAddr>().ok().map(|ip| ip.to_canonical());
     }
     let (host, port) = hop.rsplit_once(':')?;
     if !is_port(port) {
@@ -252,40 +273,19 @@ fn is_port(port: &str) -> bool {
     !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// The `for=` of each element of an RFC 7239 `Forwarded` value, in order;
-/// an element without one, or with one that is no address, is an unknown
-/// hop.
-fn forwarded_for(value: &str) -> Vec<Option<IpAddr>> {
-    split_unquoted(value, ',')
-        .into_iter()
-        .map(|element| {
-            split_unquoted(element, ';').into_iter().find_map(|pair| {
-                let (key, value) = pair.split_once('=')?;
-                key.trim()
-                    .eq_ignore_ascii_case("for")
-                    .then(|| address_of(value.trim()))
-            })?
-        })
-        .collect()
-}
-
-/// `value` split at `delimiter`s outside double quotes.
-fn split_unquoted(value: &str, delimiter: char) -> Vec<&str> {
-    let mut parts = Vec::new();
-    let mut quoted = false;
-    let mut start = 0;
-    for (i, c) in value.char_indices() {
-        match c {
-            '"' => quoted = !quoted,
-            c if c == delimiter && !quoted => {
-                parts.push(value[start..i].trim());
-                start = i + c.len_utf8();
-            }
-            _ => {}
-        }
-    }
-    parts.push(value[start..].trim());
-    parts
+/// The `for=` of one element of an RFC 7239 `Forwarded` value; `None`
+/// when it has none or it is no address. The element is split at every
+/// `;`, quoted or not: a `for=` value never holds one, and honouring
+/// quotes would let a client's unmatched quote swallow the proxies'
+/// elements after it.
+fn forwarded_for(element: &[u8]) -> Option<IpAddr> {
+    element.split(|b| *b == b';').find_map(|pair| {
+        let pair = std::str::from_utf8(pair).ok()?;
+        let (key, value) = pair.split_once('=')?;
+        key.trim()
+            .eq_ignore_ascii_case("for")
+            .then(|| address_of(value))
+    })?
 }
 
 #[cfg(test)]
@@ -390,6 +390,29 @@ mod tests {
     }
 
     #[test]
+    fn what_a_client_writes_spoils_only_its_own_hop() {
+        let forwarded = proxies(&["10.0.0.0/8"], ForwardedHeader::Forwarded);
+        // An unmatched quote must not swallow the proxy's element after it.
+        let h = headers("forwarded", &["for=6.6.6.6;x=\", for=203.0.113.9"]);
+        assert_eq!(forwarded.resolve(ip("10.0.0.4"), &h), ip("203.0.113.9"));
+        let h = headers("forwarded", &["x=\", for=203.0.113.9"]);
+        assert_eq!(forwarded.resolve(ip("10.0.0.4"), &h), ip("203.0.113.9"));
+        // A byte that is not ASCII spoils the client's hop, not the line.
+        let xff = proxies(&["10.0.0.0/8"], ForwardedHeader::XForwardedFor);
+        let mut h = HeaderMap::new();
+        h.append(
+            "x-forwarded-for",
+            axum::http::HeaderValue::from_bytes(b"\xff, 203.0.113.9").unwrap(),
+        );
+        assert_eq!(xff.resolve(ip("10.0.0.4"), &h), ip("203.0.113.9"));
+        h.insert(
+            "forwarded",
+            axum::http::HeaderValue::from_bytes(b"for=\xff, for=203.0.113.9").unwrap(),
+        );
+        assert_eq!(forwarded.resolve(ip("10.0.0.4"), &h), ip("203.0.113.9"));
+    }
+
+    #[test]
     fn x_real_ip_is_one_address() {
         let trusted = proxies(&["127.0.0.1"], ForwardedHeader::XRealIp);
         let h = headers("x-real-ip", &["203.0.113.9"]);
@@ -410,6 +433,10 @@ mod tests {
             "proxy",
             "10.0.0.0/x",
             "",
+            "10.0.0.7/8",
+            "10.0.0.0/+8",
+            "fd00::1/64",
+            "10.0.0.0/",
         ] {
             assert!(
                 TrustedProxies::parse(&[bad], ForwardedHeader::default()).is_err(),
@@ -424,6 +451,15 @@ mod tests {
         assert!(parsed.trusts(ip("10.255.0.1")));
         assert!(!parsed.trusts(ip("11.0.0.1")));
         assert!(parsed.trusts(ip("fd00::1")));
+        assert!(parsed.trusts(ip("::ffff:10.1.2.3")));
+        let single = proxies(
+            &["10.0.0.7/32", "::ffff:192.168.0.0/112"],
+            ForwardedHeader::default(),
+        );
+        assert!(single.trusts(ip("10.0.0.7")));
+        assert!(!single.trusts(ip("10.0.0.8")));
+        assert!(single.trusts(ip("192.168.7.1")));
+        assert!(!single.trusts(ip("192.169.0.1")));
         assert!(!parsed.trusts(ip("fd00::2")));
         assert_eq!(
             "Forwarded".parse::<ForwardedHeader>(),

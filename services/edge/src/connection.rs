@@ -412,7 +412,7 @@ async fn connected(
             metadata_json: json!({
                 "capabilities": capabilities,
                 "edge_id": edge.edge_id,
-                "raw_remote_ip": remote.socket.ip().to_string(),
+                "raw_remote_ip": remote.socket.ip().to_canonical().to_string(),
                 "resolved_client_ip": remote.client.to_string(),
             })
             .to_string(),
