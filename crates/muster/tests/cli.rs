@@ -497,6 +497,50 @@ fn wait_for_line(
     }
 }
 
+/// SIGTERM with peers connected: every peer gets 1001 `server shutdown`
+/// before the process ends (ending the runtime would drop connections
+/// whose close is still on its way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_peer_with_1001_before_muster_exits() {
+    use muster_protocol::client::{Next, TokenVia, open};
+    use muster_protocol::device::DeviceKey;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut served = Served::start(&data, &[]);
+    let token = served.token().unwrap();
+    let endpoints: Endpoints =
+        serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
+    let url = endpoints.edge_ws_url.unwrap();
+    let mut peers = Vec::new();
+    for n in 0..24 {
+        let mut ws = open(&url, &token, TokenVia::Bearer, None).await.unwrap();
+        let role = if n % 2 == 0 { "node" } else { "client" };
+        ws.handshake(&DeviceKey::generate(), role, serde_json::json!({}))
+            .await;
+        peers.push(ws);
+    }
+    served.terminate();
+    let mut closes = Vec::new();
+    for ws in &mut peers {
+        // Events (presence) may come before the close.
+        let close = loop {
+            match ws.next(Duration::from_secs(10)).await {
+                Next::Json(_) => continue,
+                other => break other,
+            }
+        };
+        closes.push(close);
+    }
+    let status = tokio::task::spawn_blocking(move || served.wait(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    for close in closes {
+        assert_eq!(close, Next::Closed(1001, "server shutdown".into()));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_watch_shows_a_node_connecting_and_leaving_live() {
     watch_a_node_come_and_go(true).await;

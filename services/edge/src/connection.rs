@@ -47,8 +47,10 @@ async fn send_close(sink: &mut Sink, close: Close) {
     .await;
 }
 
-/// How long the edge waits for a peer to answer its close (Part B: a
-/// shutdown terminates after 250 ms; `ws` waits the same for every close).
+/// How long the edge waits for a peer to answer its close: Part B's 250 ms
+/// before a shutdown terminates, for every close (`ws` waits up to 30 s
+/// for the others; a peer that has not answered in 250 ms on a live
+/// connection is not going to, and it would hold the socket meanwhile).
 const CLOSE_LINGER: Duration = Duration::from_millis(250);
 
 /// After the edge's own close, reads (and drops) what the peer still sends

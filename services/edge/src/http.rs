@@ -65,6 +65,11 @@ pub(crate) async fn serve(
             _ = edge.shutdown.cancelled() => {
                 edge.registry.close_all(muster_protocol::close::SERVER_SHUTDOWN);
                 graceful.shutdown().await;
+                // Each connection's end is bounded (its last requests,
+                // the close, the linger), and so is the process's wait
+                // for all of this (`shutdown_grace_secs`).
+                edge.connections.close();
+                edge.connections.wait().await;
                 return Ok(());
             }
             accepted = listener.accept() => match accepted {
@@ -183,6 +188,7 @@ async fn upgrade(
     }
     let token = presented_token(&headers, offered.iter().map(String::as_str));
     let max = edge.config.max_message_bytes;
+    let connections = edge.connections.clone();
     // Peers send small JSON frames; tungstenite's 128 KiB default read
     // buffer is allocated eagerly per connection and would dominate the
     // memory of an edge holding many idle peers. Larger frames still
@@ -193,7 +199,7 @@ async fn upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             let cert = cert.and_then(|axum::Extension(ClientCert(cert))| cert);
-            connection::run(edge, socket, token, remote, cert)
+            connections.track_future(connection::run(edge, socket, token, remote, cert))
         })
 }
 

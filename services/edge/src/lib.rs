@@ -146,6 +146,10 @@ pub struct Edge {
     refresh_round: std::sync::atomic::AtomicU64,
     upgrade_limit: limit::UpgradeLimit,
     shutdown: CancellationToken,
+    /// Every upgraded connection's task. Once upgraded, a connection is no
+    /// longer HTTP's to wait for at shutdown, and the process must not end
+    /// before each has sent its 1001 and finished what its peer sent last.
+    connections: tokio_util::task::TaskTracker,
 }
 
 /// At most this many changes share one batched call.
@@ -221,6 +225,7 @@ impl Edge {
             connection_changes,
             refresh_round: Default::default(),
             shutdown,
+            connections: tokio_util::task::TaskTracker::new(),
         })
     }
 

@@ -35,7 +35,8 @@ pub(crate) struct Peer {
     /// time, so that an announcement made with what the peer reported
     /// before never lands after, and undoes, a newer beacon.
     pub(crate) presence_writes: tokio::sync::Mutex<()>,
-    /// The remote address the edge saw.
+    /// The client's address as the edge resolved it (its socket's, or the
+    /// one trusted proxies named).
     pub(crate) observed_ip: String,
     pub(crate) outbound: Outbound,
     /// Topics whose diffs this peer receives.
