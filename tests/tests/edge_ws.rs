@@ -1420,6 +1420,46 @@ async fn stall_presence_writes(store_url: &str) -> Box<dyn std::any::Any + Send>
     }
 }
 
+// A request in flight when the edge stops is answered before the 1001
+// (Part B: the close, then termination after 250 ms), also when the
+// answer is produced after the shutdown began.
+muster_e2e::on_both_stores! {
+    async fn a_request_in_flight_at_shutdown_is_answered_before_the_1001(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut node = admin(&host).await;
+        node.handshake(&DeviceKey::generate(), "node", json!({}))
+            .await;
+        let stalled = stall_presence_writes(&host.config.store_url()).await;
+        node.send(json!({"request_id": "b1", "type": "presence.beacon", "payload": {}}))
+            .await;
+        // The beacon reaches the stalled store, the edge begins to stop,
+        // and only then can the beacon finish: within the edge's 250 ms
+        // for requests in flight (this test runs alone, see
+        // .config/nextest.toml).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let stopping = tokio::spawn(host.stop());
+        tokio::task::yield_now().await;
+        drop(stalled);
+        let mut seen = Vec::new();
+        loop {
+            match node.next(Duration::from_secs(10)).await {
+                Next::Json(frame) if frame["request_id"] == "b1" => {
+                    assert_eq!(frame["ok"], true, "{frame}");
+                    seen.push("answer".to_owned());
+                }
+                Next::Json(_) => {}
+                Next::Closed(code, reason) => {
+                    seen.push(format!("{code} {reason}"));
+                    break;
+                }
+                other => panic!("{other:?} after {seen:?}"),
+            }
+        }
+        assert_eq!(seen, ["answer", "1001 server shutdown"]);
+        tokio::time::timeout(Duration::from_secs(10), stopping).await.unwrap().unwrap();
+    }
+}
+
 // A request that waits on a stalled store (until the edge's 10 s deadline)
 // does not stop the heartbeat: the peer keeps answering pings meanwhile and
 // stays connected, also while its later frames wait unread, and its

@@ -507,7 +507,9 @@ async fn sigterm_closes_every_peer_with_1001_before_muster_exits() {
 
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let mut served = Served::start(&data, &[]);
+    // A drain that stalls would end only at the grace; a clean one well
+    // before it.
+    let mut served = Served::start(&data, &[("MUSTER_SHUTDOWN_GRACE_SECS", "20")]);
     let token = served.token().unwrap();
     let endpoints: Endpoints =
         serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
@@ -521,6 +523,7 @@ async fn sigterm_closes_every_peer_with_1001_before_muster_exits() {
         peers.push(ws);
     }
     served.terminate();
+    let terminated = Instant::now();
     let mut closes = Vec::new();
     for ws in &mut peers {
         // Events (presence) may come before the close.
@@ -536,6 +539,8 @@ async fn sigterm_closes_every_peer_with_1001_before_muster_exits() {
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
+    let took = terminated.elapsed();
+    assert!(took < Duration::from_secs(10), "{took:?}");
     for close in closes {
         assert_eq!(close, Next::Closed(1001, "server shutdown".into()));
     }

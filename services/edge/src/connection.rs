@@ -166,8 +166,9 @@ async fn serve(
     // A peer still authenticating or in its handshake is closed at shutdown
     // as a connected one is, rather than left to its handshake timeout.
     let (claims, handshaken) = tokio::select! {
-        before = before => before?,
+        biased;
         () = edge.shutdown.cancelled() => return Err(close::SERVER_SHUTDOWN),
+        before = before => before?,
     };
     Box::pin(connected(
         edge,
@@ -459,16 +460,36 @@ async fn connected(
         return Err(close::TOKEN_INVALIDATED);
     }
     tracing::info!(connection_id = %peer.connection_id, device_id = %peer.device_id, role, tenant_id = %claims.tenant_id, "peer connected");
-    Box::pin(register(edge, &peer)).await;
-    if !send_text(sink, handshaken.reply.clone()).await {
-        Box::pin(leave(edge, &peer)).await;
-        return Ok(());
-    }
-    if in_presence {
-        // A refusal is not final: the edge's refresh announces every peer
-        // presence has not taken.
-        if let Err(status) = Box::pin(announce(edge, &peer)).await {
-            tracing::warn!(code = ?status.code(), "presence upsert on connect failed; the next refresh tries again");
+    // Shutdown does not wait for these: each may take a batched call's
+    // deadline while the services stop too.
+    let arrive = async {
+        Box::pin(register(edge, &peer)).await;
+        if !send_text(sink, handshaken.reply.clone()).await {
+            return false;
+        }
+        if in_presence {
+            // A refusal is not final: the edge's refresh announces every
+            // peer presence has not taken.
+            if let Err(status) = Box::pin(announce(edge, &peer)).await {
+                tracing::warn!(code = ?status.code(), "presence upsert on connect failed; the next refresh tries again");
+            }
+        }
+        true
+    };
+    let arrived = tokio::select! {
+        biased;
+        () = edge.shutdown.cancelled() => None,
+        arrived = arrive => Some(arrived),
+    };
+    match arrived {
+        Some(true) => {}
+        Some(false) => {
+            Box::pin(leave(edge, &peer)).await;
+            return Ok(());
+        }
+        None => {
+            Box::pin(leave(edge, &peer)).await;
+            return Err(close::SERVER_SHUTDOWN);
         }
     }
 
@@ -498,17 +519,30 @@ async fn connected(
                     // 250 ms after its close), and their answers go out
                     // before the close.
                     let _ = tokio::time::timeout(SHUTDOWN_FINISH, requests.finish()).await;
-                    if let Some(Outgoing::Text(first)) = inbox.try_recv() {
-                        let _ = tokio::time::timeout(Duration::from_secs(1), write_queued(sink, first, &mut inbox)).await;
-                    }
+                    // Everything queued goes, past any close queued
+                    // meanwhile: the 1001 follows.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                        while let Some(out) = inbox.try_recv() {
+                            if let Outgoing::Text(first) = out
+                                && write_queued(sink, first, &mut inbox).await.is_err()
+                            {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
                     return Err(close::SERVER_SHUTDOWN);
                 }
                 _ = &mut slow_consumer => return Err(close::SLOW_CONSUMER),
                 out = inbox.recv() => match out {
                     Outgoing::Text(text) => {
+                        // A peer that stops reading blocks the write: it
+                        // gives way to the slow-consumer limit and to
+                        // shutdown.
                         let written = tokio::select! {
                             written = write_queued(sink, text, &mut inbox) => written,
                             _ = &mut slow_consumer => return Err(close::SLOW_CONSUMER),
+                            _ = &mut shutdown => return Err(close::SERVER_SHUTDOWN),
                         };
                         match written {
                             Ok(None) => {}
@@ -531,17 +565,24 @@ async fn connected(
                         tracing::info!(connection_id = %peer.connection_id, "no pong: terminating");
                         return Ok(());
                     }
-                    if sink.send(Message::Ping(Default::default())).await.is_err() {
+                    // A ping that cannot be written for as long as a pong
+                    // may be missing means a peer that is not reading: as
+                    // gone as one that does not answer.
+                    let sent = tokio::select! {
+                        sent = tokio::time::timeout(edge.config.pong_timeout, sink.send(Message::Ping(Default::default()))) => sent,
+                        _ = &mut shutdown => return Err(close::SERVER_SHUTDOWN),
+                    };
+                    if !matches!(sent, Ok(Ok(()))) {
                         return Ok(());
                     }
                 }
                 frame = stream.next(), if requests.has_room() => match frame {
                     None => {
-                        requests.finish_after_the_peer_left(&mut inbox).await;
+                        requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown).await;
                         return Ok(());
                     }
                     Some(Err(error)) => {
-                        requests.finish_after_the_peer_left(&mut inbox).await;
+                        requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown).await;
                         return refused(&error).map_or(Ok(()), Err);
                     }
                     Some(Ok(Message::Close(_))) => {
@@ -549,7 +590,7 @@ async fn connected(
                         // it leaves with the flush, so the peer's close is
                         // clean (not 1006).
                         let _ = tokio::time::timeout(Duration::from_secs(1), sink.flush()).await;
-                        requests.finish_after_the_peer_left(&mut inbox).await;
+                        requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown).await;
                         return Ok(());
                     }
                     Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
@@ -610,9 +651,14 @@ impl Drop for Deregister {
 /// shutdown both are left to the TTL and to the next edge.
 async fn leave(edge: &Edge, peer: &Peer) {
     edge.registry.remove(&peer.connection_id);
-    if edge.shutdown.is_cancelled() {
-        return;
+    tokio::select! {
+        biased;
+        () = edge.shutdown.cancelled() => {}
+        () = Box::pin(tell_services_of_leaving(edge, peer)) => {}
     }
+}
+
+async fn tell_services_of_leaving(edge: &Edge, peer: &Peer) {
     if peer.registered.load(Ordering::Relaxed)
         && let Err(status) = edge.unregister(peer.connection_id.clone()).await
     {
@@ -623,8 +669,19 @@ async fn leave(edge: &Edge, peer: &Peer) {
             tenant_id: peer.claims.tenant_id.clone(),
             connection_id: peer.connection_id.clone(),
         };
-        if let Err(status) = edge.presence().untrack_connection(untrack).await {
-            tracing::warn!(code = ?status.code(), "untracking a closed connection's topics failed");
+        // Bounded as batched calls are: a stuck presence must not keep
+        // the connection's task.
+        match tokio::time::timeout(
+            crate::BATCH_DEADLINE,
+            edge.presence().untrack_connection(untrack),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => {
+                tracing::warn!(code = ?status.code(), "untracking a closed connection's topics failed")
+            }
+            Err(_) => tracing::warn!("untracking a closed connection's topics timed out"),
         }
     }
     let still_here = edge
@@ -770,9 +827,22 @@ impl<'a, H: FnMut(Utf8Bytes) -> Handling<'a>> Requests<'a, H> {
     /// What a peer asked for before it left still happens (a node's last
     /// result is applied), though the answers have nowhere to go: its
     /// queue takes nothing more meanwhile, events included.
-    async fn finish_after_the_peer_left(&mut self, inbox: &mut outbound::Inbox) {
+    /// At shutdown, what is left of the wait shrinks to
+    /// [`SHUTDOWN_FINISH`].
+    async fn finish_after_the_peer_left(
+        &mut self,
+        inbox: &mut outbound::Inbox,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) {
         inbox.shut();
-        let _ = tokio::time::timeout(FINISH_AFTER_LEAVING, self.finish()).await;
+        let finish = tokio::time::timeout(FINISH_AFTER_LEAVING, self.finish());
+        tokio::pin!(finish);
+        tokio::select! {
+            _ = &mut finish => {}
+            () = shutdown.cancelled() => {
+                let _ = tokio::time::timeout(SHUTDOWN_FINISH, finish).await;
+            }
+        }
     }
 }
 

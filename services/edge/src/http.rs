@@ -63,7 +63,11 @@ pub(crate) async fn serve(
     loop {
         let (tcp, remote) = tokio::select! {
             _ = edge.shutdown.cancelled() => {
-                edge.registry.close_all(muster_protocol::close::SERVER_SHUTDOWN);
+                // Refused at once from here on, so that peers go to
+                // another edge instead of waiting in the backlog.
+                drop(listener);
+                // Every connection sees the same signal, in every phase,
+                // and closes itself with 1001.
                 graceful.shutdown().await;
                 // Each connection's end is bounded (its last requests,
                 // the close, the linger), and so is the process's wait
@@ -188,7 +192,9 @@ async fn upgrade(
     }
     let token = presented_token(&headers, offered.iter().map(String::as_str));
     let max = edge.config.max_message_bytes;
-    let connections = edge.connections.clone();
+    // Taken while the upgrade request is served (hyper's graceful shutdown
+    // waits for that), so the connection counts before its task starts.
+    let tracked = edge.connections.token();
     // Peers send small JSON frames; tungstenite's 128 KiB default read
     // buffer is allocated eagerly per connection and would dominate the
     // memory of an edge holding many idle peers. Larger frames still
@@ -199,7 +205,10 @@ async fn upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             let cert = cert.and_then(|axum::Extension(ClientCert(cert))| cert);
-            connections.track_future(connection::run(edge, socket, token, remote, cert))
+            async move {
+                let _tracked = tracked;
+                connection::run(edge, socket, token, remote, cert).await;
+            }
         })
 }
 

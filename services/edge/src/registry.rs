@@ -254,15 +254,6 @@ impl Registry {
         }
         closed
     }
-
-    /// Closes every connection (server shutdown).
-    pub(crate) fn close_all(&self, close: Close) {
-        for peers in self.peers.read().expect("registry lock").values() {
-            for peer in peers.values() {
-                peer.outbound.close(close);
-            }
-        }
-    }
 }
 
 #[cfg(test)]
