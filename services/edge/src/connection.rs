@@ -479,7 +479,7 @@ async fn connected(
     let arrived = tokio::select! {
         biased;
         () = edge.shutdown.cancelled() => None,
-        arrived = arrive => Some(arrived),
+        arrived = Box::pin(arrive) => Some(arrived),
     };
     match arrived {
         Some(true) => {}
@@ -569,7 +569,9 @@ async fn connected(
                     // may be missing means a peer that is not reading: as
                     // gone as one that does not answer.
                     let sent = tokio::select! {
-                        sent = tokio::time::timeout(edge.config.pong_timeout, sink.send(Message::Ping(Default::default()))) => sent,
+                        // Boxed: its timer would otherwise be room in every
+                        // idle connection's future.
+                        sent = Box::pin(tokio::time::timeout(edge.config.pong_timeout, sink.send(Message::Ping(Default::default())))) => sent,
                         _ = &mut shutdown => return Err(close::SERVER_SHUTDOWN),
                     };
                     if !matches!(sent, Ok(Ok(()))) {
@@ -578,11 +580,11 @@ async fn connected(
                 }
                 frame = stream.next(), if requests.has_room() => match frame {
                     None => {
-                        requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown).await;
+                        Box::pin(requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown)).await;
                         return Ok(());
                     }
                     Some(Err(error)) => {
-                        requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown).await;
+                        Box::pin(requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown)).await;
                         return refused(&error).map_or(Ok(()), Err);
                     }
                     Some(Ok(Message::Close(_))) => {
@@ -590,7 +592,7 @@ async fn connected(
                         // it leaves with the flush, so the peer's close is
                         // clean (not 1006).
                         let _ = tokio::time::timeout(Duration::from_secs(1), sink.flush()).await;
-                        requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown).await;
+                        Box::pin(requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown)).await;
                         return Ok(());
                     }
                     Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
@@ -828,7 +830,8 @@ impl<'a, H: FnMut(Utf8Bytes) -> Handling<'a>> Requests<'a, H> {
     /// result is applied), though the answers have nowhere to go: its
     /// queue takes nothing more meanwhile, events included.
     /// At shutdown, what is left of the wait shrinks to
-    /// [`SHUTDOWN_FINISH`].
+    /// [`SHUTDOWN_FINISH`]. Callers box it: its timers would otherwise be
+    /// room in every idle connection's future.
     async fn finish_after_the_peer_left(
         &mut self,
         inbox: &mut outbound::Inbox,
