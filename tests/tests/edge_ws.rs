@@ -1460,6 +1460,54 @@ muster_e2e::on_both_stores! {
     }
 }
 
+// A service that does not answer fails the request at the edge's call
+// deadline (10 s) with `internal_error`, where the request used to wait for
+// as long as the service did; the peer stays connected.
+muster_e2e::on_both_stores! {
+    async fn a_request_to_a_hung_service_fails_at_the_call_deadline(store: Option<String>) {
+        use sqlx::Connection;
+        let host = Host::start(store).await;
+        let mut operator = admin(&host).await;
+        operator
+            .handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
+            .await;
+        let url = host.config.store_url();
+        // Tracking a topic writes its session: held up by a write lock on
+        // SQLite, by a table lock on Postgres.
+        let stalled: Box<dyn std::any::Any + Send> = if url.starts_with("sqlite:") {
+            stall_presence_writes(&url).await
+        } else {
+            let mut connection = sqlx::PgConnection::connect(&url).await.unwrap();
+            sqlx::query("BEGIN").execute(&mut connection).await.unwrap();
+            sqlx::query("LOCK TABLE topic_sessions IN ACCESS EXCLUSIVE MODE")
+                .execute(&mut connection)
+                .await
+                .unwrap();
+            Box::new(connection)
+        };
+        let asked = std::time::Instant::now();
+        operator
+            .send(json!({"request_id": "t1", "type": "muster.topic.track",
+                         "payload": {"topic": "room-1", "principal": "alice", "kind": "human"}}))
+            .await;
+        let answer = loop {
+            match operator.next(Duration::from_secs(20)).await {
+                Next::Json(frame) if frame["request_id"] == "t1" => break frame,
+                Next::Json(_) => {}
+                other => panic!("{other:?}"),
+            }
+        };
+        let took = asked.elapsed();
+        assert_eq!(answer["ok"], false, "{answer}");
+        assert_eq!(answer["error"]["code"], "internal_error", "{answer}");
+        assert!(took >= Duration::from_secs(9), "{took:?}");
+        drop(stalled);
+        let pong = operator.call("ping", json!({})).await;
+        assert_eq!(pong["ok"], true, "{pong}");
+        host.stop().await;
+    }
+}
+
 // A request that waits on a stalled store (until the edge's 10 s deadline)
 // does not stop the heartbeat: the peer keeps answering pings meanwhile and
 // stays connected, also while its later frames wait unread, and its

@@ -671,19 +671,8 @@ async fn tell_services_of_leaving(edge: &Edge, peer: &Peer) {
             tenant_id: peer.claims.tenant_id.clone(),
             connection_id: peer.connection_id.clone(),
         };
-        // Bounded as batched calls are: a stuck presence must not keep
-        // the connection's task.
-        match tokio::time::timeout(
-            crate::BATCH_DEADLINE,
-            edge.presence().untrack_connection(untrack),
-        )
-        .await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(status)) => {
-                tracing::warn!(code = ?status.code(), "untracking a closed connection's topics failed")
-            }
-            Err(_) => tracing::warn!("untracking a closed connection's topics timed out"),
+        if let Err(status) = edge.presence().untrack_connection(untrack).await {
+            tracing::warn!(code = ?status.code(), "untracking a closed connection's topics failed");
         }
     }
     let still_here = edge

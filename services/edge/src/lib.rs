@@ -177,6 +177,18 @@ type Verified = (Arc<Claims>, std::time::Instant);
 /// Revocation does not wait for it: `token.revoked` evicts at once.
 const VERIFIED_TTL: Duration = Duration::from_secs(10);
 
+/// How long one call to identity or presence may take (a token check, a
+/// listing, a topic call; batched calls have [`BATCH_DEADLINE`]). A hung
+/// service then fails the call as unavailable, as a stopped one does:
+/// 1013 `try again later` for a token check, `internal_error` for a
+/// request, instead of holding the peer's handshake or requests.
+const CALL_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A channel whose every call ends by [`CALL_DEADLINE`]. Not the
+/// backplane's: its subscription is a stream that lives as long as the
+/// edge.
+type Bounded = tower::timeout::Timeout<MeshChannel>;
+
 /// How long the edge remembers a revoked token id.
 const REVOKED_MEMORY: Duration = Duration::from_secs(600);
 
@@ -233,12 +245,18 @@ impl Edge {
         self.registry.len() as u64
     }
 
-    fn identity(&self) -> IdentityClient<MeshChannel> {
-        IdentityClient::new(self.peers.identity.clone())
+    fn identity(&self) -> IdentityClient<Bounded> {
+        IdentityClient::new(tower::timeout::Timeout::new(
+            self.peers.identity.clone(),
+            CALL_DEADLINE,
+        ))
     }
 
-    fn presence(&self) -> PresenceClient<MeshChannel> {
-        PresenceClient::new(self.peers.presence.clone())
+    fn presence(&self) -> PresenceClient<Bounded> {
+        PresenceClient::new(tower::timeout::Timeout::new(
+            self.peers.presence.clone(),
+            CALL_DEADLINE,
+        ))
     }
 
     fn backplane(&self) -> BackplaneClient<MeshChannel> {
