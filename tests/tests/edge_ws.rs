@@ -1398,9 +1398,26 @@ muster_e2e::on_both_stores! {
     }
 }
 
-/// Blocks writes to the instance presence table until the returned
-/// connection is dropped: a store that has stalled.
-async fn stall_presence_writes(store_url: &str) -> Box<dyn std::any::Any + Send> {
+/// A store that has stalled: writes to one table (on SQLite, every write)
+/// wait until it is released or dropped.
+enum Stall {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl Stall {
+    /// Ends the stall at once (dropping it ends it when the connection's
+    /// close is processed).
+    async fn release(self) {
+        match self {
+            Stall::Sqlite(mut c) => sqlx::query("ROLLBACK").execute(&mut c).await.map(drop),
+            Stall::Postgres(mut c) => sqlx::query("ROLLBACK").execute(&mut c).await.map(drop),
+        }
+        .unwrap();
+    }
+}
+
+async fn stall_writes(store_url: &str, table: &str) -> Stall {
     use sqlx::Connection;
     if store_url.starts_with("sqlite:") {
         let mut connection = sqlx::SqliteConnection::connect(store_url).await.unwrap();
@@ -1408,15 +1425,15 @@ async fn stall_presence_writes(store_url: &str) -> Box<dyn std::any::Any + Send>
             .execute(&mut connection)
             .await
             .unwrap();
-        Box::new(connection)
+        Stall::Sqlite(connection)
     } else {
         let mut connection = sqlx::PgConnection::connect(store_url).await.unwrap();
         sqlx::query("BEGIN").execute(&mut connection).await.unwrap();
-        sqlx::query("LOCK TABLE instance_presence IN EXCLUSIVE MODE")
+        sqlx::query(&format!("LOCK TABLE {table} IN EXCLUSIVE MODE"))
             .execute(&mut connection)
             .await
             .unwrap();
-        Box::new(connection)
+        Stall::Postgres(connection)
     }
 }
 
@@ -1429,17 +1446,22 @@ muster_e2e::on_both_stores! {
         let mut node = admin(&host).await;
         node.handshake(&DeviceKey::generate(), "node", json!({}))
             .await;
-        let stalled = stall_presence_writes(&host.config.store_url()).await;
+        // Answered once the arrival (the presence entry included) is
+        // done: the stall must hold up what follows, not the arrival.
+        assert_eq!(node.call("ping", json!({})).await["ok"], true);
+        let stalled = stall_writes(&host.config.store_url(), "instance_presence").await;
         node.send(json!({"request_id": "b1", "type": "presence.beacon", "payload": {}}))
             .await;
         // The beacon reaches the stalled store, the edge begins to stop,
         // and only then can the beacon finish: within the edge's 250 ms
         // for requests in flight (this test runs alone, see
-        // .config/nextest.toml).
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // .config/nextest.toml). Not much later: SQLite's busy handler,
+        // where the beacon's write waits, sleeps longer the longer it
+        // waits (up to 100 ms between tries).
+        tokio::time::sleep(Duration::from_millis(100)).await;
         let stopping = tokio::spawn(host.stop());
         tokio::task::yield_now().await;
-        drop(stalled);
+        stalled.release().await;
         let mut seen = Vec::new();
         loop {
             match node.next(Duration::from_secs(10)).await {
@@ -1465,26 +1487,16 @@ muster_e2e::on_both_stores! {
 // as long as the service did; the peer stays connected.
 muster_e2e::on_both_stores! {
     async fn a_request_to_a_hung_service_fails_at_the_call_deadline(store: Option<String>) {
-        use sqlx::Connection;
         let host = Host::start(store).await;
         let mut operator = admin(&host).await;
         operator
             .handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
             .await;
-        let url = host.config.store_url();
-        // Tracking a topic writes its session: held up by a write lock on
-        // SQLite, by a table lock on Postgres.
-        let stalled: Box<dyn std::any::Any + Send> = if url.starts_with("sqlite:") {
-            stall_presence_writes(&url).await
-        } else {
-            let mut connection = sqlx::PgConnection::connect(&url).await.unwrap();
-            sqlx::query("BEGIN").execute(&mut connection).await.unwrap();
-            sqlx::query("LOCK TABLE topic_sessions IN ACCESS EXCLUSIVE MODE")
-                .execute(&mut connection)
-                .await
-                .unwrap();
-            Box::new(connection)
-        };
+        // Answered once the arrival (the presence entry included) is
+        // done: the stall must hold up what follows, not the arrival.
+        assert_eq!(operator.call("ping", json!({})).await["ok"], true);
+        // Tracking a topic writes its session.
+        let stalled = stall_writes(&host.config.store_url(), "topic_sessions").await;
         let asked = std::time::Instant::now();
         operator
             .send(json!({"request_id": "t1", "type": "muster.topic.track",
@@ -1518,7 +1530,10 @@ muster_e2e::on_both_stores! {
         let mut node = admin(&host).await;
         node.handshake(&DeviceKey::generate(), "node", json!({}))
             .await;
-        let stalled = stall_presence_writes(&host.config.store_url()).await;
+        // Answered once the arrival (the presence entry included) is
+        // done: the stall must hold up what follows, not the arrival.
+        assert_eq!(node.call("ping", json!({})).await["ok"], true);
+        let stalled = stall_writes(&host.config.store_url(), "instance_presence").await;
         // More than the edge reads ahead while one waits (64): reading
         // pauses, so the pongs wait unread in the socket too.
         let mut sent: Vec<String> = (0..70).map(|n| format!("b{n}")).collect();
@@ -1566,7 +1581,10 @@ muster_e2e::on_both_stores! {
         let key = DeviceKey::generate();
         let mut node = admin(&host).await;
         node.handshake(&key, "node", json!({})).await;
-        let stalled = stall_presence_writes(&host.config.store_url()).await;
+        // Answered once the arrival (the presence entry included) is
+        // done: the stall must hold up what follows, not the arrival.
+        assert_eq!(node.call("ping", json!({})).await["ok"], true);
+        let stalled = stall_writes(&host.config.store_url(), "instance_presence").await;
         node.send(json!({"request_id": "b1", "type": "presence.beacon", "payload": {"host": "first"}}))
             .await;
         node.send(json!({"request_id": "b2", "type": "presence.beacon", "payload": {"host": "last words"}}))

@@ -140,11 +140,6 @@ impl TrustedProxies {
                         format!("trusted proxy {entry:?}: the prefix must be 1 to {max}")
                     })?,
             };
-            if prefix == 0 {
-                return Err(format!(
-                    "trusted proxy {entry:?}: a prefix of 0 would trust every address"
-                ));
-            }
             // Peers' addresses are compared as IPv4 when they are IPv4
             // written as IPv6, so such a network is kept as IPv4 too.
             let address = written.to_canonical();
@@ -156,7 +151,7 @@ impl TrustedProxies {
             };
             if prefix == 0 {
                 return Err(format!(
-                    "trusted proxy {entry:?}: a prefix of 96 would trust every IPv4 address"
+                    "trusted proxy {entry:?}: would trust every address"
                 ));
             }
             let network = Network { address, prefix };
