@@ -124,61 +124,84 @@ struct Handshaken {
 }
 
 /// Runs one peer to the end.
-pub(crate) async fn run(
+///
+/// Not an `async fn`: the arguments of one stay in its future for as long
+/// as it runs, and this future is held by every connection for the whole
+/// of its life. The socket is split and the phase before the handshake is
+/// boxed here, so what the future keeps while a peer idles is the two
+/// halves, the edge and the boxed phase under way.
+pub(crate) fn run(
     edge: Arc<Edge>,
     socket: WebSocket,
     token: Option<String>,
     remote: PeerAddress,
     cert: Option<CertificateDer<'static>>,
-) {
+) -> impl Future<Output = ()> + Send {
     metrics::gauge!("muster_edge_sockets").increment(1.0);
-    let (mut sink, mut stream) = socket.split();
-    let outcome = Box::pin(serve(&edge, &mut sink, &mut stream, token, remote, cert)).await;
-    if let Err(close) = outcome {
-        Box::pin(send_close(&mut sink, close)).await;
-        // Boxed: inline, its timer would make every connection's task
-        // larger for the whole of its life (about 0.5 KB measured).
-        Box::pin(linger(&mut stream)).await;
+    let (sink, stream) = socket.split();
+    let before = Box::pin(before_connected(edge.clone(), sink, stream, token, cert));
+    async move {
+        let (mut sink, mut stream, before) = before.await;
+        let outcome = match before {
+            // Boxed: inline, this future would keep room for the connected
+            // phase's state while the connection closes, and for the
+            // handshake's while it is connected.
+            Ok((claims, handshaken)) => {
+                Box::pin(connected(
+                    &edge,
+                    &mut sink,
+                    &mut stream,
+                    claims,
+                    handshaken,
+                    remote,
+                ))
+                .await
+            }
+            Err(close) => Err(close),
+        };
+        if let Err(close) = outcome {
+            Box::pin(send_close(&mut sink, close)).await;
+            // Boxed: inline, its timer would make every connection's task
+            // larger for the whole of its life (about 0.5 KB measured).
+            Box::pin(linger(&mut stream)).await;
+        }
+        metrics::gauge!("muster_edge_sockets").decrement(1.0);
     }
-    metrics::gauge!("muster_edge_sockets").decrement(1.0);
 }
 
-async fn serve(
-    edge: &Arc<Edge>,
-    sink: &mut Sink,
-    stream: &mut Stream,
+/// Authentication and the handshake. It owns the socket's halves while it
+/// runs and hands them back, so that nothing of it outlives it: the
+/// token, the certificate and the handshake's data go with it.
+async fn before_connected(
+    edge: Arc<Edge>,
+    mut sink: Sink,
+    mut stream: Stream,
     token: Option<String>,
-    remote: PeerAddress,
     cert: Option<CertificateDer<'static>>,
-) -> Result<(), Close> {
-    // The phases before and after the handshake are boxed, and so is the
-    // handling of each frame: a future holds the state of its largest
-    // await, and gRPC calls are large, so inlining them would make every
-    // idle connection pay for a request it is not making. The connected
-    // phase is boxed too: inline, this future would keep room for the
-    // claims and handshake it moved into it (about 2 KB a connection).
+) -> (Sink, Stream, Result<(Arc<Claims>, Box<Handshaken>), Close>) {
+    // Each step is boxed, and so is the handling of each frame: a future
+    // holds the state of its largest await, and gRPC calls are large.
     let before = async {
-        let (claims, early) = Box::pin(authenticate(edge, stream, token)).await?;
-        let handshaken =
-            Box::pin(handshake(edge, sink, stream, &claims, early, cert.as_ref())).await?;
-        Ok((claims, handshaken))
+        let (claims, early) = Box::pin(authenticate(&edge, &mut stream, token)).await?;
+        let handshaken = Box::pin(handshake(
+            &edge,
+            &mut sink,
+            &mut stream,
+            &claims,
+            early,
+            cert.as_ref(),
+        ))
+        .await?;
+        Ok((claims, Box::new(handshaken)))
     };
     // A peer still authenticating or in its handshake is closed at shutdown
     // as a connected one is, rather than left to its handshake timeout.
-    let (claims, handshaken) = tokio::select! {
+    let outcome = tokio::select! {
         biased;
-        () = edge.shutdown.cancelled() => return Err(close::SERVER_SHUTDOWN),
-        before = before => before?,
+        () = edge.shutdown.cancelled() => Err(close::SERVER_SHUTDOWN),
+        before = before => before,
     };
-    Box::pin(connected(
-        edge,
-        sink,
-        stream,
-        claims,
-        Box::new(handshaken),
-        remote,
-    ))
-    .await
+    (sink, stream, outcome)
 }
 
 /// The close for a frame the WebSocket layer refused, as `ws` 8.x sends
@@ -383,7 +406,22 @@ fn cert_binds(cert: &CertificateDer<'_>, tenant_id: &str, device_id: &str, pubke
     bound_id && spki == pubkey.trim_end_matches('=')
 }
 
+/// A peer that has arrived: registered here and in the directory,
+/// answered, announced to presence.
+struct Arrived {
+    peer: Arc<Peer>,
+    outbound: outbound::Outbound,
+    inbox: outbound::Inbox,
+    /// Takes the peer out of the registry however the connection ends.
+    _registered: Deregister,
+}
+
 /// The connected peer: requests in, responses and events out, pings.
+///
+/// The arrival is a future of its own, boxed and gone once the peer has
+/// arrived, and every await of the loop but the idle one is boxed: this
+/// future is held by every connection for as long as it lasts, and holds
+/// room for the largest of its awaits.
 async fn connected(
     edge: &Arc<Edge>,
     sink: &mut Sink,
@@ -392,11 +430,153 @@ async fn connected(
     handshaken: Box<Handshaken>,
     remote: PeerAddress,
 ) -> Result<(), Close> {
+    let Some(Arrived {
+        peer,
+        outbound,
+        mut inbox,
+        _registered,
+    }) = Box::pin(arrive(edge, sink, claims, handshaken, remote)).await?
+    else {
+        return Ok(());
+    };
+    let mut ping = tokio::time::interval(edge.config.ping_interval);
+    ping.reset();
+    let mut last_pong = Instant::now();
+    let slow = inbox.slow();
+    // Made once, not per turn of the loop: the shutdown signal is shared by
+    // every connection, and registering with it locks it.
+    let shutdown = edge.shutdown.cancelled();
+    let slow_consumer = slow.notified();
+    tokio::pin!(shutdown, slow_consumer);
+    // Every way out of the loop returns from this block, so that the peer
+    // always leaves (registry, topics, presence) before the socket closes.
+    let outcome = async {
+        // Frames are handled one at a time in arrival order, beside the
+        // loop: a request that waits on a slow service must not stop the
+        // pings, the pongs or the events to this peer.
+        let mut requests = Requests::new(|text| Box::pin(handle_frame(edge, &peer, &outbound, text)));
+        loop {
+            tokio::select! {
+                () = requests.handled(), if requests.busy() => requests.start_next(),
+                _ = &mut shutdown => {
+                    Box::pin(async {
+                        // Requests already read get a moment (Tyrum
+                        // terminates 250 ms after its close), and their
+                        // answers go out before the close.
+                        let _ = tokio::time::timeout(SHUTDOWN_FINISH, requests.finish()).await;
+                        // Everything queued goes, past any close queued
+                        // meanwhile: the 1001 follows.
+                        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                            while let Some(out) = inbox.try_recv() {
+                                if let Outgoing::Text(first) = out
+                                    && write_queued(sink, first, &mut inbox).await.is_err()
+                                {
+                                    break;
+                                }
+                            }
+                        })
+                        .await;
+                    })
+                    .await;
+                    return Err(close::SERVER_SHUTDOWN);
+                }
+                _ = &mut slow_consumer => return Err(close::SLOW_CONSUMER),
+                out = inbox.recv() => match out {
+                    Outgoing::Text(text) => {
+                        // A peer that stops reading blocks the write: it
+                        // gives way to the slow-consumer limit and to
+                        // shutdown.
+                        let written = Box::pin(async {
+                            tokio::select! {
+                                written = write_queued(sink, text, &mut inbox) => written.map_err(|()| None),
+                                _ = &mut slow_consumer => Err(Some(close::SLOW_CONSUMER)),
+                                _ = &mut shutdown => Err(Some(close::SERVER_SHUTDOWN)),
+                            }
+                        })
+                        .await;
+                        match written {
+                            Ok(None) => {}
+                            Ok(Some(close)) | Err(Some(close)) => return Err(close),
+                            Err(None) => return Ok(()),
+                        }
+                    }
+                    Outgoing::Close(close) => return Err(close),
+                },
+                _ = ping.tick() => {
+                    if peer.claims.expired(now_ms()) {
+                        return Err(close::TOKEN_INVALIDATED);
+                    }
+                    if !requests.has_room() {
+                        // The socket is not being read, so the peer's pongs
+                        // wait in it: no judging it until reading resumes.
+                        last_pong = Instant::now();
+                    } else if last_pong.elapsed() > edge.config.pong_timeout {
+                        // Dropped without a close frame: the peer sees 1006.
+                        tracing::info!(connection_id = %peer.connection_id, "no pong: terminating");
+                        return Ok(());
+                    }
+                    // A ping that cannot be written for as long as a pong
+                    // may be missing means a peer that is not reading: as
+                    // gone as one that does not answer.
+                    let sent = tokio::select! {
+                        // Boxed: its timer would otherwise be room in every
+                        // idle connection's future.
+                        sent = Box::pin(tokio::time::timeout(edge.config.pong_timeout, sink.send(Message::Ping(Default::default())))) => sent,
+                        _ = &mut shutdown => return Err(close::SERVER_SHUTDOWN),
+                    };
+                    if !matches!(sent, Ok(Ok(()))) {
+                        return Ok(());
+                    }
+                }
+                frame = stream.next(), if requests.has_room() => match frame {
+                    None => {
+                        Box::pin(requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown)).await;
+                        return Ok(());
+                    }
+                    Some(Err(error)) => {
+                        Box::pin(requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown)).await;
+                        return refused(&error).map_or(Ok(()), Err);
+                    }
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite queued the answering close frame;
+                        // it leaves with the flush, so the peer's close is
+                        // clean (not 1006).
+                        let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), sink.flush())).await;
+                        Box::pin(requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown)).await;
+                        return Ok(());
+                    }
+                    Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
+                    Some(Ok(Message::Ping(_))) => {}
+                    Some(Ok(Message::Text(_) | Message::Binary(_))) if peer.expired.load(Ordering::Relaxed) => {
+                        return Err(close::CONVERSATION_EXPIRED);
+                    }
+                    Some(Ok(Message::Text(text))) => requests.push(text),
+                    Some(Ok(Message::Binary(bytes))) => {
+                        requests.push(Utf8Bytes::from(String::from_utf8_lossy(&bytes).into_owned()));
+                    }
+                },
+            }
+        }
+    }
+    .await;
+    Box::pin(leave(edge, &peer)).await;
+    outcome
+}
+
+/// Registers the peer, answers its proof and announces it to presence.
+/// `None` when the peer went away before the answer could be written.
+async fn arrive(
+    edge: &Arc<Edge>,
+    sink: &mut Sink,
+    claims: Arc<Claims>,
+    handshaken: Box<Handshaken>,
+    remote: PeerAddress,
+) -> Result<Option<Arrived>, Close> {
     let role = match handshaken.init.role {
         muster_protocol::handshake::Role::Client => "client",
         muster_protocol::handshake::Role::Node => "node",
     };
-    let (outbound, mut inbox) = outbound::channel();
+    let (outbound, inbox) = outbound::channel();
     let mode = handshaken.init.device.mode.clone().unwrap_or_default();
     let in_presence = mode != "cli" || edge.config.presence_includes_cli;
     let reported = in_presence.then(|| {
@@ -441,7 +621,7 @@ async fn connected(
         expired: Default::default(),
     });
     edge.registry.insert(peer.clone());
-    let _registered = Deregister {
+    let registered = Deregister {
         edge: edge.clone(),
         peer: peer.clone(),
     };
@@ -462,7 +642,7 @@ async fn connected(
     tracing::info!(connection_id = %peer.connection_id, device_id = %peer.device_id, role, tenant_id = %claims.tenant_id, "peer connected");
     // Shutdown does not wait for these: each may take a batched call's
     // deadline while the services stop too.
-    let arrive = async {
+    let arrival = async {
         Box::pin(register(edge, &peer)).await;
         if !send_text(sink, handshaken.reply.clone()).await {
             return false;
@@ -479,138 +659,24 @@ async fn connected(
     let arrived = tokio::select! {
         biased;
         () = edge.shutdown.cancelled() => None,
-        arrived = Box::pin(arrive) => Some(arrived),
+        arrived = arrival => Some(arrived),
     };
     match arrived {
-        Some(true) => {}
+        Some(true) => Ok(Some(Arrived {
+            peer,
+            outbound,
+            inbox,
+            _registered: registered,
+        })),
         Some(false) => {
             Box::pin(leave(edge, &peer)).await;
-            return Ok(());
+            Ok(None)
         }
         None => {
             Box::pin(leave(edge, &peer)).await;
-            return Err(close::SERVER_SHUTDOWN);
+            Err(close::SERVER_SHUTDOWN)
         }
     }
-
-    // What the handshake carried is not needed while the peer idles.
-    drop((handshaken, claims, mode));
-    let mut ping = tokio::time::interval(edge.config.ping_interval);
-    ping.reset();
-    let mut last_pong = Instant::now();
-    let slow = inbox.slow();
-    // Made once, not per turn of the loop: the shutdown signal is shared by
-    // every connection, and registering with it locks it.
-    let shutdown = edge.shutdown.cancelled();
-    let slow_consumer = slow.notified();
-    tokio::pin!(shutdown, slow_consumer);
-    // Every way out of the loop returns from this block, so that the peer
-    // always leaves (registry, topics, presence) before the socket closes.
-    let outcome = async {
-        // Frames are handled one at a time in arrival order, beside the
-        // loop: a request that waits on a slow service must not stop the
-        // pings, the pongs or the events to this peer.
-        let mut requests = Requests::new(|text| Box::pin(handle_frame(edge, &peer, &outbound, text)));
-        loop {
-            tokio::select! {
-                () = requests.handled(), if requests.busy() => requests.start_next(),
-                _ = &mut shutdown => {
-                    // Requests already read get a moment (Tyrum terminates
-                    // 250 ms after its close), and their answers go out
-                    // before the close.
-                    let _ = tokio::time::timeout(SHUTDOWN_FINISH, requests.finish()).await;
-                    // Everything queued goes, past any close queued
-                    // meanwhile: the 1001 follows.
-                    let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                        while let Some(out) = inbox.try_recv() {
-                            if let Outgoing::Text(first) = out
-                                && write_queued(sink, first, &mut inbox).await.is_err()
-                            {
-                                break;
-                            }
-                        }
-                    })
-                    .await;
-                    return Err(close::SERVER_SHUTDOWN);
-                }
-                _ = &mut slow_consumer => return Err(close::SLOW_CONSUMER),
-                out = inbox.recv() => match out {
-                    Outgoing::Text(text) => {
-                        // A peer that stops reading blocks the write: it
-                        // gives way to the slow-consumer limit and to
-                        // shutdown.
-                        let written = tokio::select! {
-                            written = write_queued(sink, text, &mut inbox) => written,
-                            _ = &mut slow_consumer => return Err(close::SLOW_CONSUMER),
-                            _ = &mut shutdown => return Err(close::SERVER_SHUTDOWN),
-                        };
-                        match written {
-                            Ok(None) => {}
-                            Ok(Some(close)) => return Err(close),
-                            Err(()) => return Ok(()),
-                        }
-                    }
-                    Outgoing::Close(close) => return Err(close),
-                },
-                _ = ping.tick() => {
-                    if peer.claims.expired(now_ms()) {
-                        return Err(close::TOKEN_INVALIDATED);
-                    }
-                    if !requests.has_room() {
-                        // The socket is not being read, so the peer's pongs
-                        // wait in it: no judging it until reading resumes.
-                        last_pong = Instant::now();
-                    } else if last_pong.elapsed() > edge.config.pong_timeout {
-                        // Dropped without a close frame: the peer sees 1006.
-                        tracing::info!(connection_id = %peer.connection_id, "no pong: terminating");
-                        return Ok(());
-                    }
-                    // A ping that cannot be written for as long as a pong
-                    // may be missing means a peer that is not reading: as
-                    // gone as one that does not answer.
-                    let sent = tokio::select! {
-                        // Boxed: its timer would otherwise be room in every
-                        // idle connection's future.
-                        sent = Box::pin(tokio::time::timeout(edge.config.pong_timeout, sink.send(Message::Ping(Default::default())))) => sent,
-                        _ = &mut shutdown => return Err(close::SERVER_SHUTDOWN),
-                    };
-                    if !matches!(sent, Ok(Ok(()))) {
-                        return Ok(());
-                    }
-                }
-                frame = stream.next(), if requests.has_room() => match frame {
-                    None => {
-                        Box::pin(requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown)).await;
-                        return Ok(());
-                    }
-                    Some(Err(error)) => {
-                        Box::pin(requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown)).await;
-                        return refused(&error).map_or(Ok(()), Err);
-                    }
-                    Some(Ok(Message::Close(_))) => {
-                        // tungstenite queued the answering close frame;
-                        // it leaves with the flush, so the peer's close is
-                        // clean (not 1006).
-                        let _ = tokio::time::timeout(Duration::from_secs(1), sink.flush()).await;
-                        Box::pin(requests.finish_after_the_peer_left(&mut inbox, &edge.shutdown)).await;
-                        return Ok(());
-                    }
-                    Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
-                    Some(Ok(Message::Ping(_))) => {}
-                    Some(Ok(Message::Text(_) | Message::Binary(_))) if peer.expired.load(Ordering::Relaxed) => {
-                        return Err(close::CONVERSATION_EXPIRED);
-                    }
-                    Some(Ok(Message::Text(text))) => requests.push(text),
-                    Some(Ok(Message::Binary(bytes))) => {
-                        requests.push(Utf8Bytes::from(String::from_utf8_lossy(&bytes).into_owned()));
-                    }
-                },
-            }
-        }
-    }
-    .await;
-    Box::pin(leave(edge, &peer)).await;
-    outcome
 }
 
 /// Records the connection in the directory, for directed delivery.

@@ -11,6 +11,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, Request, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post};
+use futures::FutureExt;
 use hyper::body::Incoming;
 use muster_protocol::{MISSING_SUBPROTOCOL_BODY, SUBPROTOCOL};
 use rustls::pki_types::CertificateDer;
@@ -205,10 +206,9 @@ async fn upgrade(
         .max_frame_size(max)
         .on_upgrade(move |socket| {
             let cert = cert.and_then(|axum::Extension(ClientCert(cert))| cert);
-            async move {
-                let _tracked = tracked;
-                connection::run(edge, socket, token, remote, cert).await;
-            }
+            // Not wrapped in an `async` block: that would hold the
+            // connection's future twice over (captured, and being awaited).
+            connection::run(edge, socket, token, remote, cert).map(move |()| drop(tracked))
         })
 }
 
