@@ -1520,6 +1520,66 @@ muster_e2e::on_both_stores! {
     }
 }
 
+// The edge acknowledges its progress beside the backplane stream: an
+// acknowledgement waiting on a stalled store does not stop deliveries
+// (it used to hold the stream until the store answered). On Postgres,
+// where the consumers' table alone can be stalled; on SQLite a stalled
+// write stalls every write, the presence entries that make events too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_acknowledgement_does_not_stop_deliveries() {
+    use sqlx::Connection;
+    let host = Host::start(Some(muster_e2e::postgres_store().await)).await;
+    let mut operator = admin(&host).await;
+    operator
+        .handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
+        .await;
+    let first = DeviceKey::generate();
+    let mut first_node = admin(&host).await;
+    first_node.handshake(&first, "node", json!({})).await;
+    upserted_entry(&mut operator, &first.device_id()).await;
+
+    let stalled = stall_writes(&host.config.store_url(), "outbox_consumers").await;
+    // The edge acknowledges what it delivered within a second; that
+    // acknowledgement now waits on the lock.
+    let mut watcher = sqlx::PgConnection::connect(&host.config.store_url())
+        .await
+        .unwrap();
+    let waited_for = std::time::Instant::now();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE 'INSERT INTO outbox_consumers%'",
+        )
+        .fetch_one(&mut watcher)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            waited_for.elapsed() < Duration::from_secs(10),
+            "no acknowledgement came to wait on the stall"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let second = DeviceKey::generate();
+    let mut second_node = admin(&host).await;
+    second_node.handshake(&second, "node", json!({})).await;
+    // Less than the 5 s a frame is waited for, so that a miss fails here.
+    let delivered = tokio::time::timeout(
+        Duration::from_secs(4),
+        upserted_entry(&mut operator, &second.device_id()),
+    )
+    .await;
+    stalled.release().await;
+    assert!(
+        delivered.is_ok(),
+        "the second node's presence.upserted waited for the stalled acknowledgement"
+    );
+    host.stop().await;
+}
+
 // A request that waits on a stalled store (until the edge's 10 s deadline)
 // does not stop the heartbeat: the peer keeps answering pings meanwhile and
 // stays connected, also while its later frames wait unread, and its

@@ -184,9 +184,8 @@ const VERIFIED_TTL: Duration = Duration::from_secs(10);
 /// request, instead of holding the peer's handshake or requests.
 const CALL_DEADLINE: Duration = Duration::from_secs(10);
 
-/// A channel whose every call ends by [`CALL_DEADLINE`]. Not the
-/// backplane's: its subscription is a stream that lives as long as the
-/// edge.
+/// A channel whose every call ends by [`CALL_DEADLINE`]. Every call but
+/// the backplane subscription, a stream that lives as long as the edge.
 type Bounded = tower::timeout::Timeout<MeshChannel>;
 
 /// How long the edge remembers a revoked token id.
@@ -259,8 +258,11 @@ impl Edge {
         ))
     }
 
-    fn backplane(&self) -> BackplaneClient<MeshChannel> {
-        BackplaneClient::new(self.peers.backplane.clone())
+    fn backplane(&self) -> BackplaneClient<Bounded> {
+        BackplaneClient::new(tower::timeout::Timeout::new(
+            self.peers.backplane.clone(),
+            CALL_DEADLINE,
+        ))
     }
 
     /// Upserts (with `presence.upserted`) or removes (with

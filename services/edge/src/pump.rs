@@ -247,11 +247,14 @@ const ACK_EVERY: Duration = Duration::from_secs(1);
 /// Follows the backplane for as long as the edge runs: at start from
 /// where this edge (by its id) last acknowledged, or from the head when it
 /// never did; after a broken stream, from the last position seen.
-/// Progress is acknowledged every [`ACK_EVERY`].
+/// Progress is acknowledged every [`ACK_EVERY`], beside the stream: an
+/// acknowledgement that waits on a slow store must not stop deliveries.
 pub(crate) async fn run(edge: Arc<Edge>) {
     let mut after: Option<i64> = None;
     let mut acked: Option<i64> = None;
+    let mut acking: Option<Acking<'_>> = None;
     let mut ack_tick = tokio::time::interval(ACK_EVERY);
+    ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let request = pb::SubscribeRequest {
             after_position: after.unwrap_or(0),
@@ -299,9 +302,21 @@ pub(crate) async fn run(edge: Arc<Edge>) {
                             }
                             None => break,
                         },
-                        _ = ack_tick.tick() => ack(&edge, after, &mut acked).await,
+                        done = async { acking.as_mut().expect("an acknowledgement in flight").await }, if acking.is_some() => {
+                            acking = None;
+                            if done.is_some() {
+                                acked = done;
+                            }
+                        }
+                        _ = ack_tick.tick(), if acking.is_none() => acking = ack(&edge, after, acked),
                         _ = edge.shutdown.cancelled() => {
-                            ack(&edge, after, &mut acked).await;
+                            // The last position seen, whether or not an
+                            // earlier acknowledgement is still on its way
+                            // (the backplane keeps the larger); as the
+                            // directory's farewell, given 2 s.
+                            if let Some(last) = ack(&edge, after, acked) {
+                                let _ = tokio::time::timeout(Duration::from_secs(2), last).await;
+                            }
                             return;
                         }
                     }
@@ -318,22 +333,28 @@ pub(crate) async fn run(edge: Arc<Edge>) {
     }
 }
 
-async fn ack(edge: &Edge, seen: Option<i64>, acked: &mut Option<i64>) {
-    let Some(position) = seen else { return };
-    if *acked == Some(position) {
-        return;
-    }
+/// An acknowledgement in flight: the position it acknowledged, once the
+/// backplane has it.
+type Acking<'a> = std::pin::Pin<Box<dyn Future<Output = Option<i64>> + Send + 'a>>;
+
+/// Acknowledges `seen` unless it is what was acknowledged last. The call
+/// ends by the edge's call deadline, so a hung backplane delays the next
+/// acknowledgement, never the stream.
+fn ack(edge: &Edge, seen: Option<i64>, acked: Option<i64>) -> Option<Acking<'_>> {
+    let position = seen.filter(|&seen| acked != Some(seen))?;
     let request = pb::AckRequest {
         consumer_id: edge.edge_id.clone(),
         position,
     };
-    match BackplaneClient::new(edge.peers.backplane.clone())
-        .ack(request)
-        .await
-    {
-        Ok(_) => *acked = Some(position),
-        Err(status) => tracing::debug!(code = ?status.code(), "acknowledging progress failed"),
-    }
+    Some(Box::pin(async move {
+        match edge.backplane().ack(request).await {
+            Ok(_) => Some(position),
+            Err(status) => {
+                tracing::debug!(code = ?status.code(), "acknowledging progress failed");
+                None
+            }
+        }
+    }))
 }
 
 /// How often the edge heartbeats its connection records.

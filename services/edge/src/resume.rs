@@ -4,7 +4,6 @@
 //! behind), so that it knows to re-read durable state.
 
 use muster_proto::v1 as pb;
-use muster_proto::v1::backplane_client::BackplaneClient;
 use serde_json::{Value, json};
 
 use crate::Edge;
@@ -33,7 +32,7 @@ pub(crate) async fn resume(edge: &Edge, peer: &Peer, payload: &Value) -> Outcome
         Some(id) if !id.trim().is_empty() => id,
         _ => return Outcome::Invalid("last_event_id must be a non-empty string"),
     };
-    let mut backplane = BackplaneClient::new(edge.peers.backplane.clone());
+    let mut backplane = edge.backplane();
     let located = backplane
         .locate(pb::LocateRequest {
             tenant_id: peer.claims.tenant_id.clone(),
