@@ -91,6 +91,10 @@ pub struct Config {
     /// The header those proxies write: `x-forwarded-for`, `forwarded` or
     /// `x-real-ip`.
     pub edge_forwarded_header: String,
+    /// Connections from the trusted proxies start with a PROXY protocol
+    /// header (version 1 or 2), as load balancers that pass TCP through
+    /// send it; one without is dropped.
+    pub edge_proxy_protocol: bool,
     /// The edge's own certificate and key (PEM): with both set it serves
     /// `wss://`, taking client certificates from the mesh CA optionally.
     pub edge_tls_cert: Option<PathBuf>,
@@ -141,6 +145,7 @@ impl Default for Config {
             edge_upgrades_per_ip_per_minute: 0,
             edge_trusted_proxies: Vec::new(),
             edge_forwarded_header: "x-forwarded-for".into(),
+            edge_proxy_protocol: false,
             edge_tls_cert: None,
             edge_tls_key: None,
         }
@@ -173,6 +178,7 @@ const ENV_KEYS: &[&str] = &[
     "edge_upgrades_per_ip_per_minute",
     "edge_trusted_proxies",
     "edge_forwarded_header",
+    "edge_proxy_protocol",
     "edge_tls_cert",
     "edge_tls_key",
 ];
@@ -292,7 +298,12 @@ impl Config {
         if self.cert_reload_secs == 0 {
             bail!("cert_reload_secs must be at least 1");
         }
-        self.trusted_proxies()?;
+        if self.trusted_proxies()?.is_empty() && self.edge_proxy_protocol {
+            bail!(
+                "edge_proxy_protocol needs edge_trusted_proxies: the header is read only \
+                 from the proxies named there"
+            );
+        }
         Ok(())
     }
 
@@ -439,6 +450,12 @@ mod tests {
             ("edge_trusted_proxies = [\"proxy.internal\"]\n", false),
             ("edge_forwarded_header = \"Forwarded\"\n", true),
             ("edge_forwarded_header = \"x-client-ip\"\n", false),
+            // The PROXY header is read from trusted proxies only.
+            ("edge_proxy_protocol = true\n", false),
+            (
+                "edge_proxy_protocol = true\nedge_trusted_proxies = \"10.0.0.0/8\"\n",
+                true,
+            ),
         ] {
             std::fs::write(&file, text).unwrap();
             let loaded = Config::load(Some(&file), NoFlags {});

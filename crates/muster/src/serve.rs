@@ -281,6 +281,9 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                 if !trusted_proxies.is_empty() {
                     tracing::info!(proxies = %trusted_proxies, "the edge believes forwarding headers from these proxies");
                 }
+                if config.edge_proxy_protocol {
+                    tracing::info!(proxies = %trusted_proxies, "connections from these proxies start with a PROXY protocol header");
+                }
                 let edge_config = muster_edge::EdgeConfig {
                     tls: edge_tls,
                     gateway_tenant: config.default_tenant.clone(),
@@ -289,6 +292,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                     max_message_bytes: config.edge_max_frame_bytes,
                     upgrades_per_ip_per_minute: config.edge_upgrades_per_ip_per_minute,
                     trusted_proxies,
+                    proxy_protocol: config.edge_proxy_protocol,
                     ..muster_edge::EdgeConfig::default()
                 };
                 let edge = muster_edge::Edge::new(

@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::presented_token;
 use crate::client_ip::PeerAddress;
-use crate::{Edge, connection};
+use crate::{Edge, connection, proxy_protocol};
 
 pub(crate) fn router(edge: Arc<Edge>) -> Router {
     Router::new()
@@ -50,7 +50,8 @@ pub(crate) fn tune_accepted(tcp: &tokio::net::TcpStream) {
 }
 
 /// Serves the edge's listener until shutdown, `wss://` when `tls` is set
-/// (each connection's TLS handshake in its own task, with a deadline), then
+/// (each connection's PROXY header, when its proxy sends one, and TLS
+/// handshake in its own task, each with a deadline), then
 /// HTTP with upgrades. At shutdown every peer is closed with 1001 `server
 /// shutdown`, and HTTP requests under way finish (the process bounds the
 /// wait: `shutdown_grace_secs`).
@@ -91,15 +92,51 @@ pub(crate) async fn serve(
         };
         let app = app.clone();
         let watcher = graceful.watcher();
-        let Some(tls) = tls.clone() else {
+        let proxied = edge.config.proxy_protocol
+            && edge
+                .config
+                .trusted_proxies
+                .trusts(remote.ip().to_canonical());
+        if !proxied && tls.is_none() {
             tokio::spawn(serve_connection(tcp, app, remote, None, watcher));
             continue;
-        };
-        let stopping = edge.shutdown.clone();
+        }
+        let (tls, stopping) = (tls.clone(), edge.shutdown.clone());
         tokio::spawn(async move {
+            let mut tcp = tcp;
+            // A connection still in its PROXY header or TLS handshake at
+            // shutdown is dropped: its watcher would hold the drain until
+            // the deadline.
+            let remote = if proxied {
+                let header = tokio::select! {
+                    _ = stopping.cancelled() => return,
+                    header = tokio::time::timeout(
+                        proxy_protocol::HEADER_DEADLINE,
+                        proxy_protocol::read_header(&mut tcp),
+                    ) => header,
+                };
+                match header {
+                    Ok(Ok(proxy_protocol::Header::Proxied(source))) => source,
+                    Ok(Ok(proxy_protocol::Header::Local)) => remote,
+                    Ok(Err(error)) => {
+                        metrics::counter!("muster_edge_proxy_headers_refused_total").increment(1);
+                        tracing::info!(%remote, %error, "connection from a trusted proxy dropped");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics::counter!("muster_edge_proxy_headers_refused_total").increment(1);
+                        tracing::info!(%remote, "no PROXY header from a trusted proxy in time: dropped");
+                        return;
+                    }
+                }
+            } else {
+                remote
+            };
+            let Some(tls) = tls else {
+                serve_connection(tcp, app, remote, None, watcher).await;
+                return;
+            };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-            // A handshake still under way at shutdown is dropped: its
-            // watcher would hold the drain until the deadline.
             let accepted = tokio::select! {
                 _ = stopping.cancelled() => return,
                 accepted = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)) => accepted,

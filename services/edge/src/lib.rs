@@ -12,6 +12,7 @@ mod connection;
 mod http;
 mod limit;
 mod outbound;
+mod proxy_protocol;
 mod pump;
 mod registry;
 mod resume;
@@ -87,6 +88,10 @@ pub struct EdgeConfig {
     /// The proxies whose forwarding headers name a peer's address (for
     /// the per-IP limit and presence); none: the socket's address.
     pub trusted_proxies: TrustedProxies,
+    /// Connections from the trusted proxies start with a PROXY protocol
+    /// header (version 1 or 2), whose source address stands for the
+    /// socket's.
+    pub proxy_protocol: bool,
 }
 
 impl Default for EdgeConfig {
@@ -103,6 +108,7 @@ impl Default for EdgeConfig {
             edge_id: None,
             upgrades_per_ip_per_minute: 0,
             trusted_proxies: TrustedProxies::default(),
+            proxy_protocol: false,
         }
     }
 }
