@@ -1607,14 +1607,13 @@ async fn a_stalled_acknowledgement_does_not_stop_deliveries() {
     operator
         .handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
         .await;
+    let stalled = stall_writes(&host.config.store_url(), "outbox_consumers").await;
+    // Delivered after the stall began, so that its acknowledgement (within
+    // a second) waits on the lock.
     let first = DeviceKey::generate();
     let mut first_node = admin(&host).await;
     first_node.handshake(&first, "node", json!({})).await;
     upserted_entry(&mut operator, &first.device_id()).await;
-
-    let stalled = stall_writes(&host.config.store_url(), "outbox_consumers").await;
-    // The edge acknowledges what it delivered within a second; that
-    // acknowledgement now waits on the lock.
     let mut watcher = sqlx::PgConnection::connect(&host.config.store_url())
         .await
         .unwrap();

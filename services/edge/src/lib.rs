@@ -190,8 +190,10 @@ const VERIFIED_TTL: Duration = Duration::from_secs(10);
 /// request, instead of holding the peer's handshake or requests.
 const CALL_DEADLINE: Duration = Duration::from_secs(10);
 
-/// A channel whose every call ends by [`CALL_DEADLINE`]. Every call but
-/// the backplane subscription, a stream that lives as long as the edge.
+/// A channel whose every call ends by [`CALL_DEADLINE`], for the calls
+/// made for a peer. The edge's own calls to the backplane (the
+/// subscription, acknowledgements, directory heartbeats) run one at a time
+/// beside its other work, without one (see pump).
 type Bounded = tower::timeout::Timeout<MeshChannel>;
 
 /// How long the edge remembers a revoked token id.
@@ -476,7 +478,15 @@ pub async fn serve_http(edge: Arc<Edge>, listener: TcpListener) -> std::io::Resu
     tokio::spawn(pump::keep_directory(edge.clone()));
     let tls = edge.config.tls.clone();
     let served = http::serve(edge, listener, tls).await;
-    pump.abort();
+    // The pump's last acknowledgement (at most 2 s) goes before it stops,
+    // so that a restarted edge of this name resumes where this one ended.
+    let mut pump = pump;
+    if tokio::time::timeout(Duration::from_secs(3), &mut pump)
+        .await
+        .is_err()
+    {
+        pump.abort();
+    }
     refresh.abort();
     served
 }

@@ -262,10 +262,16 @@ pub(crate) async fn run(edge: Arc<Edge>) {
             consumer_id: edge.edge_id.clone(),
             resume: after.is_none(),
         };
-        match BackplaneClient::new(edge.peers.backplane.clone())
-            .subscribe(request)
-            .await
-        {
+        // The subscription's answer (not its stream, which lasts as long as
+        // the edge) has the call deadline, and gives way to shutdown.
+        let mut backplane = BackplaneClient::new(edge.peers.backplane.clone());
+        let subscribed = tokio::select! {
+            subscribed = tokio::time::timeout(crate::CALL_DEADLINE, backplane.subscribe(request)) => {
+                subscribed.unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer to the subscription")))
+            }
+            _ = edge.shutdown.cancelled() => return,
+        };
+        match subscribed {
             Ok(stream) => {
                 let mut stream = stream.into_inner();
                 loop {
@@ -337,9 +343,11 @@ pub(crate) async fn run(edge: Arc<Edge>) {
 /// backplane has it.
 type Acking<'a> = std::pin::Pin<Box<dyn Future<Output = Option<i64>> + Send + 'a>>;
 
-/// Acknowledges `seen` unless it is what was acknowledged last. The call
-/// ends by the edge's call deadline, so a hung backplane delays the next
-/// acknowledgement, never the stream.
+/// Acknowledges `seen` unless it is what was acknowledged last. It runs
+/// beside the stream, so a hung backplane delays the next acknowledgement,
+/// never a delivery. No deadline: the backplane would go on writing a
+/// timed-out acknowledgement, and with one sent after each deadline the
+/// writes of a stalled store would pile up on its pool.
 fn ack(edge: &Edge, seen: Option<i64>, acked: Option<i64>) -> Option<Acking<'_>> {
     let position = seen.filter(|&seen| acked != Some(seen))?;
     let request = pb::AckRequest {
@@ -347,7 +355,8 @@ fn ack(edge: &Edge, seen: Option<i64>, acked: Option<i64>) -> Option<Acking<'_>>
         position,
     };
     Some(Box::pin(async move {
-        match edge.backplane().ack(request).await {
+        let mut backplane = BackplaneClient::new(edge.peers.backplane.clone());
+        match backplane.ack(request).await {
             Ok(_) => Some(position),
             Err(status) => {
                 tracing::debug!(code = ?status.code(), "acknowledging progress failed");
@@ -367,17 +376,14 @@ const DIRECTORY_HEARTBEAT: Duration = Duration::from_secs(5);
 /// records are dropped at once.
 pub(crate) async fn keep_directory(edge: Arc<Edge>) {
     let mut tick = tokio::time::interval(DIRECTORY_HEARTBEAT);
+    // A heartbeat that waited on a slow store is not followed by the
+    // missed ones at once.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut backplane = BackplaneClient::new(edge.peers.backplane.clone());
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = edge.shutdown.cancelled() => {
-                let mut backplane = edge.backplane();
-                let forget = backplane.forget_edge(pb::ForgetEdgeRequest {
-                    edge_id: edge.edge_id.clone(),
-                });
-                let _ = tokio::time::timeout(Duration::from_secs(2), forget).await;
-                return;
-            }
+            _ = edge.shutdown.cancelled() => return forget_edge(&edge).await,
         }
         // Only peers recorded before the heartbeat asked can be missing
         // from its answer.
@@ -387,12 +393,15 @@ pub(crate) async fn keep_directory(edge: Arc<Edge>) {
             .into_iter()
             .filter(|p| p.registered.load(std::sync::atomic::Ordering::Relaxed))
             .collect();
-        let heartbeat = edge
-            .backplane()
-            .heartbeat_edge(pb::HeartbeatEdgeRequest {
-                edge_id: edge.edge_id.clone(),
-            })
-            .await;
+        // No deadline, as for acknowledgements: one heartbeat at a time
+        // waits on a slow store. Shutdown does not wait for it.
+        let heartbeat = backplane.heartbeat_edge(pb::HeartbeatEdgeRequest {
+            edge_id: edge.edge_id.clone(),
+        });
+        let heartbeat = tokio::select! {
+            heartbeat = heartbeat => heartbeat,
+            _ = edge.shutdown.cancelled() => return forget_edge(&edge).await,
+        };
         let held: std::collections::HashSet<String> = match heartbeat {
             Ok(held) => held.into_inner().connection_ids.into_iter().collect(),
             Err(status) => {
@@ -411,6 +420,15 @@ pub(crate) async fn keep_directory(edge: Arc<Edge>) {
         }
         remove_orphans(&edge, held).await;
     }
+}
+
+/// At shutdown the edge's records go at once, rather than at their expiry.
+async fn forget_edge(edge: &Edge) {
+    let mut backplane = BackplaneClient::new(edge.peers.backplane.clone());
+    let forget = backplane.forget_edge(pb::ForgetEdgeRequest {
+        edge_id: edge.edge_id.clone(),
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(2), forget).await;
 }
 
 /// Removes the directory's records of connections this edge no longer
