@@ -219,19 +219,49 @@ muster_e2e::on_both_stores! {
         let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\x00\x2a".to_vec();
         v2.extend_from_slice(&"2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
         v2.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
-        v2.extend_from_slice(&[0xc7, 0x38, 0x22, 0x4b, 0xea, 0x00, 0x03, b'v', b'p', b'c']);
+        // Ports 51000 and 8787, then the TLV.
+        v2.extend_from_slice(&[0xc7, 0x38, 0x22, 0x53, 0xea, 0x00, 0x03, b'v', b'p', b'c']);
         let key = DeviceKey::generate();
         let mut node = open_from_address_after(&host, "127.0.0.2", &v2, &[]).await.unwrap();
         node.handshake(&key, "node", json!({"mode": "node"})).await;
         let entry = upserted_entry(&mut operator, &key.device_id()).await;
         assert_eq!(entry["ip"], "2001:db8::7", "{entry}");
         assert_eq!(entry["metadata"]["raw_remote_ip"], "2001:db8::7");
+        assert_eq!(entry["metadata"]["resolved_client_ip"], "2001:db8::7");
 
-        // From the proxy, without a header: no HTTP answer at all.
-        match open_from_address(&host, "127.0.0.2", &[]).await {
-            Ok(_) => panic!("a trusted proxy's connection without a PROXY header was served"),
-            Err(Error::Http(response)) => panic!("answered {}", response.status()),
-            Err(_) => {}
+        // Version 2's LOCAL (the proxy speaking for itself): the socket's
+        // address stands.
+        let local = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+        let key = DeviceKey::generate();
+        let mut node = open_from_address_after(&host, "127.0.0.2", local, &[]).await.unwrap();
+        node.handshake(&key, "node", json!({"mode": "node"})).await;
+        let entry = upserted_entry(&mut operator, &key.device_id()).await;
+        assert_eq!(entry["ip"], "127.0.0.2", "{entry}");
+
+        // A source that is itself a trusted proxy has its forwarding
+        // header read, as its socket would.
+        let chained = b"PROXY TCP4 127.0.0.2 127.0.0.1 51000 8787\r\n";
+        let key = DeviceKey::generate();
+        let mut node = open_from_address_after(
+            &host,
+            "127.0.0.2",
+            chained,
+            &[("x-forwarded-for", "203.0.113.9")],
+        )
+        .await
+        .unwrap();
+        node.handshake(&key, "node", json!({"mode": "node"})).await;
+        let entry = upserted_entry(&mut operator, &key.device_id()).await;
+        assert_eq!(entry["ip"], "203.0.113.9", "{entry}");
+        assert_eq!(entry["metadata"]["raw_remote_ip"], "127.0.0.2");
+
+        // From the proxy, without a header: dropped with no HTTP answer
+        // (an empty read, or a reset for the request left unread).
+        let address = host.ws_url().trim_start_matches("ws://").trim_end_matches("/ws").to_owned();
+        let upgrade = upgrade_request("/ws");
+        match raw_exchange_from("127.0.0.2", &address, upgrade.as_bytes()).await {
+            Ok(answer) => assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer)),
+            Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset),
         }
 
         // Not a trusted proxy: its own address, and no header is read.
@@ -241,11 +271,11 @@ muster_e2e::on_both_stores! {
         let entry = upserted_entry(&mut operator, &key.device_id()).await;
         assert_eq!(entry["ip"], "127.0.0.3", "{entry}");
         // Read as HTTP, it is a bad request; the 400 may be lost to a reset
-        // when the edge closes before the rest of the request arrives.
-        match open_from_address_after(&host, "127.0.0.3", v1, &[]).await {
-            Ok(_) => panic!("a PROXY header from a socket that is no trusted proxy was taken"),
-            Err(Error::Http(refused)) => assert_eq!(refused.status(), 400),
-            Err(_) => {}
+        // for the part of the request left unread.
+        let proxied = [&v1[..], upgrade.as_bytes()].concat();
+        match raw_exchange_from("127.0.0.3", &address, &proxied).await {
+            Ok(answer) => assert!(answer.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&answer)),
+            Err(error) => assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset),
         }
         host.stop().await;
     }
@@ -254,9 +284,20 @@ muster_e2e::on_both_stores! {
 /// What the edge sends back for `request`, read until it closes the
 /// connection.
 async fn raw_exchange(address: &str, request: &str) -> std::io::Result<Vec<u8>> {
+    raw_exchange_from("127.0.0.1", address, request.as_bytes()).await
+}
+
+/// [`raw_exchange`] from the loopback address `source`.
+async fn raw_exchange_from(
+    source: &str,
+    address: &str,
+    request: &[u8],
+) -> std::io::Result<Vec<u8>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut tcp = tokio::net::TcpStream::connect(address).await?;
-    tcp.write_all(request.as_bytes()).await?;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().unwrap())?;
+    let mut tcp = socket.connect(address.parse().unwrap()).await?;
+    tcp.write_all(request).await?;
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
         .await

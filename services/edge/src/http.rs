@@ -118,6 +118,8 @@ pub(crate) async fn serve(
                 match header {
                     Ok(Ok(proxy_protocol::Header::Proxied(source))) => source,
                     Ok(Ok(proxy_protocol::Header::Local)) => remote,
+                    // A TCP health check: connected, and closed again.
+                    Ok(Err(proxy_protocol::HeaderError::Closed)) => return,
                     Ok(Err(error)) => {
                         metrics::counter!("muster_edge_proxy_headers_refused_total").increment(1);
                         tracing::info!(%remote, %error, "connection from a trusted proxy dropped");

@@ -38,6 +38,9 @@ pub(crate) enum Header {
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum HeaderError {
+    /// The proxy closed without sending anything (a TCP health check).
+    #[error("closed before a PROXY header")]
+    Closed,
     #[error("reading the PROXY header: {0}")]
     Io(#[from] std::io::Error),
     #[error("malformed PROXY header: {0}")]
@@ -50,7 +53,11 @@ pub(crate) async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<Head
     // Both versions are told apart by their first 8 bytes, and neither's
     // shortest header (`PROXY UNKNOWN\r\n`, 15 bytes) is shorter.
     let mut start = [0u8; 8];
-    io.read_exact(&mut start).await?;
+    let first = io.read(&mut start).await?;
+    if first == 0 {
+        return Err(HeaderError::Closed);
+    }
+    io.read_exact(&mut start[first..]).await?;
     if start == V2_SIGNATURE[..8] {
         let mut rest = [0u8; 8];
         io.read_exact(&mut rest).await?;
@@ -80,15 +87,16 @@ pub(crate) async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<Head
 }
 
 /// `PROXY TCP4|TCP6 <source> <destination> <source port> <destination
-/// port>`, or `PROXY UNKNOWN` followed by anything.
+/// port>`, or `PROXY UNKNOWN` followed by anything (which the
+/// specification says to ignore, whatever its bytes).
 fn v1(line: &[u8]) -> Result<Header, HeaderError> {
+    if line == b"PROXY UNKNOWN" || line.starts_with(b"PROXY UNKNOWN ") {
+        return Ok(Header::Local);
+    }
     let line = std::str::from_utf8(line).map_err(|_| HeaderError::Malformed("not ASCII"))?;
     let mut fields = line.split(' ');
     fields.next(); // "PROXY"
     let family = fields.next();
-    if family == Some("UNKNOWN") {
-        return Ok(Header::Local);
-    }
     let fields: Vec<&str> = fields.collect();
     let [source, destination, source_port, destination_port] = fields[..] else {
         return Err(HeaderError::Malformed("version 1 needs four fields"));
@@ -133,14 +141,19 @@ fn v2(version_command: u8, family_protocol: u8, payload: &[u8]) -> Result<Header
         1 => {}
         _ => return Err(HeaderError::Malformed("unknown version 2 command")),
     }
-    // The transport: 0 unspecified, 1 stream, 2 datagram.
-    match family_protocol & 0x0f {
-        0 | 1 => {}
-        _ => return Err(HeaderError::Malformed("not a stream")),
+    // The specification's pairs of family and transport; any other is
+    // invalid. Datagrams are not what the edge serves.
+    match family_protocol {
+        0x00 | 0x11 | 0x21 | 0x31 => {}
+        0x12 | 0x22 | 0x32 => return Err(HeaderError::Malformed("not a stream")),
+        _ => return Err(HeaderError::Malformed("unknown version 2 family")),
     }
     match family_protocol >> 4 {
-        // AF_UNSPEC and AF_UNIX: no IP address to take.
-        0 | 3 => Ok(Header::Local),
+        // AF_UNSPEC: no addresses to take.
+        0 => Ok(Header::Local),
+        // AF_UNIX: two paths of 108 bytes, and no IP address to take.
+        3 if payload.len() >= 216 => Ok(Header::Local),
+        3 => Err(HeaderError::Malformed("short unix addresses")),
         1 => {
             let Some(a) = payload.get(..12) else {
                 return Err(HeaderError::Malformed("short IPv4 addresses"));
@@ -161,7 +174,7 @@ fn v2(version_command: u8, family_protocol: u8, payload: &[u8]) -> Result<Header
                 port,
             )))
         }
-        _ => Err(HeaderError::Malformed("unknown version 2 family")),
+        _ => unreachable!("families are checked above"),
     }
 }
 
@@ -210,6 +223,19 @@ mod tests {
         assert_eq!(rest, b"GET /ws");
         let (header, _) = read(b"PROXY UNKNOWN\r\n").await;
         assert_eq!(header.unwrap(), Header::Local);
+        let (header, rest) = read(b"PROXY UNKNOWN \xff\xfe\r\n").await;
+        assert_eq!(header.unwrap(), Header::Local);
+        assert_eq!(rest, b"GET /ws");
+    }
+
+    #[tokio::test]
+    async fn a_proxy_that_closes_without_a_byte_is_told_apart() {
+        let (client, mut server) = tokio::io::duplex(64);
+        drop(client);
+        assert!(matches!(
+            read_header(&mut server).await,
+            Err(HeaderError::Closed)
+        ));
     }
 
     #[tokio::test]
@@ -281,9 +307,14 @@ mod tests {
             bad_signature,
             too_long,
             v2_header(2, 0x11, &addresses),
-            // A datagram, and an unknown family.
+            // A datagram, an unknown family, pairs the specification
+            // does not define.
             v2_header(1, 0x12, &addresses),
             v2_header(1, 0x41, &addresses),
+            v2_header(1, 0x10, &addresses),
+            v2_header(1, 0x01, &addresses),
+            // AF_UNIX without its two paths.
+            v2_header(1, 0x31, &[0; 100]),
             // Shorter than the family's addresses.
             v2_header(1, 0x11, &addresses[..11]),
             v2_header(1, 0x21, &addresses),
