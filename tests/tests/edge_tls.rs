@@ -16,8 +16,16 @@ use tokio::net::TcpStream;
 const DAY: Duration = Duration::from_secs(86_400);
 
 async fn tls_host(store: Option<String>) -> Host {
+    tls_host_configured(store, |_| {}).await
+}
+
+async fn tls_host_configured(
+    store: Option<String>,
+    change: impl FnOnce(&mut muster::Config),
+) -> Host {
     let dir = tempfile::tempdir().unwrap();
     let mut config = config_in(dir.path(), store);
+    change(&mut config);
     let tls = config.tls();
     muster_tls::install_crypto_provider();
     let (ca, _) = tls.ensure_ca(DAY * 3650).unwrap();
@@ -63,6 +71,33 @@ async fn connect_as(
     ca_dir: &TlsDir,
     auth: Option<ClientAuth>,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = tcp_from(host, "127.0.0.1", b"").await?;
+    tls_over(ca_dir, auth, tcp).await
+}
+
+/// A TCP connection to the edge from the loopback address `source`, with
+/// `first` written (a PROXY protocol header).
+async fn tcp_from(host: &Host, source: &str, first: &[u8]) -> std::io::Result<TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let address = host
+        .ws_url()
+        .trim_start_matches("wss://")
+        .trim_end_matches("/ws")
+        .parse()
+        .unwrap();
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{source}:0").parse().unwrap())?;
+    let mut tcp = socket.connect(address).await?;
+    tcp.write_all(first).await?;
+    Ok(tcp)
+}
+
+/// TLS over `tcp`, trusting `ca_dir`'s CA and presenting `auth` if given.
+async fn tls_over(
+    ca_dir: &TlsDir,
+    auth: Option<ClientAuth>,
+    tcp: TcpStream,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
     let ca = std::fs::read(ca_dir.ca_cert_path()).unwrap();
     for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&ca) {
@@ -76,12 +111,6 @@ async fn connect_as(
         None => builder.with_no_client_auth(),
         Some((chain, key)) => builder.with_client_auth_cert(chain, key).unwrap(),
     };
-    let addr = host
-        .ws_url()
-        .trim_start_matches("wss://")
-        .trim_end_matches("/ws")
-        .to_owned();
-    let tcp = TcpStream::connect(&addr).await?;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
@@ -231,5 +260,49 @@ muster_e2e::on_both_stores! {
             "{refused}"
         );
         host.stop().await;
+    }
+}
+
+// With TLS on the edge, a trusted proxy's PROXY protocol header comes
+// before the TLS handshake and names the client; a connection from it that
+// sends nothing does not hold up a stop.
+muster_e2e::on_both_stores! {
+    async fn a_proxy_protocol_header_precedes_tls_and_names_the_client(store: Option<String>) {
+        let host = tls_host_configured(store, |config| {
+            config.edge_trusted_proxies = vec!["127.0.0.2".into()];
+            config.edge_proxy_protocol = true;
+        })
+        .await;
+        let ours = host.config.tls();
+        let stream = connect(&host, &ours, None).await.unwrap();
+        let mut operator = admin_over(&host, stream).await.unwrap();
+        operator
+            .handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
+            .await;
+
+        let header = b"PROXY TCP4 198.51.100.4 127.0.0.1 40000 443\r\n";
+        let tcp = tcp_from(&host, "127.0.0.2", header).await.unwrap();
+        let stream = tls_over(&ours, None, tcp).await.unwrap();
+        let mut node = admin_over(&host, stream).await.unwrap();
+        let key = DeviceKey::generate();
+        node.handshake(&key, "node", json!({"mode": "node"})).await;
+        let entry = loop {
+            let mut event = operator.event("presence.upserted").await;
+            if event["payload"]["entry"]["instance_id"] == key.device_id() {
+                break event["payload"]["entry"].take();
+            }
+        };
+        assert_eq!(entry["ip"], "198.51.100.4", "{entry}");
+        assert_eq!(entry["metadata"]["raw_remote_ip"], "198.51.100.4");
+
+        // TLS first, where the header belongs: no session.
+        let tcp = tcp_from(&host, "127.0.0.2", b"").await.unwrap();
+        assert!(tls_over(&ours, None, tcp).await.is_err());
+
+        let _silent = tcp_from(&host, "127.0.0.2", b"").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::timeout(Duration::from_secs(4), host.stop())
+            .await
+            .expect("the edge stops without waiting for the header");
     }
 }
