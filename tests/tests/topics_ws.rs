@@ -69,6 +69,48 @@ async fn topics_flow(host: &Host) {
         (Some("bot"), Some("agent-7"))
     );
 
+    // A session is its device's: another peer that names it can neither
+    // take it over, nor set its status, nor untrack it.
+    let taken = watcher
+        .call(
+            "muster.topic.track",
+            json!({"topic": "room-1", "session": "bot-s", "principal": "mallory", "kind": "human"}),
+        )
+        .await;
+    assert_eq!(taken["error"]["code"], "forbidden", "{taken}");
+    let status = watcher
+        .call(
+            "muster.topic.status",
+            json!({"topic": "room-1", "session": "bot-s", "state": "blocked"}),
+        )
+        .await;
+    assert_eq!(status["error"]["code"], "not_found", "{status}");
+    let removed = watcher
+        .call(
+            "muster.topic.untrack",
+            json!({"topic": "room-1", "session": "bot-s"}),
+        )
+        .await;
+    assert_eq!(removed["result"], json!({"removed": false}), "{removed}");
+    let listed = watcher
+        .call("muster.topic.list", json!({"topic": "room-1"}))
+        .await;
+    let bot_session = listed["result"]["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["session"] == "bot-s")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        (
+            bot_session["principal"].as_str(),
+            bot_session["state"].as_str()
+        ),
+        (Some("bot"), Some("available")),
+        "{listed}"
+    );
+
     let count = watcher
         .call("muster.topic.count", json!({"topic": "room-1"}))
         .await;

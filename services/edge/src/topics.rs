@@ -65,6 +65,7 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                 agent_id: track.agent_id.unwrap_or_default(),
                 edge_id: edge.edge_id.clone(),
                 connection_id: peer.connection_id.clone(),
+                device_id: peer.device_id.clone(),
                 ..Default::default()
             };
             peer.subscribe(&track.topic);
@@ -89,6 +90,7 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                     session_id: untrack
                         .session
                         .unwrap_or_else(|| peer.connection_id.clone()),
+                    device_id: peer.device_id.clone(),
                 })
                 .await
                 .map(|r| Some(json!({ "removed": r.into_inner().removed > 0 })))
@@ -111,6 +113,7 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                     state: status.state,
                     note: status.note,
                     until_ms,
+                    device_id: peer.device_id.clone(),
                 })
                 .await
                 .map(|s| Some(json!({ "session": wire(&s.into_inner()) })))

@@ -25,6 +25,7 @@ impl From<pb::TopicSession> for TopicSession {
             until_ms: (s.until_ms != 0).then_some(s.until_ms),
             edge_id: s.edge_id,
             connection_id: s.connection_id,
+            device_id: s.device_id,
         }
     }
 }
@@ -44,6 +45,7 @@ impl From<TopicSession> for pb::TopicSession {
             until_ms: s.until_ms.unwrap_or(0),
             edge_id: s.edge_id,
             connection_id: s.connection_id,
+            device_id: s.device_id,
         }
     }
 }
@@ -192,7 +194,7 @@ impl Presence for PresenceService {
         let r = request.into_inner();
         let removed = self
             .topics
-            .untrack(&r.tenant_id, &r.topic, &r.session_id)
+            .untrack(&r.tenant_id, &r.topic, &r.session_id, &r.device_id)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::UntrackTopicResponse {
@@ -227,6 +229,7 @@ impl Presence for PresenceService {
                 &r.tenant_id,
                 &r.topic,
                 &r.session_id,
+                &r.device_id,
                 &r.state,
                 &r.note,
                 until,

@@ -293,30 +293,37 @@ impl PresenceStore for Store {
 /// Where topic presence lives. Each change commits with its diff event.
 #[tonic::async_trait]
 pub trait TopicStore: Send + Sync + 'static {
-    /// Inserts the session with `join`, or, when (topic, session) exists,
-    /// moves it to the new connection without an event. Returns what is
-    /// stored.
+    /// Inserts the session with `join`, or, when (topic, session) exists
+    /// and is the same device's (or no device's), moves it to the new
+    /// connection without an event. Returns what is stored; `None` when
+    /// another device holds the session.
     async fn track(
         &self,
         session: &TopicSession,
         join: &NewItem,
-    ) -> Result<TopicSession, StoreError>;
+    ) -> Result<Option<TopicSession>, StoreError>;
+    /// Removes `device_id`'s session (or one of no device) with `leave`.
     async fn untrack(
         &self,
         tenant_id: &str,
         topic: &str,
         session_id: &str,
+        device_id: &str,
     ) -> Result<Option<TopicSession>, StoreError>;
     async fn untrack_connection(
         &self,
         tenant_id: &str,
         connection_id: &str,
     ) -> Result<Vec<TopicSession>, StoreError>;
+    /// Sets the status of `device_id`'s session (or one of no device),
+    /// with its `status` diff.
+    #[allow(clippy::too_many_arguments)]
     async fn set_status(
         &self,
         tenant_id: &str,
         topic: &str,
         session_id: &str,
+        device_id: &str,
         state: &str,
         note: &str,
         until_ms: Option<i64>,
@@ -334,7 +341,7 @@ pub trait TopicStore: Send + Sync + 'static {
 }
 
 const TOPIC_COLUMNS: &str = "tenant_id, topic, session_id, principal, kind, agent_id, since_ms, state, note, \
-                             until_ms, edge_id, connection_id";
+                             until_ms, edge_id, connection_id, device_id";
 
 fn topic_session(row: &AnyRow) -> Result<TopicSession, StoreError> {
     Ok(TopicSession {
@@ -350,6 +357,7 @@ fn topic_session(row: &AnyRow) -> Result<TopicSession, StoreError> {
         until_ms: row.try_get("until_ms")?,
         edge_id: row.try_get("edge_id")?,
         connection_id: row.try_get("connection_id")?,
+        device_id: row.try_get("device_id")?,
     })
 }
 
@@ -370,62 +378,66 @@ async fn select_session(
     row.as_ref().map(topic_session).transpose()
 }
 
-/// Removes every session `select` finds, each with its `leave` diff.
+/// Runs `delete` (a `DELETE … RETURNING` of whole sessions) and appends a
+/// `leave` diff for each session it removed: only those, so that a session
+/// taken over or removed meanwhile by another writer gets no diff here.
 async fn leave_all(
     tx: &mut Tx,
-    select: muster_store::AnyQuery<'_>,
+    delete: muster_store::AnyQuery<'_>,
 ) -> Result<Vec<TopicSession>, StoreError> {
-    let rows = select.fetch_all(&mut **tx).await?;
+    let rows = delete.fetch_all(&mut **tx).await?;
     let sessions = rows
         .iter()
         .map(topic_session)
         .collect::<Result<Vec<_>, _>>()?;
     for session in &sessions {
-        delete_with_leave(tx, session).await?;
+        outbox::append(tx, &diff_event(session, "leave")).await?;
     }
     Ok(sessions)
 }
 
-async fn delete_with_leave(tx: &mut Tx, session: &TopicSession) -> Result<(), StoreError> {
-    sqlx::query(
-        "DELETE FROM topic_sessions WHERE tenant_id = $1 AND topic = $2 AND session_id = $3",
-    )
-    .bind(&session.tenant_id)
-    .bind(&session.topic)
-    .bind(&session.session_id)
-    .execute(&mut **tx)
-    .await?;
-    outbox::append(tx, &diff_event(session, "leave")).await?;
-    Ok(())
+/// The condition that a session is `$n`'s device's, or no device's.
+fn held_by(n: usize) -> String {
+    format!("(device_id = ${n} OR device_id = '')")
 }
 
 #[tonic::async_trait]
 impl TopicStore for Store {
-    async fn track(&self, s: &TopicSession, join: &NewItem) -> Result<TopicSession, StoreError> {
+    async fn track(
+        &self,
+        s: &TopicSession,
+        join: &NewItem,
+    ) -> Result<Option<TopicSession>, StoreError> {
         let mut tx = self.begin().await?;
         if let Some(existing) =
             select_session(&mut tx, &s.tenant_id, &s.topic, &s.session_id).await?
         {
-            sqlx::query(
-                "UPDATE topic_sessions SET edge_id = $1, connection_id = $2 \
-                 WHERE tenant_id = $3 AND topic = $4 AND session_id = $5",
-            )
+            let moved = sqlx::query(&format!(
+                "UPDATE topic_sessions SET edge_id = $1, connection_id = $2, device_id = $3 \
+                 WHERE tenant_id = $4 AND topic = $5 AND session_id = $6 AND {}",
+                held_by(3)
+            ))
             .bind(&s.edge_id)
             .bind(&s.connection_id)
+            .bind(&s.device_id)
             .bind(&s.tenant_id)
             .bind(&s.topic)
             .bind(&s.session_id)
             .execute(&mut *tx)
             .await?;
+            if moved.rows_affected() == 0 {
+                return Ok(None);
+            }
             self.commit(tx).await?;
-            return Ok(TopicSession {
+            return Ok(Some(TopicSession {
                 edge_id: s.edge_id.clone(),
                 connection_id: s.connection_id.clone(),
+                device_id: s.device_id.clone(),
                 ..existing
-            });
+            }));
         }
         sqlx::query(&format!(
-            "INSERT INTO topic_sessions ({TOPIC_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            "INSERT INTO topic_sessions ({TOPIC_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
         ))
         .bind(&s.tenant_id)
         .bind(&s.topic)
@@ -439,11 +451,12 @@ impl TopicStore for Store {
         .bind(s.until_ms)
         .bind(&s.edge_id)
         .bind(&s.connection_id)
+        .bind(&s.device_id)
         .execute(&mut *tx)
         .await?;
         outbox::append(&mut tx, join).await?;
         self.commit(tx).await?;
-        Ok(s.clone())
+        Ok(Some(s.clone()))
     }
 
     async fn untrack(
@@ -451,14 +464,25 @@ impl TopicStore for Store {
         tenant_id: &str,
         topic: &str,
         session_id: &str,
+        device_id: &str,
     ) -> Result<Option<TopicSession>, StoreError> {
         let mut tx = self.begin().await?;
-        let Some(session) = select_session(&mut tx, tenant_id, topic, session_id).await? else {
-            return Ok(None);
-        };
-        delete_with_leave(&mut tx, &session).await?;
+        let delete = format!(
+            "DELETE FROM topic_sessions WHERE tenant_id = $1 AND topic = $2 AND session_id = $3 \
+             AND {} RETURNING {TOPIC_COLUMNS}",
+            held_by(4)
+        );
+        let removed = leave_all(
+            &mut tx,
+            sqlx::query(&delete)
+                .bind(tenant_id)
+                .bind(topic)
+                .bind(session_id)
+                .bind(device_id),
+        )
+        .await?;
         self.commit(tx).await?;
-        Ok(Some(session))
+        Ok(removed.into_iter().next())
     }
 
     async fn untrack_connection(
@@ -467,12 +491,13 @@ impl TopicStore for Store {
         connection_id: &str,
     ) -> Result<Vec<TopicSession>, StoreError> {
         let mut tx = self.begin().await?;
-        let select = format!(
-            "SELECT {TOPIC_COLUMNS} FROM topic_sessions WHERE tenant_id = $1 AND connection_id = $2"
+        let delete = format!(
+            "DELETE FROM topic_sessions WHERE tenant_id = $1 AND connection_id = $2 \
+             RETURNING {TOPIC_COLUMNS}"
         );
         let sessions = leave_all(
             &mut tx,
-            sqlx::query(&select).bind(tenant_id).bind(connection_id),
+            sqlx::query(&delete).bind(tenant_id).bind(connection_id),
         )
         .await?;
         self.commit(tx).await?;
@@ -484,32 +509,31 @@ impl TopicStore for Store {
         tenant_id: &str,
         topic: &str,
         session_id: &str,
+        device_id: &str,
         state: &str,
         note: &str,
         until_ms: Option<i64>,
     ) -> Result<Option<TopicSession>, StoreError> {
         let mut tx = self.begin().await?;
-        let Some(current) = select_session(&mut tx, tenant_id, topic, session_id).await? else {
-            return Ok(None);
-        };
-        let updated = TopicSession {
-            state: state.to_owned(),
-            note: note.to_owned(),
-            until_ms,
-            ..current
-        };
-        sqlx::query(
+        let row = sqlx::query(&format!(
             "UPDATE topic_sessions SET state = $1, note = $2, until_ms = $3 \
-             WHERE tenant_id = $4 AND topic = $5 AND session_id = $6",
-        )
+             WHERE tenant_id = $4 AND topic = $5 AND session_id = $6 AND {} \
+             RETURNING {TOPIC_COLUMNS}",
+            held_by(7)
+        ))
         .bind(state)
         .bind(note)
         .bind(until_ms)
         .bind(tenant_id)
         .bind(topic)
         .bind(session_id)
-        .execute(&mut *tx)
+        .bind(device_id)
+        .fetch_optional(&mut *tx)
         .await?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let updated = topic_session(&row)?;
         outbox::append(&mut tx, &diff_event(&updated, "status")).await?;
         self.commit(tx).await?;
         Ok(Some(updated))
@@ -536,11 +560,12 @@ impl TopicStore for Store {
 
     async fn expire_edges(&self, cutoff_ms: i64) -> Result<Vec<TopicSession>, StoreError> {
         let mut tx = self.begin().await?;
-        let select = format!(
-            "SELECT {TOPIC_COLUMNS} FROM topic_sessions WHERE edge_id IN \
-             (SELECT edge_id FROM presence_edges WHERE refreshed_at_ms < $1)"
+        let delete = format!(
+            "DELETE FROM topic_sessions WHERE edge_id IN \
+             (SELECT edge_id FROM presence_edges WHERE refreshed_at_ms < $1) \
+             RETURNING {TOPIC_COLUMNS}"
         );
-        let sessions = leave_all(&mut tx, sqlx::query(&select).bind(cutoff_ms)).await?;
+        let sessions = leave_all(&mut tx, sqlx::query(&delete).bind(cutoff_ms)).await?;
         sqlx::query("DELETE FROM presence_edges WHERE refreshed_at_ms < $1")
             .bind(cutoff_ms)
             .execute(&mut *tx)
@@ -565,15 +590,21 @@ impl TopicStore for Store {
                 until_ms: None,
                 ..topic_session(row)?
             };
-            sqlx::query(
+            // Only if it is still due: a status set meanwhile stands.
+            let reset = sqlx::query(
                 "UPDATE topic_sessions SET state = 'available', note = '', until_ms = NULL \
-                 WHERE tenant_id = $1 AND topic = $2 AND session_id = $3",
+                 WHERE tenant_id = $1 AND topic = $2 AND session_id = $3 \
+                 AND until_ms IS NOT NULL AND until_ms <= $4",
             )
             .bind(&session.tenant_id)
             .bind(&session.topic)
             .bind(&session.session_id)
+            .bind(now_ms)
             .execute(&mut *tx)
             .await?;
+            if reset.rows_affected() == 0 {
+                continue;
+            }
             outbox::append(&mut tx, &diff_event(&session, "status")).await?;
             expired.push(session);
         }

@@ -37,6 +37,8 @@ pub struct TopicSession {
     pub until_ms: Option<i64>,
     pub edge_id: String,
     pub connection_id: String,
+    /// The device whose connection tracked it (not on the wire).
+    pub device_id: String,
 }
 
 impl TopicSession {
@@ -81,6 +83,8 @@ pub enum TopicError {
     Invalid(String),
     #[error("no session {session} in topic {topic}")]
     NotFound { topic: String, session: String },
+    #[error("session {session} in topic {topic} is another device's")]
+    Held { topic: String, session: String },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -90,6 +94,7 @@ impl ServiceError for TopicError {
         match self {
             TopicError::Invalid(_) => ErrorCode::InvalidArgument,
             TopicError::NotFound { .. } => ErrorCode::NotFound,
+            TopicError::Held { .. } => ErrorCode::Forbidden,
             TopicError::Store(e) => e.code(),
         }
     }
@@ -116,7 +121,9 @@ impl Topics {
     }
 
     /// Puts a session in a topic (`join`). Tracking the same (topic,
-    /// session) again changes nothing but which connection owns it.
+    /// session) again from the same device changes nothing but which
+    /// connection holds it (a peer that reconnected, perhaps to another
+    /// edge); from another device it is refused.
     pub async fn track(&self, session: TopicSession) -> Result<TopicSession, TopicError> {
         for (name, value) in [
             ("tenant_id", &session.tenant_id),
@@ -124,6 +131,7 @@ impl Topics {
             ("session", &session.session_id),
             ("principal", &session.principal),
             ("connection_id", &session.connection_id),
+            ("device_id", &session.device_id),
         ] {
             field(name, value)?;
         }
@@ -149,22 +157,27 @@ impl Topics {
             until_ms: None,
             ..session
         };
-        Ok(self
-            .store
+        self.store
             .track(&session, &diff_event(&session, "join"))
-            .await?)
+            .await?
+            .ok_or_else(|| TopicError::Held {
+                topic: session.topic.clone(),
+                session: session.session_id.clone(),
+            })
     }
 
-    /// Takes a session out of a topic (`leave`).
+    /// Takes `device_id`'s session out of a topic (`leave`); whether it
+    /// was there.
     pub async fn untrack(
         &self,
         tenant_id: &str,
         topic: &str,
         session_id: &str,
+        device_id: &str,
     ) -> Result<bool, TopicError> {
         Ok(self
             .store
-            .untrack(tenant_id, topic, session_id)
+            .untrack(tenant_id, topic, session_id, device_id)
             .await?
             .is_some())
     }
@@ -182,13 +195,15 @@ impl Topics {
             .len())
     }
 
-    /// Sets a session's status (`status`); `until_ms` makes it expire back
-    /// to available.
+    /// Sets the status of `device_id`'s session (`status`); `until_ms`
+    /// makes it expire back to available.
+    #[allow(clippy::too_many_arguments)]
     pub async fn set_status(
         &self,
         tenant_id: &str,
         topic: &str,
         session_id: &str,
+        device_id: &str,
         state: &str,
         note: &str,
         until_ms: Option<i64>,
@@ -207,7 +222,9 @@ impl Topics {
         }
         let note: String = note.chars().take(NOTE_CHARS).collect();
         self.store
-            .set_status(tenant_id, topic, session_id, state, &note, until_ms)
+            .set_status(
+                tenant_id, topic, session_id, device_id, state, &note, until_ms,
+            )
             .await?
             .ok_or_else(|| TopicError::NotFound {
                 topic: topic.to_owned(),

@@ -20,6 +20,7 @@ fn session(topic: &str, id: &str, connection: &str) -> TopicSession {
         until_ms: None,
         edge_id: "edge-a".into(),
         connection_id: connection.into(),
+        device_id: "dev-1".into(),
     }
 }
 
@@ -64,10 +65,10 @@ muster_store::backend_suite! {
         assert_eq!(again.connection_id, "c2");
         topics.track(TopicSession { principal: "bot".into(), kind: "agent_for".into(), agent_id: Some("agent-7".into()), ..session("room", "s2", "c3") }).await.unwrap();
 
-        let busy = topics.set_status("t1", "room", "s1", "busy", &"n".repeat(200), None).await.unwrap();
+        let busy = topics.set_status("t1", "room", "s1", "dev-1", "busy", &"n".repeat(200), None).await.unwrap();
         assert_eq!(busy.note.chars().count(), 140);
-        assert!(topics.untrack("t1", "room", "s2").await.unwrap());
-        assert!(!topics.untrack("t1", "room", "s2").await.unwrap());
+        assert!(topics.untrack("t1", "room", "s2", "dev-1").await.unwrap());
+        assert!(!topics.untrack("t1", "room", "s2", "dev-1").await.unwrap());
 
         let d = diffs(&store).await;
         let kinds: Vec<_> = d.iter().map(|p| p["kind"].as_str().unwrap().to_owned()).collect();
@@ -101,7 +102,7 @@ muster_store::backend_suite! {
         let topics = Topics::new(Arc::new(store.clone()));
         topics.track(session("room", "s1", "c1")).await.unwrap();
         let until = now_ms() + 30;
-        let blocked = topics.set_status("t1", "room", "s1", "blocked", "on a call", Some(until)).await.unwrap();
+        let blocked = topics.set_status("t1", "room", "s1", "dev-1", "blocked", "on a call", Some(until)).await.unwrap();
         assert_eq!(blocked.until_ms, Some(until));
         assert_eq!(topics.expire().await.unwrap(), 0);
         tokio::time::sleep(std::time::Duration::from_millis(60)).await;
@@ -124,11 +125,34 @@ muster_store::backend_suite! {
             assert!(matches!(topics.track(bad).await, Err(TopicError::Invalid(_))));
         }
         topics.track(session("room", "s1", "c1")).await.unwrap();
-        assert!(matches!(topics.set_status("t1", "room", "s1", "asleep", "", None).await, Err(TopicError::Invalid(_))));
-        assert!(matches!(topics.set_status("t1", "room", "s1", "busy", "", Some(1)).await, Err(TopicError::Invalid(_))));
-        assert!(matches!(topics.set_status("t1", "room", "nobody", "busy", "", None).await, Err(TopicError::NotFound { .. })));
-        assert!(matches!(topics.set_status("t2", "room", "s1", "busy", "", None).await, Err(TopicError::NotFound { .. })));
+        assert!(matches!(topics.set_status("t1", "room", "s1", "dev-1", "asleep", "", None).await, Err(TopicError::Invalid(_))));
+        assert!(matches!(topics.set_status("t1", "room", "s1", "dev-1", "busy", "", Some(1)).await, Err(TopicError::Invalid(_))));
+        assert!(matches!(topics.set_status("t1", "room", "nobody", "dev-1", "busy", "", None).await, Err(TopicError::NotFound { .. })));
+        assert!(matches!(topics.set_status("t2", "room", "s1", "dev-1", "busy", "", None).await, Err(TopicError::NotFound { .. })));
         assert_eq!(diffs(&store).await.len(), 1);
         assert_eq!(topics.list("t1", "room", None).await.unwrap()[0].state, "available");
+    }
+
+    async fn a_session_is_its_devices_alone(store: Store) {
+        let topics = Topics::new(Arc::new(store.clone()));
+        topics.track(session("room", "s1", "c1")).await.unwrap();
+        let other = |s: TopicSession| TopicSession { device_id: "dev-2".into(), connection_id: "c9".into(), ..s };
+        // Another device can neither take the session over, nor set its
+        // status, nor untrack it; and nothing is emitted for trying.
+        assert!(matches!(topics.track(other(session("room", "s1", "c1"))).await, Err(TopicError::Held { .. })));
+        assert!(matches!(topics.set_status("t1", "room", "s1", "dev-2", "busy", "", None).await, Err(TopicError::NotFound { .. })));
+        assert!(!topics.untrack("t1", "room", "s1", "dev-2").await.unwrap());
+        let listed = topics.list("t1", "room", None).await.unwrap();
+        assert_eq!((listed[0].connection_id.as_str(), listed[0].state.as_str()), ("c1", "available"));
+        assert_eq!(diffs(&store).await.len(), 1);
+        // The same device, reconnected, takes it over without a diff.
+        let moved = topics.track(session("room", "s1", "c2")).await.unwrap();
+        assert_eq!(moved.connection_id, "c2");
+        assert_eq!(diffs(&store).await.len(), 1);
+        // A session tracked before sessions had devices is anyone's.
+        sqlx::query("UPDATE topic_sessions SET device_id = ''").execute(store.pool()).await.unwrap();
+        let taken = topics.track(other(session("room", "s1", "c1"))).await.unwrap();
+        assert_eq!(taken.device_id, "dev-2");
+        assert!(matches!(topics.track(session("room", "s1", "c1")).await, Err(TopicError::Held { .. })));
     }
 }
