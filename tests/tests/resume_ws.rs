@@ -144,3 +144,60 @@ async fn resume_on_postgres() {
     resume_flow(&host).await;
     host.stop().await;
 }
+
+/// A resume goes through at most `MAX_REPLAY` (10 000) items after the
+/// named event: exactly that many are replayed in full, without a gap; one
+/// more, and what is left is a gap.
+async fn replay_limit(host: &Host) {
+    use muster_store::outbox::{self, NewItem};
+    let tenant = host.config.default_tenant.clone();
+    let mut live = peer(host, &host.admin_token(), "client", "cli").await;
+    let store = muster_store::Store::connect(
+        &host.config.store_url(),
+        &muster_store::StoreOptions::default(),
+    )
+    .await
+    .unwrap();
+    let items: Vec<NewItem> = (0..10_050)
+        .map(|n| NewItem::event(&tenant, "muster.test.filler", json!({ "n": n })))
+        .collect();
+    let mut tx = store.begin().await.unwrap();
+    outbox::append_all(&mut tx, &items).await.unwrap();
+    store.commit(tx).await.unwrap();
+    // Delivered live, so positioned (on Postgres, after the commit).
+    let last = items.last().unwrap().event_id.clone();
+    while live.event("muster.test.filler").await["event_id"] != json!(last) {}
+
+    let held = outbox::read_after(&store, &tenant, 0, 100_000)
+        .await
+        .unwrap();
+    store.close().await;
+    let exact = &held[held.len() - 10_001].event_id;
+    let one_more = &held[held.len() - 10_002].event_id;
+    let mut back = peer(host, &host.admin_token(), "client", "cli").await;
+    let (response, replayed) = back
+        .call_with_events("muster.stream.resume", json!({ "last_event_id": exact }))
+        .await;
+    assert_eq!(response["result"]["gap"], false, "{response}");
+    assert_eq!(replayed.len(), 10_000);
+    let (response, replayed) = back
+        .call_with_events("muster.stream.resume", json!({ "last_event_id": one_more }))
+        .await;
+    assert_eq!(response["result"]["gap"], true, "{response}");
+    assert!(replayed.len() >= 10_000, "{}", replayed.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_limit_on_sqlite() {
+    let host = Host::start(None).await;
+    replay_limit(&host).await;
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_limit_on_postgres() {
+    let url = muster_store::testing::create_postgres_database().await;
+    let host = Host::start(Some(url)).await;
+    replay_limit(&host).await;
+    host.stop().await;
+}

@@ -369,16 +369,23 @@ pub struct Retention {
 /// it, so a backlog goes in short statements rather than one long one.
 const COMPACT_CHUNK: u64 = 2_000;
 
-/// Deletes the items matching `condition` (with `binds` as $1, $2, …), a
-/// chunk per statement.
-async fn delete_in_chunks(
-    store: &Store,
-    condition: &str,
-    binds: &[i64],
-) -> Result<u64, StoreError> {
+/// Deletes the oldest items, in position order, while `going` (an SQL
+/// condition on an item, with `binds` as $1, $2, …) holds for each: a chunk
+/// per statement, and never an item behind one that stays. What the outbox
+/// holds is then always one run of positions, so a peer resuming from an
+/// item that is still there gets everything after it. Positions follow
+/// commits and an item's time is its producer's clock at the append, so an
+/// expired item behind one that has not expired yet (their producers'
+/// clocks differ, or the later commit appended first) waits for it; the
+/// size cap still bounds the outbox meanwhile. Read this way, the TTL needs
+/// no index of its own, which every append would pay for.
+async fn delete_oldest_while(store: &Store, going: &str, binds: &[i64]) -> Result<u64, StoreError> {
     let sql = format!(
-        "DELETE FROM outbox WHERE event_id IN \
-         (SELECT event_id FROM outbox WHERE {condition} LIMIT {COMPACT_CHUNK})"
+        "WITH chunk AS (SELECT position, CASE WHEN {going} THEN 1 ELSE 0 END AS going \
+         FROM outbox WHERE position IS NOT NULL ORDER BY position LIMIT {COMPACT_CHUNK}) \
+         DELETE FROM outbox WHERE position IN (SELECT position FROM chunk WHERE position < \
+         COALESCE((SELECT MIN(position) FROM chunk WHERE going = 0), {}))",
+        i64::MAX
     );
     let mut removed = 0;
     loop {
@@ -389,20 +396,6 @@ async fn delete_in_chunks(
             return Ok(removed);
         }
     }
-}
-
-/// The TTL goes through the outbox in position order: of the oldest
-/// chunk, the expired items, chunk after chunk while a whole chunk had
-/// expired. Positions follow commits and an item's time is its producer's
-/// clock at the append, so the two agree but for skew between producers'
-/// clocks; an expired item behind one that has not expired yet waits for
-/// it (the size cap still bounds the outbox meanwhile). Read this way, the
-/// TTL needs no index of its own, which every append would pay for.
-fn expired() -> String {
-    format!(
-        "position IN (SELECT position FROM outbox WHERE position IS NOT NULL \
-         ORDER BY position LIMIT {COMPACT_CHUNK}) AND occurred_at_ms < $1"
-    )
 }
 
 /// Deletes what `retention` no longer keeps; returns how many items went.
@@ -419,15 +412,16 @@ pub async fn compact(store: &Store, retention: &Retention) -> Result<u64, StoreE
         .fetch_one(store.pool())
         .await?
         .try_get(0)?;
-    let mut removed = delete_in_chunks(store, &expired(), &[now - retention.ttl_ms]).await?;
-    removed += delete_in_chunks(
+    let mut removed =
+        delete_oldest_while(store, "occurred_at_ms < $1", &[now - retention.ttl_ms]).await?;
+    removed += delete_oldest_while(
         store,
         "position <= (SELECT MAX(position) FROM outbox) - $1",
         &[retention.max_items],
     )
     .await?;
     if let Some(acked) = acked {
-        removed += delete_in_chunks(
+        removed += delete_oldest_while(
             store,
             "position <= $1 AND occurred_at_ms < $2",
             &[acked, now - retention.min_age_ms],

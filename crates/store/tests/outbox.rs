@@ -215,6 +215,32 @@ muster_store::backend_suite! {
         assert_eq!(outbox::compact(&store, &ttl).await.unwrap(), 2_301);
     }
 
+    async fn compaction_leaves_one_run_of_positions(store: Store) {
+        let items: Vec<NewItem> = (0..10).map(|n| NewItem::event("t1", "x", json!({"n": n}))).collect();
+        let mut tx = store.begin().await.unwrap();
+        outbox::append_all(&mut tx, &items).await.unwrap();
+        tx.commit().await.unwrap();
+        outbox::sequence(&store, 10_000).await.unwrap();
+        let positions: Vec<i64> = outbox::read_after(&store, "t1", 0, 100).await.unwrap().iter().map(|i| i.position).collect();
+        // All a day old but the third, appended later than its position
+        // says (or by a producer whose clock was ahead).
+        sqlx::query("UPDATE outbox SET occurred_at_ms = occurred_at_ms - 86400000 WHERE position <> $1")
+            .bind(positions[2]).execute(store.pool()).await.unwrap();
+        let held = |left: &[outbox::Item]| left.iter().map(|i| i.position).collect::<Vec<_>>();
+        // The TTL takes the two before it; the expired ones after it wait,
+        // so that a peer resuming from the third misses nothing.
+        let ttl = outbox::Retention { ttl_ms: 3_600_000, max_items: 1_000_000, consumer_idle_ms: 60_000, min_age_ms: 3_600_000 };
+        assert_eq!(outbox::compact(&store, &ttl).await.unwrap(), 2);
+        assert_eq!(held(&outbox::read_after(&store, "t1", 0, 100).await.unwrap()), positions[2..]);
+        // So does the rule for old items every consumer has.
+        outbox::ack(&store, "edge-a", positions[9]).await.unwrap();
+        let acked = outbox::Retention { ttl_ms: i64::MAX / 2, ..ttl };
+        assert_eq!(outbox::compact(&store, &acked).await.unwrap(), 0);
+        sqlx::query("UPDATE outbox SET occurred_at_ms = occurred_at_ms - 86400000 WHERE position = $1")
+            .bind(positions[2]).execute(store.pool()).await.unwrap();
+        assert_eq!(outbox::compact(&store, &acked).await.unwrap(), 8);
+    }
+
     async fn a_lease_has_one_holder_until_it_expires(store: Store) {
         assert!(muster_store::lease::acquire(&store, "job", "a", 60_000).await.unwrap());
         assert!(!muster_store::lease::acquire(&store, "job", "b", 60_000).await.unwrap());

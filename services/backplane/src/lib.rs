@@ -593,7 +593,17 @@ impl Backplane for BackplaneService {
         let consumer = r.consumer_id;
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(FORWARD_BATCH);
-            while rx.recv_many(&mut batch, FORWARD_BATCH).await > 0 {
+            loop {
+                // An edge that went away ends the subscription now, not at
+                // the next item for it (which may never come): dropping
+                // `rx` ends the follower too.
+                let received = tokio::select! {
+                    received = rx.recv_many(&mut batch, FORWARD_BATCH) => received,
+                    () = out.closed() => return,
+                };
+                if received == 0 {
+                    return;
+                }
                 let keep = addressed_to(&*directory, &consumer, &batch).await;
                 for (item, keep) in batch.drain(..).zip(keep) {
                     if !keep {

@@ -61,8 +61,24 @@ pub(crate) async fn resume(edge: &Edge, peer: &Peer, payload: &Value) -> Outcome
             Ok(page) => page.into_inner().items,
             Err(status) => return Outcome::Failed(status),
         };
-        if items.is_empty() {
-            return Outcome::Done(json!({"gap": false, "replayed": replayed}));
+        if items.is_empty() || scanned >= MAX_REPLAY {
+            // Compaction takes the oldest items first, so while the named
+            // event is still held, nothing after it was taken during the
+            // replay; once it is gone, some of what followed may be too.
+            let held = backplane
+                .locate(pb::LocateRequest {
+                    tenant_id: peer.claims.tenant_id.clone(),
+                    event_id: last.to_owned(),
+                })
+                .await;
+            let held = match held {
+                Ok(held) => held.into_inner().found,
+                Err(status) => return Outcome::Failed(status),
+            };
+            // More than MAX_REPLAY items follow the event: the rest is a
+            // gap the peer fills from durable state.
+            let gap = !items.is_empty() || !held;
+            return Outcome::Done(json!({"gap": gap, "replayed": replayed}));
         }
         for item in items.iter().filter(|i| delivered(&i.r#type)) {
             let payload: Value = serde_json::from_str(&item.payload_json).unwrap_or_default();
@@ -73,8 +89,5 @@ pub(crate) async fn resume(edge: &Edge, peer: &Peer, payload: &Value) -> Outcome
         }
         scanned += items.len();
         after = items.last().map(|i| i.position).unwrap_or(after);
-        if scanned >= MAX_REPLAY {
-            return Outcome::Done(json!({"gap": true, "replayed": replayed}));
-        }
     }
 }
