@@ -33,13 +33,11 @@ pub(crate) async fn resume(edge: &Edge, peer: &Peer, payload: &Value) -> Outcome
         _ => return Outcome::Invalid("last_event_id must be a non-empty string"),
     };
     let mut backplane = edge.backplane();
-    let located = backplane
-        .locate(pb::LocateRequest {
-            tenant_id: peer.claims.tenant_id.clone(),
-            event_id: last.to_owned(),
-        })
-        .await;
-    let located = match located {
+    let locate = pb::LocateRequest {
+        tenant_id: peer.claims.tenant_id.clone(),
+        event_id: last.to_owned(),
+    };
+    let located = match backplane.locate(locate.clone()).await {
         Ok(located) => located.into_inner(),
         Err(status) => return Outcome::Failed(status),
     };
@@ -65,13 +63,7 @@ pub(crate) async fn resume(edge: &Edge, peer: &Peer, payload: &Value) -> Outcome
             // Compaction takes the oldest items first, so while the named
             // event is still held, nothing after it was taken during the
             // replay; once it is gone, some of what followed may be too.
-            let held = backplane
-                .locate(pb::LocateRequest {
-                    tenant_id: peer.claims.tenant_id.clone(),
-                    event_id: last.to_owned(),
-                })
-                .await;
-            let held = match held {
+            let held = match backplane.locate(locate).await {
                 Ok(held) => held.into_inner().found,
                 Err(status) => return Outcome::Failed(status),
             };
