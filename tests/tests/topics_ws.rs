@@ -238,3 +238,46 @@ async fn topic_presence_on_postgres() {
     topics_flow(&host).await;
     host.stop().await;
 }
+
+// An edge that comes back under its name before presence expired it (its
+// refreshes kept coming) leaves no ghosts: the topic sessions of its
+// previous run, whose connections are gone, leave at its first refresh.
+muster_e2e::on_both_stores! {
+    async fn an_edge_back_under_its_name_leaves_no_ghost_sessions(store: Option<String>) {
+        let host = Host::start_configured(store, |config| config.edge_id = Some("edge-fixed".into())).await;
+        let token = host.admin_token();
+        let mut alice = client(&host).await;
+        let tracked = alice
+            .call(
+                "muster.topic.track",
+                json!({"topic": "room-9", "principal": "alice", "kind": "human"}),
+            )
+            .await;
+        assert_eq!(tracked["ok"], true, "{tracked}");
+        // At shutdown sessions are left to the TTL, for peers that track
+        // them again on another edge.
+        let (config, dir) = host.stop().await;
+        drop(alice);
+
+        let host = Host::start_with(config, dir).await;
+        let mut watcher = open(&host.ws_url(), &token, TokenVia::Bearer, None).await.unwrap();
+        watcher
+            .handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
+            .await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let count = watcher
+                .call("muster.topic.count", json!({"topic": "room-9"}))
+                .await;
+            if count["result"]["total"] == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the previous run's session is still there: {count}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        host.stop().await;
+    }
+}

@@ -510,10 +510,43 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
             .to_string(),
     };
     let mut announced = false;
+    let mut forgotten = false;
     let mut tick = tokio::time::interval(edge.config.touch_interval);
     let gateway_id = format!("edge-{}", edge.edge_id);
     loop {
         tick.tick().await;
+        // An edge that comes back under its name before presence expired
+        // it (its refreshes kept coming) would otherwise keep the topic
+        // sessions of its previous run for ever: their connections are
+        // gone, and nothing would untrack them. Once per run, and only
+        // sessions of connections this edge does not hold.
+        if !forgotten {
+            let live = edge
+                .registry
+                .all()
+                .iter()
+                .map(|peer| peer.connection_id.clone())
+                .collect();
+            let forget = edge
+                .presence()
+                .forget_edge_sessions(pb::ForgetEdgeSessionsRequest {
+                    edge_id: edge.edge_id.clone(),
+                    live_connection_ids: live,
+                })
+                .await;
+            match forget {
+                Ok(reply) => {
+                    forgotten = true;
+                    let removed = reply.into_inner().removed;
+                    if removed > 0 {
+                        tracing::info!(removed, "topic sessions of this edge's previous run left");
+                    }
+                }
+                Err(status) => {
+                    tracing::debug!(code = ?status.code(), "forgetting the previous run's topic sessions failed; the next refresh tries again")
+                }
+            }
+        }
         // The gateway's own entry is touched on its own. The touch also
         // tells presence this edge is alive, which keeps its topic
         // sessions; and when the entry was not there to touch (the cap

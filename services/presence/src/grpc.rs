@@ -58,6 +58,7 @@ pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Presence/TrackTopic", &[Edge]),
     Rule::new("/muster.v1.Presence/UntrackTopic", &[Edge]),
     Rule::new("/muster.v1.Presence/UntrackConnection", &[Edge]),
+    Rule::new("/muster.v1.Presence/ForgetEdgeSessions", &[Edge]),
     Rule::new("/muster.v1.Presence/SetTopicStatus", &[Edge]),
     Rule::new("/muster.v1.Presence/ListTopic", &[Edge, Ctl]),
 ];
@@ -210,6 +211,21 @@ impl Presence for PresenceService {
         let removed = self
             .topics
             .untrack_connection(&r.tenant_id, &r.connection_id)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::UntrackTopicResponse {
+            removed: removed as u32,
+        }))
+    }
+
+    async fn forget_edge_sessions(
+        &self,
+        request: Request<pb::ForgetEdgeSessionsRequest>,
+    ) -> Result<Response<pb::UntrackTopicResponse>, Status> {
+        let r = request.into_inner();
+        let removed = self
+            .topics
+            .forget_edge_sessions(&r.edge_id, &r.live_connection_ids)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::UntrackTopicResponse {

@@ -338,6 +338,13 @@ pub trait TopicStore: Send + Sync + 'static {
     /// Removes, with `leave` diffs, the sessions of edges that have not
     /// refreshed since `cutoff_ms`, and forgets those edges.
     async fn expire_edges(&self, cutoff_ms: i64) -> Result<Vec<TopicSession>, StoreError>;
+    /// Removes, with `leave` diffs, `edge_id`'s sessions of connections
+    /// other than `live`.
+    async fn forget_edge_sessions(
+        &self,
+        edge_id: &str,
+        live: &[String],
+    ) -> Result<Vec<TopicSession>, StoreError>;
 }
 
 const TOPIC_COLUMNS: &str = "tenant_id, topic, session_id, principal, kind, agent_id, since_ms, state, note, \
@@ -572,6 +579,40 @@ impl TopicStore for Store {
             .await?;
         self.commit(tx).await?;
         Ok(sessions)
+    }
+
+    async fn forget_edge_sessions(
+        &self,
+        edge_id: &str,
+        live: &[String],
+    ) -> Result<Vec<TopicSession>, StoreError> {
+        let held = format!("SELECT {TOPIC_COLUMNS} FROM topic_sessions WHERE edge_id = $1");
+        let held = self
+            .fetch_all(sqlx::query(&held).bind(edge_id), topic_session)
+            .await?;
+        let live: std::collections::HashSet<&str> = live.iter().map(String::as_str).collect();
+        let mut tx = self.begin().await?;
+        let mut forgotten = Vec::new();
+        // Each by its connection too, so that one taken over meanwhile by a
+        // live connection stays.
+        let delete = format!(
+            "DELETE FROM topic_sessions WHERE tenant_id = $1 AND topic = $2 AND session_id = $3 \
+             AND edge_id = $4 AND connection_id = $5 RETURNING {TOPIC_COLUMNS}"
+        );
+        for session in held
+            .iter()
+            .filter(|s| !live.contains(s.connection_id.as_str()))
+        {
+            let query = sqlx::query(&delete)
+                .bind(&session.tenant_id)
+                .bind(&session.topic)
+                .bind(&session.session_id)
+                .bind(edge_id)
+                .bind(&session.connection_id);
+            forgotten.extend(leave_all(&mut tx, query).await?);
+        }
+        self.commit(tx).await?;
+        Ok(forgotten)
     }
 
     async fn expire_statuses(&self, now_ms: i64) -> Result<Vec<TopicSession>, StoreError> {

@@ -248,6 +248,18 @@ impl Topics {
         Ok(self.store.expire_statuses(now_ms()).await?.len())
     }
 
+    /// `edge_id`'s sessions of connections other than `live` leave, each
+    /// with a `leave` diff: what an edge of that name held in an earlier
+    /// run is gone, whatever its devices do.
+    pub async fn forget_edge_sessions(
+        &self,
+        edge_id: &str,
+        live: &[String],
+    ) -> Result<usize, TopicError> {
+        field("edge_id", edge_id)?;
+        Ok(self.store.forget_edge_sessions(edge_id, live).await?.len())
+    }
+
     /// The sessions of edges that stopped refreshing for `ttl` leave, each
     /// with a `leave` diff: a dead edge leaves no ghosts.
     pub async fn expire_edges(&self, ttl: std::time::Duration) -> Result<usize, TopicError> {

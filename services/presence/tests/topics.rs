@@ -155,4 +155,18 @@ muster_store::backend_suite! {
         assert_eq!(taken.device_id, "dev-2");
         assert!(matches!(topics.track(session("room", "s1", "c1")).await, Err(TopicError::Held { .. })));
     }
+
+    async fn an_edge_back_under_its_name_forgets_its_earlier_sessions(store: Store) {
+        let topics = Topics::new(Arc::new(store.clone()));
+        topics.track(session("room", "s1", "c1")).await.unwrap();
+        topics.track(session("room", "s2", "c2")).await.unwrap();
+        topics.track(TopicSession { edge_id: "edge-b".into(), ..session("room", "s3", "c3") }).await.unwrap();
+        // edge-a holds c2 now; c1 was its earlier run's.
+        assert_eq!(topics.forget_edge_sessions("edge-a", &["c2".into()]).await.unwrap(), 1);
+        let left: Vec<_> = topics.list("t1", "room", None).await.unwrap().into_iter().map(|s| s.session_id).collect();
+        assert_eq!(left, ["s2", "s3"]);
+        let last = diffs(&store).await.pop().unwrap();
+        assert_eq!((last["kind"].as_str(), last["session"].as_str()), (Some("leave"), Some("s1")));
+        assert!(matches!(topics.forget_edge_sessions(" ", &[]).await, Err(TopicError::Invalid(_))));
+    }
 }
