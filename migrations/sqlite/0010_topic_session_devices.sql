@@ -3,3 +3,4 @@
 -- this column existed have no device ('') and stay open to any peer of
 -- their tenant until they leave.
 ALTER TABLE topic_sessions ADD COLUMN device_id TEXT NOT NULL DEFAULT '';
+CREATE INDEX topic_sessions_edge ON topic_sessions (edge_id);

@@ -150,6 +150,10 @@ pub struct Edge {
     /// in a round is announced again only if it was written before that
     /// round began (see `registry::Announcing`).
     refresh_round: std::sync::atomic::AtomicU64,
+    /// Set once presence has dropped the topic sessions of this edge's
+    /// earlier run (under the same name): tracking waits for it, so that
+    /// none of this run's sessions is dropped with them.
+    topics_ready: tokio::sync::watch::Sender<bool>,
     upgrade_limit: limit::UpgradeLimit,
     shutdown: CancellationToken,
     /// Every upgraded connection's task. Once upgraded, a connection is no
@@ -243,6 +247,7 @@ impl Edge {
             instance_changes,
             connection_changes,
             refresh_round: Default::default(),
+            topics_ready: tokio::sync::watch::Sender::new(false),
             shutdown,
             connections: tokio_util::task::TaskTracker::new(),
         })

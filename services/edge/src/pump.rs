@@ -518,25 +518,19 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
         // An edge that comes back under its name before presence expired
         // it (its refreshes kept coming) would otherwise keep the topic
         // sessions of its previous run for ever: their connections are
-        // gone, and nothing would untrack them. Once per run, and only
-        // sessions of connections this edge does not hold.
+        // gone, and nothing would untrack them. Once per run, before this
+        // run tracks any (tracking waits for it).
         if !forgotten {
-            let live = edge
-                .registry
-                .all()
-                .iter()
-                .map(|peer| peer.connection_id.clone())
-                .collect();
             let forget = edge
                 .presence()
                 .forget_edge_sessions(pb::ForgetEdgeSessionsRequest {
                     edge_id: edge.edge_id.clone(),
-                    live_connection_ids: live,
                 })
                 .await;
             match forget {
                 Ok(reply) => {
                     forgotten = true;
+                    edge.topics_ready.send_replace(true);
                     let removed = reply.into_inner().removed;
                     if removed > 0 {
                         tracing::info!(removed, "topic sessions of this edge's previous run left");

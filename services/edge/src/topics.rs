@@ -56,6 +56,16 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                 Ok(track) => track,
                 Err(message) => return Outcome::Invalid(message),
             };
+            // Not before presence has dropped this edge's earlier run's
+            // sessions (at its first refresh), which would take this one
+            // with them.
+            let mut ready = edge.topics_ready.subscribe();
+            let waited = tokio::time::timeout(crate::CALL_DEADLINE, ready.wait_for(|ready| *ready));
+            if !matches!(waited.await, Ok(Ok(_))) {
+                return Outcome::Failed(tonic::Status::unavailable(
+                    "topic presence is not ready on this edge",
+                ));
+            }
             let session = pb::TopicSession {
                 tenant_id,
                 topic: track.topic.clone(),

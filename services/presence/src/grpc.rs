@@ -225,7 +225,7 @@ impl Presence for PresenceService {
         let r = request.into_inner();
         let removed = self
             .topics
-            .forget_edge_sessions(&r.edge_id, &r.live_connection_ids)
+            .forget_edge_sessions(&r.edge_id)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::UntrackTopicResponse {

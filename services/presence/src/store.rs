@@ -338,13 +338,8 @@ pub trait TopicStore: Send + Sync + 'static {
     /// Removes, with `leave` diffs, the sessions of edges that have not
     /// refreshed since `cutoff_ms`, and forgets those edges.
     async fn expire_edges(&self, cutoff_ms: i64) -> Result<Vec<TopicSession>, StoreError>;
-    /// Removes, with `leave` diffs, `edge_id`'s sessions of connections
-    /// other than `live`.
-    async fn forget_edge_sessions(
-        &self,
-        edge_id: &str,
-        live: &[String],
-    ) -> Result<Vec<TopicSession>, StoreError>;
+    /// Removes, with `leave` diffs, every session of `edge_id`.
+    async fn forget_edge_sessions(&self, edge_id: &str) -> Result<Vec<TopicSession>, StoreError>;
 }
 
 const TOPIC_COLUMNS: &str = "tenant_id, topic, session_id, principal, kind, agent_id, since_ms, state, note, \
@@ -408,6 +403,36 @@ fn held_by(n: usize) -> String {
     format!("(device_id = ${n} OR device_id = '')")
 }
 
+/// Inserts a new session with its `join` and commits.
+async fn insert_session(
+    store: &Store,
+    mut tx: Tx,
+    s: &TopicSession,
+    join: &NewItem,
+) -> Result<Option<TopicSession>, StoreError> {
+    sqlx::query(&format!(
+        "INSERT INTO topic_sessions ({TOPIC_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+    ))
+    .bind(&s.tenant_id)
+    .bind(&s.topic)
+    .bind(&s.session_id)
+    .bind(&s.principal)
+    .bind(&s.kind)
+    .bind(&s.agent_id)
+    .bind(s.since_ms)
+    .bind(&s.state)
+    .bind(&s.note)
+    .bind(s.until_ms)
+    .bind(&s.edge_id)
+    .bind(&s.connection_id)
+    .bind(&s.device_id)
+    .execute(&mut *tx)
+    .await?;
+    outbox::append(&mut tx, join).await?;
+    store.commit(tx).await?;
+    Ok(Some(s.clone()))
+}
+
 #[tonic::async_trait]
 impl TopicStore for Store {
     async fn track(
@@ -433,7 +458,15 @@ impl TopicStore for Store {
             .execute(&mut *tx)
             .await?;
             if moved.rows_affected() == 0 {
-                return Ok(None);
+                // Held by another device, or gone since the look (another
+                // writer untracked it): then it is tracked anew.
+                if select_session(&mut tx, &s.tenant_id, &s.topic, &s.session_id)
+                    .await?
+                    .is_some()
+                {
+                    return Ok(None);
+                }
+                return insert_session(self, tx, s, join).await;
             }
             self.commit(tx).await?;
             return Ok(Some(TopicSession {
@@ -443,27 +476,7 @@ impl TopicStore for Store {
                 ..existing
             }));
         }
-        sqlx::query(&format!(
-            "INSERT INTO topic_sessions ({TOPIC_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-        ))
-        .bind(&s.tenant_id)
-        .bind(&s.topic)
-        .bind(&s.session_id)
-        .bind(&s.principal)
-        .bind(&s.kind)
-        .bind(&s.agent_id)
-        .bind(s.since_ms)
-        .bind(&s.state)
-        .bind(&s.note)
-        .bind(s.until_ms)
-        .bind(&s.edge_id)
-        .bind(&s.connection_id)
-        .bind(&s.device_id)
-        .execute(&mut *tx)
-        .await?;
-        outbox::append(&mut tx, join).await?;
-        self.commit(tx).await?;
-        Ok(Some(s.clone()))
+        insert_session(self, tx, s, join).await
     }
 
     async fn untrack(
@@ -581,36 +594,11 @@ impl TopicStore for Store {
         Ok(sessions)
     }
 
-    async fn forget_edge_sessions(
-        &self,
-        edge_id: &str,
-        live: &[String],
-    ) -> Result<Vec<TopicSession>, StoreError> {
-        let held = format!("SELECT {TOPIC_COLUMNS} FROM topic_sessions WHERE edge_id = $1");
-        let held = self
-            .fetch_all(sqlx::query(&held).bind(edge_id), topic_session)
-            .await?;
-        let live: std::collections::HashSet<&str> = live.iter().map(String::as_str).collect();
+    async fn forget_edge_sessions(&self, edge_id: &str) -> Result<Vec<TopicSession>, StoreError> {
         let mut tx = self.begin().await?;
-        let mut forgotten = Vec::new();
-        // Each by its connection too, so that one taken over meanwhile by a
-        // live connection stays.
-        let delete = format!(
-            "DELETE FROM topic_sessions WHERE tenant_id = $1 AND topic = $2 AND session_id = $3 \
-             AND edge_id = $4 AND connection_id = $5 RETURNING {TOPIC_COLUMNS}"
-        );
-        for session in held
-            .iter()
-            .filter(|s| !live.contains(s.connection_id.as_str()))
-        {
-            let query = sqlx::query(&delete)
-                .bind(&session.tenant_id)
-                .bind(&session.topic)
-                .bind(&session.session_id)
-                .bind(edge_id)
-                .bind(&session.connection_id);
-            forgotten.extend(leave_all(&mut tx, query).await?);
-        }
+        let delete =
+            format!("DELETE FROM topic_sessions WHERE edge_id = $1 RETURNING {TOPIC_COLUMNS}");
+        let forgotten = leave_all(&mut tx, sqlx::query(&delete).bind(edge_id)).await?;
         self.commit(tx).await?;
         Ok(forgotten)
     }

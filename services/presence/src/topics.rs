@@ -131,7 +131,6 @@ impl Topics {
             ("session", &session.session_id),
             ("principal", &session.principal),
             ("connection_id", &session.connection_id),
-            ("device_id", &session.device_id),
         ] {
             field(name, value)?;
         }
@@ -248,16 +247,11 @@ impl Topics {
         Ok(self.store.expire_statuses(now_ms()).await?.len())
     }
 
-    /// `edge_id`'s sessions of connections other than `live` leave, each
-    /// with a `leave` diff: what an edge of that name held in an earlier
-    /// run is gone, whatever its devices do.
-    pub async fn forget_edge_sessions(
-        &self,
-        edge_id: &str,
-        live: &[String],
-    ) -> Result<usize, TopicError> {
+    /// Every session of `edge_id` leaves, each with a `leave` diff: at an
+    /// edge's start, what an edge of that name held in an earlier run.
+    pub async fn forget_edge_sessions(&self, edge_id: &str) -> Result<usize, TopicError> {
         field("edge_id", edge_id)?;
-        Ok(self.store.forget_edge_sessions(edge_id, live).await?.len())
+        Ok(self.store.forget_edge_sessions(edge_id).await?.len())
     }
 
     /// The sessions of edges that stopped refreshing for `ttl` leave, each
