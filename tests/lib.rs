@@ -115,6 +115,16 @@ impl Host {
             .to_owned()
     }
 
+    /// The host's store, opened as a second client of the same database.
+    pub async fn store(&self) -> muster_store::Store {
+        muster_store::Store::connect(
+            &self.config.store_url(),
+            &muster_store::StoreOptions::default(),
+        )
+        .await
+        .expect("the host's store")
+    }
+
     /// The first start's admin token.
     pub fn admin_token(&self) -> String {
         self.running

@@ -8,8 +8,8 @@ use std::time::Duration;
 use muster_e2e::Host;
 use muster_e2e::ws::{Next, TokenVia, Ws, open};
 use muster_protocol::device::DeviceKey;
+use muster_store::Store;
 use muster_store::outbox::{self, NewItem, Target};
-use muster_store::{Store, StoreOptions};
 use serde_json::json;
 
 /// A connected node, its device id and its connection id.
@@ -33,13 +33,6 @@ async fn numbers(ws: &mut Ws, kind: &str, count: usize) -> Vec<i64> {
     seen
 }
 
-/// The host's store, opened as a second client of the same database.
-async fn store_of(host: &Host) -> Store {
-    Store::connect(&host.config.store_url(), &StoreOptions::default())
-        .await
-        .unwrap()
-}
-
 async fn rows_for(store: &Store, device_id: &str) -> i64 {
     sqlx::Row::try_get(
         &sqlx::query("SELECT COUNT(*) FROM connections WHERE device_id = $1")
@@ -53,7 +46,7 @@ async fn rows_for(store: &Store, device_id: &str) -> i64 {
 }
 
 async fn directory_flow(host: &Host) {
-    let store = store_of(host).await;
+    let store = host.store().await;
     let (mut a, device_a, _) = node(host).await;
     let (mut b, device_b, connection_b) = node(host).await;
     assert_eq!(rows_for(&store, &device_a).await, 1);

@@ -958,12 +958,7 @@ async fn presence_flows_to_operators(host: &Host) {
     let mut second = admin(host).await;
     second.handshake(&second_key, "node", json!({})).await;
     upserted_entry(&mut operator, &second_key.device_id()).await;
-    let store = muster_store::Store::connect(
-        &host.config.store_url(),
-        &muster_store::StoreOptions::default(),
-    )
-    .await
-    .unwrap();
+    let store = host.store().await;
     let mut sentinel = muster_store::outbox::NewItem::event(
         &host.config.default_tenant,
         "muster.test.sentinel",
@@ -1081,12 +1076,7 @@ async fn operator_and_node(host: &Host, device: Value) -> (Ws, DeviceKey, Ws, mu
     let node_key = DeviceKey::generate();
     let mut node = admin(host).await;
     node.handshake(&node_key, "node", device).await;
-    let store = muster_store::Store::connect(
-        &host.config.store_url(),
-        &muster_store::StoreOptions::default(),
-    )
-    .await
-    .unwrap();
+    let store = host.store().await;
     (operator, node_key, node, store)
 }
 
@@ -1532,6 +1522,14 @@ impl Stall {
     }
 }
 
+/// Stalls writes to `table` once `peer` has arrived. A `ping` is answered
+/// only after the arrival (the presence entry included) is done, so the
+/// stall holds up what follows, not the arrival.
+async fn stall_after_arrival(host: &Host, peer: &mut Ws, table: &str) -> Stall {
+    assert_eq!(peer.call("ping", json!({})).await["ok"], true);
+    stall_writes(&host.config.store_url(), table).await
+}
+
 async fn stall_writes(store_url: &str, table: &str) -> Stall {
     use sqlx::Connection;
     if store_url.starts_with("sqlite:") {
@@ -1561,10 +1559,7 @@ muster_e2e::on_both_stores! {
         let mut node = admin(&host).await;
         node.handshake(&DeviceKey::generate(), "node", json!({}))
             .await;
-        // Answered once the arrival (the presence entry included) is
-        // done: the stall must hold up what follows, not the arrival.
-        assert_eq!(node.call("ping", json!({})).await["ok"], true);
-        let stalled = stall_writes(&host.config.store_url(), "instance_presence").await;
+        let stalled = stall_after_arrival(&host, &mut node, "instance_presence").await;
         node.send(json!({"request_id": "b1", "type": "presence.beacon", "payload": {}}))
             .await;
         // The beacon reaches the stalled store, the edge begins to stop,
@@ -1607,11 +1602,8 @@ muster_e2e::on_both_stores! {
         operator
             .handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
             .await;
-        // Answered once the arrival (the presence entry included) is
-        // done: the stall must hold up what follows, not the arrival.
-        assert_eq!(operator.call("ping", json!({})).await["ok"], true);
         // Tracking a topic writes its session.
-        let stalled = stall_writes(&host.config.store_url(), "topic_sessions").await;
+        let stalled = stall_after_arrival(&host, &mut operator, "topic_sessions").await;
         let asked = std::time::Instant::now();
         operator
             .send(json!({"request_id": "t1", "type": "muster.topic.track",
@@ -1704,10 +1696,7 @@ muster_e2e::on_both_stores! {
         let mut node = admin(&host).await;
         node.handshake(&DeviceKey::generate(), "node", json!({}))
             .await;
-        // Answered once the arrival (the presence entry included) is
-        // done: the stall must hold up what follows, not the arrival.
-        assert_eq!(node.call("ping", json!({})).await["ok"], true);
-        let stalled = stall_writes(&host.config.store_url(), "instance_presence").await;
+        let stalled = stall_after_arrival(&host, &mut node, "instance_presence").await;
         // More than the edge reads ahead while one waits (64): reading
         // pauses, so the pongs wait unread in the socket too.
         let mut sent: Vec<String> = (0..70).map(|n| format!("b{n}")).collect();
@@ -1755,10 +1744,7 @@ muster_e2e::on_both_stores! {
         let key = DeviceKey::generate();
         let mut node = admin(&host).await;
         node.handshake(&key, "node", json!({})).await;
-        // Answered once the arrival (the presence entry included) is
-        // done: the stall must hold up what follows, not the arrival.
-        assert_eq!(node.call("ping", json!({})).await["ok"], true);
-        let stalled = stall_writes(&host.config.store_url(), "instance_presence").await;
+        let stalled = stall_after_arrival(&host, &mut node, "instance_presence").await;
         node.send(json!({"request_id": "b1", "type": "presence.beacon", "payload": {"host": "first"}}))
             .await;
         node.send(json!({"request_id": "b2", "type": "presence.beacon", "payload": {"host": "last words"}}))

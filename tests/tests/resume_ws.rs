@@ -152,12 +152,7 @@ async fn replay_limit(host: &Host) {
     use muster_store::outbox::{self, NewItem};
     let tenant = host.config.default_tenant.clone();
     let mut live = peer(host, &host.admin_token(), "client", "cli").await;
-    let store = muster_store::Store::connect(
-        &host.config.store_url(),
-        &muster_store::StoreOptions::default(),
-    )
-    .await
-    .unwrap();
+    let store = host.store().await;
     let items: Vec<NewItem> = (0..10_050)
         .map(|n| NewItem::event(&tenant, "muster.test.filler", json!({ "n": n })))
         .collect();
@@ -187,17 +182,10 @@ async fn replay_limit(host: &Host) {
     assert!(replayed.len() >= 10_000, "{}", replayed.len());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_limit_on_sqlite() {
-    let host = Host::start(None).await;
-    replay_limit(&host).await;
-    host.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_limit_on_postgres() {
-    let url = muster_store::testing::create_postgres_database().await;
-    let host = Host::start(Some(url)).await;
-    replay_limit(&host).await;
-    host.stop().await;
+muster_e2e::on_both_stores! {
+    async fn replay_limit_on_both_stores(store: Option<String>) {
+        let host = Host::start(store).await;
+        replay_limit(&host).await;
+        host.stop().await;
+    }
 }

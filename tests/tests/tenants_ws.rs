@@ -13,7 +13,6 @@ use muster_e2e::Host;
 use muster_e2e::ws::{Next, TokenVia, Ws, open};
 use muster_protocol::device::DeviceKey;
 use muster_store::outbox::{self, NewItem, Target};
-use muster_store::{Store, StoreOptions};
 use rand::Rng;
 use rand::seq::IndexedRandom;
 use serde_json::json;
@@ -104,9 +103,7 @@ async fn tenants_flow(host: &Host) {
         })
         .collect();
 
-    let store = Store::connect(&host.config.store_url(), &StoreOptions::default())
-        .await
-        .unwrap();
+    let store = host.store().await;
     // Three producers at once, 50 items each.
     let producers = (0..3).map(|producer| {
         let (store, devices, connections) = (store.clone(), devices.clone(), connections.clone());
