@@ -6,7 +6,8 @@
 //! anything (the node's commands follow its device to the other edge), the
 //! killed edge's peers leave presence and their topics, and the cluster
 //! survives a backplane restart and a Postgres restart with nothing
-//! committed around them lost.
+//! committed around them lost; an edge that could not read what was
+//! compacted closes its peers, which learn of the gap when they resume.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -438,6 +439,35 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
     assert_all_arrive(&mut client, &around, Duration::from_secs(20)).await;
     let pong = client.call("ping", json!({})).await;
     assert_eq!(pong["ok"], true);
+
+    // An edge cut off from the backplane for longer than the outbox kept
+    // what it had not read: its peers may lack events (a revocation among
+    // them would leave connections open), so they are closed to reconnect,
+    // and a peer that resumes from before the loss is told of the gap.
+    let last_seen = around.last().unwrap().clone();
+    cluster.ctl(&["kill", "backplane"]);
+    for n in 0..3 {
+        let item = NewItem::event(TENANT, TICK, json!({"lost": n}));
+        append_retrying(&store, &item).await;
+    }
+    // What the stopped backplane would have done, then compaction of
+    // everything (an outbox at its cap).
+    outbox::sequence(&store, 1000).await.unwrap();
+    let nothing_kept = outbox::Retention {
+        max_items: 0,
+        ..muster_backplane::default_retention()
+    };
+    assert!(outbox::compact(&store, &nothing_kept).await.unwrap() >= 3);
+    cluster.ctl(&["start", "backplane"]);
+    assert_eq!(client.closed().await, (1013, "events missed".to_owned()));
+    let mut client = peer(&edges[1], "client", "cli").await.0;
+    let resumed = client
+        .call("muster.stream.resume", json!({"last_event_id": last_seen}))
+        .await;
+    assert_eq!(resumed["result"]["gap"], true, "{resumed}");
+    let after_gap = NewItem::event(TENANT, TICK, json!({"after": "gap"}));
+    append_retrying(&store, &after_gap).await;
+    assert_all_arrive(&mut client, &[after_gap.event_id], long).await;
     drop(client);
 
     // No ghosts: a peer on edge 1, in instance presence and in a topic that

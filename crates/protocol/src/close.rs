@@ -22,6 +22,10 @@ pub const TRY_AGAIN_LATER: Close = close(1013, "try again later");
 pub const MESSAGE_TOO_BIG: Close = close(1009, "");
 /// A text frame that is not UTF-8, closed as `ws` 8.x closes it.
 pub const INVALID_PAYLOAD: Close = close(1007, "");
+/// The edge lost events its peers may have been owed (it was cut off from
+/// the backplane longer than the outbox kept them): a muster addition, so
+/// that clients reconnect, and those that resume learn of the gap.
+pub const EVENTS_MISSED: Close = close(1013, "events missed");
 pub const UNAUTHORIZED: Close = close(4001, "unauthorized");
 pub const TOKEN_REVOKED: Close = close(4001, "token revoked");
 /// A token edited while connected: the connection's claims are stale.

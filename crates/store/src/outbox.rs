@@ -262,11 +262,21 @@ pub async fn read_all_after(
         .await
 }
 
-/// The position of the newest readable item, 0 when there is none.
+/// The last position given to a readable item, whether or not the outbox
+/// still holds it (compaction may have emptied it); 0 before the first.
+/// Positions are dense, so a reader after `p` that finds its next item
+/// above `p + 1`, or none while the head is above `p`, knows that
+/// compaction took what lay between.
 pub async fn head(store: &Store) -> Result<i64, StoreError> {
-    let row = sqlx::query("SELECT COALESCE(MAX(position), 0) FROM outbox")
-        .fetch_one(store.pool())
-        .await?;
+    let sql = match store.backend() {
+        // The sequencer's counter moves with its positions, in one commit.
+        Backend::Postgres => "SELECT last_position FROM outbox_sequence",
+        // AUTOINCREMENT's high-water mark outlives the rows it numbered.
+        Backend::Sqlite => {
+            "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0)"
+        }
+    };
+    let row = sqlx::query(sql).fetch_one(store.pool()).await?;
     Ok(row.try_get(0)?)
 }
 

@@ -208,23 +208,62 @@ async fn make_readable(store: Arc<dyn OutboxStore>, readable: watch::Sender<u64>
     }
 }
 
-/// Sends the items after `cursor`, moving it; false when the receiver
-/// went away.
+/// What a follower receives, in position order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Followed {
+    Item(Item),
+    /// The items after the previous one sent (or after where the follower
+    /// started) up to and including `through` were compacted before the
+    /// follower read them. Positions are dense, so a jump is always one.
+    Gap {
+        through: i64,
+    },
+}
+
+impl Followed {
+    pub fn position(&self) -> i64 {
+        match self {
+            Followed::Item(item) => item.position,
+            Followed::Gap { through } => *through,
+        }
+    }
+}
+
+/// What a follower sends into.
+pub type FollowSink = mpsc::Sender<Result<Followed, StoreError>>;
+
+/// Sends the items after `cursor`, moving it, each after word of what
+/// compaction took before it; false when the receiver went away.
 async fn send_after(
     cursor: &mut i64,
     items: impl Iterator<Item = &Item>,
-    sink: &mpsc::Sender<Result<Item, StoreError>>,
+    sink: &FollowSink,
 ) -> bool {
     for item in items {
         if item.position <= *cursor {
             continue;
         }
+        if item.position > *cursor + 1 && !send_gap(cursor, item.position - 1, sink).await {
+            return false;
+        }
         *cursor = item.position;
-        if sink.send(Ok(item.clone())).await.is_err() {
+        if sink.send(Ok(Followed::Item(item.clone()))).await.is_err() {
             return false;
         }
     }
     true
+}
+
+/// Says that what lies after `cursor` up to `through` is gone, moving the
+/// cursor past it; false when the receiver went away.
+async fn send_gap(cursor: &mut i64, through: i64, sink: &FollowSink) -> bool {
+    tracing::info!(
+        after = *cursor,
+        through,
+        "items were compacted before a follower read them"
+    );
+    *cursor = through;
+    sink.send(Ok(Followed::Gap { through })).await.is_ok()
 }
 
 /// Reads every item as it becomes readable, from the head at start, and
@@ -310,7 +349,7 @@ impl Outbox {
     /// it, and whatever comes later is in the subscription (items at or
     /// below the cursor are skipped). A follower that falls too far behind
     /// the tail catches up from the store again.
-    pub async fn follow(&self, after: Option<i64>, sink: mpsc::Sender<Result<Item, StoreError>>) {
+    pub async fn follow(&self, after: Option<i64>, sink: FollowSink) {
         let mut ready = self.tail_ready.clone();
         if ready.wait_for(|ready| *ready).await.is_err() {
             return;
@@ -328,9 +367,21 @@ impl Outbox {
         'catch_up: loop {
             let mut batches = self.tail.subscribe();
             loop {
-                match self.store.read_all_after(cursor, MAX_READ).await {
-                    Ok(items) => {
+                // The head before the items: a head above the cursor with
+                // nothing after it was compacted, not committed meanwhile.
+                let read = async {
+                    let head = self.store.head().await?;
+                    Ok::<_, StoreError>((head, self.store.read_all_after(cursor, MAX_READ).await?))
+                };
+                match read.await {
+                    Ok((head, items)) => {
                         let full = items.len() == MAX_READ as usize;
+                        if items.is_empty()
+                            && head > cursor
+                            && !send_gap(&mut cursor, head, &sink).await
+                        {
+                            return;
+                        }
                         if !send_after(&mut cursor, items.iter(), &sink).await {
                             return;
                         }
@@ -505,7 +556,17 @@ pub fn spec(outbox: Outbox, directory: Arc<dyn DirectoryStore>) -> ServiceSpec {
     }
 }
 
-fn to_pb(item: Item) -> pb::OutboxItem {
+fn to_pb(followed: Followed) -> pb::OutboxItem {
+    let item = match followed {
+        Followed::Item(item) => item,
+        Followed::Gap { through } => {
+            return pb::OutboxItem {
+                position: through,
+                gap: true,
+                ..Default::default()
+            };
+        }
+    };
     let target = item.target.map(|t| pb::OutboxTarget {
         kind: Some(match t {
             Target::Device(id) => pb::outbox_target::Kind::DeviceId(id),
@@ -525,6 +586,7 @@ fn to_pb(item: Item) -> pb::OutboxItem {
             scopes: item.audience_scopes,
         }),
         occurred_at_ms: item.occurred_at_ms,
+        gap: false,
     }
 }
 
@@ -539,14 +601,16 @@ const FORWARD_BATCH: usize = 256;
 async fn addressed_to(
     directory: &dyn DirectoryStore,
     consumer: &str,
-    items: &[Result<Item, StoreError>],
+    items: &[Result<Followed, StoreError>],
 ) -> Vec<bool> {
     let mut keep = vec![true; items.len()];
     let directed: Vec<(usize, (&str, &Target))> = items
         .iter()
         .enumerate()
         .filter_map(|(n, item)| {
-            let item = item.as_ref().ok()?;
+            let Ok(Followed::Item(item)) = item else {
+                return None;
+            };
             Some((n, (item.tenant_id.as_str(), item.target.as_ref()?)))
         })
         .collect();
@@ -719,7 +783,7 @@ impl Backplane for BackplaneService {
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::ReadOutboxResponse {
-            items: items.into_iter().map(to_pb).collect(),
+            items: items.into_iter().map(Followed::Item).map(to_pb).collect(),
         }))
     }
 }

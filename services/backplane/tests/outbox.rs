@@ -2,10 +2,18 @@
 
 use std::sync::Arc;
 
-use muster_backplane::{MAX_READ, Outbox};
-use muster_store::outbox::{self, NewItem};
+use muster_backplane::{Followed, MAX_READ, Outbox};
+use muster_store::outbox::{self, Item, NewItem};
 use muster_store::{Store, StoreError};
 use serde_json::json;
+
+/// An item a follower sent; a gap or an error fails the test.
+fn item(followed: Result<Followed, StoreError>) -> Item {
+    match followed.unwrap() {
+        Followed::Item(item) => item,
+        gap => panic!("an item was expected, not {gap:?}"),
+    }
+}
 
 muster_store::backend_suite! {
     async fn reads_are_capped_paged_and_per_tenant(store: Store) {
@@ -48,12 +56,12 @@ muster_store::backend_suite! {
         }
         let mut seen = Vec::new();
         for _ in 0..3 {
-            let item = tokio::time::timeout(std::time::Duration::from_secs(5), items.recv())
+            let got = tokio::time::timeout(std::time::Duration::from_secs(5), items.recv())
                 .await
                 .expect("item delivered")
-                .unwrap()
+                .map(item)
                 .unwrap();
-            seen.push((item.tenant_id, item.payload["n"].as_i64().unwrap()));
+            seen.push((got.tenant_id, got.payload["n"].as_i64().unwrap()));
         }
         assert_eq!(seen, vec![("t1".into(), 1), ("t2".into(), 2), ("t1".into(), 3)]);
         drop(items);
@@ -116,12 +124,12 @@ async fn producers_race_a_follower(store: &Store, rounds: usize) {
                 }
                 break;
             }
-            Some(item) = items.recv() => received.push(item.unwrap()),
+            Some(followed) = items.recv() => received.push(item(followed)),
         }
     }
     while received.len() < committed.len() {
         match tokio::time::timeout(Duration::from_secs(10), items.recv()).await {
-            Ok(Some(item)) => received.push(item.unwrap()),
+            Ok(Some(followed)) => received.push(item(followed)),
             _ => break,
         }
     }
@@ -150,5 +158,77 @@ async fn producers_race_a_follower(store: &Store, rounds: usize) {
 muster_store::backend_suite! {
     async fn concurrent_producers_never_make_a_follower_skip_100_rounds(store: Store) {
         producers_race_a_follower(&store, 100).await;
+    }
+}
+
+/// Appends one item per transaction and makes them readable; their
+/// positions.
+async fn append_each(store: &Store, count: usize) -> Vec<i64> {
+    for n in 0..count {
+        let mut tx = store.begin().await.unwrap();
+        outbox::append(&mut tx, &NewItem::event("t1", "n", json!({"n": n})))
+            .await
+            .unwrap();
+        store.commit(tx).await.unwrap();
+    }
+    outbox::sequence(store, 1000).await.unwrap();
+    let head = outbox::head(store).await.unwrap();
+    ((head - count as i64 + 1)..=head).collect()
+}
+
+/// The next thing a follower sends, within 5 s.
+async fn next(
+    received: &mut tokio::sync::mpsc::Receiver<Result<Followed, StoreError>>,
+) -> Followed {
+    tokio::time::timeout(std::time::Duration::from_secs(5), received.recv())
+        .await
+        .expect("the follower sends")
+        .expect("the follower runs")
+        .unwrap()
+}
+
+muster_store::backend_suite! {
+    async fn a_follower_is_told_what_compaction_took_before_it_read(store: Store) {
+        let positions = append_each(&store, 5).await;
+        let keep = |max_items| outbox::Retention {
+            ttl_ms: i64::MAX / 4,
+            max_items,
+            consumer_idle_ms: 60_000,
+            min_age_ms: 3_600_000,
+        };
+        // The cap takes the oldest three.
+        assert_eq!(outbox::compact(&store, &keep(2)).await.unwrap(), 3);
+        let reader = Outbox::new(Arc::new(store.clone()));
+
+        // A follower that had read the first item: the second and third
+        // are gone, and it is told so before the fourth.
+        let (sink, mut received) = tokio::sync::mpsc::channel(16);
+        let (follower, first) = (reader.clone(), positions[0]);
+        tokio::spawn(async move { follower.follow(Some(first), sink).await });
+        assert_eq!(next(&mut received).await, Followed::Gap { through: positions[2] });
+        assert_eq!(next(&mut received).await.position(), positions[3]);
+        assert_eq!(next(&mut received).await.position(), positions[4]);
+
+        // An outbox compacted empty: a follower that had read the fourth
+        // is told the fifth is gone; one that had read everything, or
+        // starts from the head, is told nothing. New items follow, with
+        // no gap before them.
+        assert_eq!(outbox::compact(&store, &keep(0)).await.unwrap(), 2);
+        let mut followers = Vec::new();
+        for after in [Some(positions[3]), Some(positions[4]), None] {
+            let (sink, received) = tokio::sync::mpsc::channel(16);
+            let follower = reader.clone();
+            tokio::spawn(async move { follower.follow(after, sink).await });
+            followers.push(received);
+        }
+        // Let each settle on where it starts before anything commits.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let newer = append_each(&store, 1).await[0];
+        assert_eq!(newer, positions[4] + 1, "positions go on after an emptied outbox");
+        assert_eq!(next(&mut followers[0]).await, Followed::Gap { through: positions[4] });
+        for received in &mut followers {
+            assert_eq!(next(received).await.position(), newer);
+        }
+        assert!(followers.iter_mut().all(|r| r.try_recv().is_err()), "nothing else was sent");
     }
 }

@@ -356,6 +356,12 @@ impl Edge {
         Ok(claims)
     }
 
+    /// Forgets every cached verification: the next presentation of any
+    /// token asks identity.
+    fn forget_verified(&self) {
+        self.verified.lock().expect("cache lock").clear();
+    }
+
     /// Remembers that `token_id` is revoked and forgets every cached
     /// verification of it.
     fn revoke_token(&self, token_id: &str) {

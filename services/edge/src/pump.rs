@@ -61,9 +61,18 @@ struct Prepared<'a> {
 /// Deliveries between two commands go out together, so that a peer gets
 /// the frames of a burst in one queueing (and its connection writes them
 /// in one flush) instead of one wake-up per item.
-fn dispatch(edge: &Edge, items: &[pb::OutboxItem]) {
+///
+/// `at_start`: the batch begins its stream, and no peer was connected when
+/// the stream was asked for; a gap before its first item then concerns no
+/// peer.
+fn dispatch(edge: &Edge, items: &[pb::OutboxItem], at_start: bool) {
     let mut pending = Vec::new();
-    for item in items {
+    for (n, item) in items.iter().enumerate() {
+        if item.gap {
+            deliver(edge, &mut pending);
+            missed(edge, item.position, !(at_start && n == 0));
+            continue;
+        }
         let payload: serde_json::Value =
             serde_json::from_str(&item.payload_json).unwrap_or_default();
         if item.r#type == "token.revoked" || item.r#type == "token.updated" {
@@ -83,6 +92,35 @@ fn dispatch(edge: &Edge, items: &[pb::OutboxItem]) {
         }
     }
     deliver(edge, &mut pending);
+}
+
+/// Items up to `through` were compacted before this edge read them: it
+/// was cut off from the backplane for longer than the outbox keeps items
+/// for a silent consumer. A revocation among them would leave its token's
+/// connections open, and peers would lack events without knowing it. So
+/// cached verifications go, and when peers may have been connected while
+/// the lost items committed, every connected peer is closed with 1013
+/// `events missed`: it reconnects, its token is checked again, and a peer
+/// that resumes is told of the gap.
+fn missed(edge: &Edge, through: i64, peers_affected: bool) {
+    edge.forget_verified();
+    metrics::counter!("muster_edge_outbox_gaps_total").increment(1);
+    if !peers_affected {
+        tracing::info!(
+            through,
+            "items from before this edge's peers connected were compacted unread"
+        );
+        return;
+    }
+    let peers = edge.registry.all();
+    for peer in &peers {
+        peer.outbound.close(close::EVENTS_MISSED);
+    }
+    tracing::warn!(
+        through,
+        closed = peers.len(),
+        "items were compacted before this edge read them; its peers were closed to reconnect"
+    );
 }
 
 /// `token.revoked` and `token.updated`: the token's cached claims go, and
@@ -264,6 +302,9 @@ pub(crate) async fn run(edge: Arc<Edge>) {
         };
         // The subscription's answer (not its stream, which lasts as long as
         // the edge) has the call deadline, and gives way to shutdown.
+        // A gap at the start of a stream asked for with no peer connected
+        // concerns none (see `dispatch`).
+        let mut at_start = edge.registry.len() == 0;
         let mut backplane = BackplaneClient::new(edge.peers.backplane.clone());
         let subscribed = tokio::select! {
             subscribed = tokio::time::timeout(crate::CALL_DEADLINE, backplane.subscribe(request)) => {
@@ -292,7 +333,8 @@ pub(crate) async fn run(edge: Arc<Edge>) {
                                     }
                                 }
                                 after = batch.last().map(|item| item.position);
-                                dispatch(&edge, &batch);
+                                dispatch(&edge, &batch, at_start);
+                                at_start = false;
                                 match broke {
                                     Some(Some(Err(status))) => {
                                         tracing::warn!(code = ?status.code(), message = status.message(), "backplane stream broke");
