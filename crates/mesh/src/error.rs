@@ -91,6 +91,11 @@ impl ServiceError for muster_store::StoreError {
             StoreError::Database(sqlx_error) if is_unavailable(sqlx_error) => {
                 ErrorCode::Unavailable
             }
+            // The server failed the statement (cancelled at its timeout,
+            // shutting down, out of connections), not the write's content.
+            StoreError::Database(sqlx::Error::Database(_)) if !self.is_about_the_write() => {
+                ErrorCode::Unavailable
+            }
             StoreError::Unavailable(_) => ErrorCode::Unavailable,
             _ => ErrorCode::Internal,
         }

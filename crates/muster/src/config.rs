@@ -41,6 +41,9 @@ pub struct Config {
     pub store: Option<String>,
     /// The SPIFFE trust domain of every certificate.
     pub trust_domain: String,
+    /// Postgres: how long a statement may run (lock waits included)
+    /// before the server cancels it; 0 keeps the server's setting.
+    pub store_statement_timeout_secs: u64,
     /// CA and principal certificates; default: `<data_dir>/tls`.
     pub tls_dir: Option<PathBuf>,
     /// Where the edge listens for clients.
@@ -134,6 +137,7 @@ impl Default for Config {
             default_tenant: DEFAULT_TENANT.into(),
             cert_reload_secs: 10,
             shutdown_grace_secs: 30,
+            store_statement_timeout_secs: muster_store::DEFAULT_STATEMENT_TIMEOUT.as_secs(),
             log_format: "auto".into(),
             admin_token: None,
             presence_include_cli: false,
@@ -157,6 +161,7 @@ impl Default for Config {
 const ENV_KEYS: &[&str] = &[
     "data_dir",
     "store",
+    "store_statement_timeout_secs",
     "trust_domain",
     "tls_dir",
     "edge_listen",

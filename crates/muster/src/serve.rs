@@ -111,7 +111,12 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
     }
-    let store = Store::connect(&url, &StoreOptions::default())
+    let options = StoreOptions {
+        statement_timeout: Some(Duration::from_secs(config.store_statement_timeout_secs))
+            .filter(|timeout| !timeout.is_zero()),
+        ..Default::default()
+    };
+    let store = Store::connect(&url, &options)
         .await
         .with_context(|| format!("opening store {}", redact_url(&url)))?;
     store.migrate().await.context("applying migrations")?;

@@ -43,10 +43,17 @@ fn is_server_trouble(code: &str) -> bool {
 fn breaks_connections(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| is_server_trouble(&code)),
+        // Not a cancelled statement (57014, the statement timeout): the
+        // store failed to serve it, but its connection is sound.
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| is_server_trouble(&code) && code != QUERY_CANCELED),
         _ => false,
     }
 }
+
+/// SQLSTATE of a statement cancelled by the server (its timeout).
+const QUERY_CANCELED: &str = "57014";
 
 impl StoreError {
     pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {

@@ -32,6 +32,14 @@ pub enum Backend {
 pub struct StoreOptions {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// Postgres: how long a statement may run, waiting for locks included,
+    /// before the server cancels it (`statement_timeout`); `None` keeps the
+    /// server's setting. A caller that gave up (an edge's call deadline)
+    /// does not stop its statement, and behind a table another session
+    /// holds locked, statements that nobody waits for any more would keep
+    /// every pooled connection until the lock goes. Migrations run without
+    /// it.
+    pub statement_timeout: Option<Duration>,
 }
 
 impl Default for StoreOptions {
@@ -39,9 +47,14 @@ impl Default for StoreOptions {
         StoreOptions {
             max_connections: 8,
             acquire_timeout: Duration::from_secs(10),
+            statement_timeout: Some(DEFAULT_STATEMENT_TIMEOUT),
         }
     }
 }
+
+/// Postgres's bound on a statement by default: longer than any call's
+/// deadline (10 s), far longer than any statement muster runs.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connection pool to the StateStore.
 #[derive(Debug, Clone)]
@@ -301,6 +314,22 @@ impl Store {
                 })
             });
         }
+        if backend == Backend::Postgres
+            && let Some(timeout) = options.statement_timeout
+        {
+            // At least 1 ms: 0 would mean no limit.
+            let set = format!(
+                "SET statement_timeout = {}",
+                timeout.as_millis().clamp(1, i32::MAX as u128)
+            );
+            pool = pool.after_connect(move |conn, _| {
+                let set = set.clone();
+                Box::pin(async move {
+                    conn.execute(set.as_str()).await?;
+                    Ok(())
+                })
+            });
+        }
         let writer = match backend {
             Backend::Sqlite => Some(
                 pool.clone()
@@ -340,7 +369,17 @@ impl Store {
             Backend::Sqlite => &SQLITE_MIGRATIONS,
             Backend::Postgres => &POSTGRES_MIGRATIONS,
         };
-        migrator.run(&self.pool).await?;
+        if self.backend == Backend::Sqlite {
+            migrator.run(&self.pool).await?;
+            return Ok(());
+        }
+        // A migration may rewrite a large table: no statement timeout. The
+        // connection is closed after, not returned to the pool without it.
+        let mut conn = self.pool.acquire().await?.detach();
+        conn.execute("SET statement_timeout = 0").await?;
+        let migrated = migrator.run(&mut conn).await;
+        let _ = conn.close().await;
+        migrated?;
         Ok(())
     }
 

@@ -73,3 +73,56 @@ async fn dropped_connections_fail_one_statement_not_one_per_connection() {
     );
     store.ping().await.expect("the pool works again");
 }
+
+/// A statement that waits on a lock another session holds is cancelled at
+/// the store's statement timeout, with an error that says the store (not
+/// the write) failed, and leaves its connection sound; migrations run
+/// without the timeout, and the pool's connections keep it after them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_stuck_behind_a_lock_is_cancelled_at_the_timeout() {
+    let url = create_postgres_database().await;
+    let options = StoreOptions {
+        max_connections: 2,
+        statement_timeout: Some(std::time::Duration::from_millis(300)),
+        ..Default::default()
+    };
+    let store = Store::connect(&url, &options).await.expect("connect");
+    store.migrate().await.expect("migrate");
+    let setting: Vec<String> = store
+        .fetch_all(sqlx::query("SHOW statement_timeout"), |row| {
+            Ok(sqlx::Row::get::<String, _>(row, 0))
+        })
+        .await
+        .expect("show");
+    assert_eq!(setting, vec!["300ms".to_owned()]);
+
+    let holder = Store::connect(&url, &StoreOptions::default())
+        .await
+        .expect("connect holder");
+    let mut held = holder.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE outbox_consumers IN EXCLUSIVE MODE")
+        .execute(&mut *held)
+        .await
+        .expect("lock");
+    // Without the timeout this waits for as long as the lock is held.
+    let stuck = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        muster_store::outbox::ack(&store, "edge-a", 1),
+    )
+    .await
+    .expect("the statement ends while the lock is still held");
+    let error = stuck.expect_err("the statement was cancelled");
+    assert!(!error.is_about_the_write(), "{error}");
+    assert!(error.to_string().contains("statement timeout"), "{error}");
+
+    drop(held);
+    muster_store::outbox::ack(&store, "edge-a", 1)
+        .await
+        .expect("the same pool writes once the lock is gone");
+    assert_eq!(
+        muster_store::outbox::progress(&store, "edge-a")
+            .await
+            .unwrap(),
+        Some(1)
+    );
+}
