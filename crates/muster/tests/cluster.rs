@@ -411,6 +411,9 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
 
     // A restarted backplane: the edge resubscribes where it stopped, so
     // what was committed while the backplane was down arrives too.
+    // A node that connects meanwhile could not be recorded in the
+    // directory; the edge records it once the backplane is back, and an
+    // item directed at it finds it.
     cluster.ctl(&["kill", "backplane"]);
     let mut while_down = Vec::new();
     for n in 0..5 {
@@ -418,11 +421,33 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
         append_retrying(&store, &item).await;
         while_down.push(item.event_id);
     }
+    let (mut unrecorded, unrecorded_device) = peer(&edges[1], "node", "node").await;
     cluster.ctl(&["start", "backplane"]);
     let after_restart = NewItem::event(TENANT, TICK, json!({"after": "backplane restart"}));
     append_retrying(&store, &after_restart).await;
     while_down.push(after_restart.event_id);
     assert_all_arrive(&mut client, &while_down, Duration::from_secs(15)).await;
+    // Directed items go only where the directory says their device is:
+    // one per second until one arrives (the edge records the node at its
+    // next heartbeat, every 5 s).
+    let mut sent = HashSet::new();
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let mut command = NewItem::event(TENANT, DIRECTED, json!({"to": "unrecorded"}));
+            command.target = Some(Target::Device(unrecorded_device.clone()));
+            append_retrying(&store, &command).await;
+            sent.insert(command.event_id);
+            if let Some(got) = event_of(&mut unrecorded, DIRECTED, Duration::from_secs(1)).await {
+                return got;
+            }
+        }
+    })
+    .await
+    .expect("a node connected while the backplane was down gets directed items once it is back");
+    assert!(
+        sent.contains(found["event_id"].as_str().unwrap()),
+        "{found}"
+    );
 
     // A restarted Postgres: the services reconnect and delivery goes on,
     // with nothing committed around the restart lost.

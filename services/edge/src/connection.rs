@@ -618,6 +618,7 @@ async fn arrive(
         topics: Default::default(),
         tracked: Default::default(),
         registered: Default::default(),
+        unrecorded: Default::default(),
         expired: Default::default(),
     });
     edge.registry.insert(peer.clone());
@@ -680,7 +681,7 @@ async fn arrive(
 }
 
 /// Records the connection in the directory, for directed delivery.
-async fn register(edge: &Edge, peer: &Peer) {
+pub(crate) async fn register(edge: &Edge, peer: &Peer) {
     let registration = pb::RegisterConnection {
         connection_id: peer.connection_id.clone(),
         tenant_id: peer.claims.tenant_id.clone(),
@@ -692,12 +693,18 @@ async fn register(edge: &Edge, peer: &Peer) {
         .change_connection(pb::connection_change::Change::Register(registration))
         .await
     {
-        Ok(_) => peer.registered.store(true, Ordering::Relaxed),
-        Err(status) => tracing::warn!(
-            code = ?status.code(),
-            connection_id = %peer.connection_id,
-            "connection not recorded in the directory: directed items will not find it"
-        ),
+        Ok(_) => {
+            peer.registered.store(true, Ordering::Relaxed);
+            peer.unrecorded.store(false, Ordering::Relaxed);
+        }
+        Err(status) => {
+            peer.unrecorded.store(true, Ordering::Relaxed);
+            tracing::warn!(
+                code = ?status.code(),
+                connection_id = %peer.connection_id,
+                "connection not recorded in the directory: directed items will not find it until the next heartbeat records it"
+            )
+        }
     }
 }
 

@@ -411,7 +411,8 @@ fn ack(edge: &Edge, seen: Option<i64>, acked: Option<i64>) -> Option<Acking<'_>>
 /// How often the edge heartbeats its connection records.
 const DIRECTORY_HEARTBEAT: Duration = Duration::from_secs(5);
 
-/// Keeps this edge's connection records alive in the directory. A peer
+/// Keeps this edge's connection records alive in the directory, and
+/// records the connections whose recording failed at arrival. A peer
 /// whose record is gone (the edge could not heartbeat within the
 /// directory's TTL, and the record expired) is marked: its next frame
 /// closes it with 4004 `conversation expired`. At shutdown the edge's
@@ -461,7 +462,29 @@ pub(crate) async fn keep_directory(edge: Arc<Edge>) {
             }
         }
         remove_orphans(&edge, held).await;
+        record_unrecorded(&edge).await;
     }
+}
+
+/// Records the connections whose recording failed when they arrived (the
+/// backplane was unreachable then): until it succeeds, no item directed at
+/// them finds this edge. One that leaves meanwhile and is recorded after
+/// its departure is an orphan, which the next heartbeat removes.
+async fn record_unrecorded(edge: &Edge) {
+    let unrecorded = edge
+        .registry
+        .all()
+        .into_iter()
+        .filter(|p| p.unrecorded.load(std::sync::atomic::Ordering::Relaxed));
+    let record = |peer: Arc<crate::registry::Peer>| async move {
+        crate::connection::register(edge, &peer).await;
+    };
+    futures::StreamExt::for_each_concurrent(
+        futures::stream::iter(unrecorded),
+        UPKEEP_CONCURRENCY,
+        record,
+    )
+    .await;
 }
 
 /// At shutdown the edge's records go at once, rather than at their expiry.
