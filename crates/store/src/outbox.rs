@@ -139,6 +139,10 @@ pub async fn append(tx: &mut Tx, item: &NewItem) -> Result<(), StoreError> {
 /// instead of one per item: a round trip per statement is most of an
 /// append's cost. Every item is checked before anything is written, so a
 /// bad one writes none.
+///
+/// Plain `INSERT`s only (no `OR IGNORE`, no upsert): positions must stay
+/// dense, since a follower takes a jump in them for items compacted before
+/// it read them (see [`head`]).
 pub async fn append_all<'a>(
     tx: &mut Tx,
     items: impl IntoIterator<Item = &'a NewItem>,
@@ -467,13 +471,15 @@ pub async fn depth(store: &Store) -> Result<Depth, StoreError> {
     )
     .fetch_one(store.pool())
     .await?;
-    let head: i64 = row.try_get(0)?;
+    let newest: i64 = row.try_get(0)?;
     let oldest: i64 = row.try_get(1)?;
     let unpositioned: i64 = row.try_get(2)?;
-    let window = if oldest > 0 { head - oldest + 1 } else { 0 };
+    let window = if oldest > 0 { newest - oldest + 1 } else { 0 };
     Ok(Depth {
         items: window + unpositioned,
-        head,
+        // Consumers' lag counts from the last position given, which an
+        // outbox compacted empty still knows.
+        head: head(store).await?.max(newest),
         oldest_unacked_ms: row.try_get(3)?,
     })
 }

@@ -451,6 +451,11 @@ impl Outbox {
         self.store.ack(consumer_id, position).await
     }
 
+    /// The last position given to a readable item.
+    pub async fn head(&self) -> Result<i64, StoreError> {
+        self.store.head().await
+    }
+
     pub async fn progress(&self, consumer_id: &str) -> Result<Option<i64>, StoreError> {
         self.store.progress(consumer_id).await
     }
@@ -638,18 +643,30 @@ impl Backplane for BackplaneService {
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = request.into_inner();
+        let (items, mut rx) = mpsc::channel(256);
         let after = if r.resume {
             if r.consumer_id.trim().is_empty() {
                 return Err(Status::invalid_argument("resume needs a consumer_id"));
             }
-            self.outbox
+            let progress = self
+                .outbox
                 .progress(&r.consumer_id)
                 .await
-                .map_err(|e| to_status(&e))?
+                .map_err(|e| to_status(&e))?;
+            match progress {
+                Some(position) => Some(position),
+                // A consumer with no progress kept (new, or silent for so
+                // long that it was dropped) cannot know what came before
+                // the head: it is told so, as of a gap, and starts there.
+                None => {
+                    let head = self.outbox.head().await.map_err(|e| to_status(&e))?;
+                    let _ = items.send(Ok(Followed::Gap { through: head })).await;
+                    Some(head)
+                }
+            }
         } else {
             (!r.from_head).then_some(r.after_position)
         };
-        let (items, mut rx) = mpsc::channel(256);
         let (out, stream) = mpsc::channel(256);
         let outbox = self.outbox.clone();
         tokio::spawn(async move { outbox.follow(after, items).await });

@@ -94,9 +94,10 @@ fn dispatch(edge: &Edge, items: &[pb::OutboxItem], at_start: bool) {
     deliver(edge, &mut pending);
 }
 
-/// Items up to `through` were compacted before this edge read them: it
+/// Items up to `through` were compacted before this edge read them (it
 /// was cut off from the backplane for longer than the outbox keeps items
-/// for a silent consumer. A revocation among them would leave its token's
+/// for a silent consumer), or the backplane kept no progress for it and
+/// its stream starts at the head. A revocation among them would leave its token's
 /// connections open, and peers would lack events without knowing it. So
 /// cached verifications go, and when peers may have been connected while
 /// the lost items committed, every connected peer is closed with 1013
@@ -104,22 +105,26 @@ fn dispatch(edge: &Edge, items: &[pb::OutboxItem], at_start: bool) {
 /// that resumes is told of the gap.
 fn missed(edge: &Edge, through: i64, peers_affected: bool) {
     edge.forget_verified();
-    metrics::counter!("muster_edge_outbox_gaps_total").increment(1);
-    if !peers_affected {
+    let peers = if peers_affected {
+        edge.registry.all()
+    } else {
+        Vec::new()
+    };
+    if peers.is_empty() {
         tracing::info!(
             through,
-            "items from before this edge's peers connected were compacted unread"
+            "the stream starts after items no peer of this edge can have been owed"
         );
         return;
     }
-    let peers = edge.registry.all();
+    metrics::counter!("muster_edge_outbox_gaps_total").increment(1);
     for peer in &peers {
         peer.outbound.close(close::EVENTS_MISSED);
     }
     tracing::warn!(
         through,
         closed = peers.len(),
-        "items were compacted before this edge read them; its peers were closed to reconnect"
+        "this edge may have missed items its peers were owed; they were closed to reconnect"
     );
 }
 
