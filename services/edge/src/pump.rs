@@ -484,12 +484,7 @@ async fn record_unrecorded(edge: &Edge) {
     let record = |peer: Arc<crate::registry::Peer>| async move {
         crate::connection::register(edge, &peer).await;
     };
-    futures::StreamExt::for_each_concurrent(
-        futures::stream::iter(unrecorded),
-        UPKEEP_CONCURRENCY,
-        record,
-    )
-    .await;
+    upkeep(unrecorded, record).await;
 }
 
 /// At shutdown the edge's records go at once, rather than at their expiry.
@@ -523,12 +518,7 @@ async fn remove_orphans(edge: &Edge, held: HashSet<String>) {
             Err(status) => tracing::debug!(code = ?status.code(), "removing a stale record failed"),
         }
     };
-    futures::StreamExt::for_each_concurrent(
-        futures::stream::iter(orphans),
-        UPKEEP_CONCURRENCY,
-        remove,
-    )
-    .await;
+    upkeep(orphans, remove).await;
 }
 
 /// Upserts again the entries presence does not hold for connected peers:
@@ -549,17 +539,23 @@ async fn announce_pending(edge: &Edge) {
             tracing::warn!(code = ?status.code(), "presence upsert retry failed");
         }
     };
-    futures::StreamExt::for_each_concurrent(
-        futures::stream::iter(pending),
-        UPKEEP_CONCURRENCY,
-        announce,
-    )
-    .await;
+    upkeep(pending, announce).await;
 }
 
 /// How many presence entries or directory records the edge's upkeep sends
 /// at a time (its batching groups them into calls).
 const UPKEEP_CONCURRENCY: usize = 512;
+
+/// Runs `each` on every item, [`UPKEEP_CONCURRENCY`] at a time: the edge's
+/// batching then sends them a few hundred per call.
+async fn upkeep<T, F, Fut>(items: impl Iterator<Item = T>, each: F)
+where
+    F: FnMut(T) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    futures::StreamExt::for_each_concurrent(futures::stream::iter(items), UPKEEP_CONCURRENCY, each)
+        .await;
+}
 
 /// Keeps the edge's own `gateway` entry and its peers' entries fresh: the
 /// gateway entry is upserted at start, then everything is touched every
