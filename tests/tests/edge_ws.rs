@@ -823,15 +823,10 @@ muster_e2e::on_both_stores! {
         let mut pending = open(&host.ws_url(), &token, TokenVia::Bearer, None)
             .await
             .unwrap();
-        let device = json!({"device_id": key.device_id(), "pubkey": key.pubkey()});
-        let init = pending
-            .call(
-                "connect.init",
-                json!({"protocol_rev": 2, "role": "client", "device": device}),
-            )
-            .await;
-        let field = |name: &str| init["result"][name].as_str().unwrap().to_owned();
-        let (connection_id, challenge) = (field("connection_id"), field("challenge"));
+        let challenged = pending
+            .init(&key, "client", json!({}), Value::Null)
+            .await
+            .unwrap();
 
         let mut identity = muster_proto::v1::identity_client::IdentityClient::new(host.channel(
             muster_tls::ServiceName::Identity,
@@ -849,16 +844,9 @@ muster_e2e::on_both_stores! {
         );
         assert_eq!(bystander.call("ping", json!({})).await["ok"], true);
         // Its proof is good, but the token is gone.
-        let proof = key.sign(&transcript(
-            2,
-            "client",
-            &key.device_id(),
-            &connection_id,
-            &challenge,
-        ));
         pending
             .send(json!({"request_id": "p", "type": "connect.proof",
-                         "payload": {"connection_id": connection_id, "proof": proof}}))
+                         "payload": challenged.proof(&key)}))
             .await;
         assert_closed(&mut pending, 4001, "token revoked").await;
         let mut again = open(&host.ws_url(), &token, TokenVia::Bearer, None)

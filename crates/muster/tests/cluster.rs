@@ -483,8 +483,30 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
         ..muster_backplane::default_retention()
     };
     assert!(outbox::compact(&store, &nothing_kept).await.unwrap() >= 3);
+    // A peer whose token was checked before the loss and which arrives
+    // after it is closed as well: the loss may have held its revocation.
+    let late_key = DeviceKey::generate();
+    let mut late = open(&edges[1], TOKEN, TokenVia::Bearer, None)
+        .await
+        .unwrap();
+    let challenged = late
+        .init(&late_key, "node", json!({}), Value::Null)
+        .await
+        .unwrap();
     cluster.ctl(&["start", "backplane"]);
     assert_eq!(client.closed().await, (1013, "events missed".to_owned()));
+    let proved = late
+        .try_call(
+            "connect.proof",
+            challenged.proof(&late_key),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert_eq!(
+        proved,
+        Err(Next::Closed(1013, "events missed".to_owned())),
+        "a handshake verified before the loss and ending after it"
+    );
     let mut client = peer(&edges[1], "client", "cli").await.0;
     let resumed = client
         .call("muster.stream.resume", json!({"last_event_id": last_seen}))

@@ -25,6 +25,31 @@ pub enum TokenVia {
     Nowhere,
 }
 
+/// How long the client waits for each step of the handshake.
+const HANDSHAKE_STEP: Duration = Duration::from_secs(10);
+
+/// A handshake answered at `connect.init`, waiting for its proof.
+#[derive(Debug, Clone)]
+pub struct Challenged {
+    pub role: String,
+    pub connection_id: String,
+    pub challenge: String,
+}
+
+impl Challenged {
+    /// The `connect.proof` payload that `key` signs for this challenge.
+    pub fn proof(&self, key: &DeviceKey) -> Value {
+        let proof = key.sign(&transcript(
+            2,
+            &self.role,
+            &key.device_id(),
+            &self.connection_id,
+            &self.challenge,
+        ));
+        json!({"connection_id": self.connection_id, "proof": proof})
+    }
+}
+
 /// An open connection to `/ws`.
 pub struct Ws<S = MaybeTlsStream<TcpStream>> {
     pub stream: WebSocketStream<S>,
@@ -287,6 +312,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
         extra_device: Value,
         capabilities: Value,
     ) -> Result<Value, String> {
+        let challenged = self.init(key, role, extra_device, capabilities).await?;
+        let proved = self
+            .try_call("connect.proof", challenged.proof(key), HANDSHAKE_STEP)
+            .await
+            .map_err(|next| format!("connect.proof: {next:?}"))?;
+        if proved["ok"] != true {
+            return Err(format!("connect.proof refused: {proved}"));
+        }
+        Ok(proved["result"].clone())
+    }
+
+    /// The handshake's first step alone, for a peer held between
+    /// `connect.init` and `connect.proof` (tests of what happens meanwhile).
+    pub async fn init(
+        &mut self,
+        key: &DeviceKey,
+        role: &str,
+        extra_device: Value,
+        capabilities: Value,
+    ) -> Result<Challenged, String> {
         let mut device = json!({"device_id": key.device_id(), "pubkey": key.pubkey()});
         if let (Some(d), Some(extra)) = (device.as_object_mut(), extra_device.as_object()) {
             d.extend(extra.clone());
@@ -295,34 +340,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
         if !capabilities.is_null() {
             init["capabilities"] = capabilities;
         }
-        let within = Duration::from_secs(10);
         let init = self
-            .try_call("connect.init", init, within)
+            .try_call("connect.init", init, HANDSHAKE_STEP)
             .await
             .map_err(|next| format!("connect.init: {next:?}"))?;
         if init["ok"] != true {
             return Err(format!("connect.init refused: {init}"));
         }
         let field = |name: &str| init["result"][name].as_str().unwrap_or_default().to_owned();
-        let (connection_id, challenge) = (field("connection_id"), field("challenge"));
-        let proof = key.sign(&transcript(
-            2,
-            role,
-            &key.device_id(),
-            &connection_id,
-            &challenge,
-        ));
-        let proved = self
-            .try_call(
-                "connect.proof",
-                json!({"connection_id": connection_id, "proof": proof}),
-                within,
-            )
-            .await
-            .map_err(|next| format!("connect.proof: {next:?}"))?;
-        if proved["ok"] != true {
-            return Err(format!("connect.proof refused: {proved}"));
-        }
-        Ok(proved["result"].clone())
+        Ok(Challenged {
+            role: role.to_owned(),
+            connection_id: field("connection_id"),
+            challenge: field("challenge"),
+        })
     }
 }

@@ -121,6 +121,9 @@ struct Handshaken {
     /// The answer to `connect.proof`, sent once the connection is
     /// registered, so that a peer that sees it is reachable.
     reply: String,
+    /// The edge's count of gaps (see [`Edge::gaps`]) before the peer's
+    /// token was verified.
+    gaps: u64,
 }
 
 /// Runs one peer to the end.
@@ -182,8 +185,9 @@ async fn before_connected(
     // Each step is boxed, and so is the handling of each frame: a future
     // holds the state of its largest await, and gRPC calls are large.
     let before = async {
+        let gaps = edge.gaps();
         let (claims, early) = Box::pin(authenticate(&edge, &mut stream, token)).await?;
-        let handshaken = Box::pin(handshake(
+        let mut handshaken = Box::pin(handshake(
             &edge,
             &mut sink,
             &mut stream,
@@ -192,6 +196,7 @@ async fn before_connected(
             cert.as_ref(),
         ))
         .await?;
+        handshaken.gaps = gaps;
         Ok((claims, Box::new(handshaken)))
     };
     // A peer still authenticating or in its handshake is closed at shutdown
@@ -385,6 +390,7 @@ async fn handshake(
                     init,
                     device_id,
                     reply,
+                    gaps: 0,
                 });
             }
             _ => return Err(close::EXPECTED_CONNECT),
@@ -630,7 +636,12 @@ async fn arrive(
     // token; one that was still in its handshake then is closed here. The
     // change is noted before the registry is walked, and this peer is in
     // the registry before the note is read, so one of the two sees the
-    // other.
+    // other. A gap closes every registered peer, since a revocation may
+    // have been lost in it: one whose token was verified before it is
+    // closed here, by the same order.
+    if edge.gaps() != handshaken.gaps {
+        return Err(close::EVENTS_MISSED);
+    }
     if edge.is_revoked(&peer.claims.token_id) {
         return Err(close::TOKEN_REVOKED);
     }

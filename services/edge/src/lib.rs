@@ -21,6 +21,7 @@ mod topics;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use muster_mesh::{MeshChannel, Rule, ServiceSpec};
@@ -133,6 +134,13 @@ pub struct Edge {
     /// Recently verified tokens, by SHA-256 of the token: a burst of
     /// connections costs one identity call. `token.revoked` evicts.
     verified: std::sync::Mutex<std::collections::HashMap<[u8; 32], Verified>>,
+    /// How many times the cache of verifications was emptied: a
+    /// verification asked for before that is not cached after it. Changed
+    /// under the cache's lock.
+    verified_generation: std::sync::atomic::AtomicU64,
+    /// How many gaps closed this edge's peers (see pump): a peer whose
+    /// token was verified before one is closed when it arrives after it.
+    gaps: std::sync::atomic::AtomicU64,
     /// Tokens revoked lately, by id, and when the edge heard of it: a
     /// verification or a handshake already under way when `token.revoked`
     /// arrived must not outlive it. Taken after `verified` when both are.
@@ -242,6 +250,8 @@ impl Edge {
             peers,
             registry: Registry::default(),
             verified: Default::default(),
+            verified_generation: Default::default(),
+            gaps: Default::default(),
             updated: Default::default(),
             revoked: Default::default(),
             instance_changes,
@@ -327,6 +337,7 @@ impl Edge {
         use sha2::Digest;
         let token = token.ok_or(Unverified::Refused)?;
         let digest: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        let generation = self.verified_generation.load(Ordering::Acquire);
         if let Some((claims, at)) = self.verified.lock().expect("cache lock").get(&digest)
             && at.elapsed() < VERIFIED_TTL
             && !claims.expired(muster_store::now_ms())
@@ -348,6 +359,12 @@ impl Edge {
         if self.is_stale(&claims) {
             return Err(Unverified::Unavailable);
         }
+        // Emptied while identity was answering (a gap, which may have
+        // taken a revocation with it): the answer serves this peer, whose
+        // arrival checks the gap, but is not kept for others.
+        if self.verified_generation.load(Ordering::Acquire) != generation {
+            return Ok(claims);
+        }
         // Bounded: expired entries go whenever the cache grows large.
         if cache.len() > 10_000 {
             cache.retain(|_, (_, at)| at.elapsed() < VERIFIED_TTL);
@@ -359,7 +376,21 @@ impl Edge {
     /// Forgets every cached verification: the next presentation of any
     /// token asks identity.
     fn forget_verified(&self) {
-        self.verified.lock().expect("cache lock").clear();
+        let mut cache = self.verified.lock().expect("cache lock");
+        self.verified_generation.fetch_add(1, Ordering::AcqRel);
+        cache.clear();
+    }
+
+    /// How many gaps closed this edge's peers so far.
+    fn gaps(&self) -> u64 {
+        self.gaps.load(Ordering::SeqCst)
+    }
+
+    /// Counts a gap that closes this edge's peers, before they are walked:
+    /// a peer joins the registry before it reads the count, so either the
+    /// walk finds it or it sees the new count.
+    fn count_gap(&self) {
+        self.gaps.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Remembers that `token_id` is revoked and forgets every cached

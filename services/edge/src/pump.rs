@@ -104,17 +104,20 @@ fn dispatch(edge: &Edge, items: &[pb::OutboxItem], at_start: bool) {
 /// `events missed`: it reconnects, its token is checked again, and a peer
 /// that resumes is told of the gap.
 fn missed(edge: &Edge, through: i64, peers_affected: bool) {
-    edge.forget_verified();
-    let peers = if peers_affected {
-        edge.registry.all()
-    } else {
-        Vec::new()
-    };
-    if peers.is_empty() {
+    if !peers_affected {
+        edge.forget_verified();
         tracing::info!(
             through,
             "the stream starts after items no peer of this edge can have been owed"
         );
+        return;
+    }
+    // Counted after the cache is emptied: a peer that reads the new count
+    // cannot have been given a verification from before the gap.
+    edge.forget_verified();
+    edge.count_gap();
+    let peers = edge.registry.all();
+    if peers.is_empty() {
         return;
     }
     metrics::counter!("muster_edge_outbox_gaps_total").increment(1);
