@@ -579,6 +579,30 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
     assert!(pruned, "the killed edge's peer is pruned (left: {left})");
     assert!(left, "the killed edge's topic session leaves");
 
+    // A peer that leaves while presence is down (for less than the TTL,
+    // so that nothing expires its edge's sessions) has its session
+    // untracked once presence is back: the edge looks for sessions of
+    // connections it no longer holds.
+    let (mut leaver, _) = peer(&edges[1], "client", "ui").await;
+    let tracked = leaver
+        .call(
+            "muster.topic.track",
+            json!({"topic": "ghost-room", "principal": "leaver", "kind": "human"}),
+        )
+        .await;
+    assert_eq!(tracked["ok"], true, "{tracked}");
+    let is_diff = |kind: &'static str| {
+        move |f: &Value| {
+            f["type"] == "muster.topic.diff"
+                && f["payload"]["kind"] == kind
+                && f["payload"]["principal"] == "leaver"
+        }
+    };
+    assert_eq!(
+        seen_all(&mut follower, long, &[&is_diff("join")]).await,
+        [true]
+    );
+
     // Without presence, an edge still reports itself, and says presence is
     // what it cannot count.
     cluster.ctl(&["kill", "presence"]);
@@ -591,6 +615,14 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
     );
     let listed = follower.call("muster.presence.list", json!({})).await;
     assert_eq!(listed["ok"], false, "{listed}");
+    leaver.stream.close(None).await.unwrap();
+    leaver.closed().await;
+    cluster.ctl(&["start", "presence"]);
+    assert_eq!(
+        seen_all(&mut follower, Duration::from_secs(30), &[&is_diff("leave")]).await,
+        [true],
+        "the session of a peer that left while presence was down leaves"
+    );
 
     // Without identity, a token the edge has not verified lately cannot be
     // checked: 1013, which clients retry, not the final 4001. Once identity

@@ -756,7 +756,8 @@ async fn tell_services_of_leaving(edge: &Edge, peer: &Peer) {
             connection_id: peer.connection_id.clone(),
         };
         if let Err(status) = edge.presence().untrack_connection(untrack).await {
-            tracing::warn!(code = ?status.code(), "untracking a closed connection's topics failed");
+            edge.untracks_failed.store(true, Ordering::Release);
+            tracing::warn!(code = ?status.code(), "untracking a closed connection's topics failed; the next presence refresh tries again");
         }
     }
     let still_here = edge

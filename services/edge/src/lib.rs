@@ -158,6 +158,10 @@ pub struct Edge {
     /// in a round is announced again only if it was written before that
     /// round began (see `registry::Announcing`).
     refresh_round: std::sync::atomic::AtomicU64,
+    /// Set when untracking a departed connection's topic sessions failed:
+    /// the next presence refresh looks for sessions of connections this
+    /// edge no longer holds (see pump).
+    untracks_failed: std::sync::atomic::AtomicBool,
     /// Set once presence has dropped the topic sessions of this edge's
     /// earlier run (under the same name): tracking waits for it, so that
     /// none of this run's sessions is dropped with them.
@@ -257,6 +261,7 @@ impl Edge {
             instance_changes,
             connection_changes,
             refresh_round: Default::default(),
+            untracks_failed: Default::default(),
             topics_ready: tokio::sync::watch::Sender::new(false),
             shutdown,
             connections: tokio_util::task::TaskTracker::new(),

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::AcqRel;
+use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
@@ -687,5 +687,71 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
             }
         }
         announce_pending(&edge).await;
+        if forgotten
+            && (round.is_multiple_of(SESSION_AUDIT_ROUNDS)
+                || edge.untracks_failed.swap(false, AcqRel))
+            && !untrack_departed(&edge).await
+        {
+            edge.untracks_failed.store(true, Release);
+        }
     }
+}
+
+/// Every how many presence refreshes the edge looks for topic sessions of
+/// connections it no longer holds, when no untrack failed meanwhile (about
+/// a minute at the default interval).
+const SESSION_AUDIT_ROUNDS: u64 = 12;
+
+/// Untracks the topic sessions presence holds for this edge's connections
+/// that are gone: an untrack that failed when its peer left (presence was
+/// unreachable), or a track that landed after its connection closed.
+/// Without this, the edge's refreshes would keep such sessions for as long
+/// as it runs. The registry is read after presence answered: a connection
+/// joins it before it tracks anything, so a session of a connection missing
+/// from it is of one that left (untracking twice is harmless). False when
+/// presence could not be asked or an untrack failed.
+async fn untrack_departed(edge: &Edge) -> bool {
+    let listed = edge
+        .presence()
+        .edge_session_connections(pb::EdgeSessionConnectionsRequest {
+            edge_id: edge.edge_id.clone(),
+        })
+        .await;
+    let connections = match listed {
+        Ok(reply) => reply.into_inner().connections,
+        Err(status) => {
+            tracing::debug!(code = ?status.code(), "listing this edge's topic sessions failed");
+            return false;
+        }
+    };
+    let live: HashSet<String> = edge
+        .registry
+        .all()
+        .into_iter()
+        .map(|p| p.connection_id.clone())
+        .collect();
+    let departed = connections
+        .into_iter()
+        .filter(|c| !live.contains(&c.connection_id));
+    let all_untracked = std::sync::atomic::AtomicBool::new(true);
+    let untrack = |request: pb::UntrackConnectionRequest| {
+        let all_untracked = &all_untracked;
+        async move {
+            match edge.presence().untrack_connection(request).await {
+                Ok(reply) if reply.get_ref().removed > 0 => {
+                    tracing::info!(
+                        removed = reply.get_ref().removed,
+                        "untracked the topic sessions of a connection that left"
+                    );
+                }
+                Ok(_) => {}
+                Err(status) => {
+                    tracing::debug!(code = ?status.code(), "untracking a departed connection's sessions failed");
+                    all_untracked.store(false, Relaxed);
+                }
+            }
+        }
+    };
+    upkeep(departed, untrack).await;
+    all_untracked.load(Relaxed)
 }

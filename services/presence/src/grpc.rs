@@ -59,6 +59,7 @@ pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Presence/UntrackTopic", &[Edge]),
     Rule::new("/muster.v1.Presence/UntrackConnection", &[Edge]),
     Rule::new("/muster.v1.Presence/ForgetEdgeSessions", &[Edge]),
+    Rule::new("/muster.v1.Presence/EdgeSessionConnections", &[Edge]),
     Rule::new("/muster.v1.Presence/SetTopicStatus", &[Edge]),
     Rule::new("/muster.v1.Presence/ListTopic", &[Edge, Ctl]),
 ];
@@ -215,6 +216,27 @@ impl Presence for PresenceService {
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::UntrackTopicResponse {
             removed: removed as u32,
+        }))
+    }
+
+    async fn edge_session_connections(
+        &self,
+        request: Request<pb::EdgeSessionConnectionsRequest>,
+    ) -> Result<Response<pb::EdgeSessionConnectionsResponse>, Status> {
+        let r = request.into_inner();
+        let connections = self
+            .topics
+            .edge_session_connections(&r.edge_id)
+            .await
+            .map_err(|e| to_status(&e))?
+            .into_iter()
+            .map(|(tenant_id, connection_id)| pb::UntrackConnectionRequest {
+                tenant_id,
+                connection_id,
+            })
+            .collect();
+        Ok(Response::new(pb::EdgeSessionConnectionsResponse {
+            connections,
         }))
     }
 

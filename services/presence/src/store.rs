@@ -340,6 +340,11 @@ pub trait TopicStore: Send + Sync + 'static {
     async fn expire_edges(&self, cutoff_ms: i64) -> Result<Vec<TopicSession>, StoreError>;
     /// Removes, with `leave` diffs, every session of `edge_id`.
     async fn forget_edge_sessions(&self, edge_id: &str) -> Result<Vec<TopicSession>, StoreError>;
+    /// The (tenant, connection) pairs that `edge_id`'s sessions belong to.
+    async fn edge_session_connections(
+        &self,
+        edge_id: &str,
+    ) -> Result<Vec<(String, String)>, StoreError>;
 }
 
 const TOPIC_COLUMNS: &str = "tenant_id, topic, session_id, principal, kind, agent_id, since_ms, state, note, \
@@ -601,6 +606,20 @@ impl TopicStore for Store {
         let forgotten = leave_all(&mut tx, sqlx::query(&delete).bind(edge_id)).await?;
         self.commit(tx).await?;
         Ok(forgotten)
+    }
+
+    async fn edge_session_connections(
+        &self,
+        edge_id: &str,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        self.fetch_all(
+            sqlx::query(
+                "SELECT DISTINCT tenant_id, connection_id FROM topic_sessions WHERE edge_id = $1",
+            )
+            .bind(edge_id),
+            |row| Ok((row.try_get(0)?, row.try_get(1)?)),
+        )
+        .await
     }
 
     async fn expire_statuses(&self, now_ms: i64) -> Result<Vec<TopicSession>, StoreError> {

@@ -194,6 +194,15 @@ impl Topics {
             .len())
     }
 
+    /// The (tenant, connection) pairs of `edge_id`'s sessions.
+    pub async fn edge_session_connections(
+        &self,
+        edge_id: &str,
+    ) -> Result<Vec<(String, String)>, TopicError> {
+        field("edge_id", edge_id)?;
+        Ok(self.store.edge_session_connections(edge_id).await?)
+    }
+
     /// Sets the status of `device_id`'s session (`status`); `until_ms`
     /// makes it expire back to available.
     #[allow(clippy::too_many_arguments)]

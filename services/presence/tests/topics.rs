@@ -156,6 +156,22 @@ muster_store::backend_suite! {
         assert!(matches!(topics.track(session("room", "s1", "c1")).await, Err(TopicError::Held { .. })));
     }
 
+    async fn an_edge_learns_which_connections_its_sessions_belong_to(store: Store) {
+        let topics = Topics::new(Arc::new(store.clone()));
+        topics.track(session("room", "s1", "c1")).await.unwrap();
+        topics.track(session("hall", "s2", "c1")).await.unwrap();
+        topics.track(TopicSession { tenant_id: "t2".into(), ..session("room", "s3", "c2") }).await.unwrap();
+        topics.track(TopicSession { edge_id: "edge-b".into(), ..session("room", "s4", "c3") }).await.unwrap();
+        let mut held = topics.edge_session_connections("edge-a").await.unwrap();
+        held.sort();
+        assert_eq!(held, [("t1".to_owned(), "c1".to_owned()), ("t2".to_owned(), "c2".to_owned())]);
+        assert!(topics.edge_session_connections("edge-c").await.unwrap().is_empty());
+        assert!(matches!(topics.edge_session_connections(" ").await, Err(TopicError::Invalid(_))));
+        // What the edge then does with a connection it no longer holds.
+        assert_eq!(topics.untrack_connection("t1", "c1").await.unwrap(), 2);
+        assert_eq!(topics.edge_session_connections("edge-a").await.unwrap(), [("t2".to_owned(), "c2".to_owned())]);
+    }
+
     async fn an_edge_back_under_its_name_forgets_its_earlier_sessions(store: Store) {
         let topics = Topics::new(Arc::new(store.clone()));
         topics.track(session("room", "s1", "c1")).await.unwrap();
