@@ -1,13 +1,18 @@
 //! Stream resume over the WebSocket protocol (`muster.stream.resume`): a
 //! peer that comes back names the last event it saw and gets the rest
 //! from the outbox, or an explicit gap; never another tenant's events. On
-//! SQLite and on Postgres.
+//! SQLite and on Postgres. Also the edge's own resumption of its
+//! subscription to the backplane.
 
 use std::collections::HashSet;
 
 use muster_e2e::Host;
 use muster_e2e::ws::{TokenVia, Ws, open};
+use muster_proto::v1 as pb;
+use muster_proto::v1::backplane_client::BackplaneClient;
 use muster_protocol::device::DeviceKey;
+use muster_store::outbox::{self, NewItem};
+use muster_tls::ServiceName;
 use serde_json::{Value, json};
 
 async fn peer(host: &Host, token: &str, role: &str, mode: &str) -> Ws {
@@ -186,6 +191,85 @@ muster_e2e::on_both_stores! {
     async fn replay_limit_on_both_stores(store: Option<String>) {
         let host = Host::start(store).await;
         replay_limit(&host).await;
+        host.stop().await;
+    }
+}
+
+/// The next item of an edge's subscription, within 10 s.
+async fn next_item(stream: &mut tonic::Streaming<pb::OutboxItem>) -> pb::OutboxItem {
+    tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())
+        .await
+        .expect("an item within 10 s")
+        .unwrap()
+        .expect("the stream goes on")
+}
+
+/// Reads the subscription until `event_id` arrives; panics at a gap marker
+/// on the way.
+async fn until_item(stream: &mut tonic::Streaming<pb::OutboxItem>, event_id: &str) -> i64 {
+    loop {
+        let item = next_item(stream).await;
+        assert!(!item.gap, "an unexpected gap marker at {}", item.position);
+        if item.event_id == event_id {
+            return item.position;
+        }
+    }
+}
+
+async fn append(store: &muster_store::Store, tenant_id: &str) -> String {
+    let item = NewItem::event(tenant_id, "muster.test.tick", json!({}));
+    let mut tx = store.begin().await.unwrap();
+    outbox::append(&mut tx, &item).await.unwrap();
+    store.commit(tx).await.unwrap();
+    item.event_id
+}
+
+muster_e2e::on_both_stores! {
+    // An edge's subscription to the backplane (gRPC over mTLS) that asks
+    // to resume: from the head, after a gap marker at the head, when the
+    // backplane keeps no progress of its consumer; from its acknowledged
+    // position, with no marker, when it does.
+    async fn a_resumed_subscription_without_progress_starts_with_a_gap(store: Option<String>) {
+        let host = Host::start(store).await;
+        let store = host.store().await;
+        append(&store, "t-sub").await;
+        let head = outbox::head(&store).await.unwrap();
+        assert!(head > 0);
+        let mut backplane =
+            BackplaneClient::new(host.channel(ServiceName::Backplane, ServiceName::Edge));
+        let subscribe = |consumer_id: &str| pb::SubscribeRequest {
+            consumer_id: consumer_id.into(),
+            resume: true,
+            ..Default::default()
+        };
+        let refused = backplane.subscribe(subscribe(" ")).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+        let mut stream = backplane
+            .subscribe(subscribe("edge-fresh"))
+            .await
+            .unwrap()
+            .into_inner();
+        let marker = next_item(&mut stream).await;
+        assert!(marker.gap, "{marker:?}");
+        assert!(marker.position >= head, "{} against {head}", marker.position);
+        assert!(marker.event_id.is_empty() && marker.payload_json.is_empty());
+        let live = append(&store, "t-sub").await;
+        let position = until_item(&mut stream, &live).await;
+        drop(stream);
+
+        backplane
+            .ack(pb::AckRequest { consumer_id: "edge-fresh".into(), position })
+            .await
+            .unwrap();
+        let after_ack = append(&store, "t-sub").await;
+        let mut stream = backplane
+            .subscribe(subscribe("edge-fresh"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(until_item(&mut stream, &after_ack).await > position);
+        drop(stream);
         host.stop().await;
     }
 }
