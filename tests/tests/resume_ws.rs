@@ -269,7 +269,17 @@ muster_e2e::on_both_stores! {
             .unwrap()
             .into_inner();
         assert!(until_item(&mut stream, &after_ack).await > position);
-        drop(stream);
+        // Stopping ends the subscription (which would otherwise hold the
+        // shutdown for its whole grace period), telling the edge why.
         host.stop().await;
+        let ended = loop {
+            match stream.message().await {
+                Ok(Some(item)) => assert!(!item.gap),
+                Ok(None) => panic!("the stream ended without saying why"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+        assert_eq!(ended.message(), "the backplane is stopping");
     }
 }

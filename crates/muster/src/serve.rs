@@ -228,7 +228,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                     COMPACT_EVERY,
                     shutdown.clone().cancelled_owned(),
                 ));
-                muster_backplane::spec(outbox, directory)
+                muster_backplane::spec(outbox, directory, shutdown.clone())
             }
             ServiceName::Identity => {
                 let tokens = Tokens::new(Arc::new(store.clone()));

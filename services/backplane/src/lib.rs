@@ -18,6 +18,7 @@ use muster_store::{Backend, Store, StoreError};
 use muster_tls::ServiceName::{Ctl, Edge};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 /// The most items one read returns.
@@ -546,16 +547,25 @@ pub const RULES: &[Rule] = &[
 pub struct BackplaneService {
     outbox: Outbox,
     directory: Directory,
+    /// Ends every subscription: a stream never ends by itself, and the
+    /// server's shutdown waits for the requests in flight.
+    shutdown: CancellationToken,
 }
 
-/// The backplane as the mesh serves it.
-pub fn spec(outbox: Outbox, directory: Arc<dyn DirectoryStore>) -> ServiceSpec {
+/// The backplane as the mesh serves it; its subscriptions end when
+/// `shutdown` is cancelled.
+pub fn spec(
+    outbox: Outbox,
+    directory: Arc<dyn DirectoryStore>,
+    shutdown: CancellationToken,
+) -> ServiceSpec {
     ServiceSpec {
         name: muster_tls::ServiceName::Backplane,
         grpc_service: "muster.v1.Backplane",
         routes: tonic::service::Routes::new(BackplaneServer::new(BackplaneService {
             outbox,
             directory: Directory::new(directory),
+            shutdown,
         })),
         rules: RULES,
     }
@@ -672,6 +682,7 @@ impl Backplane for BackplaneService {
         tokio::spawn(async move { outbox.follow(after, items).await });
         let directory = self.directory.store().clone();
         let consumer = r.consumer_id;
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(FORWARD_BATCH);
             loop {
@@ -681,6 +692,12 @@ impl Backplane for BackplaneService {
                 let received = tokio::select! {
                     received = rx.recv_many(&mut batch, FORWARD_BATCH) => received,
                     () = out.closed() => return,
+                    () = shutdown.cancelled() => {
+                        // The edge subscribes again, to another replica or
+                        // to this one once it is back, from its progress.
+                        let _ = out.try_send(Err(Status::unavailable("the backplane is stopping")));
+                        return;
+                    }
                 };
                 if received == 0 {
                     return;

@@ -138,8 +138,8 @@ pub struct Edge {
     /// verification asked for before that is not cached after it. Changed
     /// under the cache's lock.
     verified_generation: std::sync::atomic::AtomicU64,
-    /// How many gaps closed this edge's peers (see pump): a peer whose
-    /// token was verified before one is closed when it arrives after it.
+    /// How many gap markers closed this edge's peers (see pump): a peer
+    /// whose token was verified before one is closed when it arrives after it.
     gaps: std::sync::atomic::AtomicU64,
     /// Tokens revoked lately, by id, and when the edge heard of it: a
     /// verification or a handshake already under way when `token.revoked`
@@ -158,6 +158,11 @@ pub struct Edge {
     /// in a round is announced again only if it was written before that
     /// round began (see `registry::Announcing`).
     refresh_round: std::sync::atomic::AtomicU64,
+    /// Set once the edge accepts peers: after its first stream from the
+    /// backplane was answered, or [`STREAM_WAIT`] without one.
+    accepting: std::sync::atomic::AtomicBool,
+    /// Set once a stream from the backplane was answered.
+    stream_answered: tokio::sync::watch::Sender<bool>,
     /// Set when untracking a departed connection's topic sessions failed:
     /// the next presence refresh looks for sessions of connections this
     /// edge no longer holds (see pump).
@@ -262,6 +267,8 @@ impl Edge {
             connection_changes,
             refresh_round: Default::default(),
             untracks_failed: Default::default(),
+            accepting: Default::default(),
+            stream_answered: tokio::sync::watch::Sender::new(false),
             topics_ready: tokio::sync::watch::Sender::new(false),
             shutdown,
             connections: tokio_util::task::TaskTracker::new(),
@@ -386,12 +393,12 @@ impl Edge {
         cache.clear();
     }
 
-    /// How many gaps closed this edge's peers so far.
+    /// How many gap markers closed this edge's peers so far.
     fn gaps(&self) -> u64 {
         self.gaps.load(Ordering::SeqCst)
     }
 
-    /// Counts a gap that closes this edge's peers, before they are walked:
+    /// Counts a gap marker, before this edge's peers are walked to close them:
     /// a peer joins the registry before it reads the count, so either the
     /// walk finds it or it sees the new count.
     fn count_gap(&self) {
@@ -523,6 +530,20 @@ pub async fn serve_http(edge: Arc<Edge>, listener: TcpListener) -> std::io::Resu
     let pump = tokio::spawn(pump::run(edge.clone()));
     let refresh = tokio::spawn(pump::refresh_presence(edge.clone()));
     tokio::spawn(pump::keep_directory(edge.clone()));
+    // Peers are accepted once the stream is answered (the backplane has
+    // read where it starts), so that none was verified before a start that
+    // skips what came before it (see pump::missed). Not for longer than
+    // STREAM_WAIT: without a backplane, the edge still serves what needs
+    // none, and its later stream closes whom it accepted.
+    let mut answered = edge.stream_answered.subscribe();
+    tokio::select! {
+        _ = answered.wait_for(|answered| *answered) => {}
+        () = tokio::time::sleep(STREAM_WAIT) => {
+            tracing::warn!(wait = ?STREAM_WAIT, "no stream from the backplane yet; accepting peers without it");
+        }
+        () = edge.shutdown.cancelled() => {}
+    }
+    edge.accepting.store(true, Ordering::Release);
     let tls = edge.config.tls.clone();
     let served = http::serve(edge, listener, tls).await;
     // The pump's last acknowledgement (at most 2 s) goes before it stops,
@@ -537,6 +558,10 @@ pub async fn serve_http(edge: Arc<Edge>, listener: TcpListener) -> std::io::Resu
     refresh.abort();
     served
 }
+
+/// How long a starting edge waits for its stream from the backplane
+/// before it accepts peers anyway.
+const STREAM_WAIT: Duration = Duration::from_secs(5);
 
 /// Maps a failed call to another service onto the client protocol's error
 /// code and message.

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
@@ -62,9 +62,10 @@ struct Prepared<'a> {
 /// the frames of a burst in one queueing (and its connection writes them
 /// in one flush) instead of one wake-up per item.
 ///
-/// `at_start`: the batch begins its stream, and no peer was connected when
-/// the stream was asked for; a gap before its first item then concerns no
-/// peer.
+///
+/// `at_start`: the batch begins the stream of an edge that accepted no
+/// peer before the stream was answered; a gap before its first item then
+/// concerns no peer (each was verified after the stream's start was read).
 fn dispatch(edge: &Edge, items: &[pb::OutboxItem], at_start: bool) {
     let mut pending = Vec::new();
     for (n, item) in items.iter().enumerate() {
@@ -97,15 +98,16 @@ fn dispatch(edge: &Edge, items: &[pb::OutboxItem], at_start: bool) {
 /// Items up to `through` were compacted before this edge read them (it
 /// was cut off from the backplane for longer than the outbox keeps items
 /// for a silent consumer), or the backplane kept no progress for it and
-/// its stream starts at the head. A revocation among them would leave its token's
-/// connections open, and peers would lack events without knowing it. So
-/// cached verifications go, and when peers may have been connected while
-/// the lost items committed, every connected peer is closed with 1013
-/// `events missed`: it reconnects, its token is checked again, and a peer
-/// that resumes is told of the gap.
+/// its stream starts at the head. A revocation among them would leave its
+/// token's connections open, and peers would lack events without knowing
+/// it. So cached verifications go, and when peers may have been accepted
+/// while the lost items committed, every connected peer is closed with
+/// 1013 `events missed`: it reconnects, its token is checked again, and a
+/// peer that resumes is told of the gap. So is a peer still in its
+/// handshake whose token was checked before this (see `arrive`).
 fn missed(edge: &Edge, through: i64, peers_affected: bool) {
+    edge.forget_verified();
     if !peers_affected {
-        edge.forget_verified();
         tracing::info!(
             through,
             "the stream starts after items no peer of this edge can have been owed"
@@ -114,7 +116,6 @@ fn missed(edge: &Edge, through: i64, peers_affected: bool) {
     }
     // Counted after the cache is emptied: a peer that reads the new count
     // cannot have been given a verification from before the gap.
-    edge.forget_verified();
     edge.count_gap();
     let peers = edge.registry.all();
     if peers.is_empty() {
@@ -310,9 +311,6 @@ pub(crate) async fn run(edge: Arc<Edge>) {
         };
         // The subscription's answer (not its stream, which lasts as long as
         // the edge) has the call deadline, and gives way to shutdown.
-        // A gap at the start of a stream asked for with no peer connected
-        // concerns none (see `dispatch`).
-        let mut at_start = edge.registry.len() == 0;
         let mut backplane = BackplaneClient::new(edge.peers.backplane.clone());
         let subscribed = tokio::select! {
             subscribed = tokio::time::timeout(crate::CALL_DEADLINE, backplane.subscribe(request)) => {
@@ -322,6 +320,12 @@ pub(crate) async fn run(edge: Arc<Edge>) {
         };
         match subscribed {
             Ok(stream) => {
+                // The backplane read where the stream starts before it
+                // answered: a peer accepted after this was verified after
+                // that, and a gap before the first item concerns no peer
+                // unless the edge was accepting already.
+                let mut at_start = !edge.accepting.load(Acquire);
+                edge.stream_answered.send_replace(true);
                 let mut stream = stream.into_inner();
                 loop {
                     tokio::select! {
@@ -687,12 +691,13 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
             }
         }
         announce_pending(&edge).await;
-        if forgotten
-            && (round.is_multiple_of(SESSION_AUDIT_ROUNDS)
-                || edge.untracks_failed.swap(false, AcqRel))
-            && !untrack_departed(&edge).await
-        {
-            edge.untracks_failed.store(true, Release);
+        if forgotten {
+            let owed = edge.untracks_failed.swap(false, AcqRel);
+            if (owed || round.is_multiple_of(SESSION_AUDIT_ROUNDS))
+                && !untrack_departed(&edge).await
+            {
+                edge.untracks_failed.store(true, Release);
+            }
         }
     }
 }
@@ -708,9 +713,14 @@ const SESSION_AUDIT_ROUNDS: u64 = 12;
 /// Without this, the edge's refreshes would keep such sessions for as long
 /// as it runs. The registry is read after presence answered: a connection
 /// joins it before it tracks anything, so a session of a connection missing
-/// from it is of one that left (untracking twice is harmless). False when
-/// presence could not be asked or an untrack failed.
+/// from it is of one that left (untracking twice is harmless). Not while
+/// the edge stops: its peers leave the registry then without untracking,
+/// since a stopped edge's sessions stay for the TTL. False when presence
+/// could not be asked or an untrack failed.
 async fn untrack_departed(edge: &Edge) -> bool {
+    if edge.shutdown.is_cancelled() {
+        return true;
+    }
     let listed = edge
         .presence()
         .edge_session_connections(pb::EdgeSessionConnectionsRequest {
@@ -737,6 +747,9 @@ async fn untrack_departed(edge: &Edge) -> bool {
     let untrack = |request: pb::UntrackConnectionRequest| {
         let all_untracked = &all_untracked;
         async move {
+            if edge.shutdown.is_cancelled() {
+                return;
+            }
             match edge.presence().untrack_connection(request).await {
                 Ok(reply) if reply.get_ref().removed > 0 => {
                     tracing::info!(
