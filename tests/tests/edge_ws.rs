@@ -1054,6 +1054,40 @@ muster_e2e::on_both_stores! {
     }
 }
 
+// A CLI connection is left out of presence, but one that sends a beacon
+// asked to be in it: its entry is then kept like any peer's, and removed
+// (with `presence.pruned`) when it leaves, not left for the TTL.
+muster_e2e::on_both_stores! {
+    async fn a_cli_that_beacons_is_in_presence_until_it_leaves(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut operator = admin(&host).await;
+        operator
+            .handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
+            .await;
+        let cli_key = DeviceKey::generate();
+        let cli_device = cli_key.device_id();
+        let mut cli = admin(&host).await;
+        cli.handshake(&cli_key, "client", json!({"mode": "cli"})).await;
+        let listed = operator.call("muster.presence.list", json!({})).await;
+        let listed = listed["result"]["entries"].as_array().unwrap().clone();
+        assert!(listed.iter().all(|e| e["instance_id"] != cli_device.as_str()), "{listed:?}");
+        let beacon = cli.call("presence.beacon", json!({"host": "laptop"})).await;
+        assert_eq!(beacon["ok"], true, "{beacon}");
+        assert_eq!(upserted_entry(&mut operator, &cli_device).await["host"], "laptop");
+        cli.stream.close(None).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match operator.next(left).await {
+                Next::Json(f) if f["type"] == "presence.pruned" && f["payload"]["instance_id"] == cli_device.as_str() => break,
+                Next::Json(_) => {}
+                other => panic!("the CLI's entry was not removed when it left: {other:?}"),
+            }
+        }
+        host.stop().await;
+    }
+}
+
 /// An operator (left out of presence), a node connected with `device`
 /// fields, and the host's store.
 async fn operator_and_node(host: &Host, device: Value) -> (Ws, DeviceKey, Ws, muster_store::Store) {

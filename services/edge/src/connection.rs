@@ -615,7 +615,7 @@ async fn arrive(
         device_id: handshaken.device_id.clone(),
         role,
         claims: claims.clone(),
-        in_presence,
+        in_presence: std::sync::atomic::AtomicBool::new(in_presence),
         reported: std::sync::Mutex::new(reported),
         announcing: Default::default(),
         presence_writes: Default::default(),
@@ -765,13 +765,16 @@ async fn tell_services_of_leaving(edge: &Edge, peer: &Peer) {
         .tenant(&peer.claims.tenant_id)
         .iter()
         .any(|p| p.device_id == peer.device_id);
-    if !peer.in_presence || still_here {
+    if still_here {
         return;
     }
     // After any announcement of the peer in flight (a refresh's retry, a
     // beacon), so that the removal lands last; none starts after it.
     let _one_at_a_time = peer.presence_writes.lock().await;
     peer.announcing.leave();
+    if !peer.in_presence.load(Ordering::Acquire) {
+        return;
+    }
     let remove = pb::RemoveInstance {
         tenant_id: peer.claims.tenant_id.clone(),
         instance_id: peer.device_id.clone(),
@@ -1051,14 +1054,15 @@ async fn beacon_upsert(edge: &Edge, peer: &Peer, beacon: Beacon) -> Result<Value
     };
     let _one_at_a_time = peer.presence_writes.lock().await;
     let stored = upsert(edge, &peer.claims.tenant_id, peer.entry(&reported)).await?;
-    if peer.in_presence {
-        // What the peer reported last (and presence took) is what it is
-        // announced with again, should presence lose its entry while it
-        // stays connected.
-        *peer.reported.lock().expect("reported lock") = Some(Box::new(reported));
-        peer.announcing
-            .finish(true, edge.refresh_round.load(Ordering::Acquire));
-    }
+    // What the peer reported last (and presence took) is what it is
+    // announced with again, should presence lose its entry while it stays
+    // connected. A peer left out of presence (a CLI) that beacons is in it
+    // from now on: refreshed while it stays, removed when it leaves,
+    // rather than an entry nobody keeps until the TTL prunes it.
+    *peer.reported.lock().expect("reported lock") = Some(Box::new(reported));
+    peer.announcing
+        .finish(true, edge.refresh_round.load(Ordering::Acquire));
+    peer.in_presence.store(true, Ordering::Release);
     let entry = wire_entry(stored)?;
     Ok(json!({ "entry": entry }))
 }

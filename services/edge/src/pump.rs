@@ -538,7 +538,7 @@ async fn announce_pending(edge: &Edge) {
         .registry
         .all()
         .into_iter()
-        .filter(|p| p.in_presence && p.announcing.is_pending());
+        .filter(|p| p.in_presence.load(Acquire) && p.announcing.is_pending());
     // Concurrently, so that the edge's batching sends them a few hundred
     // per call: after an outage, every peer may be pending at once.
     let announce = |peer: Arc<crate::registry::Peer>| async move {
@@ -647,7 +647,12 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
         // Entries written from here on may land after this round's looks.
         let round = edge.refresh_round.fetch_add(1, AcqRel) + 1;
         let mut by_tenant: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for peer in edge.registry.all().into_iter().filter(|p| p.in_presence) {
+        for peer in edge
+            .registry
+            .all()
+            .into_iter()
+            .filter(|p| p.in_presence.load(Acquire))
+        {
             by_tenant
                 .entry(peer.claims.tenant_id.clone())
                 .or_default()

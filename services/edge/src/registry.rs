@@ -21,8 +21,10 @@ pub(crate) struct Peer {
     /// `client` or `node`.
     pub(crate) role: &'static str,
     pub(crate) claims: Arc<Claims>,
-    /// Whether the peer is in instance presence (CLI connections are not).
-    pub(crate) in_presence: bool,
+    /// Whether the peer is in instance presence: CLI connections are not,
+    /// unless the configuration includes them or they send a beacon.
+    /// Changed under `presence_writes`.
+    pub(crate) in_presence: std::sync::atomic::AtomicBool,
     /// What it last reported for its presence entry (at connect, or by a
     /// beacon): announced again when presence lost the entry while the
     /// peer stayed. `None` for peers left out of presence.
