@@ -1075,16 +1075,36 @@ muster_e2e::on_both_stores! {
         assert_eq!(beacon["ok"], true, "{beacon}");
         assert_eq!(upserted_entry(&mut operator, &cli_device).await["host"], "laptop");
         cli.stream.close(None).await.unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            match operator.next(left).await {
-                Next::Json(f) if f["type"] == "presence.pruned" && f["payload"]["instance_id"] == cli_device.as_str() => break,
-                Next::Json(_) => {}
-                other => panic!("the CLI's entry was not removed when it left: {other:?}"),
-            }
-        }
+        pruned_within(&mut operator, &cli_device, "the CLI's entry was not removed when it left").await;
+        // A device's entry goes when its last connection in presence
+        // leaves, whatever CLI of it (not in presence) stays.
+        let key = DeviceKey::generate();
+        let mut ui = admin(&host).await;
+        ui.handshake(&key, "client", json!({"mode": "ui"})).await;
+        upserted_entry(&mut operator, &key.device_id()).await;
+        let mut quiet_cli = admin(&host).await;
+        quiet_cli.handshake(&key, "client", json!({"mode": "cli"})).await;
+        ui.stream.close(None).await.unwrap();
+        pruned_within(&mut operator, &key.device_id(), "a CLI of the device held its entry").await;
+        assert_eq!(quiet_cli.call("ping", json!({})).await["ok"], true);
         host.stop().await;
+    }
+}
+
+/// Waits up to 10 s for `presence.pruned` naming `device_id`.
+async fn pruned_within(operator: &mut Ws, device_id: &str, otherwise: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match operator.next(left).await {
+            Next::Json(f)
+                if f["type"] == "presence.pruned" && f["payload"]["instance_id"] == device_id =>
+            {
+                return;
+            }
+            Next::Json(_) => {}
+            other => panic!("{otherwise}: {other:?}"),
+        }
     }
 }
 

@@ -683,34 +683,40 @@ impl Backplane for BackplaneService {
         let directory = self.directory.store().clone();
         let consumer = r.consumer_id;
         let shutdown = self.shutdown.clone();
+        let stopping = out.clone();
         tokio::spawn(async move {
-            let mut batch = Vec::with_capacity(FORWARD_BATCH);
-            loop {
-                // An edge that went away ends the subscription now, not at
-                // the next item for it (which may never come): dropping
-                // `rx` ends the follower too.
-                let received = tokio::select! {
-                    received = rx.recv_many(&mut batch, FORWARD_BATCH) => received,
-                    () = out.closed() => return,
-                    () = shutdown.cancelled() => {
-                        // The edge subscribes again, to another replica or
-                        // to this one once it is back, from its progress.
-                        let _ = out.try_send(Err(Status::unavailable("the backplane is stopping")));
+            let forward = async move {
+                let mut batch = Vec::with_capacity(FORWARD_BATCH);
+                loop {
+                    // An edge that went away ends the subscription now, not
+                    // at the next item for it (which may never come):
+                    // dropping `rx` ends the follower too.
+                    let received = tokio::select! {
+                        received = rx.recv_many(&mut batch, FORWARD_BATCH) => received,
+                        () = out.closed() => return,
+                    };
+                    if received == 0 {
                         return;
                     }
-                };
-                if received == 0 {
-                    return;
+                    let keep = addressed_to(&*directory, &consumer, &batch).await;
+                    for (item, keep) in batch.drain(..).zip(keep) {
+                        if !keep {
+                            continue;
+                        }
+                        let item = item.map(to_pb).map_err(|e| to_status(&e));
+                        if out.send(item).await.is_err() {
+                            return;
+                        }
+                    }
                 }
-                let keep = addressed_to(&*directory, &consumer, &batch).await;
-                for (item, keep) in batch.drain(..).zip(keep) {
-                    if !keep {
-                        continue;
-                    }
-                    let item = item.map(to_pb).map_err(|e| to_status(&e));
-                    if out.send(item).await.is_err() {
-                        return;
-                    }
+            };
+            // Also while a lookup or a send to an edge that stopped reading
+            // waits. The edge subscribes again, to another replica or to
+            // this one once it is back, from its progress.
+            tokio::select! {
+                () = forward => {}
+                () = shutdown.cancelled() => {
+                    let _ = stopping.try_send(Err(Status::unavailable("the backplane is stopping")));
                 }
             }
         });

@@ -764,7 +764,7 @@ async fn tell_services_of_leaving(edge: &Edge, peer: &Peer) {
         .registry
         .tenant(&peer.claims.tenant_id)
         .iter()
-        .any(|p| p.device_id == peer.device_id);
+        .any(|p| p.device_id == peer.device_id && p.in_presence.load(Ordering::Acquire));
     if still_here {
         return;
     }
@@ -1053,16 +1053,18 @@ async fn beacon_upsert(edge: &Edge, peer: &Peer, beacon: Beacon) -> Result<Value
         reason: "periodic",
     };
     let _one_at_a_time = peer.presence_writes.lock().await;
+    // A peer left out of presence (a CLI) that beacons is in it from now
+    // on: refreshed while it stays, removed when it leaves, rather than an
+    // entry nobody keeps until the TTL prunes it. Set before the write, so
+    // that a write that lands after its caller gave up is removed too.
+    peer.in_presence.store(true, Ordering::Release);
     let stored = upsert(edge, &peer.claims.tenant_id, peer.entry(&reported)).await?;
     // What the peer reported last (and presence took) is what it is
     // announced with again, should presence lose its entry while it stays
-    // connected. A peer left out of presence (a CLI) that beacons is in it
-    // from now on: refreshed while it stays, removed when it leaves,
-    // rather than an entry nobody keeps until the TTL prunes it.
+    // connected.
     *peer.reported.lock().expect("reported lock") = Some(Box::new(reported));
     peer.announcing
         .finish(true, edge.refresh_round.load(Ordering::Acquire));
-    peer.in_presence.store(true, Ordering::Release);
     let entry = wire_entry(stored)?;
     Ok(json!({ "entry": entry }))
 }

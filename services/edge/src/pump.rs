@@ -370,14 +370,7 @@ pub(crate) async fn run(edge: Arc<Edge>) {
                         }
                         _ = ack_tick.tick(), if acking.is_none() => acking = ack(&edge, after, acked),
                         _ = edge.shutdown.cancelled() => {
-                            // The last position seen, whether or not an
-                            // earlier acknowledgement is still on its way
-                            // (the backplane keeps the larger); as the
-                            // directory's farewell, given 2 s.
-                            if let Some(last) = ack(&edge, after, acked) {
-                                let _ = tokio::time::timeout(Duration::from_secs(2), last).await;
-                            }
-                            return;
+                            return last_ack(&edge, after, acked).await;
                         }
                     }
                 }
@@ -387,9 +380,20 @@ pub(crate) async fn run(edge: Arc<Edge>) {
             }
         }
         if edge.shutdown.is_cancelled() {
-            return;
+            // The stream ended as the edge began to stop (a backplane in
+            // the same process ends its streams at shutdown).
+            return last_ack(&edge, after, acked).await;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// At shutdown: the last position seen, whether or not an earlier
+/// acknowledgement is still on its way (the backplane keeps the larger);
+/// as the directory's farewell, given 2 s.
+async fn last_ack(edge: &Edge, after: Option<i64>, acked: Option<i64>) {
+    if let Some(last) = ack(edge, after, acked) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), last).await;
     }
 }
 
