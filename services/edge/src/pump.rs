@@ -507,6 +507,15 @@ async fn forget_edge(edge: &Edge) {
     let _ = tokio::time::timeout(Duration::from_secs(2), forget).await;
 }
 
+/// The ids of the connections this edge holds now.
+fn live_connections(edge: &Edge) -> HashSet<String> {
+    edge.registry
+        .all()
+        .into_iter()
+        .map(|p| p.connection_id.clone())
+        .collect()
+}
+
 /// Removes the directory's records of connections this edge no longer
 /// holds: a departure whose removal failed, or an arrival recorded after
 /// the edge stopped waiting for it. Without this, the edge's heartbeats
@@ -515,12 +524,7 @@ async fn forget_edge(edge: &Edge) {
 /// before it is recorded, so a record missing from it is of a connection
 /// that left (removing it twice is harmless).
 async fn remove_orphans(edge: &Edge, held: HashSet<String>) {
-    let live: HashSet<String> = edge
-        .registry
-        .all()
-        .into_iter()
-        .map(|p| p.connection_id.clone())
-        .collect();
+    let live = live_connections(edge);
     let orphans = held.into_iter().filter(|id| !live.contains(id));
     let remove = |connection_id: String| async move {
         match edge.unregister(connection_id).await {
@@ -743,12 +747,7 @@ async fn untrack_departed(edge: &Edge) -> bool {
             return false;
         }
     };
-    let live: HashSet<String> = edge
-        .registry
-        .all()
-        .into_iter()
-        .map(|p| p.connection_id.clone())
-        .collect();
+    let live = live_connections(edge);
     let departed = connections
         .into_iter()
         .filter(|c| !live.contains(&c.connection_id));
