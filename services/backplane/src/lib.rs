@@ -130,17 +130,28 @@ pub struct Outbox {
     store: Arc<dyn OutboxStore>,
     /// The tail: every item as it becomes readable, read once for all
     /// followers.
-    tail: Arc<broadcast::Sender<Batch>>,
+    tail: Arc<broadcast::Sender<Published>>,
     /// True once the tail knows where it starts.
     tail_ready: watch::Receiver<bool>,
 }
 
-/// Items the tail read together, oldest first.
-type Batch = Arc<[Item]>;
+/// What the tail publishes.
+#[derive(Clone)]
+enum Published {
+    /// Items the tail read together, oldest first.
+    Items(Arc<[Item]>),
+    /// The head fell below what the tail had read: every follower catches
+    /// up from the store again, where it finds out how far.
+    Rewound,
+}
 
 /// How many batches a follower may fall behind the tail before it reads
 /// the store itself again.
 const TAIL_BATCHES: usize = 64;
+
+/// How often, at most, the tail checks that the head has not fallen below
+/// what it read, when a read finds nothing.
+const REWIND_CHECK: Duration = Duration::from_secs(1);
 
 fn bump(signal: &watch::Sender<u64>) {
     signal.send_modify(|n| *n = n.wrapping_add(1));
@@ -216,6 +227,12 @@ pub enum Followed {
     /// The items after the previous one sent (or after where the follower
     /// started) up to and including `through` were compacted before the
     /// follower read them. Positions are dense, so a jump is always one.
+    ///
+    /// A `through` below the previous position says the outbox's history
+    /// was rewound under the follower (a store restored from a backup, or
+    /// a Postgres failover that lost commits): what it read above
+    /// `through` is gone, positions above it will be given again, and it
+    /// goes on from `through`.
     Gap {
         through: i64,
     },
@@ -255,14 +272,23 @@ async fn send_after(
     true
 }
 
-/// Says that what lies after `cursor` up to `through` is gone, moving the
-/// cursor past it; false when the receiver went away.
+/// Says that what lies after `cursor` up to `through` is gone (or, with
+/// `through` below it, that the history was rewound), moving the cursor
+/// to `through`; false when the receiver went away.
 async fn send_gap(cursor: &mut i64, through: i64, sink: &FollowSink) -> bool {
-    tracing::info!(
-        after = *cursor,
-        through,
-        "items were compacted before a follower read them"
-    );
+    if through < *cursor {
+        tracing::warn!(
+            read_through = *cursor,
+            head = through,
+            "a follower had read past the outbox's head: it goes on from the head"
+        );
+    } else {
+        tracing::info!(
+            after = *cursor,
+            through,
+            "items were compacted before a follower read them"
+        );
+    }
     *cursor = through;
     sink.send(Ok(Followed::Gap { through })).await.is_ok()
 }
@@ -272,7 +298,7 @@ async fn send_gap(cursor: &mut i64, through: i64, sink: &FollowSink) -> bool {
 async fn read_tail(
     store: Arc<dyn OutboxStore>,
     readable: watch::Receiver<u64>,
-    tail: std::sync::Weak<broadcast::Sender<Batch>>,
+    tail: std::sync::Weak<broadcast::Sender<Published>>,
     ready: watch::Sender<bool>,
 ) {
     let mut cursor = loop {
@@ -287,6 +313,7 @@ async fn read_tail(
     };
     ready.send_replace(true);
     let mut readable = Some(readable);
+    let mut rewind_checked = tokio::time::Instant::now();
     loop {
         if let Some(readable) = &mut readable {
             readable.borrow_and_update();
@@ -300,9 +327,29 @@ async fn read_tail(
                 let Some(tail) = tail.upgrade() else { return };
                 // No follower is no error: followers catch up from the
                 // store.
-                let _ = tail.send(Batch::from(items));
+                let _ = tail.send(Published::Items(items.into()));
                 if full {
                     continue;
+                }
+            }
+            // Not after every empty read: commits without items wake the
+            // tail too, and on SQLite every connection record is one.
+            Ok(_) if rewind_checked.elapsed() >= REWIND_CHECK => {
+                rewind_checked = tokio::time::Instant::now();
+                match store.head().await {
+                    Ok(head) if head < cursor => {
+                        tracing::warn!(
+                            head,
+                            read_through = cursor,
+                            "the outbox's head fell below what was read: its history was rewound (a restored store, or a failover that lost commits)"
+                        );
+                        cursor = head;
+                        let Some(tail) = tail.upgrade() else { return };
+                        let _ = tail.send(Published::Rewound);
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "reading the outbox head failed"),
                 }
             }
             Ok(_) => {}
@@ -376,6 +423,16 @@ impl Outbox {
                 };
                 match read.await {
                     Ok((head, items)) => {
+                        // The head reads at or above every position read
+                        // before it, unless the outbox's history was
+                        // rewound under this follower: it would skip the
+                        // items given its positions again.
+                        if head < cursor {
+                            if !send_gap(&mut cursor, head, &sink).await {
+                                return;
+                            }
+                            continue;
+                        }
                         let full = items.len() == MAX_READ as usize;
                         if items.is_empty()
                             && head > cursor
@@ -405,12 +462,14 @@ impl Outbox {
                     batch = batches.recv() => batch,
                 };
                 match batch {
-                    Ok(batch) => {
+                    Ok(Published::Items(batch)) => {
                         if !send_after(&mut cursor, batch.iter(), &sink).await {
                             return;
                         }
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue 'catch_up,
+                    Ok(Published::Rewound) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        continue 'catch_up;
+                    }
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }

@@ -247,3 +247,57 @@ muster_store::backend_suite! {
         assert!(matches!(first, Followed::Item(_)), "{first:?}");
     }
 }
+
+/// Puts the outbox back to how it stood when its head was `head`, as a
+/// store restored from a backup (or a Postgres failover that lost
+/// commits) would: later items are gone, and their positions will be
+/// given again.
+async fn rewind(store: &Store, head: i64) {
+    sqlx::query("DELETE FROM outbox WHERE position > $1")
+        .bind(head)
+        .execute(store.writer())
+        .await
+        .unwrap();
+    let counter = match store.backend() {
+        muster_store::Backend::Postgres => "UPDATE outbox_sequence SET last_position = $1",
+        muster_store::Backend::Sqlite => {
+            "UPDATE sqlite_sequence SET seq = $1 WHERE name = 'outbox'"
+        }
+    };
+    sqlx::query(counter)
+        .bind(head)
+        .execute(store.writer())
+        .await
+        .unwrap();
+}
+
+muster_store::backend_suite! {
+    async fn a_follower_past_a_rewound_head_is_told_and_goes_on_from_it(store: Store) {
+        let positions = append_each(&store, 5).await;
+        let reader = Outbox::new(Arc::new(store.clone()));
+        // A follower at the head, fed by the tail.
+        let (sink, mut live) = tokio::sync::mpsc::channel(16);
+        let follower = reader.clone();
+        tokio::spawn(async move { follower.follow(None, sink).await });
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+
+        // It had read through the fifth; the outbox now ends at the second.
+        rewind(&store, positions[1]).await;
+        assert_eq!(next(&mut live).await, Followed::Gap { through: positions[1] });
+        let again = append_each(&store, 1).await[0];
+        assert_eq!(again, positions[2], "the position is given again");
+        assert_eq!(next(&mut live).await.position(), again);
+
+        // One that starts past the head, as an edge that kept its position
+        // across the restore subscribes again: told first, then what comes.
+        let (sink, mut resumed) = tokio::sync::mpsc::channel(16);
+        let follower = reader.clone();
+        let (past, head) = (positions[4], again);
+        tokio::spawn(async move { follower.follow(Some(past), sink).await });
+        assert_eq!(next(&mut resumed).await, Followed::Gap { through: head });
+        let newer = append_each(&store, 1).await[0];
+        assert_eq!(newer, positions[3]);
+        assert_eq!(next(&mut resumed).await.position(), newer);
+        assert_eq!(next(&mut live).await.position(), newer);
+    }
+}
