@@ -236,3 +236,63 @@ async fn an_operator_chosen_admin_token_is_used_on_first_start() {
     assert_eq!(claims.scopes, vec!["*".to_string()]);
     host.stop().await;
 }
+
+/// The status of `GET /readyz` on a host's metrics listener.
+async fn readiness(metrics_url: &str) -> u16 {
+    let url = metrics_url.replace("/metrics", "/readyz");
+    tokio::task::spawn_blocking(move || muster_e2e::http_status(&muster_e2e::http_get(&url, None)))
+        .await
+        .unwrap()
+}
+
+/// An edge holds peers back until its stream from the backplane is
+/// answered, for up to 5 s: its host is not ready meanwhile, so that a
+/// balancer sends no peers to wait in its queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_is_not_ready_while_its_edge_waits_for_the_backplane() {
+    let host = Host::start(None).await;
+    // A backplane that takes connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut peers: std::collections::BTreeMap<String, String> = host
+        .running
+        .endpoints
+        .services
+        .clone()
+        .into_iter()
+        .collect();
+    peers.insert("backplane".into(), silent.local_addr().unwrap().to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let config = muster::Config {
+        services: vec!["edge".into()],
+        peers,
+        tls_dir: Some(host.config.tls().path().to_path_buf()),
+        grpc_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ..config_in(dir.path(), None)
+    };
+    let started = std::time::Instant::now();
+    let edge = Host::start_with(config, dir).await;
+    let metrics_url = edge.running.endpoints.metrics_url.clone();
+    assert_eq!(
+        readiness(&metrics_url).await,
+        503,
+        "ready before the edge accepts"
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "the check came too late to mean anything"
+    );
+    let mut ready = false;
+    for _ in 0..40 {
+        if readiness(&metrics_url).await == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(
+        ready,
+        "the host is ready once its edge accepts without the backplane"
+    );
+    edge.stop().await;
+    host.stop().await;
+}

@@ -172,6 +172,8 @@ fn renew_loop(config: Config, shutdown: CancellationToken) -> JoinHandle<std::io
 struct Health {
     store: Store,
     shutdown: CancellationToken,
+    /// This host's edge, if it runs one.
+    edge: Option<Arc<muster_edge::Edge>>,
 }
 
 async fn metrics_endpoint() -> String {
@@ -181,6 +183,11 @@ async fn metrics_endpoint() -> String {
 async fn ready(State(health): State<Health>) -> (StatusCode, &'static str) {
     if health.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    // An edge waits for its backplane stream before it accepts peers (up
+    // to 5 s): a balancer sending peers meanwhile would leave them queued.
+    if health.edge.as_ref().is_some_and(|edge| !edge.accepting()) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "edge not accepting yet\n");
     }
     match health.store.ping().await {
         Ok(()) => (StatusCode::OK, "ready\n"),
@@ -210,6 +217,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let mut background = Vec::new();
     let mut addresses = BTreeMap::new();
     let mut edge_ws_url = None;
+    let mut this_edge = None;
     for name in names {
         let tls = MeshTls::load(tls_dir.files(name), &config.trust_domain)
             .with_context(|| format!("loading the {name} certificate"))?;
@@ -307,6 +315,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                     shutdown.clone(),
                 );
                 edge_ws_url = Some(edge.ws_url.clone());
+                this_edge = Some(edge.clone());
                 background.push(tokio::spawn(muster_edge::serve_http(edge.clone(), http)));
                 muster_edge::spec(edge)
             }
@@ -339,6 +348,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         .with_state(Health {
             store: store.clone(),
             shutdown: shutdown.clone(),
+            edge: this_edge,
         });
     let stop = shutdown.clone();
     background.push(tokio::spawn(async move {

@@ -523,6 +523,14 @@ impl EdgeRpc for EdgeService {
     }
 }
 
+impl Edge {
+    /// Whether the edge accepts peers yet (see [`serve_http`]): until it
+    /// does, the host it runs in is not ready.
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
+    }
+}
+
 /// Serves the edge's listener (`/ws`, `/healthz`, `/presence`, `/status`)
 /// and its background work until shutdown; then every peer is closed with
 /// 1001 `server shutdown`.
