@@ -26,6 +26,23 @@ async fn diff(ws: &mut Ws, kind: &str) -> Value {
     }
 }
 
+/// The next diff of `kind` within `within`, or none.
+async fn diff_within(ws: &mut Ws, kind: &str, within: Duration) -> Option<Value> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match ws.next(left).await {
+            muster_e2e::ws::Next::Json(frame)
+                if frame["type"] == "muster.topic.diff" && frame["payload"]["kind"] == kind =>
+            {
+                return Some(frame["payload"].clone());
+            }
+            muster_e2e::ws::Next::Json(_) => {}
+            _ => return None,
+        }
+    }
+}
+
 async fn topics_flow(host: &Host) {
     let mut watcher = client(host).await;
     let sub = watcher
@@ -278,6 +295,49 @@ muster_e2e::on_both_stores! {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        host.stop().await;
+    }
+}
+
+// An edge that presence took for gone (it could not refresh for longer
+// than the TTL: a partition, a stalled process) while its peers stayed
+// connected: their sessions leave, and come back as they were when the
+// edge refreshes again.
+muster_e2e::on_both_stores! {
+    async fn sessions_come_back_when_an_edge_taken_for_gone_refreshes_again(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut watcher = client(&host).await;
+        let sub = watcher.call("muster.topic.subscribe", json!({"topic": "room-5"})).await;
+        assert_eq!(sub["ok"], true, "{sub}");
+        let mut alice = client(&host).await;
+        let tracked = alice
+            .call("muster.topic.track", json!({"topic": "room-5", "session": "alice-s", "principal": "alice", "kind": "human"}))
+            .await;
+        assert_eq!(tracked["ok"], true, "{tracked}");
+        let busy = alice
+            .call("muster.topic.status", json!({"topic": "room-5", "session": "alice-s", "state": "busy", "note": "on a call"}))
+            .await;
+        assert_eq!(busy["ok"], true, "{busy}");
+        let joined = diff(&mut watcher, "join").await;
+        diff(&mut watcher, "status").await;
+
+        // What presence's sweep does to an edge that has not refreshed for
+        // the TTL, at once.
+        let topics = muster_presence::Topics::new(std::sync::Arc::new(host.store().await));
+        assert_eq!(topics.expire_edges(Duration::ZERO).await.unwrap(), 1);
+        let left = diff_within(&mut watcher, "leave", Duration::from_secs(5)).await.expect("a leave diff");
+        assert_eq!(left["session"], "alice-s");
+
+        let back = diff_within(&mut watcher, "join", Duration::from_secs(15))
+            .await
+            .expect("the session comes back at the edge's next refresh");
+        assert_eq!(
+            (back["session"].as_str(), back["since"].clone(), back["state"].as_str(), back["note"].as_str()),
+            (Some("alice-s"), joined["since"].clone(), Some("busy"), Some("on a call"))
+        );
+        let count = watcher.call("muster.topic.count", json!({"topic": "room-5"})).await;
+        assert_eq!(count["result"]["total"], 1, "{count}");
+        drop(alice);
         host.stop().await;
     }
 }

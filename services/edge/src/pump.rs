@@ -592,6 +592,7 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
     };
     let mut announced = false;
     let mut forgotten = false;
+    let mut revival_owed = false;
     let mut tick = tokio::time::interval(edge.config.touch_interval);
     let gateway_id = format!("edge-{}", edge.edge_id);
     loop {
@@ -635,11 +636,13 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
             })
             .await;
         match touched {
-            Ok(reply) if reply.get_ref().touched == 0 && announced => {
-                tracing::info!("the gateway presence entry was pruned; announcing it again");
-                announced = false;
+            Ok(reply) => {
+                revival_owed |= reply.get_ref().sessions_kept;
+                if reply.get_ref().touched == 0 && announced {
+                    tracing::info!("the gateway presence entry was pruned; announcing it again");
+                    announced = false;
+                }
             }
-            Ok(_) => {}
             Err(status) => tracing::debug!(code = ?status.code(), "presence refresh failed"),
         }
         if !announced {
@@ -678,6 +681,9 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
                         edge_id: edge.edge_id.clone(),
                     })
                     .await;
+                if let Ok(reply) = &touched {
+                    revival_owed |= reply.get_ref().sessions_kept;
+                }
                 match touched {
                     Ok(reply) if !reply.get_ref().missing_ids.is_empty() => {
                         let missing: HashSet<&str> = reply
@@ -705,6 +711,12 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
         }
         announce_pending(&edge).await;
         if forgotten {
+            if revival_owed && revive_sessions(&edge).await {
+                revival_owed = false;
+                // A peer that left while its sessions were revived was not
+                // among them when it untracked.
+                edge.untracks_failed.store(true, Release);
+            }
             let owed = edge.untracks_failed.swap(false, AcqRel);
             if (owed || round.is_multiple_of(SESSION_AUDIT_ROUNDS))
                 && !untrack_departed(&edge).await
@@ -713,6 +725,43 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
             }
         }
     }
+}
+
+/// Presence took this edge for gone (it could not refresh for longer than
+/// the TTL: a partition, a stalled process), and its peers' topic sessions
+/// left with `leave` diffs while the peers stayed connected. Those of the
+/// connections it still holds come back, as they were, with `join` diffs.
+/// False when presence could not be asked; the next refresh asks again.
+async fn revive_sessions(edge: &Edge) -> bool {
+    let live: Vec<String> = live_connections(edge).into_iter().collect();
+    let chunks: Vec<&[String]> = if live.is_empty() {
+        // Still one call: the last one forgets what presence kept.
+        vec![&[]]
+    } else {
+        live.chunks(muster_presence::REVIVE_CONNECTIONS).collect()
+    };
+    let mut revived = 0;
+    for (n, chunk) in chunks.iter().enumerate() {
+        let request = pb::ReviveEdgeSessionsRequest {
+            edge_id: edge.edge_id.clone(),
+            connection_ids: chunk.to_vec(),
+            last: n + 1 == chunks.len(),
+        };
+        match edge.presence().revive_edge_sessions(request).await {
+            Ok(reply) => revived += reply.into_inner().revived,
+            Err(status) => {
+                tracing::debug!(code = ?status.code(), "reviving this edge's topic sessions failed");
+                return false;
+            }
+        }
+    }
+    if revived > 0 {
+        tracing::info!(
+            revived,
+            "presence had taken this edge for gone; its peers' topic sessions are back"
+        );
+    }
+    true
 }
 
 /// Every how many presence refreshes the edge looks for topic sessions of

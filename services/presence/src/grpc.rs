@@ -60,6 +60,7 @@ pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Presence/UntrackConnection", &[Edge]),
     Rule::new("/muster.v1.Presence/ForgetEdgeSessions", &[Edge]),
     Rule::new("/muster.v1.Presence/EdgeSessionConnections", &[Edge]),
+    Rule::new("/muster.v1.Presence/ReviveEdgeSessions", &[Edge]),
     Rule::new("/muster.v1.Presence/SetTopicStatus", &[Edge]),
     Rule::new("/muster.v1.Presence/ListTopic", &[Edge, Ctl]),
 ];
@@ -240,6 +241,21 @@ impl Presence for PresenceService {
         }))
     }
 
+    async fn revive_edge_sessions(
+        &self,
+        request: Request<pb::ReviveEdgeSessionsRequest>,
+    ) -> Result<Response<pb::ReviveEdgeSessionsResponse>, Status> {
+        let r = request.into_inner();
+        let revived = self
+            .topics
+            .revive_edge_sessions(&r.edge_id, &r.connection_ids, r.last)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::ReviveEdgeSessionsResponse {
+            revived: revived as u32,
+        }))
+    }
+
     async fn forget_edge_sessions(
         &self,
         request: Request<pb::ForgetEdgeSessionsRequest>,
@@ -310,6 +326,7 @@ impl Presence for PresenceService {
         Ok(Response::new(pb::TouchInstancesResponse {
             touched: touched.touched as u32,
             missing_ids: touched.missing,
+            sessions_kept: touched.sessions_kept,
         }))
     }
 

@@ -207,6 +207,9 @@ pub struct Touched {
     /// Ids that were not there to touch, at most as many as the tenant has
     /// room for under the cap.
     pub missing: Vec<String>,
+    /// Presence took the touching edge for gone and keeps its topic
+    /// sessions aside for it to revive ([`crate::Topics::revive_edge_sessions`]).
+    pub sessions_kept: bool,
 }
 
 impl Instances {
@@ -282,7 +285,7 @@ impl Instances {
                 "at most 10000 instances per touch".into(),
             ));
         }
-        let touched = self
+        let (touched, sessions_kept) = self
             .store
             .touch_instances(tenant_id, instance_ids, edge_id, now_ms())
             .await?;
@@ -302,6 +305,7 @@ impl Instances {
         Ok(Touched {
             touched: touched.len() as u64,
             missing,
+            sessions_kept,
         })
     }
 

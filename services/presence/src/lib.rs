@@ -11,4 +11,6 @@ mod topics;
 pub use grpc::{PresenceService, RULES, spec};
 pub use instances::{InstanceEntry, InstanceRole, Instances, PresenceError, Retention, Touched};
 pub use store::{InstanceWrite, PresenceStore, TopicStore};
-pub use topics::{DIFF_EVENT, NOTE_CHARS, TopicError, TopicSession, Topics};
+pub use topics::{
+    DIFF_EVENT, GONE_KEPT, NOTE_CHARS, REVIVE_CONNECTIONS, TopicError, TopicSession, Topics,
+};

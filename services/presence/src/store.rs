@@ -54,14 +54,15 @@ pub trait PresenceStore: Send + Sync + 'static {
     async fn write_instances(&self, writes: &[InstanceWrite]) -> Result<Vec<bool>, StoreError>;
     /// Newest first.
     async fn list_instances(&self, tenant_id: &str) -> Result<Vec<InstanceEntry>, StoreError>;
-    /// Returns the ids that were present (and so touched).
+    /// Returns the ids that were present (and so touched), and whether
+    /// sessions of `edge_id` are kept aside for it to revive.
     async fn touch_instances(
         &self,
         tenant_id: &str,
         instance_ids: &[String],
         edge_id: Option<&str>,
         at_ms: i64,
-    ) -> Result<Vec<String>, StoreError>;
+    ) -> Result<(Vec<String>, bool), StoreError>;
     async fn count_instances(&self, tenant_id: &str) -> Result<u64, StoreError>;
     /// Takes or renews a singleton job's lease.
     async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError>;
@@ -75,9 +76,9 @@ pub trait PresenceStore: Send + Sync + 'static {
     ) -> Result<Vec<(String, String)>, StoreError>;
 }
 
-/// Ids one touch statement names at most (SQLite's oldest builds allow 999
+/// Ids one statement names at most (SQLite's oldest builds allow 999
 /// parameters).
-const TOUCH_IDS_PER_STATEMENT: usize = 500;
+const IDS_PER_STATEMENT: usize = 500;
 
 fn entry(row: &AnyRow) -> Result<InstanceEntry, StoreError> {
     let role: String = row.try_get("role")?;
@@ -206,10 +207,19 @@ impl PresenceStore for Store {
         instance_ids: &[String],
         edge_id: Option<&str>,
         at_ms: i64,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<(Vec<String>, bool), StoreError> {
         let mut touched = Vec::with_capacity(instance_ids.len());
         let mut tx = self.begin().await?;
+        let mut sessions_kept = false;
         if let Some(edge_id) = edge_id {
+            // Until the edge revives them: an answer it did not get is
+            // given again.
+            sessions_kept =
+                sqlx::query("SELECT 1 FROM topic_sessions_gone WHERE edge_id = $1 LIMIT 1")
+                    .bind(edge_id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some();
             sqlx::query(
                 "INSERT INTO presence_edges (edge_id, refreshed_at_ms) VALUES ($1, $2) \
                  ON CONFLICT (edge_id) DO UPDATE SET refreshed_at_ms = excluded.refreshed_at_ms",
@@ -221,7 +231,7 @@ impl PresenceStore for Store {
         }
         // One statement per chunk of ids, not per id: an edge touches all
         // its peers every few seconds, in the store's one write lane.
-        for chunk in instance_ids.chunks(TOUCH_IDS_PER_STATEMENT) {
+        for chunk in instance_ids.chunks(IDS_PER_STATEMENT) {
             let sql = format!(
                 "UPDATE instance_presence SET last_seen_at_ms = $1 \
                  WHERE tenant_id = $2 AND instance_id IN ({}) RETURNING instance_id",
@@ -237,7 +247,7 @@ impl PresenceStore for Store {
             }
         }
         self.commit(tx).await?;
-        Ok(touched)
+        Ok((touched, sessions_kept))
     }
 
     async fn count_instances(&self, tenant_id: &str) -> Result<u64, StoreError> {
@@ -336,10 +346,30 @@ pub trait TopicStore: Send + Sync + 'static {
     ) -> Result<Vec<TopicSession>, StoreError>;
     async fn expire_statuses(&self, now_ms: i64) -> Result<Vec<TopicSession>, StoreError>;
     /// Removes, with `leave` diffs, the sessions of edges that have not
-    /// refreshed since `cutoff_ms`, and forgets those edges.
-    async fn expire_edges(&self, cutoff_ms: i64) -> Result<Vec<TopicSession>, StoreError>;
-    /// Removes, with `leave` diffs, every session of `edge_id`.
+    /// refreshed since `cutoff_ms`, keeping them aside (as of `now_ms`) for
+    /// [`TopicStore::revive_edge_sessions`], and forgets those edges and
+    /// what was kept aside before `gone_cutoff_ms`.
+    async fn expire_edges(
+        &self,
+        cutoff_ms: i64,
+        now_ms: i64,
+        gone_cutoff_ms: i64,
+    ) -> Result<Vec<TopicSession>, StoreError>;
+    /// Removes, with `leave` diffs, every session of `edge_id`, and what
+    /// was kept aside of its earlier sessions.
     async fn forget_edge_sessions(&self, edge_id: &str) -> Result<Vec<TopicSession>, StoreError>;
+    /// Tracks again, each with a `join` diff, the sessions of `edge_id`
+    /// kept aside when it was taken for gone whose connection is one of
+    /// `connection_ids` and whose (topic, session) nobody tracked since
+    /// (a status whose `until` passed as available). With `last`, the
+    /// edge named every connection it holds: the rest is forgotten.
+    async fn revive_edge_sessions(
+        &self,
+        edge_id: &str,
+        connection_ids: &[String],
+        last: bool,
+        now_ms: i64,
+    ) -> Result<Vec<TopicSession>, StoreError>;
     /// The (tenant, connection) pairs that `edge_id`'s sessions belong to.
     async fn edge_session_connections(
         &self,
@@ -408,34 +438,89 @@ fn held_by(n: usize) -> String {
     format!("(device_id = ${n} OR device_id = '')")
 }
 
-/// Inserts a new session with its `join` and commits.
-async fn insert_session(
-    store: &Store,
-    mut tx: Tx,
-    s: &TopicSession,
-    join: &NewItem,
-) -> Result<Option<TopicSession>, StoreError> {
-    sqlx::query(&format!(
-        "INSERT INTO topic_sessions ({TOPIC_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-    ))
-    .bind(&s.tenant_id)
-    .bind(&s.topic)
-    .bind(&s.session_id)
-    .bind(&s.principal)
-    .bind(&s.kind)
-    .bind(&s.agent_id)
-    .bind(s.since_ms)
-    .bind(&s.state)
-    .bind(&s.note)
-    .bind(s.until_ms)
-    .bind(&s.edge_id)
-    .bind(&s.connection_id)
-    .bind(&s.device_id)
-    .execute(&mut *tx)
-    .await?;
-    outbox::append(&mut tx, join).await?;
-    store.commit(tx).await?;
-    Ok(Some(s.clone()))
+/// Binds `s`'s columns in [`TOPIC_COLUMNS`] order.
+fn bind_session<'q>(
+    query: muster_store::AnyQuery<'q>,
+    s: &'q TopicSession,
+) -> muster_store::AnyQuery<'q> {
+    query
+        .bind(&s.tenant_id)
+        .bind(&s.topic)
+        .bind(&s.session_id)
+        .bind(&s.principal)
+        .bind(&s.kind)
+        .bind(&s.agent_id)
+        .bind(s.since_ms)
+        .bind(&s.state)
+        .bind(&s.note)
+        .bind(s.until_ms)
+        .bind(&s.edge_id)
+        .bind(&s.connection_id)
+        .bind(&s.device_id)
+}
+
+/// Inserts `s`; with `if_free`, only when no session holds its (topic,
+/// session) key. Whether it did.
+async fn insert_row(tx: &mut Tx, s: &TopicSession, if_free: bool) -> Result<bool, StoreError> {
+    let on_conflict = if if_free {
+        " ON CONFLICT (tenant_id, topic, session_id) DO NOTHING"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "INSERT INTO topic_sessions ({TOPIC_COLUMNS}) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13){on_conflict}"
+    );
+    let inserted = bind_session(sqlx::query(&sql), s)
+        .execute(&mut **tx)
+        .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// Forgets what was kept aside of a session for an edge taken for gone
+/// (of `device_id`'s, or any device's): a peer that tracks or untracks it
+/// has decided for it, and a revival must not bring back the old one.
+async fn drop_kept(
+    tx: &mut Tx,
+    tenant_id: &str,
+    topic: &str,
+    session_id: &str,
+    device_id: Option<&str>,
+) -> Result<(), StoreError> {
+    let held = match device_id {
+        Some(_) => format!(" AND {}", held_by(4)),
+        None => String::new(),
+    };
+    let sql = format!(
+        "DELETE FROM topic_sessions_gone WHERE tenant_id = $1 AND topic = $2 AND session_id = $3{held}"
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(tenant_id)
+        .bind(topic)
+        .bind(session_id);
+    if let Some(device_id) = device_id {
+        query = query.bind(device_id);
+    }
+    query.execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Keeps `session` aside, as of `now_ms`, for its edge to revive.
+async fn keep(tx: &mut Tx, session: &TopicSession, now_ms: i64) -> Result<(), StoreError> {
+    let sql = format!(
+        "INSERT INTO topic_sessions_gone ({TOPIC_COLUMNS}, gone_at_ms) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
+         ON CONFLICT (edge_id, tenant_id, topic, session_id) DO UPDATE SET \
+         principal = excluded.principal, kind = excluded.kind, agent_id = excluded.agent_id, \
+         since_ms = excluded.since_ms, state = excluded.state, note = excluded.note, \
+         until_ms = excluded.until_ms, connection_id = excluded.connection_id, \
+         device_id = excluded.device_id, gone_at_ms = excluded.gone_at_ms"
+    );
+    bind_session(sqlx::query(&sql), session)
+        .bind(now_ms)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -445,43 +530,60 @@ impl TopicStore for Store {
         s: &TopicSession,
         join: &NewItem,
     ) -> Result<Option<TopicSession>, StoreError> {
-        let mut tx = self.begin().await?;
-        if let Some(existing) =
-            select_session(&mut tx, &s.tenant_id, &s.topic, &s.session_id).await?
-        {
-            let moved = sqlx::query(&format!(
-                "UPDATE topic_sessions SET edge_id = $1, connection_id = $2, device_id = $3 \
-                 WHERE tenant_id = $4 AND topic = $5 AND session_id = $6 AND {}",
-                held_by(3)
-            ))
-            .bind(&s.edge_id)
-            .bind(&s.connection_id)
-            .bind(&s.device_id)
-            .bind(&s.tenant_id)
-            .bind(&s.topic)
-            .bind(&s.session_id)
-            .execute(&mut *tx)
-            .await?;
-            if moved.rows_affected() == 0 {
-                // Held by another device, or gone since the look (another
-                // writer untracked it): then it is tracked anew.
-                if select_session(&mut tx, &s.tenant_id, &s.topic, &s.session_id)
+        // On Postgres another track (or a revival) may insert the session
+        // between this one's look and its insert: then it looks again.
+        for _ in 0..2 {
+            let mut tx = self.begin().await?;
+            let mut tracked = None;
+            if let Some(existing) =
+                select_session(&mut tx, &s.tenant_id, &s.topic, &s.session_id).await?
+            {
+                let moved = sqlx::query(&format!(
+                    "UPDATE topic_sessions SET edge_id = $1, connection_id = $2, device_id = $3 \
+                     WHERE tenant_id = $4 AND topic = $5 AND session_id = $6 AND {}",
+                    held_by(3)
+                ))
+                .bind(&s.edge_id)
+                .bind(&s.connection_id)
+                .bind(&s.device_id)
+                .bind(&s.tenant_id)
+                .bind(&s.topic)
+                .bind(&s.session_id)
+                .execute(&mut *tx)
+                .await?;
+                if moved.rows_affected() > 0 {
+                    tracked = Some(TopicSession {
+                        edge_id: s.edge_id.clone(),
+                        connection_id: s.connection_id.clone(),
+                        device_id: s.device_id.clone(),
+                        ..existing
+                    });
+                } else if select_session(&mut tx, &s.tenant_id, &s.topic, &s.session_id)
                     .await?
                     .is_some()
                 {
                     return Ok(None);
                 }
-                return insert_session(self, tx, s, join).await;
+                // Otherwise gone since the look (another writer untracked
+                // it): it is tracked anew.
             }
+            let tracked = match tracked {
+                Some(moved) => moved,
+                None => {
+                    if !insert_row(&mut tx, s, true).await? {
+                        continue;
+                    }
+                    outbox::append(&mut tx, join).await?;
+                    s.clone()
+                }
+            };
+            drop_kept(&mut tx, &s.tenant_id, &s.topic, &s.session_id, None).await?;
             self.commit(tx).await?;
-            return Ok(Some(TopicSession {
-                edge_id: s.edge_id.clone(),
-                connection_id: s.connection_id.clone(),
-                device_id: s.device_id.clone(),
-                ..existing
-            }));
+            return Ok(Some(tracked));
         }
-        insert_session(self, tx, s, join).await
+        Err(StoreError::Unavailable(
+            "the session was tracked by another writer at the same time; try again".into(),
+        ))
     }
 
     async fn untrack(
@@ -506,6 +608,7 @@ impl TopicStore for Store {
                 .bind(device_id),
         )
         .await?;
+        drop_kept(&mut tx, tenant_id, topic, session_id, Some(device_id)).await?;
         self.commit(tx).await?;
         Ok(removed.into_iter().next())
     }
@@ -525,6 +628,11 @@ impl TopicStore for Store {
             sqlx::query(&delete).bind(tenant_id).bind(connection_id),
         )
         .await?;
+        sqlx::query("DELETE FROM topic_sessions_gone WHERE tenant_id = $1 AND connection_id = $2")
+            .bind(tenant_id)
+            .bind(connection_id)
+            .execute(&mut *tx)
+            .await?;
         self.commit(tx).await?;
         Ok(sessions)
     }
@@ -583,16 +691,40 @@ impl TopicStore for Store {
         .await
     }
 
-    async fn expire_edges(&self, cutoff_ms: i64) -> Result<Vec<TopicSession>, StoreError> {
+    async fn expire_edges(
+        &self,
+        cutoff_ms: i64,
+        now_ms: i64,
+        gone_cutoff_ms: i64,
+    ) -> Result<Vec<TopicSession>, StoreError> {
         let mut tx = self.begin().await?;
-        let delete = format!(
-            "DELETE FROM topic_sessions WHERE edge_id IN \
-             (SELECT edge_id FROM presence_edges WHERE refreshed_at_ms < $1) \
-             RETURNING {TOPIC_COLUMNS}"
-        );
-        let sessions = leave_all(&mut tx, sqlx::query(&delete).bind(cutoff_ms)).await?;
-        sqlx::query("DELETE FROM presence_edges WHERE refreshed_at_ms < $1")
-            .bind(cutoff_ms)
+        // The edges first: a refresh that lands meanwhile either comes
+        // before (and the edge is not stale) or waits for this commit and
+        // records the edge anew.
+        let edges: Vec<String> =
+            sqlx::query("DELETE FROM presence_edges WHERE refreshed_at_ms < $1 RETURNING edge_id")
+                .bind(cutoff_ms)
+                .fetch_all(&mut *tx)
+                .await?
+                .iter()
+                .map(|row| row.try_get(0))
+                .collect::<Result<_, _>>()?;
+        let mut sessions = Vec::new();
+        for chunk in edges.chunks(IDS_PER_STATEMENT) {
+            let delete = format!(
+                "DELETE FROM topic_sessions WHERE edge_id IN ({}) RETURNING {TOPIC_COLUMNS}",
+                muster_store::placeholders(1, chunk.len())
+            );
+            let query = chunk
+                .iter()
+                .fold(sqlx::query(&delete), |q, edge| q.bind(edge));
+            sessions.extend(leave_all(&mut tx, query).await?);
+        }
+        for session in &sessions {
+            keep(&mut tx, session, now_ms).await?;
+        }
+        sqlx::query("DELETE FROM topic_sessions_gone WHERE gone_at_ms < $1")
+            .bind(gone_cutoff_ms)
             .execute(&mut *tx)
             .await?;
         self.commit(tx).await?;
@@ -604,8 +736,59 @@ impl TopicStore for Store {
         let delete =
             format!("DELETE FROM topic_sessions WHERE edge_id = $1 RETURNING {TOPIC_COLUMNS}");
         let forgotten = leave_all(&mut tx, sqlx::query(&delete).bind(edge_id)).await?;
+        sqlx::query("DELETE FROM topic_sessions_gone WHERE edge_id = $1")
+            .bind(edge_id)
+            .execute(&mut *tx)
+            .await?;
         self.commit(tx).await?;
         Ok(forgotten)
+    }
+
+    async fn revive_edge_sessions(
+        &self,
+        edge_id: &str,
+        connection_ids: &[String],
+        last: bool,
+        now_ms: i64,
+    ) -> Result<Vec<TopicSession>, StoreError> {
+        let mut tx = self.begin().await?;
+        let mut gone = Vec::new();
+        for chunk in connection_ids.chunks(IDS_PER_STATEMENT) {
+            let sql = format!(
+                "DELETE FROM topic_sessions_gone WHERE edge_id = $1 AND connection_id IN ({}) \
+                 RETURNING {TOPIC_COLUMNS}",
+                muster_store::placeholders(2, chunk.len())
+            );
+            let query = chunk
+                .iter()
+                .fold(sqlx::query(&sql).bind(edge_id), |q, id| q.bind(id));
+            gone.extend(query.fetch_all(&mut *tx).await?);
+        }
+        if last {
+            sqlx::query("DELETE FROM topic_sessions_gone WHERE edge_id = $1")
+                .bind(edge_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let mut revived = Vec::new();
+        for row in &gone {
+            let mut session = topic_session(row)?;
+            // A status that expired while it was kept aside comes back as
+            // the sweep would have left it.
+            if session.until_ms.is_some_and(|until| until <= now_ms) {
+                session.state = "available".into();
+                session.note = String::new();
+                session.until_ms = None;
+            }
+            // A session tracked again meanwhile (on another edge, or by a
+            // reconnected peer) is newer than the one kept aside.
+            if insert_row(&mut tx, &session, true).await? {
+                outbox::append(&mut tx, &diff_event(&session, "join")).await?;
+                revived.push(session);
+            }
+        }
+        self.commit(tx).await?;
+        Ok(revived)
     }
 
     async fn edge_session_connections(

@@ -109,6 +109,13 @@ fn field(name: &str, value: &str) -> Result<(), TopicError> {
     Ok(())
 }
 
+/// How long the sessions of an edge taken for gone are kept for it to
+/// revive: a partition longer than this loses them.
+pub const GONE_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Connections one revival names at most.
+pub const REVIVE_CONNECTIONS: usize = 5000;
+
 /// Topic presence: track, untrack, status, list.
 #[derive(Clone)]
 pub struct Topics {
@@ -264,9 +271,42 @@ impl Topics {
     }
 
     /// The sessions of edges that stopped refreshing for `ttl` leave, each
-    /// with a `leave` diff: a dead edge leaves no ghosts.
+    /// with a `leave` diff: a dead edge leaves no ghosts. They are kept
+    /// aside for [`GONE_KEPT`], in case the edge was only cut off and its
+    /// peers are still connected (see [`Topics::revive_edge_sessions`]).
     pub async fn expire_edges(&self, ttl: std::time::Duration) -> Result<usize, TopicError> {
-        let cutoff = now_ms() - ttl.as_millis() as i64;
-        Ok(self.store.expire_edges(cutoff).await?.len())
+        let now = now_ms();
+        let cutoff = now - ttl.as_millis() as i64;
+        let gone_cutoff = now - GONE_KEPT.as_millis() as i64;
+        Ok(self
+            .store
+            .expire_edges(cutoff, now, gone_cutoff)
+            .await?
+            .len())
+    }
+
+    /// An edge presence had taken for gone refreshes again: the sessions
+    /// it held of `connection_ids` (connections it still holds, at most
+    /// [`REVIVE_CONNECTIONS`] a call) are tracked again with `join` diffs,
+    /// as they were (since, status), unless a peer tracked or untracked
+    /// them meanwhile. `last`: the edge has named every connection it
+    /// holds, and the rest is forgotten. How many came back.
+    pub async fn revive_edge_sessions(
+        &self,
+        edge_id: &str,
+        connection_ids: &[String],
+        last: bool,
+    ) -> Result<usize, TopicError> {
+        field("edge_id", edge_id)?;
+        if connection_ids.len() > REVIVE_CONNECTIONS {
+            return Err(TopicError::Invalid(format!(
+                "at most {REVIVE_CONNECTIONS} connections per revival"
+            )));
+        }
+        Ok(self
+            .store
+            .revive_edge_sessions(edge_id, connection_ids, last, now_ms())
+            .await?
+            .len())
     }
 }

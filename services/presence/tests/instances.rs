@@ -123,7 +123,7 @@ muster_store::backend_suite! {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         let touched = presence.touch("t1", &["dev_a".into(), "dev_unknown".into()], None).await.unwrap();
         // An unknown id is not created, but named for its edge to announce.
-        assert_eq!(touched, Touched { touched: 1, missing: vec!["dev_unknown".into()] });
+        assert_eq!(touched, Touched { touched: 1, missing: vec!["dev_unknown".into()], sessions_kept: false });
         assert!(presence.list("t1").await.unwrap()[0].last_seen_at_ms > first.last_seen_at_ms);
         assert_eq!(presence.list("t1").await.unwrap().len(), 1);
         assert_eq!(presence.touch("t2", &["dev_a".into()], None).await.unwrap().touched, 0);

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use muster_presence::{DIFF_EVENT, TopicError, TopicSession, Topics};
 use muster_store::{Store, now_ms};
 use serde_json::Value;
+use sqlx::Row;
 
 fn session(topic: &str, id: &str, connection: &str) -> TopicSession {
     TopicSession {
@@ -183,5 +184,130 @@ muster_store::backend_suite! {
         let leaves = diffs(&store).await.into_iter().filter(|d| d["kind"] == "leave").count();
         assert_eq!(leaves, 2);
         assert!(matches!(topics.forget_edge_sessions(" ").await, Err(TopicError::Invalid(_))));
+    }
+}
+
+/// Makes presence take `edge_id` for gone, as if it had not refreshed for
+/// longer than the TTL.
+async fn stale(store: &Store, edge_id: &str) {
+    sqlx::query("UPDATE presence_edges SET refreshed_at_ms = 0 WHERE edge_id = $1")
+        .bind(edge_id)
+        .execute(store.pool())
+        .await
+        .unwrap();
+}
+
+/// How many sessions presence keeps aside for edges it took for gone.
+async fn kept(store: &Store) -> i64 {
+    sqlx::query("SELECT COUNT(*) FROM topic_sessions_gone")
+        .fetch_one(store.pool())
+        .await
+        .unwrap()
+        .get::<i64, _>(0)
+}
+
+muster_store::backend_suite! {
+    async fn an_edge_taken_for_gone_revives_the_sessions_of_its_live_connections(store: Store) {
+        let topics = Topics::new(Arc::new(store.clone()));
+        let instances = muster_presence::Instances::new(Arc::new(store.clone()));
+        let ttl = std::time::Duration::from_secs(60);
+        assert!(!instances.touch("t1", &[], Some("edge-a")).await.unwrap().sessions_kept);
+        topics.track(session("room", "s1", "c1")).await.unwrap();
+        topics.set_status("t1", "room", "s1", "dev-1", "busy", "on a call", None).await.unwrap();
+        topics.track(session("room", "s2", "c2")).await.unwrap();
+        topics.track(session("hall", "s3", "c3")).await.unwrap();
+        topics.track(session("hall", "s4", "c4")).await.unwrap();
+        topics.track(session("yard", "s5", "c5")).await.unwrap();
+        topics.set_status("t1", "yard", "s5", "dev-1", "blocked", "lunch", Some(now_ms() + 60_000)).await.unwrap();
+        let before = topics.list("t1", "room", None).await.unwrap();
+
+        // Cut off for longer than the TTL: every session leaves.
+        stale(&store, "edge-a").await;
+        assert_eq!(topics.expire_edges(ttl).await.unwrap(), 5);
+        assert!(topics.list("t1", "room", None).await.unwrap().is_empty());
+        assert_eq!(kept(&store).await, 5);
+        // Meanwhile: s3's peer tracks it again through another edge; s4's
+        // peer untracks it (it left, as far as it knows); s5's status
+        // expires.
+        topics.track(TopicSession { edge_id: "edge-b".into(), ..session("hall", "s3", "c9") }).await.unwrap();
+        assert!(!topics.untrack("t1", "hall", "s4", "dev-1").await.unwrap());
+        sqlx::query("UPDATE topic_sessions_gone SET until_ms = 1 WHERE session_id = 's5'")
+            .execute(store.pool()).await.unwrap();
+
+        // Back: every refresh says so until the edge revives.
+        for _ in 0..2 {
+            assert!(instances.touch("t1", &[], Some("edge-a")).await.unwrap().sessions_kept);
+        }
+        let joins = diffs(&store).await.into_iter().filter(|d| d["kind"] == "join").count();
+        // c2 closed while the edge was cut off; the others are held. Two
+        // calls, the way an edge with many connections makes them.
+        assert_eq!(topics.revive_edge_sessions("edge-a", &["c1".into(), "c3".into()], false).await.unwrap(), 1);
+        assert!(instances.touch("t1", &[], Some("edge-a")).await.unwrap().sessions_kept);
+        assert_eq!(topics.revive_edge_sessions("edge-a", &["c4".into(), "c5".into()], true).await.unwrap(), 1);
+        assert!(!instances.touch("t1", &[], Some("edge-a")).await.unwrap().sessions_kept);
+        assert_eq!(kept(&store).await, 0, "the last call forgets the rest");
+
+        let after = topics.list("t1", "room", None).await.unwrap();
+        assert_eq!(after, before[..1], "s1 as it was: since, status, note, connection");
+        let hall = topics.list("t1", "hall", None).await.unwrap();
+        assert_eq!((hall.len(), hall[0].edge_id.as_str()), (1, "edge-b"), "the newer s3 stands, s4 stays out");
+        let yard = topics.list("t1", "yard", None).await.unwrap();
+        assert_eq!((yard[0].state.as_str(), yard[0].note.as_str(), yard[0].until_ms), ("available", "", None));
+        let d = diffs(&store).await;
+        let new_joins: Vec<_> = d.iter().filter(|d| d["kind"] == "join").skip(joins).collect();
+        let states: Vec<_> = new_joins.iter().map(|j| (j["session"].as_str().unwrap(), j["state"].as_str().unwrap())).collect();
+        assert_eq!(states, [("s1", "busy"), ("s5", "available")]);
+        // Nothing comes back twice, and bad requests change nothing.
+        assert_eq!(topics.revive_edge_sessions("edge-a", &["c1".into(), "c2".into()], true).await.unwrap(), 0);
+        assert!(matches!(topics.revive_edge_sessions(" ", &[], true).await, Err(TopicError::Invalid(_))));
+        let too_many: Vec<String> = (0..=muster_presence::REVIVE_CONNECTIONS).map(|n| format!("c{n}")).collect();
+        assert!(matches!(topics.revive_edge_sessions("edge-a", &too_many, true).await, Err(TopicError::Invalid(_))));
+        assert_eq!(topics.list("t1", "room", None).await.unwrap().len(), 1);
+    }
+
+    async fn a_peer_that_decides_for_a_kept_session_is_not_overruled(store: Store) {
+        let topics = Topics::new(Arc::new(store.clone()));
+        let instances = muster_presence::Instances::new(Arc::new(store.clone()));
+        instances.touch("t1", &[], Some("edge-a")).await.unwrap();
+        topics.track(session("room", "s1", "c1")).await.unwrap();
+        topics.track(session("room", "s2", "c2")).await.unwrap();
+        topics.track(TopicSession { device_id: "dev-2".into(), ..session("room", "s3", "c3") }).await.unwrap();
+        stale(&store, "edge-a").await;
+        topics.expire_edges(std::time::Duration::from_secs(60)).await.unwrap();
+        // s1 is tracked again on another edge and then untracked: its
+        // peer is done with it. c2 closes. Another device cannot drop s3.
+        topics.track(TopicSession { edge_id: "edge-b".into(), ..session("room", "s1", "c9") }).await.unwrap();
+        assert!(topics.untrack("t1", "room", "s1", "dev-1").await.unwrap());
+        assert_eq!(topics.untrack_connection("t1", "c2").await.unwrap(), 0);
+        assert!(!topics.untrack("t1", "room", "s3", "dev-1").await.unwrap());
+        assert_eq!(kept(&store).await, 1);
+        assert_eq!(topics.revive_edge_sessions("edge-a", &["c1".into(), "c2".into(), "c3".into()], true).await.unwrap(), 1);
+        let left: Vec<_> = topics.list("t1", "room", None).await.unwrap().into_iter().map(|s| s.session_id).collect();
+        assert_eq!(left, ["s3"]);
+    }
+
+    async fn what_an_edge_taken_for_gone_left_goes_with_its_next_start_or_its_age(store: Store) {
+        let topics = Topics::new(Arc::new(store.clone()));
+        let instances = muster_presence::Instances::new(Arc::new(store.clone()));
+        let ttl = std::time::Duration::from_secs(60);
+        instances.touch("t1", &[], Some("edge-a")).await.unwrap();
+        topics.track(session("room", "s1", "c1")).await.unwrap();
+        stale(&store, "edge-a").await;
+        topics.expire_edges(ttl).await.unwrap();
+        assert_eq!(kept(&store).await, 1);
+        // A new run of the edge holds none of the old connections.
+        topics.forget_edge_sessions("edge-a").await.unwrap();
+        assert_eq!(kept(&store).await, 0);
+        assert_eq!(topics.revive_edge_sessions("edge-a", &["c1".into()], true).await.unwrap(), 0);
+
+        // An edge that never comes back: its sessions are kept an hour.
+        instances.touch("t1", &[], Some("edge-a")).await.unwrap();
+        topics.track(session("room", "s1", "c1")).await.unwrap();
+        stale(&store, "edge-a").await;
+        topics.expire_edges(ttl).await.unwrap();
+        let aged = now_ms() - muster_presence::GONE_KEPT.as_millis() as i64 - 1_000;
+        sqlx::query("UPDATE topic_sessions_gone SET gone_at_ms = $1").bind(aged).execute(store.pool()).await.unwrap();
+        topics.expire_edges(ttl).await.unwrap();
+        assert_eq!(kept(&store).await, 0);
     }
 }
