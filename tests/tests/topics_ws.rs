@@ -323,8 +323,17 @@ muster_e2e::on_both_stores! {
 
         // What presence's sweep does to an edge that has not refreshed for
         // the TTL, at once.
+        // (A refresh in the same millisecond keeps the edge: once more.)
         let topics = muster_presence::Topics::new(std::sync::Arc::new(host.store().await));
-        assert_eq!(topics.expire_edges(Duration::ZERO).await.unwrap(), 1);
+        let mut left = 0;
+        for _ in 0..3 {
+            left = topics.expire_edges(Duration::ZERO).await.unwrap();
+            if left > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(left, 1);
         let left = diff_within(&mut watcher, "leave", Duration::from_secs(5)).await.expect("a leave diff");
         assert_eq!(left["session"], "alice-s");
 

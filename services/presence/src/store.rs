@@ -534,6 +534,9 @@ impl TopicStore for Store {
         // between this one's look and its insert: then it looks again.
         for _ in 0..2 {
             let mut tx = self.begin().await?;
+            // The kept row before the live one, the order a revival takes
+            // them in: otherwise each could wait for the other.
+            drop_kept(&mut tx, &s.tenant_id, &s.topic, &s.session_id, None).await?;
             let mut tracked = None;
             if let Some(existing) =
                 select_session(&mut tx, &s.tenant_id, &s.topic, &s.session_id).await?
@@ -577,6 +580,7 @@ impl TopicStore for Store {
                     s.clone()
                 }
             };
+            // Again: a sweep may have kept it aside since.
             drop_kept(&mut tx, &s.tenant_id, &s.topic, &s.session_id, None).await?;
             self.commit(tx).await?;
             return Ok(Some(tracked));
@@ -599,16 +603,18 @@ impl TopicStore for Store {
              AND {} RETURNING {TOPIC_COLUMNS}",
             held_by(4)
         );
-        let removed = leave_all(
-            &mut tx,
+        let query = || {
             sqlx::query(&delete)
                 .bind(tenant_id)
                 .bind(topic)
                 .bind(session_id)
-                .bind(device_id),
-        )
-        .await?;
+                .bind(device_id)
+        };
+        let mut removed = leave_all(&mut tx, query()).await?;
         drop_kept(&mut tx, tenant_id, topic, session_id, Some(device_id)).await?;
+        // On Postgres a revival may have put the session back meanwhile,
+        // unseen by the first look: the kept row waited for it.
+        removed.extend(leave_all(&mut tx, query()).await?);
         self.commit(tx).await?;
         Ok(removed.into_iter().next())
     }
@@ -623,16 +629,15 @@ impl TopicStore for Store {
             "DELETE FROM topic_sessions WHERE tenant_id = $1 AND connection_id = $2 \
              RETURNING {TOPIC_COLUMNS}"
         );
-        let sessions = leave_all(
-            &mut tx,
-            sqlx::query(&delete).bind(tenant_id).bind(connection_id),
-        )
-        .await?;
+        let query = || sqlx::query(&delete).bind(tenant_id).bind(connection_id);
+        let mut sessions = leave_all(&mut tx, query()).await?;
         sqlx::query("DELETE FROM topic_sessions_gone WHERE tenant_id = $1 AND connection_id = $2")
             .bind(tenant_id)
             .bind(connection_id)
             .execute(&mut *tx)
             .await?;
+        // As in `untrack`: what a revival put back meanwhile.
+        sessions.extend(leave_all(&mut tx, query()).await?);
         self.commit(tx).await?;
         Ok(sessions)
     }
