@@ -221,6 +221,12 @@ type Bounded = tower::timeout::Timeout<MeshChannel>;
 const REVOKED_MEMORY: Duration = Duration::from_secs(600);
 
 impl Edge {
+    /// Whether the edge accepts peers yet (see [`serve_http`]): until it
+    /// does, the host it runs in is not ready.
+    pub fn accepting(&self) -> bool {
+        self.accepting.load(Ordering::Acquire)
+    }
+
     /// An edge whose clients connect at `ws_addr`. Must be called inside a
     /// tokio runtime: it starts the tasks that batch calls to presence and
     /// the backplane.
@@ -520,14 +526,6 @@ impl EdgeRpc for EdgeService {
             started_at_ms: self.edge.started_at_ms,
             version: env!("CARGO_PKG_VERSION").into(),
         }))
-    }
-}
-
-impl Edge {
-    /// Whether the edge accepts peers yet (see [`serve_http`]): until it
-    /// does, the host it runs in is not ready.
-    pub fn accepting(&self) -> bool {
-        self.accepting.load(Ordering::Acquire)
     }
 }
 

@@ -459,17 +459,13 @@ fn bind_session<'q>(
         .bind(&s.device_id)
 }
 
-/// Inserts `s`; with `if_free`, only when no session holds its (topic,
-/// session) key. Whether it did.
-async fn insert_row(tx: &mut Tx, s: &TopicSession, if_free: bool) -> Result<bool, StoreError> {
-    let on_conflict = if if_free {
-        " ON CONFLICT (tenant_id, topic, session_id) DO NOTHING"
-    } else {
-        ""
-    };
+/// Inserts `s` unless a session holds its (topic, session) key; whether
+/// it did.
+async fn insert_row(tx: &mut Tx, s: &TopicSession) -> Result<bool, StoreError> {
     let sql = format!(
         "INSERT INTO topic_sessions ({TOPIC_COLUMNS}) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13){on_conflict}"
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+         ON CONFLICT (tenant_id, topic, session_id) DO NOTHING"
     );
     let inserted = bind_session(sqlx::query(&sql), s)
         .execute(&mut **tx)
@@ -573,7 +569,7 @@ impl TopicStore for Store {
             let tracked = match tracked {
                 Some(moved) => moved,
                 None => {
-                    if !insert_row(&mut tx, s, true).await? {
+                    if !insert_row(&mut tx, s).await? {
                         continue;
                     }
                     outbox::append(&mut tx, join).await?;
@@ -781,13 +777,11 @@ impl TopicStore for Store {
             // A status that expired while it was kept aside comes back as
             // the sweep would have left it.
             if session.until_ms.is_some_and(|until| until <= now_ms) {
-                session.state = "available".into();
-                session.note = String::new();
-                session.until_ms = None;
+                session = session.available();
             }
             // A session tracked again meanwhile (on another edge, or by a
             // reconnected peer) is newer than the one kept aside.
-            if insert_row(&mut tx, &session, true).await? {
+            if insert_row(&mut tx, &session).await? {
                 outbox::append(&mut tx, &diff_event(&session, "join")).await?;
                 revived.push(session);
             }
@@ -820,12 +814,7 @@ impl TopicStore for Store {
         .await?;
         let mut expired = Vec::with_capacity(rows.len());
         for row in &rows {
-            let session = TopicSession {
-                state: "available".into(),
-                note: String::new(),
-                until_ms: None,
-                ..topic_session(row)?
-            };
+            let session = topic_session(row)?.available();
             // Only if it is still due: a status set meanwhile stands.
             let reset = sqlx::query(
                 "UPDATE topic_sessions SET state = 'available', note = '', until_ms = NULL \

@@ -42,6 +42,16 @@ pub struct TopicSession {
 }
 
 impl TopicSession {
+    /// The session with no status: `available`, no note, no `until`.
+    pub(crate) fn available(self) -> TopicSession {
+        TopicSession {
+            state: "available".into(),
+            note: String::new(),
+            until_ms: None,
+            ..self
+        }
+    }
+
     /// The diff payload: `kind` is join, leave or status; the session's own
     /// kind travels as `ekind`.
     pub fn diff(&self, kind: &str) -> Value {
@@ -158,10 +168,7 @@ impl Topics {
         }
         let session = TopicSession {
             since_ms: now_ms(),
-            state: "available".into(),
-            note: String::new(),
-            until_ms: None,
-            ..session
+            ..session.available()
         };
         self.store
             .track(&session, &diff_event(&session, "join"))
