@@ -1385,6 +1385,57 @@ muster_e2e::on_both_stores! {
 }
 
 muster_e2e::on_both_stores! {
+    async fn a_peer_whose_socket_takes_nothing_more_is_dropped_as_one_without_pongs(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut observer = admin(&host).await;
+        observer.handshake(&DeviceKey::generate(), "client", json!({})).await;
+        // An operator whose receive buffer is a few KiB and who reads
+        // nothing: the edge's writes to it block long before its queue
+        // reaches the slow-consumer limit.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let address = host.ws_url().trim_start_matches("ws://").trim_end_matches("/ws").parse().unwrap();
+        let tcp = socket.connect(address).await.unwrap();
+        let mut stuck = muster_e2e::ws::open_over(tcp, &host.ws_url(), &host.admin_token(), TokenVia::Bearer)
+            .await
+            .unwrap();
+        let stuck_key = DeviceKey::generate();
+        // In presence, so that its leaving shows at the observer.
+        stuck.handshake(&stuck_key, "client", json!({"mode": "ui"})).await;
+        // About 4 MiB of presence.upserted for it: more than loopback's
+        // socket buffers take, less than the 5 MiB of the 1013 limit.
+        let mut node = admin(&host).await;
+        node.handshake(&DeviceKey::generate(), "node", json!({})).await;
+        let blob = "x".repeat(7_000);
+        for _ in 0..560 {
+            node.call("presence.beacon", json!({"metadata": {"blob": blob}})).await;
+        }
+        // Ten seconds of a blocked write, as of a missing pong, and the
+        // peer is gone; the observer sees it leave.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match observer.next(left).await {
+                Next::Json(f)
+                    if f["type"] == "presence.pruned" && f["payload"]["instance_id"] == stuck_key.device_id() =>
+                {
+                    break;
+                }
+                Next::Json(_) => {}
+                other => panic!("the stuck peer never left: {other:?}"),
+            }
+        }
+        let render = muster_telemetry::metrics().render();
+        assert!(
+            !render.lines().any(|l| l.starts_with("muster_edge_slow_consumers_total") && !l.ends_with(" 0")),
+            "dropped for not reading, not as a slow consumer"
+        );
+        drop(stuck);
+        host.stop().await;
+    }
+}
+
+muster_e2e::on_both_stores! {
     async fn refused_frames_close_1009_or_1007_in_every_phase(store: Option<String>) {
         use futures::SinkExt;
         use tokio_tungstenite::tungstenite::Message;

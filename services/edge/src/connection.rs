@@ -103,10 +103,13 @@ async fn write_queued(
     Ok(then)
 }
 
-async fn send_text(sink: &mut Sink, text: String) -> bool {
-    sink.send(Message::Text(Utf8Bytes::from(text)))
-        .await
-        .is_ok()
+/// Sends one frame; a peer that has not taken it by `deadline` is as
+/// gone as one whose socket failed.
+async fn send_text(sink: &mut Sink, text: String, deadline: Instant) -> bool {
+    matches!(
+        tokio::time::timeout_at(deadline, sink.send(Message::Text(Utf8Bytes::from(text)))).await,
+        Ok(Ok(()))
+    )
 }
 
 fn now_ms() -> i64 {
@@ -340,7 +343,9 @@ async fn handshake(
                     &request.kind,
                     Some(json!({"connection_id": connection_id, "challenge": challenge})),
                 );
-                if !send_text(sink, reply).await {
+                // The deadline bounds the writes too: a peer that sends
+                // inits and never reads would otherwise block here.
+                if !send_text(sink, reply, deadline).await {
                     return Err(close::HANDSHAKE_TIMEOUT);
                 }
                 // A second init replaces the first.
@@ -491,10 +496,19 @@ async fn connected(
                     Outgoing::Text(text) => {
                         // A peer that stops reading blocks the write: it
                         // gives way to the slow-consumer limit and to
-                        // shutdown.
+                        // shutdown, and a write that takes as long as a
+                        // pong may be missing ends the connection as a
+                        // missing pong does (pings cannot go out
+                        // meanwhile, nor a revocation's close).
                         let written = Box::pin(async {
                             tokio::select! {
-                                written = write_queued(sink, text, &mut inbox) => written.map_err(|()| None),
+                                written = tokio::time::timeout(edge.config.pong_timeout, write_queued(sink, text, &mut inbox)) => match written {
+                                    Ok(written) => written.map_err(|()| None),
+                                    Err(_) => {
+                                        tracing::info!(connection_id = %peer.connection_id, "not reading: terminating");
+                                        Err(None)
+                                    }
+                                },
                                 _ = &mut slow_consumer => Err(Some(close::SLOW_CONSUMER)),
                                 _ = &mut shutdown => Err(Some(close::SERVER_SHUTDOWN)),
                             }
@@ -656,7 +670,8 @@ async fn arrive(
     // deadline while the services stop too.
     let arrival = async {
         Box::pin(register(edge, &peer)).await;
-        if !send_text(sink, handshaken.reply.clone()).await {
+        let within = Instant::now() + edge.config.pong_timeout;
+        if !send_text(sink, handshaken.reply.clone(), within).await {
             return false;
         }
         if in_presence {
