@@ -350,3 +350,88 @@ muster_e2e::on_both_stores! {
         host.stop().await;
     }
 }
+
+muster_e2e::on_both_stores! {
+    async fn bad_topic_requests_are_refused_and_change_nothing(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut peer = client(&host).await;
+        let long = "t".repeat(257);
+        for (kind, payload) in [
+            ("muster.topic.subscribe", json!({"topic": long})),
+            ("muster.topic.subscribe", json!({"topic": " "})),
+            ("muster.topic.list", json!({"topic": ""})),
+            ("muster.topic.track", json!({"topic": "room", "principal": "p", "kind": "robot"})),
+            ("muster.topic.track", json!({"topic": "room", "principal": "p", "kind": "human", "session": long})),
+            ("muster.topic.untrack", json!({"topic": long})),
+            ("muster.topic.status", json!({"topic": "room", "session": "", "state": "busy"})),
+        ] {
+            let refused = peer.call(kind, payload).await;
+            assert_eq!(refused["error"]["code"], "invalid_request", "{kind}: {refused}");
+        }
+        // The refused track left the peer unsubscribed: another's join in
+        // the topic does not reach it.
+        let mut other = client(&host).await;
+        other
+            .call("muster.topic.track", json!({"topic": "room", "principal": "q", "kind": "human"}))
+            .await;
+        assert_eq!(diff_within(&mut peer, "join", Duration::from_secs(2)).await, None);
+        // A track another device's session refuses is taken back too.
+        let held = peer
+            .call(
+                "muster.topic.track",
+                json!({"topic": "room", "principal": "p", "kind": "human", "session": other_session(&mut other).await}),
+            )
+            .await;
+        assert_eq!(held["error"]["code"], "forbidden", "{held}");
+        other
+            .call("muster.topic.track", json!({"topic": "room", "session": "second", "principal": "q", "kind": "human"}))
+            .await;
+        assert_eq!(diff_within(&mut peer, "join", Duration::from_secs(2)).await, None);
+        host.stop().await;
+    }
+}
+
+/// The session id `ws` tracked in `room` (its connection id).
+async fn other_session(ws: &mut Ws) -> String {
+    let listed = ws.call("muster.topic.list", json!({"topic": "room"})).await;
+    listed["result"]["sessions"][0]["session"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn a_peer_subscribes_to_a_bounded_number_of_topics() {
+    let host = Host::start(None).await;
+    let mut peer = client(&host).await;
+    for n in 0..1000 {
+        let ok = peer
+            .call("muster.topic.subscribe", json!({"topic": format!("t{n}")}))
+            .await;
+        assert_eq!(ok["ok"], true, "{ok}");
+    }
+    // Subscribing again to one it has is no new subscription.
+    let again = peer
+        .call("muster.topic.subscribe", json!({"topic": "t7"}))
+        .await;
+    assert_eq!(again["ok"], true, "{again}");
+    let full = peer
+        .call("muster.topic.subscribe", json!({"topic": "t1000"}))
+        .await;
+    assert_eq!(full["error"]["code"], "invalid_state", "{full}");
+    let track = peer
+        .call(
+            "muster.topic.track",
+            json!({"topic": "t1000", "principal": "p", "kind": "human"}),
+        )
+        .await;
+    assert_eq!(track["error"]["code"], "invalid_state", "{track}");
+    // One given back makes room.
+    peer.call("muster.topic.unsubscribe", json!({"topic": "t0"}))
+        .await;
+    let ok = peer
+        .call("muster.topic.subscribe", json!({"topic": "t1000"}))
+        .await;
+    assert_eq!(ok["ok"], true, "{ok}");
+    host.stop().await;
+}

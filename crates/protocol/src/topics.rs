@@ -8,6 +8,34 @@ fn parse<T: serde::de::DeserializeOwned>(payload: &Value) -> Result<T, String> {
     serde_json::from_value(payload.clone()).map_err(|e| e.to_string())
 }
 
+/// The longest topic, session, principal or agent id, in bytes.
+pub const MAX_FIELD: usize = 256;
+
+/// A topic, session, principal or agent id: not blank, at most
+/// [`MAX_FIELD`] bytes.
+pub fn check_field(name: &str, value: &str) -> Result<(), String> {
+    if value.trim().is_empty() || value.len() > MAX_FIELD {
+        return Err(format!("{name} must be 1 to {MAX_FIELD} bytes"));
+    }
+    Ok(())
+}
+
+/// A session's kind: `human`, or `agent_for` with the agent's id.
+pub fn check_kind(kind: &str, agent_id: Option<&str>) -> Result<(), String> {
+    match (kind, agent_id) {
+        ("human", None) => Ok(()),
+        ("agent_for", Some(agent)) => check_field("agent_id", agent),
+        ("human", Some(_)) => Err("agent_id is for agent_for only".into()),
+        ("agent_for", None) => Err("agent_for needs an agent_id".into()),
+        (other, _) => Err(format!("kind must be human or agent_for, not {other:?}")),
+    }
+}
+
+fn check_topic(topic: &str, session: Option<&str>) -> Result<(), String> {
+    check_field("topic", topic)?;
+    session.map_or(Ok(()), |session| check_field("session", session))
+}
+
 /// `muster.topic.track`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,25 +83,34 @@ pub struct Topic {
 
 impl Track {
     pub fn parse(payload: &Value) -> Result<Track, String> {
-        parse(payload)
+        let track: Track = parse(payload)?;
+        check_topic(&track.topic, track.session.as_deref())?;
+        check_field("principal", &track.principal)?;
+        check_kind(&track.kind, track.agent_id.as_deref())?;
+        Ok(track)
     }
 }
 
 impl Untrack {
     pub fn parse(payload: &Value) -> Result<Untrack, String> {
-        parse(payload)
+        let untrack: Untrack = parse(payload)?;
+        check_topic(&untrack.topic, untrack.session.as_deref())?;
+        Ok(untrack)
     }
 }
 
 impl Status {
     pub fn parse(payload: &Value) -> Result<Status, String> {
-        parse(payload)
+        let status: Status = parse(payload)?;
+        check_topic(&status.topic, status.session.as_deref())?;
+        Ok(status)
     }
 }
 
 impl Topic {
     pub fn parse(payload: &Value) -> Result<Topic, String> {
         let topic: Topic = parse(payload)?;
+        check_topic(&topic.topic, None)?;
         match topic.scope.as_deref() {
             None | Some("cluster") | Some("edge") => Ok(topic),
             Some(other) => Err(format!("scope must be cluster or edge, not {other:?}")),

@@ -11,6 +11,10 @@ use muster_store::outbox::Target;
 use crate::auth::Claims;
 use crate::outbound::Outbound;
 
+/// Topics one peer may subscribe to at most: what one peer holds in the
+/// edge's memory stays bounded.
+pub(crate) const PEER_TOPICS: usize = 1000;
+
 /// One authenticated, handshaken connection: held once (behind an `Arc`)
 /// by the registry and the connection's task, which matters at tens of
 /// thousands of idle peers.
@@ -144,11 +148,18 @@ impl Peer {
         }
     }
 
-    pub(crate) fn subscribe(&self, topic: &str) {
-        self.topics
-            .lock()
-            .expect("topics lock")
-            .insert(topic.to_owned());
+    /// Adds `topic` to the peer's subscriptions: `Some(true)` when it is
+    /// new, `Some(false)` when it was there, `None` when the peer has
+    /// [`PEER_TOPICS`] already.
+    pub(crate) fn subscribe(&self, topic: &str) -> Option<bool> {
+        let mut topics = self.topics.lock().expect("topics lock");
+        if topics.contains(topic) {
+            return Some(false);
+        }
+        if topics.len() >= PEER_TOPICS {
+            return None;
+        }
+        Some(topics.insert(topic.to_owned()))
     }
 
     pub(crate) fn unsubscribe(&self, topic: &str) {

@@ -46,6 +46,13 @@ async fn list(
         .sessions)
 }
 
+fn too_many_topics() -> tonic::Status {
+    tonic::Status::failed_precondition(format!(
+        "a connection subscribes to at most {} topics; unsubscribe from one first",
+        crate::registry::PEER_TOPICS
+    ))
+}
+
 /// Handles a `muster.topic.*` request.
 pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outcome {
     let tenant_id = peer.claims.tenant_id.clone();
@@ -78,15 +85,22 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                 device_id: peer.device_id.clone(),
                 ..Default::default()
             };
-            peer.subscribe(&track.topic);
+            // Subscribed before the track, so that the peer's own join
+            // reaches it; taken back if the track is refused.
+            let Some(added) = peer.subscribe(&track.topic) else {
+                return Outcome::Failed(too_many_topics());
+            };
             peer.tracked
                 .store(true, std::sync::atomic::Ordering::Relaxed);
-            presence
+            let tracked = presence
                 .track_topic(pb::TrackTopicRequest {
                     session: Some(session),
                 })
-                .await
-                .map(|s| Some(json!({ "session": wire(&s.into_inner()) })))
+                .await;
+            if tracked.is_err() && added {
+                peer.unsubscribe(&track.topic);
+            }
+            tracked.map(|s| Some(json!({ "session": wire(&s.into_inner()) })))
         }
         "muster.topic.untrack" => {
             let untrack = match Untrack::parse(&request.payload) {
@@ -144,10 +158,10 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                 Err(message) => return Outcome::Invalid(message),
             };
             match kind {
-                "muster.topic.subscribe" => {
-                    peer.subscribe(&topic.topic);
-                    Ok(Some(json!({ "topic": topic.topic })))
-                }
+                "muster.topic.subscribe" => match peer.subscribe(&topic.topic) {
+                    Some(_) => Ok(Some(json!({ "topic": topic.topic }))),
+                    None => Err(too_many_topics()),
+                },
                 "muster.topic.unsubscribe" => {
                     peer.unsubscribe(&topic.topic);
                     Ok(Some(json!({ "topic": topic.topic })))

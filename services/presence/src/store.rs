@@ -307,11 +307,7 @@ pub trait TopicStore: Send + Sync + 'static {
     /// and is the same device's (or no device's), moves it to the new
     /// connection without an event. Returns what is stored; `None` when
     /// another device holds the session.
-    async fn track(
-        &self,
-        session: &TopicSession,
-        join: &NewItem,
-    ) -> Result<Option<TopicSession>, StoreError>;
+    async fn track(&self, session: &TopicSession, join: &NewItem) -> Result<Tracked, StoreError>;
     /// Removes `device_id`'s session (or one of no device) with `leave`.
     async fn untrack(
         &self,
@@ -375,6 +371,33 @@ pub trait TopicStore: Send + Sync + 'static {
         &self,
         edge_id: &str,
     ) -> Result<Vec<(String, String)>, StoreError>;
+}
+
+/// What a track came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tracked {
+    /// The session as tracked.
+    Session(Box<TopicSession>),
+    /// Another device holds the (topic, session).
+    Held,
+    /// The connection holds [`CONNECTION_SESSIONS`] sessions already.
+    Full,
+}
+
+/// Sessions one connection may hold at most: what one peer can put in
+/// presence (and in a topic's listing) stays bounded.
+pub const CONNECTION_SESSIONS: i64 = 1000;
+
+/// Whether `connection_id` has room for one more session.
+async fn has_room(tx: &mut Tx, tenant_id: &str, connection_id: &str) -> Result<bool, StoreError> {
+    let held: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM topic_sessions WHERE tenant_id = $1 AND connection_id = $2",
+    )
+    .bind(tenant_id)
+    .bind(connection_id)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(held < CONNECTION_SESSIONS)
 }
 
 const TOPIC_COLUMNS: &str = "tenant_id, topic, session_id, principal, kind, agent_id, since_ms, state, note, \
@@ -521,11 +544,7 @@ async fn keep(tx: &mut Tx, session: &TopicSession, now_ms: i64) -> Result<(), St
 
 #[tonic::async_trait]
 impl TopicStore for Store {
-    async fn track(
-        &self,
-        s: &TopicSession,
-        join: &NewItem,
-    ) -> Result<Option<TopicSession>, StoreError> {
+    async fn track(&self, s: &TopicSession, join: &NewItem) -> Result<Tracked, StoreError> {
         // On Postgres another track (or a revival) may insert the session
         // between this one's look and its insert: then it looks again.
         for _ in 0..2 {
@@ -534,9 +553,16 @@ impl TopicStore for Store {
             // them in: otherwise each could wait for the other.
             drop_kept(&mut tx, &s.tenant_id, &s.topic, &s.session_id, None).await?;
             let mut tracked = None;
-            if let Some(existing) =
-                select_session(&mut tx, &s.tenant_id, &s.topic, &s.session_id).await?
-            {
+            let existing = select_session(&mut tx, &s.tenant_id, &s.topic, &s.session_id).await?;
+            // A connection's requests come one at a time: its count cannot
+            // race itself.
+            let joins_connection = existing
+                .as_ref()
+                .is_none_or(|existing| existing.connection_id != s.connection_id);
+            if joins_connection && !has_room(&mut tx, &s.tenant_id, &s.connection_id).await? {
+                return Ok(Tracked::Full);
+            }
+            if let Some(existing) = existing {
                 let moved = sqlx::query(&format!(
                     "UPDATE topic_sessions SET edge_id = $1, connection_id = $2, device_id = $3 \
                      WHERE tenant_id = $4 AND topic = $5 AND session_id = $6 AND {}",
@@ -561,7 +587,7 @@ impl TopicStore for Store {
                     .await?
                     .is_some()
                 {
-                    return Ok(None);
+                    return Ok(Tracked::Held);
                 }
                 // Otherwise gone since the look (another writer untracked
                 // it): it is tracked anew.
@@ -579,7 +605,7 @@ impl TopicStore for Store {
             // Again: a sweep may have kept it aside since.
             drop_kept(&mut tx, &s.tenant_id, &s.topic, &s.session_id, None).await?;
             self.commit(tx).await?;
-            return Ok(Some(tracked));
+            return Ok(Tracked::Session(Box::new(tracked)));
         }
         Err(StoreError::Unavailable(
             "the session was tracked by another writer at the same time; try again".into(),

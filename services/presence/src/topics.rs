@@ -5,16 +5,15 @@
 use std::sync::Arc;
 
 use muster_mesh::{ErrorCode, ServiceError};
-use muster_protocol::format_datetime;
+use muster_protocol::{format_datetime, topics};
 use muster_store::outbox::NewItem;
 use muster_store::{StoreError, now_ms};
 use serde_json::{Value, json};
 
-use crate::store::TopicStore;
+use crate::store::{TopicStore, Tracked};
 
 /// Notes are cut to this many characters (a soft limit).
 pub const NOTE_CHARS: usize = 140;
-const MAX_FIELD: usize = 256;
 
 /// The event type of every topic change.
 pub const DIFF_EVENT: &str = "muster.topic.diff";
@@ -95,6 +94,11 @@ pub enum TopicError {
     NotFound { topic: String, session: String },
     #[error("session {session} in topic {topic} is another device's")]
     Held { topic: String, session: String },
+    #[error(
+        "a connection holds at most {} topic sessions; untrack one first",
+        crate::store::CONNECTION_SESSIONS
+    )]
+    Full,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -105,18 +109,14 @@ impl ServiceError for TopicError {
             TopicError::Invalid(_) => ErrorCode::InvalidArgument,
             TopicError::NotFound { .. } => ErrorCode::NotFound,
             TopicError::Held { .. } => ErrorCode::Forbidden,
+            TopicError::Full => ErrorCode::InvalidState,
             TopicError::Store(e) => e.code(),
         }
     }
 }
 
 fn field(name: &str, value: &str) -> Result<(), TopicError> {
-    if value.trim().is_empty() || value.len() > MAX_FIELD {
-        return Err(TopicError::Invalid(format!(
-            "{name} must be 1 to {MAX_FIELD} bytes"
-        )));
-    }
-    Ok(())
+    topics::check_field(name, value).map_err(TopicError::Invalid)
 }
 
 /// How long the sessions of an edge taken for gone are kept for it to
@@ -151,32 +151,24 @@ impl Topics {
         ] {
             field(name, value)?;
         }
-        match (session.kind.as_str(), &session.agent_id) {
-            ("human", None) => {}
-            ("agent_for", Some(agent)) => field("agent_id", agent)?,
-            ("human", Some(_)) => {
-                return Err(TopicError::Invalid("agent_id is for agent_for only".into()));
-            }
-            ("agent_for", None) => {
-                return Err(TopicError::Invalid("agent_for needs an agent_id".into()));
-            }
-            (other, _) => {
-                return Err(TopicError::Invalid(format!(
-                    "kind must be human or agent_for, not {other:?}"
-                )));
-            }
-        }
+        topics::check_kind(&session.kind, session.agent_id.as_deref())
+            .map_err(TopicError::Invalid)?;
         let session = TopicSession {
             since_ms: now_ms(),
             ..session.available()
         };
-        self.store
+        match self
+            .store
             .track(&session, &diff_event(&session, "join"))
             .await?
-            .ok_or_else(|| TopicError::Held {
-                topic: session.topic.clone(),
-                session: session.session_id.clone(),
-            })
+        {
+            Tracked::Session(tracked) => Ok(*tracked),
+            Tracked::Held => Err(TopicError::Held {
+                topic: session.topic,
+                session: session.session_id,
+            }),
+            Tracked::Full => Err(TopicError::Full),
+        }
     }
 
     /// Takes `device_id`'s session out of a topic (`leave`); whether it

@@ -319,3 +319,23 @@ muster_store::backend_suite! {
         assert_eq!(kept(&store).await, 0);
     }
 }
+
+muster_store::backend_suite! {
+    async fn a_connection_holds_a_bounded_number_of_sessions(store: Store) {
+        let topics = Topics::new(Arc::new(store.clone()));
+        let limit = muster_presence::store::CONNECTION_SESSIONS as usize;
+        for n in 0..limit {
+            topics.track(session("room", &format!("s{n}"), "c1")).await.unwrap();
+        }
+        topics.track(session("room", "elsewhere", "c2")).await.unwrap();
+        let joins = diffs(&store).await.len();
+        assert!(matches!(topics.track(session("room", "one-more", "c1")).await, Err(TopicError::Full)));
+        // Nor may a session move onto the full connection.
+        assert!(matches!(topics.track(session("room", "elsewhere", "c1")).await, Err(TopicError::Full)));
+        assert_eq!(diffs(&store).await.len(), joins, "a refused track changes nothing");
+        // Tracking one it holds again is no new session.
+        topics.track(session("room", "s7", "c1")).await.unwrap();
+        topics.untrack("t1", "room", "s0", "dev-1").await.unwrap();
+        topics.track(session("room", "one-more", "c1")).await.unwrap();
+    }
+}
