@@ -268,18 +268,63 @@ muster_e2e::on_both_stores! {
             .await
             .unwrap()
             .into_inner();
+        // With progress kept, the stream starts with a mark of where it
+        // starts and of the head then (what came up to it predates it).
+        let start = next_item(&mut stream).await;
+        assert!(start.mark && !start.gap, "{start:?}");
+        assert_eq!(start.position, position);
+        assert!(start.head >= position, "{start:?}");
+        assert!(start.event_id.is_empty() && start.payload_json.is_empty());
         assert!(until_item(&mut stream, &after_ack).await > position);
+        // An item held back from this subscriber (directed at a device no
+        // connection of it holds) is marked, so that its progress passes
+        // it; the item itself does not come.
+        let mut directed = NewItem::event("t-sub", "muster.test.tick", json!({}));
+        directed.target = Some(muster_store::outbox::Target::Device("dev_elsewhere".into()));
+        let mut tx = store.begin().await.unwrap();
+        outbox::append(&mut tx, &directed).await.unwrap();
+        store.commit(tx).await.unwrap();
+        let held_back = next_item(&mut stream).await;
+        assert!(held_back.mark && held_back.event_id.is_empty(), "{held_back:?}");
+        assert!(held_back.position > position, "{held_back:?}");
+        let later = append(&store, "t-sub").await;
+        assert!(until_item(&mut stream, &later).await > held_back.position);
         // Stopping ends the subscription (which would otherwise hold the
         // shutdown for its whole grace period), telling the edge why.
         host.stop().await;
         let ended = loop {
             match stream.message().await {
-                Ok(Some(item)) => assert!(!item.gap),
+                Ok(Some(item)) => assert!(!item.gap && item.event_id != directed.event_id),
                 Ok(None) => panic!("the stream ended without saying why"),
                 Err(status) => break status,
             }
         };
         assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
         assert_eq!(ended.message(), "the backplane is stopping");
+    }
+}
+
+muster_e2e::on_both_stores! {
+    // Which items are news to an edge's peers is decided by position, not
+    // by the producers' clocks: an event whose producer's clock lags the
+    // edge's (or that was appended before the edge started and committed
+    // after a peer connected) still reaches the peers connected when it
+    // commits.
+    async fn an_event_stamped_before_the_edge_started_reaches_peers_connected_when_it_commits(store: Option<String>) {
+        let host = Host::start(store).await;
+        let store = host.store().await;
+        let mut operator = peer(&host, &host.admin_token(), "client", "ui").await;
+        let item = NewItem::event(&host.config.default_tenant, "muster.test.tick", json!({"clock": "behind"}));
+        let mut tx = store.begin().await.unwrap();
+        outbox::append(&mut tx, &item).await.unwrap();
+        sqlx::query("UPDATE outbox SET occurred_at_ms = occurred_at_ms - 3600000 WHERE event_id = $1")
+            .bind(&item.event_id)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        store.commit(tx).await.unwrap();
+        let event = operator.event("muster.test.tick").await;
+        assert_eq!(event["event_id"], item.event_id.as_str(), "{event}");
+        host.stop().await;
     }
 }

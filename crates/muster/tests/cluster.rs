@@ -411,9 +411,10 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
 
     // A restarted backplane: the edge resubscribes where it stopped, so
     // what was committed while the backplane was down arrives too.
-    // A node that connects meanwhile could not be recorded in the
-    // directory; the edge records it once the backplane is back, and an
-    // item directed at it finds it.
+    // A node that connects meanwhile cannot be recorded in the directory:
+    // it is turned away (1013 `try again later`) rather than answered and
+    // then missing what is directed at it. Once the backplane is back it
+    // connects, and an item directed at it finds it.
     cluster.ctl(&["kill", "backplane"]);
     let mut while_down = Vec::new();
     for n in 0..5 {
@@ -421,15 +422,41 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
         append_retrying(&store, &item).await;
         while_down.push(item.event_id);
     }
-    let (mut unrecorded, unrecorded_device) = peer(&edges[1], "node", "node").await;
+    let mut turned_away = open(&edges[1], TOKEN, TokenVia::Bearer, None)
+        .await
+        .unwrap();
+    let refused = turned_away
+        .try_handshake(&DeviceKey::generate(), "node", json!({"mode": "node"}))
+        .await
+        .unwrap_err();
+    assert!(refused.contains("try again later"), "{refused}");
     cluster.ctl(&["start", "backplane"]);
+    // Turned away until the edge reaches the backplane again.
+    let (mut unrecorded, unrecorded_device) =
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                let key = DeviceKey::generate();
+                let mut ws = open(&edges[1], TOKEN, TokenVia::Bearer, None)
+                    .await
+                    .unwrap();
+                if ws
+                    .try_handshake(&key, "node", json!({"mode": "node"}))
+                    .await
+                    .is_ok()
+                {
+                    return (ws, key.device_id());
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+        .await
+        .expect("a node connects once the backplane is back");
     let after_restart = NewItem::event(TENANT, TICK, json!({"after": "backplane restart"}));
     append_retrying(&store, &after_restart).await;
     while_down.push(after_restart.event_id);
     assert_all_arrive(&mut client, &while_down, Duration::from_secs(15)).await;
     // Directed items go only where the directory says their device is:
-    // one per second until one arrives (the edge records the node at its
-    // next heartbeat, every 5 s).
+    // one per second until one arrives.
     let mut sent = HashSet::new();
     let found = tokio::time::timeout(Duration::from_secs(20), async {
         loop {

@@ -80,7 +80,11 @@ pub trait DirectoryStore: Send + Sync + 'static {
     /// Removes rows whose edge stopped heartbeating.
     async fn expire(&self) -> Result<u64, StoreError>;
     /// For each directed item's tenant and target, whether `edge_id` holds
-    /// the target: looked up together (a statement per up to 64 devices
+    /// the target. A row past its expiry still counts until it is removed:
+    /// the edge learns of a removed row at its next heartbeat and closes
+    /// that peer, so every peer an item was held back from is told so; an
+    /// expired row its edge heartbeats again in time was never missing.
+    /// Looked up together (a statement per up to 64 devices
     /// or connections), so that a burst of commands to many devices costs a
     /// few queries per batch, not one per item.
     async fn holding(
@@ -242,17 +246,16 @@ impl DirectoryStore for Store {
         device_keys.dedup();
         connection_ids.sort_unstable();
         connection_ids.dedup();
-        let now = now_ms();
         let pair = |row: &sqlx::any::AnyRow| {
             Ok((row.try_get::<String, _>(0)?, row.try_get::<String, _>(1)?))
         };
         let mut devices = HashSet::new();
         for chunk in muster_store::in_statements(&device_keys, 2) {
-            // The edge and expiry are checked on what comes back: in the
-            // statement, SQLite may pick the index on edge_id and read
-            // every row of the edge.
+            // The edge is checked on what comes back: in the statement,
+            // SQLite may pick the index on edge_id and read every row of
+            // the edge.
             let sql = format!(
-                "SELECT tenant_id, device_id, edge_id, expires_at_ms FROM connections WHERE {}",
+                "SELECT tenant_id, device_id, edge_id FROM connections WHERE {}",
                 muster_store::pairs_in(["tenant_id", "device_id"], chunk.len()),
             );
             let query = chunk.iter().fold(sqlx::query(&sql), |q, (tenant_id, id)| {
@@ -260,8 +263,7 @@ impl DirectoryStore for Store {
             });
             let rows = self
                 .fetch_all(query, |row| {
-                    let held =
-                        row.try_get::<String, _>(2)? == edge_id && row.try_get::<i64, _>(3)? >= now;
+                    let held = row.try_get::<String, _>(2)? == edge_id;
                     held.then(|| pair(row)).transpose()
                 })
                 .await?;
@@ -273,13 +275,12 @@ impl DirectoryStore for Store {
             let n = chunk.len();
             let sql = format!(
                 "SELECT tenant_id, connection_id FROM connections \
-                 WHERE connection_id IN ({}) AND edge_id = ${} AND expires_at_ms >= ${}",
+                 WHERE connection_id IN ({}) AND edge_id = ${}",
                 muster_store::placeholders(1, n),
                 n + 1,
-                n + 2
             );
             let query = chunk.iter().fold(sqlx::query(&sql), |q, id| q.bind(*id));
-            connections.extend(self.fetch_all(query.bind(edge_id).bind(now), pair).await?);
+            connections.extend(self.fetch_all(query.bind(edge_id), pair).await?);
         }
         Ok(targets
             .iter()

@@ -630,6 +630,16 @@ pub fn spec(
     }
 }
 
+/// A stream's word of where it stands (see `OutboxItem.mark`).
+fn mark(position: i64, head: i64) -> pb::OutboxItem {
+    pb::OutboxItem {
+        position,
+        mark: true,
+        head,
+        ..Default::default()
+    }
+}
+
 fn to_pb(followed: Followed) -> pb::OutboxItem {
     let item = match followed {
         Followed::Item(item) => item,
@@ -660,7 +670,7 @@ fn to_pb(followed: Followed) -> pb::OutboxItem {
             scopes: item.audience_scopes,
         }),
         occurred_at_ms: item.occurred_at_ms,
-        gap: false,
+        ..Default::default()
     }
 }
 
@@ -713,6 +723,9 @@ impl Backplane for BackplaneService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = request.into_inner();
         let (items, mut rx) = mpsc::channel(256);
+        // Where the stream starts, told to the subscriber first unless a
+        // gap says it.
+        let mut start_mark = true;
         let after = if r.resume {
             if r.consumer_id.trim().is_empty() {
                 return Err(Status::invalid_argument("resume needs a consumer_id"));
@@ -730,13 +743,24 @@ impl Backplane for BackplaneService {
                 None => {
                     let head = self.outbox.head().await.map_err(|e| to_status(&e))?;
                     let _ = items.send(Ok(Followed::Gap { through: head })).await;
+                    start_mark = false;
                     Some(head)
                 }
             }
         } else {
             (!r.from_head).then_some(r.after_position)
         };
+        let start_mark = match after {
+            Some(position) if start_mark => {
+                let head = self.outbox.head().await.map_err(|e| to_status(&e))?;
+                Some(mark(position, head))
+            }
+            _ => None,
+        };
         let (out, stream) = mpsc::channel(256);
+        if let Some(mark) = start_mark {
+            let _ = out.send(Ok(mark)).await;
+        }
         let outbox = self.outbox.clone();
         tokio::spawn(async move { outbox.follow(after, items).await });
         let directory = self.directory.store().clone();
@@ -758,6 +782,13 @@ impl Backplane for BackplaneService {
                         return;
                     }
                     let keep = addressed_to(&*directory, &consumer, &batch).await;
+                    // Items held back at the end of a batch are marked,
+                    // so that the subscriber's progress passes them: an
+                    // edge that only sees others' items still moves on.
+                    let held_back = match (batch.last(), keep.last()) {
+                        (Some(Ok(Followed::Item(last))), Some(false)) => Some(last.position),
+                        _ => None,
+                    };
                     for (item, keep) in batch.drain(..).zip(keep) {
                         if !keep {
                             continue;
@@ -766,6 +797,11 @@ impl Backplane for BackplaneService {
                         if out.send(item).await.is_err() {
                             return;
                         }
+                    }
+                    if let Some(position) = held_back
+                        && out.send(Ok(mark(position, 0))).await.is_err()
+                    {
+                        return;
                     }
                 }
             };

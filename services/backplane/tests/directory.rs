@@ -93,13 +93,15 @@ muster_store::backend_suite! {
         assert!(store.unregister("edge-2", "c2").await.unwrap());
 
         // Rows of an edge that stops heartbeating expire; a heartbeat
-        // before that keeps them.
+        // before they are removed keeps them, and until then they route
+        // (the edge of a removed row learns of it from its heartbeat).
         sqlx::query("UPDATE connections SET expires_at_ms = 0").execute(store.pool()).await.unwrap();
-        assert!(!holds(&store, "edge-2", "t1", &device_a).await.unwrap(), "an expired row routes nothing");
+        assert!(holds(&store, "edge-2", "t1", &device_a).await.unwrap(), "an expired row routes until removed");
         assert_eq!(store.heartbeat("edge-2").await.unwrap(), vec!["c1".to_string()]);
         assert_eq!(store.expire().await.unwrap(), 0);
         sqlx::query("UPDATE connections SET expires_at_ms = 0").execute(store.pool()).await.unwrap();
         assert_eq!(store.expire().await.unwrap(), 1);
+        assert!(!holds(&store, "edge-2", "t1", &device_a).await.unwrap(), "a removed row routes nothing");
         assert!(store.heartbeat("edge-2").await.unwrap().is_empty());
 
         store.register(&registration("c3", "dev_c", "edge-3")).await.unwrap();
@@ -148,8 +150,10 @@ muster_store::backend_suite! {
         for (n, (tenant, target)) in asked.iter().enumerate() {
             assert_eq!(holds(&store, "edge-1", tenant, target).await.unwrap(), held[n], "{target:?}");
         }
-        // An expired record holds nothing.
+        // A removed record holds nothing.
         sqlx::query("UPDATE connections SET expires_at_ms = 0").execute(store.pool()).await.unwrap();
+        assert!(store.holding("edge-1", &asked[..100]).await.unwrap().iter().all(|h| *h));
+        store.expire().await.unwrap();
         assert!(store.holding("edge-1", &asked[..100]).await.unwrap().iter().all(|h| !*h));
     }
 

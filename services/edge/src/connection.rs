@@ -638,7 +638,6 @@ async fn arrive(
         topics: Default::default(),
         tracked: Default::default(),
         registered: Default::default(),
-        unrecorded: Default::default(),
         expired: Default::default(),
     });
     edge.registry.insert(peer.clone());
@@ -669,10 +668,14 @@ async fn arrive(
     // Shutdown does not wait for these: each may take a batched call's
     // deadline while the services stop too.
     let arrival = async {
-        Box::pin(register(edge, &peer)).await;
+        // A peer that is answered can be reached: one the directory could
+        // not record would miss every item directed at it, unaware.
+        if !Box::pin(register(edge, &peer)).await {
+            return Err(close::TRY_AGAIN_LATER);
+        }
         let within = Instant::now() + edge.config.pong_timeout;
         if !send_text(sink, handshaken.reply.clone(), within).await {
-            return false;
+            return Ok(false);
         }
         if in_presence {
             // A refusal is not final: the edge's refresh announces every
@@ -681,7 +684,7 @@ async fn arrive(
                 tracing::warn!(code = ?status.code(), "presence upsert on connect failed; the next refresh tries again");
             }
         }
-        true
+        Ok(true)
     };
     let arrived = tokio::select! {
         biased;
@@ -689,15 +692,19 @@ async fn arrive(
         arrived = arrival => Some(arrived),
     };
     match arrived {
-        Some(true) => Ok(Some(Arrived {
+        Some(Ok(true)) => Ok(Some(Arrived {
             peer,
             outbound,
             inbox,
             _registered: registered,
         })),
-        Some(false) => {
+        Some(Ok(false)) => {
             Box::pin(leave(edge, &peer)).await;
             Ok(None)
+        }
+        Some(Err(close)) => {
+            Box::pin(leave(edge, &peer)).await;
+            Err(close)
         }
         None => {
             Box::pin(leave(edge, &peer)).await;
@@ -706,8 +713,9 @@ async fn arrive(
     }
 }
 
-/// Records the connection in the directory, for directed delivery.
-pub(crate) async fn register(edge: &Edge, peer: &Peer) {
+/// Records the connection in the directory, for directed delivery;
+/// whether it was recorded.
+async fn register(edge: &Edge, peer: &Peer) -> bool {
     let registration = pb::RegisterConnection {
         connection_id: peer.connection_id.clone(),
         tenant_id: peer.claims.tenant_id.clone(),
@@ -721,15 +729,15 @@ pub(crate) async fn register(edge: &Edge, peer: &Peer) {
     {
         Ok(_) => {
             peer.registered.store(true, Ordering::Relaxed);
-            peer.unrecorded.store(false, Ordering::Relaxed);
+            true
         }
         Err(status) => {
-            peer.unrecorded.store(true, Ordering::Relaxed);
             tracing::warn!(
                 code = ?status.code(),
                 connection_id = %peer.connection_id,
-                "connection not recorded in the directory: directed items will not find it until the next heartbeat records it"
-            )
+                "connection not recorded in the directory: the peer is turned away"
+            );
+            false
         }
     }
 }

@@ -62,15 +62,32 @@ struct Prepared<'a> {
 /// the frames of a burst in one queueing (and its connection writes them
 /// in one flush) instead of one wake-up per item.
 ///
-///
 /// `at_start`: the batch begins the stream of an edge that accepted no
 /// peer before the stream was answered; a gap before its first item then
 /// concerns no peer (each was verified after the stream's start was read).
-fn dispatch(edge: &Edge, items: &[pb::OutboxItem], at_start: bool) {
+/// `before`: the position the stream stood at before the batch.
+fn dispatch(
+    edge: &Edge,
+    items: &[pb::OutboxItem],
+    at_start: bool,
+    before: Option<i64>,
+    fresh: &mut Fresh,
+) {
     let mut pending = Vec::new();
+    let mut previous = before;
     for (n, item) in items.iter().enumerate() {
+        let rewound = previous.is_some_and(|previous| item.position < previous);
+        previous = Some(item.position);
+        if item.mark {
+            fresh.started(item.head);
+            continue;
+        }
         if item.gap {
             deliver(edge, &mut pending);
+            fresh.started(item.position);
+            if rewound {
+                fresh.rewound(item.position);
+            }
             missed(edge, item.position, !(at_start && n == 0));
             continue;
         }
@@ -83,7 +100,7 @@ fn dispatch(edge: &Edge, items: &[pb::OutboxItem], at_start: bool) {
         // Items from before this edge started cannot be for its peers
         // (they connected later); a peer that wants them asks to resume.
         // The type is checked here, once, not for every peer.
-        if item.occurred_at_ms >= edge.started_at_ms && delivered(&item.r#type) {
+        if fresh.admits(edge, item) && delivered(&item.r#type) {
             pending.push(Prepared {
                 item,
                 target: target(item),
@@ -93,6 +110,39 @@ fn dispatch(edge: &Edge, items: &[pb::OutboxItem], at_start: bool) {
         }
     }
     deliver(edge, &mut pending);
+}
+
+/// Which items are news to this edge's peers: those after the head as it
+/// stood when the edge's first stream was answered. Everything up to it
+/// committed before any peer was accepted (peers are accepted once that
+/// stream is answered), and positions are given in commit order, so no
+/// clock decides it.
+#[derive(Debug, Default)]
+struct Fresh {
+    after: Option<i64>,
+}
+
+impl Fresh {
+    /// The first stream's first word: a mark with the head, or a gap at
+    /// the head.
+    fn started(&mut self, head: i64) {
+        self.after.get_or_insert(head);
+    }
+
+    /// The outbox went back (a restored store): positions from `head` on
+    /// are given again, to items that are new.
+    fn rewound(&mut self, head: i64) {
+        self.after = self.after.map(|after| after.min(head));
+    }
+
+    fn admits(&self, edge: &Edge, item: &pb::OutboxItem) -> bool {
+        match self.after {
+            Some(after) => item.position > after,
+            // Not told yet where the stream started: the producers' clocks
+            // are all there is.
+            None => item.occurred_at_ms >= edge.started_at_ms,
+        }
+    }
 }
 
 /// Items up to `through` were compacted before this edge read them (it
@@ -298,7 +348,8 @@ const ACK_EVERY: Duration = Duration::from_secs(1);
 /// acknowledgement that waits on a slow store must not stop deliveries.
 pub(crate) async fn run(edge: Arc<Edge>) {
     let mut after: Option<i64> = None;
-    let mut acked: Option<i64> = None;
+    let mut fresh = Fresh::default();
+    let mut acked: Option<(i64, tokio::time::Instant)> = None;
     let mut acking: Option<Acking<'_>> = None;
     let mut ack_tick = tokio::time::interval(ACK_EVERY);
     ack_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -344,8 +395,9 @@ pub(crate) async fn run(edge: Arc<Edge>) {
                                         None => break,
                                     }
                                 }
+                                let before = after;
                                 after = batch.last().map(|item| item.position);
-                                dispatch(&edge, &batch, at_start);
+                                dispatch(&edge, &batch, at_start, before, &mut fresh);
                                 at_start = false;
                                 match broke {
                                     Some(Some(Err(status))) => {
@@ -364,8 +416,8 @@ pub(crate) async fn run(edge: Arc<Edge>) {
                         },
                         done = async { acking.as_mut().expect("an acknowledgement in flight").await }, if acking.is_some() => {
                             acking = None;
-                            if done.is_some() {
-                                acked = done;
+                            if let Some(position) = done {
+                                acked = Some((position, tokio::time::Instant::now()));
                             }
                         }
                         _ = ack_tick.tick(), if acking.is_none() => acking = ack(&edge, after, acked),
@@ -391,7 +443,7 @@ pub(crate) async fn run(edge: Arc<Edge>) {
 /// At shutdown: the last position seen, whether or not an earlier
 /// acknowledgement is still on its way (the backplane keeps the larger);
 /// as the directory's farewell, given 2 s.
-async fn last_ack(edge: &Edge, after: Option<i64>, acked: Option<i64>) {
+async fn last_ack(edge: &Edge, after: Option<i64>, acked: Option<(i64, tokio::time::Instant)>) {
     if let Some(last) = ack(edge, after, acked) {
         let _ = tokio::time::timeout(Duration::from_secs(2), last).await;
     }
@@ -401,13 +453,25 @@ async fn last_ack(edge: &Edge, after: Option<i64>, acked: Option<i64>) {
 /// backplane has it.
 type Acking<'a> = std::pin::Pin<Box<dyn Future<Output = Option<i64>> + Send + 'a>>;
 
-/// Acknowledges `seen` unless it is what was acknowledged last. It runs
-/// beside the stream, so a hung backplane delays the next acknowledgement,
-/// never a delivery. No deadline: the backplane would go on writing a
-/// timed-out acknowledgement, and with one sent after each deadline the
-/// writes of a stalled store would pile up on its pool.
-fn ack(edge: &Edge, seen: Option<i64>, acked: Option<i64>) -> Option<Acking<'_>> {
-    let position = seen.filter(|&seen| acked != Some(seen))?;
+/// How often an edge acknowledges a position it acknowledged already: the
+/// backplane drops the progress of a consumer silent for ten minutes, and
+/// a quiet edge's is not to be taken for gone.
+const ACK_REFRESH: Duration = Duration::from_secs(60);
+
+/// Acknowledges `seen` unless it is what was acknowledged last, less than
+/// [`ACK_REFRESH`] ago. It runs beside the stream, so a hung backplane
+/// delays the next acknowledgement, never a delivery. No deadline: the
+/// backplane would go on writing a timed-out acknowledgement, and with one
+/// sent after each deadline the writes of a stalled store would pile up on
+/// its pool.
+fn ack(
+    edge: &Edge,
+    seen: Option<i64>,
+    acked: Option<(i64, tokio::time::Instant)>,
+) -> Option<Acking<'_>> {
+    let position = seen.filter(|&seen| {
+        acked.is_none_or(|(acked, at)| acked != seen || at.elapsed() >= ACK_REFRESH)
+    })?;
     let request = pb::AckRequest {
         consumer_id: edge.edge_id.clone(),
         position,
@@ -427,12 +491,11 @@ fn ack(edge: &Edge, seen: Option<i64>, acked: Option<i64>) -> Option<Acking<'_>>
 /// How often the edge heartbeats its connection records.
 const DIRECTORY_HEARTBEAT: Duration = Duration::from_secs(5);
 
-/// Keeps this edge's connection records alive in the directory, and
-/// records the connections whose recording failed at arrival. A peer
+/// Keeps this edge's connection records alive in the directory. A peer
 /// whose record is gone (the edge could not heartbeat within the
-/// directory's TTL, and the record expired) is marked: its next frame
-/// closes it with 4004 `conversation expired`. At shutdown the edge's
-/// records are dropped at once.
+/// directory's TTL, and the record was removed) is closed with 4004
+/// `conversation expired`, as is one whose frame arrives meanwhile. At
+/// shutdown the edge's records are dropped at once.
 pub(crate) async fn keep_directory(edge: Arc<Edge>) {
     let mut tick = tokio::time::interval(DIRECTORY_HEARTBEAT);
     // A heartbeat that waited on a slow store is not followed by the
@@ -474,28 +537,16 @@ pub(crate) async fn keep_directory(edge: Arc<Edge>) {
                     .expired
                     .swap(true, std::sync::atomic::Ordering::Relaxed)
             {
-                tracing::info!(connection_id = %peer.connection_id, "connection record dropped: the next frame closes it");
+                // Items directed at it may have been held back from this
+                // edge since the record went: the peer is told at once,
+                // not at its next frame, which a node waiting for commands
+                // may never send.
+                tracing::info!(connection_id = %peer.connection_id, "connection record dropped: closing the peer");
+                peer.outbound.close(close::CONVERSATION_EXPIRED);
             }
         }
         remove_orphans(&edge, held).await;
-        record_unrecorded(&edge).await;
     }
-}
-
-/// Records the connections whose recording failed when they arrived (the
-/// backplane was unreachable then): until it succeeds, no item directed at
-/// them finds this edge. One that leaves meanwhile and is recorded after
-/// its departure is an orphan, which the next heartbeat removes.
-async fn record_unrecorded(edge: &Edge) {
-    let unrecorded = edge
-        .registry
-        .all()
-        .into_iter()
-        .filter(|p| p.unrecorded.load(std::sync::atomic::Ordering::Relaxed));
-    let record = |peer: Arc<crate::registry::Peer>| async move {
-        crate::connection::register(edge, &peer).await;
-    };
-    upkeep(unrecorded, record).await;
 }
 
 /// At shutdown the edge's records go at once, rather than at their expiry.

@@ -52,9 +52,6 @@ pub(crate) struct Peer {
     pub(crate) tracked: std::sync::atomic::AtomicBool,
     /// Whether the connection directory has recorded this connection.
     pub(crate) registered: std::sync::atomic::AtomicBool,
-    /// Whether recording it failed (the backplane was unreachable): the
-    /// edge's directory heartbeat tries again.
-    pub(crate) unrecorded: std::sync::atomic::AtomicBool,
     /// Whether the directory dropped the record (the edge could not
     /// heartbeat in time): the peer's next frame closes it with 4004.
     pub(crate) expired: std::sync::atomic::AtomicBool,
