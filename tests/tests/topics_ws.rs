@@ -364,6 +364,8 @@ muster_e2e::on_both_stores! {
             ("muster.topic.track", json!({"topic": "room", "principal": "p", "kind": "human", "session": long})),
             ("muster.topic.untrack", json!({"topic": long})),
             ("muster.topic.status", json!({"topic": "room", "session": "", "state": "busy"})),
+            ("muster.topic.status", json!({"topic": "room", "state": "busy", "until": "1970-01-01T00:00:00Z"})),
+            ("muster.topic.track", json!({"topic": "ro\0om", "principal": "p", "kind": "human"})),
         ] {
             let refused = peer.call(kind, payload).await;
             assert_eq!(refused["error"]["code"], "invalid_request", "{kind}: {refused}");

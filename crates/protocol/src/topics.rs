@@ -17,6 +17,9 @@ pub fn check_field(name: &str, value: &str) -> Result<(), String> {
     if value.trim().is_empty() || value.len() > MAX_FIELD {
         return Err(format!("{name} must be 1 to {MAX_FIELD} bytes"));
     }
+    if value.contains('\0') {
+        return Err(format!("{name} contains a NUL character"));
+    }
     Ok(())
 }
 

@@ -91,7 +91,9 @@ const SECRET_KEYS: &[&str] = &[
     "authorization",
 ];
 
-fn find_secret_key(value: &Value) -> Option<String> {
+/// The first key in `value`, at any depth, that names a secret: such a
+/// payload is never appended.
+pub fn find_secret_key(value: &Value) -> Option<String> {
     match value {
         Value::Object(map) => map.iter().find_map(|(key, v)| {
             let lower = key.to_ascii_lowercase();

@@ -124,9 +124,12 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                 Ok(status) => status,
                 Err(message) => return Outcome::Invalid(message),
             };
+            // 0 on the wire is "no until": a time at or before the epoch
+            // is refused here rather than taken for none.
             let until_ms = match status.until.as_deref().map(parse_datetime) {
                 None => 0,
-                Some(Some(ms)) => ms,
+                Some(Some(ms)) if ms > 0 => ms,
+                Some(Some(_)) => return Outcome::Invalid("until must be in the future".into()),
                 Some(None) => return Outcome::Invalid("until: expected a datetime".into()),
             };
             presence

@@ -123,6 +123,13 @@ impl InstanceEntry {
                     "{name} longer than {MAX_FIELD} bytes"
                 )));
             }
+            // Postgres refuses NUL in text; SQLite would keep it. Refused
+            // here, on both, before it fails a whole batch of writes.
+            if value.contains('\0') {
+                return Err(PresenceError::Invalid(format!(
+                    "{name} contains a NUL character"
+                )));
+            }
         }
         if matches!(self.last_input_seconds, Some(s) if s < 0) {
             return Err(PresenceError::Invalid(
@@ -137,6 +144,14 @@ impl InstanceEntry {
         if self.metadata.to_string().len() > MAX_METADATA {
             return Err(PresenceError::Invalid(format!(
                 "metadata larger than {MAX_METADATA} bytes"
+            )));
+        }
+        // The entry travels in `presence.upserted`, and the outbox takes no
+        // payload that names a secret: refused as the caller's mistake,
+        // not found failing at the append.
+        if let Some(key) = muster_store::outbox::find_secret_key(&self.metadata) {
+            return Err(PresenceError::Invalid(format!(
+                "metadata key {key:?} names a secret; secrets are not kept in presence"
             )));
         }
         Ok(())

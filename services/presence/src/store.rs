@@ -212,14 +212,9 @@ impl PresenceStore for Store {
         let mut tx = self.begin().await?;
         let mut sessions_kept = false;
         if let Some(edge_id) = edge_id {
-            // Until the edge revives them: an answer it did not get is
-            // given again.
-            sessions_kept =
-                sqlx::query("SELECT 1 FROM topic_sessions_gone WHERE edge_id = $1 LIMIT 1")
-                    .bind(edge_id)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .is_some();
+            // The refresh first: on Postgres a sweep taking this edge for
+            // gone holds its row until it commits, and the look after it
+            // then sees what the sweep kept aside.
             sqlx::query(
                 "INSERT INTO presence_edges (edge_id, refreshed_at_ms) VALUES ($1, $2) \
                  ON CONFLICT (edge_id) DO UPDATE SET refreshed_at_ms = excluded.refreshed_at_ms",
@@ -228,6 +223,14 @@ impl PresenceStore for Store {
             .bind(at_ms)
             .execute(&mut *tx)
             .await?;
+            // Until the edge revives them: an answer it did not get is
+            // given again.
+            sessions_kept =
+                sqlx::query("SELECT 1 FROM topic_sessions_gone WHERE edge_id = $1 LIMIT 1")
+                    .bind(edge_id)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some();
         }
         // One statement per chunk of ids, not per id: an edge touches all
         // its peers every few seconds, in the store's one write lane.
@@ -273,7 +276,7 @@ impl PresenceStore for Store {
     ) -> Result<Vec<(String, String)>, StoreError> {
         let mut tx = self.begin().await?;
         let rows = sqlx::query(
-            "SELECT tenant_id, instance_id FROM (SELECT tenant_id, instance_id, last_seen_at_ms, \
+            "SELECT tenant_id, instance_id, last_seen_at_ms FROM (SELECT tenant_id, instance_id, last_seen_at_ms, \
              ROW_NUMBER() OVER (PARTITION BY tenant_id ORDER BY last_seen_at_ms DESC, instance_id) AS rank \
              FROM instance_presence) ranked WHERE last_seen_at_ms < $1 OR rank > $2",
         )
@@ -286,11 +289,22 @@ impl PresenceStore for Store {
         for row in &rows {
             let tenant_id: String = row.try_get("tenant_id")?;
             let instance_id: String = row.try_get("instance_id")?;
-            sqlx::query("DELETE FROM instance_presence WHERE tenant_id = $1 AND instance_id = $2")
-                .bind(&tenant_id)
-                .bind(&instance_id)
-                .execute(&mut *tx)
-                .await?;
+            let last_seen_at_ms: i64 = row.try_get("last_seen_at_ms")?;
+            // Only as it was read: on Postgres an entry refreshed (or
+            // removed, or pruned by an overlapping sweep) since is not
+            // this sweep's to prune, nor to announce.
+            let deleted = sqlx::query(
+                "DELETE FROM instance_presence \
+                 WHERE tenant_id = $1 AND instance_id = $2 AND last_seen_at_ms = $3",
+            )
+            .bind(&tenant_id)
+            .bind(&instance_id)
+            .bind(last_seen_at_ms)
+            .execute(&mut *tx)
+            .await?;
+            if deleted.rows_affected() == 0 {
+                continue;
+            }
             events.push(event(&tenant_id, &instance_id));
             pruned.push((tenant_id, instance_id));
         }
@@ -602,6 +616,17 @@ impl TopicStore for Store {
                     s.clone()
                 }
             };
+            // The sweep finds sessions by their edge's refresh row: one
+            // tracked before the edge's first refresh, or after a sweep
+            // took the edge's row, would otherwise never expire.
+            sqlx::query(
+                "INSERT INTO presence_edges (edge_id, refreshed_at_ms) VALUES ($1, $2) \
+                 ON CONFLICT (edge_id) DO NOTHING",
+            )
+            .bind(&s.edge_id)
+            .bind(muster_store::now_ms())
+            .execute(&mut *tx)
+            .await?;
             // Again: a sweep may have kept it aside since.
             drop_kept(&mut tx, &s.tenant_id, &s.topic, &s.session_id, None).await?;
             self.commit(tx).await?;

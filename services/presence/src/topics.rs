@@ -230,6 +230,9 @@ impl Topics {
         if note.len() > 4096 {
             return Err(TopicError::Invalid("note longer than 4096 bytes".into()));
         }
+        if note.contains('\0') {
+            return Err(TopicError::Invalid("note contains a NUL character".into()));
+        }
         let now = now_ms();
         if matches!(until_ms, Some(until) if until <= now) {
             return Err(TopicError::Invalid("until must be in the future".into()));

@@ -111,6 +111,12 @@ muster_store::backend_suite! {
         assert!("ghost".parse::<InstanceRole>().is_err());
         let not_object = presence.upsert("t1", InstanceEntry { metadata: json!([1]), ..node("dev_a", "h") }).await;
         assert!(matches!(not_object, Err(PresenceError::Invalid(_))));
+        // Refused as the caller's mistake on both stores, not failing at
+        // Postgres or at the outbox's append.
+        let nul = presence.upsert("t1", node("dev_a", "a\0b")).await;
+        assert!(matches!(nul, Err(PresenceError::Invalid(_))), "{nul:?}");
+        let secret = presence.upsert("t1", InstanceEntry { metadata: json!({"nested": {"api_key": "x"}}), ..node("dev_a", "h") }).await;
+        assert!(matches!(&secret, Err(PresenceError::Invalid(m)) if m.contains("api_key")), "{secret:?}");
         assert!(presence.list("t1").await.unwrap().is_empty());
         assert!(muster_store::testing::outbox_items(&store, "t1").await.unwrap().is_empty());
     }
@@ -166,4 +172,48 @@ muster_store::backend_suite! {
         assert!(pruned_ids.contains(&"dev_1".to_string()));
         assert!(events.iter().filter(|e| e.kind == "presence.pruned").all(|e| e.audience_roles == vec!["client".to_string()]));
     }
+}
+
+// A sweep reads what to prune, then deletes it: on Postgres an entry may
+// be refreshed in between, and is then not the sweep's to prune.
+#[tokio::test]
+async fn a_prune_spares_an_entry_refreshed_since_it_read_it() {
+    let store = muster_store::testing::postgres().await;
+    let presence = Instances::new(Arc::new(store.clone()));
+    presence.upsert("t1", node("dev_x", "h")).await.unwrap();
+    sqlx::query("UPDATE instance_presence SET last_seen_at_ms = 1 WHERE instance_id = 'dev_x'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let mut refresh = store.pool().begin().await.unwrap();
+    sqlx::query("UPDATE instance_presence SET last_seen_at_ms = $1 WHERE instance_id = 'dev_x'")
+        .bind(muster_store::now_ms())
+        .execute(&mut *refresh)
+        .await
+        .unwrap();
+    let sweeping = presence.clone();
+    let sweep = tokio::spawn(async move {
+        sweeping
+            .prune(Retention {
+                ttl: std::time::Duration::from_secs(60),
+                cap: 500,
+            })
+            .await
+    });
+    // The sweep has read the stale entry and waits on its row.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    refresh.commit().await.unwrap();
+    assert_eq!(sweep.await.unwrap().unwrap(), vec![]);
+    assert_eq!(
+        presence.list("t1").await.unwrap().len(),
+        1,
+        "the refreshed entry stays"
+    );
+    let events = muster_store::testing::outbox_items(&store, "t1")
+        .await
+        .unwrap();
+    assert!(
+        events.iter().all(|e| e.kind != "presence.pruned"),
+        "nothing was pruned"
+    );
 }

@@ -339,3 +339,16 @@ muster_store::backend_suite! {
         topics.track(session("room", "one-more", "c1")).await.unwrap();
     }
 }
+
+muster_store::backend_suite! {
+    async fn sessions_of_an_edge_that_never_refreshed_expire_too(store: Store) {
+        let topics = Topics::new(Arc::new(store.clone()));
+        // Tracked before the edge's first refresh, and the edge is gone.
+        topics.track(TopicSession { edge_id: "edge-z".into(), ..session("room", "s1", "c1") }).await.unwrap();
+        assert_eq!(topics.expire_edges(std::time::Duration::from_secs(60)).await.unwrap(), 0);
+        sqlx::query("UPDATE presence_edges SET refreshed_at_ms = 0 WHERE edge_id = 'edge-z'")
+            .execute(store.pool()).await.unwrap();
+        assert_eq!(topics.expire_edges(std::time::Duration::from_secs(60)).await.unwrap(), 1);
+        assert!(topics.list("t1", "room", None).await.unwrap().is_empty());
+    }
+}
