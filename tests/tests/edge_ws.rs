@@ -409,6 +409,14 @@ muster_e2e::on_both_stores! {
             assert_eq!(result["device_id"], key.device_id(), "{via:?}");
             assert_eq!(result["role"], "client");
         }
+        // The first decodable `tyrum-auth.*` in the order offered, though
+        // a later one ("A") sorts first.
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(host.admin_token());
+        let offered = format!("tyrum-v1, tyrum-auth.{encoded}, tyrum-auth.QQ");
+        let mut ws = open(&host.ws_url(), "", TokenVia::Nowhere, Some(&offered)).await.unwrap();
+        let key = DeviceKey::generate();
+        assert_eq!(ws.handshake(&key, "client", json!({})).await["device_id"], key.device_id());
         for (token, via) in [("muster_wrong", TokenVia::Bearer), ("", TokenVia::Nowhere)] {
             let mut ws = open(&host.ws_url(), token, via, None).await.unwrap();
             assert_closed(&mut ws, 4001, "unauthorized").await;
@@ -466,6 +474,13 @@ muster_e2e::on_both_stores! {
         let mut ws = open_from(&host, &own, TokenVia::Cookie).await;
         let key = DeviceKey::generate();
         assert_eq!(ws.handshake(&key, "client", json!({})).await["device_id"], key.device_id());
+        // A cookie without an Origin is no browser's: it does not count.
+        let mut request = muster_e2e::ws::request(&host.ws_url(), "", TokenVia::Nowhere, None).unwrap();
+        let cookie = format!("tyrum_admin_token={}", host.admin_token());
+        request.headers_mut().insert("cookie", cookie.parse().unwrap());
+        let (stream, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let mut ws = Ws { stream, response };
+        assert_closed(&mut ws, 4001, "unauthorized").await;
         // A page elsewhere cannot ride the operator's cookie...
         let mut ws = open_from(&host, "http://evil.example", TokenVia::Cookie).await;
         assert_closed(&mut ws, 4001, "unauthorized").await;
@@ -531,6 +546,16 @@ muster_e2e::on_both_stores! {
                 "expected connect.init/connect.proof"),
             (vec![json!({"request_id": "r", "type": "connect.proof", "payload": {"connection_id": "c", "proof": "p"}}).to_string()], 4003,
                 "expected connect.init first"),
+            // A legacy connect that is no strict envelope is still told so;
+            // a malformed proof before any init is a malformed frame first.
+            (vec![json!({"type": "connect"}).to_string()], 4003,
+                "legacy connect is deprecated; use connect.init/connect.proof"),
+            (vec![json!({"request_id": "r", "type": "connect.proof", "payload": {}}).to_string()], 4003,
+                "expected connect.init/connect.proof"),
+            // A device's optional key is omitted, never null.
+            (vec![json!({"request_id": "r", "type": "connect.init", "payload": {"protocol_rev": 2, "role": "client",
+                "device": {"device_id": key.device_id(), "pubkey": key.pubkey(), "label": null}}}).to_string()], 4003,
+                "expected connect.init/connect.proof"),
             (vec![json!({"request_id": "r", "type": "connect.init", "payload": {"protocol_rev": 1, "role": "client",
                 "device": {"device_id": key.device_id(), "pubkey": key.pubkey()}}}).to_string()], 4005, "protocol_rev mismatch"),
             (vec![json!({"request_id": "r", "type": "connect.init", "payload": {"protocol_rev": 2, "role": "client",

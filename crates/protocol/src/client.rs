@@ -129,9 +129,21 @@ pub fn request(
                 .insert("authorization", header(format!("Bearer {token}"))?);
         }
         TokenVia::Cookie => {
-            request
-                .headers_mut()
-                .insert("cookie", header(format!("tyrum_admin_token={token}"))?);
+            // As a browser sends it, from a page of the server's own
+            // origin: the cookie counts only then.
+            let scheme = match request.uri().scheme_str() {
+                Some("wss") => "https",
+                _ => "http",
+            };
+            let authority = request
+                .uri()
+                .authority()
+                .map(|a| a.as_str().to_owned())
+                .unwrap_or_default();
+            let origin = header(format!("{scheme}://{authority}"))?;
+            let headers = request.headers_mut();
+            headers.insert("origin", origin);
+            headers.insert("cookie", header(format!("tyrum_admin_token={token}"))?);
         }
         TokenVia::Subprotocol => {
             let encoded = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token);

@@ -58,12 +58,19 @@ pub enum DevicePlatform {
 pub struct Device {
     pub device_id: String,
     pub pubkey: String,
+    #[serde(default, deserialize_with = "crate::present")]
     pub label: Option<String>,
+    #[serde(default, deserialize_with = "crate::present")]
     pub platform: Option<String>,
+    #[serde(default, deserialize_with = "crate::present")]
     pub version: Option<String>,
+    #[serde(default, deserialize_with = "crate::present")]
     pub mode: Option<String>,
+    #[serde(default, deserialize_with = "crate::present")]
     pub device_model: Option<String>,
+    #[serde(default, deserialize_with = "crate::present")]
     pub device_type: Option<DeviceType>,
+    #[serde(default, deserialize_with = "crate::present")]
     pub device_platform: Option<DevicePlatform>,
 }
 
@@ -278,6 +285,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_beacons_optional_keys_are_omitted_never_null() {
+        use crate::presence::Beacon;
+        assert!(Beacon::parse(&json!({"host": "h"})).is_ok());
+        assert!(Beacon::parse(&json!({})).is_ok());
+        for key in [
+            "host",
+            "ip",
+            "version",
+            "mode",
+            "last_input_seconds",
+            "metadata",
+        ] {
+            assert!(Beacon::parse(&json!({ key: null })).is_err(), "{key}");
+        }
+    }
+
+    #[test]
     fn init_payloads_are_strict() {
         let good = json!({"protocol_rev": 2, "role": "node",
             "device": {"device_id": "dev_x", "pubkey": "k", "label": "lab-box"},
@@ -291,6 +315,9 @@ mod tests {
             json!({"protocol_rev": 2, "role": "node", "device": {"device_id": "d", "pubkey": "k", "extra": 1}}),
             json!({"protocol_rev": 2, "role": "node", "device": {"device_id": "", "pubkey": "k"}}),
             json!({"protocol_rev": 2, "role": "node", "device": {"device_id": "d", "pubkey": "k", "label": " "}}),
+            // An optional key is omitted, never null.
+            json!({"protocol_rev": 2, "role": "node", "device": {"device_id": "d", "pubkey": "k", "label": null}}),
+            json!({"protocol_rev": 2, "role": "node", "device": {"device_id": "d", "pubkey": "k", "device_type": null}}),
             json!({"protocol_rev": 2, "role": "node", "device": {"device_id": "d", "pubkey": "k"}, "capabilities": [{"id": "Bad"}]}),
             json!({"protocol_rev": 2, "role": "node", "device": {"device_id": "d", "pubkey": "k"}, "capabilities": [{"id": "a.b", "version": "1.0"}]}),
             json!({"protocol_rev": 2, "role": "node"}),

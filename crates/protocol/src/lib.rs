@@ -28,6 +28,17 @@ pub const MAX_PAYLOAD_BYTES: usize = 100 * 1024 * 1024;
 /// The cookie an admin token may travel in.
 pub const TOKEN_COOKIE: &str = "tyrum_admin_token";
 
+/// An optional key that holds a value when present: Part B's `?` keys
+/// are omitted, never `null` (`#[serde(default, deserialize_with =
+/// "crate::present")]`).
+pub(crate) fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
 /// `dt` of Part B §2.3: ISO-8601 in UTC with milliseconds and `Z`.
 pub fn format_datetime(unix_ms: i64) -> String {
     let format = time::macros::format_description!(

@@ -47,11 +47,17 @@ pub struct PresenceEntry {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Beacon {
+    #[serde(default, deserialize_with = "crate::present")]
     pub host: Option<String>,
+    #[serde(default, deserialize_with = "crate::present")]
     pub ip: Option<String>,
+    #[serde(default, deserialize_with = "crate::present")]
     pub version: Option<String>,
+    #[serde(default, deserialize_with = "crate::present")]
     pub mode: Option<String>,
+    #[serde(default, deserialize_with = "crate::present")]
     pub last_input_seconds: Option<i64>,
+    #[serde(default, deserialize_with = "crate::present")]
     pub metadata: Option<Value>,
 }
 

@@ -171,21 +171,45 @@ pub fn presented_token<'a>(
     })
 }
 
-/// A request is same-origin when it has no Origin (not a browser) or its
-/// Origin names the Host it was sent to.
+/// A request is same-origin when its Origin names the Host it was sent
+/// to: hosts compared without case, a missing port as its scheme's
+/// default. Without an Origin or a Host it is not (Tyrum's rule): the
+/// cookie is a browser's, and a browser sends an Origin.
 fn same_origin(headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get("origin").and_then(|v| v.to_str().ok()) else {
-        return true;
+    let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let (Some(origin), Some(host)) = (header("origin"), header("host")) else {
+        return false;
     };
-    let host = headers
-        .get(axum::http::header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let origin_host = origin
-        .strip_prefix("https://")
-        .or_else(|| origin.strip_prefix("http://"))
-        .unwrap_or_default();
-    !host.is_empty() && origin_host == host
+    let (default_port, origin_host) = if let Some(rest) = origin.strip_prefix("https://") {
+        (443, rest)
+    } else if let Some(rest) = origin.strip_prefix("http://") {
+        (80, rest)
+    } else {
+        return false;
+    };
+    match (
+        host_and_port(origin_host, default_port),
+        host_and_port(host, default_port),
+    ) {
+        (Some(origin), Some(host)) => origin == host,
+        _ => false,
+    }
+}
+
+/// `host[:port]` (a bracketed IPv6 literal too) as a lowercase host and a
+/// port, `default_port` when none is given.
+fn host_and_port(authority: &str, default_port: u16) -> Option<(String, u16)> {
+    if authority.is_empty() || authority.contains(['/', '@', '?', '#']) {
+        return None;
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (host, Some(port.parse().ok()?)),
+        _ => (authority, None),
+    };
+    if host.is_empty() {
+        return None;
+    }
+    Some((host.to_ascii_lowercase(), port.unwrap_or(default_port)))
 }
 
 fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -203,6 +227,50 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn upgrade(origin: Option<&str>, host: Option<&str>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("cookie", "tyrum_admin_token=from-cookie".parse().unwrap());
+        if let Some(origin) = origin {
+            headers.insert("origin", origin.parse().unwrap());
+        }
+        if let Some(host) = host {
+            headers.insert("host", host.parse().unwrap());
+        }
+        headers
+    }
+
+    #[test]
+    fn the_cookie_counts_from_the_same_origin_only() {
+        let from = |origin, host| presented_token(&upgrade(origin, host), ["tyrum-v1"]);
+        let cookie = Some("from-cookie".to_owned());
+        for (origin, host) in [
+            ("http://gw.example:8080", "gw.example:8080"),
+            ("https://GW.example", "gw.example:443"),
+            ("http://gw.example:80", "gw.example"),
+            ("http://[::1]:9000", "[::1]:9000"),
+        ] {
+            assert_eq!(from(Some(origin), Some(host)), cookie, "{origin} / {host}");
+        }
+        for (origin, host) in [
+            (None, Some("gw.example")),
+            (Some("http://gw.example"), None),
+            (Some("http://evil.example"), Some("gw.example")),
+            (Some("https://gw.example"), Some("gw.example:80")),
+            (Some("http://gw.example:1"), Some("gw.example:8080")),
+            (Some("null"), Some("gw.example")),
+        ] {
+            assert_eq!(from(origin, host), None, "{origin:?} / {host:?}");
+        }
+        // Without an Origin, a subprotocol's token is the one presented.
+        let encoded = URL_SAFE_NO_PAD.encode("from-subprotocol");
+        let offered = format!("tyrum-auth.{encoded}");
+        let token = presented_token(
+            &upgrade(None, Some("gw.example")),
+            ["tyrum-v1", offered.as_str()],
+        );
+        assert_eq!(token.as_deref(), Some("from-subprotocol"));
+    }
 
     fn claims(role: &str, scopes: &[&str]) -> Claims {
         Claims {
@@ -261,6 +329,7 @@ mod tests {
             "a=b; tyrum_admin_token=from-cookie".parse().unwrap(),
         );
         headers.insert("host", "127.0.0.1:1".parse().unwrap());
+        headers.insert("origin", "http://127.0.0.1:1".parse().unwrap());
         assert_eq!(
             presented_token(&headers, [encoded.as_str()]).as_deref(),
             Some("from-cookie")

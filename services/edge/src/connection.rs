@@ -299,7 +299,17 @@ async fn handshake(
         };
         let request = match envelope::parse(&text) {
             Err(FrameError::InvalidJson) => return Err(close::INVALID_JSON),
-            Err(FrameError::Invalid(_)) => return Err(close::EXPECTED_CONNECT),
+            // A legacy `connect` is told so whatever else its frame holds.
+            Err(FrameError::Invalid(_)) => {
+                let legacy = serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|frame| {
+                    frame.get("type").and_then(|t| t.as_str()) == Some("connect")
+                });
+                return Err(if legacy {
+                    close::LEGACY_CONNECT
+                } else {
+                    close::EXPECTED_CONNECT
+                });
+            }
             Ok(Inbound::Request(request)) => request,
             Ok(_) => return Err(close::EXPECTED_CONNECT),
         };
@@ -352,11 +362,12 @@ async fn handshake(
                 pending = Some((connection_id, challenge, init, expected, key));
             }
             "connect.proof" => {
+                // The proof's shape before its place, as Tyrum checks them.
+                let proof =
+                    ConnectProof::parse(&request.payload).map_err(|_| close::EXPECTED_CONNECT)?;
                 let Some((connection_id, challenge, init, device_id, key)) = pending.take() else {
                     return Err(close::EXPECTED_INIT_FIRST);
                 };
-                let proof =
-                    ConnectProof::parse(&request.payload).map_err(|_| close::EXPECTED_CONNECT)?;
                 if proof.connection_id != connection_id {
                     return Err(close::CONNECTION_ID_MISMATCH);
                 }

@@ -217,10 +217,15 @@ async fn upgrade(
         )
             .into_response();
     }
-    let offered: Vec<String> = ws
-        .requested_protocols()
-        .filter_map(|p| p.to_str().ok())
+    // In the order the client offered them (axum's list is sorted): the
+    // token is the first decodable `tyrum-auth.*` as offered.
+    let offered: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
         .map(|p| p.trim().to_owned())
+        .filter(|p| !p.is_empty())
         .collect();
     if !offered.iter().any(|p| p == SUBPROTOCOL) {
         return (
