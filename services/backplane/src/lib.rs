@@ -723,9 +723,7 @@ impl Backplane for BackplaneService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = request.into_inner();
         let (items, mut rx) = mpsc::channel(256);
-        // Where the stream starts, told to the subscriber first unless a
-        // gap says it.
-        let mut start_mark = true;
+        let mut starts_with_gap = false;
         let after = if r.resume {
             if r.consumer_id.trim().is_empty() {
                 return Err(Status::invalid_argument("resume needs a consumer_id"));
@@ -743,15 +741,17 @@ impl Backplane for BackplaneService {
                 None => {
                     let head = self.outbox.head().await.map_err(|e| to_status(&e))?;
                     let _ = items.send(Ok(Followed::Gap { through: head })).await;
-                    start_mark = false;
+                    starts_with_gap = true;
                     Some(head)
                 }
             }
         } else {
             (!r.from_head).then_some(r.after_position)
         };
+        // Where the stream starts, told to the subscriber first unless a
+        // gap says it.
         let start_mark = match after {
-            Some(position) if start_mark => {
+            Some(position) if !starts_with_gap => {
                 let head = self.outbox.head().await.map_err(|e| to_status(&e))?;
                 Some(mark(position, head))
             }

@@ -709,13 +709,10 @@ async fn arrive(
             inbox,
             _registered: registered,
         })),
-        Some(Ok(false)) => {
+        // Not answered (the socket failed), or turned away.
+        Some(not_arrived) => {
             Box::pin(leave(edge, &peer)).await;
-            Ok(None)
-        }
-        Some(Err(close)) => {
-            Box::pin(leave(edge, &peer)).await;
-            Err(close)
+            not_arrived.map(|_| None)
         }
         None => {
             Box::pin(leave(edge, &peer)).await;

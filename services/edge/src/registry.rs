@@ -53,7 +53,8 @@ pub(crate) struct Peer {
     /// Whether the connection directory has recorded this connection.
     pub(crate) registered: std::sync::atomic::AtomicBool,
     /// Whether the directory dropped the record (the edge could not
-    /// heartbeat in time): the peer's next frame closes it with 4004.
+    /// heartbeat in time): the peer is closed with 4004, by its next frame
+    /// if that comes before the close is written.
     pub(crate) expired: std::sync::atomic::AtomicBool,
 }
 

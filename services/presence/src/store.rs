@@ -319,8 +319,8 @@ impl PresenceStore for Store {
 pub trait TopicStore: Send + Sync + 'static {
     /// Inserts the session with `join`, or, when (topic, session) exists
     /// and is the same device's (or no device's), moves it to the new
-    /// connection without an event. Returns what is stored; `None` when
-    /// another device holds the session.
+    /// connection without an event; refused when another device holds the
+    /// session or the connection holds [`CONNECTION_SESSIONS`] already.
     async fn track(&self, session: &TopicSession, join: &NewItem) -> Result<Tracked, StoreError>;
     /// Removes `device_id`'s session (or one of no device) with `leave`.
     async fn untrack(
