@@ -77,6 +77,7 @@ pub struct Device {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectInit {
+    #[serde(deserialize_with = "crate::whole")]
     pub protocol_rev: i64,
     pub role: Role,
     #[serde(default)]
@@ -335,6 +336,26 @@ mod tests {
             }]
         );
         assert!(!is_capability_id("tyrum"));
+    }
+
+    #[test]
+    fn protocol_rev_is_read_as_javascript_reads_a_number() {
+        let init = |rev: Value| {
+            ConnectInit::parse(&json!({"protocol_rev": rev, "role": "node",
+                "device": {"device_id": "d", "pubkey": "k"}}))
+        };
+        assert_eq!(init(json!(2.0)).unwrap().protocol_rev, 2);
+        assert_eq!(init(json!(3)).unwrap().protocol_rev, 3);
+        // An integer beyond i64 is still an integer >= 1; the handshake
+        // then refuses it as any revision other than 2.
+        assert_eq!(init(json!(1e30)).unwrap().protocol_rev, i64::MAX);
+        assert_eq!(init(json!(u64::MAX)).unwrap().protocol_rev, i64::MAX);
+        for bad in [json!(2.5), json!(-0.5), json!("2"), json!(null), json!(0.0)] {
+            assert!(init(bad.clone()).is_err(), "{bad}");
+        }
+        let beacon = crate::presence::Beacon::parse(&json!({"last_input_seconds": 30.0})).unwrap();
+        assert_eq!(beacon.last_input_seconds, Some(30));
+        assert!(crate::presence::Beacon::parse(&json!({"last_input_seconds": 0.5})).is_err());
     }
 
     fn ids(init: &ConnectInit) -> Vec<(&str, &str)> {

@@ -39,6 +39,45 @@ where
     T::deserialize(deserializer).map(Some)
 }
 
+/// An integer as Part B's `int` reads it: any JSON number with no
+/// fraction, so `2.0` and `2e0` are 2 as they are to JavaScript. Values
+/// past `i64` saturate, which keeps every range check meaningful.
+pub(crate) fn whole<'de, D>(deserializer: D) -> Result<i64, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Whole;
+    impl serde::de::Visitor<'_> for Whole {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an integer")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
+            Ok(i64::try_from(v).unwrap_or(i64::MAX))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i64, E> {
+            if v.is_finite() && v.fract() == 0.0 {
+                // `as` saturates at the ends of i64.
+                Ok(v as i64)
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    deserializer.deserialize_any(Whole)
+}
+
+/// [`whole`] for an optional key, with [`present`]'s rule on `null`.
+pub(crate) fn present_whole<'de, D>(deserializer: D) -> Result<Option<i64>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    whole(deserializer).map(Some)
+}
+
 /// `dt` of Part B §2.3: ISO-8601 in UTC with milliseconds and `Z`.
 pub fn format_datetime(unix_ms: i64) -> String {
     let format = time::macros::format_description!(

@@ -55,7 +55,7 @@ pub struct Beacon {
     pub version: Option<String>,
     #[serde(default, deserialize_with = "crate::present")]
     pub mode: Option<String>,
-    #[serde(default, deserialize_with = "crate::present")]
+    #[serde(default, deserialize_with = "crate::present_whole")]
     pub last_input_seconds: Option<i64>,
     #[serde(default, deserialize_with = "crate::present")]
     pub metadata: Option<Value>,
