@@ -142,6 +142,55 @@ async fn topics_flow(host: &Host) {
         )
         .await;
     assert_eq!(local["result"]["sessions"].as_array().unwrap().len(), 2);
+    // Pages in session order: "alice"'s session is her connection id,
+    // which sorts before "bot-s" only by chance, so both orders are read.
+    let first = watcher
+        .call("muster.topic.list", json!({"topic": "room-1", "limit": 1}))
+        .await;
+    let first_page = first["result"]["sessions"].as_array().unwrap().clone();
+    assert_eq!(first_page.len(), 1, "{first}");
+    assert_eq!(first["result"]["next"], first_page[0]["session"], "{first}");
+    let second = watcher
+        .call(
+            "muster.topic.list",
+            json!({"topic": "room-1", "limit": 1, "after": first["result"]["next"]}),
+        )
+        .await;
+    let second_page = second["result"]["sessions"].as_array().unwrap().clone();
+    assert_eq!(second_page.len(), 1, "{second}");
+    assert!(second["result"].get("next").is_none(), "{second}");
+    let mut paged = [&first_page[0]["session"], &second_page[0]["session"]].map(|s| s.as_str());
+    paged.sort();
+    let mut whole: Vec<_> = listed["result"]["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["session"].as_str())
+        .collect();
+    whole.sort();
+    assert_eq!(paged.to_vec(), whole);
+    for (kind, payload) in [
+        ("muster.topic.list", json!({"topic": "room-1", "limit": 0})),
+        (
+            "muster.topic.list",
+            json!({"topic": "room-1", "limit": 1001}),
+        ),
+        ("muster.topic.list", json!({"topic": "room-1", "after": ""})),
+        (
+            "muster.topic.count",
+            json!({"topic": "room-1", "after": "a"}),
+        ),
+        (
+            "muster.topic.subscribe",
+            json!({"topic": "room-1", "limit": 5}),
+        ),
+    ] {
+        let refused = watcher.call(kind, payload.clone()).await;
+        assert_eq!(
+            refused["error"]["code"], "invalid_request",
+            "{kind} {payload}: {refused}"
+        );
+    }
 
     // A status with an expiry, seen as a diff, then returning to available.
     let until = muster_protocol::format_datetime(muster_store::now_ms() + 1_000);

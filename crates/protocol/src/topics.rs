@@ -82,7 +82,15 @@ pub struct Topic {
     pub topic: String,
     /// `cluster` (default) or `edge` (list and count only).
     pub scope: Option<String>,
+    /// List only: the sessions after this session id (the `next` of the
+    /// page before).
+    pub after: Option<String>,
+    /// List only: at most this many sessions, 1 to [`LIST_PAGE`].
+    pub limit: Option<u32>,
 }
+
+/// The most sessions one page of `muster.topic.list` holds.
+pub const LIST_PAGE: u32 = 1000;
 
 impl Track {
     pub fn parse(payload: &Value) -> Result<Track, String> {
@@ -114,6 +122,12 @@ impl Topic {
     pub fn parse(payload: &Value) -> Result<Topic, String> {
         let topic: Topic = parse(payload)?;
         check_topic(&topic.topic, None)?;
+        if let Some(after) = &topic.after {
+            check_field("after", after)?;
+        }
+        if matches!(topic.limit, Some(n) if n == 0 || n > LIST_PAGE) {
+            return Err(format!("limit: expected 1 to {LIST_PAGE}"));
+        }
         match topic.scope.as_deref() {
             None | Some("cluster") | Some("edge") => Ok(topic),
             Some(other) => Err(format!("scope must be cluster or edge, not {other:?}")),

@@ -25,25 +25,52 @@ fn wire(s: &pb::TopicSession) -> Value {
     muster_presence::TopicSession::from(s.clone()).wire()
 }
 
-async fn list(
-    edge: &Edge,
-    peer: &Peer,
-    topic: &Topic,
-) -> Result<Vec<pb::TopicSession>, tonic::Status> {
-    let edge_id = match topic.scope.as_deref() {
+/// The sessions a `scope` names: the whole cluster's, or this edge's.
+fn scoped_edge(edge: &Edge, topic: &Topic) -> String {
+    match topic.scope.as_deref() {
         Some("edge") => edge.edge_id.clone(),
         _ => String::new(),
-    };
-    Ok(edge
+    }
+}
+
+/// A page of a topic's sessions, with the cursor of the next page when
+/// there is one.
+async fn list(edge: &Edge, peer: &Peer, topic: &Topic) -> Result<Value, tonic::Status> {
+    let page = edge
         .presence()
         .list_topic(pb::ListTopicRequest {
             tenant_id: peer.claims.tenant_id.clone(),
             topic: topic.topic.clone(),
-            edge_id,
+            edge_id: scoped_edge(edge, topic),
+            after: topic.after.clone().unwrap_or_default(),
+            limit: topic.limit.unwrap_or(0),
         })
         .await?
-        .into_inner()
-        .sessions)
+        .into_inner();
+    let mut result = json!({ "sessions": page.sessions.iter().map(wire).collect::<Vec<_>>() });
+    if page.more
+        && let Some(last) = page.sessions.last()
+    {
+        result["next"] = json!(last.session_id);
+    }
+    Ok(result)
+}
+
+async fn count(edge: &Edge, peer: &Peer, topic: &Topic) -> Result<Value, tonic::Status> {
+    let counted = edge
+        .presence()
+        .count_topic(pb::CountTopicRequest {
+            tenant_id: peer.claims.tenant_id.clone(),
+            topic: topic.topic.clone(),
+            edge_id: scoped_edge(edge, topic),
+        })
+        .await?
+        .into_inner();
+    Ok(json!({
+        "total": counted.total,
+        "humans": counted.humans,
+        "agents": counted.total.saturating_sub(counted.humans),
+    }))
 }
 
 fn too_many_topics() -> tonic::Status {
@@ -160,6 +187,11 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                 Ok(topic) => topic,
                 Err(message) => return Outcome::Invalid(message),
             };
+            if (topic.after.is_some() || topic.limit.is_some()) && kind != "muster.topic.list" {
+                return Outcome::Invalid(
+                    "after and limit are keys of muster.topic.list only".into(),
+                );
+            }
             match kind {
                 "muster.topic.subscribe" => match peer.subscribe(&topic.topic) {
                     Some(_) => Ok(Some(json!({ "topic": topic.topic }))),
@@ -169,13 +201,8 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                     peer.unsubscribe(&topic.topic);
                     Ok(Some(json!({ "topic": topic.topic })))
                 }
-                "muster.topic.list" => list(edge, peer, &topic)
-                    .await
-                    .map(|s| Some(json!({ "sessions": s.iter().map(wire).collect::<Vec<_>>() }))),
-                _count => list(edge, peer, &topic).await.map(|s| {
-                    let humans = s.iter().filter(|x| x.kind == "human").count();
-                    Some(json!({ "total": s.len(), "humans": humans, "agents": s.len() - humans }))
-                }),
+                "muster.topic.list" => list(edge, peer, &topic).await.map(Some),
+                _count => count(edge, peer, &topic).await.map(Some),
             }
         }
     };

@@ -50,6 +50,10 @@ impl From<TopicSession> for pb::TopicSession {
     }
 }
 
+/// The most sessions one `ListTopic` reply carries: a page stays far
+/// below a gRPC message's 4 MiB whatever a topic holds.
+pub const LIST_PAGE: usize = muster_protocol::topics::LIST_PAGE as usize;
+
 /// Who may call what on presence; everything else is denied.
 pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Presence/UpdateInstances", &[Edge]),
@@ -63,6 +67,7 @@ pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Presence/ReviveEdgeSessions", &[Edge]),
     Rule::new("/muster.v1.Presence/SetTopicStatus", &[Edge]),
     Rule::new("/muster.v1.Presence/ListTopic", &[Edge, Ctl]),
+    Rule::new("/muster.v1.Presence/CountTopic", &[Edge, Ctl]),
 ];
 
 /// The gRPC face of [`Instances`].
@@ -299,14 +304,33 @@ impl Presence for PresenceService {
     ) -> Result<Response<pb::ListTopicResponse>, Status> {
         let r = request.into_inner();
         let edge = (!r.edge_id.is_empty()).then_some(r.edge_id.as_str());
-        let sessions = self
+        let limit = match r.limit {
+            0 => LIST_PAGE,
+            n => (n as usize).min(LIST_PAGE),
+        };
+        let (sessions, more) = self
             .topics
-            .list(&r.tenant_id, &r.topic, edge)
+            .list(&r.tenant_id, &r.topic, edge, &r.after, limit)
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(pb::ListTopicResponse {
             sessions: sessions.into_iter().map(Into::into).collect(),
+            more,
         }))
+    }
+
+    async fn count_topic(
+        &self,
+        request: Request<pb::CountTopicRequest>,
+    ) -> Result<Response<pb::CountTopicResponse>, Status> {
+        let r = request.into_inner();
+        let edge = (!r.edge_id.is_empty()).then_some(r.edge_id.as_str());
+        let (total, humans) = self
+            .topics
+            .count(&r.tenant_id, &r.topic, edge)
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::CountTopicResponse { total, humans }))
     }
 
     async fn touch_instances(

@@ -348,12 +348,23 @@ pub trait TopicStore: Send + Sync + 'static {
         note: &str,
         until_ms: Option<i64>,
     ) -> Result<Option<TopicSession>, StoreError>;
+    /// Up to `limit` sessions after the session id `after`, in session
+    /// order.
     async fn list(
         &self,
         tenant_id: &str,
         topic: &str,
         edge_id: Option<&str>,
+        after: &str,
+        limit: usize,
     ) -> Result<Vec<TopicSession>, StoreError>;
+    /// All sessions and the humans among them.
+    async fn count(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        edge_id: Option<&str>,
+    ) -> Result<(u64, u64), StoreError>;
     async fn expire_statuses(&self, now_ms: i64) -> Result<Vec<TopicSession>, StoreError>;
     /// Removes, with `leave` diffs, the sessions of edges that have not
     /// refreshed since `cutoff_ms`, keeping them aside (as of `now_ms`) for
@@ -464,9 +475,8 @@ async fn leave_all(
         .iter()
         .map(topic_session)
         .collect::<Result<Vec<_>, _>>()?;
-    for session in &sessions {
-        outbox::append(tx, &diff_event(session, "leave")).await?;
-    }
+    let leaves: Vec<_> = sessions.iter().map(|s| diff_event(s, "leave")).collect();
+    outbox::append_all(tx, &leaves).await?;
     Ok(sessions)
 }
 
@@ -729,18 +739,49 @@ impl TopicStore for Store {
         tenant_id: &str,
         topic: &str,
         edge_id: Option<&str>,
+        after: &str,
+        limit: usize,
     ) -> Result<Vec<TopicSession>, StoreError> {
         self.fetch_all(
             sqlx::query(&format!(
                 "SELECT {TOPIC_COLUMNS} FROM topic_sessions WHERE tenant_id = $1 AND topic = $2 \
-                 AND ($3 = '' OR edge_id = $3) ORDER BY since_ms, session_id"
+                 AND ($3 = '' OR edge_id = $3) AND session_id > $4 ORDER BY session_id LIMIT $5"
             ))
             .bind(tenant_id)
             .bind(topic)
-            .bind(edge_id.unwrap_or_default()),
+            .bind(edge_id.unwrap_or_default())
+            .bind(after)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX)),
             topic_session,
         )
         .await
+    }
+
+    async fn count(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        edge_id: Option<&str>,
+    ) -> Result<(u64, u64), StoreError> {
+        let counted = self
+            .fetch_optional(
+                sqlx::query(
+                    "SELECT COUNT(*) AS total, \
+                     COALESCE(SUM(CASE WHEN kind = 'human' THEN 1 ELSE 0 END), 0) AS humans \
+                     FROM topic_sessions WHERE tenant_id = $1 AND topic = $2 \
+                     AND ($3 = '' OR edge_id = $3)",
+                )
+                .bind(tenant_id)
+                .bind(topic)
+                .bind(edge_id.unwrap_or_default()),
+                |row| {
+                    let total: i64 = row.try_get("total")?;
+                    let humans: i64 = row.try_get("humans")?;
+                    Ok((total.unsigned_abs(), humans.unsigned_abs()))
+                },
+            )
+            .await?;
+        Ok(counted.unwrap_or_default())
     }
 
     async fn expire_edges(

@@ -249,14 +249,34 @@ impl Topics {
             })
     }
 
-    /// A topic's sessions, all or this edge's.
+    /// Up to `limit` of a topic's sessions after the session id `after`
+    /// (all or this edge's), in session order, and whether more follow.
     pub async fn list(
         &self,
         tenant_id: &str,
         topic: &str,
         edge_id: Option<&str>,
-    ) -> Result<Vec<TopicSession>, TopicError> {
-        Ok(self.store.list(tenant_id, topic, edge_id).await?)
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<TopicSession>, bool), TopicError> {
+        let mut sessions = self
+            .store
+            .list(tenant_id, topic, edge_id, after, limit.saturating_add(1))
+            .await?;
+        let more = sessions.len() > limit;
+        sessions.truncate(limit);
+        Ok((sessions, more))
+    }
+
+    /// How many sessions a topic has (all or this edge's), and how many of
+    /// them are humans'.
+    pub async fn count(
+        &self,
+        tenant_id: &str,
+        topic: &str,
+        edge_id: Option<&str>,
+    ) -> Result<(u64, u64), TopicError> {
+        Ok(self.store.count(tenant_id, topic, edge_id).await?)
     }
 
     /// Statuses past their `until` return to available, each with a

@@ -25,6 +25,17 @@ fn session(topic: &str, id: &str, connection: &str) -> TopicSession {
     }
 }
 
+/// Every session of a topic, as one page.
+async fn listed(
+    topics: &Topics,
+    topic: &str,
+    edge: Option<&str>,
+) -> Result<Vec<TopicSession>, TopicError> {
+    let (sessions, more) = topics.list("t1", topic, edge, "", 10_000).await?;
+    assert!(!more);
+    Ok(sessions)
+}
+
 async fn diffs(store: &Store) -> Vec<Value> {
     muster_store::testing::outbox_items(store, "t1")
         .await
@@ -48,7 +59,7 @@ muster_store::backend_suite! {
         sqlx::query("UPDATE presence_edges SET refreshed_at_ms = 0 WHERE edge_id = 'edge-a'")
             .execute(store.pool()).await.unwrap();
         assert_eq!(topics.expire_edges(std::time::Duration::from_secs(60)).await.unwrap(), 1);
-        let left: Vec<_> = topics.list("t1", "room", None).await.unwrap().into_iter().map(|s| s.session_id).collect();
+        let left: Vec<_> = listed(&topics, "room", None).await.unwrap().into_iter().map(|s| s.session_id).collect();
         assert_eq!(left, vec!["s2".to_string()]);
         let d = diffs(&store).await;
         assert_eq!(d.last().unwrap()["kind"], "leave");
@@ -80,9 +91,42 @@ muster_store::backend_suite! {
         for key in ["kind", "topic", "principal", "ekind", "agent_id", "session", "since", "state", "note", "until_ts"] {
             assert!(d[0].get(key).is_some(), "diff lacks {key}");
         }
-        let listed = topics.list("t1", "room", None).await.unwrap();
+        let listed = listed(&topics, "room", None).await.unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].state, "busy");
+    }
+
+    async fn a_topic_is_listed_in_pages_and_counted_in_the_store(store: Store) {
+        let topics = Topics::new(Arc::new(store.clone()));
+        for i in 0..7 {
+            let mut s = session("room", &format!("s{i}"), &format!("c{i}"));
+            if i % 3 == 0 {
+                (s.kind, s.agent_id) = ("agent_for".into(), Some("agent-1".into()));
+            }
+            if i >= 5 {
+                s.edge_id = "edge-b".into();
+            }
+            topics.track(s).await.unwrap();
+        }
+        topics.track(session("hall", "s9", "c9")).await.unwrap();
+        let mut pages = Vec::new();
+        let mut after = String::new();
+        loop {
+            let (page, more) = topics.list("t1", "room", None, &after, 3).await.unwrap();
+            after = page.last().map(|s| s.session_id.clone()).unwrap_or_default();
+            pages.push(page.into_iter().map(|s| s.session_id).collect::<Vec<_>>());
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(pages, [vec!["s0", "s1", "s2"], vec!["s3", "s4", "s5"], vec!["s6"]]);
+        let (edge_a, more) = topics.list("t1", "room", Some("edge-a"), "s2", 10).await.unwrap();
+        assert_eq!((edge_a.len(), more), (2, false));
+        // s0, s3 and s6 are agents'; s5 and s6 are on edge-b.
+        assert_eq!(topics.count("t1", "room", None).await.unwrap(), (7, 4));
+        assert_eq!(topics.count("t1", "room", Some("edge-b")).await.unwrap(), (2, 1));
+        assert_eq!(topics.count("t1", "empty", None).await.unwrap(), (0, 0));
+        assert_eq!(topics.count("t2", "room", None).await.unwrap(), (0, 0));
     }
 
     async fn a_closed_connection_leaves_every_topic(store: Store) {
@@ -90,11 +134,11 @@ muster_store::backend_suite! {
         topics.track(session("a", "s1", "c1")).await.unwrap();
         topics.track(session("b", "s1", "c1")).await.unwrap();
         topics.track(TopicSession { edge_id: "edge-b".into(), ..session("a", "s2", "c2") }).await.unwrap();
-        assert_eq!(topics.list("t1", "a", Some("edge-a")).await.unwrap().len(), 1);
-        assert_eq!(topics.list("t1", "a", None).await.unwrap().len(), 2);
+        assert_eq!(listed(&topics, "a", Some("edge-a")).await.unwrap().len(), 1);
+        assert_eq!(listed(&topics, "a", None).await.unwrap().len(), 2);
         assert_eq!(topics.untrack_connection("t1", "c1").await.unwrap(), 2);
-        assert!(topics.list("t1", "b", None).await.unwrap().is_empty());
-        assert_eq!(topics.list("t1", "a", None).await.unwrap().len(), 1);
+        assert!(listed(&topics, "b", None).await.unwrap().is_empty());
+        assert_eq!(listed(&topics, "a", None).await.unwrap().len(), 1);
         let leaves = diffs(&store).await.into_iter().filter(|d| d["kind"] == "leave").count();
         assert_eq!(leaves, 2);
     }
@@ -108,7 +152,7 @@ muster_store::backend_suite! {
         assert_eq!(topics.expire().await.unwrap(), 0);
         tokio::time::sleep(std::time::Duration::from_millis(60)).await;
         assert_eq!(topics.expire().await.unwrap(), 1);
-        let listed = topics.list("t1", "room", None).await.unwrap();
+        let listed = listed(&topics, "room", None).await.unwrap();
         assert_eq!((listed[0].state.as_str(), listed[0].note.as_str(), listed[0].until_ms), ("available", "", None));
         let last = diffs(&store).await.pop().unwrap();
         assert_eq!((last["kind"].as_str(), last["state"].as_str()), (Some("status"), Some("available")));
@@ -131,7 +175,7 @@ muster_store::backend_suite! {
         assert!(matches!(topics.set_status("t1", "room", "nobody", "dev-1", "busy", "", None).await, Err(TopicError::NotFound { .. })));
         assert!(matches!(topics.set_status("t2", "room", "s1", "dev-1", "busy", "", None).await, Err(TopicError::NotFound { .. })));
         assert_eq!(diffs(&store).await.len(), 1);
-        assert_eq!(topics.list("t1", "room", None).await.unwrap()[0].state, "available");
+        assert_eq!(listed(&topics, "room", None).await.unwrap()[0].state, "available");
     }
 
     async fn a_session_is_its_devices_alone(store: Store) {
@@ -143,7 +187,7 @@ muster_store::backend_suite! {
         assert!(matches!(topics.track(other(session("room", "s1", "c1"))).await, Err(TopicError::Held { .. })));
         assert!(matches!(topics.set_status("t1", "room", "s1", "dev-2", "busy", "", None).await, Err(TopicError::NotFound { .. })));
         assert!(!topics.untrack("t1", "room", "s1", "dev-2").await.unwrap());
-        let listed = topics.list("t1", "room", None).await.unwrap();
+        let listed = listed(&topics, "room", None).await.unwrap();
         assert_eq!((listed[0].connection_id.as_str(), listed[0].state.as_str()), ("c1", "available"));
         assert_eq!(diffs(&store).await.len(), 1);
         // The same device, reconnected, takes it over without a diff.
@@ -179,7 +223,7 @@ muster_store::backend_suite! {
         topics.track(session("room", "s2", "c2")).await.unwrap();
         topics.track(TopicSession { edge_id: "edge-b".into(), ..session("room", "s3", "c3") }).await.unwrap();
         assert_eq!(topics.forget_edge_sessions("edge-a").await.unwrap(), 2);
-        let left: Vec<_> = topics.list("t1", "room", None).await.unwrap().into_iter().map(|s| s.session_id).collect();
+        let left: Vec<_> = listed(&topics, "room", None).await.unwrap().into_iter().map(|s| s.session_id).collect();
         assert_eq!(left, ["s3"]);
         let leaves = diffs(&store).await.into_iter().filter(|d| d["kind"] == "leave").count();
         assert_eq!(leaves, 2);
@@ -219,12 +263,12 @@ muster_store::backend_suite! {
         topics.track(session("hall", "s4", "c4")).await.unwrap();
         topics.track(session("yard", "s5", "c5")).await.unwrap();
         topics.set_status("t1", "yard", "s5", "dev-1", "blocked", "lunch", Some(now_ms() + 60_000)).await.unwrap();
-        let before = topics.list("t1", "room", None).await.unwrap();
+        let before = listed(&topics, "room", None).await.unwrap();
 
         // Cut off for longer than the TTL: every session leaves.
         stale(&store, "edge-a").await;
         assert_eq!(topics.expire_edges(ttl).await.unwrap(), 5);
-        assert!(topics.list("t1", "room", None).await.unwrap().is_empty());
+        assert!(listed(&topics, "room", None).await.unwrap().is_empty());
         assert_eq!(kept(&store).await, 5);
         // Meanwhile: s3's peer tracks it again through another edge; s4's
         // peer untracks it (it left, as far as it knows); s5's status
@@ -256,11 +300,11 @@ muster_store::backend_suite! {
         assert!(!instances.touch("t1", &[], Some("edge-a")).await.unwrap().sessions_kept);
         assert_eq!(kept(&store).await, 0, "the last call forgets the rest");
 
-        let after = topics.list("t1", "room", None).await.unwrap();
+        let after = listed(&topics, "room", None).await.unwrap();
         assert_eq!(after, before[..1], "s1 as it was: since, status, note, connection");
-        let hall = topics.list("t1", "hall", None).await.unwrap();
+        let hall = listed(&topics, "hall", None).await.unwrap();
         assert_eq!((hall.len(), hall[0].edge_id.as_str()), (1, "edge-b"), "the newer s3 stands, s4 stays out");
-        let yard = topics.list("t1", "yard", None).await.unwrap();
+        let yard = listed(&topics, "yard", None).await.unwrap();
         assert_eq!((yard[0].state.as_str(), yard[0].note.as_str(), yard[0].until_ms), ("available", "", None));
         let d = diffs(&store).await;
         let new_joins: Vec<_> = d.iter().filter(|d| d["kind"] == "join").skip(joins).collect();
@@ -271,7 +315,7 @@ muster_store::backend_suite! {
         assert!(matches!(topics.revive_edge_sessions(" ", &[], true).await, Err(TopicError::Invalid(_))));
         let too_many: Vec<String> = (0..=muster_presence::REVIVE_CONNECTIONS).map(|n| format!("c{n}")).collect();
         assert!(matches!(topics.revive_edge_sessions("edge-a", &too_many, true).await, Err(TopicError::Invalid(_))));
-        assert_eq!(topics.list("t1", "room", None).await.unwrap().len(), 1);
+        assert_eq!(listed(&topics, "room", None).await.unwrap().len(), 1);
     }
 
     async fn a_peer_that_decides_for_a_kept_session_is_not_overruled(store: Store) {
@@ -290,7 +334,7 @@ muster_store::backend_suite! {
         assert!(!topics.untrack("t1", "room", "s3", "dev-1").await.unwrap());
         assert_eq!(kept(&store).await, 1);
         assert_eq!(topics.revive_edge_sessions("edge-a", &["c1".into(), "c2".into(), "c3".into()], true).await.unwrap(), 1);
-        let left: Vec<_> = topics.list("t1", "room", None).await.unwrap().into_iter().map(|s| s.session_id).collect();
+        let left: Vec<_> = listed(&topics, "room", None).await.unwrap().into_iter().map(|s| s.session_id).collect();
         assert_eq!(left, ["s3"]);
     }
 
@@ -349,6 +393,6 @@ muster_store::backend_suite! {
         sqlx::query("UPDATE presence_edges SET refreshed_at_ms = 0 WHERE edge_id = 'edge-z'")
             .execute(store.pool()).await.unwrap();
         assert_eq!(topics.expire_edges(std::time::Duration::from_secs(60)).await.unwrap(), 1);
-        assert!(topics.list("t1", "room", None).await.unwrap().is_empty());
+        assert!(listed(&topics, "room", None).await.unwrap().is_empty());
     }
 }
