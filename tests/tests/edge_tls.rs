@@ -181,7 +181,8 @@ muster_e2e::on_both_stores! {
         let address = host.ws_url().trim_start_matches("wss://").trim_end_matches("/ws").to_owned();
         let _silent = tokio::net::TcpStream::connect(&address).await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        tokio::time::timeout(Duration::from_secs(5), host.stop())
+        // Well before the silent connection's 10 s deadline.
+        tokio::time::timeout(Duration::from_secs(8), host.stop())
             .await
             .expect("the edge stops without waiting for the silent connection");
     }
@@ -301,7 +302,8 @@ muster_e2e::on_both_stores! {
 
         let _silent = tcp_from(&host, "127.0.0.2", b"").await.unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        tokio::time::timeout(Duration::from_secs(4), host.stop())
+        // Well before the header's 10 s deadline.
+        tokio::time::timeout(Duration::from_secs(8), host.stop())
             .await
             .expect("the edge stops without waiting for the header");
     }

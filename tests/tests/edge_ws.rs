@@ -636,8 +636,9 @@ muster_e2e::on_both_stores! {
         let started = std::time::Instant::now();
         assert_closed(&mut ws, 4002, "handshake timeout").await;
         let waited = started.elapsed();
+        // Not before the 10 s; the upper bound only says it came at all.
         assert!(
-            waited >= Duration::from_secs(9) && waited < Duration::from_secs(14),
+            waited >= Duration::from_secs(9) && waited < Duration::from_secs(40),
             "{waited:?}"
         );
         host.stop().await;
@@ -863,9 +864,10 @@ muster_e2e::on_both_stores! {
             .await
             .unwrap();
         assert_closed(&mut ws, 4001, "token revoked").await;
+        // At once, not at the next 5 s heartbeat.
         assert!(
-            revoked_at.elapsed() < Duration::from_secs(1),
-            "closed within a second"
+            revoked_at.elapsed() < Duration::from_secs(4),
+            "closed before the next heartbeat"
         );
         assert_eq!(bystander.call("ping", json!({})).await["ok"], true);
         // Its proof is good, but the token is gone.
@@ -1339,10 +1341,29 @@ muster_e2e::on_both_stores! {
     async fn a_peer_that_never_answers_pings_is_dropped_without_a_close_frame(store: Option<String>) {
         let host = Host::start(store).await;
         let mut ws = admin(&host).await;
-        ws.handshake(&DeviceKey::generate(), "client", json!({}))
+        let key = DeviceKey::generate();
+        ws.handshake(&key, "client", json!({}))
             .await;
-        // Not reading means not answering the server's pings.
-        tokio::time::sleep(Duration::from_secs(17)).await;
+        // Not reading means not answering the server's pings. Its presence
+        // entry goes when the edge drops it (after about 15 s); reading
+        // before that would answer the pings.
+        let store = host.store().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let mut seen = false;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let present: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM instance_presence WHERE instance_id = $1")
+                .bind(key.device_id())
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+            if seen && present == 0 {
+                break;
+            }
+            seen |= present > 0;
+            assert!(tokio::time::Instant::now() < deadline, "the silent peer was never dropped");
+        }
+        store.close().await;
         loop {
             match ws.next(Duration::from_secs(5)).await {
                 Next::Json(_) => continue,

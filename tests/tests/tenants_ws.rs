@@ -18,6 +18,7 @@ use rand::seq::IndexedRandom;
 use serde_json::json;
 
 const KIND: &str = "muster.test.random";
+const SENTINEL: &str = "muster.test.sentinel";
 const TENANTS: [&str; 3] = ["tenant-a", "tenant-b", "tenant-c"];
 const SCOPES: [&[&str]; 3] = [
     &["operator.read"],
@@ -80,20 +81,26 @@ async fn tenants_flow(host: &Host) {
     let devices: Vec<String> = peers.iter().map(|p| p.device.clone()).collect();
     let connections: Vec<String> = peers.iter().map(|p| p.connection.clone()).collect();
 
-    // Every peer reads all along (pongs keep flowing) until the producer
-    // is done and nothing more arrives.
-    let (done_tx, done) = tokio::sync::watch::channel(false);
+    // Every peer reads all along (pongs keep flowing) until its tenant's
+    // sentinel, committed after every item, arrives: a peer's items come
+    // in commit order, so nothing of the run is still on its way then.
     let readers: Vec<_> = peers
         .into_iter()
         .map(|mut peer| {
-            let done = done.clone();
             tokio::spawn(async move {
                 let mut received = Vec::new();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
                 loop {
                     match peer.ws.next(Duration::from_secs(2)).await {
                         Next::Json(frame) if frame["type"] == KIND => received.push(frame),
+                        Next::Json(frame) if frame["type"] == SENTINEL => {
+                            assert_eq!(frame["payload"]["tenant"], peer.tenant, "{frame}");
+                            break;
+                        }
                         Next::Json(_) => {}
-                        Next::Silent if *done.borrow() => break,
+                        Next::Silent if tokio::time::Instant::now() > deadline => {
+                            panic!("no sentinel for a peer of {}", peer.tenant)
+                        }
                         Next::Silent => {}
                         other => panic!("{other:?}"),
                     }
@@ -149,7 +156,16 @@ async fn tenants_flow(host: &Host) {
     for produced in futures::future::join_all(producers).await {
         items.extend(produced.unwrap());
     }
-    done_tx.send(true).unwrap();
+    for tenant in TENANTS {
+        let mut tx = store.begin().await.unwrap();
+        outbox::append(
+            &mut tx,
+            &NewItem::event(tenant, SENTINEL, json!({"tenant": tenant})),
+        )
+        .await
+        .unwrap();
+        store.commit(tx).await.unwrap();
+    }
 
     let by_id: HashMap<&str, &NewItem> = items.iter().map(|i| (i.event_id.as_str(), i)).collect();
     let mut delivered_anything = false;

@@ -26,6 +26,8 @@ const DAY: Duration = Duration::from_secs(86_400);
 struct CountingEdge {
     calls: Arc<AtomicUsize>,
     delay: Duration,
+    /// Told when a call reaches the handler.
+    entered: Arc<tokio::sync::Notify>,
 }
 
 #[tonic::async_trait]
@@ -34,6 +36,7 @@ impl Edge for CountingEdge {
         &self,
         _: tonic::Request<DescribeEdgeRequest>,
     ) -> Result<tonic::Response<EdgeDescription>, tonic::Status> {
+        self.entered.notify_one();
         tokio::time::sleep(self.delay).await;
         self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(tonic::Response::new(EdgeDescription {
@@ -78,6 +81,7 @@ impl Fixture {
         let edge = CountingEdge {
             calls: Arc::default(),
             delay,
+            entered: Arc::default(),
         };
         let shutdown = CancellationToken::new();
         let server = muster_mesh::serve(
@@ -358,7 +362,9 @@ async fn shutdown_lets_in_flight_calls_finish_then_refuses_new_ones() {
             client.describe_edge(DescribeEdgeRequest {}).await
         })
     };
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::timeout(Duration::from_secs(30), f.edge.entered.notified())
+        .await
+        .expect("the call reached the handler");
     f.shutdown.cancel();
     let server = f.server.take().unwrap();
     tokio::time::timeout(Duration::from_secs(10), server.wait())

@@ -232,11 +232,13 @@ async fn sigterm_during_writes_leaves_no_half_written_state() {
     // Writers enqueue runs as fast as they can, each on its own
     // connection, recording every run the server acknowledged.
     let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut writers = Vec::new();
     for w in 0..4 {
         let tls = tls.clone();
         let address = address.clone();
         let stop = stop.clone();
+        let acked = acked.clone();
         writers.push(tokio::spawn(async move {
             let mut client = ExecutionClient::new(
                 muster_mesh::channel(tls, ServiceName::Execution, &address).unwrap(),
@@ -253,7 +255,10 @@ async fn sigterm_during_writes_leaves_no_half_written_state() {
                     spec_json: r#"{"tool":"echo"}"#.into(),
                 };
                 match client.enqueue_run(request).await {
-                    Ok(run) => acknowledged.push(run.into_inner().run_id),
+                    Ok(run) => {
+                        acknowledged.push(run.into_inner().run_id);
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
                     Err(_) => {
                         refused += 1;
                         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -263,7 +268,12 @@ async fn sigterm_during_writes_leaves_no_half_written_state() {
             (acknowledged, refused)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Writes under way on every side of the signal.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.load(Ordering::Relaxed) < 20 {
+        assert!(Instant::now() < deadline, "no writes were acknowledged");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     served.terminate();
     let status = tokio::task::spawn_blocking(move || {
         let status = served.wait(Duration::from_secs(30));

@@ -59,7 +59,26 @@ async fn dropped_connections_fail_one_statement_not_one_per_connection() {
         dropped.len() >= POOLED as usize,
         "the server dropped every pooled connection: {dropped:?}"
     );
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // Until the backends are gone, a statement could still reach one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = admin
+            .fetch_all(
+                sqlx::query("SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1")
+                    .bind(database.as_str()),
+                |row| Ok(sqlx::Row::get::<i64, _>(row, 0)),
+            )
+            .await
+            .expect("count backends");
+        if left == [0] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left:?} backends outlived their termination"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     let mut failures = 0;
     for _ in 0..2 * POOLED {

@@ -46,9 +46,10 @@ muster_store::backend_suite! {
 
         let reader = Outbox::new(Arc::new(store.clone()));
         let (sink, mut items) = tokio::sync::mpsc::channel(16);
-        let follower = tokio::spawn(async move { reader.follow(None, sink).await });
-        // Let the follower settle on the head before anything new commits.
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // The head as a subscriber names it, read before anything new
+        // commits: however late the follower starts, it starts there.
+        let head = outbox::head(&store).await.unwrap();
+        let follower = tokio::spawn(async move { reader.follow(Some(head), sink).await });
         for (tenant, n) in [("t1", 1), ("t2", 2), ("t1", 3)] {
             let mut tx = store.begin().await.unwrap();
             outbox::append(&mut tx, &NewItem::event(tenant, "new", json!({"n": n}))).await.unwrap();
@@ -275,11 +276,12 @@ muster_store::backend_suite! {
     async fn a_follower_past_a_rewound_head_is_told_and_goes_on_from_it(store: Store) {
         let positions = append_each(&store, 5).await;
         let reader = Outbox::new(Arc::new(store.clone()));
-        // A follower at the head, fed by the tail.
+        // A follower at the head, fed by the tail. It is told of the
+        // rewind whether it first reads before it or after.
         let (sink, mut live) = tokio::sync::mpsc::channel(16);
         let follower = reader.clone();
-        tokio::spawn(async move { follower.follow(None, sink).await });
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let at = positions[4];
+        tokio::spawn(async move { follower.follow(Some(at), sink).await });
 
         // It had read through the fifth; the outbox now ends at the second.
         rewind(&store, positions[1]).await;

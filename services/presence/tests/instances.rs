@@ -201,7 +201,24 @@ async fn a_prune_spares_an_entry_refreshed_since_it_read_it() {
             .await
     });
     // The sweep has read the stale entry and waits on its row.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweep never waited on the row"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     refresh.commit().await.unwrap();
     assert_eq!(sweep.await.unwrap().unwrap(), vec![]);
     assert_eq!(
