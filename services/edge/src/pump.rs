@@ -834,19 +834,32 @@ async fn untrack_departed(edge: &Edge) -> bool {
     if edge.shutdown.is_cancelled() {
         return true;
     }
-    let listed = edge
-        .presence()
-        .edge_session_connections(pb::EdgeSessionConnectionsRequest {
-            edge_id: edge.edge_id.clone(),
-        })
-        .await;
-    let connections = match listed {
-        Ok(reply) => reply.into_inner().connections,
-        Err(status) => {
-            tracing::debug!(code = ?status.code(), "listing this edge's topic sessions failed");
-            return false;
+    // In pages: an edge may hold more connections with sessions than one
+    // reply carries.
+    let mut connections = Vec::new();
+    loop {
+        let listed = edge
+            .presence()
+            .edge_session_connections(pb::EdgeSessionConnectionsRequest {
+                edge_id: edge.edge_id.clone(),
+                after: connections.last().cloned(),
+                limit: 0,
+            })
+            .await;
+        match listed {
+            Ok(reply) => {
+                let page = reply.into_inner();
+                connections.extend(page.connections);
+                if !page.more {
+                    break;
+                }
+            }
+            Err(status) => {
+                tracing::debug!(code = ?status.code(), "listing this edge's topic sessions failed");
+                return false;
+            }
         }
-    };
+    }
     let live = live_connections(edge);
     let departed = connections
         .into_iter()

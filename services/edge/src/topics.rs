@@ -113,7 +113,10 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                 ..Default::default()
             };
             // Subscribed before the track, so that the peer's own join
-            // reaches it; taken back if the track is refused.
+            // reaches it; taken back if the track is refused. Not if the
+            // call's outcome is unknown (a deadline, a lost connection):
+            // presence may have tracked it, and the peer would then miss
+            // its topic's diffs.
             let Some(added) = peer.subscribe(&track.topic) else {
                 return Outcome::Failed(too_many_topics());
             };
@@ -124,7 +127,16 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                     session: Some(session),
                 })
                 .await;
-            if tracked.is_err() && added {
+            if let Err(status) = &tracked
+                && added
+                && matches!(
+                    status.code(),
+                    tonic::Code::InvalidArgument
+                        | tonic::Code::PermissionDenied
+                        | tonic::Code::FailedPrecondition
+                        | tonic::Code::NotFound
+                )
+            {
                 peer.unsubscribe(&track.topic);
             }
             tracked.map(|s| Some(json!({ "session": wire(&s.into_inner()) })))

@@ -54,6 +54,10 @@ impl From<TopicSession> for pb::TopicSession {
 /// below a gRPC message's 4 MiB whatever a topic holds.
 pub const LIST_PAGE: usize = muster_protocol::topics::LIST_PAGE as usize;
 
+/// The most (tenant, connection) pairs one `EdgeSessionConnections`
+/// reply carries.
+pub const CONNECTIONS_PAGE: usize = 5000;
+
 /// Who may call what on presence; everything else is denied.
 pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Presence/UpdateInstances", &[Edge]),
@@ -230,11 +234,17 @@ impl Presence for PresenceService {
         request: Request<pb::EdgeSessionConnectionsRequest>,
     ) -> Result<Response<pb::EdgeSessionConnectionsResponse>, Status> {
         let r = request.into_inner();
-        let connections = self
+        let after = r.after.unwrap_or_default();
+        let limit = match r.limit {
+            0 => CONNECTIONS_PAGE,
+            n => (n as usize).min(CONNECTIONS_PAGE),
+        };
+        let (pairs, more) = self
             .topics
-            .edge_session_connections(&r.edge_id)
+            .edge_session_connections(&r.edge_id, (&after.tenant_id, &after.connection_id), limit)
             .await
-            .map_err(|e| to_status(&e))?
+            .map_err(|e| to_status(&e))?;
+        let connections = pairs
             .into_iter()
             .map(|(tenant_id, connection_id)| pb::UntrackConnectionRequest {
                 tenant_id,
@@ -243,6 +253,7 @@ impl Presence for PresenceService {
             .collect();
         Ok(Response::new(pb::EdgeSessionConnectionsResponse {
             connections,
+            more,
         }))
     }
 

@@ -391,10 +391,13 @@ pub trait TopicStore: Send + Sync + 'static {
         last: bool,
         now_ms: i64,
     ) -> Result<Vec<TopicSession>, StoreError>;
-    /// The (tenant, connection) pairs that `edge_id`'s sessions belong to.
+    /// Up to `limit` of the (tenant, connection) pairs that `edge_id`'s
+    /// sessions belong to, after `after` in (tenant, connection) order.
     async fn edge_session_connections(
         &self,
         edge_id: &str,
+        after: (&str, &str),
+        limit: usize,
     ) -> Result<Vec<(String, String)>, StoreError>;
 }
 
@@ -405,6 +408,9 @@ pub enum Tracked {
     Session(Box<TopicSession>),
     /// Another device holds the (topic, session).
     Held,
+    /// The device holds the (topic, session) as another principal, kind
+    /// or agent.
+    Differs,
     /// The connection holds [`CONNECTION_SESSIONS`] sessions already.
     Full,
 }
@@ -548,6 +554,22 @@ async fn drop_kept(
     Ok(())
 }
 
+/// Whether the (topic, session) of `s` is kept aside for another
+/// device's peer to revive.
+async fn kept_for_another(tx: &mut Tx, s: &TopicSession) -> Result<bool, StoreError> {
+    Ok(sqlx::query(
+        "SELECT 1 FROM topic_sessions_gone WHERE tenant_id = $1 AND topic = $2 \
+         AND session_id = $3 AND device_id <> $4 AND device_id <> '' LIMIT 1",
+    )
+    .bind(&s.tenant_id)
+    .bind(&s.topic)
+    .bind(&s.session_id)
+    .bind(&s.device_id)
+    .fetch_optional(&mut **tx)
+    .await?
+    .is_some())
+}
+
 /// Keeps `session` aside, as of `now_ms`, for its edge to revive.
 async fn keep(tx: &mut Tx, session: &TopicSession, now_ms: i64) -> Result<(), StoreError> {
     let sql = format!(
@@ -573,11 +595,43 @@ impl TopicStore for Store {
         // between this one's look and its insert: then it looks again.
         for _ in 0..2 {
             let mut tx = self.begin().await?;
+            // The sweep finds sessions by their edge's refresh row: one
+            // tracked before the edge's first refresh, or after a sweep
+            // took the edge's row, would otherwise never expire. First, as
+            // the sweep takes the edge's row before its sessions: the
+            // other order could wait on each other on Postgres.
+            sqlx::query(
+                "INSERT INTO presence_edges (edge_id, refreshed_at_ms) VALUES ($1, $2) \
+                 ON CONFLICT (edge_id) DO NOTHING",
+            )
+            .bind(&s.edge_id)
+            .bind(muster_store::now_ms())
+            .execute(&mut *tx)
+            .await?;
             // The kept row before the live one, the order a revival takes
-            // them in: otherwise each could wait for the other.
-            drop_kept(&mut tx, &s.tenant_id, &s.topic, &s.session_id, None).await?;
+            // them in: otherwise each could wait for the other. A session
+            // kept aside for another device's peer is still that device's.
+            drop_kept(
+                &mut tx,
+                &s.tenant_id,
+                &s.topic,
+                &s.session_id,
+                Some(&s.device_id),
+            )
+            .await?;
+            if kept_for_another(&mut tx, s).await? {
+                return Ok(Tracked::Held);
+            }
             let mut tracked = None;
             let existing = select_session(&mut tx, &s.tenant_id, &s.topic, &s.session_id).await?;
+            if let Some(existing) = &existing
+                && (existing.device_id == s.device_id || existing.device_id.is_empty())
+                && (existing.principal != s.principal
+                    || existing.kind != s.kind
+                    || existing.agent_id != s.agent_id)
+            {
+                return Ok(Tracked::Differs);
+            }
             // A connection's requests come one at a time: its count cannot
             // race itself.
             let joins_connection = existing
@@ -626,19 +680,15 @@ impl TopicStore for Store {
                     s.clone()
                 }
             };
-            // The sweep finds sessions by their edge's refresh row: one
-            // tracked before the edge's first refresh, or after a sweep
-            // took the edge's row, would otherwise never expire.
-            sqlx::query(
-                "INSERT INTO presence_edges (edge_id, refreshed_at_ms) VALUES ($1, $2) \
-                 ON CONFLICT (edge_id) DO NOTHING",
-            )
-            .bind(&s.edge_id)
-            .bind(muster_store::now_ms())
-            .execute(&mut *tx)
-            .await?;
             // Again: a sweep may have kept it aside since.
-            drop_kept(&mut tx, &s.tenant_id, &s.topic, &s.session_id, None).await?;
+            drop_kept(
+                &mut tx,
+                &s.tenant_id,
+                &s.topic,
+                &s.session_id,
+                Some(&s.device_id),
+            )
+            .await?;
             self.commit(tx).await?;
             return Ok(Tracked::Session(Box::new(tracked)));
         }
@@ -885,12 +935,19 @@ impl TopicStore for Store {
     async fn edge_session_connections(
         &self,
         edge_id: &str,
+        after: (&str, &str),
+        limit: usize,
     ) -> Result<Vec<(String, String)>, StoreError> {
         self.fetch_all(
             sqlx::query(
-                "SELECT DISTINCT tenant_id, connection_id FROM topic_sessions WHERE edge_id = $1",
+                "SELECT DISTINCT tenant_id, connection_id FROM topic_sessions WHERE edge_id = $1 \
+                 AND (tenant_id > $2 OR (tenant_id = $2 AND connection_id > $3)) \
+                 ORDER BY tenant_id, connection_id LIMIT $4",
             )
-            .bind(edge_id),
+            .bind(edge_id)
+            .bind(after.0)
+            .bind(after.1)
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX)),
             |row| Ok((row.try_get(0)?, row.try_get(1)?)),
         )
         .await

@@ -95,6 +95,10 @@ pub enum TopicError {
     #[error("session {session} in topic {topic} is another device's")]
     Held { topic: String, session: String },
     #[error(
+        "session {session} in topic {topic} is tracked as another principal, kind or agent; untrack it first"
+    )]
+    Differs { topic: String, session: String },
+    #[error(
         "a connection holds at most {} topic sessions; untrack one first",
         crate::store::CONNECTION_SESSIONS
     )]
@@ -109,7 +113,7 @@ impl ServiceError for TopicError {
             TopicError::Invalid(_) => ErrorCode::InvalidArgument,
             TopicError::NotFound { .. } => ErrorCode::NotFound,
             TopicError::Held { .. } => ErrorCode::Forbidden,
-            TopicError::Full => ErrorCode::InvalidState,
+            TopicError::Full | TopicError::Differs { .. } => ErrorCode::InvalidState,
             TopicError::Store(e) => e.code(),
         }
     }
@@ -140,7 +144,9 @@ impl Topics {
     /// Puts a session in a topic (`join`). Tracking the same (topic,
     /// session) again from the same device changes nothing but which
     /// connection holds it (a peer that reconnected, perhaps to another
-    /// edge); from another device it is refused.
+    /// edge), and is refused if it names another principal, kind or
+    /// agent; from another device it is refused, also while the session
+    /// is kept aside for that device's edge.
     pub async fn track(&self, session: TopicSession) -> Result<TopicSession, TopicError> {
         for (name, value) in [
             ("tenant_id", &session.tenant_id),
@@ -164,6 +170,10 @@ impl Topics {
         {
             Tracked::Session(tracked) => Ok(*tracked),
             Tracked::Held => Err(TopicError::Held {
+                topic: session.topic,
+                session: session.session_id,
+            }),
+            Tracked::Differs => Err(TopicError::Differs {
                 topic: session.topic,
                 session: session.session_id,
             }),
@@ -200,13 +210,23 @@ impl Topics {
             .len())
     }
 
-    /// The (tenant, connection) pairs of `edge_id`'s sessions.
+    /// Up to `limit` of the (tenant, connection) pairs of `edge_id`'s
+    /// sessions after `after`, in (tenant, connection) order, and whether
+    /// more follow.
     pub async fn edge_session_connections(
         &self,
         edge_id: &str,
-    ) -> Result<Vec<(String, String)>, TopicError> {
+        after: (&str, &str),
+        limit: usize,
+    ) -> Result<(Vec<(String, String)>, bool), TopicError> {
         field("edge_id", edge_id)?;
-        Ok(self.store.edge_session_connections(edge_id).await?)
+        let mut pairs = self
+            .store
+            .edge_session_connections(edge_id, after, limit.saturating_add(1))
+            .await?;
+        let more = pairs.len() > limit;
+        pairs.truncate(limit);
+        Ok((pairs, more))
     }
 
     /// Sets the status of `device_id`'s session (`status`); `until_ms`

@@ -189,12 +189,23 @@ muster_store::backend_suite! {
         assert!(matches!(topics.track(other(session("room", "s1", "c1"))).await, Err(TopicError::Held { .. })));
         assert!(matches!(topics.set_status("t1", "room", "s1", "dev-2", "busy", "", None).await, Err(TopicError::NotFound { .. })));
         assert!(!topics.untrack("t1", "room", "s1", "dev-2").await.unwrap());
-        let listed = listed(&topics, "room", None).await.unwrap();
-        assert_eq!((listed[0].connection_id.as_str(), listed[0].state.as_str()), ("c1", "available"));
+        let first = listed(&topics, "room", None).await.unwrap();
+        assert_eq!((first[0].connection_id.as_str(), first[0].state.as_str()), ("c1", "available"));
         assert_eq!(diffs(&store).await.len(), 1);
         // The same device, reconnected, takes it over without a diff.
         let moved = topics.track(session("room", "s1", "c2")).await.unwrap();
         assert_eq!(moved.connection_id, "c2");
+        assert_eq!(diffs(&store).await.len(), 1);
+        // Not as someone else: a changed principal, kind or agent would
+        // reach no subscriber, so it is refused and changes nothing.
+        for differs in [
+            TopicSession { principal: "bob".into(), ..session("room", "s1", "c3") },
+            TopicSession { kind: "agent_for".into(), agent_id: Some("a-1".into()), ..session("room", "s1", "c3") },
+        ] {
+            assert!(matches!(topics.track(differs).await, Err(TopicError::Differs { .. })));
+        }
+        let now = listed(&topics, "room", None).await.unwrap();
+        assert_eq!((now[0].connection_id.as_str(), now[0].principal.as_str()), ("c2", "alice"));
         assert_eq!(diffs(&store).await.len(), 1);
         // A session tracked before sessions had devices is anyone's.
         sqlx::query("UPDATE topic_sessions SET device_id = ''").execute(store.pool()).await.unwrap();
@@ -209,14 +220,21 @@ muster_store::backend_suite! {
         topics.track(session("hall", "s2", "c1")).await.unwrap();
         topics.track(TopicSession { tenant_id: "t2".into(), ..session("room", "s3", "c2") }).await.unwrap();
         topics.track(TopicSession { edge_id: "edge-b".into(), ..session("room", "s4", "c3") }).await.unwrap();
-        let mut held = topics.edge_session_connections("edge-a").await.unwrap();
-        held.sort();
-        assert_eq!(held, [("t1".to_owned(), "c1".to_owned()), ("t2".to_owned(), "c2".to_owned())]);
-        assert!(topics.edge_session_connections("edge-c").await.unwrap().is_empty());
-        assert!(matches!(topics.edge_session_connections(" ").await, Err(TopicError::Invalid(_))));
+        topics.track(TopicSession { tenant_id: "t2".into(), ..session("room", "s5", "c0") }).await.unwrap();
+        let pair = |t: &str, c: &str| (t.to_owned(), c.to_owned());
+        let held = topics.edge_session_connections("edge-a", ("", ""), 10).await.unwrap();
+        assert_eq!(held, (vec![pair("t1", "c1"), pair("t2", "c0"), pair("t2", "c2")], false));
+        // In pages, each after the last pair of the one before.
+        let first = topics.edge_session_connections("edge-a", ("", ""), 2).await.unwrap();
+        assert_eq!(first, (vec![pair("t1", "c1"), pair("t2", "c0")], true));
+        let second = topics.edge_session_connections("edge-a", ("t2", "c0"), 2).await.unwrap();
+        assert_eq!(second, (vec![pair("t2", "c2")], false));
+        assert!(topics.edge_session_connections("edge-c", ("", ""), 10).await.unwrap().0.is_empty());
+        assert!(matches!(topics.edge_session_connections(" ", ("", ""), 10).await, Err(TopicError::Invalid(_))));
         // What the edge then does with a connection it no longer holds.
         assert_eq!(topics.untrack_connection("t1", "c1").await.unwrap(), 2);
-        assert_eq!(topics.edge_session_connections("edge-a").await.unwrap(), [("t2".to_owned(), "c2".to_owned())]);
+        let held = topics.edge_session_connections("edge-a", ("", ""), 10).await.unwrap();
+        assert_eq!(held, (vec![pair("t2", "c0"), pair("t2", "c2")], false));
     }
 
     async fn an_edge_back_under_its_name_forgets_its_earlier_sessions(store: Store) {
@@ -334,6 +352,9 @@ muster_store::backend_suite! {
         assert!(!topics.untrack("t1", "room", "s1", "dev-1").await.unwrap());
         assert_eq!(topics.untrack_connection("t1", "c2").await.unwrap(), 0);
         assert!(!topics.untrack("t1", "room", "s3", "dev-1").await.unwrap());
+        // Nor take it over through another edge while it is kept aside.
+        let taker = TopicSession { edge_id: "edge-b".into(), ..session("room", "s3", "c8") };
+        assert!(matches!(topics.track(taker).await, Err(TopicError::Held { .. })));
         assert_eq!(kept(&store).await, 1);
         assert_eq!(topics.revive_edge_sessions("edge-a", &["c1".into(), "c2".into(), "c3".into()], true).await.unwrap(), 1);
         let left: Vec<_> = listed(&topics, "room", None).await.unwrap().into_iter().map(|s| s.session_id).collect();
