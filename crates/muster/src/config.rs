@@ -207,18 +207,35 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
     })
 }
 
-/// A URL with any password replaced, for logs.
-pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.find('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
+/// A URL with any password replaced, for logs: in the user part (read as
+/// the store's driver reads it, up to the last `@`) and in the query
+/// (`password`, `sslpassword`). One that does not parse is not shown.
+pub fn redact_url(raw: &str) -> String {
+    const SECRET_KEYS: [&str; 2] = ["password", "sslpassword"];
+    let Ok(mut url) = url::Url::parse(raw) else {
+        let scheme = raw.split_once(':').map_or("", |(scheme, _)| scheme);
+        return format!("{scheme}:(a URL that does not parse, not shown)");
+    };
+    if url.password().is_some() {
+        // Fails only for URLs without a host, which have no password.
+        let _ = url.set_password(Some("***"));
     }
+    if url.query().is_some() {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(key, value)| {
+                let secret = SECRET_KEYS.iter().any(|s| key.eq_ignore_ascii_case(s));
+                let value = if secret {
+                    "***".into()
+                } else {
+                    value.into_owned()
+                };
+                (key.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.to_string()
 }
 
 impl Config {
@@ -384,6 +401,23 @@ mod tests {
             redact_url("sqlite://data/muster.db"),
             "sqlite://data/muster.db"
         );
+        // The driver takes the last `@` as the end of the user part.
+        assert_eq!(
+            redact_url("postgres://muster:p@ss@db/muster"),
+            "postgres://muster:***@db/muster"
+        );
+        assert_eq!(
+            redact_url(
+                "postgres://muster@db/muster?sslmode=require&PASSWORD=hunter2&sslpassword=k"
+            ),
+            "postgres://muster@db/muster?sslmode=require&PASSWORD=***&sslpassword=***"
+        );
+        assert_eq!(
+            redact_url("sqlite:muster-data/muster.db?mode=rwc"),
+            "sqlite:muster-data/muster.db?mode=rwc"
+        );
+        let unparsable = redact_url("postgres://muster:hunter2@[db/muster");
+        assert!(!unparsable.contains("hunter2"), "{unparsable}");
     }
 
     #[test]

@@ -205,7 +205,7 @@ enum Token {
         label: String,
         /// The token expires this many seconds after it is minted (at most
         /// a year) [default: never].
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=muster_identity::MAX_TTL_SECONDS))]
         ttl_seconds: Option<u64>,
     },
     /// List a tenant's tokens (never their secrets).
@@ -244,7 +244,7 @@ enum Token {
         #[arg(long)]
         no_device: bool,
         /// The token expires this many seconds from now (at most a year).
-        #[arg(long, conflicts_with = "no_expiry")]
+        #[arg(long, conflicts_with = "no_expiry", value_parser = clap::value_parser!(u64).range(1..=muster_identity::MAX_TTL_SECONDS))]
         ttl_seconds: Option<u64>,
         /// The token never expires.
         #[arg(long)]
@@ -334,7 +334,14 @@ fn print_banner(config: &Config, running: &muster::Running) {
         "  store     {}",
         muster::config::redact_url(&config.store_url())
     );
-    if let Some(token) = &running.admin_token {
+    if running.admin_token.is_some() && config.admin_token.is_some() {
+        // Whoever chose it has it; this output may go to a shared log.
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Admin token: the one MUSTER_ADMIN_TOKEN set (stored hashed, not shown)."
+        );
+    } else if let Some(token) = &running.admin_token {
         let _ = writeln!(out);
         let _ = writeln!(
             out,

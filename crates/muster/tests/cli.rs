@@ -214,6 +214,42 @@ fn a_short_operator_token_is_refused_at_start() {
     );
 }
 
+#[test]
+fn a_chosen_admin_token_is_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let chosen = "chosen-admin-token-0123456789-abcdefghij";
+    let mut served = Served::start(dir.path(), &[("MUSTER_ADMIN_TOKEN", chosen)]);
+    assert!(
+        served
+            .banner
+            .iter()
+            .any(|l| l.contains("the one MUSTER_ADMIN_TOKEN set")),
+        "{:?}",
+        served.banner
+    );
+    assert!(
+        !served.banner.iter().any(|l| l.contains(chosen)),
+        "{:?}",
+        served.banner
+    );
+    served.terminate();
+    assert!(served.wait(Duration::from_secs(30)).success());
+}
+
+#[test]
+fn a_token_lifetime_of_zero_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["token", "create", "--ttl-seconds", "0"][..],
+        &["token", "update", "some-id", "--ttl-seconds", "0"][..],
+    ] {
+        let out = muster(args, dir.path());
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("0 is not in 1..=31536000"), "{stderr}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_writes_leaves_no_half_written_state() {
     let dir = tempfile::tempdir().unwrap();
