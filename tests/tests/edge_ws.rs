@@ -230,10 +230,13 @@ muster_e2e::on_both_stores! {
         assert_eq!(entry["metadata"]["resolved_client_ip"], "2001:db8::7");
 
         // Version 2's LOCAL (the proxy speaking for itself): the socket's
-        // address stands.
+        // address stands, and a forwarding header on it, which the
+        // balancer did not write, is not read.
         let local = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
         let key = DeviceKey::generate();
-        let mut node = open_from_address_after(&host, "127.0.0.2", local, &[]).await.unwrap();
+        let mut node = open_from_address_after(&host, "127.0.0.2", local, &[("x-forwarded-for", "203.0.113.10")])
+            .await
+            .unwrap();
         node.handshake(&key, "node", json!({"mode": "node"})).await;
         let entry = upserted_entry(&mut operator, &key.device_id()).await;
         assert_eq!(entry["ip"], "127.0.0.2", "{entry}");
@@ -1254,6 +1257,10 @@ muster_e2e::on_both_stores! {
         let mut node = admin(&host).await;
         node.handshake(&DeviceKey::generate(), "node", json!({}))
             .await;
+        // Another tenant's peer: not counted in this tenant's status.
+        let (_, elsewhere) = host.client_token_in("tenant-b", &["operator.read"]).await;
+        let mut other = open(&host.ws_url(), &elsewhere, TokenVia::Bearer, None).await.unwrap();
+        other.handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"})).await;
         let base = host.http_base();
         let (_, reader) = host.client_token(&["operator.read"]).await;
         let (_, writer) = host.client_token(&["operator.write"]).await;
@@ -1907,4 +1914,65 @@ muster_e2e::on_both_stores! {
         assert_eq!(hosts.last().map(String::as_str), Some("last words"), "{hosts:?}");
         host.stop().await;
     }
+}
+
+/// Reads until the server ends the connection; what it read meanwhile.
+async fn read_to_end(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut read = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut buf))
+            .await
+            .expect("the edge ended the connection")
+            .unwrap_or(0);
+        if n == 0 {
+            return read;
+        }
+        read.extend_from_slice(&buf[..n]);
+    }
+}
+
+// A connection that sends nothing, or a request's head that never ends,
+// is dropped at the 10 s deadline instead of holding a socket and a task
+// for as long as the client likes; so is a kept-alive connection idle
+// after its request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_does_not_send_a_request_in_time_is_dropped() {
+    use tokio::io::AsyncWriteExt;
+    let host = Host::start(None).await;
+    let address = host.http_base().trim_start_matches("http://").to_owned();
+    let started = std::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(&address).await.unwrap();
+    partial
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: muster\r\n")
+        .await
+        .unwrap();
+    let mut kept = tokio::net::TcpStream::connect(&address).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: muster\r\n\r\n")
+        .await
+        .unwrap();
+    let (silent, partial, kept) = tokio::join!(
+        read_to_end(&mut silent),
+        read_to_end(&mut partial),
+        read_to_end(&mut kept)
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "dropped before the deadline: {:?}",
+        started.elapsed()
+    );
+    assert!(silent.is_empty(), "{}", String::from_utf8_lossy(&silent));
+    assert!(
+        !String::from_utf8_lossy(&partial).contains("200 OK"),
+        "{}",
+        String::from_utf8_lossy(&partial)
+    );
+    assert!(
+        String::from_utf8_lossy(&kept).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&kept)
+    );
+    host.stop().await;
 }

@@ -1130,7 +1130,8 @@ pub(crate) async fn status(edge: &Edge, tenant_id: &str) -> Value {
         "ws_url": edge.ws_url,
         "version": env!("CARGO_PKG_VERSION"),
         "started_at": muster_protocol::format_datetime(edge.started_at_ms),
-        "connections": edge.open_connections(),
+        // This tenant's: another tenant's traffic is not its to see.
+        "connections": edge.tenant_connections(tenant_id),
         "presence": presence,
     })
 }

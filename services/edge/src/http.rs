@@ -40,6 +40,11 @@ pub(crate) fn router(edge: Arc<Edge>) -> Router {
 #[derive(Debug, Clone)]
 pub(crate) struct ClientCert(pub(crate) Option<CertificateDer<'static>>);
 
+/// The connection came with a PROXY `LOCAL` header: its address is the
+/// balancer's own, and no forwarding header on it is the balancer's.
+#[derive(Clone, Copy)]
+pub(crate) struct ProxyLocal;
+
 /// Sets up an accepted socket. Without TCP_NODELAY a small frame written
 /// behind another small one (an event after a ping) waits for the peer's
 /// delayed ACK: 40 ms.
@@ -98,7 +103,7 @@ pub(crate) async fn serve(
                 .trusted_proxies
                 .trusts(remote.ip().to_canonical());
         if !proxied && tls.is_none() {
-            tokio::spawn(serve_connection(tcp, app, remote, None, watcher));
+            tokio::spawn(serve_connection(tcp, app, remote, None, false, watcher));
             continue;
         }
         let (tls, stopping) = (tls.clone(), edge.shutdown.clone());
@@ -107,6 +112,10 @@ pub(crate) async fn serve(
             // A connection still in its PROXY header or TLS handshake at
             // shutdown is dropped: its watcher would hold the drain until
             // the deadline.
+            // A `LOCAL` header: the balancer speaks for itself (a health
+            // check), and a forwarding header on it was written by whoever
+            // is on the other side, not by the balancer.
+            let mut local = false;
             let remote = if proxied {
                 let header = tokio::select! {
                     _ = stopping.cancelled() => return,
@@ -117,7 +126,10 @@ pub(crate) async fn serve(
                 };
                 match header {
                     Ok(Ok(proxy_protocol::Header::Proxied(source))) => source,
-                    Ok(Ok(proxy_protocol::Header::Local)) => remote,
+                    Ok(Ok(proxy_protocol::Header::Local)) => {
+                        local = true;
+                        remote
+                    }
                     // A TCP health check: connected, and closed again.
                     Ok(Err(proxy_protocol::HeaderError::Closed)) => return,
                     Ok(Err(error)) => {
@@ -135,7 +147,7 @@ pub(crate) async fn serve(
                 remote
             };
             let Some(tls) = tls else {
-                serve_connection(tcp, app, remote, None, watcher).await;
+                serve_connection(tcp, app, remote, None, local, watcher).await;
                 return;
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -150,10 +162,16 @@ pub(crate) async fn serve(
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .map(|c| c.clone().into_owned());
-            serve_connection(stream, app, remote, cert, watcher).await;
+            serve_connection(stream, app, remote, cert, local, watcher).await;
         });
     }
 }
+
+/// How long a connection may take to send a request's head, counted from
+/// its start (or from the end of its previous request), whatever
+/// protocol: a client that sends nothing, or a head byte by byte, is
+/// dropped then instead of holding a socket and a task.
+const REQUEST_HEAD_DEADLINE: Duration = Duration::from_secs(10);
 
 /// HTTP on one accepted connection. An upgrade request for any path but
 /// `/ws` gets no response at all: the service fails, and the connection
@@ -164,6 +182,7 @@ async fn serve_connection<S>(
     app: Router,
     remote: SocketAddr,
     cert: Option<CertificateDer<'static>>,
+    local: bool,
     watcher: hyper_util::server::graceful::Watcher,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -173,6 +192,9 @@ async fn serve_connection<S>(
             request.headers().contains_key(header::UPGRADE) && request.uri().path() != "/ws";
         request.extensions_mut().insert(ConnectInfo(remote));
         request.extensions_mut().insert(ClientCert(cert.clone()));
+        if local {
+            request.extensions_mut().insert(ProxyLocal);
+        }
         let app = app.clone();
         async move {
             if refused {
@@ -184,8 +206,16 @@ async fn serve_connection<S>(
             }
         }
     });
-    let builder =
+    let mut builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // Each request's head, the first and every later one on a kept-alive
+    // connection, within the deadline (hyper needs a timer for it).
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(REQUEST_HEAD_DEADLINE);
+    builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    let stream = crate::first_byte::FirstByte::new(stream, REQUEST_HEAD_DEADLINE);
     let connection =
         builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service);
     let _ = watcher.watch(connection).await;
@@ -195,12 +225,17 @@ async fn upgrade(
     State(edge): State<Arc<Edge>>,
     ConnectInfo(remote): ConnectInfo<SocketAddr>,
     cert: Option<axum::Extension<ClientCert>>,
+    local: Option<axum::Extension<ProxyLocal>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    let client = match local {
+        Some(_) => remote.ip().to_canonical(),
+        None => edge.config.trusted_proxies.resolve(remote.ip(), &headers),
+    };
     let remote = PeerAddress {
         socket: remote,
-        client: edge.config.trusted_proxies.resolve(remote.ip(), &headers),
+        client,
     };
     if let Err(retry_after) = edge
         .upgrade_limit

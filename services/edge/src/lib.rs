@@ -9,6 +9,7 @@ pub mod auth;
 mod batch;
 mod client_ip;
 mod connection;
+mod first_byte;
 mod http;
 mod limit;
 mod outbound;
@@ -283,6 +284,11 @@ impl Edge {
 
     pub fn open_connections(&self) -> u64 {
         self.registry.len() as u64
+    }
+
+    /// The connections of one tenant's peers.
+    pub(crate) fn tenant_connections(&self, tenant_id: &str) -> u64 {
+        self.registry.tenant(tenant_id).len() as u64
     }
 
     fn identity(&self) -> IdentityClient<Bounded> {
