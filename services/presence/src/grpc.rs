@@ -58,6 +58,15 @@ pub const LIST_PAGE: usize = muster_protocol::topics::LIST_PAGE as usize;
 /// reply carries.
 pub const CONNECTIONS_PAGE: usize = 5000;
 
+/// The size of a page a caller asked for: at most `most`, and `most`
+/// when it named none (0).
+fn page(limit: u32, most: usize) -> usize {
+    match limit {
+        0 => most,
+        n => (n as usize).min(most),
+    }
+}
+
 /// Who may call what on presence; everything else is denied.
 pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Presence/UpdateInstances", &[Edge]),
@@ -235,10 +244,7 @@ impl Presence for PresenceService {
     ) -> Result<Response<pb::EdgeSessionConnectionsResponse>, Status> {
         let r = request.into_inner();
         let after = r.after.unwrap_or_default();
-        let limit = match r.limit {
-            0 => CONNECTIONS_PAGE,
-            n => (n as usize).min(CONNECTIONS_PAGE),
-        };
+        let limit = page(r.limit, CONNECTIONS_PAGE);
         let (pairs, more) = self
             .topics
             .edge_session_connections(&r.edge_id, (&after.tenant_id, &after.connection_id), limit)
@@ -315,10 +321,7 @@ impl Presence for PresenceService {
     ) -> Result<Response<pb::ListTopicResponse>, Status> {
         let r = request.into_inner();
         let edge = (!r.edge_id.is_empty()).then_some(r.edge_id.as_str());
-        let limit = match r.limit {
-            0 => LIST_PAGE,
-            n => (n as usize).min(LIST_PAGE),
-        };
+        let limit = page(r.limit, LIST_PAGE);
         let (sessions, more) = self
             .topics
             .list(&r.tenant_id, &r.topic, edge, &r.after, limit)
