@@ -526,31 +526,27 @@ async fn insert_row(tx: &mut Tx, s: &TopicSession) -> Result<bool, StoreError> {
     Ok(inserted.rows_affected() == 1)
 }
 
-/// Forgets what was kept aside of a session for an edge taken for gone
-/// (of `device_id`'s, or any device's): a peer that tracks or untracks it
+/// Forgets what was kept aside of `device_id`'s session (or of one of no
+/// device) for an edge taken for gone: a peer that tracks or untracks it
 /// has decided for it, and a revival must not bring back the old one.
 async fn drop_kept(
     tx: &mut Tx,
     tenant_id: &str,
     topic: &str,
     session_id: &str,
-    device_id: Option<&str>,
+    device_id: &str,
 ) -> Result<(), StoreError> {
-    let held = match device_id {
-        Some(_) => format!(" AND {}", held_by(4)),
-        None => String::new(),
-    };
-    let sql = format!(
-        "DELETE FROM topic_sessions_gone WHERE tenant_id = $1 AND topic = $2 AND session_id = $3{held}"
-    );
-    let mut query = sqlx::query(&sql)
-        .bind(tenant_id)
-        .bind(topic)
-        .bind(session_id);
-    if let Some(device_id) = device_id {
-        query = query.bind(device_id);
-    }
-    query.execute(&mut **tx).await?;
+    sqlx::query(&format!(
+        "DELETE FROM topic_sessions_gone WHERE tenant_id = $1 AND topic = $2 AND session_id = $3 \
+         AND {}",
+        held_by(4)
+    ))
+    .bind(tenant_id)
+    .bind(topic)
+    .bind(session_id)
+    .bind(device_id)
+    .execute(&mut **tx)
+    .await?;
     Ok(())
 }
 
@@ -611,14 +607,7 @@ impl TopicStore for Store {
             // The kept row before the live one, the order a revival takes
             // them in: otherwise each could wait for the other. A session
             // kept aside for another device's peer is still that device's.
-            drop_kept(
-                &mut tx,
-                &s.tenant_id,
-                &s.topic,
-                &s.session_id,
-                Some(&s.device_id),
-            )
-            .await?;
+            drop_kept(&mut tx, &s.tenant_id, &s.topic, &s.session_id, &s.device_id).await?;
             if kept_for_another(&mut tx, s).await? {
                 return Ok(Tracked::Held);
             }
@@ -681,14 +670,7 @@ impl TopicStore for Store {
                 }
             };
             // Again: a sweep may have kept it aside since.
-            drop_kept(
-                &mut tx,
-                &s.tenant_id,
-                &s.topic,
-                &s.session_id,
-                Some(&s.device_id),
-            )
-            .await?;
+            drop_kept(&mut tx, &s.tenant_id, &s.topic, &s.session_id, &s.device_id).await?;
             self.commit(tx).await?;
             return Ok(Tracked::Session(Box::new(tracked)));
         }
@@ -718,7 +700,7 @@ impl TopicStore for Store {
                 .bind(device_id)
         };
         let mut removed = leave_all(&mut tx, query()).await?;
-        drop_kept(&mut tx, tenant_id, topic, session_id, Some(device_id)).await?;
+        drop_kept(&mut tx, tenant_id, topic, session_id, device_id).await?;
         // On Postgres a revival may have put the session back meanwhile,
         // unseen by the first look: the kept row waited for it.
         removed.extend(leave_all(&mut tx, query()).await?);
