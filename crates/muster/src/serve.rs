@@ -212,7 +212,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let tls_dir = config.tls();
     let reload = Duration::from_secs(config.cert_reload_secs);
 
-    let mut admin_token = None;
+    let mut identity = None;
     let mut servers = Vec::new();
     let mut background = Vec::new();
     let mut addresses = BTreeMap::new();
@@ -240,10 +240,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             }
             ServiceName::Identity => {
                 let tokens = Tokens::new(Arc::new(store.clone()));
-                admin_token = tokens
-                    .bootstrap_admin(&config.default_tenant, config.admin_token.as_deref())
-                    .await
-                    .map_err(|e| anyhow::anyhow!("minting the admin token: {e}"))?;
+                identity = Some(tokens.clone());
                 muster_identity::spec(tokens)
             }
             ServiceName::Approvals => {
@@ -372,6 +369,15 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         Some(file)
     } else {
         None
+    };
+    // Last, once nothing else can fail: a start that fails after minting
+    // would lose the only copy of the admin token.
+    let admin_token = match identity {
+        Some(tokens) => tokens
+            .bootstrap_admin(&config.default_tenant, config.admin_token.as_deref())
+            .await
+            .map_err(|e| anyhow::anyhow!("minting the admin token: {e}"))?,
+        None => None,
     };
     tracing::info!(store = %redact_url(&config.store_url()), services = ?endpoints.services, "muster started");
     Ok(Running {

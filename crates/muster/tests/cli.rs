@@ -215,6 +215,32 @@ fn a_short_operator_token_is_refused_at_start() {
 }
 
 #[test]
+fn a_first_start_that_fails_leaves_the_admin_token_to_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--edge-listen", "127.0.0.1:0", "--metrics-listen"])
+        .arg(taken.local_addr().unwrap().to_string())
+        .arg("--data-dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("binding metrics"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("Admin token"));
+
+    let mut served = Served::start(dir.path(), &[]);
+    assert!(served.token().is_some(), "{:?}", served.banner);
+    served.terminate();
+    assert!(served.wait(Duration::from_secs(30)).success());
+}
+
+#[test]
 fn a_chosen_admin_token_is_never_printed() {
     let dir = tempfile::tempdir().unwrap();
     let chosen = "chosen-admin-token-0123456789-abcdefghij";

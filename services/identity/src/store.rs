@@ -62,8 +62,15 @@ pub trait TokenStore: Send + Sync + 'static {
         event: &NewItem,
     ) -> Result<bool, StoreError>;
     async fn list_tokens(&self, tenant_id: &str) -> Result<Vec<TokenRecord>, StoreError>;
-    /// Whether any admin token, live or revoked, was ever minted.
-    async fn admin_token_minted(&self) -> Result<bool, StoreError>;
+    /// Stores the first admin token, in one transaction with the claim
+    /// that the database's admin token was minted; false (and nothing
+    /// stored) when that claim was made before, by this process or another.
+    async fn insert_first_admin(
+        &self,
+        record: &TokenRecord,
+        digest: &str,
+        event: &NewItem,
+    ) -> Result<bool, StoreError>;
 }
 
 const COLUMNS: &str = "token_id, tenant_id, role, scopes, label, created_at_ms, revoked_at_ms, \
@@ -97,24 +104,33 @@ impl TokenStore for Store {
         event: &NewItem,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin().await?;
-        sqlx::query(
-            "INSERT INTO operator_tokens (token_id, tenant_id, digest, role, scopes, label, \
-             created_at_ms, device_id, expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-        )
-        .bind(&record.token_id)
-        .bind(&record.tenant_id)
-        .bind(digest)
-        .bind(record.role.as_str())
-        .bind(serde_json::to_string(&record.scopes).unwrap_or_default())
-        .bind(&record.label)
-        .bind(record.created_at_ms)
-        .bind(record.device_id.as_deref())
-        .bind(record.expires_at_ms)
-        .execute(&mut *tx)
-        .await?;
-        outbox::append(&mut tx, event).await?;
+        insert(&mut tx, record, digest, event).await?;
         self.commit(tx).await?;
         Ok(())
+    }
+
+    async fn insert_first_admin(
+        &self,
+        record: &TokenRecord,
+        digest: &str,
+        event: &NewItem,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.begin().await?;
+        let claimed = sqlx::query(
+            "INSERT INTO identity_bootstrap (step, at_ms) VALUES ('admin', $1) \
+             ON CONFLICT (step) DO NOTHING",
+        )
+        .bind(record.created_at_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !claimed {
+            return Ok(false);
+        }
+        insert(&mut tx, record, digest, event).await?;
+        self.commit(tx).await?;
+        Ok(true)
     }
 
     async fn token_by_digest(&self, digest: &str) -> Result<Option<TokenRecord>, StoreError> {
@@ -184,11 +200,29 @@ impl TokenStore for Store {
         record,
     ).await
     }
+}
 
-    async fn admin_token_minted(&self) -> Result<bool, StoreError> {
-        let row = sqlx::query("SELECT COUNT(*) FROM operator_tokens WHERE role = 'admin'")
-            .fetch_one(self.pool())
-            .await?;
-        Ok(row.try_get::<i64, _>(0)? > 0)
-    }
+async fn insert(
+    tx: &mut muster_store::Tx,
+    record: &TokenRecord,
+    digest: &str,
+    event: &NewItem,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO operator_tokens (token_id, tenant_id, digest, role, scopes, label, \
+         created_at_ms, device_id, expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+    )
+    .bind(&record.token_id)
+    .bind(&record.tenant_id)
+    .bind(digest)
+    .bind(record.role.as_str())
+    .bind(serde_json::to_string(&record.scopes).unwrap_or_default())
+    .bind(&record.label)
+    .bind(record.created_at_ms)
+    .bind(record.device_id.as_deref())
+    .bind(record.expires_at_ms)
+    .execute(&mut **tx)
+    .await?;
+    outbox::append(tx, event).await?;
+    Ok(())
 }

@@ -236,61 +236,13 @@ impl Tokens {
         ttl_seconds: Option<u64>,
     ) -> Result<(TokenRecord, Secret), TokenError> {
         let secret = new_secret(role);
-        let record = self
-            .store_new(
-                tenant_id,
-                role,
-                scopes,
-                label,
-                device_id,
-                ttl_seconds,
-                &secret,
-            )
-            .await?;
-        Ok((record, secret))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn store_new(
-        &self,
-        tenant_id: &str,
-        role: Role,
-        scopes: Vec<String>,
-        label: &str,
-        device_id: Option<&str>,
-        ttl_seconds: Option<u64>,
-        secret: &Secret,
-    ) -> Result<TokenRecord, TokenError> {
-        if let Some(ttl) = ttl_seconds
-            && !(1..=MAX_TTL_SECONDS).contains(&ttl)
-        {
-            return Err(TokenError::Invalid(format!(
-                "ttl_seconds must be between 1 and {MAX_TTL_SECONDS}"
-            )));
-        }
-        if tenant_id.trim().is_empty() {
-            return Err(TokenError::Invalid("tenant_id is required".into()));
-        }
-        let scopes = checked(role, scopes, label, device_id)?;
-        let created_at_ms = now_ms();
-        let record = TokenRecord {
-            token_id: uuid::Uuid::new_v4().to_string(),
-            tenant_id: tenant_id.to_owned(),
-            role,
-            scopes,
-            label: label.to_owned(),
-            created_at_ms,
-            revoked_at_ms: None,
-            device_id: device_id.map(str::to_owned),
-            expires_at_ms: ttl_seconds.map(|ttl| created_at_ms + ttl as i64 * 1000),
-            updated_at_ms: 0,
-        };
+        let record = new_record(tenant_id, role, scopes, label, device_id, ttl_seconds)?;
         let event = token_event("token.created", &record);
         self.store
             .insert_token(&record, &digest(secret.expose()), &event)
             .await?;
-        tracing::info!(token_id = %record.token_id, tenant_id = %record.tenant_id, role = role.as_str(), "operator token minted");
-        Ok(record)
+        minted(&record);
+        Ok((record, secret))
     }
 
     /// The claims of a live token; unknown, revoked and expired tokens
@@ -417,24 +369,68 @@ impl Tokens {
                 "MUSTER_ADMIN_TOKEN must be at least {MIN_PROVIDED_TOKEN_LEN} characters"
             )));
         }
-        if self.store.admin_token_minted().await? {
-            return Ok(None);
-        }
         let secret = provided
             .map(|v| Secret(v.to_owned()))
             .unwrap_or_else(|| new_secret(Role::Admin));
-        self.store_new(
+        let record = new_record(
             tenant_id,
             Role::Admin,
             vec!["*".into()],
             "initial admin",
             None,
             None,
-            &secret,
-        )
-        .await?;
+        )?;
+        let event = token_event("token.created", &record);
+        if !self
+            .store
+            .insert_first_admin(&record, &digest(secret.expose()), &event)
+            .await?
+        {
+            return Ok(None);
+        }
+        minted(&record);
         Ok(Some(secret))
     }
+}
+
+/// A new token's record, its arguments checked.
+fn new_record(
+    tenant_id: &str,
+    role: Role,
+    scopes: Vec<String>,
+    label: &str,
+    device_id: Option<&str>,
+    ttl_seconds: Option<u64>,
+) -> Result<TokenRecord, TokenError> {
+    if let Some(ttl) = ttl_seconds
+        && !(1..=MAX_TTL_SECONDS).contains(&ttl)
+    {
+        return Err(TokenError::Invalid(format!(
+            "ttl_seconds must be between 1 and {MAX_TTL_SECONDS}"
+        )));
+    }
+    if tenant_id.trim().is_empty() {
+        return Err(TokenError::Invalid("tenant_id is required".into()));
+    }
+    let scopes = checked(role, scopes, label, device_id)?;
+    let created_at_ms = now_ms();
+    let record = TokenRecord {
+        token_id: uuid::Uuid::new_v4().to_string(),
+        tenant_id: tenant_id.to_owned(),
+        role,
+        scopes,
+        label: label.to_owned(),
+        created_at_ms,
+        revoked_at_ms: None,
+        device_id: device_id.map(str::to_owned),
+        expires_at_ms: ttl_seconds.map(|ttl| created_at_ms + ttl as i64 * 1000),
+        updated_at_ms: 0,
+    };
+    Ok(record)
+}
+
+fn minted(record: &TokenRecord) {
+    tracing::info!(token_id = %record.token_id, tenant_id = %record.tenant_id, role = record.role.as_str(), "operator token minted");
 }
 
 /// A token's change, for operators with `operator.admin` (and the edges,

@@ -180,6 +180,22 @@ muster_store::backend_suite! {
         assert!(outbox_text(&store).await.contains(&device));
     }
 
+    async fn a_database_upgraded_with_an_admin_token_mints_no_other(store: Store) {
+        // As before the bootstrap claim existed: its table and migration
+        // gone, an admin token minted.
+        sqlx::query("DROP TABLE identity_bootstrap").execute(store.pool()).await.unwrap();
+        sqlx::query("DELETE FROM _sqlx_migrations WHERE description = 'identity bootstrap'")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let tokens = Tokens::new(Arc::new(store.clone()));
+        tokens.create("t1", Role::Admin, vec!["*".into()], "earlier admin", None, None).await.unwrap();
+
+        store.migrate().await.unwrap();
+        assert!(tokens.bootstrap_admin("t1", None).await.unwrap().is_none());
+        assert_eq!(tokens.list("t1").await.unwrap().len(), 1);
+    }
+
     async fn the_first_admin_token_is_minted_once(store: Store) {
         let tokens = Tokens::new(Arc::new(store.clone()));
         let short = tokens.bootstrap_admin("t1", Some("too-short")).await;
@@ -198,4 +214,39 @@ muster_store::backend_suite! {
         assert!(tokens.bootstrap_admin("t1", Some(chosen)).await.unwrap().is_none());
         assert_eq!(tokens.list("t1").await.unwrap().len(), 1);
     }
+}
+
+/// Replicas of identity each have their own pool; on an empty database
+/// they race to mint the admin token, and only one may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_replicas_on_one_postgres_mint_one_admin_token() {
+    let url = muster_store::testing::create_postgres_database().await;
+    let mut replicas = Vec::new();
+    for _ in 0..4 {
+        let store = Store::connect(&url, &muster_store::StoreOptions::default())
+            .await
+            .unwrap();
+        replicas.push(Tokens::new(Arc::new(store)));
+    }
+    let first = Store::connect(&url, &muster_store::StoreOptions::default())
+        .await
+        .unwrap();
+    first.migrate().await.unwrap();
+    let starts = replicas.into_iter().flat_map(|tokens| {
+        let tokens = Arc::new(tokens);
+        (0..4).map(move |_| {
+            let tokens = tokens.clone();
+            tokio::spawn(async move { tokens.bootstrap_admin("t1", None).await })
+        })
+    });
+    let starts: Vec<_> = starts.collect();
+    let mut minted = 0;
+    for start in starts {
+        if start.await.unwrap().unwrap().is_some() {
+            minted += 1;
+        }
+    }
+    assert_eq!(minted, 1);
+    let tokens = Tokens::new(Arc::new(first));
+    assert_eq!(tokens.list("t1").await.unwrap().len(), 1);
 }

@@ -1,0 +1,14 @@
+-- What identity does once per database, claimed by its key. Replicas that
+-- start together on an empty database race to insert the claim; the one
+-- whose insert lands mints the admin token in the same transaction, the
+-- others mint nothing.
+CREATE TABLE identity_bootstrap (
+    step     TEXT   PRIMARY KEY,
+    at_ms    BIGINT NOT NULL
+);
+
+-- A database that already has an admin token has had its first start:
+-- without this claim an upgrade would mint a second admin token.
+INSERT INTO identity_bootstrap (step, at_ms)
+SELECT 'admin', MIN(created_at_ms) FROM operator_tokens WHERE role = 'admin'
+HAVING COUNT(*) > 0;
