@@ -863,7 +863,10 @@ muster_e2e::on_both_stores! {
         ));
         let revoked_at = std::time::Instant::now();
         identity
-            .revoke_token(muster_proto::v1::RevokeTokenRequest { token_id })
+            .revoke_token(muster_proto::v1::RevokeTokenRequest {
+                token_id,
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert_closed(&mut ws, 4001, "token revoked").await;

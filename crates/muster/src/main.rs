@@ -594,7 +594,10 @@ async fn run_token(file: Option<&std::path::Path>, token: Token) -> anyhow::Resu
             let ctl = Ctl::new(&load(file, &common)?)?;
             let mut identity = IdentityClient::new(ctl.channel(ServiceName::Identity)?);
             let info = identity
-                .revoke_token(RevokeTokenRequest { token_id })
+                .revoke_token(RevokeTokenRequest {
+                    token_id,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             print!("revoked ");

@@ -325,8 +325,12 @@ pub(crate) async fn revoke(
     }
     match edge
         .identity()
+        // Identity revokes only the token as checked here: this tenant's,
+        // unchanged since (not promoted to admin meanwhile).
         .revoke_token(pb::RevokeTokenRequest {
             token_id: token_id.clone(),
+            tenant_id: claims.tenant_id.clone(),
+            if_updated_at_ms: Some(target.updated_at_ms),
         })
         .await
     {
@@ -335,6 +339,11 @@ pub(crate) async fn revoke(
         Err(status) if status.code() == tonic::Code::NotFound => {
             axum::Json(json!({"revoked": false})).into_response()
         }
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => refusal(
+            StatusCode::CONFLICT,
+            "conflict",
+            "the token changed meanwhile; try again",
+        ),
         Err(status) => failed(&status),
     }
 }

@@ -98,9 +98,14 @@ impl Identity for IdentityService {
         &self,
         request: Request<RevokeTokenRequest>,
     ) -> Result<Response<TokenInfo>, Status> {
+        let r = request.into_inner();
         let record = self
             .tokens
-            .revoke(&request.into_inner().token_id)
+            .revoke(
+                &r.token_id,
+                Some(r.tenant_id.as_str()).filter(|t| !t.is_empty()),
+                r.if_updated_at_ms,
+            )
             .await
             .map_err(|e| to_status(&e))?;
         Ok(Response::new(info(record)))

@@ -45,10 +45,12 @@ pub trait TokenStore: Send + Sync + 'static {
     ) -> Result<(), StoreError>;
     async fn token_by_digest(&self, digest: &str) -> Result<Option<TokenRecord>, StoreError>;
     async fn token_by_id(&self, token_id: &str) -> Result<Option<TokenRecord>, StoreError>;
-    /// Marks a live token revoked; false when there was no live token.
+    /// Marks a live token revoked if its version is still `previous`;
+    /// false when there was no such token.
     async fn revoke_token(
         &self,
         token_id: &str,
+        previous: i64,
         at_ms: i64,
         event: &NewItem,
     ) -> Result<bool, StoreError>;
@@ -158,14 +160,17 @@ impl TokenStore for Store {
     async fn revoke_token(
         &self,
         token_id: &str,
+        previous: i64,
         at_ms: i64,
         event: &NewItem,
     ) -> Result<bool, StoreError> {
         let revoke = sqlx::query(
-            "UPDATE operator_tokens SET revoked_at_ms = $1 WHERE token_id = $2 AND revoked_at_ms IS NULL",
+            "UPDATE operator_tokens SET revoked_at_ms = $1 \
+             WHERE token_id = $2 AND revoked_at_ms IS NULL AND updated_at_ms = $3",
         )
         .bind(at_ms)
-        .bind(token_id);
+        .bind(token_id)
+        .bind(previous);
         outbox::change_with_event(self, revoke, event).await
     }
 

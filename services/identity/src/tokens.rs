@@ -267,20 +267,38 @@ impl Tokens {
     }
 
     /// Revokes a live token and emits `token.revoked`, which edges act on
-    /// by closing that token's connections.
-    pub async fn revoke(&self, token_id: &str) -> Result<TokenRecord, TokenError> {
-        let record = self.live(token_id).await?;
-        let at = now_ms();
-        let revoked = TokenRecord {
-            revoked_at_ms: Some(at),
-            ..record
-        };
-        let event = token_event("token.revoked", &revoked);
-        if !self.store.revoke_token(token_id, at, &event).await? {
-            return Err(TokenError::NotFound(token_id.to_owned()));
+    /// by closing that token's connections. With conditions, only a token
+    /// of `only_in_tenant` (else `NotFound`) last changed at
+    /// `only_if_updated_at_ms` (else `Changed`): the token as the caller
+    /// checked it.
+    pub async fn revoke(
+        &self,
+        token_id: &str,
+        only_in_tenant: Option<&str>,
+        only_if_updated_at_ms: Option<i64>,
+    ) -> Result<TokenRecord, TokenError> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let record = self.live(token_id).await?;
+            expected(&record, only_in_tenant, only_if_updated_at_ms)?;
+            let previous = record.updated_at_ms;
+            let at = now_ms();
+            let revoked = TokenRecord {
+                revoked_at_ms: Some(at),
+                ..record
+            };
+            // The event describes the token as revoked, so the revoke
+            // applies only to that version of it.
+            let event = token_event("token.revoked", &revoked);
+            if self
+                .store
+                .revoke_token(token_id, previous, at, &event)
+                .await?
+            {
+                tracing::info!(token_id, "operator token revoked");
+                return Ok(revoked);
+            }
         }
-        tracing::info!(token_id, "operator token revoked");
-        Ok(revoked)
+        Err(TokenError::Changed(token_id.to_owned()))
     }
 
     /// Changes a live token and emits `token.updated`, which edges act on
@@ -304,19 +322,11 @@ impl Tokens {
         }
         for _ in 0..UPDATE_ATTEMPTS {
             let record = self.live(token_id).await?;
-            if change
-                .only_in_tenant
-                .as_ref()
-                .is_some_and(|tenant| *tenant != record.tenant_id)
-            {
-                return Err(TokenError::NotFound(token_id.to_owned()));
-            }
-            if change
-                .only_if_updated_at_ms
-                .is_some_and(|at| at != record.updated_at_ms)
-            {
-                return Err(TokenError::Changed(token_id.to_owned()));
-            }
+            expected(
+                &record,
+                change.only_in_tenant.as_deref(),
+                change.only_if_updated_at_ms,
+            )?;
             let previous = record.updated_at_ms;
             let role = change.role.unwrap_or(record.role);
             let device_id = change.device_id.clone().unwrap_or(record.device_id.clone());
@@ -391,6 +401,22 @@ impl Tokens {
         minted(&record);
         Ok(Some(secret))
     }
+}
+
+/// Whether `record` meets a caller's conditions: `NotFound` for another
+/// tenant's token, `Changed` for a version other than the one it checked.
+fn expected(
+    record: &TokenRecord,
+    only_in_tenant: Option<&str>,
+    only_if_updated_at_ms: Option<i64>,
+) -> Result<(), TokenError> {
+    if only_in_tenant.is_some_and(|tenant| tenant != record.tenant_id) {
+        return Err(TokenError::NotFound(record.token_id.clone()));
+    }
+    if only_if_updated_at_ms.is_some_and(|at| at != record.updated_at_ms) {
+        return Err(TokenError::Changed(record.token_id.clone()));
+    }
+    Ok(())
 }
 
 /// A new token's record, its arguments checked.

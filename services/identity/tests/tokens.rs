@@ -33,10 +33,10 @@ muster_store::backend_suite! {
         assert_eq!(verified, record);
         assert!(matches!(tokens.verify("muster_wrong").await, Err(TokenError::Unrecognized)));
 
-        let revoked = tokens.revoke(&record.token_id).await.unwrap();
+        let revoked = tokens.revoke(&record.token_id, None, None).await.unwrap();
         assert!(revoked.revoked_at_ms.is_some());
         assert!(matches!(tokens.verify(secret.expose()).await, Err(TokenError::Unrecognized)));
-        assert!(matches!(tokens.revoke(&record.token_id).await, Err(TokenError::NotFound(_))));
+        assert!(matches!(tokens.revoke(&record.token_id, None, None).await, Err(TokenError::NotFound(_))));
 
         let events = outbox_text(&store).await;
         assert!(events.contains("token.created") && events.contains("token.revoked"), "{events}");
@@ -157,10 +157,32 @@ muster_store::backend_suite! {
         assert!(a.updated_at_ms > node.updated_at_ms && b.updated_at_ms > node.updated_at_ms);
         let last = if a.updated_at_ms > b.updated_at_ms { a } else { b };
         assert_eq!(tokens.list("t1").await.unwrap(), [last]);
-        tokens.revoke(&record.token_id).await.unwrap();
+        tokens.revoke(&record.token_id, None, None).await.unwrap();
         let revoked = tokens.update(&record.token_id, TokenChange { label: Some("x".into()), ..Default::default() }).await;
         assert!(matches!(revoked, Err(TokenError::NotFound(_))), "{revoked:?}");
         assert!(matches!(tokens.update("no-such", TokenChange { label: Some("x".into()), ..Default::default() }).await, Err(TokenError::NotFound(_))));
+    }
+
+    async fn a_revoke_applies_only_to_the_token_as_its_caller_checked_it(store: Store) {
+        let tokens = Tokens::new(Arc::new(store.clone()));
+        let (record, secret) =
+            tokens.create("t1", Role::Client, vec!["operator.read".into()], "ci", None, None).await.unwrap();
+        // Promoted to admin after the caller looked at it.
+        let promoted = tokens
+            .update(&record.token_id, TokenChange { role: Some(Role::Admin), scopes: Some(vec!["*".into()]), ..Default::default() })
+            .await
+            .unwrap();
+        let events = outbox_text(&store).await;
+        let stale = tokens.revoke(&record.token_id, Some("t1"), Some(record.updated_at_ms)).await;
+        assert!(matches!(stale, Err(TokenError::Changed(_))), "{stale:?}");
+        let elsewhere = tokens.revoke(&record.token_id, Some("t2"), Some(promoted.updated_at_ms)).await;
+        assert!(matches!(elsewhere, Err(TokenError::NotFound(_))), "{elsewhere:?}");
+        assert_eq!(tokens.verify(secret.expose()).await.unwrap(), promoted);
+        assert_eq!(outbox_text(&store).await, events, "a refused revoke emits nothing");
+
+        let revoked = tokens.revoke(&record.token_id, Some("t1"), Some(promoted.updated_at_ms)).await.unwrap();
+        assert_eq!(revoked.role, Role::Admin);
+        assert!(matches!(tokens.verify(secret.expose()).await, Err(TokenError::Unrecognized)));
     }
 
     async fn node_tokens_name_their_device(store: Store) {
