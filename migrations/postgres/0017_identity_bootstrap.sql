@@ -7,8 +7,9 @@ CREATE TABLE identity_bootstrap (
     at_ms    BIGINT NOT NULL
 );
 
--- A database that already has an admin token has had its first start:
--- without this claim an upgrade would mint a second admin token.
+-- A database that has any token has had its first start (which minted the
+-- admin token, perhaps since demoted or revoked): without this claim an
+-- upgrade would mint another admin token.
 INSERT INTO identity_bootstrap (step, at_ms)
-SELECT 'admin', MIN(created_at_ms) FROM operator_tokens WHERE role = 'admin'
+SELECT 'admin', MIN(created_at_ms) FROM operator_tokens
 HAVING COUNT(*) > 0;

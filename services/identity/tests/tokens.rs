@@ -204,14 +204,16 @@ muster_store::backend_suite! {
 
     async fn a_database_upgraded_with_an_admin_token_mints_no_other(store: Store) {
         // As before the bootstrap claim existed: its table and migration
-        // gone, an admin token minted.
+        // gone, the admin token minted and since demoted.
         sqlx::query("DROP TABLE identity_bootstrap").execute(store.pool()).await.unwrap();
         sqlx::query("DELETE FROM _sqlx_migrations WHERE description = 'identity bootstrap'")
             .execute(store.pool())
             .await
             .unwrap();
         let tokens = Tokens::new(Arc::new(store.clone()));
-        tokens.create("t1", Role::Admin, vec!["*".into()], "earlier admin", None, None).await.unwrap();
+        let (admin, _) = tokens.create("t1", Role::Admin, vec!["*".into()], "earlier admin", None, None).await.unwrap();
+        let demote = TokenChange { role: Some(Role::Client), scopes: Some(vec!["operator.read".into()]), ..Default::default() };
+        tokens.update(&admin.token_id, demote).await.unwrap();
 
         store.migrate().await.unwrap();
         assert!(tokens.bootstrap_admin("t1", None).await.unwrap().is_none());
@@ -231,7 +233,11 @@ muster_store::backend_suite! {
         assert_eq!(claims.role, Role::Admin);
         assert_eq!(claims.scopes, vec!["*".to_string()]);
 
-        // A later start mints nothing, with or without a provided value.
+        // A later start mints nothing, with or without a provided value,
+        // even once the first admin token is demoted.
+        let first = tokens.list("t1").await.unwrap().remove(0);
+        let demote = TokenChange { role: Some(Role::Client), scopes: Some(vec!["operator.read".into()]), ..Default::default() };
+        tokens.update(&first.token_id, demote).await.unwrap();
         assert!(tokens.bootstrap_admin("t1", None).await.unwrap().is_none());
         assert!(tokens.bootstrap_admin("t1", Some(chosen)).await.unwrap().is_none());
         assert_eq!(tokens.list("t1").await.unwrap().len(), 1);
