@@ -151,6 +151,45 @@ muster_e2e::on_both_stores! {
     }
 }
 
+// A time limit on a delegated operator.admin token holds: what it issues
+// or edits may not outlive it.
+muster_e2e::on_both_stores! {
+    async fn a_time_limited_token_admin_makes_no_token_that_outlives_it(store: Option<String>) {
+        let host = Host::start(store).await;
+        let admin = host.admin_token();
+        let base = host.http_base();
+        let issue = format!("{base}/auth/tokens/issue");
+        let (status, limited) = http_post(&issue, Some(&admin), r#"{"role": "client", "scopes": ["operator.admin"], "ttl_seconds": 3600}"#);
+        assert_eq!(status, 201, "{limited}");
+        let (limited_id, limited) = (limited["token_id"].as_str().unwrap().to_owned(), limited["token"].as_str().unwrap().to_owned());
+        let before = tokens(&host, &admin);
+
+        for beyond in [
+            r#"{"role": "client", "scopes": ["operator.admin"]}"#,
+            r#"{"role": "client", "ttl_seconds": 7200}"#,
+        ] {
+            let (status, refused) = http_post(&issue, Some(&limited), beyond);
+            assert_eq!((status, &refused["error"]), (403, &json!("forbidden")), "{beyond}: {refused}");
+        }
+        let (status, within) = http_post(&issue, Some(&limited), r#"{"role": "client", "ttl_seconds": 60}"#);
+        assert_eq!(status, 201, "{within}");
+        let within_id = within["token_id"].as_str().unwrap();
+
+        // Nor may it lift its own limit, or another token's.
+        for (id, body) in [(limited_id.as_str(), r#"{"expires_at": null}"#), (within_id, r#"{"expires_at": null}"#), (within_id, r#"{"expires_at": "2999-01-01T00:00:00Z"}"#)] {
+            let (status, refused) = http_send("PATCH", &format!("{base}/auth/tokens/{id}"), Some(&limited), body);
+            assert_eq!((status, &refused["error"]), (403, &json!("forbidden")), "{id} {body}: {refused}");
+        }
+        let (status, renamed) = http_send("PATCH", &format!("{base}/auth/tokens/{within_id}"), Some(&limited), r#"{"display_name": "short"}"#);
+        assert_eq!(status, 200, "{renamed}");
+        let after = tokens(&host, &admin);
+        assert_eq!(after.len(), before.len() + 1, "only the token within reach was minted");
+        let own = after.iter().find(|t| t["token_id"] == limited_id.as_str()).unwrap();
+        assert!(own["expires_at"].is_string(), "{own}");
+        host.stop().await;
+    }
+}
+
 // A token issued with a lifetime admits peers until it expires; then its
 // live connections close with 4001 `token invalidated` (within a ping
 // interval) and it is refused everywhere.

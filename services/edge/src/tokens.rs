@@ -204,13 +204,28 @@ impl Issue {
 }
 
 /// An `operator.admin` token that is not an admin token issues no more
-/// than it holds: no admin tokens, no scopes it lacks.
-fn within_reach(claims: &Claims, role: &str, scopes: &[String]) -> Result<(), String> {
+/// than it holds: no admin tokens, no scopes it lacks, and no token that
+/// outlives it (`expires_at_ms`: when the resulting token expires, `None`
+/// for never); else a time limit on a delegated token would not hold.
+fn within_reach(
+    claims: &Claims,
+    role: &str,
+    scopes: &[String],
+    expires_at_ms: Option<i64>,
+) -> Result<(), String> {
     if claims.is_admin() {
         return Ok(());
     }
     if role == "admin" {
         return Err("only an admin token may make admin tokens".into());
+    }
+    if let Some(limit) = claims.expires_at_ms
+        && expires_at_ms.is_none_or(|at| at > limit)
+    {
+        return Err(format!(
+            "a token may not outlive the caller's, which expires at {}",
+            format_datetime(limit)
+        ));
     }
     match scopes
         .iter()
@@ -235,7 +250,11 @@ pub(crate) async fn issue(
         },
         Err(refused) => return refused,
     };
-    if let Err(message) = within_reach(&claims, &request.role, &request.scopes) {
+    let expires_at_ms = request.ttl_seconds.map(|ttl| {
+        let ttl_ms = i64::try_from(ttl).unwrap_or(i64::MAX).saturating_mul(1000);
+        muster_store::now_ms().saturating_add(ttl_ms)
+    });
+    if let Err(message) = within_reach(&claims, &request.role, &request.scopes, expires_at_ms) {
         return refusal(StatusCode::FORBIDDEN, "forbidden", &message);
     }
     let label = request
@@ -453,10 +472,14 @@ pub(crate) async fn edit(
         // reviving an expired token with scopes the caller lacks gives
         // them as much as minting it would.
         let scopes = change.scopes.as_ref().map_or(&target.scopes, |s| &s.scopes);
+        // 0: never.
+        let expiry = change.expires_at_ms.unwrap_or(target.expires_at_ms);
+        let expires_at_ms = (expiry != 0).then_some(expiry);
         let reach = within_reach(
             &claims,
             change.role.as_deref().unwrap_or(&target.role),
             scopes,
+            expires_at_ms,
         )
         .and_then(|()| {
             if target.role == "admin" {
