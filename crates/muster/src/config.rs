@@ -383,6 +383,17 @@ impl Config {
     }
 }
 
+/// Creates `dir` (and any missing parent) readable by its owner only: it
+/// holds the SQLite store, keys and the device key. A directory that exists
+/// keeps the mode its operator gave it.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

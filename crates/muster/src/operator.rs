@@ -25,7 +25,7 @@ pub fn device_key(data_dir: &Path) -> anyhow::Result<DeviceKey> {
         return Ok(DeviceKey::from_seed(seed));
     }
     let key = DeviceKey::generate();
-    std::fs::create_dir_all(data_dir)?;
+    crate::config::create_private_dir(data_dir)?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -108,7 +108,7 @@ impl Running {
 pub async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let url = config.store_url();
     if url.starts_with("sqlite:") {
-        std::fs::create_dir_all(&config.data_dir)
+        crate::config::create_private_dir(&config.data_dir)
             .with_context(|| format!("creating {}", config.data_dir.display()))?;
     }
     let options = StoreOptions {
@@ -137,6 +137,8 @@ fn prepare_certificates(config: &Config) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    crate::config::create_private_dir(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let (ca, created) = tls.ensure_ca(DEV_CA_VALIDITY)?;
     if created {
         tracing::info!(path = %tls.ca_cert_path().display(), "created a development CA");

@@ -134,6 +134,10 @@ fn first_start_prints_a_token_once_and_every_service_reports_healthy() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut served = Served::start(&data, &[]);
+    // The store, the keys: for the owner's eyes only.
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&data).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700);
     let token = served.token().expect("first start prints the admin token");
     assert!(token.starts_with("muster_") && token.len() >= 43, "{token}");
     assert!(

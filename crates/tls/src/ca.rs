@@ -387,16 +387,29 @@ fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(err)?;
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if private { 0o600 } else { 0o644 })
-        .open(&tmp)
-        .map_err(err)?;
-    file.write_all(bytes).map_err(err)?;
-    file.sync_all().map_err(err)?;
+    // Each target has its own temporary file, created afresh: a leftover
+    // one (a write cut short) would keep its mode, and a key written into
+    // a certificate's readable leftover would be readable too.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(e)),
+        _ => {}
+    }
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(if private { 0o600 } else { 0o644 })
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(err(e));
+    }
     std::fs::rename(&tmp, path).map_err(err)
 }
 
@@ -405,6 +418,26 @@ mod tests {
     use rcgen::PublicKeyData;
 
     use super::*;
+
+    #[test]
+    fn keys_are_written_readable_by_their_owner_only_whatever_was_left_over() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tls = TlsDir::new(dir.path());
+        // Leftovers of writes cut short, readable by all.
+        for name in ["ca.tmp", "ca.key.tmp", "ca.pem.tmp"] {
+            let leftover = dir.path().join(format!("{name}{}", std::process::id()));
+            std::fs::write(&leftover, b"old").unwrap();
+            std::fs::set_permissions(&leftover, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        tls.write_ca(
+            &CertificateAuthority::generate("muster.test", Duration::from_secs(3600)).unwrap(),
+        )
+        .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&tls.ca_key_path()), 0o600);
+        assert!(tls.load_ca().is_ok());
+    }
 
     #[test]
     fn a_device_certificate_names_the_device_and_carries_its_key() {
