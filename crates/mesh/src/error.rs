@@ -86,7 +86,9 @@ impl ServiceError for muster_store::StoreError {
     fn code(&self) -> ErrorCode {
         use muster_store::StoreError;
         match self {
-            StoreError::Invalid { .. } => ErrorCode::InvalidArgument,
+            StoreError::Invalid { .. } | StoreError::SecretInPayload { .. } => {
+                ErrorCode::InvalidArgument
+            }
             e if e.is_constraint_violation() => ErrorCode::InvalidState,
             StoreError::Database(sqlx_error) if is_unavailable(sqlx_error) => {
                 ErrorCode::Unavailable

@@ -92,6 +92,9 @@ muster_store::backend_suite! {
             let result = approvals.create(tenant, kind, context, ttl).await;
             assert!(matches!(result, Err(ApprovalError::Invalid(_))), "{result:?}");
         }
+        // A secret-named field is the caller's mistake, not the service's.
+        let secret = approvals.create("t1", "pairing", json!({"api_key": "x"}), None).await;
+        assert_eq!(secret.as_ref().map_err(muster_mesh::ServiceError::code).err(), Some(muster_mesh::ErrorCode::InvalidArgument), "{secret:?}");
         let created = approvals.create("t1", "pairing", json!({}), None).await.unwrap();
         let anonymous = approvals.decide("t1", &created.approval_id, approve(" ")).await;
         assert!(matches!(anonymous, Err(ApprovalError::Invalid(_))));
