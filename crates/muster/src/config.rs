@@ -21,6 +21,10 @@ pub struct NoFlags {}
 
 /// The shortest presence lifetime: two of the edges' 5 s refreshes.
 pub const MIN_PRESENCE_TTL_SECS: u64 = 10;
+/// A day: entries are refreshed every 5 s, so a longer lifetime only keeps
+/// the entries of peers that are gone.
+pub const MAX_PRESENCE_TTL_SECS: u64 = 86_400;
+pub const MAX_PRESENCE_CAP: usize = 1_000_000;
 
 /// The edge's frame limit by default: Part B's (Tyrum nodes return
 /// screenshots in `task.execute` results). Every byte of a frame is held
@@ -306,11 +310,21 @@ impl Config {
         }
         // Edges refresh presence every 5 s: a shorter lifetime would prune
         // live entries between two refreshes.
-        if self.presence_ttl_secs < MIN_PRESENCE_TTL_SECS {
-            bail!("presence_ttl_secs must be at least {MIN_PRESENCE_TTL_SECS}");
+        if !(MIN_PRESENCE_TTL_SECS..=MAX_PRESENCE_TTL_SECS).contains(&self.presence_ttl_secs) {
+            bail!(
+                "presence_ttl_secs must be from {MIN_PRESENCE_TTL_SECS} to {MAX_PRESENCE_TTL_SECS}"
+            );
         }
-        if self.presence_cap == 0 {
-            bail!("presence_cap must be at least 1");
+        if !(1..=MAX_PRESENCE_CAP).contains(&self.presence_cap) {
+            bail!("presence_cap must be from 1 to {MAX_PRESENCE_CAP}");
+        }
+        // Every record, lease and acknowledgement of an edge carries its id.
+        if let Some(edge_id) = &self.edge_id
+            && (edge_id.trim().is_empty()
+                || edge_id.len() > 128
+                || edge_id.chars().any(|c| c.is_control() || c.is_whitespace()))
+        {
+            bail!("edge_id must be 1 to 128 bytes with no spaces or control characters");
         }
         if !(MIN_MAX_FRAME_BYTES..=MAX_MAX_FRAME_BYTES).contains(&self.edge_max_frame_bytes) {
             bail!(
@@ -429,6 +443,26 @@ mod tests {
         );
         let unparsable = redact_url("postgres://muster:hunter2@[db/muster");
         assert!(!unparsable.contains("hunter2"), "{unparsable}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_at_load() {
+        for (key, value) in [
+            ("presence_ttl_secs", "9223372036854775807"),
+            ("presence_ttl_secs", "86401"),
+            ("presence_ttl_secs", "9"),
+            ("presence_cap", "9223372036854775807"),
+            ("presence_cap", "0"),
+            ("edge_id", "\"\""),
+            ("edge_id", "\" \""),
+            ("edge_id", "\"a b\""),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("muster.toml");
+            std::fs::write(&file, format!("{key} = {value}\n")).unwrap();
+            let loaded = Config::load(Some(&file), NoFlags {});
+            assert!(loaded.is_err(), "{key} = {value}");
+        }
     }
 
     #[test]

@@ -343,7 +343,7 @@ impl Instances {
         &self,
         retention: Retention,
     ) -> Result<Vec<(String, String)>, PresenceError> {
-        let cutoff = now_ms() - retention.ttl.as_millis() as i64;
+        let cutoff = now_ms().saturating_sub(millis(retention.ttl));
         Ok(self
             .store
             .prune_instances(cutoff, retention.cap, pruned_event)
@@ -396,4 +396,10 @@ impl Instances {
             }
         }
     }
+}
+
+/// A duration in milliseconds, saturated: a lifetime too long for an `i64`
+/// must not wrap into the past.
+pub(crate) fn millis(duration: std::time::Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }

@@ -281,7 +281,7 @@ impl PresenceStore for Store {
              FROM instance_presence) ranked WHERE last_seen_at_ms < $1 OR rank > $2",
         )
         .bind(cutoff_ms)
-        .bind(cap as i64)
+        .bind(i64::try_from(cap).unwrap_or(i64::MAX))
         .fetch_all(&mut *tx)
         .await?;
         let mut pruned = Vec::with_capacity(rows.len());

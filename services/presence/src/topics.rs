@@ -318,7 +318,7 @@ impl Topics {
     /// peers are still connected (see [`Topics::revive_edge_sessions`]).
     pub async fn expire_edges(&self, ttl: std::time::Duration) -> Result<usize, TopicError> {
         let now = now_ms();
-        let cutoff = now - ttl.as_millis() as i64;
+        let cutoff = now.saturating_sub(crate::instances::millis(ttl));
         let gone_cutoff = now - GONE_KEPT.as_millis() as i64;
         Ok(self
             .store

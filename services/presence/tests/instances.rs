@@ -156,6 +156,9 @@ muster_store::backend_suite! {
         }
         presence.upsert("t2", node("dev_other", "h")).await.unwrap();
         let kept = Retention { ttl: std::time::Duration::from_secs(60), cap: 2 };
+        // Limits too large for the store's integers keep everything.
+        let unbounded = Retention { ttl: std::time::Duration::from_secs(u64::MAX), cap: usize::MAX };
+        assert!(presence.prune(unbounded).await.unwrap().is_empty());
         let pruned = presence.prune(kept).await.unwrap();
         assert_eq!(pruned, vec![("t1".to_string(), "dev_1".to_string())]);
         let left: Vec<_> = presence.list("t1").await.unwrap().into_iter().map(|e| e.instance_id).collect();
