@@ -79,7 +79,14 @@ fn dispatch(
         let rewound = previous.is_some_and(|previous| item.position < previous);
         previous = Some(item.position);
         if item.mark {
-            fresh.started(item.head);
+            if n == 0 && !at_start {
+                // Peers were accepted before this stream was answered: of
+                // what it carries up to its head, what committed after the
+                // edge started may be theirs.
+                fresh.started_late(item.position, item.head);
+            } else {
+                fresh.started(item.head);
+            }
             continue;
         }
         if item.gap {
@@ -100,7 +107,7 @@ fn dispatch(
         // Items from before this edge started cannot be for its peers
         // (they connected later); a peer that wants them asks to resume.
         // The type is checked here, once, not for every peer.
-        if fresh.admits(edge, item) && delivered(&item.r#type) {
+        if fresh.admits(edge.started_at_ms, item) && delivered(&item.r#type) {
             pending.push(Prepared {
                 item,
                 target: target(item),
@@ -117,9 +124,15 @@ fn dispatch(
 /// committed before any peer was accepted (peers are accepted once that
 /// stream is answered), and positions are given in commit order, so no
 /// clock decides it.
+///
+/// When peers were accepted before the first stream was answered (the
+/// backplane was slow, see `serve_http`), items up to that head may be
+/// theirs too: those are judged by the producers' clocks, as before any
+/// stream.
 #[derive(Debug, Default)]
 struct Fresh {
     after: Option<i64>,
+    by_clock_through: Option<i64>,
 }
 
 impl Fresh {
@@ -129,18 +142,34 @@ impl Fresh {
         self.after.get_or_insert(head);
     }
 
+    /// The first stream's mark, answered after peers were accepted: the
+    /// stream starts after `from` and the head stood at `head`.
+    fn started_late(&mut self, from: i64, head: i64) {
+        if self.after.is_none() {
+            self.after = Some(from);
+            self.by_clock_through = Some(head);
+        }
+    }
+
     /// The outbox went back (a restored store): positions from `head` on
     /// are given again, to items that are new.
     fn rewound(&mut self, head: i64) {
         self.after = self.after.map(|after| after.min(head));
+        self.by_clock_through = self.by_clock_through.map(|through| through.min(head));
     }
 
-    fn admits(&self, edge: &Edge, item: &pb::OutboxItem) -> bool {
+    /// `started_at_ms`: when this edge started.
+    fn admits(&self, started_at_ms: i64, item: &pb::OutboxItem) -> bool {
         match self.after {
-            Some(after) => item.position > after,
+            Some(after) => {
+                item.position > after
+                    && self.by_clock_through.is_none_or(|through| {
+                        item.position > through || item.occurred_at_ms >= started_at_ms
+                    })
+            }
             // Not told yet where the stream started: the producers' clocks
             // are all there is.
-            None => item.occurred_at_ms >= edge.started_at_ms,
+            None => item.occurred_at_ms >= started_at_ms,
         }
     }
 }
@@ -888,4 +917,47 @@ async fn untrack_departed(edge: &Edge) -> bool {
     };
     upkeep(departed, untrack).await;
     all_untracked.load(Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(position: i64, occurred_at_ms: i64) -> pb::OutboxItem {
+        pb::OutboxItem {
+            position,
+            occurred_at_ms,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn items_before_the_first_head_are_no_peers_when_none_was_accepted_before_it() {
+        let mut fresh = Fresh::default();
+        fresh.started(20);
+        fresh.started_late(10, 30);
+        assert!(!fresh.admits(1_000, &item(20, 5_000)));
+        assert!(fresh.admits(1_000, &item(21, 0)));
+    }
+
+    #[test]
+    fn a_stream_answered_after_peers_were_accepted_gives_them_what_came_after_the_start() {
+        let mut fresh = Fresh::default();
+        fresh.started_late(10, 20);
+        // Later stream starts change nothing.
+        fresh.started(40);
+        fresh.started_late(40, 50);
+        // Up to the head: by the producers' clocks against the edge's start.
+        assert!(
+            !fresh.admits(1_000, &item(10, 5_000)),
+            "acknowledged already"
+        );
+        assert!(!fresh.admits(1_000, &item(15, 999)));
+        assert!(fresh.admits(1_000, &item(16, 1_000)));
+        // After it: everything.
+        assert!(fresh.admits(1_000, &item(21, 0)));
+        // A restored outbox gives positions again from its head.
+        fresh.rewound(5);
+        assert!(fresh.admits(1_000, &item(6, 0)));
+    }
 }
