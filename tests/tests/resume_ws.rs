@@ -195,6 +195,36 @@ muster_e2e::on_both_stores! {
     }
 }
 
+// Pages of large events stay under what a gRPC client decodes: a resume
+// over 6 MB of them replays them all.
+muster_e2e::on_both_stores! {
+    async fn a_resume_replays_events_larger_than_a_grpc_message(store: Option<String>) {
+        use muster_store::outbox::{self, NewItem};
+        let host = Host::start(store).await;
+        let tenant = host.config.default_tenant.clone();
+        let mut live = peer(&host, &host.admin_token(), "client", "cli").await;
+        let blob = "x".repeat(16_000);
+        let items: Vec<NewItem> = (0..400)
+            .map(|n| NewItem::event(&tenant, "muster.test.filler", json!({ "n": n, "blob": blob })))
+            .collect();
+        let store_handle = host.store().await;
+        let mut tx = store_handle.begin().await.unwrap();
+        outbox::append_all(&mut tx, &items).await.unwrap();
+        store_handle.commit(tx).await.unwrap();
+        store_handle.close().await;
+        let last = items.last().unwrap().event_id.clone();
+        while live.event("muster.test.filler").await["event_id"] != json!(last) {}
+
+        let mut back = peer(&host, &host.admin_token(), "client", "cli").await;
+        let (response, replayed) = back
+            .call_with_events("muster.stream.resume", json!({ "last_event_id": items[0].event_id }))
+            .await;
+        assert_eq!(response["result"], json!({"gap": false, "replayed": 399}), "{response}");
+        assert_eq!(replayed.len(), 399);
+        host.stop().await;
+    }
+}
+
 /// The next item of an edge's subscription, within 10 s.
 async fn next_item(stream: &mut tonic::Streaming<pb::OutboxItem>) -> pb::OutboxItem {
     tokio::time::timeout(std::time::Duration::from_secs(10), stream.message())

@@ -631,6 +631,12 @@ pub fn spec(
 }
 
 /// A stream's word of where it stands (see `OutboxItem.mark`).
+/// The most payload one `ReadOutbox` answer carries: half of what a gRPC
+/// client decodes by default.
+const READ_BYTES: usize = 2 * 1024 * 1024;
+/// An item's ids, type, audience and target, roughly, beside its payload.
+const ITEM_OVERHEAD_BYTES: usize = 256;
+
 fn mark(position: i64, head: i64) -> pb::OutboxItem {
     pb::OutboxItem {
         position,
@@ -917,8 +923,20 @@ impl Backplane for BackplaneService {
             .read(&r.tenant_id, r.after_position, r.limit)
             .await
             .map_err(|e| to_status(&e))?;
-        Ok(Response::new(pb::ReadOutboxResponse {
-            items: items.into_iter().map(Followed::Item).map(to_pb).collect(),
-        }))
+        // A page stops at READ_BYTES (and has at least one item): a page of
+        // large payloads would pass the 4 MiB a gRPC client decodes, and a
+        // reader that pages on from its last item gets the rest next.
+        let mut bytes = 0;
+        let items = items
+            .into_iter()
+            .map(Followed::Item)
+            .map(to_pb)
+            .take_while(|item| {
+                let first = bytes == 0;
+                bytes += item.payload_json.len() + ITEM_OVERHEAD_BYTES;
+                first || bytes <= READ_BYTES
+            })
+            .collect();
+        Ok(Response::new(pb::ReadOutboxResponse { items }))
     }
 }
