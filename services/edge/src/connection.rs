@@ -984,8 +984,11 @@ async fn handle_frame(edge: &Edge, peer: &Peer, out: &outbound::Outbound, text: 
             }
         }
         Ok(Inbound::Request(request)) => {
+            // Live events wait until the replay and its answer are queued.
+            let held = (request.kind == "muster.stream.resume").then(|| out.hold());
             let reply = respond(edge, peer, &request).await;
             out.send(reply);
+            drop(held);
         }
     }
 }

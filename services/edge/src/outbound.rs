@@ -35,6 +35,10 @@ struct Queue {
     bytes: usize,
     /// The connection is gone: nothing more is queued.
     closed: bool,
+    /// Live events that wait while a resume replays (see [`Hold`]).
+    held: VecDeque<Outgoing>,
+    /// Resumes under way.
+    holding: u32,
 }
 
 #[derive(Debug, Default)]
@@ -124,6 +128,7 @@ impl Inbox {
         let mut queue = self.shared.queue();
         queue.closed = true;
         queue.frames = VecDeque::new();
+        queue.held = VecDeque::new();
         queue.bytes = 0;
     }
 }
@@ -138,7 +143,16 @@ impl Outbound {
     /// Queues a frame; a peer already holding more than the limit is cut
     /// off with 1013 `slow consumer` instead.
     pub(crate) fn send(&self, frame: impl Into<Utf8Bytes>) {
-        let frame = frame.into();
+        self.queue_text(frame.into(), false);
+    }
+
+    /// Queues a live event's frame: like [`Outbound::send`], except that
+    /// while a resume replays it waits behind the replay.
+    pub(crate) fn send_event(&self, frame: impl Into<Utf8Bytes>) {
+        self.queue_text(frame.into(), true);
+    }
+
+    fn queue_text(&self, frame: Utf8Bytes, live_event: bool) {
         let len = frame.len();
         {
             let mut queue = self.shared.queue();
@@ -155,9 +169,22 @@ impl Outbound {
                 return;
             }
             queue.bytes += len;
+            if live_event && queue.holding > 0 {
+                queue.held.push_back(Outgoing::Text(frame));
+                return;
+            }
             queue.frames.push_back(Outgoing::Text(frame));
         }
         self.shared.ready.notify_one();
+    }
+
+    /// Holds live events back until the guard drops, for a resume: a peer
+    /// that names the last event it saw must not have seen a live event
+    /// newer than replayed ones still to come, or a resume from it after
+    /// a cut-off would skip those.
+    pub(crate) fn hold(&self) -> Hold {
+        self.shared.queue().holding += 1;
+        Hold(self.shared.clone())
     }
 
     pub(crate) fn close(&self, close: Close) {
@@ -169,6 +196,25 @@ impl Outbound {
             queue.frames.push_back(Outgoing::Close(close));
         }
         self.shared.ready.notify_one();
+    }
+}
+
+/// Live events wait while this lives; then they go, after what was queued
+/// meanwhile.
+pub(crate) struct Hold(Arc<Shared>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        {
+            let mut queue = self.0.queue();
+            queue.holding -= 1;
+            if queue.holding > 0 || queue.held.is_empty() {
+                return;
+            }
+            let held = std::mem::take(&mut queue.held);
+            queue.frames.extend(held);
+        }
+        self.0.ready.notify_one();
     }
 }
 
@@ -196,6 +242,49 @@ mod tests {
         inbox.written(SLOW_CONSUMER_BYTES + 1);
         outbound.send("z");
         assert_eq!(queued(&mut inbox), 1);
+    }
+
+    fn texts(inbox: &mut Inbox) -> Vec<String> {
+        std::iter::from_fn(|| inbox.try_recv())
+            .map(|frame| match frame {
+                Outgoing::Text(text) => text.to_string(),
+                Outgoing::Close(close) => format!("close {}", close.code),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn live_events_wait_behind_a_replay_and_its_answer() {
+        let (outbound, mut inbox) = channel();
+        outbound.send_event("live 1");
+        let first = outbound.hold();
+        let second = outbound.hold();
+        outbound.send("replayed 1");
+        outbound.send_event("live 2");
+        outbound.send("replayed 2");
+        drop(first);
+        outbound.send("answer");
+        assert_eq!(
+            texts(&mut inbox),
+            ["live 1", "replayed 1", "replayed 2", "answer"]
+        );
+        outbound.send_event("live 3");
+        drop(second);
+        assert_eq!(texts(&mut inbox), ["live 2", "live 3"]);
+        outbound.send_event("live 4");
+        assert_eq!(texts(&mut inbox), ["live 4"]);
+    }
+
+    #[test]
+    fn held_events_count_towards_a_slow_consumer() {
+        let (outbound, mut inbox) = channel();
+        let slow = inbox.slow();
+        let hold = outbound.hold();
+        outbound.send_event("x".repeat(SLOW_CONSUMER_BYTES + 1));
+        outbound.send("answer");
+        assert_eq!(texts(&mut inbox), Vec::<String>::new());
+        assert!(slow.notified().now_or_never().is_some());
+        drop(hold);
     }
 
     #[test]

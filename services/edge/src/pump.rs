@@ -315,7 +315,7 @@ fn deliver(edge: &Edge, pending: &mut Vec<Prepared<'_>>) {
                         prepared.target.as_ref(),
                         &mut prepared.frame,
                     ) {
-                        peer.outbound.send(text);
+                        peer.outbound.send_event(text);
                     }
                 }
             }
