@@ -287,7 +287,12 @@ impl Config {
         {
             bail!("MUSTER_ADMIN_TOKEN must be at least 32 characters");
         }
-        self.service_names()?;
+        if self.service_names()?.len() > 1 && self.grpc_listen.is_some() {
+            bail!(
+                "grpc_listen is one service's address: run one process per service to serve \
+                 each on its own, or leave grpc_listen out for several in one process"
+            );
+        }
         for name in self.peers.keys() {
             name.parse::<ServiceName>()
                 .with_context(|| format!("peers.{name}"))?;
@@ -368,6 +373,9 @@ impl Config {
                 names.push(parsed);
             }
         }
+        // The edge reaches the services beside it by the addresses they
+        // bound, so it starts after them, however they were listed.
+        names.sort_by_key(|name| ServiceName::SERVICES.iter().position(|s| s == name));
         Ok(names)
     }
 
@@ -463,6 +471,37 @@ mod tests {
             let loaded = Config::load(Some(&file), NoFlags {});
             assert!(loaded.is_err(), "{key} = {value}");
         }
+    }
+
+    #[test]
+    fn services_start_in_dependency_order_however_listed() {
+        let config = Config {
+            services: ["edge", "identity", "presence", "backplane", "edge"]
+                .map(String::from)
+                .to_vec(),
+            ..Config::default()
+        };
+        assert_eq!(
+            config.service_names().unwrap(),
+            [
+                ServiceName::Backplane,
+                ServiceName::Identity,
+                ServiceName::Presence,
+                ServiceName::Edge
+            ]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("muster.toml");
+        std::fs::write(
+            &file,
+            "services = [\"identity\", \"presence\"]\ngrpc_listen = \"127.0.0.1:7443\"\n",
+        )
+        .unwrap();
+        let refused = Config::load(Some(&file), NoFlags {}).unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("grpc_listen"),
+            "{refused:#}"
+        );
     }
 
     #[test]
