@@ -30,12 +30,18 @@ impl From<sqlx::Error> for StoreError {
 /// statement: connection exceptions, insufficient resources, operator
 /// intervention (a shutdown or restart), system errors. Only Postgres
 /// reports SQLSTATEs (five characters); SQLite's codes are numbers of up to
-/// four digits, some of which start with the same digits.
+/// four digits (an extended code: its primary code in the low byte), some
+/// of which start with the same digits. For SQLite the file failed: locked
+/// by another process past the busy timeout, out of memory, read-only, an
+/// I/O error, corrupt, full, or not openable.
 fn is_server_trouble(code: &str) -> bool {
-    code.len() == 5
-        && ["08", "53", "57", "58"]
+    if code.len() == 5 {
+        return ["08", "53", "57", "58"]
             .iter()
-            .any(|class| code.starts_with(class))
+            .any(|class| code.starts_with(class));
+    }
+    code.parse::<u32>()
+        .is_ok_and(|extended| matches!(extended & 0xff, 5..=8 | 10 | 11 | 13 | 14))
 }
 
 /// The error means the connection it came from (and likely its pool
@@ -98,9 +104,17 @@ mod tests {
         for code in ["23505", "23514", "42601", "40001"] {
             assert!(!is_server_trouble(code), "{code}");
         }
-        // SQLite's codes: SQLITE_CONSTRAINT_COMMITHOOK (531), SQLITE_BUSY.
-        for code in ["531", "5", "2067"] {
+        // SQLite's: SQLITE_CONSTRAINT_COMMITHOOK (531), _UNIQUE (2067),
+        // SQLITE_ERROR: the write was refused.
+        for code in ["531", "2067", "1"] {
             assert!(!is_server_trouble(code), "{code}");
+        }
+        // SQLITE_BUSY (another process holds the file past the busy
+        // timeout), _BUSY_SNAPSHOT, _LOCKED, _READONLY, _IOERR_SHORT_READ,
+        // _FULL: the store failed, and retrying each write alone would
+        // only wait it out once per write.
+        for code in ["5", "517", "6", "8", "522", "13"] {
+            assert!(is_server_trouble(code), "{code}");
         }
     }
 }
