@@ -297,19 +297,39 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     // Listen for signals before anything starts, so a SIGTERM that arrives
-    // during start-up still means a clean stop rather than the default kill.
-    let stop = stop_signal()?;
+    // during start-up still means a stop rather than the default kill.
+    let mut signals = Signals::new()?;
     let telemetry = muster_telemetry::init(
         "muster",
         config.log_format.parse().map_err(anyhow::Error::msg)?,
     )?;
-    let running = muster::start(&config).await?;
+    // A start can wait (a migration on a lock, a store that does not
+    // answer): a signal ends it there.
+    let running = tokio::select! {
+        started = muster::start(&config) => started?,
+        () = signals.next() => {
+            tracing::warn!("stopped before start-up finished");
+            telemetry.shutdown().await;
+            return Ok(ExitCode::FAILURE);
+        }
+    };
     print_banner(&config, &running);
-    stop.await?;
-    tracing::info!("shutting down: no new connections, draining in-flight work");
-    running.stop().await?;
+    signals.next().await;
+    tracing::info!(
+        "shutting down: no new connections, draining in-flight work (a second signal stops at once)"
+    );
+    let code = tokio::select! {
+        stopped = running.stop() => {
+            stopped?;
+            ExitCode::SUCCESS
+        }
+        () = signals.next() => {
+            tracing::warn!("a second signal: stopping without waiting for in-flight work");
+            ExitCode::FAILURE
+        }
+    };
     telemetry.shutdown().await;
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }
 
 fn print_banner(config: &Config, running: &muster::Running) {
@@ -370,17 +390,27 @@ fn data_dir_hint(config: &Config) -> String {
 }
 
 /// Resolves on SIGTERM or SIGINT; both are hooked when this is called.
-fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = anyhow::Result<()>>> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
+/// SIGTERM and SIGINT, as often as they come.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) {
         tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
-        Ok(())
-    })
+    }
 }
 
 fn issue_options(days: u64, dns: Vec<String>) -> anyhow::Result<IssueOptions> {
@@ -630,11 +660,10 @@ async fn presence(
     if !watch {
         return Ok(ExitCode::SUCCESS);
     }
-    let stop = stop_signal()?;
-    tokio::pin!(stop);
+    let mut signals = Signals::new()?;
     loop {
         let next = tokio::select! {
-            _ = &mut stop => return Ok(ExitCode::SUCCESS),
+            () = signals.next() => return Ok(ExitCode::SUCCESS),
             next = ws.next(Duration::from_secs(3600)) => next,
         };
         let frame = match next {

@@ -11,8 +11,24 @@ use tokio::sync::watch;
 
 use crate::StoreError;
 
-static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");
-static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/postgres");
+/// This release's migrations for `backend`. Migrations a newer release
+/// applied are let be: they only add (see docs/operations.md, "Upgrades"),
+/// so during a rolling upgrade, or after a rollback, an older process still
+/// starts on the newer schema.
+fn migrator(backend: Backend) -> Migrator {
+    let mut migrator = match backend {
+        Backend::Sqlite => sqlx::migrate!("../../migrations/sqlite"),
+        Backend::Postgres => sqlx::migrate!("../../migrations/postgres"),
+    };
+    migrator.set_ignore_missing(true);
+    migrator
+}
+
+/// How long a Postgres migration waits for a lock (another start's
+/// migration, or a table a long transaction holds) before it fails. Every
+/// statement on a table queues behind a DDL statement waiting for it, so a
+/// migration must not wait long.
+pub const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A query with its arguments bound, ready to run on either backend.
 pub type AnyQuery<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
@@ -365,10 +381,13 @@ impl Store {
 
     /// Applies every pending migration of this backend's dialect.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let migrator = match self.backend {
-            Backend::Sqlite => &SQLITE_MIGRATIONS,
-            Backend::Postgres => &POSTGRES_MIGRATIONS,
-        };
+        self.migrate_waiting_at_most(MIGRATION_LOCK_TIMEOUT).await
+    }
+
+    /// [`Store::migrate`], a Postgres migration waiting at most
+    /// `lock_timeout` for each lock.
+    pub async fn migrate_waiting_at_most(&self, lock_timeout: Duration) -> Result<(), StoreError> {
+        let migrator = migrator(self.backend);
         if self.backend == Backend::Sqlite {
             migrator.run(&self.pool).await?;
             return Ok(());
@@ -377,6 +396,14 @@ impl Store {
         // connection is closed after, not returned to the pool without it.
         let mut conn = self.pool.acquire().await?.detach();
         conn.execute("SET statement_timeout = 0").await?;
+        conn.execute(
+            format!(
+                "SET lock_timeout = {}",
+                lock_timeout.as_millis().clamp(1, i32::MAX as u128)
+            )
+            .as_str(),
+        )
+        .await?;
         let migrated = migrator.run(&mut conn).await;
         let _ = conn.close().await;
         migrated?;
