@@ -956,6 +956,14 @@ async fn presence_flows_to_operators(host: &Host) {
     let update = upserted_entry(&mut operator, &node_key.device_id()).await;
     assert_eq!(update["host"], "lab-box-2");
     assert_eq!(update["metadata"]["observed_ip"], "127.0.0.1");
+    // A beacon's entry has the ip the client reported, or none: the
+    // socket's address stays in metadata (Part B §9).
+    let unreported = node.call("presence.beacon", json!({})).await;
+    let entry = &unreported["result"]["entry"];
+    assert!(entry.get("ip").is_none(), "{unreported}");
+    assert_eq!(entry["metadata"]["observed_ip"], "127.0.0.1");
+    let update = upserted_entry(&mut operator, &node_key.device_id()).await;
+    assert!(update.get("ip").is_none(), "{update}");
     let bad = node
         .call("presence.beacon", json!({"mode": "spaceship"}))
         .await;
@@ -970,6 +978,14 @@ async fn presence_flows_to_operators(host: &Host) {
                "details": {"issues": [{"message": "host longer than 256 bytes"}]}}),
         "{long_host}"
     );
+    // A device label longer than presence keeps is cut, not a reason to
+    // leave the device out of presence.
+    let long_key = DeviceKey::generate();
+    let mut long = admin(host).await;
+    long.handshake(&long_key, "node", json!({"label": "l".repeat(300)}))
+        .await;
+    let entry = upserted_entry(&mut operator, &long_key.device_id()).await;
+    assert_eq!(entry["host"], "l".repeat(256));
 
     // Nodes never receive presence events: a second node's arrival reaches
     // the operator, and an item directed at the first node, committed

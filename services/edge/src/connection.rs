@@ -618,9 +618,13 @@ async fn arrive(
             .map(|c| c.id.as_str())
             .collect();
         Box::new(Reported {
-            host: handshaken.init.device.label.clone().unwrap_or_default(),
+            host: muster_presence::connect_field(
+                handshaken.init.device.label.as_deref().unwrap_or_default(),
+            ),
             ip: String::new(),
-            version: handshaken.init.device.version.clone().unwrap_or_default(),
+            version: muster_presence::connect_field(
+                handshaken.init.device.version.as_deref().unwrap_or_default(),
+            ),
             mode: wire_mode(&mode).unwrap_or_default(),
             last_input_seconds: -1,
             // Part B §4's keys: the socket's address, and the client's as

@@ -13,7 +13,7 @@ use crate::PresenceStore;
 use crate::store::InstanceWrite;
 
 /// Longest text a presence field may hold.
-const MAX_FIELD: usize = 256;
+pub const MAX_FIELD: usize = 256;
 /// Largest metadata object an entry may carry.
 const MAX_METADATA: usize = 8 * 1024;
 
@@ -158,9 +158,10 @@ impl InstanceEntry {
     }
 
     /// The entry as the client protocol carries it (Part B §4). The
-    /// self-reported host and ip fill `host` and `ip` as Tyrum does (the
-    /// observed address when the peer reported none); the edge's own
-    /// observation is always in `metadata.observed_ip`, labelled as such.
+    /// self-reported host and ip fill `host` and `ip` as Tyrum does: a
+    /// beacon's entry has only the ip its client reported (§9), the entry
+    /// of a connect the client's address; the edge's own observation is
+    /// always in `metadata.observed_ip`, labelled as such.
     pub fn wire(&self) -> PresenceEntry {
         let some = |s: &str| (!s.is_empty()).then(|| s.to_owned());
         let mut metadata = self.metadata.clone();
@@ -171,7 +172,8 @@ impl InstanceEntry {
             instance_id: self.instance_id.clone(),
             role: self.role.as_str().into(),
             host: some(&self.reported_host),
-            ip: some(&self.reported_ip).or_else(|| some(&self.observed_ip)),
+            ip: some(&self.reported_ip)
+                .or_else(|| (self.reason == "connect").then(|| some(&self.observed_ip))?),
             version: some(&self.version),
             mode: wire_mode(&self.mode),
             last_seen_at: format_datetime(self.last_seen_at_ms),
@@ -402,4 +404,33 @@ impl Instances {
 /// must not wrap into the past.
 pub(crate) fn millis(duration: std::time::Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// What a connect reports (a device label, a version) as presence keeps it:
+/// without NUL, cut to [`MAX_FIELD`] bytes at a character boundary. Part B
+/// bounds neither, and a device with a long label still belongs in
+/// presence.
+pub fn connect_field(value: &str) -> String {
+    let mut kept = String::with_capacity(value.len().min(MAX_FIELD));
+    for c in value.chars().filter(|&c| c != '\0') {
+        if kept.len() + c.len_utf8() > MAX_FIELD {
+            break;
+        }
+        kept.push(c);
+    }
+    kept
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn connect_fields_are_cut_at_a_character_boundary() {
+        assert_eq!(super::connect_field("lab\0box"), "labbox");
+        let long = "é".repeat(200);
+        let kept = super::connect_field(&long);
+        assert_eq!(kept.len(), 256);
+        assert!(long.starts_with(&kept));
+        let odd = format!("a{long}");
+        assert_eq!(super::connect_field(&odd).len(), 255);
+    }
 }

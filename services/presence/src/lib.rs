@@ -9,7 +9,10 @@ pub mod store;
 mod topics;
 
 pub use grpc::{PresenceService, RULES, spec};
-pub use instances::{InstanceEntry, InstanceRole, Instances, PresenceError, Retention, Touched};
+pub use instances::{
+    InstanceEntry, InstanceRole, Instances, MAX_FIELD, PresenceError, Retention, Touched,
+    connect_field,
+};
 pub use store::{InstanceWrite, PresenceStore, TopicStore};
 pub use topics::{
     DIFF_EVENT, GONE_KEPT, NOTE_CHARS, REVIVE_CONNECTIONS, TopicError, TopicSession, Topics,
