@@ -103,14 +103,36 @@ fn is_capability_id(id: &str) -> bool {
         })
 }
 
+/// SemVer 2.0.0 (semver.org's grammar): `x.y.z`, numbers without leading
+/// zeros, then optional `-pre` and `+build`, each of non-empty dot-separated
+/// identifiers of `[0-9A-Za-z-]` (a numeric pre-release identifier without
+/// leading zeros either).
 fn is_semver(version: &str) -> bool {
-    let (core, _build) = version.split_once('+').unwrap_or((version, ""));
-    let (core, _pre) = core.split_once('-').unwrap_or((core, ""));
+    fn number(part: &str) -> bool {
+        !part.is_empty()
+            && part.bytes().all(|b| b.is_ascii_digit())
+            && (part == "0" || !part.starts_with('0'))
+    }
+    fn identifiers(part: &str, numbers_canonical: bool) -> bool {
+        part.split('.').all(|id| {
+            !id.is_empty()
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !(numbers_canonical && id.bytes().all(|b| b.is_ascii_digit()) && !number(id))
+        })
+    }
+    let (rest, build) = match version.split_once('+') {
+        Some((rest, build)) => (rest, Some(build)),
+        None => (version, None),
+    };
+    let (core, pre) = match rest.split_once('-') {
+        Some((core, pre)) => (core, Some(pre)),
+        None => (rest, None),
+    };
     let parts: Vec<&str> = core.split('.').collect();
     parts.len() == 3
-        && parts
-            .iter()
-            .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+        && parts.iter().all(|p| number(p))
+        && pre.is_none_or(|pre| identifiers(pre, true))
+        && build.is_none_or(|build| identifiers(build, false))
 }
 
 fn non_empty(name: &str, value: &Option<String>) -> Result<(), String> {
@@ -325,7 +347,33 @@ mod tests {
         ] {
             assert!(ConnectInit::parse(&bad).is_err(), "{bad}");
         }
-        assert!(is_semver("1.2.3-rc.1+build.5"));
+        for good in [
+            "1.2.3-rc.1+build.5",
+            "0.0.0",
+            "10.20.30",
+            "1.0.0-alpha-a.b-c",
+            "1.0.0-0.3.7",
+            "1.0.0+001",
+            "1.0.0-x-y-z.--",
+        ] {
+            assert!(is_semver(good), "{good}");
+        }
+        for bad in [
+            "01.2.3",
+            "1.02.3",
+            "1.0.0-",
+            "1.0.0+",
+            "1.0.0-rc_1",
+            "1.0.0+a+b",
+            "1.0.0-01",
+            "1.0.0-a..b",
+            "1.0",
+            "1.0.0.0",
+            "v1.0.0",
+            "",
+        ] {
+            assert!(!is_semver(bad), "{bad}");
+        }
         let trimmed = json!({"protocol_rev": 2, "role": "node", "device": {"device_id": "d", "pubkey": "k"},
             "capabilities": [{"id": " tyrum.fs.read ", "version": " 2.0.0"}]});
         assert_eq!(

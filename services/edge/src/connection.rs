@@ -623,7 +623,12 @@ async fn arrive(
             ),
             ip: String::new(),
             version: muster_presence::connect_field(
-                handshaken.init.device.version.as_deref().unwrap_or_default(),
+                handshaken
+                    .init
+                    .device
+                    .version
+                    .as_deref()
+                    .unwrap_or_default(),
             ),
             mode: wire_mode(&mode).unwrap_or_default(),
             last_input_seconds: -1,
