@@ -28,3 +28,15 @@ pub async fn acquire(
     .rows_affected();
     Ok(taken == 1)
 }
+
+/// Gives up the lease `name` if `holder` has it, so that another replica
+/// takes the job at once instead of after the lease's time (a stopping
+/// holder; a restarted one is a new holder).
+pub async fn release(store: &Store, name: &str, holder: &str) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
+        .bind(name)
+        .bind(holder)
+        .execute(store.writer())
+        .await?;
+    Ok(())
+}

@@ -250,6 +250,11 @@ muster_store::backend_suite! {
         sqlx::query("UPDATE leases SET expires_at_ms = 0 WHERE name = 'job'").execute(store.pool()).await.unwrap();
         assert!(muster_store::lease::acquire(&store, "job", "b", 60_000).await.unwrap());
         assert!(!muster_store::lease::acquire(&store, "job", "a", 60_000).await.unwrap());
+        // Given up, by its holder only, it passes on at once.
+        muster_store::lease::release(&store, "job", "a").await.unwrap();
+        assert!(!muster_store::lease::acquire(&store, "job", "a", 60_000).await.unwrap());
+        muster_store::lease::release(&store, "job", "b").await.unwrap();
+        assert!(muster_store::lease::acquire(&store, "job", "a", 60_000).await.unwrap());
     }
 
     async fn migrations_are_idempotent(store: Store) {

@@ -54,6 +54,7 @@ pub trait OutboxStore: Send + Sync + 'static {
     async fn compact(&self, retention: &Retention) -> Result<u64, StoreError>;
     async fn depth(&self) -> Result<(Depth, Vec<Consumer>), StoreError>;
     async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError>;
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
     /// Changes when this process commits a transaction.
     fn commits(&self) -> watch::Receiver<u64>;
     /// Changes when `channel` is notified by any process (Postgres).
@@ -113,6 +114,10 @@ impl OutboxStore for Store {
 
     async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError> {
         muster_store::lease::acquire(self, name, holder, ttl_ms).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        muster_store::lease::release(self, name, holder).await
     }
 
     fn commits(&self) -> watch::Receiver<u64> {
@@ -534,7 +539,13 @@ impl Outbox {
         tokio::pin!(stop);
         loop {
             tokio::select! {
-                _ = &mut stop => return,
+                _ = &mut stop => {
+                    // Another replica compacts from its next round, not
+                    // after this lease ran out.
+                    let release = self.store.release_lease(COMPACTION_LEASE, &holder);
+                    let _ = tokio::time::timeout(Duration::from_secs(1), release).await;
+                    return;
+                }
                 _ = tokio::time::sleep(every) => {}
             }
             match self.store.lease(COMPACTION_LEASE, &holder, lease_ms).await {

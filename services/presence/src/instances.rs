@@ -366,7 +366,11 @@ impl Instances {
         let lease_ms = every.as_millis() as i64 * 3;
         loop {
             tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut shutdown => {
+                    let release = self.store.release_lease(PRUNE_LEASE, &holder);
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), release).await;
+                    return;
+                }
                 _ = tokio::time::sleep(every) => {}
             }
             match self.store.lease(PRUNE_LEASE, &holder, lease_ms).await {

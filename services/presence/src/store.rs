@@ -66,6 +66,8 @@ pub trait PresenceStore: Send + Sync + 'static {
     async fn count_instances(&self, tenant_id: &str) -> Result<u64, StoreError>;
     /// Takes or renews a singleton job's lease.
     async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError>;
+    /// Gives up a lease `holder` has.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
     /// Deletes entries last seen before `cutoff_ms` and, per tenant, all
     /// but the newest `cap`, appending `event(tenant, instance)` for each.
     async fn prune_instances(
@@ -266,6 +268,10 @@ impl PresenceStore for Store {
 
     async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError> {
         muster_store::lease::acquire(self, name, holder, ttl_ms).await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        muster_store::lease::release(self, name, holder).await
     }
 
     async fn prune_instances(
