@@ -148,7 +148,11 @@ async fn publish(
     delivered: &AtomicU64,
     expected: u64,
 ) -> anyhow::Result<f64> {
-    let store = muster.running.store.clone();
+    let store = muster
+        .running
+        .store
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("a single host has its store"))?;
     let mut tx = store.begin().await?;
     outbox::append_all(&mut tx, items).await?;
     let started = Instant::now();

@@ -287,6 +287,18 @@ impl Config {
         {
             bail!("MUSTER_ADMIN_TOKEN must be at least 32 characters");
         }
+        // Services in separate processes share one store, named: without
+        // it each would keep its own SQLite file and none would see the
+        // others' state. (An edge alone opens no store.)
+        if !self.services.is_empty()
+            && self.store.is_none()
+            && self.service_names()? != [ServiceName::Edge]
+        {
+            bail!(
+                "a cluster service needs `store` (--store postgres://…, or a sqlite:// file \
+                 when one process runs every service that keeps state)"
+            );
+        }
         if self.service_names()?.len() > 1 && self.grpc_listen.is_some() {
             bail!(
                 "grpc_listen is one service's address: run one process per service to serve \
@@ -494,7 +506,8 @@ mod tests {
         let file = dir.path().join("muster.toml");
         std::fs::write(
             &file,
-            "services = [\"identity\", \"presence\"]\ngrpc_listen = \"127.0.0.1:7443\"\n",
+            "services = [\"identity\", \"presence\"]\ngrpc_listen = \"127.0.0.1:7443\"\n\
+             store = \"sqlite://x.db\"\n",
         )
         .unwrap();
         let refused = Config::load(Some(&file), NoFlags {}).unwrap_err();

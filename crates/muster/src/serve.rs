@@ -52,7 +52,8 @@ pub struct Running {
     pub endpoints: Endpoints,
     /// The admin token, when this start minted it.
     pub admin_token: Option<Secret>,
-    pub store: Store,
+    /// `None` for an edge alone: it reaches the store only through its peers.
+    pub store: Option<Store>,
     shutdown: CancellationToken,
     servers: Vec<RunningServer>,
     background: Vec<JoinHandle<std::io::Result<()>>>,
@@ -95,7 +96,9 @@ impl Running {
             Ok(result) => result?,
             Err(_) => tracing::warn!(grace = ?self.grace, "in-flight work did not finish in time"),
         }
-        self.store.close().await;
+        if let Some(store) = self.store {
+            store.close().await;
+        }
         if let Some(file) = self.endpoints_file {
             let _ = std::fs::remove_file(file);
         }
@@ -172,7 +175,7 @@ fn renew_loop(config: Config, shutdown: CancellationToken) -> JoinHandle<std::io
 
 #[derive(Clone)]
 struct Health {
-    store: Store,
+    store: Option<Store>,
     shutdown: CancellationToken,
     /// This host's edge, if it runs one.
     edge: Option<Arc<muster_edge::Edge>>,
@@ -191,7 +194,10 @@ async fn ready(State(health): State<Health>) -> (StatusCode, &'static str) {
     if health.edge.as_ref().is_some_and(|edge| !edge.accepting()) {
         return (StatusCode::SERVICE_UNAVAILABLE, "edge not accepting yet\n");
     }
-    match health.store.ping().await {
+    let Some(store) = &health.store else {
+        return (StatusCode::OK, "ready\n");
+    };
+    match store.ping().await {
         Ok(()) => (StatusCode::OK, "ready\n"),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n"),
     }
@@ -208,7 +214,18 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             "a single service needs --grpc-listen (or MUSTER_GRPC_LISTEN) for its peers to reach it"
         );
     }
-    let store = open_store(config).await?;
+    // An edge alone keeps no state: it opens no store, and needs no
+    // credentials for one.
+    let store = if names == [ServiceName::Edge] {
+        None
+    } else {
+        Some(open_store(config).await?)
+    };
+    let stored = || {
+        store
+            .clone()
+            .expect("every service but the edge has the store")
+    };
     prepare_certificates(config)?;
     let shutdown = CancellationToken::new();
     let tls_dir = config.tls();
@@ -229,9 +246,9 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         );
         let spec: ServiceSpec = match name {
             ServiceName::Backplane => {
-                let outbox = muster_backplane::Outbox::new(Arc::new(store.clone()));
+                let outbox = muster_backplane::Outbox::new(Arc::new(stored()));
                 let directory: Arc<dyn muster_backplane::directory::DirectoryStore> =
-                    Arc::new(store.clone());
+                    Arc::new(stored());
                 tokio::spawn(outbox.clone().maintain(
                     directory.clone(),
                     muster_backplane::default_retention(),
@@ -241,12 +258,12 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                 muster_backplane::spec(outbox, directory, shutdown.clone())
             }
             ServiceName::Identity => {
-                let tokens = Tokens::new(Arc::new(store.clone()));
+                let tokens = Tokens::new(Arc::new(stored()));
                 identity = Some(tokens.clone());
                 muster_identity::spec(tokens)
             }
             ServiceName::Approvals => {
-                muster_approvals::spec(muster_approvals::Approvals::new(Arc::new(store.clone())))
+                muster_approvals::spec(muster_approvals::Approvals::new(Arc::new(stored())))
             }
             ServiceName::Presence => {
                 let retention = muster_presence::Retention {
@@ -254,8 +271,8 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                     cap: config.presence_cap,
                 };
                 let instances =
-                    muster_presence::Instances::with_retention(Arc::new(store.clone()), retention);
-                let topics = muster_presence::Topics::new(Arc::new(store.clone()));
+                    muster_presence::Instances::with_retention(Arc::new(stored()), retention);
+                let topics = muster_presence::Topics::new(Arc::new(stored()));
                 tokio::spawn(instances.clone().prune_loop(
                     topics.clone(),
                     PRUNE_EVERY,
@@ -264,7 +281,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                 muster_presence::spec(instances, topics)
             }
             ServiceName::Execution => {
-                muster_execution::spec(muster_execution::Runs::new(Arc::new(store.clone())))
+                muster_execution::spec(muster_execution::Runs::new(Arc::new(stored())))
             }
             ServiceName::Edge => {
                 let http = TcpListener::bind(config.edge_listen)

@@ -418,7 +418,9 @@ fn identity_alone(tls_dir: &Path, trust_domain: &str, data_dir: &Path) -> Comman
         .arg("--tls-dir")
         .arg(tls_dir)
         .arg("--data-dir")
-        .arg(data_dir);
+        .arg(data_dir)
+        .arg("--store")
+        .arg(format!("sqlite://{}", data_dir.join("identity.db").display()));
     command
 }
 
