@@ -16,7 +16,6 @@ use muster_proto::v1::{
     CreateTokenRequest, ListTokensRequest, RevokeTokenRequest, Scopes, TokenInfo,
     UpdateTokenRequest,
 };
-use muster_telemetry::LogFormat;
 use muster_tls::{CertSummary, IssueOptions, ServiceName};
 use serde::Serialize;
 use tonic_health::pb::HealthCheckRequest;
@@ -274,7 +273,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve(flags) => serve(load(file, &flags)?).await,
         Command::Migrate(common) => {
             let config = load(file, &common)?;
-            let _telemetry = muster_telemetry::init("muster", LogFormat::Text)?;
+            let format = config.log_format.parse().map_err(anyhow::Error::msg)?;
+            let _telemetry = muster_telemetry::init("muster", format)?;
             muster::serve::open_store(&config).await?.close().await;
             println!(
                 "migrations applied to {}",
@@ -299,8 +299,16 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     // Listen for signals before anything starts, so a SIGTERM that arrives
     // during start-up still means a stop rather than the default kill.
     let mut signals = Signals::new()?;
+    // Traces name the services a process runs, so that those of a
+    // cluster's processes tell apart.
+    let service_name = if config.services.is_empty() {
+        "muster".to_owned()
+    } else {
+        let names: Vec<&str> = config.service_names()?.iter().map(|n| n.as_str()).collect();
+        format!("muster-{}", names.join("+"))
+    };
     let telemetry = muster_telemetry::init(
-        "muster",
+        &service_name,
         config.log_format.parse().map_err(anyhow::Error::msg)?,
     )?;
     // A start can wait (a migration on a lock, a store that does not

@@ -420,7 +420,10 @@ fn identity_alone(tls_dir: &Path, trust_domain: &str, data_dir: &Path) -> Comman
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--store")
-        .arg(format!("sqlite://{}", data_dir.join("identity.db").display()));
+        .arg(format!(
+            "sqlite://{}",
+            data_dir.join("identity.db").display()
+        ));
     command
 }
 
@@ -814,4 +817,28 @@ async fn sigterm_ends_a_start_that_waits() {
     };
     assert!(!status.success(), "a start cut short is not a clean run");
     holder.rollback().await.unwrap();
+}
+
+#[test]
+fn migrate_logs_as_configured_and_says_when_rust_log_does_not_parse() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["migrate", "--data-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "muster=loudest")
+        .env("MUSTER_LOG_FORMAT", "json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("RUST_LOG is not a valid filter"))
+        .unwrap_or_else(|| panic!("no warning: {stderr}"));
+    let line: serde_json::Value = serde_json::from_str(warning).expect("a json log line");
+    assert_eq!(line["level"], "WARN");
 }

@@ -76,7 +76,18 @@ impl Telemetry {
 /// Sets up logging and, when configured, trace export for a process whose
 /// spans are reported as `service_name`.
 pub fn init(service_name: &str, format: LogFormat) -> anyhow::Result<Telemetry> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // A filter that does not parse is said so once logging runs, not
+    // silently replaced.
+    let (filter, refused) = match EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(error) => (
+            EnvFilter::new("info"),
+            std::env::var("RUST_LOG")
+                .ok()
+                .filter(|value| !value.trim().is_empty())
+                .map(|value| (value, error.to_string())),
+        ),
+    };
     let json = match format {
         LogFormat::Json => true,
         LogFormat::Text => false,
@@ -125,6 +136,9 @@ pub fn init(service_name: &str, format: LogFormat) -> anyhow::Result<Telemetry> 
         .with(fmt)
         .with(otel)
         .try_init()?;
+    if let Some((value, error)) = refused {
+        tracing::warn!(rust_log = %value, %error, "RUST_LOG is not a valid filter; logging at info");
+    }
     Ok(Telemetry { provider })
 }
 
