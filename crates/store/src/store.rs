@@ -355,6 +355,18 @@ impl Store {
             ),
             Backend::Postgres => None,
         };
+        if backend == Backend::Postgres {
+            // One connection first, on its own: a pool whose connections
+            // fail reports only that it timed out, and an operator needs
+            // the reason (refused, no such host, password, TLS).
+            let first = tokio::time::timeout(
+                options.acquire_timeout,
+                sqlx::AnyConnection::connect_with(&connect),
+            )
+            .await
+            .map_err(|_| StoreError::Database(sqlx::Error::PoolTimedOut))??;
+            let _ = first.close().await;
+        }
         let pool = pool.connect_with(connect).await?;
         let writer = writer.unwrap_or_else(|| pool.clone());
         let commits = Arc::new(watch::channel(0).0);

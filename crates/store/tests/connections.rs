@@ -145,3 +145,27 @@ async fn a_statement_stuck_behind_a_lock_is_cancelled_at_the_timeout() {
         Some(1)
     );
 }
+
+/// A store that cannot be reached says why at once, not that a pool timed
+/// out after its acquire timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_postgres_is_reported_with_its_reason() {
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = std::time::Instant::now();
+    let connected = Store::connect(
+        &format!("postgres://muster@127.0.0.1:{port}/muster"),
+        &StoreOptions::default(),
+    )
+    .await;
+    let Err(refused) = connected else {
+        panic!("nothing listens there");
+    };
+    let message = refused.to_string();
+    assert!(message.to_lowercase().contains("refused"), "{message}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
