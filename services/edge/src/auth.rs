@@ -142,10 +142,11 @@ pub fn authorize(claims: &Claims, role: &str, kind: &str) -> Result<(), Refusal>
 
 /// The token of an upgrade request, first hit wins: `Authorization:
 /// Bearer`, the same-origin cookie, the first decodable `tyrum-auth.*`
-/// subprotocol.
+/// subprotocol. `tls`: the request came over the edge's own TLS.
 pub fn presented_token<'a>(
     headers: &HeaderMap,
     subprotocols: impl IntoIterator<Item = &'a str>,
+    tls: bool,
 ) -> Option<String> {
     if let Some(value) = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -159,7 +160,7 @@ pub fn presented_token<'a>(
             return Some((*token).to_owned());
         }
     }
-    if same_origin(headers)
+    if same_origin(headers, tls)
         && let Some(token) = cookie(headers, TOKEN_COOKIE)
     {
         return Some(token);
@@ -174,15 +175,20 @@ pub fn presented_token<'a>(
 /// A request is same-origin when its Origin names the Host it was sent
 /// to: hosts compared without case, a missing port as its scheme's
 /// default. Without an Origin or a Host it is not (Tyrum's rule): the
-/// cookie is a browser's, and a browser sends an Origin.
-fn same_origin(headers: &HeaderMap) -> bool {
+/// cookie is a browser's, and a browser sends an Origin. Over the edge's
+/// own TLS an `http://` page is another origin (a page that anyone on the
+/// path can write); a plain listener may sit behind a proxy that ends
+/// TLS, so there either scheme is taken.
+fn same_origin(headers: &HeaderMap, tls: bool) -> bool {
     let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
     let (Some(origin), Some(host)) = (header("origin"), header("host")) else {
         return false;
     };
     let (default_port, origin_host) = if let Some(rest) = origin.strip_prefix("https://") {
         (443, rest)
-    } else if let Some(rest) = origin.strip_prefix("http://") {
+    } else if let Some(rest) = origin.strip_prefix("http://")
+        && !tls
+    {
         (80, rest)
     } else {
         return false;
@@ -242,7 +248,7 @@ mod tests {
 
     #[test]
     fn the_cookie_counts_from_the_same_origin_only() {
-        let from = |origin, host| presented_token(&upgrade(origin, host), ["tyrum-v1"]);
+        let from = |origin, host| presented_token(&upgrade(origin, host), ["tyrum-v1"], false);
         let cookie = Some("from-cookie".to_owned());
         for (origin, host) in [
             ("http://gw.example:8080", "gw.example:8080"),
@@ -262,12 +268,24 @@ mod tests {
         ] {
             assert_eq!(from(origin, host), None, "{origin:?} / {host:?}");
         }
+        // Over the edge's own TLS, only an https page is the same origin.
+        let over_tls = |origin| {
+            presented_token(
+                &upgrade(Some(origin), Some("gw.example")),
+                ["tyrum-v1"],
+                true,
+            )
+        };
+        assert_eq!(over_tls("https://gw.example"), cookie);
+        assert_eq!(over_tls("http://gw.example"), None);
+        assert_eq!(over_tls("http://gw.example:443"), None);
         // Without an Origin, a subprotocol's token is the one presented.
         let encoded = URL_SAFE_NO_PAD.encode("from-subprotocol");
         let offered = format!("tyrum-auth.{encoded}");
         let token = presented_token(
             &upgrade(None, Some("gw.example")),
             ["tyrum-v1", offered.as_str()],
+            false,
         );
         assert_eq!(token.as_deref(), Some("from-subprotocol"));
     }
@@ -318,10 +336,15 @@ mod tests {
     #[test]
     fn tokens_are_found_in_the_documented_order() {
         let mut headers = HeaderMap::new();
-        assert_eq!(presented_token(&headers, ["tyrum-v1"]), None);
+        assert_eq!(presented_token(&headers, ["tyrum-v1"], false), None);
         let encoded = format!("tyrum-auth.{}", URL_SAFE_NO_PAD.encode("from-protocol"));
         assert_eq!(
-            presented_token(&headers, ["tyrum-v1", "tyrum-auth.!!", encoded.as_str()]).as_deref(),
+            presented_token(
+                &headers,
+                ["tyrum-v1", "tyrum-auth.!!", encoded.as_str()],
+                false
+            )
+            .as_deref(),
             Some("from-protocol")
         );
         headers.insert(
@@ -331,20 +354,20 @@ mod tests {
         headers.insert("host", "127.0.0.1:1".parse().unwrap());
         headers.insert("origin", "http://127.0.0.1:1".parse().unwrap());
         assert_eq!(
-            presented_token(&headers, [encoded.as_str()]).as_deref(),
+            presented_token(&headers, [encoded.as_str()], false).as_deref(),
             Some("from-cookie")
         );
         headers.insert("origin", "http://evil.example".parse().unwrap());
         assert_eq!(
-            presented_token(&headers, [encoded.as_str()]).as_deref(),
+            presented_token(&headers, [encoded.as_str()], false).as_deref(),
             Some("from-protocol")
         );
         headers.insert("authorization", "Bearer from-header".parse().unwrap());
         assert_eq!(
-            presented_token(&headers, []).as_deref(),
+            presented_token(&headers, [], false).as_deref(),
             Some("from-header")
         );
         headers.insert("authorization", "Bearer two parts".parse().unwrap());
-        assert_eq!(presented_token(&headers, []), None);
+        assert_eq!(presented_token(&headers, [], false), None);
     }
 }

@@ -270,7 +270,8 @@ async fn upgrade(
         )
             .into_response();
     }
-    let token = presented_token(&headers, offered.iter().map(String::as_str));
+    let tls = edge.config.tls.is_some();
+    let token = presented_token(&headers, offered.iter().map(String::as_str), tls);
     let max = edge.config.max_message_bytes;
     // Taken while the upgrade request is served (hyper's graceful shutdown
     // waits for that), so the connection counts before its task starts.
@@ -297,7 +298,7 @@ async fn operator(
     edge: &Edge,
     headers: &HeaderMap,
 ) -> Result<std::sync::Arc<crate::Claims>, Response> {
-    let token = presented_token(headers, std::iter::empty());
+    let token = presented_token(headers, std::iter::empty(), edge.config.tls.is_some());
     let claims = edge.verify(token).await.map_err(|why| match why {
         crate::Unverified::Refused => (StatusCode::UNAUTHORIZED, "unauthorized\n").into_response(),
         crate::Unverified::Unavailable => {

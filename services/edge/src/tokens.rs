@@ -28,7 +28,11 @@ fn refusal(status: StatusCode, error: &str, message: &str) -> Response {
 /// The caller's claims, if they may manage tokens; else the refusal.
 async fn admin(edge: &Edge, headers: &HeaderMap) -> Result<Arc<Claims>, Response> {
     let claims = edge
-        .verify(presented_token(headers, std::iter::empty()))
+        .verify(presented_token(
+            headers,
+            std::iter::empty(),
+            edge.config.tls.is_some(),
+        ))
         .await
         .map_err(|why| match why {
             Unverified::Refused => {
