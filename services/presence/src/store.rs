@@ -909,6 +909,11 @@ impl TopicStore for Store {
             if session.until_ms.is_some_and(|until| until <= now_ms) {
                 session = session.available();
             }
+            // A connection that tracked others meanwhile keeps its bound:
+            // what does not fit stays gone (its `leave` went out).
+            if !has_room(&mut tx, &session.tenant_id, &session.connection_id).await? {
+                continue;
+            }
             // A session tracked again meanwhile (on another edge, or by a
             // reconnected peer) is newer than the one kept aside.
             if insert_row(&mut tx, &session).await? {

@@ -404,6 +404,26 @@ muster_store::backend_suite! {
         topics.track(session("room", "s7", "c1")).await.unwrap();
         topics.untrack("t1", "room", "s0", "dev-1").await.unwrap();
         topics.track(session("room", "one-more", "c1")).await.unwrap();
+
+        // Sessions kept aside for an edge taken for gone come back only as
+        // far as their connection has room: c2 filled up meanwhile.
+        let instances = muster_presence::Instances::new(Arc::new(store.clone()));
+        instances.touch("t1", &[], Some("edge-a")).await.unwrap();
+        topics.track(session("hall", "kept-1", "c2")).await.unwrap();
+        topics.track(session("hall", "kept-2", "c2")).await.unwrap();
+        stale(&store, "edge-a").await;
+        topics.expire_edges(std::time::Duration::from_secs(60)).await.unwrap();
+        for n in 0..limit - 1 {
+            topics.track(session("yard", &format!("y{n}"), "c2")).await.unwrap();
+        }
+        instances.touch("t1", &[], Some("edge-a")).await.unwrap();
+        assert_eq!(topics.revive_edge_sessions("edge-a", &["c2".into()], true).await.unwrap(), 1);
+        let held: i64 = sqlx::query("SELECT COUNT(*) FROM topic_sessions WHERE connection_id = 'c2'")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(held, limit as i64);
     }
 }
 
