@@ -63,14 +63,22 @@ pg_start() {
     mkdir -p "$dir"
     chmod 755 "$dir"
     [ "$(id -u)" = 0 ] && chown postgres "$dir"
-    as_pg "$PG_BIN/initdb" -D "$dir/data" -U muster --auth=trust -E UTF8 >"$dir/initdb.log" 2>&1 || {
+    # A password of its own, not `trust`: any local user could otherwise
+    # connect as the superuser, over TCP or the socket.
+    local password
+    password=$(od -An -tx1 -N16 /dev/urandom | tr -d ' \n')
+    (umask 077 && printf '%s\n' "$password" >"$dir/pwfile")
+    [ "$(id -u)" = 0 ] && chown postgres "$dir/pwfile"
+    as_pg "$PG_BIN/initdb" -D "$dir/data" -U muster --auth=scram-sha-256 \
+        --pwfile="$dir/pwfile" -E UTF8 >"$dir/initdb.log" 2>&1 || {
         cat "$dir/initdb.log" >&2; return 1; }
+    rm -f "$dir/pwfile"
     local port
     for _ in 1 2 3 4 5 6 7 8 9 10; do
         port=$(random_port)
         if pg_ctl_start "$dir" "$port"; then
             PG_PORT=$port
-            PG_URL="postgres://muster@127.0.0.1:$port/postgres"
+            PG_URL="postgres://muster:$password@127.0.0.1:$port/postgres"
             echo "$port" >"$dir/port"
             return 0
         fi
