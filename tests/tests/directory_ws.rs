@@ -166,3 +166,46 @@ async fn directory_on_postgres() {
     directory_flow(&host).await;
     host.stop().await;
 }
+
+/// The heartbeat's answer lists every record the directory holds for the
+/// edge; past gRPC's default 4 MiB (here 120 000 records of 36-byte ids)
+/// it is still read, so a dropped record still closes its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_answer_larger_than_a_grpc_message_is_read() {
+    let host = Host::start(None).await;
+    let store = host.store().await;
+    let (mut a, device_a, _) = node(&host).await;
+    let edge_id: String = sqlx::Row::try_get(
+        &sqlx::query("SELECT edge_id FROM connections WHERE device_id = $1")
+            .bind(&device_a)
+            .fetch_one(store.pool())
+            .await
+            .unwrap(),
+        0,
+    )
+    .unwrap();
+    sqlx::query(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 120000) \
+         INSERT INTO connections (connection_id, tenant_id, device_id, edge_id, role, connected_at_ms, expires_at_ms) \
+         SELECT printf('c-%034d', i), 't', 'dev_bulk', $1, 'node', 0, $2 FROM n",
+    )
+    .bind(&edge_id)
+    .bind(i64::MAX / 2)
+    .execute(store.writer())
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM connections WHERE device_id = $1")
+        .bind(&device_a)
+        .execute(store.writer())
+        .await
+        .unwrap();
+    let closed = loop {
+        match a.next(Duration::from_secs(15)).await {
+            Next::Json(_) => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(closed, Next::Closed(4004, "conversation expired".into()));
+    store.close().await;
+    host.stop().await;
+}

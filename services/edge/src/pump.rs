@@ -520,6 +520,10 @@ fn ack(
 /// How often the edge heartbeats its connection records.
 const DIRECTORY_HEARTBEAT: Duration = Duration::from_secs(5);
 
+/// The largest heartbeat answer the edge reads: the connection ids of
+/// more than a million connections.
+const HEARTBEAT_REPLY_BYTES: usize = 64 * 1024 * 1024;
+
 /// Keeps this edge's connection records alive in the directory. A peer
 /// whose record is gone (the edge could not heartbeat within the
 /// directory's TTL, and the record was removed) is closed with 4004
@@ -530,7 +534,12 @@ pub(crate) async fn keep_directory(edge: Arc<Edge>) {
     // A heartbeat that waited on a slow store is not followed by the
     // missed ones at once.
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut backplane = BackplaneClient::new(edge.peers.backplane.clone());
+    // The answer lists every connection the directory holds for this
+    // edge, about 40 bytes each: past gRPC's default 4 MiB (some 100 000
+    // connections) it would be refused, and records dropped would never
+    // be noticed.
+    let mut backplane = BackplaneClient::new(edge.peers.backplane.clone())
+        .max_decoding_message_size(HEARTBEAT_REPLY_BYTES);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
