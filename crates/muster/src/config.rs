@@ -37,7 +37,7 @@ const MAX_MAX_FRAME_BYTES: usize = muster_protocol::MAX_PAYLOAD_BYTES;
 
 /// Every setting of a muster process.
 #[derive(Clone, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Where single-host muster keeps its SQLite file, CA and runtime files.
     pub data_dir: PathBuf,
@@ -514,6 +514,25 @@ mod tests {
         assert!(
             format!("{refused:#}").contains("grpc_listen"),
             "{refused:#}"
+        );
+    }
+
+    #[test]
+    fn a_misspelt_key_is_refused_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("muster.toml");
+        std::fs::write(&file, "presence_ttl_sec = 30\n").unwrap();
+        let refused = Config::load(Some(&file), NoFlags {}).unwrap_err();
+        assert!(
+            format!("{refused:#}").contains("presence_ttl_sec"),
+            "{refused:#}"
+        );
+        std::fs::write(&file, "presence_ttl_secs = 30\n").unwrap();
+        assert_eq!(
+            Config::load(Some(&file), NoFlags {})
+                .unwrap()
+                .presence_ttl_secs,
+            30
         );
     }
 
