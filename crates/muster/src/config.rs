@@ -60,7 +60,9 @@ pub struct Config {
     /// Where the other services are (`identity = "muster-identity:7443"`),
     /// for cluster mode and the command-line tools.
     pub peers: BTreeMap<String, String>,
-    /// The services this process runs; empty: all of them.
+    /// The services this process runs; empty: all of them. A list, or one
+    /// string of comma-separated names (as an environment variable gives it).
+    #[serde(deserialize_with = "one_or_many")]
     pub services: Vec<String>,
     pub default_tenant: String,
     /// How often certificate files are re-read.
@@ -515,6 +517,19 @@ mod tests {
             format!("{refused:#}").contains("grpc_listen"),
             "{refused:#}"
         );
+    }
+
+    #[test]
+    fn services_come_as_a_list_or_one_comma_separated_string() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("muster.toml");
+        std::fs::write(
+            &file,
+            "services = \"identity, presence\"\nstore = \"sqlite://x.db\"\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&file), NoFlags {}).unwrap();
+        assert_eq!(config.services, ["identity", "presence"]);
     }
 
     #[test]
