@@ -90,6 +90,15 @@ impl ServiceError for muster_store::StoreError {
                 ErrorCode::InvalidArgument
             }
             e if e.is_constraint_violation() => ErrorCode::InvalidState,
+            // SQLSTATE class 22, data exception: a value the database
+            // cannot take (a NUL in text, a number out of range).
+            StoreError::Database(sqlx::Error::Database(db))
+                if db
+                    .code()
+                    .is_some_and(|code| code.len() == 5 && code.starts_with("22")) =>
+            {
+                ErrorCode::InvalidArgument
+            }
             StoreError::Database(sqlx_error) if is_unavailable(sqlx_error) => {
                 ErrorCode::Unavailable
             }

@@ -108,15 +108,34 @@ pub fn find_secret_key(value: &Value) -> Option<String> {
     }
 }
 
-fn validate(item: &NewItem) -> Result<(), StoreError> {
-    if item.tenant_id.trim().is_empty() {
-        return Err(StoreError::invalid("tenant_id", "empty"));
-    }
-    if item.event_id.trim().is_empty() {
-        return Err(StoreError::invalid("event_id", "empty"));
-    }
-    if item.kind.trim().is_empty() {
-        return Err(StoreError::invalid("type", "empty"));
+/// The most an item's payload may take, as JSON. An item travels to every
+/// edge as one gRPC message, which a client refuses past 4 MiB: one larger
+/// item would stop every edge's stream at it until compaction took it.
+pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// The most a tenant id or an item's type may take.
+const MAX_NAME_BYTES: usize = 256;
+
+/// Checks `item`; its payload as JSON when it may be appended.
+fn validate(item: &NewItem) -> Result<String, StoreError> {
+    for (field, value) in [
+        ("tenant_id", &item.tenant_id),
+        ("event_id", &item.event_id),
+        ("type", &item.kind),
+    ] {
+        if value.trim().is_empty() {
+            return Err(StoreError::invalid(field, "empty"));
+        }
+        if value.len() > MAX_NAME_BYTES {
+            return Err(StoreError::invalid(
+                field,
+                format!("longer than {MAX_NAME_BYTES} bytes"),
+            ));
+        }
+        // Postgres refuses NUL in text; SQLite would keep it.
+        if value.contains('\0') {
+            return Err(StoreError::invalid(field, "contains a NUL character"));
+        }
     }
     if !item.payload.is_object() {
         return Err(StoreError::invalid("payload", "not a json object"));
@@ -124,7 +143,14 @@ fn validate(item: &NewItem) -> Result<(), StoreError> {
     if let Some(key) = find_secret_key(&item.payload) {
         return Err(StoreError::SecretInPayload { key });
     }
-    Ok(())
+    let payload = item.payload.to_string();
+    if payload.len() > MAX_PAYLOAD_BYTES {
+        return Err(StoreError::invalid(
+            "payload",
+            format!("larger than {MAX_PAYLOAD_BYTES} bytes"),
+        ));
+    }
+    Ok(payload)
 }
 
 /// Appends `item` inside `tx`. Nothing is visible to readers until `tx`
@@ -149,10 +175,10 @@ pub async fn append_all<'a>(
     tx: &mut Tx,
     items: impl IntoIterator<Item = &'a NewItem>,
 ) -> Result<(), StoreError> {
-    let items: Vec<&NewItem> = items.into_iter().collect();
-    for item in &items {
-        validate(item)?;
-    }
+    let items = items
+        .into_iter()
+        .map(|item| Ok((item, validate(item)?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
     let occurred_at_ms = now_ms();
     for chunk in crate::in_statements(&items, 9) {
         let mut sql = String::from(
@@ -161,7 +187,7 @@ pub async fn append_all<'a>(
         );
         sql.push_str(&crate::values_rows(chunk.len(), 9));
         let mut query = sqlx::query(&sql);
-        for item in chunk {
+        for (item, payload) in chunk {
             let (target_kind, target_id) = match &item.target {
                 Some(target) => {
                     let (kind, id) = target.parts();
@@ -173,7 +199,7 @@ pub async fn append_all<'a>(
                 .bind(item.tenant_id.clone())
                 .bind(item.event_id.clone())
                 .bind(item.kind.clone())
-                .bind(item.payload.to_string())
+                .bind(payload.clone())
                 .bind(target_kind)
                 .bind(target_id)
                 .bind(serde_json::to_string(&item.audience_roles).unwrap_or_default())

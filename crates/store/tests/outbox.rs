@@ -80,7 +80,21 @@ muster_store::backend_suite! {
         assert!(matches!(outbox::append(&mut tx, &no_tenant).await, Err(StoreError::Invalid { field: "tenant_id", .. })));
         let not_object = NewItem::event("t1", "x", json!([1]));
         assert!(matches!(outbox::append(&mut tx, &not_object).await, Err(StoreError::Invalid { field: "payload", .. })));
+        // An item too large to travel to the edges as one message: a
+        // control character takes six bytes as JSON.
+        let escaped = "\u{1}".repeat(outbox::MAX_PAYLOAD_BYTES / 6 + 1);
+        let too_large = NewItem::event("t1", "x", json!({"by": escaped}));
+        assert!(matches!(outbox::append(&mut tx, &too_large).await, Err(StoreError::Invalid { field: "payload", .. })));
+        for (tenant, kind) in [("t\0a", "x"), ("t1", "x\0"), (&*"t".repeat(257), "x")] {
+            let bad = NewItem::event(tenant, kind, json!({}));
+            assert!(matches!(outbox::append(&mut tx, &bad).await, Err(StoreError::Invalid { .. })), "{tenant:?} {kind:?}");
+        }
         tx.commit().await.unwrap();
+        // Up to the limit, it goes (rolled back here).
+        let fits = NewItem::event("t1", "x", json!({"by": "x".repeat(outbox::MAX_PAYLOAD_BYTES - 20)}));
+        let mut fitting = store.begin().await.unwrap();
+        outbox::append(&mut fitting, &fits).await.unwrap();
+        drop(fitting);
         assert_eq!(count(&store).await, 0);
     }
 

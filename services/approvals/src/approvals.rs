@@ -149,6 +149,13 @@ impl Approvals {
         if kind.trim().is_empty() || kind.len() > 64 {
             return Err(ApprovalError::Invalid("kind must be 1 to 64 bytes".into()));
         }
+        // Postgres refuses NUL in text, SQLite would keep it: refused on
+        // both alike.
+        if tenant_id.contains('\0') || kind.contains('\0') {
+            return Err(ApprovalError::Invalid(
+                "tenant_id and kind must not contain NUL".into(),
+            ));
+        }
         if !context.is_object() {
             return Err(ApprovalError::Invalid(
                 "context must be a json object".into(),
@@ -225,8 +232,10 @@ impl Approvals {
         approval_id: &str,
         decision: Decision,
     ) -> Result<Approval, ApprovalError> {
-        if decision.decided_by.trim().is_empty() {
-            return Err(ApprovalError::Invalid("decided_by is required".into()));
+        if decision.decided_by.trim().is_empty() || decision.decided_by.len() > 256 {
+            return Err(ApprovalError::Invalid(
+                "decided_by must be 1 to 256 bytes".into(),
+            ));
         }
         if decision.reason.len() > 1024 {
             return Err(ApprovalError::Invalid(

@@ -95,7 +95,14 @@ muster_store::backend_suite! {
         // A secret-named field is the caller's mistake, not the service's.
         let secret = approvals.create("t1", "pairing", json!({"api_key": "x"}), None).await;
         assert_eq!(secret.as_ref().map_err(muster_mesh::ServiceError::code).err(), Some(muster_mesh::ErrorCode::InvalidArgument), "{secret:?}");
+        // A value Postgres cannot store is the caller's bad input too.
+        for (tenant, kind) in [("t\0a", "pairing"), ("t1", "pair\0ing")] {
+            let nul = approvals.create(tenant, kind, json!({}), None).await;
+            assert_eq!(nul.as_ref().map_err(muster_mesh::ServiceError::code).err(), Some(muster_mesh::ErrorCode::InvalidArgument), "{nul:?}");
+        }
         let created = approvals.create("t1", "pairing", json!({}), None).await.unwrap();
+        let long = approvals.decide("t1", &created.approval_id, approve(&"x".repeat(257))).await;
+        assert!(matches!(long, Err(ApprovalError::Invalid(_))), "{long:?}");
         let anonymous = approvals.decide("t1", &created.approval_id, approve(" ")).await;
         assert!(matches!(anonymous, Err(ApprovalError::Invalid(_))));
         assert_eq!(approvals.get("t1", &created.approval_id).await.unwrap().status, Status::Pending);
