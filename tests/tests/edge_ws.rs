@@ -1972,11 +1972,32 @@ async fn a_connection_that_does_not_send_a_request_in_time_is_dropped() {
     kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: muster\r\n\r\n")
         .await
         .unwrap();
-    let (silent, partial, kept) = tokio::join!(
+    // The first byte of HTTP/2's preface, which leaves HTTP/1 undecided;
+    // and the whole preface, with a SETTINGS frame: the edge serves no
+    // HTTP/2, so it ends that one at once.
+    let mut undecided = tokio::net::TcpStream::connect(&address).await.unwrap();
+    undecided.write_all(b"P").await.unwrap();
+    let mut h2 = tokio::net::TcpStream::connect(&address).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let h2_ended = async {
+        read_to_end(&mut h2).await;
+        started.elapsed()
+    };
+    let (silent, partial, kept, undecided, h2_ended) = tokio::join!(
         read_to_end(&mut silent),
         read_to_end(&mut partial),
-        read_to_end(&mut kept)
+        read_to_end(&mut kept),
+        read_to_end(&mut undecided),
+        h2_ended
     );
+    assert!(
+        undecided.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&undecided)
+    );
+    assert!(h2_ended < Duration::from_secs(5), "{h2_ended:?}");
     assert!(
         started.elapsed() >= Duration::from_secs(9),
         "dropped before the deadline: {:?}",

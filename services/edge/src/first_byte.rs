@@ -1,8 +1,10 @@
 //! A connection that must begin its request in time. hyper bounds how long
 //! a request's head may take only once it knows the connection speaks
-//! HTTP/1, and finding that out waits for the first bytes without a
-//! deadline: a client that connected and sent nothing would hold its
-//! socket and task for as long as it liked.
+//! HTTP/1, and finding that out waits, without a deadline, for bytes that
+//! tell HTTP/1 from HTTP/2's preface: a client that connected and sent
+//! nothing (or `P`, the preface's first byte) would hold its socket and
+//! task for as long as it liked. The edge serves HTTP/1 only (its TLS
+//! offers no other), so a whole HTTP/2 preface ends the connection.
 
 use std::future::Future;
 use std::io;
@@ -12,20 +14,27 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Reads fail with `TimedOut` if no byte arrived within the deadline;
-/// after the first byte, reads and writes pass through.
+/// Reads fail with `TimedOut` if the connection has not shown it speaks
+/// HTTP/1 (a byte that departs from HTTP/2's preface) within the
+/// deadline; after that, reads and writes pass through.
 pub(crate) struct FirstByte<S> {
     inner: S,
-    /// Boxed, and gone after the first byte: an idle WebSocket keeps no
-    /// timer.
+    /// Boxed, and gone once the connection is HTTP/1's: an idle WebSocket
+    /// keeps no timer.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// How many of HTTP/2's preface bytes the connection began with.
+    preface: u8,
 }
+
+/// What an HTTP/2 connection begins with (RFC 9113, 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 impl<S> FirstByte<S> {
     pub(crate) fn new(inner: S, within: Duration) -> Self {
         FirstByte {
             inner,
             deadline: Some(Box::pin(tokio::time::sleep(within))),
+            preface: 0,
         }
     }
 }
@@ -40,8 +49,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for FirstByte<S> {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
-                    this.deadline = None;
+                if this.deadline.is_some() {
+                    for &byte in &buf.filled()[before..] {
+                        if byte != H2_PREFACE[usize::from(this.preface)] {
+                            this.deadline = None;
+                            break;
+                        }
+                        this.preface += 1;
+                        if usize::from(this.preface) == H2_PREFACE.len() {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "HTTP/2 is not served here",
+                            )));
+                        }
+                    }
                 }
                 Poll::Ready(Ok(()))
             }
