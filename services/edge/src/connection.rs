@@ -800,6 +800,13 @@ async fn tell_services_of_leaving(edge: &Edge, peer: &Peer) {
             tracing::warn!(code = ?status.code(), "untracking a closed connection's topics failed; the next presence refresh tries again");
         }
     }
+    // After any announcement of the peer in flight (a refresh's retry, a
+    // beacon), so that the removal lands last; none starts after it, also
+    // when another connection of the device stays (a refresh pass that
+    // listed this peer before it left would otherwise announce it after
+    // that other connection's removal).
+    let _one_at_a_time = peer.presence_writes.lock().await;
+    peer.announcing.leave();
     let still_here = edge
         .registry
         .tenant(&peer.claims.tenant_id)
@@ -808,10 +815,6 @@ async fn tell_services_of_leaving(edge: &Edge, peer: &Peer) {
     if still_here {
         return;
     }
-    // After any announcement of the peer in flight (a refresh's retry, a
-    // beacon), so that the removal lands last; none starts after it.
-    let _one_at_a_time = peer.presence_writes.lock().await;
-    peer.announcing.leave();
     if !peer.in_presence.load(Ordering::Acquire) {
         return;
     }
@@ -968,6 +971,12 @@ impl<'a, H: FnMut(Utf8Bytes) -> Handling<'a>> Requests<'a, H> {
 
 /// Handles one text frame of a connected peer (Part B §2.4, §3).
 async fn handle_frame(edge: &Edge, peer: &Peer, out: &outbound::Outbound, text: Utf8Bytes) {
+    // The connection is ending (its token revoked or changed, events
+    // missed): nothing more it sends takes effect, though the frames
+    // queued ahead of its close are still being written.
+    if out.closing() {
+        return;
+    }
     if peer.claims.expired(now_ms()) {
         // Nothing more on an expired token, even before the next ping
         // closes the connection.

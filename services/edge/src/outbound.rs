@@ -39,6 +39,9 @@ struct Queue {
     held: VecDeque<Outgoing>,
     /// Resumes under way.
     holding: u32,
+    /// A close is queued: the connection is ending, whatever is still
+    /// ahead of the close.
+    closing: bool,
 }
 
 #[derive(Debug, Default)]
@@ -187,12 +190,20 @@ impl Outbound {
         Hold(self.shared.clone())
     }
 
+    /// Whether a close is queued: the peer's requests are not handled
+    /// any more (a revoked token's, say), though frames ahead of the close
+    /// are still being written.
+    pub(crate) fn closing(&self) -> bool {
+        self.shared.queue().closing
+    }
+
     pub(crate) fn close(&self, close: Close) {
         {
             let mut queue = self.shared.queue();
             if queue.closed {
                 return;
             }
+            queue.closing = true;
             queue.frames.push_back(Outgoing::Close(close));
         }
         self.shared.ready.notify_one();
@@ -273,6 +284,16 @@ mod tests {
         assert_eq!(texts(&mut inbox), ["live 2", "live 3"]);
         outbound.send_event("live 4");
         assert_eq!(texts(&mut inbox), ["live 4"]);
+    }
+
+    #[test]
+    fn a_queued_close_marks_the_connection_closing() {
+        let (outbound, mut inbox) = channel();
+        outbound.send("backlog");
+        assert!(!outbound.closing());
+        outbound.close(muster_protocol::close::SLOW_CONSUMER);
+        assert!(outbound.closing());
+        assert_eq!(texts(&mut inbox), ["backlog", "close 1013"]);
     }
 
     #[test]
