@@ -112,6 +112,10 @@ async fn send_text(sink: &mut Sink, text: String, deadline: Instant) -> bool {
     )
 }
 
+/// A write this long may have kept a pong unread (see the write branch of
+/// the connected loop).
+const LONG_WRITE: Duration = Duration::from_secs(1);
+
 fn now_ms() -> i64 {
     muster_store::now_ms()
 }
@@ -511,6 +515,7 @@ async fn connected(
                         // pong may be missing ends the connection as a
                         // missing pong does (pings cannot go out
                         // meanwhile, nor a revocation's close).
+                        let began = Instant::now();
                         let written = Box::pin(async {
                             tokio::select! {
                                 written = tokio::time::timeout(edge.config.pong_timeout, write_queued(sink, text, &mut inbox)) => match written {
@@ -526,7 +531,14 @@ async fn connected(
                         })
                         .await;
                         match written {
-                            Ok(None) => {}
+                            Ok(None) => {
+                                // The socket was not read while a long write
+                                // went on: a pong may wait in it, so the
+                                // peer is judged from the write's start.
+                                if began.elapsed() >= LONG_WRITE {
+                                    last_pong = last_pong.max(began);
+                                }
+                            }
                             Ok(Some(close)) | Err(Some(close)) => return Err(close),
                             Err(None) => return Ok(()),
                         }
