@@ -263,8 +263,16 @@ muster_e2e::on_both_stores! {
         let host = Host::start(store).await;
         let store = host.store().await;
         append(&store, "t-sub").await;
-        let head = outbox::head(&store).await.unwrap();
-        assert!(head > 0);
+        // On Postgres the backplane positions it after its commit.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        let head = loop {
+            let head = outbox::head(&store).await.unwrap();
+            if head > 0 {
+                break head;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the item was never positioned");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
         let mut backplane =
             BackplaneClient::new(host.channel(ServiceName::Backplane, ServiceName::Edge));
         let subscribe = |consumer_id: &str| pb::SubscribeRequest {

@@ -710,11 +710,18 @@ async fn arrive(
             return Ok(false);
         }
         if in_presence {
-            // A refusal is not final: the edge's refresh announces every
-            // peer presence has not taken.
-            if let Err(status) = Box::pin(announce(edge, &peer)).await {
-                tracing::warn!(code = ?status.code(), "presence upsert on connect failed; the next refresh tries again");
-            }
+            // Beside the connection, not before it: a peer that was
+            // answered sends requests and must get pings while presence
+            // is slow (a storm of arrivals). A leave waits for it, and one
+            // that comes first stops it (see Announcing). A refusal is not
+            // final: the edge's refresh announces every peer presence has
+            // not taken.
+            let (edge, peer) = (edge.clone(), peer.clone());
+            tokio::spawn(async move {
+                if let Err(status) = announce(&edge, &peer).await {
+                    tracing::warn!(code = ?status.code(), "presence upsert on connect failed; the next refresh tries again");
+                }
+            });
         }
         Ok(true)
     };
