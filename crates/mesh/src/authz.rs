@@ -18,10 +18,18 @@ impl Rule {
 }
 
 /// Open to every principal of the trust domain: probing and discovery.
-const OPEN_SERVICES: [&str; 2] = [
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1.ServerReflection/",
+/// Whole methods, not prefixes: any other path is refused, so that no
+/// caller can make up paths that pass.
+const OPEN_METHODS: [&str; 3] = [
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
 ];
+
+/// The metadata key of a refusal by the mesh itself (not by a service's
+/// own rule): a caller acting for a client reports it as its own fault,
+/// without the identities and paths it names.
+pub const REFUSED_BY_MESH: &str = "muster-refused-by-mesh";
 
 /// Decides whether `peer` may call `path` under `rules`, before any handler
 /// runs. Returns the caller's identity when it may.
@@ -42,7 +50,7 @@ pub fn authorize(
     let caller = id
         .service()
         .ok_or_else(|| Status::permission_denied(format!("{id} names no muster service")))?;
-    let allowed = OPEN_SERVICES.iter().any(|open| path.starts_with(open))
+    let allowed = OPEN_METHODS.contains(&path)
         || rules
             .iter()
             .any(|rule| rule.method == path && rule.callers.contains(&caller));
@@ -93,6 +101,19 @@ mod tests {
     fn health_is_open_to_the_trust_domain_only() {
         let check = "/grpc.health.v1.Health/Check";
         assert!(authorize(RULES, "td", check, Some(&peer("spiffe://td/service/ctl"))).is_ok());
+        // Its methods, not any path under its name.
+        for made_up in [
+            "/grpc.health.v1.Health/Nope",
+            "/grpc.health.v1.Health/Check/x",
+            "/grpc.reflection.v1.ServerReflection/Other",
+        ] {
+            let denied = authorize(RULES, "td", made_up, Some(&peer("spiffe://td/service/ctl")));
+            assert_eq!(
+                denied.unwrap_err().code(),
+                tonic::Code::PermissionDenied,
+                "{made_up}"
+            );
+        }
         let foreign = authorize(
             RULES,
             "td",

@@ -70,6 +70,11 @@ where
                     reason = status.message(),
                     "rpc refused"
                 );
+                let mut status = status;
+                status.metadata_mut().insert(
+                    crate::authz::REFUSED_BY_MESH,
+                    "true".parse().expect("ascii"),
+                );
                 return Box::pin(std::future::ready(Ok(status.into_http())));
             }
         };

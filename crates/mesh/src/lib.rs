@@ -16,7 +16,7 @@ mod server;
 mod stream;
 mod trace;
 
-pub use authz::{Rule, authorize};
+pub use authz::{REFUSED_BY_MESH, Rule, authorize};
 pub use client::{MeshChannel, channel, channel_with};
 pub use error::{ErrorCode, ServiceError, to_status};
 pub use server::{RunningServer, ServiceSpec, serve};

@@ -238,6 +238,12 @@ async fn a_service_not_in_the_table_is_denied_before_the_handler() {
             .contains("spiffe://muster.test/service/presence"),
         "{err:?}"
     );
+    // Marked as the mesh's refusal, so that an edge does not pass its
+    // text on to a client.
+    assert!(
+        err.metadata().contains_key(muster_mesh::REFUSED_BY_MESH),
+        "{err:?}"
+    );
     assert_eq!(f.calls(), 0);
 }
 

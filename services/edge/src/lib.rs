@@ -578,6 +578,12 @@ const STREAM_WAIT: Duration = Duration::from_secs(5);
 /// Maps a failed call to another service onto the client protocol's error
 /// code and message.
 fn wire_error(status: &Status) -> (&'static str, String) {
+    // A call the mesh refused is this deployment's fault (its rules, or
+    // services of different versions), and its text names identities.
+    if status.metadata().contains_key(muster_mesh::REFUSED_BY_MESH) {
+        tracing::error!(code = ?status.code(), message = status.message(), "a service refused the edge's call");
+        return ("internal_error", "internal error".to_owned());
+    }
     let code = muster_mesh::ErrorCode::from_grpc(status.code());
     let message = match code {
         muster_mesh::ErrorCode::Internal | muster_mesh::ErrorCode::Unavailable => {
