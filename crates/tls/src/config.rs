@@ -85,13 +85,29 @@ impl MeshTls {
     }
 
     /// Rebuilds from the files when their content changed. A broken set of
-    /// files is reported and the running configuration kept.
+    /// files is reported and the running configuration kept: files that do
+    /// not parse, a certificate outside its validity or not signed by a CA
+    /// of the bundle (every handshake would fail), or one that names
+    /// another principal (the process would take on its rights).
     pub fn reload(&self) -> Result<bool, TlsError> {
         let fingerprint = fingerprint(&self.files)?;
         if fingerprint == self.current.load().fingerprint {
             return Ok(false);
         }
         let loaded = build(&self.files, &self.trust_domain)?;
+        let running = self.identity();
+        if loaded.identity != running {
+            return Err(TlsError::Identity(format!(
+                "{} names {}, not {running}",
+                self.files.cert.display(),
+                loaded.identity
+            )));
+        }
+        usable(
+            &certs(&self.files.cert)?[0],
+            &certs(&self.files.ca)?,
+            &self.files.cert,
+        )?;
         self.current.store(Arc::new(loaded));
         Ok(true)
     }
@@ -117,6 +133,33 @@ impl MeshTls {
             }
         }
     }
+}
+
+/// Whether `cert` is within its validity now and signed by one of `cas`.
+fn usable(
+    cert: &CertificateDer<'_>,
+    cas: &[CertificateDer<'_>],
+    path: &Path,
+) -> Result<(), TlsError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let unusable = |why: String| TlsError::Identity(format!("{}: {why}", path.display()));
+    let (_, parsed) =
+        X509Certificate::from_der(cert.as_ref()).map_err(|e| unusable(e.to_string()))?;
+    let validity = parsed.validity();
+    if !validity.is_valid() {
+        return Err(unusable(format!(
+            "not valid now (from {} to {})",
+            validity.not_before, validity.not_after
+        )));
+    }
+    let signed = cas.iter().any(|ca| {
+        X509Certificate::from_der(ca.as_ref())
+            .is_ok_and(|(_, ca)| parsed.verify_signature(Some(ca.public_key())).is_ok())
+    });
+    if !signed {
+        return Err(unusable("not signed by a CA of the bundle".into()));
+    }
+    Ok(())
 }
 
 fn fingerprint(files: &TlsFiles) -> Result<[u8; 32], TlsError> {
@@ -227,4 +270,67 @@ fn build(files: &TlsFiles, trust_domain: &str) -> Result<Loaded, TlsError> {
         server: Arc::new(server),
         client: Arc::new(client),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CertificateAuthority, IssueOptions, ServiceName, TlsDir};
+
+    const TD: &str = "muster.test";
+
+    #[test]
+    fn a_reload_keeps_the_running_certificate_over_an_unusable_one() {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let tls_dir = TlsDir::new(dir.path());
+        let (ca, _) = tls_dir.ensure_ca(Duration::from_secs(3600)).unwrap();
+        let day = IssueOptions::valid_for(Duration::from_secs(86_400));
+        tls_dir
+            .write_issued(
+                ServiceName::Presence,
+                &ca.issue(TD, ServiceName::Presence, &day).unwrap(),
+            )
+            .unwrap();
+        let tls = MeshTls::load(tls_dir.files(ServiceName::Presence), TD).unwrap();
+        let running = tls.server_config();
+
+        let now = time::OffsetDateTime::now_utc();
+        let mut expired = day.clone();
+        expired.not_before = Some(now - time::Duration::days(2));
+        expired.not_after = Some(now - time::Duration::days(1));
+        let other_ca = CertificateAuthority::generate("other", Duration::from_secs(3600)).unwrap();
+        for (why, cert) in [
+            (
+                "expired",
+                ca.issue(TD, ServiceName::Presence, &expired).unwrap(),
+            ),
+            (
+                "another principal's",
+                ca.issue(TD, ServiceName::Ctl, &day).unwrap(),
+            ),
+            (
+                "another CA's",
+                other_ca.issue(TD, ServiceName::Presence, &day).unwrap(),
+            ),
+        ] {
+            tls_dir.write_issued(ServiceName::Presence, &cert).unwrap();
+            assert!(tls.reload().is_err(), "{why}");
+            assert!(Arc::ptr_eq(&tls.server_config(), &running), "{why}");
+            assert_eq!(
+                tls.identity().service(),
+                Some(ServiceName::Presence),
+                "{why}"
+            );
+        }
+        // A good one is taken.
+        tls_dir
+            .write_issued(
+                ServiceName::Presence,
+                &ca.issue(TD, ServiceName::Presence, &day).unwrap(),
+            )
+            .unwrap();
+        assert!(tls.reload().unwrap());
+        assert!(!Arc::ptr_eq(&tls.server_config(), &running));
+    }
 }
