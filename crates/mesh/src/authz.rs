@@ -42,6 +42,19 @@ pub fn authorize(
     let id = peer
         .and_then(|p| p.spiffe_id.as_ref())
         .ok_or_else(|| Status::unauthenticated("client certificate carries no spiffe id"))?;
+    // The handshake checked the certificate; a long-lived connection may
+    // outlast it (there is no revocation list, so expiry is the cut-off).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if peer
+        .and_then(|p| p.not_after)
+        .is_some_and(|not_after| now > not_after)
+    {
+        return Err(Status::unauthenticated(format!(
+            "{id}'s certificate expired after this connection began"
+        )));
+    }
     if id.trust_domain != trust_domain {
         return Err(Status::unauthenticated(format!(
             "{id} is not of trust domain {trust_domain}"
@@ -78,6 +91,7 @@ mod tests {
         PeerInfo {
             remote_addr: None,
             spiffe_id: Some(id.parse::<SpiffeId>().unwrap()),
+            not_after: None,
         }
     }
 
@@ -95,6 +109,17 @@ mod tests {
         // Not in the table: denied to everyone.
         let unlisted = authorize(RULES, "td", "/muster.v1.Identity/CreateToken", Some(&edge));
         assert_eq!(unlisted.unwrap_err().code(), tonic::Code::PermissionDenied);
+    }
+
+    #[test]
+    fn calls_on_a_connection_whose_certificate_expired_since_are_refused() {
+        let verify = "/muster.v1.Identity/VerifyToken";
+        let mut edge = peer("spiffe://td/service/edge");
+        edge.not_after = Some(1);
+        let refused = authorize(RULES, "td", verify, Some(&edge)).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        edge.not_after = Some(i64::MAX);
+        assert!(authorize(RULES, "td", verify, Some(&edge)).is_ok());
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use muster_tls::{MeshTls, ServiceName, SpiffeId, peer_spiffe_id};
+use muster_tls::{MeshTls, ServiceName, SpiffeId, cert_not_after, peer_spiffe_id};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -25,6 +25,10 @@ pub struct PeerInfo {
     pub remote_addr: Option<SocketAddr>,
     /// From the verified client certificate.
     pub spiffe_id: Option<SpiffeId>,
+    /// When that certificate expires (seconds since the epoch): a
+    /// connection outlives the handshake that checked it, and its calls
+    /// stop being served then.
+    pub not_after: Option<i64>,
 }
 
 impl PeerInfo {
@@ -117,15 +121,15 @@ pub(crate) fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
-                        let spiffe_id = stream
+                        let leaf = stream
                             .get_ref()
                             .1
                             .peer_certificates()
-                            .and_then(|chain| chain.first())
-                            .and_then(peer_spiffe_id);
+                            .and_then(|chain| chain.first());
                         let peer = PeerInfo {
                             remote_addr: Some(remote),
-                            spiffe_id,
+                            spiffe_id: leaf.and_then(peer_spiffe_id),
+                            not_after: leaf.and_then(cert_not_after),
                         };
                         let _ = tx
                             .send(Ok(MeshStream {

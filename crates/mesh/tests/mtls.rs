@@ -307,6 +307,33 @@ async fn an_expired_certificate_is_refused() {
     assert_eq!(f.calls(), 0);
 }
 
+/// A connection outlives the handshake that checked its certificate: once
+/// the certificate expires, its calls are refused though the connection
+/// stays up.
+#[tokio::test]
+async fn calls_stop_when_the_connections_certificate_expires() {
+    let f = Fixture::start().await;
+    let now = time::OffsetDateTime::now_utc();
+    let mut opts = IssueOptions::valid_for(DAY);
+    opts.not_after = Some(now + time::Duration::seconds(2));
+    f.certs()
+        .write_issued(
+            ServiceName::Ctl,
+            &f.ca.issue(TD, ServiceName::Ctl, &opts).unwrap(),
+        )
+        .unwrap();
+    let mut client =
+        EdgeClient::new(channel(f.tls(ServiceName::Ctl), ServiceName::Edge, &f.addr()).unwrap());
+    client.describe_edge(DescribeEdgeRequest {}).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let refused = client
+        .describe_edge(DescribeEdgeRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    assert_eq!(f.calls(), 1);
+}
+
 #[tokio::test]
 async fn certificates_reload_without_a_restart() {
     let f = Fixture::start().await;

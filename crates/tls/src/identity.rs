@@ -136,6 +136,12 @@ pub fn peer_spiffe_id(cert: &CertificateDer<'_>) -> Option<SpiffeId> {
     ids.next().is_none().then_some(id)
 }
 
+/// When `cert` stops being valid, in seconds since the epoch.
+pub fn cert_not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

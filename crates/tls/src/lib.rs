@@ -15,7 +15,7 @@ mod identity;
 pub use ca::{CertSummary, CertificateAuthority, IssueOptions, IssuedCert, TlsDir};
 pub use config::{MeshTls, TlsFiles, edge_server_config};
 pub use error::TlsError;
-pub use identity::{ServiceName, SpiffeId, peer_spiffe_id};
+pub use identity::{ServiceName, SpiffeId, cert_not_after, peer_spiffe_id};
 
 /// The crypto provider muster uses everywhere: ring, never aws-lc.
 pub fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
