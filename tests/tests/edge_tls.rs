@@ -308,3 +308,40 @@ muster_e2e::on_both_stores! {
             .expect("the edge stops without waiting for the header");
     }
 }
+
+/// The certificate the edge presents to a new connection.
+async fn served_certificate(host: &Host) -> Vec<u8> {
+    let stream = connect(host, &host.config.tls(), None).await.unwrap();
+    stream.get_ref().1.peer_certificates().unwrap()[0]
+        .as_ref()
+        .to_vec()
+}
+
+// A renewed listener certificate is served from the next connection on,
+// without a restart, as the mesh's certificates are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_listener_certificate_is_served_without_a_restart() {
+    let host = tls_host_configured(None, |config| config.cert_reload_secs = 1).await;
+    let before = served_certificate(&host).await;
+    let tls = host.config.tls();
+    let ca = tls.load_ca().unwrap();
+    tls.write_issued(
+        ServiceName::Edge,
+        &ca.issue(
+            &host.config.trust_domain,
+            ServiceName::Edge,
+            &IssueOptions::valid_for(DAY * 30),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while served_certificate(&host).await == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    host.stop().await;
+}

@@ -300,10 +300,20 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                     backplane: peer(ServiceName::Backplane)?,
                 };
                 let edge_tls = match (&config.edge_tls_cert, &config.edge_tls_key) {
-                    (Some(cert), Some(key)) => Some(
-                        muster_tls::edge_server_config(cert, key, &tls_dir.ca_cert_path())
-                            .context("loading the edge's tls certificate")?,
-                    ),
+                    (Some(cert), Some(key)) => {
+                        let edge_tls = muster_tls::EdgeTls::load(muster_tls::TlsFiles {
+                            cert: cert.clone(),
+                            key: key.clone(),
+                            ca: tls_dir.ca_cert_path(),
+                        })
+                        .context("loading the edge's tls certificate")?;
+                        tokio::spawn(
+                            edge_tls
+                                .clone()
+                                .watch(reload, shutdown.clone().cancelled_owned()),
+                        );
+                        Some(edge_tls)
+                    }
                     _ => None,
                 };
                 let trusted_proxies = config.trusted_proxies()?;

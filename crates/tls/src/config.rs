@@ -105,7 +105,7 @@ impl MeshTls {
         }
         usable(
             &certs(&self.files.cert)?[0],
-            &certs(&self.files.ca)?,
+            Some(&certs(&self.files.ca)?),
             &self.files.cert,
         )?;
         self.current.store(Arc::new(loaded));
@@ -114,31 +114,42 @@ impl MeshTls {
 
     /// Re-reads the files every `interval` until `shutdown` resolves.
     pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: impl Future<Output = ()>) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = tick.tick() => {}
-            }
-            match self.reload() {
-                Ok(true) => {
-                    tracing::info!(identity = %self.identity(), "reloaded tls certificates")
-                }
-                Ok(false) => {}
-                Err(error) => {
-                    tracing::warn!(%error, "tls certificates not reloaded; keeping the current ones")
-                }
+        let identity = self.identity().to_string();
+        watch(|| self.reload(), &identity, interval, shutdown).await;
+    }
+}
+
+/// Calls `reload` every `interval` until `shutdown` resolves, and says
+/// what it did for `what`.
+async fn watch(
+    reload: impl Fn() -> Result<bool, TlsError>,
+    what: &str,
+    interval: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tick.tick() => {}
+        }
+        match reload() {
+            Ok(true) => tracing::info!(certificate = what, "reloaded tls certificates"),
+            Ok(false) => {}
+            Err(error) => {
+                tracing::warn!(certificate = what, %error, "tls certificates not reloaded; keeping the current ones")
             }
         }
     }
 }
 
-/// Whether `cert` is within its validity now and signed by one of `cas`.
+/// Whether `cert` is within its validity now and, with `cas`, signed by
+/// one of them.
 fn usable(
     cert: &CertificateDer<'_>,
-    cas: &[CertificateDer<'_>],
+    cas: Option<&[CertificateDer<'_>]>,
     path: &Path,
 ) -> Result<(), TlsError> {
     use x509_parser::prelude::{FromDer, X509Certificate};
@@ -152,6 +163,9 @@ fn usable(
             validity.not_before, validity.not_after
         )));
     }
+    let Some(cas) = cas else {
+        return Ok(());
+    };
     let signed = cas.iter().any(|ca| {
         X509Certificate::from_der(ca.as_ref())
             .is_ok_and(|(_, ca)| parsed.verify_signature(Some(ca.public_key())).is_ok())
@@ -196,15 +210,65 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// The edge's public listener's TLS, rebuilt when its files change (a
+/// renewed certificate, a rotated CA bundle) as the mesh's is. Connections
+/// already open keep the configuration they started with.
+pub struct EdgeTls {
+    files: TlsFiles,
+    current: ArcSwap<([u8; 32], Arc<ServerConfig>)>,
+}
+
+impl std::fmt::Debug for EdgeTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeTls")
+            .field("files", &self.files)
+            .finish()
+    }
+}
+
+impl EdgeTls {
+    /// `files.cert` and `files.key`: the listener's own certificate (from
+    /// any CA its clients trust); `files.ca`: the CA bundle that device
+    /// certificates are verified against.
+    pub fn load(files: TlsFiles) -> Result<Arc<EdgeTls>, TlsError> {
+        let fingerprint = fingerprint(&files)?;
+        let config = edge_server_config(&files.cert, &files.key, &files.ca)?;
+        Ok(Arc::new(EdgeTls {
+            files,
+            current: ArcSwap::from_pointee((fingerprint, config)),
+        }))
+    }
+
+    /// The configuration for the next accepted connection.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.current.load().1.clone()
+    }
+
+    /// Rebuilds from the files when their content changed; files that do
+    /// not parse, or a certificate outside its validity, are reported and
+    /// the running configuration kept.
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let fingerprint = fingerprint(&self.files)?;
+        if fingerprint == self.current.load().0 {
+            return Ok(false);
+        }
+        let config = edge_server_config(&self.files.cert, &self.files.key, &self.files.ca)?;
+        usable(&certs(&self.files.cert)?[0], None, &self.files.cert)?;
+        self.current.store(Arc::new((fingerprint, config)));
+        Ok(true)
+    }
+
+    /// Re-reads the files every `interval` until `shutdown` resolves.
+    pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: impl Future<Output = ()>) {
+        watch(|| self.reload(), "edge listener", interval, shutdown).await;
+    }
+}
+
 /// The edge's public listener: its own certificate, and client
 /// certificates optional but, when presented, verified against `ca`. No
 /// session resumption (it would skip that check); HTTP/1.1 only, as the
 /// WebSocket upgrade needs.
-pub fn edge_server_config(
-    cert: &Path,
-    key: &Path,
-    ca: &Path,
-) -> Result<Arc<ServerConfig>, TlsError> {
+fn edge_server_config(cert: &Path, key: &Path, ca: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = certs(cert)?;
     let key = PrivateKeyDer::from_pem_slice(read_string(key)?.as_bytes()).map_err(pem_err(key))?;
     let mut roots = RootCertStore::empty();

@@ -13,7 +13,7 @@ mod error;
 mod identity;
 
 pub use ca::{CertSummary, CertificateAuthority, IssueOptions, IssuedCert, TlsDir};
-pub use config::{MeshTls, TlsFiles, edge_server_config};
+pub use config::{EdgeTls, MeshTls, TlsFiles};
 pub use error::TlsError;
 pub use identity::{ServiceName, SpiffeId, cert_not_after, peer_spiffe_id};
 

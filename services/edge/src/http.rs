@@ -63,7 +63,7 @@ pub(crate) fn tune_accepted(tcp: &tokio::net::TcpStream) {
 pub(crate) async fn serve(
     edge: Arc<Edge>,
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<Arc<muster_tls::EdgeTls>>,
 ) -> std::io::Result<()> {
     let app = router(edge.clone());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -150,7 +150,7 @@ pub(crate) async fn serve(
                 serve_connection(tcp, app, remote, None, local, watcher).await;
                 return;
             };
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
             let accepted = tokio::select! {
                 _ = stopping.cancelled() => return,
                 accepted = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)) => accepted,

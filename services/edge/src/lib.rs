@@ -80,7 +80,7 @@ pub struct EdgeConfig {
     pub touch_interval: Duration,
     /// Serve `wss://` with this configuration (client certificates
     /// optional); `None`: plain `ws://`.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub tls: Option<Arc<muster_tls::EdgeTls>>,
     /// The edge's name (backplane consumer, directory owner); `None`: a
     /// random id.
     pub edge_id: Option<String>,
