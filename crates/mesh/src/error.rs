@@ -90,12 +90,15 @@ impl ServiceError for muster_store::StoreError {
                 ErrorCode::InvalidArgument
             }
             e if e.is_constraint_violation() => ErrorCode::InvalidState,
-            // SQLSTATE class 22, data exception: a value the database
-            // cannot take (a NUL in text, a number out of range).
+            // A value the database cannot take as text: a NUL or a byte
+            // sequence its encoding refuses (character_not_in_repertoire,
+            // untranslatable_character), or one too long for its column.
+            // Only these: the rest of SQLSTATE class 22 may be a fault of
+            // the service's own (an overflow in a computed value).
             StoreError::Database(sqlx::Error::Database(db))
                 if db
                     .code()
-                    .is_some_and(|code| code.len() == 5 && code.starts_with("22")) =>
+                    .is_some_and(|code| matches!(&*code, "22021" | "22P05" | "22001")) =>
             {
                 ErrorCode::InvalidArgument
             }

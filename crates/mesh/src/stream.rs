@@ -37,10 +37,27 @@ impl PeerInfo {
     }
 }
 
-/// An accepted, handshaken connection.
+/// An accepted, handshaken connection. It ends when the certificate it
+/// was opened with expires: the handshake that checked it is long past,
+/// and there is no revocation list, so expiry is the cut-off. A peer that
+/// renewed its certificate connects again with the new one.
 pub(crate) struct MeshStream {
     inner: TlsStream<TcpStream>,
     peer: PeerInfo,
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// Connections whose certificate lasts longer than this are not timed
+/// (the timer's range); the call check in `authorize` still holds.
+const LONGEST_TIMED: Duration = Duration::from_secs(2 * 365 * 86_400);
+
+fn expiry_timer(not_after: Option<i64>) -> Option<Pin<Box<tokio::time::Sleep>>> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs() as i64;
+    let left = Duration::from_secs(u64::try_from(not_after?.saturating_sub(now)).unwrap_or(0));
+    (left < LONGEST_TIMED).then(|| Box::pin(tokio::time::sleep(left)))
 }
 
 impl Connected for MeshStream {
@@ -57,6 +74,13 @@ impl AsyncRead for MeshStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        // Polled while the connection waits for data too, so an idle one
+        // ends at the expiry, not at its next request.
+        if let Some(expires) = self.expires.as_mut()
+            && expires.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -131,10 +155,12 @@ pub(crate) fn incoming(
                             spiffe_id: leaf.and_then(peer_spiffe_id),
                             not_after: leaf.and_then(cert_not_after),
                         };
+                        let expires = expiry_timer(peer.not_after);
                         let _ = tx
                             .send(Ok(MeshStream {
                                 inner: stream,
                                 peer,
+                                expires,
                             }))
                             .await;
                     }

@@ -103,22 +103,21 @@ fn is_capability_id(id: &str) -> bool {
         })
 }
 
-/// SemVer 2.0.0 (semver.org's grammar): `x.y.z`, numbers without leading
-/// zeros, then optional `-pre` and `+build`, each of non-empty dot-separated
-/// identifiers of `[0-9A-Za-z-]` (a numeric pre-release identifier without
-/// leading zeros either).
+/// Tyrum's capability version pattern, `^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)`
+/// `(?:-[0-9A-Za-z.-]+)?(?:\+[0-9A-Za-z.-]+)?$`: three numbers without
+/// leading zeros, then an optional pre-release and build, each a
+/// non-empty run of letters, digits, `.` and `-`.
 fn is_semver(version: &str) -> bool {
     fn number(part: &str) -> bool {
         !part.is_empty()
             && part.bytes().all(|b| b.is_ascii_digit())
             && (part == "0" || !part.starts_with('0'))
     }
-    fn identifiers(part: &str, numbers_canonical: bool) -> bool {
-        part.split('.').all(|id| {
-            !id.is_empty()
-                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !(numbers_canonical && id.bytes().all(|b| b.is_ascii_digit()) && !number(id))
-        })
+    fn run(part: &str) -> bool {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
     }
     let (rest, build) = match version.split_once('+') {
         Some((rest, build)) => (rest, Some(build)),
@@ -131,8 +130,8 @@ fn is_semver(version: &str) -> bool {
     let parts: Vec<&str> = core.split('.').collect();
     parts.len() == 3
         && parts.iter().all(|p| number(p))
-        && pre.is_none_or(|pre| identifiers(pre, true))
-        && build.is_none_or(|build| identifiers(build, false))
+        && pre.is_none_or(run)
+        && build.is_none_or(run)
 }
 
 fn non_empty(name: &str, value: &Option<String>) -> Result<(), String> {
@@ -347,6 +346,9 @@ mod tests {
         ] {
             assert!(ConnectInit::parse(&bad).is_err(), "{bad}");
         }
+        // As Tyrum's pattern takes them: pre-release and build are runs of
+        // letters, digits, dots and dashes, leading zeros and empty
+        // dot-separated parts included.
         for good in [
             "1.2.3-rc.1+build.5",
             "0.0.0",
@@ -355,6 +357,11 @@ mod tests {
             "1.0.0-0.3.7",
             "1.0.0+001",
             "1.0.0-x-y-z.--",
+            "1.0.0-01",
+            "1.0.0-rc.01",
+            "1.0.0-a..b",
+            "1.0.0-rc.",
+            "1.0.0+a..b",
         ] {
             assert!(is_semver(good), "{good}");
         }
@@ -365,8 +372,6 @@ mod tests {
             "1.0.0+",
             "1.0.0-rc_1",
             "1.0.0+a+b",
-            "1.0.0-01",
-            "1.0.0-a..b",
             "1.0",
             "1.0.0.0",
             "v1.0.0",

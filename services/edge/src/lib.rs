@@ -482,6 +482,13 @@ impl Edge {
                     updated_at_ms: c.updated_at_ms,
                 })
             }
+            // The mesh refused the edge's own call: the token was not
+            // judged, so the peer may try again (4001 would tell a Tyrum
+            // client its token is bad, and it would stop).
+            Err(status) if status.metadata().contains_key(muster_mesh::REFUSED_BY_MESH) => {
+                tracing::error!(code = ?status.code(), message = status.message(), "identity refused the edge's call");
+                Err(Unverified::Unavailable)
+            }
             Err(status)
                 if matches!(
                     status.code(),
