@@ -301,7 +301,10 @@ impl Config {
                  when one process runs every service that keeps state)"
             );
         }
-        if self.service_names()?.len() > 1 && self.grpc_listen.is_some() {
+        if !self.services.is_empty()
+            && self.service_names()?.len() > 1
+            && self.grpc_listen.is_some()
+        {
             bail!(
                 "grpc_listen is one service's address: run one process per service to serve \
                  each on its own, or leave grpc_listen out for several in one process"
@@ -517,6 +520,10 @@ mod tests {
             format!("{refused:#}").contains("grpc_listen"),
             "{refused:#}"
         );
+        // A single host (every service) ignores it, as the command line's
+        // tools load the same configuration.
+        std::fs::write(&file, "grpc_listen = \"127.0.0.1:7443\"\n").unwrap();
+        Config::load(Some(&file), NoFlags {}).unwrap();
     }
 
     #[test]

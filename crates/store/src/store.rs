@@ -30,6 +30,9 @@ fn migrator(backend: Backend) -> Migrator {
 /// migration must not wait long.
 pub const MIGRATION_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a start waits between attempts at a Postgres that refused.
+const FIRST_CONNECT_RETRY: Duration = Duration::from_millis(250);
+
 /// A query with its arguments bound, ready to run on either backend.
 pub type AnyQuery<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
 
@@ -359,13 +362,35 @@ impl Store {
             // One connection first, on its own: a pool whose connections
             // fail reports only that it timed out, and an operator needs
             // the reason (refused, no such host, password, TLS).
-            let first = tokio::time::timeout(
-                options.acquire_timeout,
-                sqlx::AnyConnection::connect_with(&connect),
-            )
-            .await
-            .map_err(|_| StoreError::Database(sqlx::Error::PoolTimedOut))??;
-            let _ = first.close().await;
+            // A server that is starting (or refusing until it listens, as
+            // beside it in a pod) is waited for, as the pool would.
+            let deadline = tokio::time::Instant::now() + options.acquire_timeout;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let error =
+                    match tokio::time::timeout(left, sqlx::AnyConnection::connect_with(&connect))
+                        .await
+                    {
+                        Ok(Ok(first)) => {
+                            let _ = first.close().await;
+                            break;
+                        }
+                        Ok(Err(error)) => error,
+                        Err(_) => return Err(StoreError::Database(sqlx::Error::PoolTimedOut)),
+                    };
+                let transient = match &error {
+                    sqlx::Error::Io(_) => true,
+                    // cannot_connect_now (starting up), too_many_connections
+                    sqlx::Error::Database(db) => db
+                        .code()
+                        .is_some_and(|code| matches!(&*code, "57P03" | "53300")),
+                    _ => false,
+                };
+                if !transient || tokio::time::Instant::now() + FIRST_CONNECT_RETRY >= deadline {
+                    return Err(error.into());
+                }
+                tokio::time::sleep(FIRST_CONNECT_RETRY).await;
+            }
         }
         let pool = pool.connect_with(connect).await?;
         let writer = writer.unwrap_or_else(|| pool.clone());

@@ -146,8 +146,9 @@ async fn a_statement_stuck_behind_a_lock_is_cancelled_at_the_timeout() {
     );
 }
 
-/// A store that cannot be reached says why at once, not that a pool timed
-/// out after its acquire timeout.
+/// A store that cannot be reached says why, not that a pool timed out;
+/// it is waited for up to the acquire timeout (a server starting beside
+/// muster refuses until it listens).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_postgres_is_reported_with_its_reason() {
     // A port nothing listens on: bound, then closed.
@@ -159,7 +160,10 @@ async fn an_unreachable_postgres_is_reported_with_its_reason() {
     let started = std::time::Instant::now();
     let connected = Store::connect(
         &format!("postgres://muster@127.0.0.1:{port}/muster"),
-        &StoreOptions::default(),
+        &StoreOptions {
+            acquire_timeout: std::time::Duration::from_secs(1),
+            ..Default::default()
+        },
     )
     .await;
     let Err(refused) = connected else {
@@ -168,4 +172,43 @@ async fn an_unreachable_postgres_is_reported_with_its_reason() {
     let message = refused.to_string();
     assert!(message.to_lowercase().contains("refused"), "{message}");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+/// A Postgres that starts listening only after muster began to connect
+/// (started beside it) is waited for instead of failing the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_that_starts_listening_late_is_waited_for() {
+    let url = create_postgres_database().await;
+    let parsed = url::Url::parse(&url).unwrap();
+    let server = format!(
+        "{}:{}",
+        parsed.host_str().unwrap(),
+        parsed.port().unwrap_or(5432)
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // Nothing listens on `port` for a second; then a relay to the server.
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        loop {
+            let (mut client, _) = listener.accept().await.unwrap();
+            let server = server.clone();
+            tokio::spawn(async move {
+                let mut upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    let mut relayed = parsed.clone();
+    relayed.set_port(Some(port)).unwrap();
+    let store = Store::connect(relayed.as_str(), &StoreOptions::default())
+        .await
+        .unwrap_or_else(|e| panic!("not waited for: {e}"));
+    store.ping().await.unwrap();
 }
