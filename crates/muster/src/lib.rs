@@ -10,4 +10,4 @@ pub mod operator;
 pub mod serve;
 
 pub use config::{Config, DEFAULT_MAX_FRAME_BYTES, DEFAULT_TENANT, NoFlags};
-pub use serve::{Endpoints, Running, start};
+pub use serve::{Endpoints, Running, start, start_until};

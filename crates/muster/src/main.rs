@@ -312,14 +312,27 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         config.log_format.parse().map_err(anyhow::Error::msg)?,
     )?;
     // A start can wait (a migration on a lock, a store that does not
-    // answer): a signal ends it there.
-    let running = tokio::select! {
-        started = muster::start(&config) => started?,
-        () = signals.next() => {
-            tracing::warn!("stopped before start-up finished");
-            telemetry.shutdown().await;
-            return Ok(ExitCode::FAILURE);
+    // answer): a signal ends it there, unless it is minting the admin
+    // token, which it finishes and prints before it stops.
+    let abort = tokio_util::sync::CancellationToken::new();
+    let start = muster::start_until(&config, abort.clone());
+    tokio::pin!(start);
+    let started = tokio::select! {
+        started = &mut start => Some(started?),
+        () = signals.next() => None,
+    };
+    let Some(running) = started else {
+        abort.cancel();
+        match start.await {
+            Ok(running) => {
+                print_banner(&config, &running);
+                tracing::warn!("a signal came during start-up: stopping");
+                running.stop().await?;
+            }
+            Err(error) => tracing::warn!(%error, "stopped before start-up finished"),
         }
+        telemetry.shutdown().await;
+        return Ok(ExitCode::FAILURE);
     };
     print_banner(&config, &running);
     signals.next().await;

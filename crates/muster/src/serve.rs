@@ -175,6 +175,9 @@ fn renew_loop(config: Config, shutdown: CancellationToken) -> JoinHandle<std::io
 
 #[derive(Clone)]
 struct Health {
+    /// Set once the start finished (the admin token minted): before, a
+    /// caller could not use what it would expect of a ready process.
+    started: Arc<std::sync::atomic::AtomicBool>,
     store: Option<Store>,
     shutdown: CancellationToken,
     /// This host's edge, if it runs one.
@@ -188,6 +191,9 @@ async fn metrics_endpoint() -> String {
 async fn ready(State(health): State<Health>) -> (StatusCode, &'static str) {
     if health.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    if !health.started.load(std::sync::atomic::Ordering::Acquire) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n");
     }
     // An edge waits for its backplane stream before it accepts peers (up
     // to 5 s): a balancer sending peers meanwhile would leave them queued.
@@ -206,7 +212,39 @@ async fn ready(State(health): State<Health>) -> (StatusCode, &'static str) {
 /// Starts the configured services and returns once they accept
 /// connections.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
+    start_until(config, CancellationToken::new()).await
+}
+
+/// [`start`], given up when `abort` is cancelled, except while it mints the
+/// admin token, its last step, which it finishes: the token's only copy is
+/// in the answer.
+pub async fn start_until(config: &Config, abort: CancellationToken) -> anyhow::Result<Running> {
+    let (mut running, identity, started) = tokio::select! {
+        prepared = prepare(config) => prepared?,
+        () = abort.cancelled() => bail!("stopped before start-up finished"),
+    };
+    // Last, once nothing else can fail: a start that fails after minting
+    // would lose the only copy of the admin token.
+    running.admin_token = match identity {
+        Some(tokens) => tokens
+            .bootstrap_admin(&config.default_tenant, config.admin_token.as_deref())
+            .await
+            .map_err(|e| anyhow::anyhow!("minting the admin token: {e}"))?,
+        None => None,
+    };
+    started.store(true, std::sync::atomic::Ordering::Release);
+    tracing::info!(store = %redact_url(&config.store_url()), services = ?running.endpoints.services, "muster started");
+    Ok(running)
+}
+
+/// Everything of a start but the admin token: the running services, the
+/// identity service's tokens if this process runs it, and the flag that
+/// tells readiness the start finished.
+async fn prepare(
+    config: &Config,
+) -> anyhow::Result<(Running, Option<Tokens>, Arc<std::sync::atomic::AtomicBool>)> {
     muster_tls::install_crypto_provider();
+    let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let names = config.service_names()?;
     let single_host = config.single_host();
     if !single_host && names.len() == 1 && config.grpc_listen.is_none() {
@@ -249,12 +287,18 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                 let outbox = muster_backplane::Outbox::new(Arc::new(stored()));
                 let directory: Arc<dyn muster_backplane::directory::DirectoryStore> =
                     Arc::new(stored());
-                tokio::spawn(outbox.clone().maintain(
+                // Awaited at stop, so that its lease is given up before
+                // the store closes.
+                let maintain = outbox.clone().maintain(
                     directory.clone(),
                     muster_backplane::default_retention(),
                     COMPACT_EVERY,
                     shutdown.clone().cancelled_owned(),
-                ));
+                );
+                background.push(tokio::spawn(async move {
+                    maintain.await;
+                    Ok(())
+                }));
                 muster_backplane::spec(outbox, directory, shutdown.clone())
             }
             ServiceName::Identity => {
@@ -273,11 +317,15 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
                 let instances =
                     muster_presence::Instances::with_retention(Arc::new(stored()), retention);
                 let topics = muster_presence::Topics::new(Arc::new(stored()));
-                tokio::spawn(instances.clone().prune_loop(
+                let prune = instances.clone().prune_loop(
                     topics.clone(),
                     PRUNE_EVERY,
                     shutdown.clone().cancelled_owned(),
-                ));
+                );
+                background.push(tokio::spawn(async move {
+                    prune.await;
+                    Ok(())
+                }));
                 muster_presence::spec(instances, topics)
             }
             ServiceName::Execution => {
@@ -372,6 +420,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .with_state(Health {
+            started: started.clone(),
             store: store.clone(),
             shutdown: shutdown.clone(),
             edge: this_edge,
@@ -399,24 +448,15 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     } else {
         None
     };
-    // Last, once nothing else can fail: a start that fails after minting
-    // would lose the only copy of the admin token.
-    let admin_token = match identity {
-        Some(tokens) => tokens
-            .bootstrap_admin(&config.default_tenant, config.admin_token.as_deref())
-            .await
-            .map_err(|e| anyhow::anyhow!("minting the admin token: {e}"))?,
-        None => None,
-    };
-    tracing::info!(store = %redact_url(&config.store_url()), services = ?endpoints.services, "muster started");
-    Ok(Running {
+    let running = Running {
         endpoints,
-        admin_token,
+        admin_token: None,
         store,
         shutdown,
         servers,
         background,
         endpoints_file,
         grace: Duration::from_secs(config.shutdown_grace_secs),
-    })
+    };
+    Ok((running, identity, started))
 }
