@@ -1,7 +1,7 @@
 # Throwaway Postgres clusters from the installed server binaries, for the
 # test command and deploy/local-cluster. Source it; it defines:
 #   pg_start DIR   initdb in DIR/data, start on a free loopback port;
-#                  sets PG_PORT and PG_URL (database postgres, user muster)
+#                  sets PG_PORT, PG_PASSWORD and PG_URL (database postgres, user muster)
 #   pg_stop DIR    stop the cluster in DIR (immediate)
 #   pg_restart DIR stop and start it again on the same port
 #   as_pg CMD...   run CMD as the postgres user when root (initdb refuses root)
@@ -78,6 +78,7 @@ pg_start() {
         port=$(random_port)
         if pg_ctl_start "$dir" "$port"; then
             PG_PORT=$port
+            PG_PASSWORD=$password
             PG_URL="postgres://muster:$password@127.0.0.1:$port/postgres"
             echo "$port" >"$dir/port"
             return 0
