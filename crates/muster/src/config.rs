@@ -281,8 +281,11 @@ impl Config {
         {
             bail!("trust_domain {td:?} must be lowercase letters, digits, '.' and '-'");
         }
-        if self.default_tenant.trim().is_empty() {
-            bail!("default_tenant must not be empty");
+        if self.default_tenant.trim().is_empty()
+            || self.default_tenant.len() > 256
+            || self.default_tenant.contains('\0')
+        {
+            bail!("default_tenant must be 1 to 256 bytes without NUL");
         }
         if let Some(token) = &self.admin_token
             && token.chars().count() < 32

@@ -435,8 +435,11 @@ fn new_record(
             "ttl_seconds must be between 1 and {MAX_TTL_SECONDS}"
         )));
     }
-    if tenant_id.trim().is_empty() {
-        return Err(TokenError::Invalid("tenant_id is required".into()));
+    // As the outbox takes a tenant (every token's events carry it).
+    if tenant_id.trim().is_empty() || tenant_id.len() > 256 || tenant_id.contains('\0') {
+        return Err(TokenError::Invalid(
+            "tenant_id must be 1 to 256 bytes without NUL".into(),
+        ));
     }
     let scopes = checked(role, scopes, label, device_id)?;
     let created_at_ms = now_ms();

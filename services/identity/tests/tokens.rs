@@ -53,6 +53,10 @@ muster_store::backend_suite! {
         assert!(matches!(bad_scope, Err(TokenError::Invalid(_))));
         let no_tenant = tokens.create("", Role::Admin, vec![], "x", None, None).await;
         assert!(matches!(no_tenant, Err(TokenError::Invalid(_))));
+        for tenant in ["t\0", &"t".repeat(257)] {
+            let refused = tokens.create(tenant, Role::Client, vec![], "x", None, None).await;
+            assert!(matches!(refused, Err(TokenError::Invalid(_))), "{refused:?}");
+        }
         let device = format!("dev_{}", "a".repeat(52));
         for (role, scopes, device_id) in [
             (Role::Node, vec![], None),
