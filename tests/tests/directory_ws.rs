@@ -45,6 +45,24 @@ async fn rows_for(store: &Store, device_id: &str) -> i64 {
     .unwrap()
 }
 
+/// Drops `device`'s record, as when its edge missed heartbeats for longer
+/// than the TTL; the edge's next heartbeat closes its connection `ws` with
+/// 4004 `conversation expired` (within `within`), though it sends nothing.
+async fn drop_record_then_closed(store: &Store, ws: &mut Ws, device: &str, within: Duration) {
+    sqlx::query("DELETE FROM connections WHERE device_id = $1")
+        .bind(device)
+        .execute(store.writer())
+        .await
+        .unwrap();
+    let closed = loop {
+        match ws.next(within).await {
+            Next::Json(_) => continue,
+            other => break other,
+        }
+    };
+    assert_eq!(closed, Next::Closed(4004, "conversation expired".into()));
+}
+
 async fn directory_flow(host: &Host) {
     let store = host.store().await;
     let (mut a, device_a, _) = node(host).await;
@@ -131,18 +149,7 @@ async fn directory_flow(host: &Host) {
     // The record of A is dropped (as when its edge missed heartbeats for
     // longer than the TTL, and items directed at A stopped finding it):
     // the edge's next heartbeat closes A with 4004, though A sends nothing.
-    sqlx::query("DELETE FROM connections WHERE device_id = $1")
-        .bind(&device_a)
-        .execute(store.pool())
-        .await
-        .unwrap();
-    let closed = loop {
-        match a.next(Duration::from_secs(7)).await {
-            Next::Json(_) => continue,
-            other => break other,
-        }
-    };
-    assert_eq!(closed, Next::Closed(4004, "conversation expired".into()));
+    drop_record_then_closed(&store, &mut a, &device_a, Duration::from_secs(7)).await;
     // The same heartbeat removes the stale record.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
     while rows_for(&store, "dev_gone").await > 0 {
@@ -194,18 +201,7 @@ async fn a_heartbeat_answer_larger_than_a_grpc_message_is_read() {
     .execute(store.writer())
     .await
     .unwrap();
-    sqlx::query("DELETE FROM connections WHERE device_id = $1")
-        .bind(&device_a)
-        .execute(store.writer())
-        .await
-        .unwrap();
-    let closed = loop {
-        match a.next(Duration::from_secs(15)).await {
-            Next::Json(_) => continue,
-            other => break other,
-        }
-    };
-    assert_eq!(closed, Next::Closed(4004, "conversation expired".into()));
+    drop_record_then_closed(&store, &mut a, &device_a, Duration::from_secs(15)).await;
     store.close().await;
     host.stop().await;
 }
