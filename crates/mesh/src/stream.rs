@@ -51,11 +51,14 @@ pub(crate) struct MeshStream {
 /// (the timer's range); the call check in `authorize` still holds.
 const LONGEST_TIMED: Duration = Duration::from_secs(2 * 365 * 86_400);
 
-fn expiry_timer(not_after: Option<i64>) -> Option<Pin<Box<tokio::time::Sleep>>> {
-    let now = std::time::SystemTime::now()
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .ok()?
-        .as_secs() as i64;
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn expiry_timer(not_after: Option<i64>) -> Option<Pin<Box<tokio::time::Sleep>>> {
+    let now = unix_now();
     let left = Duration::from_secs(u64::try_from(not_after?.saturating_sub(now)).unwrap_or(0));
     (left < LONGEST_TIMED).then(|| Box::pin(tokio::time::sleep(left)))
 }
@@ -75,9 +78,18 @@ impl AsyncRead for MeshStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         // Polled while the connection waits for data too, so an idle one
-        // ends at the expiry, not at its next request.
+        // ends at the expiry, not at its next request. The timer's clock
+        // stops while the machine sleeps, so the wall clock is asked too
+        // (the client's keep-alive pings bring a read at least every 30 s).
         if let Some(expires) = self.expires.as_mut()
             && expires.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Ok(()));
+        }
+        if self
+            .peer
+            .not_after
+            .is_some_and(|not_after| unix_now() > not_after)
         {
             return Poll::Ready(Ok(()));
         }

@@ -326,8 +326,17 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         match start.await {
             Ok(running) => {
                 print_banner(&config, &running);
-                tracing::warn!("a signal came during start-up: stopping");
-                running.stop().await?;
+                tracing::warn!(
+                    "a signal came during start-up: stopping (a second signal stops at once)"
+                );
+                tokio::select! {
+                    stopped = running.stop() => {
+                        if let Err(error) = stopped {
+                            tracing::warn!(%error, "stopping failed");
+                        }
+                    }
+                    () = signals.next() => tracing::warn!("a second signal: stopping without waiting for in-flight work"),
+                }
             }
             Err(error) => tracing::warn!(%error, "stopped before start-up finished"),
         }

@@ -247,6 +247,11 @@ async fn prepare(
     let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let names = config.service_names()?;
     let single_host = config.single_host();
+    if single_host && config.grpc_listen.is_some() {
+        tracing::warn!(
+            "grpc_listen is ignored on a single host: its services reach each other on loopback ports of their own"
+        );
+    }
     if !single_host && names.len() == 1 && config.grpc_listen.is_none() {
         bail!(
             "a single service needs --grpc-listen (or MUSTER_GRPC_LISTEN) for its peers to reach it"
