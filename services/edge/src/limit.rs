@@ -52,6 +52,7 @@ impl UpgradeLimit {
         if self.per_window == 0 {
             return Ok(());
         }
+        let address = counted_as(address);
         let mut windows = self.windows.lock().expect("upgrade limit lock");
         if windows.by_address.len() >= windows.sweep_at {
             windows
@@ -79,6 +80,19 @@ impl UpgradeLimit {
     }
 }
 
+/// The address a limit counts under: an IPv6 address by its /64, the
+/// smallest network a host is given (else one host would have 2^64
+/// addresses, each with a count of its own); an IPv4-mapped one as IPv4.
+fn counted_as(address: IpAddr) -> IpAddr {
+    match address.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +113,21 @@ mod tests {
         assert_eq!(limit.admit(a, t0 + WINDOW), Ok(()));
         assert_eq!(limit.admit(a, t0 + WINDOW), Ok(()));
         assert!(limit.admit(a, t0 + WINDOW).is_err());
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_by_its_64() {
+        let limit = UpgradeLimit::new(1);
+        let t0 = Instant::now();
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let same_host: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let neighbour: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let mapped: IpAddr = "::ffff:10.0.0.1".parse().unwrap();
+        assert_eq!(limit.admit(one, t0), Ok(()));
+        assert!(limit.admit(same_host, t0).is_err());
+        assert_eq!(limit.admit(neighbour, t0), Ok(()));
+        assert_eq!(limit.admit("10.0.0.1".parse().unwrap(), t0), Ok(()));
+        assert!(limit.admit(mapped, t0).is_err());
     }
 
     #[test]
