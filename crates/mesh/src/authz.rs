@@ -44,13 +44,7 @@ pub fn authorize(
         .ok_or_else(|| Status::unauthenticated("client certificate carries no spiffe id"))?;
     // The handshake checked the certificate; a long-lived connection may
     // outlast it (there is no revocation list, so expiry is the cut-off).
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    if peer
-        .and_then(|p| p.not_after)
-        .is_some_and(|not_after| now > not_after)
-    {
+    if peer.is_some_and(PeerInfo::certificate_expired) {
         return Err(Status::unauthenticated(format!(
             "{id}'s certificate expired after this connection began"
         )));

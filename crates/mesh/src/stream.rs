@@ -35,6 +35,13 @@ impl PeerInfo {
     pub fn service(&self) -> Option<ServiceName> {
         self.spiffe_id.as_ref()?.service()
     }
+
+    /// Whether the certificate the connection was opened with has expired
+    /// since, by the wall clock.
+    pub fn certificate_expired(&self) -> bool {
+        self.not_after
+            .is_some_and(|not_after| unix_now() > not_after)
+    }
 }
 
 /// An accepted, handshaken connection. It ends when the certificate it
@@ -86,11 +93,7 @@ impl AsyncRead for MeshStream {
         {
             return Poll::Ready(Ok(()));
         }
-        if self
-            .peer
-            .not_after
-            .is_some_and(|not_after| unix_now() > not_after)
-        {
+        if self.peer.certificate_expired() {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
