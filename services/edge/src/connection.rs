@@ -552,6 +552,9 @@ async fn connected(
                     if !requests.has_room() {
                         // The socket is not being read, so the peer's pongs
                         // wait in it: no judging it until reading resumes.
+                        // A peer whose network died meanwhile does not
+                        // acknowledge the pings: the kernel ends its socket
+                        // (TCP_USER_TIMEOUT, see tune_accepted).
                         last_pong = Instant::now();
                     } else if last_pong.elapsed() > edge.config.pong_timeout {
                         // Dropped without a close frame: the peer sees 1006.

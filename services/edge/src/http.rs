@@ -48,10 +48,23 @@ pub(crate) struct ProxyLocal;
 /// Sets up an accepted socket. Without TCP_NODELAY a small frame written
 /// behind another small one (an event after a ping) waits for the peer's
 /// delayed ACK: 40 ms.
-pub(crate) fn tune_accepted(tcp: &tokio::net::TcpStream) {
+///
+/// `unacknowledged` bounds how long what the edge wrote may stay
+/// unacknowledged by the peer's TCP (or unsent into its closed window)
+/// before the kernel ends the connection. It is the backstop for the
+/// times the edge cannot judge pongs: a peer whose queue of requests is
+/// full is not read, so its pongs wait unread, and one whose network died
+/// then would otherwise be held until every queued request was handled.
+pub(crate) fn tune_accepted(tcp: &tokio::net::TcpStream, unacknowledged: Duration) {
     if let Err(error) = tcp.set_nodelay(true) {
         tracing::debug!(%error, "TCP_NODELAY not set");
     }
+    #[cfg(target_os = "linux")]
+    if let Err(error) = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(unacknowledged)) {
+        tracing::debug!(%error, "TCP_USER_TIMEOUT not set");
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = unacknowledged;
 }
 
 /// Serves the edge's listener until shutdown, `wss://` when `tls` is set
@@ -85,7 +98,9 @@ pub(crate) async fn serve(
             }
             accepted = listener.accept() => match accepted {
                 Ok((tcp, remote)) => {
-                    tune_accepted(&tcp);
+                    // Twice the pong timeout: the edge's own judgement
+                    // of a peer comes first whenever it can be made.
+                    tune_accepted(&tcp, edge.config.pong_timeout * 2);
                     (tcp, remote)
                 }
                 Err(error) => {
@@ -333,13 +348,19 @@ async fn status(State(edge): State<Arc<Edge>>, headers: HeaderMap) -> Response {
 #[cfg(test)]
 mod tests {
     #[tokio::test]
-    async fn accepted_sockets_send_small_writes_at_once() {
+    async fn accepted_sockets_send_small_writes_at_once_and_give_up_on_a_dead_peer() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let client = tokio::net::TcpStream::connect(addr);
         let ((tcp, _), _client) = tokio::try_join!(listener.accept(), client).unwrap();
         assert!(!tcp.nodelay().unwrap(), "Nagle is on by default");
-        super::tune_accepted(&tcp);
+        let socket = socket2::SockRef::from(&tcp);
+        assert_eq!(socket.tcp_user_timeout().unwrap(), None, "the system's default");
+        super::tune_accepted(&tcp, std::time::Duration::from_secs(20));
         assert!(tcp.nodelay().unwrap());
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(std::time::Duration::from_secs(20))
+        );
     }
 }
