@@ -20,7 +20,7 @@ pub use authz::{REFUSED_BY_MESH, Rule, authorize};
 pub use client::{MeshChannel, channel, channel_with};
 pub use error::{ErrorCode, ServiceError, to_status};
 pub use server::{RunningServer, ServiceSpec, serve};
-pub use stream::PeerInfo;
+pub use stream::{HANDSHAKES_PER_ADDRESS, PeerInfo};
 
 /// The caller's identity inside a handler, as established by the mesh.
 pub fn caller<T>(request: &tonic::Request<T>) -> Option<muster_tls::ServiceName> {

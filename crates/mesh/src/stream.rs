@@ -18,6 +18,58 @@ use tonic::transport::server::Connected;
 /// A slow or silent peer gets this long to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// TLS handshakes under way at once, from one address and in all. Each
+/// holds a task and a descriptor for up to [`HANDSHAKE_TIMEOUT`] before
+/// the peer has shown any certificate; past these bounds a connection is
+/// closed as soon as it is accepted. A mesh client opens a handful of
+/// connections (HTTP/2 carries its calls), so only a peer that opens
+/// sockets and says nothing meets them.
+pub const HANDSHAKES_PER_ADDRESS: usize = 32;
+const HANDSHAKES: usize = 1024;
+
+/// Counts the handshakes under way, by the peer's address.
+#[derive(Default)]
+struct Handshakes {
+    under_way: std::sync::Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
+}
+
+/// One handshake's place among those under way; given back when dropped.
+struct Handshaking {
+    handshakes: Arc<Handshakes>,
+    ip: std::net::IpAddr,
+}
+
+impl Handshakes {
+    fn begin(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Handshaking> {
+        let mut guard = self.under_way.lock().expect("handshakes lock");
+        let (total, by_address) = &mut *guard;
+        let of_address = by_address.get(&ip).copied().unwrap_or(0);
+        if *total >= HANDSHAKES || of_address >= HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        by_address.insert(ip, of_address + 1);
+        *total += 1;
+        Some(Handshaking {
+            handshakes: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Handshaking {
+    fn drop(&mut self) {
+        let mut guard = self.handshakes.under_way.lock().expect("handshakes lock");
+        let (total, by_address) = &mut *guard;
+        *total -= 1;
+        if let Some(of_address) = by_address.get_mut(&self.ip) {
+            *of_address -= 1;
+            if *of_address == 0 {
+                by_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// What the mesh knows of the peer of a connection; every request on it
 /// carries a copy in its extensions.
 #[derive(Debug, Clone)]
@@ -140,6 +192,7 @@ pub(crate) fn incoming(
     shutdown: CancellationToken,
 ) -> ReceiverStream<io::Result<MeshStream>> {
     let (tx, rx) = mpsc::channel(64);
+    let handshakes = Arc::new(Handshakes::default());
     tokio::spawn(async move {
         loop {
             let (tcp, remote) = tokio::select! {
@@ -154,11 +207,18 @@ pub(crate) fn incoming(
                     }
                 },
             };
+            let Some(handshaking) = handshakes.begin(remote.ip().to_canonical()) else {
+                metrics::counter!("muster_mesh_handshakes_refused_total", "service" => service.as_str()).increment(1);
+                tracing::debug!(%remote, "too many tls handshakes under way: closed");
+                continue;
+            };
             let _ = tcp.set_nodelay(true);
             let acceptor = TlsAcceptor::from(tls.server_config());
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(handshaking);
+                match handshake {
                     Ok(Ok(stream)) => {
                         let leaf = stream
                             .get_ref()

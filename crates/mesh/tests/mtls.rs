@@ -207,6 +207,48 @@ async fn served_serial(f: &Fixture) -> String {
 }
 
 #[tokio::test]
+async fn silent_connections_are_bounded_per_address_and_other_addresses_still_handshake() {
+    use tokio::io::AsyncReadExt;
+    let f = Fixture::start().await;
+    // Sockets that never start TLS, each holding a handshake's place for
+    // up to 10 s.
+    let mut silent = Vec::new();
+    for _ in 0..muster_mesh::HANDSHAKES_PER_ADDRESS {
+        silent.push(tokio::net::TcpStream::connect(f.addr()).await.unwrap());
+    }
+    let mut over = tokio::net::TcpStream::connect(f.addr()).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), over.read(&mut buf))
+        .await
+        .expect("one socket over the bound is closed at once, not after the handshake timeout");
+    assert!(matches!(read, Ok(0) | Err(_)), "closed, got {read:?}");
+
+    // Another address is not held back by this one's silent sockets.
+    let other = tokio::net::TcpSocket::new_v4().unwrap();
+    other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let tcp = other.connect(f.addr().parse().unwrap()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("muster-edge").unwrap();
+    tokio_rustls::TlsConnector::from(f.tls(ServiceName::Ctl).client_config())
+        .connect(name, tcp)
+        .await
+        .expect("a handshake from another address");
+
+    // Once the silent sockets go, their places are given back.
+    drop(silent);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match f.describe_as(f.tls(ServiceName::Ctl)).await {
+            Ok(description) => break assert_eq!(description.edge_id, "e1"),
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                let _ = error;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("no call after the silent sockets left: {error:?}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn an_allowed_caller_reaches_the_handler_and_health() {
     let f = Fixture::start().await;
     let described = f.describe_as(f.tls(ServiceName::Ctl)).await.unwrap();

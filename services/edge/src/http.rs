@@ -355,7 +355,11 @@ mod tests {
         let ((tcp, _), _client) = tokio::try_join!(listener.accept(), client).unwrap();
         assert!(!tcp.nodelay().unwrap(), "Nagle is on by default");
         let socket = socket2::SockRef::from(&tcp);
-        assert_eq!(socket.tcp_user_timeout().unwrap(), None, "the system's default");
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            None,
+            "the system's default"
+        );
         super::tune_accepted(&tcp, std::time::Duration::from_secs(20));
         assert!(tcp.nodelay().unwrap());
         assert_eq!(
