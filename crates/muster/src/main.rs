@@ -567,6 +567,7 @@ async fn run_token(file: Option<&std::path::Path>, token: Token) -> anyhow::Resu
                     label,
                     device_id: device.unwrap_or_default(),
                     ttl_seconds: ttl_seconds.unwrap_or(0),
+                    expires_by_ms: 0,
                 })
                 .await?
                 .into_inner();

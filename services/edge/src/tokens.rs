@@ -59,6 +59,7 @@ async fn admin(edge: &Edge, headers: &HeaderMap) -> Result<Arc<Claims>, Response
 fn failed(status: &tonic::Status) -> Response {
     match wire_error(status) {
         ("invalid_request", message) => bad_request(&message),
+        ("forbidden", message) => refusal(StatusCode::FORBIDDEN, "forbidden", &message),
         _ => refusal(
             StatusCode::SERVICE_UNAVAILABLE,
             "unavailable",
@@ -273,6 +274,13 @@ pub(crate) async fn issue(
             label,
             device_id: request.device_id.unwrap_or_default(),
             ttl_seconds: request.ttl_seconds.unwrap_or(0),
+            // Checked above by this clock, and again by identity's, which
+            // computes the expiry.
+            expires_by_ms: if claims.is_admin() {
+                0
+            } else {
+                claims.expires_at_ms.unwrap_or(0)
+            },
         })
         .await;
     let created = match created {

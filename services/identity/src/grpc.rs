@@ -58,13 +58,14 @@ impl Identity for IdentityService {
         let role = r.role.parse().map_err(|e| to_status(&e))?;
         let (record, secret) = self
             .tokens
-            .create(
+            .create_expiring_by(
                 &r.tenant_id,
                 role,
                 r.scopes,
                 &r.label,
                 Some(r.device_id.as_str()).filter(|d| !d.is_empty()),
                 Some(r.ttl_seconds).filter(|ttl| *ttl != 0),
+                Some(r.expires_by_ms).filter(|at| *at != 0),
             )
             .await
             .map_err(|e| to_status(&e))?;

@@ -86,6 +86,9 @@ impl fmt::Debug for Secret {
 pub enum TokenError {
     #[error("{0}")]
     Invalid(String),
+    /// Beyond what the caller may ask for.
+    #[error("{0}")]
+    Forbidden(String),
     /// Unknown and revoked tokens are reported alike.
     #[error("token not recognized")]
     Unrecognized,
@@ -102,6 +105,7 @@ impl ServiceError for TokenError {
     fn code(&self) -> ErrorCode {
         match self {
             TokenError::Invalid(_) => ErrorCode::InvalidArgument,
+            TokenError::Forbidden(_) => ErrorCode::Forbidden,
             TokenError::Unrecognized => ErrorCode::Unauthenticated,
             TokenError::NotFound(_) => ErrorCode::NotFound,
             TokenError::Changed(_) => ErrorCode::InvalidState,
@@ -235,8 +239,35 @@ impl Tokens {
         device_id: Option<&str>,
         ttl_seconds: Option<u64>,
     ) -> Result<(TokenRecord, Secret), TokenError> {
+        self.create_expiring_by(tenant_id, role, scopes, label, device_id, ttl_seconds, None)
+            .await
+    }
+
+    /// As [`Tokens::create`], for a token that must expire by
+    /// `expires_by_ms` (the expiry of the token it is issued for). The
+    /// bound is checked by this clock, the one its expiry is computed by,
+    /// so that no skew between the caller's clock and this one lets it
+    /// outlive the other.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn create_expiring_by(
+        &self,
+        tenant_id: &str,
+        role: Role,
+        scopes: Vec<String>,
+        label: &str,
+        device_id: Option<&str>,
+        ttl_seconds: Option<u64>,
+        expires_by_ms: Option<i64>,
+    ) -> Result<(TokenRecord, Secret), TokenError> {
         let secret = new_secret(role);
         let record = new_record(tenant_id, role, scopes, label, device_id, ttl_seconds)?;
+        if let Some(limit) = expires_by_ms
+            && record.expires_at_ms.is_none_or(|at| at > limit)
+        {
+            return Err(TokenError::Forbidden(
+                "a token may not outlive the token it is issued for".into(),
+            ));
+        }
         let event = token_event("token.created", &record);
         self.store
             .insert_token(&record, &digest(secret.expose()), &event)

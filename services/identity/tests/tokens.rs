@@ -81,6 +81,24 @@ muster_store::backend_suite! {
         assert!("root".parse::<Role>().is_err());
     }
 
+    async fn a_token_issued_for_an_expiring_one_expires_by_it_by_this_clock(store: Store) {
+        let tokens = Tokens::new(Arc::new(store.clone()));
+        let by = muster_store::now_ms() + 7_200_000;
+        for ttl in [None, Some(7_300)] {
+            let refused = tokens
+                .create_expiring_by("t1", Role::Client, vec![], "x", None, ttl, Some(by))
+                .await;
+            assert!(matches!(refused, Err(TokenError::Forbidden(_))), "{ttl:?}: {refused:?}");
+        }
+        assert_eq!(outbox_text(&store).await, "[]", "nothing minted");
+        assert!(tokens.list("t1").await.unwrap().is_empty());
+        let (record, _) = tokens
+            .create_expiring_by("t1", Role::Client, vec![], "x", None, Some(3_600), Some(by))
+            .await
+            .unwrap();
+        assert!(record.expires_at_ms.unwrap() <= by);
+    }
+
     async fn tokens_with_a_lifetime_expire(store: Store) {
         let tokens = Tokens::new(Arc::new(store.clone()));
         let (mut record, secret) =
