@@ -296,3 +296,72 @@ async fn a_host_is_not_ready_while_its_edge_waits_for_the_backplane() {
     edge.stop().await;
     host.stop().await;
 }
+
+/// The admin token is a start's last step: until it is minted the host
+/// says it is starting, so that no balancer or operator takes it for ready
+/// before its token exists. The mint is held back by another transaction
+/// holding the row it claims (Postgres waits on it; SQLite's writer would
+/// give up instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_says_it_is_starting_until_its_admin_token_is_minted() {
+    let url = muster_e2e::postgres_store().await;
+    let store = muster_store::Store::connect(&url, &Default::default())
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let mut holder = store.pool().begin().await.unwrap();
+    sqlx::query("INSERT INTO identity_bootstrap (step, at_ms) VALUES ('admin', 1)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics_addr = metrics.local_addr().unwrap();
+    drop(metrics);
+    let config = muster::Config {
+        metrics_listen: metrics_addr,
+        ..config_in(dir.path(), Some(url))
+    };
+    let start_config = config.clone();
+    let start = muster::start(&start_config);
+    tokio::pin!(start);
+    let metrics_url = format!("http://{metrics_addr}/metrics");
+    let asked = async {
+        for _ in 0..100 {
+            let url = metrics_url.replace("/metrics", "/readyz");
+            let answer = tokio::task::spawn_blocking(move || {
+                std::net::TcpStream::connect(metrics_addr)
+                    .ok()
+                    .map(|_| muster_e2e::http_get(&url, None))
+            })
+            .await
+            .unwrap();
+            if answer.is_some() {
+                return answer;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        None
+    };
+    let said = tokio::select! {
+        started = &mut start => panic!("started while its mint was held back: {:?}", started.map(|_| ())),
+        said = asked => said.expect("the metrics listener answers while the start waits"),
+    };
+    assert_eq!(muster_e2e::http_status(&said), 503, "{said}");
+    assert!(said.ends_with("starting\n"), "{said}");
+
+    holder.rollback().await.unwrap();
+    let running = tokio::time::timeout(std::time::Duration::from_secs(30), start)
+        .await
+        .expect("the start finishes once the row is free")
+        .expect("muster starts");
+    assert!(running.admin_token.is_some(), "the token was minted");
+    assert_eq!(readiness(&metrics_url).await, 200);
+    let host = muster_e2e::Host {
+        running,
+        config,
+        dir,
+    };
+    host.stop().await;
+}
