@@ -218,6 +218,21 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D:
 /// (`password`, `sslpassword`). One that does not parse is not shown.
 pub fn redact_url(raw: &str) -> String {
     const SECRET_KEYS: [&str; 2] = ["password", "sslpassword"];
+    // The user part is cut from the text itself, not from a parsed URL: a
+    // parser ends it at the first `/`, `?` or `#`, so a password holding
+    // one would be read as a host, path, query or fragment and shown.
+    let masked;
+    let raw = match raw.split_once("://") {
+        Some((scheme, rest)) => match rest.rfind('@') {
+            Some(at) if rest[..at].contains(':') => {
+                let user = rest[..at].split(':').next().unwrap_or_default();
+                masked = format!("{scheme}://{user}:***@{}", &rest[at + 1..]);
+                masked.as_str()
+            }
+            _ => raw,
+        },
+        None => raw,
+    };
     let Ok(mut url) = url::Url::parse(raw) else {
         let scheme = raw.split_once(':').map_or("", |(scheme, _)| scheme);
         return format!("{scheme}:(a URL that does not parse, not shown)");
@@ -471,6 +486,22 @@ mod tests {
         );
         let unparsable = redact_url("postgres://muster:hunter2@[db/muster");
         assert!(!unparsable.contains("hunter2"), "{unparsable}");
+        // Passwords a parser would read as something else than a password.
+        for raw in [
+            "postgres://muster:#hunter2@db/muster",
+            "postgres://muster:?hunter2@db/muster",
+            "postgres://muster:hun/ter2@db/muster",
+            "postgres://muster:123#hunter2@db/muster",
+            "postgres://muster:@hunter2@db/muster",
+        ] {
+            let redacted = redact_url(raw);
+            assert!(!redacted.contains("hunter2"), "{raw}: {redacted}");
+            assert!(!redacted.contains("ter2"), "{raw}: {redacted}");
+        }
+        assert_eq!(
+            redact_url("postgres://muster:#hunter2@db/muster"),
+            "postgres://muster:***@db/muster"
+        );
     }
 
     #[test]
