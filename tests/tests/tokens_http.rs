@@ -141,8 +141,26 @@ muster_e2e::on_both_stores! {
             let (status, refused) = http_post(&issue, Some(&token_admin), beyond);
             assert_eq!((status, &refused["error"]), (403, &json!("forbidden")), "{beyond}: {refused}");
         }
+        // Nor node tokens without pairing's scope: issued, or made of a
+        // client token by an edit.
+        let device = DeviceKey::generate().device_id();
+        let node = json!({"role": "node", "device_id": device}).to_string();
+        let (status, refused) = http_post(&issue, Some(&token_admin), &node);
+        assert_eq!((status, &refused["message"]), (403, &json!("node tokens need operator.pairing")), "{refused}");
+        let (_, client) = http_post(&issue, Some(&admin), body);
+        let (status, refused) = http_send(
+            "PATCH",
+            &format!("{base}/auth/tokens/{}", client["token_id"].as_str().unwrap()),
+            Some(&token_admin),
+            &node,
+        );
+        assert_eq!((status, &refused["error"]), (403, &json!("forbidden")), "{refused}");
+        let (_, pairing_admin) = host.client_token(&["operator.admin", "operator.pairing"]).await;
+        let (status, issued) = http_post(&issue, Some(&pairing_admin), &node);
+        assert_eq!(status, 201, "{issued}");
+
         let listed = tokens(&host, &token_admin);
-        assert_eq!(listed.len(), before + 2);
+        assert_eq!(listed.len(), before + 5);
         let initial = listed.iter().find(|t| t["role"] == "admin").unwrap()["token_id"].clone();
         let (status, _) = http_post(&format!("{base}/auth/tokens/revoke"), Some(&token_admin), &json!({"token_id": initial}).to_string());
         assert_eq!(status, 403);

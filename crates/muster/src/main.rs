@@ -592,6 +592,7 @@ async fn run_token(file: Option<&std::path::Path>, token: Token) -> anyhow::Resu
             let tokens = identity
                 .list_tokens(ListTokensRequest {
                     tenant_id: tenant.unwrap_or_else(|| ctl.default_tenant().to_owned()),
+                    token_id: String::new(),
                 })
                 .await?
                 .into_inner()

@@ -127,10 +127,19 @@ fn list_item(info: &pb::TokenInfo) -> Value {
     })
 }
 
-/// The tokens of `claims`' tenant, or the answer for identity's failure.
-async fn tenant_tokens(edge: &Edge, claims: &Claims) -> Result<Vec<pb::TokenInfo>, Response> {
+/// The tokens of `claims`' tenant (only `token_id`, when given), or the
+/// answer for identity's failure.
+async fn tenant_tokens(
+    edge: &Edge,
+    claims: &Claims,
+    token_id: Option<&str>,
+) -> Result<Vec<pb::TokenInfo>, Response> {
+    if token_id.is_some_and(str::is_empty) {
+        return Ok(Vec::new());
+    }
     let request = pb::ListTokensRequest {
         tenant_id: claims.tenant_id.clone(),
+        token_id: token_id.unwrap_or_default().to_owned(),
     };
     match edge.identity().list_tokens(request).await {
         Ok(reply) => Ok(reply.into_inner().tokens),
@@ -141,7 +150,7 @@ async fn tenant_tokens(edge: &Edge, claims: &Claims) -> Result<Vec<pb::TokenInfo
 /// `GET /auth/tokens`: the tenant's tokens, never their secrets.
 pub(crate) async fn list(State(edge): State<Arc<Edge>>, headers: HeaderMap) -> Response {
     let listed = match admin(&edge, &headers).await {
-        Ok(claims) => tenant_tokens(&edge, &claims).await,
+        Ok(claims) => tenant_tokens(&edge, &claims, None).await,
         Err(refused) => return refused,
     };
     match listed {
@@ -223,6 +232,12 @@ fn within_reach(
     }
     if role == "admin" {
         return Err("only an admin token may make admin tokens".into());
+    }
+    // A node token admits a device as a node (presence, results of work
+    // sent to it): admitting nodes is pairing's authority, which
+    // `operator.admin` alone does not hold.
+    if role == "node" && !claims.has_any_scope(["operator.pairing"]) {
+        return Err("node tokens need operator.pairing".into());
     }
     if let Some(limit) = claims.expires_at_ms
         && expires_at_ms.is_none_or(|at| at > limit)
@@ -337,7 +352,7 @@ pub(crate) async fn revoke(
     };
     // Only the caller's tenant's live tokens: another tenant's id is
     // answered as an unknown one.
-    let tokens = match tenant_tokens(&edge, &claims).await {
+    let tokens = match tenant_tokens(&edge, &claims, Some(&token_id)).await {
         Ok(tokens) => tokens,
         Err(failed) => return failed,
     };
@@ -465,7 +480,7 @@ pub(crate) async fn edit(
         },
         Err(refused) => return refused,
     };
-    let tokens = match tenant_tokens(&edge, &claims).await {
+    let tokens = match tenant_tokens(&edge, &claims, Some(&change.token_id)).await {
         Ok(tokens) => tokens,
         Err(failed) => return failed,
     };

@@ -142,11 +142,13 @@ impl Identity for IdentityService {
         &self,
         request: Request<ListTokensRequest>,
     ) -> Result<Response<ListTokensResponse>, Status> {
-        let records = self
-            .tokens
-            .list(&request.into_inner().tenant_id)
-            .await
-            .map_err(|e| to_status(&e))?;
+        let r = request.into_inner();
+        let records = if r.token_id.is_empty() {
+            self.tokens.list(&r.tenant_id).await
+        } else {
+            self.tokens.list_one(&r.tenant_id, &r.token_id).await
+        }
+        .map_err(|e| to_status(&e))?;
         Ok(Response::new(ListTokensResponse {
             tokens: records.into_iter().map(info).collect(),
         }))

@@ -395,6 +395,21 @@ impl Tokens {
         Ok(self.store.list_tokens(tenant_id).await?)
     }
 
+    /// The token `token_id` as [`Tokens::list`] would list it: revoked
+    /// ones included, none of another tenant. One token's check needs no
+    /// listing of a tenant's every token (of which there may be many).
+    pub async fn list_one(
+        &self,
+        tenant_id: &str,
+        token_id: &str,
+    ) -> Result<Vec<TokenRecord>, TokenError> {
+        let record = self.store.token_by_id(token_id).await?;
+        Ok(record
+            .into_iter()
+            .filter(|record| record.tenant_id == tenant_id)
+            .collect())
+    }
+
     /// On a first start, mints the admin token: `provided` (an operator's
     /// own, 32+ characters) or a fresh one. Returns the secret when it
     /// minted one now, `None` when an admin token already exists.

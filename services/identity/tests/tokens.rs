@@ -45,6 +45,10 @@ muster_store::backend_suite! {
         let listed = tokens.list("t1").await.unwrap();
         assert_eq!(listed.len(), 1);
         assert!(tokens.list("t2").await.unwrap().is_empty());
+        // One token, as listed (revoked too), never another tenant's.
+        assert_eq!(tokens.list_one("t1", &record.token_id).await.unwrap(), listed);
+        assert!(tokens.list_one("t2", &record.token_id).await.unwrap().is_empty());
+        assert!(tokens.list_one("t1", "no such token").await.unwrap().is_empty());
     }
 
     async fn bad_requests_change_nothing(store: Store) {
