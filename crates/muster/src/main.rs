@@ -678,46 +678,92 @@ async fn presence(
     let config = load(file, &args.common)?;
     let token = operator::token(args.token)?;
     let mut ws = operator::connect(&config, args.edge, &token).await?;
-    let listed = operator::call(&mut ws, "muster.presence.list").await?;
+    let (listed, early) =
+        operator::call_with_events(&mut ws, "muster.presence.list", CALL_WITHIN).await?;
     let entries = listed["entries"].as_array().cloned().unwrap_or_default();
-    if json {
-        for entry in &entries {
-            println!("{entry}");
-        }
-    } else {
-        for entry in &entries {
-            println!("{}", operator::entry_line(entry));
+    for entry in &entries {
+        let line = if json {
+            serde_json::json!({"type": "listed", "entry": entry}).to_string()
+        } else {
+            operator::entry_line(entry)
+        };
+        if !emit(&line) {
+            return Ok(ExitCode::SUCCESS);
         }
     }
     if !watch {
         return Ok(ExitCode::SUCCESS);
     }
+    // What changed while the listing was read: shown after it, so that
+    // the last word on each entry is the newest.
+    for frame in &early {
+        if !show_presence_event(frame, json) {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
     let mut signals = Signals::new()?;
     loop {
         let next = tokio::select! {
             () = signals.next() => return Ok(ExitCode::SUCCESS),
-            next = ws.next(Duration::from_secs(3600)) => next,
+            next = ws.next(WATCH_QUIET) => next,
         };
-        let frame = match next {
-            muster_protocol::client::Next::Json(frame) => frame,
-            muster_protocol::client::Next::Silent => continue,
+        let frames = match next {
+            muster_protocol::client::Next::Json(frame) => vec![frame],
+            // Quiet for a while: a connection that died without a word
+            // (the edge's host gone, a network cut) would look the same,
+            // so the edge is asked for an answer.
+            muster_protocol::client::Next::Silent => {
+                let asked = tokio::select! {
+                    () = signals.next() => return Ok(ExitCode::SUCCESS),
+                    asked = operator::call_with_events(&mut ws, "ping", CALL_WITHIN) => asked,
+                };
+                asked
+                    .map_err(|e| anyhow::anyhow!("the edge stopped answering: {e:#}"))?
+                    .1
+            }
             other => bail!("the edge closed the connection: {other:?}"),
         };
-        match frame["type"].as_str() {
-            Some("presence.upserted") if json => println!("{}", frame["payload"]),
-            Some("presence.pruned") if json => println!("{}", frame["payload"]),
-            Some("presence.upserted") => {
-                println!("+ {}", operator::entry_line(&frame["payload"]["entry"]))
+        for frame in &frames {
+            if !show_presence_event(frame, json) {
+                return Ok(ExitCode::SUCCESS);
             }
-            Some("presence.pruned") => {
-                println!(
-                    "- {}",
-                    frame["payload"]["instance_id"].as_str().unwrap_or("-")
-                )
-            }
-            _ => {}
         }
     }
+}
+
+/// How long a call of the command line waits for its answer.
+const CALL_WITHIN: Duration = Duration::from_secs(10);
+
+/// How long `presence --watch` waits in silence before it asks the edge
+/// whether it is still there.
+const WATCH_QUIET: Duration = Duration::from_secs(15);
+
+/// Writes a line to standard output; false when it is closed (`| head`).
+fn emit(line: &str) -> bool {
+    use std::io::Write;
+    writeln!(std::io::stdout(), "{line}").is_ok()
+}
+
+/// Shows a presence event of the watch; false when standard output is
+/// closed.
+fn show_presence_event(frame: &serde_json::Value, json: bool) -> bool {
+    let kind = frame["type"].as_str().unwrap_or_default();
+    let payload = &frame["payload"];
+    let line = match kind {
+        "presence.upserted" if json => {
+            serde_json::json!({"type": kind, "entry": payload["entry"]}).to_string()
+        }
+        "presence.pruned" if json => {
+            serde_json::json!({"type": kind, "instance_id": payload["instance_id"]}).to_string()
+        }
+        "presence.upserted" => format!("+ {}", operator::entry_line(&payload["entry"])),
+        "presence.pruned" => format!(
+            "- {}",
+            operator::printable(payload["instance_id"].as_str().unwrap_or("-"))
+        ),
+        _ => return true,
+    };
+    emit(&line)
 }
 
 async fn status(
@@ -799,10 +845,24 @@ async fn diag_export(
     });
     let path = out
         .unwrap_or_else(|| PathBuf::from(format!("muster-diag-{}.json", muster_store::now_ms())));
-    std::fs::write(&path, serde_json::to_vec_pretty(&bundle)?)
+    write_private(&path, &serde_json::to_vec_pretty(&bundle)?)
         .with_context(|| format!("writing {}", path.display()))?;
     println!("wrote {}", path.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `bytes` to a new file readable by its owner only: a support
+/// bundle names hosts, addresses and what peers reported. An existing
+/// file (or a link in its place) is left alone.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(bytes)
 }
 
 /// Each service's gRPC health: (service, address, status).

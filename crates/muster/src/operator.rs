@@ -17,23 +17,43 @@ pub fn device_key(data_dir: &Path) -> anyhow::Result<DeviceKey> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join("cli-device.key");
-    if let Ok(text) = std::fs::read_to_string(&path) {
+    let read = |path: &Path| -> anyhow::Result<Option<DeviceKey>> {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Ok(None);
+        };
         let seed: [u8; 32] = hex::decode(text.trim())
             .ok()
             .and_then(|b| b.try_into().ok())
             .with_context(|| format!("{} is not a device key", path.display()))?;
-        return Ok(DeviceKey::from_seed(seed));
+        Ok(Some(DeviceKey::from_seed(seed)))
+    };
+    if let Some(key) = read(&path)? {
+        return Ok(key);
     }
     let key = DeviceKey::generate();
     crate::config::create_private_dir(data_dir)?;
+    // Written whole under a name of its own, then linked into place: a
+    // command starting meanwhile sees no key or the whole key, and of two
+    // first runs at once one keeps the other's key.
+    let tmp = data_dir.join(format!("cli-device.key.tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("creating {}", path.display()))?;
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
     writeln!(file, "{}", hex::encode(key.seed()))?;
-    Ok(key)
+    file.sync_all()?;
+    let linked = std::fs::hard_link(&tmp, &path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(key),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            read(&path)?.with_context(|| format!("reading {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
 }
 
 /// Where the edge is: `--edge`, else the running single host's endpoints,
@@ -56,11 +76,19 @@ pub fn token(token: Option<String>) -> anyhow::Result<String> {
     }
 }
 
+/// How long opening the edge's `/ws` may take.
+const OPEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A handshaken operator connection.
 pub async fn connect(config: &Config, edge: Option<String>, token: &str) -> anyhow::Result<Ws> {
     let url = edge_url(config, edge);
-    let mut ws = open(&url, token, TokenVia::Bearer, None)
+    // The upgrade has no deadline of its own: an edge that takes the
+    // connection and never answers (stopped, or a black hole on the way)
+    // would hold the command for ever.
+    let mut ws = tokio::time::timeout(OPEN_WITHIN, open(&url, token, TokenVia::Bearer, None))
         .await
+        .map_err(|_| anyhow::anyhow!("no answer within {}s", OPEN_WITHIN.as_secs()))
+        .and_then(|opened| opened.map_err(anyhow::Error::from))
         .with_context(|| format!("connecting to {url}"))?;
     let key = device_key(&config.data_dir)?;
     ws.try_handshake(
@@ -75,8 +103,22 @@ pub async fn connect(config: &Config, edge: Option<String>, token: &str) -> anyh
 
 /// Calls `kind` and returns its result, or the error it answered.
 pub async fn call(ws: &mut Ws, kind: &str) -> anyhow::Result<Value> {
-    let reply = ws
-        .try_call(kind, json!({}), std::time::Duration::from_secs(30))
+    Ok(
+        call_with_events(ws, kind, std::time::Duration::from_secs(30))
+            .await?
+            .0,
+    )
+}
+
+/// Calls `kind` and returns its result and the events that arrived before
+/// it, or the error it answered.
+pub async fn call_with_events(
+    ws: &mut Ws,
+    kind: &str,
+    within: std::time::Duration,
+) -> anyhow::Result<(Value, Vec<Value>)> {
+    let (reply, events) = ws
+        .try_call_with_events(kind, json!({}), within)
         .await
         .map_err(|next| anyhow::anyhow!("no answer to {kind}: {next:?}"))?;
     if reply["ok"] != true {
@@ -86,12 +128,19 @@ pub async fn call(ws: &mut Ws, kind: &str) -> anyhow::Result<Value> {
             reply["error"]["code"]
         );
     }
-    Ok(reply["result"].clone())
+    Ok((reply["result"].clone(), events))
 }
 
-/// One presence entry as a line of text.
+/// One presence entry as a line of text. Host, version and address are
+/// what peers reported: their control characters are shown escaped, so
+/// that none reaches the operator's terminal as a command (clearing it,
+/// writing to its clipboard).
 pub fn entry_line(entry: &Value) -> String {
-    let text = |key: &str| entry[key].as_str().unwrap_or("-").to_owned();
+    let text = |key: &str| {
+        entry[key]
+            .as_str()
+            .map_or_else(|| "-".to_owned(), printable)
+    };
     format!(
         "{:<58} {:<8} {:<20} {:<16} {:<8} {}",
         text("instance_id"),
@@ -101,4 +150,39 @@ pub fn entry_line(entry: &Value) -> String {
         text("mode"),
         text("last_seen_at"),
     )
+}
+
+/// `text` with its control characters escaped (`\u{1b}`).
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_peers_reported_reaches_the_terminal_escaped() {
+        let entry = json!({
+            "instance_id": "dev_1",
+            "role": "node",
+            "host": "lab\u{1b}]52;c;aGk=\u{7}\u{1b}[2J",
+            "ip": "10.0.0.1",
+        });
+        let line = entry_line(&entry);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(
+            line.contains("lab\\u{1b}]52;c;aGk=\\u{7}\\u{1b}[2J"),
+            "{line}"
+        );
+        assert_eq!(printable("lab-box"), "lab-box");
+    }
 }

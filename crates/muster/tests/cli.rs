@@ -688,7 +688,15 @@ async fn watch_a_node_come_and_go(json: bool) {
     let left = wait_for_line(&lines, |l| l.contains(&key.device_id()));
     if json {
         assert!(joined.contains("\"reason\":\"connect\""), "{joined}");
-        assert_eq!(left, format!("{{\"instance_id\":\"{}\"}}", key.device_id()));
+        assert!(
+            joined.contains("\"type\":\"presence.upserted\""),
+            "{joined}"
+        );
+        let left: serde_json::Value = serde_json::from_str(&left).unwrap();
+        assert_eq!(
+            left,
+            serde_json::json!({"type": "presence.pruned", "instance_id": key.device_id()})
+        );
     } else {
         let fields: Vec<&str> = joined.split_whitespace().collect();
         assert_eq!(
@@ -744,6 +752,21 @@ fn diag_export_writes_a_bundle_without_secrets() {
     assert_eq!(bundle["health"].as_array().unwrap().len(), 6);
     assert!(bundle["status"]["edge_id"].is_string(), "{bundle}");
     assert!(bundle["presence"]["entries"].is_array(), "{bundle}");
+    // The owner's only (it names hosts and addresses), and never written
+    // over an existing file.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let again = Command::new(BIN)
+        .args(["diag", "export", "--data-dir"])
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .env("MUSTER_TOKEN", &token)
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "an existing file was written over");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), text);
     let refused = Command::new(BIN)
         .args(["presence", "--data-dir"])
         .arg(&data)

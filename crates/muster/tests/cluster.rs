@@ -196,6 +196,7 @@ where
                 seen(received.len());
             }
             Next::Json(_) | Next::Silent => {}
+            Next::NotJson(text) => panic!("not JSON from the edge: {text}"),
             Next::Closed(..) | Next::Dropped => {
                 ws = reconnect().await;
                 let last = last

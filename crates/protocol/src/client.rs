@@ -173,6 +173,8 @@ fn header(value: String) -> Result<tokio_tungstenite::tungstenite::http::HeaderV
 #[derive(Debug, PartialEq)]
 pub enum Next {
     Json(Value),
+    /// A text frame that is not JSON (not a muster edge, say).
+    NotJson(String),
     Closed(u16, String),
     /// The connection ended without a close frame.
     Dropped,
@@ -199,7 +201,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
             };
             match frame {
                 Some(Ok(Message::Text(text))) => {
-                    return Next::Json(serde_json::from_str(&text).unwrap());
+                    return match serde_json::from_str(&text) {
+                        Ok(frame) => Next::Json(frame),
+                        Err(_) => Next::NotJson(text.to_string()),
+                    };
                 }
                 Some(Ok(Message::Close(Some(CloseFrame { code, reason })))) => {
                     return Next::Closed(code.into(), reason.to_string());
@@ -259,7 +264,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Ws<S> {
             .unwrap_or_else(|next| panic!("no response to {kind}: {next:?}"))
     }
 
-    async fn try_call_with_events(
+    /// Sends a request and waits up to `within` for its response; also
+    /// returns the events that arrived before it.
+    pub async fn try_call_with_events(
         &mut self,
         kind: &str,
         payload: Value,

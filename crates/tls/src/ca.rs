@@ -385,7 +385,14 @@ fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError
         source,
     };
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(err)?;
+        // Owner only, as `serve` makes the data directory: a directory
+        // made here first (`muster certs init`) holds the store next.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
+            .map_err(err)?;
     }
     // Each target has its own temporary file, created afresh: a leftover
     // one (a write cut short) would keep its mode, and a key written into
@@ -437,6 +444,16 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&tls.ca_key_path()), 0o600);
         assert!(tls.load_ca().is_ok());
+
+        // Directories made for them are their owner's only.
+        let nested = TlsDir::new(dir.path().join("data").join("tls"));
+        nested
+            .write_ca(
+                &CertificateAuthority::generate("muster.test", Duration::from_secs(3600)).unwrap(),
+            )
+            .unwrap();
+        assert_eq!(mode(&dir.path().join("data")), 0o700);
+        assert_eq!(mode(&dir.path().join("data").join("tls")), 0o700);
     }
 
     #[test]
