@@ -105,6 +105,15 @@ impl ServiceError for muster_store::StoreError {
             StoreError::Database(sqlx_error) if is_unavailable(sqlx_error) => {
                 ErrorCode::Unavailable
             }
+            // Lost to another transaction (a serialization failure, a
+            // deadlock the server broke): the same call again succeeds.
+            StoreError::Database(sqlx::Error::Database(db))
+                if db
+                    .code()
+                    .is_some_and(|code| matches!(&*code, "40001" | "40P01")) =>
+            {
+                ErrorCode::Unavailable
+            }
             // The server failed the statement (cancelled at its timeout,
             // shutting down, out of connections), not the write's content.
             StoreError::Database(sqlx::Error::Database(_)) if !self.is_about_the_write() => {

@@ -48,7 +48,8 @@ where
     /// Writes `write` with whatever else is waiting; returns its outcome
     /// once its transaction committed.
     pub async fn write(&self, write: W) -> Result<R, StoreError> {
-        let stopped = || StoreError::invalid("store", "writer stopped");
+        // The store's failing, not the caller's request: try again.
+        let stopped = || StoreError::Unavailable("writer stopped".into());
         let (reply, outcome) = oneshot::channel();
         self.pending
             .send((write, reply))
@@ -120,7 +121,7 @@ fn one<R>(outcomes: Vec<R>) -> Result<R, StoreError> {
     outcomes
         .into_iter()
         .next()
-        .ok_or_else(|| StoreError::invalid("store", "a write without an outcome"))
+        .ok_or_else(|| StoreError::Unavailable("a write without an outcome".into()))
 }
 
 #[cfg(test)]

@@ -603,8 +603,13 @@ impl TopicStore for Store {
             // the sweep takes the edge's row before its sessions: the
             // other order could wait on each other on Postgres.
             sqlx::query(
+                // DO UPDATE (to the same value) and not DO NOTHING: it
+                // locks the edge's row, so a sweep taking the edge for gone
+                // waits for this track to commit and then finds its
+                // session, instead of missing the uncommitted row and
+                // leaving a session no sweep would ever find.
                 "INSERT INTO presence_edges (edge_id, refreshed_at_ms) VALUES ($1, $2) \
-                 ON CONFLICT (edge_id) DO NOTHING",
+                 ON CONFLICT (edge_id) DO UPDATE SET refreshed_at_ms = presence_edges.refreshed_at_ms",
             )
             .bind(&s.edge_id)
             .bind(muster_store::now_ms())
@@ -626,6 +631,14 @@ impl TopicStore for Store {
                     || existing.agent_id != s.agent_id)
             {
                 return Ok(Tracked::Differs);
+            }
+            // Another device's session is refused as such whatever room
+            // this connection has.
+            if existing
+                .as_ref()
+                .is_some_and(|e| !e.device_id.is_empty() && e.device_id != s.device_id)
+            {
+                return Ok(Tracked::Held);
             }
             // A connection's requests come one at a time: its count cannot
             // race itself.

@@ -395,10 +395,14 @@ muster_store::backend_suite! {
             topics.track(session("room", &format!("s{n}"), "c1")).await.unwrap();
         }
         topics.track(session("room", "elsewhere", "c2")).await.unwrap();
+        let theirs = TopicSession { device_id: "dev-2".into(), ..session("room", "theirs", "c3") };
+        topics.track(theirs).await.unwrap();
         let joins = diffs(&store).await.len();
         assert!(matches!(topics.track(session("room", "one-more", "c1")).await, Err(TopicError::Full)));
         // Nor may a session move onto the full connection.
         assert!(matches!(topics.track(session("room", "elsewhere", "c1")).await, Err(TopicError::Full)));
+        // Another device's session is refused as such, room or not.
+        assert!(matches!(topics.track(session("room", "theirs", "c1")).await, Err(TopicError::Held { .. })));
         assert_eq!(diffs(&store).await.len(), joins, "a refused track changes nothing");
         // Tracking one it holds again is no new session.
         topics.track(session("room", "s7", "c1")).await.unwrap();
