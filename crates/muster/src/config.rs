@@ -303,9 +303,9 @@ impl Config {
             bail!("default_tenant must be 1 to 256 bytes without NUL");
         }
         if let Some(token) = &self.admin_token
-            && token.chars().count() < 32
+            && let Err(message) = muster_identity::check_provided_admin_token(token)
         {
-            bail!("MUSTER_ADMIN_TOKEN must be at least 32 characters");
+            bail!("{message}");
         }
         // Services in separate processes share one store, named: without
         // it each would keep its own SQLite file and none would see the

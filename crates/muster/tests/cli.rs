@@ -211,7 +211,7 @@ fn a_short_operator_token_is_refused_at_start() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 32 characters"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("32 to 4096 characters"));
     assert!(
         !dir.path().join("muster.db").exists(),
         "nothing was written"

@@ -113,7 +113,12 @@ impl Runs {
         };
         match self.store.insert_run(&run, &event).await? {
             None => Ok(Enqueued::Created(run)),
-            Some(existing) if existing.spec == run.spec => Ok(Enqueued::Existing(existing)),
+            // The texts, not the values read back: a float's shortest text
+            // does not always read back as the same float, and a retry of
+            // the same request must find its run.
+            Some((existing, stored)) if stored == run.spec.to_string() => {
+                Ok(Enqueued::Existing(existing))
+            }
             Some(_) => Err(RunError::KeyReused(idempotency_key.to_owned())),
         }
     }

@@ -11,8 +11,13 @@ use crate::Run;
 #[tonic::async_trait]
 pub trait RunStore: Send + Sync + 'static {
     /// Inserts the run with its event, unless its idempotency key already
-    /// names a run: then nothing is written and that run is returned.
-    async fn insert_run(&self, run: &Run, event: &NewItem) -> Result<Option<Run>, StoreError>;
+    /// names a run: then nothing is written and that run is returned, with
+    /// its specification's text as stored.
+    async fn insert_run(
+        &self,
+        run: &Run,
+        event: &NewItem,
+    ) -> Result<Option<(Run, String)>, StoreError>;
     async fn run(&self, tenant_id: &str, run_id: &str) -> Result<Option<Run>, StoreError>;
 }
 
@@ -32,7 +37,11 @@ fn run(row: &AnyRow) -> Result<Run, StoreError> {
 
 #[tonic::async_trait]
 impl RunStore for Store {
-    async fn insert_run(&self, r: &Run, event: &NewItem) -> Result<Option<Run>, StoreError> {
+    async fn insert_run(
+        &self,
+        r: &Run,
+        event: &NewItem,
+    ) -> Result<Option<(Run, String)>, StoreError> {
         let mut tx = self.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO runs (run_id, tenant_id, idempotency_key, spec, status, created_at_ms) \
@@ -55,7 +64,7 @@ impl RunStore for Store {
             .bind(&r.idempotency_key)
             .fetch_one(&mut *tx)
             .await?;
-            return Ok(Some(run(&existing)?));
+            return Ok(Some((run(&existing)?, existing.try_get("spec")?)));
         }
         outbox::append(&mut tx, event).await?;
         self.commit(tx).await?;

@@ -33,6 +33,23 @@ muster_store::backend_suite! {
         assert!(matches!(runs.get("t2", &run.run_id).await, Err(RunError::NotFound(_))));
     }
 
+    async fn a_retry_finds_its_run_whatever_floats_its_spec_holds(store: Store) {
+        let runs = Runs::new(Arc::new(store.clone()));
+        // A float whose shortest text reads back as another float.
+        let x = (1..100_000)
+            .map(|i| i as f64 * 1.234_567_890_123_456_7e-21)
+            .find(|x| serde_json::from_str::<f64>(&serde_json::to_string(x).unwrap()).unwrap() != *x)
+            .expect("a float that does not read back as itself");
+        let Enqueued::Created(run) = runs.enqueue("t1", "k", json!({"x": x})).await.unwrap() else {
+            panic!("first enqueue must create");
+        };
+        match runs.enqueue("t1", "k", json!({"x": x})).await {
+            Ok(Enqueued::Existing(existing)) => assert_eq!(existing.run_id, run.run_id),
+            other => panic!("the same request again: {other:?}"),
+        }
+        assert_eq!(queued_events(&store).await, 1);
+    }
+
     async fn concurrent_enqueues_of_one_key_make_one_run(store: Store) {
         let runs = Runs::new(Arc::new(store.clone()));
         let mut tasks = Vec::new();

@@ -9,4 +9,7 @@ mod tokens;
 
 pub use grpc::{IdentityService, RULES, spec};
 pub use store::{TokenRecord, TokenStore};
-pub use tokens::{MAX_TTL_SECONDS, Role, SCOPES, Secret, TokenChange, TokenError, Tokens};
+pub use tokens::{
+    MAX_TTL_SECONDS, Role, SCOPES, Secret, TokenChange, TokenError, Tokens,
+    check_provided_admin_token,
+};

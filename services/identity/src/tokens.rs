@@ -27,6 +27,27 @@ pub const MAX_TTL_SECONDS: u64 = 365 * 24 * 60 * 60;
 /// Operators choose their own admin token only if it is at least this long.
 pub const MIN_PROVIDED_TOKEN_LEN: usize = 32;
 
+/// Whether an operator's own admin token (`MUSTER_ADMIN_TOKEN`) can be
+/// used: 32 to 4 096 bytes of visible ASCII, as a bearer header carries it
+/// and as verification takes it. A value that could never be presented
+/// (a file's trailing newline, a space) would use up the one first mint.
+pub fn check_provided_admin_token(value: &str) -> Result<(), String> {
+    if !(MIN_PROVIDED_TOKEN_LEN..=MAX_PRESENTED_LEN).contains(&value.len()) {
+        return Err(format!(
+            "MUSTER_ADMIN_TOKEN must be {MIN_PROVIDED_TOKEN_LEN} to {MAX_PRESENTED_LEN} characters"
+        ));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(
+            "MUSTER_ADMIN_TOKEN must be visible ASCII only (no spaces or line ends)".into(),
+        );
+    }
+    Ok(())
+}
+
+/// The longest token [`Tokens::verify`] looks up.
+const MAX_PRESENTED_LEN: usize = 4096;
+
 /// What a token lets its holder be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -181,6 +202,13 @@ fn checked(
     if label.len() > 200 {
         return Err(TokenError::Invalid("label longer than 200 bytes".into()));
     }
+    // Refused alike on both stores (Postgres would refuse a NUL, SQLite
+    // keep it), and kept out of listings and terminals.
+    if label.chars().any(char::is_control) {
+        return Err(TokenError::Invalid(
+            "label must not hold control characters".into(),
+        ));
+    }
     let mut scopes = scopes;
     scopes.sort();
     scopes.dedup();
@@ -279,7 +307,7 @@ impl Tokens {
     /// The claims of a live token; unknown, revoked and expired tokens
     /// alike are [`TokenError::Unrecognized`].
     pub async fn verify(&self, presented: &str) -> Result<TokenRecord, TokenError> {
-        if presented.is_empty() || presented.len() > 4096 {
+        if presented.is_empty() || presented.len() > MAX_PRESENTED_LEN {
             return Err(TokenError::Unrecognized);
         }
         match self.store.token_by_digest(&digest(presented)).await? {
@@ -418,12 +446,8 @@ impl Tokens {
         tenant_id: &str,
         provided: Option<&str>,
     ) -> Result<Option<Secret>, TokenError> {
-        if let Some(value) = provided
-            && value.chars().count() < MIN_PROVIDED_TOKEN_LEN
-        {
-            return Err(TokenError::Invalid(format!(
-                "MUSTER_ADMIN_TOKEN must be at least {MIN_PROVIDED_TOKEN_LEN} characters"
-            )));
+        if let Some(value) = provided {
+            check_provided_admin_token(value).map_err(TokenError::Invalid)?;
         }
         let secret = provided
             .map(|v| Secret(v.to_owned()))

@@ -103,6 +103,21 @@ muster_store::backend_suite! {
         assert!(record.expires_at_ms.unwrap() <= by);
     }
 
+    async fn a_chosen_admin_token_that_could_never_be_presented_mints_nothing(store: Store) {
+        let tokens = Tokens::new(Arc::new(store.clone()));
+        let long = "x".repeat(4097);
+        for bad in ["short", "a-token-from-a-file-with-its-newline-0123\n", "a token with spaces in it, 0123456789", long.as_str()] {
+            assert!(matches!(tokens.bootstrap_admin("t1", Some(bad)).await, Err(TokenError::Invalid(_))), "{bad:?}");
+        }
+        assert!(tokens.list("t1").await.unwrap().is_empty());
+        // The first mint is still to come.
+        let chosen = "a-token-an-operator-chose-0123456789";
+        assert!(tokens.bootstrap_admin("t1", Some(chosen)).await.unwrap().is_some());
+        assert!(tokens.verify(chosen).await.is_ok());
+        // Labels with control characters are refused on both stores alike.
+        assert!(matches!(tokens.create("t1", Role::Client, vec![], "a\u{0}b", None, None).await, Err(TokenError::Invalid(_))));
+    }
+
     async fn tokens_with_a_lifetime_expire(store: Store) {
         let tokens = Tokens::new(Arc::new(store.clone()));
         let (mut record, secret) =
