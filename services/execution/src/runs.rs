@@ -111,14 +111,13 @@ impl Runs {
                 json!({"run_id": run.run_id, "status": run.status, "idempotency_key": run.idempotency_key}),
             )
         };
+        let spec_text = run.spec.to_string();
         match self.store.insert_run(&run, &event).await? {
             None => Ok(Enqueued::Created(run)),
             // The texts, not the values read back: a float's shortest text
             // does not always read back as the same float, and a retry of
             // the same request must find its run.
-            Some((existing, stored)) if stored == run.spec.to_string() => {
-                Ok(Enqueued::Existing(existing))
-            }
+            Some((existing, stored)) if stored == spec_text => Ok(Enqueued::Existing(existing)),
             Some(_) => Err(RunError::KeyReused(idempotency_key.to_owned())),
         }
     }
