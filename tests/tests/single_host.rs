@@ -365,3 +365,47 @@ async fn a_host_says_it_is_starting_until_its_admin_token_is_minted() {
     };
     host.stop().await;
 }
+
+/// A tenant's instance presence over gRPC's default 4 MiB answer (here 600
+/// entries with 7 KB of metadata each) still lists, over HTTP and so over
+/// WebSocket, which share the edge's call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_of_presence_past_four_mebibytes_still_answers() {
+    let host = Host::start_configured(None, |config| config.presence_cap = 1000).await;
+    let instances = muster_presence::Instances::new(Arc::new(host.store().await));
+    let metadata = serde_json::json!({"notes": "x".repeat(7_000)});
+    for n in 0..600 {
+        instances
+            .upsert(
+                muster::DEFAULT_TENANT,
+                muster_presence::InstanceEntry {
+                    instance_id: format!("dev_{n:04}"),
+                    role: muster_presence::InstanceRole::Node,
+                    reported_host: "rack".into(),
+                    reported_ip: String::new(),
+                    observed_ip: "127.0.0.1".into(),
+                    version: "1".into(),
+                    mode: "node".into(),
+                    last_seen_at_ms: 0,
+                    last_input_seconds: None,
+                    reason: "connect".into(),
+                    metadata: metadata.clone(),
+                },
+            )
+            .await
+            .unwrap();
+    }
+    let url = format!("{}/presence", host.http_base());
+    let admin = host.admin_token();
+    let listed = tokio::task::spawn_blocking(move || muster_e2e::http_get(&url, Some(&admin)))
+        .await
+        .unwrap();
+    assert!(listed.len() > 4 * 1024 * 1024, "{} bytes", listed.len());
+    assert_eq!(muster_e2e::http_status(&listed), 200);
+    let entries = muster_e2e::http_json(&listed)["entries"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert!(entries >= 600, "{entries} entries");
+    host.stop().await;
+}

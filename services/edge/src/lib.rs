@@ -61,6 +61,11 @@ where
     })
 }
 
+/// The largest answer the edge reads from identity or presence: a tenant's
+/// token listing or instance presence comes whole (gRPC's default of
+/// 4 MiB is about 400 entries of the largest size presence takes).
+const LISTING_REPLY_BYTES: usize = 64 * 1024 * 1024;
+
 /// How an edge treats its peers.
 #[derive(Debug, Clone)]
 pub struct EdgeConfig {
@@ -296,6 +301,7 @@ impl Edge {
             self.peers.identity.clone(),
             CALL_DEADLINE,
         ))
+        .max_decoding_message_size(LISTING_REPLY_BYTES)
     }
 
     fn presence(&self) -> PresenceClient<Bounded> {
@@ -303,6 +309,7 @@ impl Edge {
             self.peers.presence.clone(),
             CALL_DEADLINE,
         ))
+        .max_decoding_message_size(LISTING_REPLY_BYTES)
     }
 
     fn backplane(&self) -> BackplaneClient<Bounded> {
