@@ -27,6 +27,18 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HANDSHAKES_PER_ADDRESS: usize = 32;
 const HANDSHAKES: usize = 1024;
 
+/// The address a peer's handshakes count under: an IPv6 peer by its /64,
+/// since one host may hold a whole network of addresses.
+fn counted_as(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            let network = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(network.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// Counts the handshakes under way, by the peer's address.
 #[derive(Default)]
 struct Handshakes {
@@ -207,7 +219,7 @@ pub(crate) fn incoming(
                     }
                 },
             };
-            let Some(handshaking) = handshakes.begin(remote.ip().to_canonical()) else {
+            let Some(handshaking) = handshakes.begin(counted_as(remote.ip())) else {
                 metrics::counter!("muster_mesh_handshakes_refused_total", "service" => service.as_str()).increment(1);
                 tracing::debug!(%remote, "too many tls handshakes under way: closed");
                 continue;
@@ -252,4 +264,18 @@ pub(crate) fn incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_ipv6_peer_counts_by_its_network() {
+        let a = super::counted_as("2001:db8:1:2:aaaa::1".parse().unwrap());
+        let b = super::counted_as("2001:db8:1:2:bbbb::9".parse().unwrap());
+        let other = super::counted_as("2001:db8:1:3::1".parse().unwrap());
+        assert_eq!(a, b);
+        assert_ne!(a, other);
+        let v4 = super::counted_as("::ffff:10.0.0.7".parse().unwrap());
+        assert_eq!(v4, "10.0.0.7".parse::<std::net::IpAddr>().unwrap());
+    }
 }

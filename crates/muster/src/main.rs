@@ -679,7 +679,7 @@ async fn presence(
     let token = operator::token(args.token)?;
     let mut ws = operator::connect(&config, args.edge, &token).await?;
     let (listed, early) =
-        operator::call_with_events(&mut ws, "muster.presence.list", CALL_WITHIN).await?;
+        operator::call_with_events(&mut ws, "muster.presence.list", operator::CALL_WITHIN).await?;
     let entries = listed["entries"].as_array().cloned().unwrap_or_default();
     for entry in &entries {
         let line = if json {
@@ -715,7 +715,7 @@ async fn presence(
             muster_protocol::client::Next::Silent => {
                 let asked = tokio::select! {
                     () = signals.next() => return Ok(ExitCode::SUCCESS),
-                    asked = operator::call_with_events(&mut ws, "ping", CALL_WITHIN) => asked,
+                    asked = operator::call_with_events(&mut ws, "ping", PING_WITHIN) => asked,
                 };
                 asked
                     .map_err(|e| anyhow::anyhow!("the edge stopped answering: {e:#}"))?
@@ -731,8 +731,8 @@ async fn presence(
     }
 }
 
-/// How long a call of the command line waits for its answer.
-const CALL_WITHIN: Duration = Duration::from_secs(10);
+/// How long the watch waits for the answer to its `ping`.
+const PING_WITHIN: Duration = Duration::from_secs(10);
 
 /// How long `presence --watch` waits in silence before it asks the edge
 /// whether it is still there.

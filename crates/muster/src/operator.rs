@@ -18,8 +18,10 @@ pub fn device_key(data_dir: &Path) -> anyhow::Result<DeviceKey> {
     use std::os::unix::fs::OpenOptionsExt;
     let path = data_dir.join("cli-device.key");
     let read = |path: &Path| -> anyhow::Result<Option<DeviceKey>> {
-        let Ok(text) = std::fs::read_to_string(path) else {
-            return Ok(None);
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
         let seed: [u8; 32] = hex::decode(text.trim())
             .ok()
@@ -35,7 +37,9 @@ pub fn device_key(data_dir: &Path) -> anyhow::Result<DeviceKey> {
     // Written whole under a name of its own, then linked into place: a
     // command starting meanwhile sees no key or the whole key, and of two
     // first runs at once one keeps the other's key.
-    let tmp = data_dir.join(format!("cli-device.key.tmp{}", std::process::id()));
+    // Named by the new key's own id: processes of two machines sharing the
+    // directory may have the same pid.
+    let tmp = data_dir.join(format!("cli-device.key.{}.tmp", &key.device_id()[..24]));
     let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -76,6 +80,9 @@ pub fn token(token: Option<String>) -> anyhow::Result<String> {
     }
 }
 
+/// How long a call waits for its answer (a listing may be large).
+pub const CALL_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// How long opening the edge's `/ws` may take.
 const OPEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -103,11 +110,7 @@ pub async fn connect(config: &Config, edge: Option<String>, token: &str) -> anyh
 
 /// Calls `kind` and returns its result, or the error it answered.
 pub async fn call(ws: &mut Ws, kind: &str) -> anyhow::Result<Value> {
-    Ok(
-        call_with_events(ws, kind, std::time::Duration::from_secs(30))
-            .await?
-            .0,
-    )
+    Ok(call_with_events(ws, kind, CALL_WITHIN).await?.0)
 }
 
 /// Calls `kind` and returns its result and the events that arrived before

@@ -69,7 +69,12 @@ impl<S> std::fmt::Debug for Ws<S> {
 /// small JSON, and a larger one still arrives whole, the buffer growing
 /// for it.
 pub fn config() -> WebSocketConfig {
-    WebSocketConfig::default().read_buffer_size(8 * 1024)
+    // A listing (presence) may come as one frame of up to 64 MiB, as large
+    // as the edge reads it from its services.
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20))
 }
 
 /// Opens `/ws` offering `tyrum-v1` (unless `protocols` says otherwise).

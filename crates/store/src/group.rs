@@ -48,8 +48,15 @@ where
     /// Writes `write` with whatever else is waiting; returns its outcome
     /// once its transaction committed.
     pub async fn write(&self, write: W) -> Result<R, StoreError> {
-        // The store's failing, not the caller's request: try again.
-        let stopped = || StoreError::Unavailable("writer stopped".into());
+        // The store's failing, not the caller's request. The writer ends
+        // only by a panic, for good: said loudly, as retries will not cure
+        // it.
+        let stopped = || {
+            tracing::error!(
+                "the group-commit writer stopped; this replica's writes fail until it restarts"
+            );
+            StoreError::Unavailable("writer stopped".into())
+        };
         let (reply, outcome) = oneshot::channel();
         self.pending
             .send((write, reply))

@@ -354,7 +354,9 @@ mod tests {
         let client = tokio::net::TcpStream::connect(addr);
         let ((tcp, _), _client) = tokio::try_join!(listener.accept(), client).unwrap();
         assert!(!tcp.nodelay().unwrap(), "Nagle is on by default");
+        #[cfg(target_os = "linux")]
         let socket = socket2::SockRef::from(&tcp);
+        #[cfg(target_os = "linux")]
         assert_eq!(
             socket.tcp_user_timeout().unwrap(),
             None,
@@ -362,6 +364,7 @@ mod tests {
         );
         super::tune_accepted(&tcp, std::time::Duration::from_secs(20));
         assert!(tcp.nodelay().unwrap());
+        #[cfg(target_os = "linux")]
         assert_eq!(
             socket.tcp_user_timeout().unwrap(),
             Some(std::time::Duration::from_secs(20))

@@ -117,7 +117,11 @@ impl Runs {
             // The texts, not the values read back: a float's shortest text
             // does not always read back as the same float, and a retry of
             // the same request must find its run.
-            Some((existing, stored)) if stored == spec_text => Ok(Enqueued::Existing(existing)),
+            // (The values too, for a run stored by a build that wrote
+            // floats otherwise.)
+            Some((existing, stored)) if stored == spec_text || existing.spec == run.spec => {
+                Ok(Enqueued::Existing(existing))
+            }
             Some(_) => Err(RunError::KeyReused(idempotency_key.to_owned())),
         }
     }

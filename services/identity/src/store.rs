@@ -64,6 +64,8 @@ pub trait TokenStore: Send + Sync + 'static {
         event: &NewItem,
     ) -> Result<bool, StoreError>;
     async fn list_tokens(&self, tenant_id: &str) -> Result<Vec<TokenRecord>, StoreError>;
+    /// Whether the database's first admin token was minted.
+    async fn first_admin_minted(&self) -> Result<bool, StoreError>;
     /// Stores the first admin token, in one transaction with the claim
     /// that the database's admin token was minted; false (and nothing
     /// stored) when that claim was made before, by this process or another.
@@ -133,6 +135,13 @@ impl TokenStore for Store {
         insert(&mut tx, record, digest, event).await?;
         self.commit(tx).await?;
         Ok(true)
+    }
+
+    async fn first_admin_minted(&self) -> Result<bool, StoreError> {
+        let row = sqlx::query("SELECT COUNT(*) FROM identity_bootstrap WHERE step = 'admin'")
+            .fetch_one(self.pool())
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? > 0)
     }
 
     async fn token_by_digest(&self, digest: &str) -> Result<Option<TokenRecord>, StoreError> {

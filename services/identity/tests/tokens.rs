@@ -114,6 +114,8 @@ muster_store::backend_suite! {
         let chosen = "a-token-an-operator-chose-0123456789";
         assert!(tokens.bootstrap_admin("t1", Some(chosen)).await.unwrap().is_some());
         assert!(tokens.verify(chosen).await.is_ok());
+        // After it, a value of the old form no longer stops a start.
+        assert!(tokens.bootstrap_admin("t1", Some("a-token-from-a-file-with-its-newline-0123\n")).await.unwrap().is_none());
         // Labels with control characters are refused on both stores alike.
         assert!(matches!(tokens.create("t1", Role::Client, vec![], "a\u{0}b", None, None).await, Err(TokenError::Invalid(_))));
     }

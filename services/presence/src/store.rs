@@ -603,18 +603,25 @@ impl TopicStore for Store {
             // the sweep takes the edge's row before its sessions: the
             // other order could wait on each other on Postgres.
             sqlx::query(
-                // DO UPDATE (to the same value) and not DO NOTHING: it
-                // locks the edge's row, so a sweep taking the edge for gone
-                // waits for this track to commit and then finds its
-                // session, instead of missing the uncommitted row and
-                // leaving a session no sweep would ever find.
                 "INSERT INTO presence_edges (edge_id, refreshed_at_ms) VALUES ($1, $2) \
-                 ON CONFLICT (edge_id) DO UPDATE SET refreshed_at_ms = presence_edges.refreshed_at_ms",
+                 ON CONFLICT (edge_id) DO NOTHING",
             )
             .bind(&s.edge_id)
             .bind(muster_store::now_ms())
             .execute(&mut *tx)
             .await?;
+            // On Postgres DO NOTHING locks nothing: a sweep taking the edge
+            // for gone meanwhile would miss this uncommitted session and
+            // leave it where no sweep finds it. A key-share lock makes the
+            // sweep's delete wait for this commit (and then find the
+            // session) without queueing the edge's other tracks or its
+            // refresh behind one another. SQLite writes one at a time.
+            if self.backend() == muster_store::Backend::Postgres {
+                sqlx::query("SELECT 1 FROM presence_edges WHERE edge_id = $1 FOR KEY SHARE")
+                    .bind(&s.edge_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            }
             // The kept row before the live one, the order a revival takes
             // them in: otherwise each could wait for the other. A session
             // kept aside for another device's peer is still that device's.
