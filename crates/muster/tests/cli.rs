@@ -733,18 +733,21 @@ fn diag_export_writes_a_bundle_without_secrets() {
     let served = Served::start(&data, &[]);
     let token = served.token().unwrap();
     let out = dir.path().join("bundle.json");
-    let export = Command::new(BIN)
-        .args(["diag", "export", "--data-dir"])
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .env("MUSTER_TOKEN", &token)
-        .output()
-        .unwrap();
+    let export = || {
+        Command::new(BIN)
+            .args(["diag", "export", "--data-dir"])
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .env("MUSTER_TOKEN", &token)
+            .output()
+            .unwrap()
+    };
+    let exported = export();
     assert!(
-        export.status.success(),
+        exported.status.success(),
         "{}",
-        String::from_utf8_lossy(&export.stderr)
+        String::from_utf8_lossy(&exported.stderr)
     );
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(!text.contains(&token), "the bundle holds the token");
@@ -757,15 +760,10 @@ fn diag_export_writes_a_bundle_without_secrets() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let again = Command::new(BIN)
-        .args(["diag", "export", "--data-dir"])
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .env("MUSTER_TOKEN", &token)
-        .output()
-        .unwrap();
-    assert!(!again.status.success(), "an existing file was written over");
+    assert!(
+        !export().status.success(),
+        "an existing file was written over"
+    );
     assert_eq!(std::fs::read_to_string(&out).unwrap(), text);
     let refused = Command::new(BIN)
         .args(["presence", "--data-dir"])
