@@ -136,6 +136,19 @@ struct OperatorArgs {
     /// The edge's WebSocket URL [default: the running single host's].
     #[arg(long)]
     edge: Option<String>,
+    /// PEM file of the CA that signed a `wss://` edge's certificate, when
+    /// it is not a public one (also MUSTER_EDGE_CA).
+    #[arg(long, env = "MUSTER_EDGE_CA", value_name = "FILE")]
+    edge_ca: Option<PathBuf>,
+}
+
+impl OperatorArgs {
+    fn target(&self) -> operator::EdgeTarget<'_> {
+        operator::EdgeTarget {
+            url: self.edge.clone(),
+            ca: self.edge_ca.as_deref(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -676,8 +689,8 @@ async fn presence(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let config = load(file, &args.common)?;
-    let token = operator::token(args.token)?;
-    let mut ws = operator::connect(&config, args.edge, &token).await?;
+    let token = operator::token(args.token.clone())?;
+    let mut ws = operator::connect(&config, args.target(), &token).await?;
     let (listed, early) =
         operator::call_with_events(&mut ws, "muster.presence.list", operator::CALL_WITHIN).await?;
     let entries = listed["entries"].as_array().cloned().unwrap_or_default();
@@ -772,8 +785,8 @@ async fn status(
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let config = load(file, &args.common)?;
-    let token = operator::token(args.token)?;
-    let mut ws = operator::connect(&config, args.edge, &token).await?;
+    let token = operator::token(args.token.clone())?;
+    let mut ws = operator::connect(&config, args.target(), &token).await?;
     let status = operator::call(&mut ws, "muster.status").await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -812,12 +825,12 @@ async fn diag_export(
         Ok(ctl) => serde_json::to_value(health_rows(&ctl).await)?,
         Err(error) => serde_json::json!({"error": format!("{error:#}")}),
     };
-    let (status, presence) = match operator::token(args.token) {
+    let (status, presence) = match operator::token(args.token.clone()) {
         Err(_) => (
             serde_json::json!("no operator token given"),
             serde_json::json!(null),
         ),
-        Ok(token) => match operator::connect(&config, args.edge, &token).await {
+        Ok(token) => match operator::connect(&config, args.target(), &token).await {
             Ok(mut ws) => (
                 operator::call(&mut ws, "muster.status")
                     .await

@@ -4,7 +4,10 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use muster_protocol::client::{TokenVia, Ws, open};
+use muster_protocol::client::{TokenVia, Ws, open_request_over, request};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 use muster_protocol::device::DeviceKey;
 use serde_json::{Value, json};
 
@@ -86,16 +89,101 @@ pub const CALL_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 /// How long opening the edge's `/ws` may take.
 const OPEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The socket under an operator connection: plain for `ws://`, TLS for
+/// `wss://`.
+pub type EdgeStream = Either<TcpStream, TlsStream<TcpStream>>;
+
+/// An operator connection to the edge.
+pub type EdgeWs = Ws<EdgeStream>;
+
+/// Where the command line looks for the edge and what it trusts.
+pub struct EdgeTarget<'a> {
+    /// `--edge`: the edge's WebSocket URL.
+    pub url: Option<String>,
+    /// `--edge-ca`: PEM certificates that may sign a `wss://` edge's
+    /// certificate, besides the public web roots.
+    pub ca: Option<&'a Path>,
+}
+
+/// The TLS client settings for a `wss://` edge: the public web roots
+/// (an edge behind a certificate from a public CA needs nothing more) and
+/// the certificates of `ca`, for an edge whose certificate a private CA
+/// signed (`muster certs`, say).
+fn edge_tls(ca: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(ca) = ca {
+        use rustls_pki_types::pem::PemObject;
+        let certs = rustls_pki_types::CertificateDer::pem_file_iter(ca)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .with_context(|| format!("reading {}", ca.display()))?;
+        if certs.is_empty() {
+            bail!("{} holds no PEM certificate", ca.display());
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .with_context(|| format!("{} holds a certificate that is no CA", ca.display()))?;
+        }
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(muster_tls::crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    // The upgrade is HTTP/1.1; an edge offering h2 as well must not pick it.
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tls)
+}
+
+/// Opens the edge's `/ws` at `url` with `token` as bearer, over TLS when
+/// the URL says `wss://`.
+pub async fn open_edge(url: &str, token: &str, ca: Option<&Path>) -> anyhow::Result<EdgeWs> {
+    let upgrade = request(url, token, TokenVia::Bearer, None)?;
+    let uri = upgrade.uri();
+    let secure = match uri.scheme_str() {
+        Some("ws") => false,
+        Some("wss") => true,
+        _ => bail!("the edge's URL must start with ws:// or wss://"),
+    };
+    let host = uri
+        .host()
+        .context("the edge's URL names no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+    // Nagle off: a request written behind another small frame would
+    // otherwise wait for the server's delayed ACK.
+    tcp.set_nodelay(true)?;
+    let stream = if secure {
+        let name = rustls_pki_types::ServerName::try_from(host)
+            .context("the edge's URL names no valid host for TLS")?;
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(edge_tls(ca)?));
+        Either::Right(connector.connect(name, tcp).await.map_err(|e| {
+            let hint = if ca.is_none() {
+                " (an edge whose certificate a private CA signed needs --edge-ca)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("TLS with the edge failed: {e}{hint}")
+        })?)
+    } else {
+        Either::Left(tcp)
+    };
+    Ok(open_request_over(stream, upgrade).await?)
+}
+
 /// A handshaken operator connection.
-pub async fn connect(config: &Config, edge: Option<String>, token: &str) -> anyhow::Result<Ws> {
-    let url = edge_url(config, edge);
+pub async fn connect(config: &Config, edge: EdgeTarget<'_>, token: &str) -> anyhow::Result<EdgeWs> {
+    let url = edge_url(config, edge.url);
     // The upgrade has no deadline of its own: an edge that takes the
     // connection and never answers (stopped, or a black hole on the way)
     // would hold the command for ever.
-    let mut ws = tokio::time::timeout(OPEN_WITHIN, open(&url, token, TokenVia::Bearer, None))
+    let mut ws = tokio::time::timeout(OPEN_WITHIN, open_edge(&url, token, edge.ca))
         .await
         .map_err(|_| anyhow::anyhow!("no answer within {}s", OPEN_WITHIN.as_secs()))
-        .and_then(|opened| opened.map_err(anyhow::Error::from))
+        .and_then(|opened| opened)
         .with_context(|| format!("connecting to {url}"))?;
     let key = device_key(&config.data_dir)?;
     ws.try_handshake(
@@ -109,14 +197,14 @@ pub async fn connect(config: &Config, edge: Option<String>, token: &str) -> anyh
 }
 
 /// Calls `kind` and returns its result, or the error it answered.
-pub async fn call(ws: &mut Ws, kind: &str) -> anyhow::Result<Value> {
+pub async fn call(ws: &mut EdgeWs, kind: &str) -> anyhow::Result<Value> {
     Ok(call_with_events(ws, kind, CALL_WITHIN).await?.0)
 }
 
 /// Calls `kind` and returns its result and the events that arrived before
 /// it, or the error it answered.
 pub async fn call_with_events(
-    ws: &mut Ws,
+    ws: &mut EdgeWs,
     kind: &str,
     within: std::time::Duration,
 ) -> anyhow::Result<(Value, Vec<Value>)> {

@@ -727,6 +727,79 @@ async fn watch_a_node_come_and_go(json: bool) {
 }
 
 #[test]
+fn operator_commands_reach_a_wss_edge_that_the_given_ca_vouches_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let init = muster(&["certs", "init"], &data);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let tls = data.join("tls");
+    let (cert, key, ca) = (
+        tls.join("edge.pem"),
+        tls.join("edge.key"),
+        tls.join("ca.pem"),
+    );
+    let served = Served::start(
+        &data,
+        &[
+            ("MUSTER_EDGE_TLS_CERT", cert.to_str().unwrap()),
+            ("MUSTER_EDGE_TLS_KEY", key.to_str().unwrap()),
+        ],
+    );
+    let token = served.token().unwrap();
+    let endpoints: Endpoints =
+        serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
+    let listed = endpoints.edge_ws_url.unwrap();
+    assert!(listed.starts_with("wss://"), "{listed}");
+    // The certificate names `localhost`, not the address.
+    let url = listed.replace("127.0.0.1", "localhost");
+    let status = |ca_flag: Option<&Path>, ca_env: Option<&Path>| {
+        let mut command = Command::new(BIN);
+        command
+            .args(["status", "--json", "--edge", &url, "--data-dir"])
+            .arg(&data)
+            .env("MUSTER_TOKEN", &token)
+            .env_remove("MUSTER_EDGE_CA")
+            .env("RUST_LOG", "warn");
+        if let Some(ca) = ca_flag {
+            command.arg("--edge-ca").arg(ca);
+        }
+        if let Some(ca) = ca_env {
+            command.env("MUSTER_EDGE_CA", ca);
+        }
+        command.output().unwrap()
+    };
+
+    for answered in [status(Some(&ca), None), status(None, Some(&ca))] {
+        assert!(
+            answered.status.success(),
+            "{}",
+            String::from_utf8_lossy(&answered.stderr)
+        );
+        let answered: serde_json::Value = serde_json::from_slice(&answered.stdout).unwrap();
+        assert_eq!(answered["presence"]["gateway"], 1, "{answered}");
+    }
+
+    // Only the public web roots: the private CA's edge is not trusted.
+    let refused = status(None, None);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("TLS with the edge failed"), "{said}");
+    assert!(said.contains("--edge-ca"), "{said}");
+
+    // A file that holds no certificate is named as such.
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let refused = status(Some(&empty), None);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("holds no PEM certificate"), "{said}");
+}
+
+#[test]
 fn diag_export_writes_a_bundle_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
