@@ -5,11 +5,11 @@ use std::path::Path;
 
 use anyhow::{Context, bail};
 use muster_protocol::client::{TokenVia, Ws, open_request_over, request};
+use muster_protocol::device::DeviceKey;
+use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_util::either::Either;
-use muster_protocol::device::DeviceKey;
-use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::serve::Endpoints;

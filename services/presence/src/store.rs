@@ -78,6 +78,10 @@ pub trait PresenceStore: Send + Sync + 'static {
     ) -> Result<Vec<(String, String)>, StoreError>;
 }
 
+/// Entries one transaction of a sweep prunes at most: enough to sweep
+/// quickly, few enough that writers waiting behind it wait milliseconds.
+const PRUNED_PER_TRANSACTION: usize = 500;
+
 /// Ids one statement names at most (SQLite's oldest builds allow 999
 /// parameters).
 const IDS_PER_STATEMENT: usize = 500;
@@ -280,42 +284,57 @@ impl PresenceStore for Store {
         cap: usize,
         event: for<'a> fn(&'a str, &'a str) -> NewItem,
     ) -> Result<Vec<(String, String)>, StoreError> {
-        let mut tx = self.begin().await?;
-        let rows = sqlx::query(
-            "SELECT tenant_id, instance_id, last_seen_at_ms FROM (SELECT tenant_id, instance_id, last_seen_at_ms, \
+        // Read first, then delete in short transactions: one transaction
+        // for a whole sweep (a cap lowered, a mass disconnect past its
+        // ttl) would hold SQLite's only writer, and every handshake behind
+        // it, for as long as it takes. Each delete checks the entry is as
+        // it was read, so what changed in between is not pruned.
+        let candidates = self
+            .fetch_all(
+                sqlx::query(
+                    "SELECT tenant_id, instance_id, last_seen_at_ms FROM (SELECT tenant_id, instance_id, last_seen_at_ms, \
              ROW_NUMBER() OVER (PARTITION BY tenant_id ORDER BY last_seen_at_ms DESC, instance_id) AS rank \
              FROM instance_presence) ranked WHERE last_seen_at_ms < $1 OR rank > $2",
-        )
-        .bind(cutoff_ms)
-        .bind(i64::try_from(cap).unwrap_or(i64::MAX))
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut pruned = Vec::with_capacity(rows.len());
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let tenant_id: String = row.try_get("tenant_id")?;
-            let instance_id: String = row.try_get("instance_id")?;
-            let last_seen_at_ms: i64 = row.try_get("last_seen_at_ms")?;
-            // Only as it was read: on Postgres an entry refreshed (or
-            // removed, or pruned by an overlapping sweep) since is not
-            // this sweep's to prune, nor to announce.
-            let deleted = sqlx::query(
-                "DELETE FROM instance_presence \
-                 WHERE tenant_id = $1 AND instance_id = $2 AND last_seen_at_ms = $3",
+                )
+                .bind(cutoff_ms)
+                .bind(i64::try_from(cap).unwrap_or(i64::MAX)),
+                |row| {
+                    Ok((
+                        row.try_get::<String, _>("tenant_id")?,
+                        row.try_get::<String, _>("instance_id")?,
+                        row.try_get::<i64, _>("last_seen_at_ms")?,
+                    ))
+                },
             )
-            .bind(&tenant_id)
-            .bind(&instance_id)
-            .bind(last_seen_at_ms)
-            .execute(&mut *tx)
             .await?;
-            if deleted.rows_affected() == 0 {
-                continue;
+        let mut pruned = Vec::with_capacity(candidates.len());
+        for chunk in candidates.chunks(PRUNED_PER_TRANSACTION) {
+            let mut tx = self.begin().await?;
+            let mut events = Vec::with_capacity(chunk.len());
+            let mut removed = Vec::with_capacity(chunk.len());
+            for (tenant_id, instance_id, last_seen_at_ms) in chunk {
+                // Only as it was read: an entry refreshed (or removed, or
+                // pruned by an overlapping sweep) since is not this
+                // sweep's to prune, nor to announce.
+                let deleted = sqlx::query(
+                    "DELETE FROM instance_presence \
+                     WHERE tenant_id = $1 AND instance_id = $2 AND last_seen_at_ms = $3",
+                )
+                .bind(tenant_id)
+                .bind(instance_id)
+                .bind(last_seen_at_ms)
+                .execute(&mut *tx)
+                .await?;
+                if deleted.rows_affected() == 0 {
+                    continue;
+                }
+                events.push(event(tenant_id, instance_id));
+                removed.push((tenant_id.clone(), instance_id.clone()));
             }
-            events.push(event(&tenant_id, &instance_id));
-            pruned.push((tenant_id, instance_id));
+            outbox::append_all(&mut tx, &events).await?;
+            self.commit(tx).await?;
+            pruned.extend(removed);
         }
-        outbox::append_all(&mut tx, &events).await?;
-        self.commit(tx).await?;
         Ok(pruned)
     }
 }

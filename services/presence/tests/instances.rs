@@ -175,6 +175,33 @@ muster_store::backend_suite! {
         assert!(pruned_ids.contains(&"dev_1".to_string()));
         assert!(events.iter().filter(|e| e.kind == "presence.pruned").all(|e| e.audience_roles == vec!["client".to_string()]));
     }
+
+    async fn a_sweep_larger_than_one_transaction_prunes_every_entry_once(store: Store) {
+        // More than two of the sweep's transactions' worth, in two tenants.
+        sqlx::query(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1201) \
+             INSERT INTO instance_presence (tenant_id, instance_id, role, reported_host, reported_ip, \
+             observed_ip, version, mode, last_seen_at_ms, last_input_seconds, reason) \
+             SELECT CASE WHEN i % 3 = 0 THEN 't2' ELSE 't1' END, 'dev_' || i, 'node', 'h', '', '', '', '', i, -1, 'connect' FROM n",
+        )
+        .execute(store.pool())
+        .await
+        .unwrap();
+        let presence = Instances::new(Arc::new(store.clone()));
+        presence.upsert("t1", node("dev_fresh", "h")).await.unwrap();
+        let pruned = presence.prune(Retention { ttl: std::time::Duration::from_secs(60), cap: 500 }).await.unwrap();
+        assert_eq!(pruned.len(), 1201);
+        let unique: std::collections::HashSet<_> = pruned.iter().collect();
+        assert_eq!(unique.len(), 1201);
+        let left: Vec<_> = presence.list("t1").await.unwrap().into_iter().map(|e| e.instance_id).collect();
+        assert_eq!(left, vec!["dev_fresh"]);
+        assert!(presence.list("t2").await.unwrap().is_empty());
+        for (tenant, count) in [("t1", 801), ("t2", 400)] {
+            let events = muster_store::testing::outbox_items(&store, tenant).await.unwrap();
+            assert_eq!(events.iter().filter(|e| e.kind == "presence.pruned").count(), count, "{tenant}");
+        }
+        assert!(presence.prune(Retention { ttl: std::time::Duration::from_secs(60), cap: 500 }).await.unwrap().is_empty());
+    }
 }
 
 // A sweep reads what to prune, then deletes it: on Postgres an entry may
