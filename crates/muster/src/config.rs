@@ -162,37 +162,86 @@ impl Default for Config {
     }
 }
 
-/// Keys read from `MUSTER_*` variables (`MUSTER_PEERS__IDENTITY` sets
-/// `peers.identity`). Other `MUSTER_*` variables are not configuration.
+/// Keys read from `MUSTER_*` variables as typed values (numbers, booleans,
+/// lists, addresses); with [`ENV_TEXT_KEYS`], every key the environment
+/// sets (`MUSTER_PEERS__IDENTITY` sets `peers.identity`). Other `MUSTER_*`
+/// variables are not configuration.
 const ENV_KEYS: &[&str] = &[
-    "data_dir",
-    "store",
     "store_statement_timeout_secs",
-    "trust_domain",
-    "tls_dir",
     "edge_listen",
     "grpc_listen",
     "metrics_listen",
-    "peers",
     "services",
-    "default_tenant",
     "cert_reload_secs",
     "shutdown_grace_secs",
-    "log_format",
-    "admin_token",
     "presence_include_cli",
     "presence_ttl_secs",
     "presence_cap",
-    "edge_id",
     "edge_allow_plaintext",
     "edge_max_frame_bytes",
     "edge_upgrades_per_ip_per_minute",
     "edge_trusted_proxies",
-    "edge_forwarded_header",
     "edge_proxy_protocol",
+];
+
+/// Keys whose `MUSTER_*` values are text as they stand: figment reads an
+/// environment value that looks like a number or a boolean as one, which
+/// a text setting refuses (`MUSTER_EDGE_ID=1`), or worse would take in
+/// another spelling (`007`).
+const ENV_TEXT_KEYS: &[&str] = &[
+    "data_dir",
+    "store",
+    "trust_domain",
+    "tls_dir",
+    "peers",
+    "default_tenant",
+    "log_format",
+    "admin_token",
+    "edge_id",
+    "edge_forwarded_header",
     "edge_tls_cert",
     "edge_tls_key",
 ];
+
+/// `MUSTER_*` variables with their values kept as strings.
+struct TextEnv(Env);
+
+impl figment::Provider for TextEnv {
+    fn metadata(&self) -> figment::Metadata {
+        self.0.metadata()
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        use figment::value::{Dict, Value};
+        fn insert(dict: &mut Dict, path: &[&str], value: String) {
+            match path {
+                [] => {}
+                [last] => {
+                    dict.insert((*last).to_owned(), Value::from(value));
+                }
+                [first, rest @ ..] => {
+                    let entry = dict
+                        .entry((*first).to_owned())
+                        .or_insert_with(|| Value::from(Dict::new()));
+                    if !matches!(entry, Value::Dict(..)) {
+                        *entry = Value::from(Dict::new());
+                    }
+                    if let Value::Dict(_, inner) = entry {
+                        insert(inner, rest, value);
+                    }
+                }
+            }
+        }
+        let mut dict = Dict::new();
+        for (key, value) in self.0.iter() {
+            let path: Vec<&str> = key.as_str().split('.').collect();
+            insert(&mut dict, &path, value);
+        }
+        Ok(figment::Profile::Default.collect(dict))
+    }
+}
 
 /// A list, or a string of comma-separated entries.
 fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
@@ -273,15 +322,19 @@ impl Config {
             }
             figment = figment.merge(Toml::file(file));
         }
-        let env = Env::prefixed("MUSTER_")
-            .filter(|key| {
-                let key = key.as_str().to_ascii_lowercase();
-                ENV_KEYS
-                    .iter()
-                    .any(|k| key == *k || key.starts_with(&format!("{k}__")))
-            })
-            .split("__");
-        figment = figment.merge(env).merge(Serialized::defaults(flags));
+        let env = |keys: &'static [&'static str]| {
+            Env::prefixed("MUSTER_")
+                .filter(move |key| {
+                    let key = key.as_str().to_ascii_lowercase();
+                    keys.iter()
+                        .any(|k| key == *k || key.starts_with(&format!("{k}__")))
+                })
+                .split("__")
+        };
+        figment = figment
+            .merge(env(ENV_KEYS))
+            .merge(TextEnv(env(ENV_TEXT_KEYS)))
+            .merge(Serialized::defaults(flags));
         let config: Config = figment.extract().context("invalid configuration")?;
         config.validate()?;
         Ok(config)

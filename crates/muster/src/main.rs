@@ -172,7 +172,7 @@ enum Certs {
         /// Lifetime of the principals' certificates in days.
         #[arg(long, default_value_t = 90)]
         days: u64,
-        /// Extra DNS names for every certificate (repeatable).
+        /// Extra DNS names or IP addresses for every certificate (repeatable).
         #[arg(long = "dns")]
         dns: Vec<String>,
     },

@@ -753,13 +753,16 @@ fn operator_commands_reach_a_wss_edge_that_the_given_ca_vouches_for() {
     let endpoints: Endpoints =
         serde_json::from_slice(&std::fs::read(data.join("endpoints.json")).unwrap()).unwrap();
     let listed = endpoints.edge_ws_url.unwrap();
-    assert!(listed.starts_with("wss://"), "{listed}");
-    // The certificate names `localhost`, not the address.
-    let url = listed.replace("127.0.0.1", "localhost");
-    let status = |ca_flag: Option<&Path>, ca_env: Option<&Path>| {
+    assert!(listed.starts_with("wss://127.0.0.1:"), "{listed}");
+    let by_name = listed.replace("127.0.0.1", "localhost");
+    let status_at = |url: Option<&str>, ca_flag: Option<&Path>, ca_env: Option<&Path>| {
         let mut command = Command::new(BIN);
+        command.args(["status", "--json"]);
+        if let Some(url) = url {
+            command.args(["--edge", url]);
+        }
         command
-            .args(["status", "--json", "--edge", &url, "--data-dir"])
+            .arg("--data-dir")
             .arg(&data)
             .env("MUSTER_TOKEN", &token)
             .env_remove("MUSTER_EDGE_CA")
@@ -773,7 +776,14 @@ fn operator_commands_reach_a_wss_edge_that_the_given_ca_vouches_for() {
         command.output().unwrap()
     };
 
-    for answered in [status(Some(&ca), None), status(None, Some(&ca))] {
+    let status = |ca_flag: Option<&Path>, ca_env: Option<&Path>| status_at(None, ca_flag, ca_env);
+
+    // At the address the single host lists, and by name.
+    for answered in [
+        status(Some(&ca), None),
+        status(None, Some(&ca)),
+        status_at(Some(&by_name), Some(&ca), None),
+    ] {
         assert!(
             answered.status.success(),
             "{}",
@@ -797,6 +807,44 @@ fn operator_commands_reach_a_wss_edge_that_the_given_ca_vouches_for() {
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains("holds no PEM certificate"), "{said}");
+}
+
+#[test]
+fn text_settings_from_the_environment_stay_text_even_when_they_look_like_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    for domain in ["42", "007", "true"] {
+        let tls = dir.path().join(domain);
+        let init = Command::new(BIN)
+            .args(["certs", "init", "--tls-dir"])
+            .arg(&tls)
+            .env("MUSTER_TRUST_DOMAIN", domain)
+            .output()
+            .unwrap();
+        assert!(
+            init.status.success(),
+            "{domain}: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let inspect = Command::new(BIN)
+            .args(["certs", "inspect"])
+            .arg(tls.join("edge.pem"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&inspect.stdout);
+        assert!(
+            text.contains(&format!("spiffe://{domain}/service/edge")),
+            "{text}"
+        );
+    }
+    // A typed setting still reads its value as a number.
+    let refused = Command::new(BIN)
+        .args(["certs", "init", "--tls-dir"])
+        .arg(dir.path().join("typed"))
+        .env("MUSTER_PRESENCE_CAP", "lots")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("PRESENCE_CAP"));
 }
 
 #[test]

@@ -40,7 +40,8 @@ pub struct IssueOptions {
     pub not_before: Option<OffsetDateTime>,
     /// Overrides the end of validity.
     pub not_after: Option<OffsetDateTime>,
-    /// DNS names besides `muster-<name>`, `<name>` and `localhost`.
+    /// DNS names (or IP addresses) besides `muster-<name>`, `<name>`,
+    /// `localhost`, `127.0.0.1` and `::1`.
     pub extra_dns_names: Vec<String>,
 }
 
@@ -138,6 +139,11 @@ impl CertificateAuthority {
             name.server_name(),
             name.as_str().to_owned(),
             "localhost".into(),
+            // Loopback addresses as IP names, so that a URL built from a
+            // loopback listener's address (`wss://127.0.0.1:8787/ws`)
+            // verifies as it is.
+            "127.0.0.1".into(),
+            "::1".into(),
         ];
         dns.extend(opts.extra_dns_names.iter().cloned());
         let mut params = CertificateParams::new(dns)?;
