@@ -92,13 +92,15 @@ impl ServiceError for muster_store::StoreError {
             e if e.is_constraint_violation() => ErrorCode::InvalidState,
             // A value the database cannot take as text: a NUL or a byte
             // sequence its encoding refuses (character_not_in_repertoire,
-            // untranslatable_character), or one too long for its column.
-            // Only these: the rest of SQLSTATE class 22 may be a fault of
-            // the service's own (an overflow in a computed value).
+            // untranslatable_character), or one too long for its column,
+            // or for an index entry (program_limit_exceeded, 54000: a
+            // value of a few kilobytes in an indexed column). Only these:
+            // the rest of SQLSTATE class 22 may be a fault of the
+            // service's own (an overflow in a computed value).
             StoreError::Database(sqlx::Error::Database(db))
-                if db
-                    .code()
-                    .is_some_and(|code| matches!(&*code, "22021" | "22P05" | "22001")) =>
+                if db.code().is_some_and(|code| {
+                    matches!(&*code, "22021" | "22P05" | "22001" | "54000")
+                }) =>
             {
                 ErrorCode::InvalidArgument
             }

@@ -16,6 +16,7 @@ pub mod lease;
 pub mod outbox;
 mod store;
 pub mod testing;
+pub mod text;
 
 pub use error::StoreError;
 pub use store::{

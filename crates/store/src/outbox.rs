@@ -113,9 +113,6 @@ pub fn find_secret_key(value: &Value) -> Option<String> {
 /// item would stop every edge's stream at it until compaction took it.
 pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 
-/// The most a tenant id or an item's type may take.
-const MAX_NAME_BYTES: usize = 256;
-
 /// Checks `item`; its payload as JSON when it may be appended.
 fn validate(item: &NewItem) -> Result<String, StoreError> {
     for (field, value) in [
@@ -123,19 +120,8 @@ fn validate(item: &NewItem) -> Result<String, StoreError> {
         ("event_id", &item.event_id),
         ("type", &item.kind),
     ] {
-        if value.trim().is_empty() {
-            return Err(StoreError::invalid(field, "empty"));
-        }
-        if value.len() > MAX_NAME_BYTES {
-            return Err(StoreError::invalid(
-                field,
-                format!("longer than {MAX_NAME_BYTES} bytes"),
-            ));
-        }
-        // Postgres refuses NUL in text; SQLite would keep it.
-        if value.contains('\0') {
-            return Err(StoreError::invalid(field, "contains a NUL character"));
-        }
+        crate::text::check_name(field, value, crate::text::MAX_NAME_BYTES)
+            .map_err(|reason| StoreError::invalid(field, reason))?;
     }
     if !item.payload.is_object() {
         return Err(StoreError::invalid("payload", "not a json object"));

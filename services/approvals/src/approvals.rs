@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use muster_mesh::{ErrorCode, ServiceError};
 use muster_store::outbox::NewItem;
+use muster_store::text::{MAX_NAME_BYTES, check_name, check_text};
 use muster_store::{StoreError, now_ms};
 use serde_json::{Value, json};
 
@@ -143,19 +144,8 @@ impl Approvals {
         context: Value,
         ttl_ms: Option<i64>,
     ) -> Result<Approval, ApprovalError> {
-        if tenant_id.trim().is_empty() {
-            return Err(ApprovalError::Invalid("tenant_id is required".into()));
-        }
-        if kind.trim().is_empty() || kind.len() > 64 {
-            return Err(ApprovalError::Invalid("kind must be 1 to 64 bytes".into()));
-        }
-        // Postgres refuses NUL in text, SQLite would keep it: refused on
-        // both alike.
-        if tenant_id.contains('\0') || kind.contains('\0') {
-            return Err(ApprovalError::Invalid(
-                "tenant_id and kind must not contain NUL".into(),
-            ));
-        }
+        check_name("tenant_id", tenant_id, MAX_NAME_BYTES).map_err(ApprovalError::Invalid)?;
+        check_name("kind", kind, 64).map_err(ApprovalError::Invalid)?;
         if !context.is_object() {
             return Err(ApprovalError::Invalid(
                 "context must be a json object".into(),
@@ -232,16 +222,9 @@ impl Approvals {
         approval_id: &str,
         decision: Decision,
     ) -> Result<Approval, ApprovalError> {
-        if decision.decided_by.trim().is_empty() || decision.decided_by.len() > 256 {
-            return Err(ApprovalError::Invalid(
-                "decided_by must be 1 to 256 bytes".into(),
-            ));
-        }
-        if decision.reason.len() > 1024 {
-            return Err(ApprovalError::Invalid(
-                "reason longer than 1024 bytes".into(),
-            ));
-        }
+        check_name("decided_by", &decision.decided_by, MAX_NAME_BYTES)
+            .map_err(ApprovalError::Invalid)?;
+        check_text("reason", &decision.reason, 1024).map_err(ApprovalError::Invalid)?;
         let current = self.get(tenant_id, approval_id).await?;
         if current.status != Status::Pending {
             return Err(ApprovalError::NotPending {

@@ -88,6 +88,7 @@ muster_store::backend_suite! {
             ("t1", "pairing", json!({"blob": "x".repeat(20_000)}), None),
             ("t1", "pairing", json!({}), Some(0)),
             ("t1", "pairing", json!({}), Some(i64::MAX)),
+            (&*"t".repeat(257), "pairing", json!({}), None),
         ] {
             let result = approvals.create(tenant, kind, context, ttl).await;
             assert!(matches!(result, Err(ApprovalError::Invalid(_))), "{result:?}");
@@ -105,6 +106,14 @@ muster_store::backend_suite! {
         assert!(matches!(long, Err(ApprovalError::Invalid(_))), "{long:?}");
         let anonymous = approvals.decide("t1", &created.approval_id, approve(" ")).await;
         assert!(matches!(anonymous, Err(ApprovalError::Invalid(_))));
+        // NUL, which SQLite would keep and Postgres refuse, in who decided
+        // and why.
+        let nul_by = approvals.decide("t1", &created.approval_id, approve("al\0ice")).await;
+        assert!(matches!(nul_by, Err(ApprovalError::Invalid(_))), "{nul_by:?}");
+        let nul_reason = approvals
+            .decide("t1", &created.approval_id, Decision { reason: "because\0".into(), ..approve("alice") })
+            .await;
+        assert!(matches!(nul_reason, Err(ApprovalError::Invalid(_))), "{nul_reason:?}");
         assert_eq!(approvals.get("t1", &created.approval_id).await.unwrap().status, Status::Pending);
         assert_eq!(event_kinds(&store).await, vec!["approval.requested"]);
     }

@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use muster_mesh::{ErrorCode, ServiceError};
 use muster_store::outbox::NewItem;
+use muster_store::text::{MAX_NAME_BYTES, check_name};
 use muster_store::{StoreError, now_ms};
 use serde_json::{Value, json};
 
@@ -79,14 +80,8 @@ impl Runs {
         idempotency_key: &str,
         spec: Value,
     ) -> Result<Enqueued, RunError> {
-        if tenant_id.trim().is_empty() {
-            return Err(RunError::Invalid("tenant_id is required".into()));
-        }
-        if idempotency_key.trim().is_empty() || idempotency_key.len() > 200 {
-            return Err(RunError::Invalid(
-                "idempotency_key must be 1 to 200 bytes".into(),
-            ));
-        }
+        check_name("tenant_id", tenant_id, MAX_NAME_BYTES).map_err(RunError::Invalid)?;
+        check_name("idempotency_key", idempotency_key, 200).map_err(RunError::Invalid)?;
         if !spec.is_object() {
             return Err(RunError::Invalid("spec must be a json object".into()));
         }

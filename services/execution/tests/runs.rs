@@ -73,9 +73,17 @@ muster_store::backend_suite! {
             ("t1", "", json!({})),
             ("t1", "k", json!([])),
             ("t1", "k", json!({"x": "y".repeat(70_000)})),
+            // What Postgres would refuse and SQLite keep: refused on both
+            // before anything is written.
+            ("t1", "k\0", json!({})),
+            ("t\0", "k", json!({})),
+            (&*"t".repeat(257), "k", json!({})),
         ] {
-            assert!(matches!(runs.enqueue(tenant, key, spec).await, Err(RunError::Invalid(_))));
+            let refused = runs.enqueue(tenant, key, spec).await;
+            assert!(matches!(refused, Err(RunError::Invalid(_))), "{refused:?}");
         }
         assert_eq!(queued_events(&store).await, 0);
+        let stored: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM runs").fetch_one(store.pool()).await.unwrap();
+        assert_eq!(stored, 0);
     }
 }

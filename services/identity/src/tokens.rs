@@ -524,11 +524,8 @@ fn new_record(
         )));
     }
     // As the outbox takes a tenant (every token's events carry it).
-    if tenant_id.trim().is_empty() || tenant_id.len() > 256 || tenant_id.contains('\0') {
-        return Err(TokenError::Invalid(
-            "tenant_id must be 1 to 256 bytes without NUL".into(),
-        ));
-    }
+    muster_store::text::check_name("tenant_id", tenant_id, muster_store::text::MAX_NAME_BYTES)
+        .map_err(TokenError::Invalid)?;
     check_new_label(label)?;
     let scopes = checked(role, scopes, label, device_id)?;
     let created_at_ms = now_ms();

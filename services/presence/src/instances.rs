@@ -6,6 +6,7 @@ use muster_protocol::format_datetime;
 use muster_protocol::presence::{PresenceEntry, REASONS, wire_mode};
 use muster_store::group::GroupCommit;
 use muster_store::outbox::NewItem;
+use muster_store::text::{MAX_NAME_BYTES, check_name};
 use muster_store::{StoreError, now_ms};
 use serde_json::json;
 
@@ -261,9 +262,7 @@ impl Instances {
         tenant_id: &str,
         entry: InstanceEntry,
     ) -> Result<InstanceEntry, PresenceError> {
-        if tenant_id.trim().is_empty() {
-            return Err(PresenceError::Invalid("tenant_id is required".into()));
-        }
+        check_name("tenant_id", tenant_id, MAX_NAME_BYTES).map_err(PresenceError::Invalid)?;
         let entry = InstanceEntry {
             last_seen_at_ms: now_ms(),
             ..entry
@@ -301,6 +300,10 @@ impl Instances {
             return Err(PresenceError::Invalid(
                 "at most 10000 instances per touch".into(),
             ));
+        }
+        check_name("tenant_id", tenant_id, MAX_NAME_BYTES).map_err(PresenceError::Invalid)?;
+        if let Some(edge_id) = edge_id {
+            check_name("edge_id", edge_id, MAX_NAME_BYTES).map_err(PresenceError::Invalid)?;
         }
         let (touched, sessions_kept) = self
             .store

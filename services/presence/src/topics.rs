@@ -154,8 +154,13 @@ impl Topics {
             ("session", &session.session_id),
             ("principal", &session.principal),
             ("connection_id", &session.connection_id),
+            ("edge_id", &session.edge_id),
         ] {
             field(name, value)?;
+        }
+        // No device is an empty one (a peer without a key).
+        if !session.device_id.is_empty() {
+            field("device_id", &session.device_id)?;
         }
         topics::check_kind(&session.kind, session.agent_id.as_deref())
             .map_err(TopicError::Invalid)?;

@@ -133,6 +133,16 @@ muster_store::backend_suite! {
         assert!(presence.list("t1").await.unwrap()[0].last_seen_at_ms > first.last_seen_at_ms);
         assert_eq!(presence.list("t1").await.unwrap().len(), 1);
         assert_eq!(presence.touch("t2", &["dev_a".into()], None).await.unwrap().touched, 0);
+        // Names Postgres would refuse (NUL, an index entry of kilobytes)
+        // and SQLite keep, refused on both before any write.
+        let long: String = (0..3000).map(|n| char::from(b'a' + (n * 7 % 26) as u8)).collect();
+        for (tenant, edge) in [("t\0", None), (long.as_str(), None), ("t1", Some("edge\0")), ("t1", Some(long.as_str()))] {
+            let refused = presence.touch(tenant, &["dev_a".into()], edge).await;
+            assert!(matches!(refused, Err(PresenceError::Invalid(_))), "{refused:?}");
+        }
+        let refused = presence.upsert(&"t".repeat(257), node("dev_b", "h")).await;
+        assert!(matches!(refused, Err(PresenceError::Invalid(_))), "{refused:?}");
+        assert!(presence.list(&"t".repeat(257)).await.unwrap().is_empty());
         // Many ids, more than one statement takes, with the known one last.
         let mut many: Vec<String> = (0..1_200).map(|n| format!("dev_unknown_{n}")).collect();
         many.push("dev_a".into());

@@ -168,6 +168,12 @@ muster_store::backend_suite! {
             TopicSession { kind: "robot".into(), ..session("room", "s1", "c1") },
             TopicSession { kind: "agent_for".into(), ..session("room", "s1", "c1") },
             TopicSession { agent_id: Some("a".into()), ..session("room", "s1", "c1") },
+            // What Postgres would refuse (NUL; an index entry of kilobytes)
+            // and SQLite keep.
+            TopicSession { edge_id: "edge\0a".into(), ..session("room", "s1", "c1") },
+            TopicSession { edge_id: "e".repeat(3000), ..session("room", "s1", "c1") },
+            TopicSession { edge_id: String::new(), ..session("room", "s1", "c1") },
+            TopicSession { device_id: "dev\01".into(), ..session("room", "s1", "c1") },
         ] {
             assert!(matches!(topics.track(bad).await, Err(TopicError::Invalid(_))));
         }
