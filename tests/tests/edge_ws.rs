@@ -768,6 +768,32 @@ muster_e2e::on_both_stores! {
                 "message": "task.execute result received from an unexpected connection"})
         );
 
+        // The readiness report a Tyrum node sends after every connect is
+        // answered ok, with no result (a void call, Part B §2.3).
+        let ready = node
+            .call(
+                "capability.ready",
+                json!({
+                    "capabilities": [{"id": "tyrum.desktop.screenshot", "version": "1.0.0"}],
+                    "capability_states": [{"capability": "tyrum.desktop.screenshot",
+                        "actions": [{"name": "screenshot", "enabled": true,
+                            "availability_status": "available"}]}]
+                }),
+            )
+            .await;
+        assert_eq!(ready["ok"], true, "{ready}");
+        assert!(ready.get("result").is_none(), "{ready}");
+        assert_eq!(node.call("capability.ready", json!({})).await["ok"], true);
+        let malformed = node
+            .call("capability.ready", json!({"capabilities": "tyrum.fs.read"}))
+            .await;
+        assert_eq!(malformed["error"]["code"], "invalid_request", "{malformed}");
+        // From an operator it is no request muster takes.
+        assert_eq!(
+            ws.call("capability.ready", json!({})).await["error"]["code"],
+            "unsupported_request"
+        );
+
         for kind in [
             "conversation.list",
             "workflow.start",
@@ -964,10 +990,10 @@ async fn presence_flows_to_operators(host: &Host) {
     assert_eq!(entry["metadata"]["observed_ip"], "127.0.0.1");
     let update = upserted_entry(&mut operator, &node_key.device_id()).await;
     assert!(update.get("ip").is_none(), "{update}");
-    let bad = node
-        .call("presence.beacon", json!({"mode": "spaceship"}))
-        .await;
-    assert_eq!(bad["error"]["code"], "invalid_request");
+    for payload in [json!({"mode": "spaceship"}), json!([]), json!(null)] {
+        let bad = node.call("presence.beacon", payload.clone()).await;
+        assert_eq!(bad["error"]["code"], "invalid_request", "{payload}: {bad}");
+    }
     // Presence's own checks fail the same way, with their details.
     let long_host = node
         .call("presence.beacon", json!({"host": "h".repeat(300)}))

@@ -4,6 +4,7 @@
 //! every literal here is taken from it.
 #![forbid(unsafe_code)]
 
+pub mod capability;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod close;
@@ -27,6 +28,18 @@ pub const MISSING_SUBPROTOCOL_BODY: &str = "Missing required WebSocket subprotoc
 pub const MAX_PAYLOAD_BYTES: usize = 100 * 1024 * 1024;
 /// The cookie an admin token may travel in.
 pub const TOKEN_COOKIE: &str = "tyrum_admin_token";
+
+/// A request's payload as `T`, which must come as a JSON object: serde
+/// would also build a struct from an array of its fields' values (and
+/// one whose fields all have defaults from `[]`).
+pub(crate) fn from_object<T: serde::de::DeserializeOwned>(
+    payload: &serde_json::Value,
+) -> Result<T, String> {
+    if !payload.is_object() {
+        return Err("payload: expected an object".into());
+    }
+    serde_json::from_value(payload.clone()).map_err(|e| e.to_string())
+}
 
 /// An optional key that holds a value when present: Part B's `?` keys
 /// are omitted, never `null` (`#[serde(default, deserialize_with =

@@ -63,7 +63,7 @@ pub struct Beacon {
 
 impl Beacon {
     pub fn parse(payload: &Value) -> Result<Beacon, String> {
-        let beacon: Beacon = serde_json::from_value(payload.clone()).map_err(|e| e.to_string())?;
+        let beacon: Beacon = crate::from_object(payload)?;
         if let Some(mode) = &beacon.mode
             && !MODES.contains(&mode.as_str())
         {
@@ -82,4 +82,19 @@ impl Beacon {
 /// `mode` as it may be sent: a known value, or nothing.
 pub fn wire_mode(mode: &str) -> Option<String> {
     MODES.contains(&mode).then(|| mode.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_beacon_is_an_object() {
+        assert_eq!(Beacon::parse(&json!({})).unwrap(), Beacon::default());
+        // serde alone builds a struct whose fields all have defaults from `[]`.
+        for bad in [json!([]), json!(null), json!("host")] {
+            assert!(Beacon::parse(&bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -4,9 +4,7 @@
 use serde::Deserialize;
 use serde_json::Value;
 
-fn parse<T: serde::de::DeserializeOwned>(payload: &Value) -> Result<T, String> {
-    serde_json::from_value(payload.clone()).map_err(|e| e.to_string())
-}
+use crate::from_object as parse;
 
 /// The longest topic, session, principal or agent id, in bytes.
 pub const MAX_FIELD: usize = 256;

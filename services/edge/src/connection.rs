@@ -1071,6 +1071,15 @@ async fn respond(edge: &Edge, peer: &Peer, request: &Request) -> String {
             }
             Ok(None)
         }
+        // Answered so that a Tyrum node, which sends it after every
+        // connect, runs: the report is checked, and neither kept nor
+        // broadcast yet (docs/protocol-extensions.md).
+        "capability.ready" if peer.role == "node" => {
+            match muster_protocol::capability::CapabilityReady::parse(&request.payload) {
+                Err(message) => return invalid_request(request, &message),
+                Ok(_) => Ok(None),
+            }
+        }
         "presence.beacon" => match Beacon::parse(&request.payload) {
             Err(message) => return invalid_request(request, &message),
             Ok(beacon) => beacon_upsert(edge, peer, beacon).await.map(Some),
