@@ -498,21 +498,38 @@ pub async fn depth(store: &Store) -> Result<Depth, StoreError> {
     })
 }
 
-fn json_list(text: &str) -> Vec<String> {
-    serde_json::from_str(text).unwrap_or_default()
+/// What an audience that does not read back as a list of strings becomes:
+/// a role and a scope no peer holds. An empty list means everyone, so a
+/// damaged row must not be read as one.
+pub const UNREADABLE_AUDIENCE: &str = "(unreadable)";
+
+fn json_list(text: &str, column: &'static str, event_id: &str) -> Vec<String> {
+    serde_json::from_str(text).unwrap_or_else(|error| {
+        tracing::error!(%error, column, event_id, "outbox item with an unreadable audience: it goes to no one");
+        vec![UNREADABLE_AUDIENCE.to_owned()]
+    })
 }
 
 fn item_from_row(row: &AnyRow) -> Result<Item, StoreError> {
     let payload: String = row.try_get("payload")?;
+    let event_id: String = row.try_get("event_id")?;
     Ok(Item {
         position: row.try_get("position")?,
         tenant_id: row.try_get("tenant_id")?,
-        event_id: row.try_get("event_id")?,
         kind: row.try_get("type")?,
         payload: serde_json::from_str(&payload).unwrap_or_else(|_| Value::Object(Map::new())),
         target: Target::from_parts(row.try_get("target_kind")?, row.try_get("target_id")?),
-        audience_roles: json_list(&row.try_get::<String, _>("audience_roles")?),
-        audience_scopes: json_list(&row.try_get::<String, _>("audience_scopes")?),
+        event_id: event_id.clone(),
+        audience_roles: json_list(
+            &row.try_get::<String, _>("audience_roles")?,
+            "audience_roles",
+            &event_id,
+        ),
+        audience_scopes: json_list(
+            &row.try_get::<String, _>("audience_scopes")?,
+            "audience_scopes",
+            &event_id,
+        ),
         occurred_at_ms: row.try_get("occurred_at_ms")?,
     })
 }

@@ -42,6 +42,20 @@ muster_store::backend_suite! {
         assert_eq!(rest[0].position, items[1].position);
     }
 
+    async fn an_item_whose_audience_does_not_read_back_goes_to_no_one(store: Store) {
+        let mut tx = store.begin().await.unwrap();
+        outbox::append(&mut tx, &NewItem::event("t1", "token.created", json!({}))).await.unwrap();
+        tx.commit().await.unwrap();
+        // Damaged by hand: an empty audience would mean every peer.
+        sqlx::query("UPDATE outbox SET audience_roles = 'client', audience_scopes = '{'")
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let items = outbox_items(&store, "t1").await.unwrap();
+        assert_eq!(items[0].audience_roles, vec![outbox::UNREADABLE_AUDIENCE.to_string()]);
+        assert_eq!(items[0].audience_scopes, vec![outbox::UNREADABLE_AUDIENCE.to_string()]);
+    }
+
     async fn an_append_rolls_back_with_its_transaction(store: Store) {
         let mut tx = store.begin().await.unwrap();
         sqlx::query("INSERT INTO runs (run_id, tenant_id, idempotency_key, spec, status, created_at_ms) VALUES ('r1', 't1', 'k', '{}', 'queued', 1)")
