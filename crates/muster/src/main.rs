@@ -133,7 +133,8 @@ struct OperatorArgs {
     /// Operator token (also MUSTER_TOKEN).
     #[arg(long)]
     token: Option<String>,
-    /// The edge's WebSocket URL [default: the running single host's].
+    /// The edge's WebSocket URL [default: the running single host's, else
+    /// ws://<edge_listen>/ws].
     #[arg(long)]
     edge: Option<String>,
     /// PEM file of the CA that signed a `wss://` edge's certificate, when

@@ -848,6 +848,23 @@ fn text_settings_from_the_environment_stay_text_even_when_they_look_like_numbers
 }
 
 #[test]
+fn health_without_certificates_says_why_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let said = muster(&["health"], &dir.path().join("none"));
+    assert!(!said.status.success());
+    let said = String::from_utf8_lossy(&said.stderr);
+    assert!(
+        said.contains("is muster running with this --data-dir?"),
+        "{said}"
+    );
+    assert_eq!(
+        said.matches("No such file or directory").count(),
+        1,
+        "{said}"
+    );
+}
+
+#[test]
 fn diag_export_writes_a_bundle_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

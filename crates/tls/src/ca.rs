@@ -375,9 +375,9 @@ fn verifies_against(der: &CertificateDer<'_>, ca: &CertificateAuthority) -> bool
 }
 
 pub(crate) fn read_string(path: &Path) -> Result<String, TlsError> {
-    std::fs::read_to_string(path).map_err(|source| TlsError::Read {
+    std::fs::read_to_string(path).map_err(|cause| TlsError::Read {
         path: path.to_owned(),
-        source,
+        cause,
     })
 }
 
@@ -386,9 +386,9 @@ pub(crate) fn read_string(path: &Path) -> Result<String, TlsError> {
 fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let err = |source| TlsError::Write {
+    let err = |cause| TlsError::Write {
         path: path.to_owned(),
-        source,
+        cause,
     };
     if let Some(parent) = path.parent() {
         // Owner only, as `serve` makes the data directory: a directory

@@ -179,9 +179,9 @@ fn usable(
 fn fingerprint(files: &TlsFiles) -> Result<[u8; 32], TlsError> {
     let mut hash = Sha256::new();
     for path in [&files.cert, &files.key, &files.ca] {
-        let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        let bytes = std::fs::read(path).map_err(|cause| TlsError::Read {
             path: path.clone(),
-            source,
+            cause,
         })?;
         hash.update((bytes.len() as u64).to_be_bytes());
         hash.update(&bytes);

@@ -3,15 +3,17 @@ use std::path::PathBuf;
 /// What can go wrong making, loading or using certificates.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("reading {path}: {source}")]
+    // The cause is part of the message and not a `source`: a chain of
+    // errors printed whole would name it twice.
+    #[error("reading {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("writing {path}: {source}")]
+    #[error("writing {path}: {cause}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {what}")]
     Pem { path: PathBuf, what: String },
