@@ -80,24 +80,42 @@ pub struct Item {
     pub occurred_at_ms: i64,
 }
 
-/// Field names that must never carry a value into the outbox.
+/// Field names that must never carry a value into the outbox, compared
+/// in lower case without separators (`apiKey`, `api-key` and `api_key`
+/// alike).
 const SECRET_KEYS: &[&str] = &[
     "token",
-    "scoped_token",
     "secret",
     "password",
-    "private_key",
-    "api_key",
+    "passwd",
+    "passphrase",
+    "privatekey",
+    "apikey",
     "authorization",
+    "cookie",
+    "credential",
+    "credentials",
 ];
+
+/// Endings that make a field name a secret's (`scoped_token`,
+/// `access_token`, `client_secret`, `db_password`, `signing_private_key`).
+const SECRET_ENDINGS: &[&str] = &["token", "secret", "password", "privatekey", "apikey"];
+
+fn names_a_secret(key: &str) -> bool {
+    let key: String = key
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    SECRET_KEYS.contains(&key.as_str()) || SECRET_ENDINGS.iter().any(|end| key.ends_with(end))
+}
 
 /// The first key in `value`, at any depth, that names a secret: such a
 /// payload is never appended.
 pub fn find_secret_key(value: &Value) -> Option<String> {
     match value {
         Value::Object(map) => map.iter().find_map(|(key, v)| {
-            let lower = key.to_ascii_lowercase();
-            if SECRET_KEYS.contains(&lower.as_str()) || lower.ends_with("_secret") {
+            if names_a_secret(key) {
                 Some(key.clone())
             } else {
                 find_secret_key(v)
@@ -553,5 +571,33 @@ mod tests {
         );
         // A token's id is a handle, not a secret.
         assert_eq!(find_secret_key(&json!({"token_id": "t1"})), None);
+        for key in [
+            "access_token",
+            "refreshToken",
+            "bearer-token",
+            "apiKey",
+            "privateKey",
+            "signing_private_key",
+            "passphrase",
+            "credentials",
+            "db_password",
+            "Cookie",
+        ] {
+            assert_eq!(
+                find_secret_key(&json!({ key: "x" })),
+                Some(key.into()),
+                "{key}"
+            );
+        }
+        // Names that hold no secret, as muster's own events use them.
+        for key in [
+            "tokens",
+            "pubkey",
+            "idempotency_key",
+            "conversation_key",
+            "key_id",
+        ] {
+            assert_eq!(find_secret_key(&json!({ key: "x" })), None, "{key}");
+        }
     }
 }
