@@ -279,6 +279,27 @@ pub async fn read_after(
         .await
 }
 
+/// The event ids of the items at positions `from` through `through`, in
+/// position order: what the backplane compares with what it read to find
+/// where a rewound history parted from it.
+pub async fn event_ids_between(
+    store: &Store,
+    from: i64,
+    through: i64,
+) -> Result<Vec<(i64, String)>, StoreError> {
+    store
+        .fetch_all(
+            sqlx::query(
+                "SELECT position, event_id FROM outbox \
+                 WHERE position >= $1 AND position <= $2 ORDER BY position",
+            )
+            .bind(from)
+            .bind(through),
+            |row| Ok((row.try_get(0)?, row.try_get(1)?)),
+        )
+        .await
+}
+
 /// Committed items of every tenant after `after`, oldest first: what the
 /// backplane streams to edges, which filter by tenant per connection.
 pub async fn read_all_after(

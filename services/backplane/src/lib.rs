@@ -41,6 +41,12 @@ pub trait OutboxStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Item>, StoreError>;
     async fn read_all_after(&self, after: i64, limit: u32) -> Result<Vec<Item>, StoreError>;
+    /// The event ids at positions `from` through `through`.
+    async fn event_ids_between(
+        &self,
+        from: i64,
+        through: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError>;
     async fn head(&self) -> Result<i64, StoreError>;
     async fn position_of(&self, tenant_id: &str, event_id: &str)
     -> Result<Option<i64>, StoreError>;
@@ -74,6 +80,14 @@ impl OutboxStore for Store {
 
     async fn read_all_after(&self, after: i64, limit: u32) -> Result<Vec<Item>, StoreError> {
         outbox::read_all_after(self, after, limit).await
+    }
+
+    async fn event_ids_between(
+        &self,
+        from: i64,
+        through: i64,
+    ) -> Result<Vec<(i64, String)>, StoreError> {
+        outbox::event_ids_between(self, from, through).await
     }
 
     async fn head(&self) -> Result<i64, StoreError> {
@@ -145,9 +159,69 @@ pub struct Outbox {
 enum Published {
     /// Items the tail read together, oldest first.
     Items(Arc<[Item]>),
-    /// The head fell below what the tail had read: every follower catches
-    /// up from the store again, where it finds out how far.
-    Rewound,
+    /// The outbox's history was rewound under the tail, and parted from
+    /// what it read after this position: a follower past it goes back to
+    /// it (with a gap) and catches up from the store again.
+    Rewound(i64),
+}
+
+/// How many of the items it read last the tail remembers by event id, to
+/// find where a rewound history parted from them.
+const REMEMBERED: usize = 1024;
+
+/// The items the tail read last, by position and event id.
+#[derive(Default)]
+struct Remembered(std::collections::VecDeque<(i64, String)>);
+
+impl Remembered {
+    fn push(&mut self, items: &[Item]) {
+        for item in items {
+            self.0.push_back((item.position, item.event_id.clone()));
+        }
+        while self.0.len() > REMEMBERED {
+            self.0.pop_front();
+        }
+    }
+
+    /// Whether the item read at `position` is no longer the one there: a
+    /// history rewound and given that position again. An item gone from
+    /// it (compacted) is no sign.
+    async fn replaced_at(
+        &self,
+        store: &dyn OutboxStore,
+        position: i64,
+    ) -> Result<bool, StoreError> {
+        let Some((_, read)) = self.0.iter().rev().find(|(p, _)| *p == position) else {
+            return Ok(false);
+        };
+        let stored = store.event_ids_between(position, position).await?;
+        Ok(stored.first().is_some_and(|(_, now)| now != read))
+    }
+
+    /// The last position at or below `at` whose item is still the one
+    /// read there: where a rewound history parted from what was read.
+    /// Below every remembered item when none is (a rewind deeper than
+    /// [`REMEMBERED`] items, or into what compaction took).
+    async fn parted(&mut self, store: &dyn OutboxStore, at: i64) -> Result<i64, StoreError> {
+        let Some(&(lowest, _)) = self.0.front() else {
+            return Ok(at);
+        };
+        let stored: std::collections::HashMap<i64, String> = store
+            .event_ids_between(lowest, at)
+            .await?
+            .into_iter()
+            .collect();
+        let parted = self
+            .0
+            .iter()
+            .rev()
+            .filter(|(position, _)| *position <= at)
+            .find(|(position, read)| stored.get(position) == Some(read))
+            .map_or(lowest - 1, |(position, _)| *position)
+            .min(at);
+        self.0.retain(|(position, _)| *position <= parted);
+        Ok(parted)
+    }
 }
 
 /// How many batches a follower may fall behind the tail before it reads
@@ -319,16 +393,61 @@ async fn read_tail(
     ready.send_replace(true);
     let mut readable = Some(readable);
     let mut rewind_checked = tokio::time::Instant::now();
+    let mut remembered = Remembered::default();
+    // Goes back to where a rewound history parted from what was read, and
+    // tells the followers; false when the tail is no longer wanted.
+    let rewind = |cursor: &mut i64, parted: i64| {
+        tracing::warn!(
+            parted,
+            read_through = *cursor,
+            "the outbox's history was rewound (a restored store, or a failover that lost commits): reading again after where it parted from what was read"
+        );
+        *cursor = parted;
+        let Some(tail) = tail.upgrade() else {
+            return false;
+        };
+        let _ = tail.send(Published::Rewound(parted));
+        true
+    };
     loop {
         if let Some(readable) = &mut readable {
             readable.borrow_and_update();
         }
         match store.read_all_after(cursor, MAX_READ).await {
             Ok(items) if !items.is_empty() => {
+                // Read after the item that was read at the cursor: if
+                // another holds its position now, the history was rewound
+                // and given positions again, and the positions after the
+                // cursor are not all that is new (the head alone would not
+                // tell: it may stand above the cursor again already).
+                let parted = match remembered.replaced_at(&*store, cursor).await {
+                    Ok(false) => Ok(None),
+                    Ok(true) => remembered.parted(&*store, cursor).await.map(Some),
+                    Err(error) => Err(error),
+                };
+                match parted {
+                    Ok(None) => {}
+                    Ok(Some(parted)) => {
+                        if !rewind(&mut cursor, parted) {
+                            return;
+                        }
+                        continue;
+                    }
+                    // Nothing published: the read is made again.
+                    Err(error) => {
+                        tracing::warn!(%error, "outbox read failed; retrying");
+                        if tail.strong_count() == 0 {
+                            return;
+                        }
+                        tokio::time::sleep(POLL_INTERVAL).await;
+                        continue;
+                    }
+                }
                 // A short page was everything readable when the read
                 // began; anything newer changes `readable` after it.
                 let full = items.len() == MAX_READ as usize;
                 cursor = items.last().map_or(cursor, |item| item.position);
+                remembered.push(&items);
                 let Some(tail) = tail.upgrade() else { return };
                 // No follower is no error: followers catch up from the
                 // store.
@@ -342,17 +461,17 @@ async fn read_tail(
             Ok(_) if rewind_checked.elapsed() >= REWIND_CHECK => {
                 rewind_checked = tokio::time::Instant::now();
                 match store.head().await {
-                    Ok(head) if head < cursor => {
-                        tracing::warn!(
-                            head,
-                            read_through = cursor,
-                            "the outbox's head fell below what was read: its history was rewound (a restored store, or a failover that lost commits)"
-                        );
-                        cursor = head;
-                        let Some(tail) = tail.upgrade() else { return };
-                        let _ = tail.send(Published::Rewound);
-                        continue;
-                    }
+                    // Items may have been given positions again up to the
+                    // head already: where the history parted may lie below.
+                    Ok(head) if head < cursor => match remembered.parted(&*store, head).await {
+                        Ok(parted) => {
+                            if !rewind(&mut cursor, parted) {
+                                return;
+                            }
+                            continue;
+                        }
+                        Err(error) => tracing::warn!(%error, "outbox read failed; retrying"),
+                    },
                     Ok(_) => {}
                     Err(error) => tracing::warn!(%error, "reading the outbox head failed"),
                 }
@@ -472,9 +591,13 @@ impl Outbox {
                             return;
                         }
                     }
-                    Ok(Published::Rewound) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    Ok(Published::Rewound(parted)) => {
+                        if cursor > parted && !send_gap(&mut cursor, parted, &sink).await {
+                            return;
+                        }
                         continue 'catch_up;
                     }
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue 'catch_up,
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }

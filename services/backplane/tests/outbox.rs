@@ -272,7 +272,97 @@ async fn rewind(store: &Store, head: i64) {
         .unwrap();
 }
 
+/// [`rewind`] to `head` and `count` new items in one transaction, as a
+/// failover that lost commits and took new ones before the tail read
+/// again, committed without the store's own signal (the tail finds it by
+/// polling, all at once).
+async fn rewind_and_refill(store: &Store, head: i64, count: usize) {
+    let mut tx = store.begin().await.unwrap();
+    sqlx::query("DELETE FROM outbox WHERE position > $1")
+        .bind(head)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let counter = match store.backend() {
+        muster_store::Backend::Postgres => "UPDATE outbox_sequence SET last_position = $1",
+        muster_store::Backend::Sqlite => {
+            "UPDATE sqlite_sequence SET seq = $1 WHERE name = 'outbox'"
+        }
+    };
+    sqlx::query(counter)
+        .bind(head)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for n in 0..count {
+        outbox::append(&mut tx, &NewItem::event("t1", "again", json!({"n": n})))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    outbox::sequence(store, 1000).await.unwrap();
+}
+
+/// A follower of a new reader, at the head, once it was sent five new
+/// items; their positions.
+async fn following_five(
+    store: &Store,
+) -> (
+    Vec<i64>,
+    tokio::sync::mpsc::Receiver<Result<Followed, StoreError>>,
+) {
+    let reader = Outbox::new(Arc::new(store.clone()));
+    let head = outbox::head(store).await.unwrap();
+    let (sink, mut live) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move { reader.follow(Some(head), sink).await });
+    let positions = append_each(store, 5).await;
+    for position in &positions {
+        assert_eq!(next(&mut live).await.position(), *position);
+    }
+    (positions, live)
+}
+
+/// The next `count` items, which must be new ones: their positions.
+async fn refilled(
+    live: &mut tokio::sync::mpsc::Receiver<Result<Followed, StoreError>>,
+    count: usize,
+) -> Vec<i64> {
+    let mut positions = Vec::new();
+    for _ in 0..count {
+        match next(live).await {
+            Followed::Item(item) => {
+                assert_eq!(item.kind, "again");
+                positions.push(item.position);
+            }
+            gap => panic!("an item was expected, not {gap:?}"),
+        }
+    }
+    positions
+}
+
 muster_store::backend_suite! {
+    async fn a_history_given_its_positions_again_below_what_was_read_is_read_from_where_it_parted(store: Store) {
+        let (positions, mut live) = following_five(&store).await;
+        // The head falls below what the tail read, but not as far as where
+        // the history parted: the new item at the head is read too.
+        rewind_and_refill(&store, positions[1], 1).await;
+        assert_eq!(next(&mut live).await, Followed::Gap { through: positions[1] });
+        assert_eq!(refilled(&mut live, 1).await, vec![positions[2]]);
+    }
+
+    async fn a_history_given_its_positions_again_past_what_was_read_is_read_from_where_it_parted(store: Store) {
+        let (positions, mut live) = following_five(&store).await;
+        // The head never falls below what the tail read, and new items
+        // stand at the positions it read.
+        rewind_and_refill(&store, positions[1], 4).await;
+        assert_eq!(outbox::head(&store).await.unwrap(), positions[4] + 1);
+        assert_eq!(next(&mut live).await, Followed::Gap { through: positions[1] });
+        assert_eq!(
+            refilled(&mut live, 4).await,
+            vec![positions[2], positions[3], positions[4], positions[4] + 1]
+        );
+    }
+
     async fn a_follower_past_a_rewound_head_is_told_and_goes_on_from_it(store: Store) {
         let positions = append_each(&store, 5).await;
         let reader = Outbox::new(Arc::new(store.clone()));

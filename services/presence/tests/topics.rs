@@ -173,7 +173,7 @@ muster_store::backend_suite! {
             TopicSession { edge_id: "edge\0a".into(), ..session("room", "s1", "c1") },
             TopicSession { edge_id: "e".repeat(3000), ..session("room", "s1", "c1") },
             TopicSession { edge_id: String::new(), ..session("room", "s1", "c1") },
-            TopicSession { device_id: "dev\01".into(), ..session("room", "s1", "c1") },
+            TopicSession { device_id: "dev-\0".into(), ..session("room", "s1", "c1") },
         ] {
             assert!(matches!(topics.track(bad).await, Err(TopicError::Invalid(_))));
         }
