@@ -91,6 +91,10 @@ where
     whole(deserializer).map(Some)
 }
 
+/// The last instant a `dt` can name (9999-12-31T23:59:59.999Z): a later
+/// one has no four-digit year.
+pub const MAX_DATETIME_MS: i64 = 253_402_300_799_999;
+
 /// `dt` of Part B §2.3: ISO-8601 in UTC with milliseconds and `Z`.
 pub fn format_datetime(unix_ms: i64) -> String {
     let format = time::macros::format_description!(

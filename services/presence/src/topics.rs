@@ -252,15 +252,16 @@ impl Topics {
                 "state must be available, busy or blocked, not {state:?}"
             )));
         }
-        if note.len() > 4096 {
-            return Err(TopicError::Invalid("note longer than 4096 bytes".into()));
-        }
-        if note.contains('\0') {
-            return Err(TopicError::Invalid("note contains a NUL character".into()));
-        }
+        muster_store::text::check_text("note", note, 4096).map_err(TopicError::Invalid)?;
         let now = now_ms();
         if matches!(until_ms, Some(until) if until <= now) {
             return Err(TopicError::Invalid("until must be in the future".into()));
+        }
+        // It goes out as a `dt`, which has four digits for its year.
+        if matches!(until_ms, Some(until) if until > muster_protocol::MAX_DATETIME_MS) {
+            return Err(TopicError::Invalid(
+                "until must be before the year 10000".into(),
+            ));
         }
         let note: String = note.chars().take(NOTE_CHARS).collect();
         self.store

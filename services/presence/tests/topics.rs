@@ -180,6 +180,8 @@ muster_store::backend_suite! {
         topics.track(session("room", "s1", "c1")).await.unwrap();
         assert!(matches!(topics.set_status("t1", "room", "s1", "dev-1", "asleep", "", None).await, Err(TopicError::Invalid(_))));
         assert!(matches!(topics.set_status("t1", "room", "s1", "dev-1", "busy", "", Some(1)).await, Err(TopicError::Invalid(_))));
+        assert!(matches!(topics.set_status("t1", "room", "s1", "dev-1", "busy", "", Some(muster_protocol::MAX_DATETIME_MS + 1)).await, Err(TopicError::Invalid(_))));
+        assert!(matches!(topics.set_status("t1", "room", "s1", "dev-1", "busy", "a\0", None).await, Err(TopicError::Invalid(_))));
         assert!(matches!(topics.set_status("t1", "room", "nobody", "dev-1", "busy", "", None).await, Err(TopicError::NotFound { .. })));
         assert!(matches!(topics.set_status("t2", "room", "s1", "dev-1", "busy", "", None).await, Err(TopicError::NotFound { .. })));
         assert_eq!(diffs(&store).await.len(), 1);
