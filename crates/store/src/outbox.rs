@@ -258,25 +258,60 @@ pub async fn sequence(store: &Store, limit: i64) -> Result<u64, StoreError> {
 const ITEM_COLUMNS: &str = "position, tenant_id, event_id, type, payload, target_kind, target_id, \
                             audience_roles, audience_scopes, occurred_at_ms";
 
-/// Committed items of `tenant_id` after `after`, oldest first.
+/// The most payload one read of the outbox holds (the item that passes it
+/// is the read's last): items may take up to [`MAX_PAYLOAD_BYTES`] each,
+/// so a read bounded by count alone could hold a gigabyte.
+pub const READ_BYTES: usize = 4 << 20;
+
+/// Items read together, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    pub items: Vec<Item>,
+    /// The read stopped at its count or at [`READ_BYTES`]: more may follow
+    /// the last item.
+    pub more: bool,
+}
+
+/// Reads the items `query` selects (with its `LIMIT` of `limit`) up to
+/// [`READ_BYTES`] of payload, leaving the rest of its rows unread.
+async fn read_page<'q>(
+    store: &Store,
+    query: crate::AnyQuery<'q>,
+    limit: u32,
+) -> Result<Page, StoreError> {
+    use futures::TryStreamExt;
+    let mut rows = query.fetch(store.pool());
+    let mut page = Page::default();
+    let mut bytes = 0;
+    while let Some(row) = rows.try_next().await? {
+        bytes += row.try_get::<String, _>("payload")?.len();
+        page.items.push(item_from_row(&row)?);
+        if bytes >= READ_BYTES {
+            page.more = true;
+            return Ok(page);
+        }
+    }
+    page.more = page.items.len() >= limit as usize;
+    Ok(page)
+}
+
+/// Committed items of `tenant_id` after `after`, oldest first: at most
+/// `limit`, and past [`READ_BYTES`] of payload no more.
 pub async fn read_after(
     store: &Store,
     tenant_id: &str,
     after: i64,
     limit: u32,
 ) -> Result<Vec<Item>, StoreError> {
-    store
-        .fetch_all(
-            sqlx::query(&format!(
-                "SELECT {ITEM_COLUMNS} FROM outbox \
+    let query = format!(
+        "SELECT {ITEM_COLUMNS} FROM outbox \
          WHERE tenant_id = $1 AND position > $2 ORDER BY position LIMIT $3"
-            ))
-            .bind(tenant_id)
-            .bind(after)
-            .bind(i64::from(limit)),
-            item_from_row,
-        )
-        .await
+    );
+    let query = sqlx::query(&query)
+        .bind(tenant_id)
+        .bind(after)
+        .bind(i64::from(limit));
+    Ok(read_page(store, query, limit).await?.items)
 }
 
 /// The event ids of the items at positions `from` through `through`, in
@@ -301,22 +336,13 @@ pub async fn event_ids_between(
 }
 
 /// Committed items of every tenant after `after`, oldest first: what the
-/// backplane streams to edges, which filter by tenant per connection.
-pub async fn read_all_after(
-    store: &Store,
-    after: i64,
-    limit: u32,
-) -> Result<Vec<Item>, StoreError> {
-    store
-        .fetch_all(
-            sqlx::query(&format!(
-                "SELECT {ITEM_COLUMNS} FROM outbox WHERE position > $1 ORDER BY position LIMIT $2"
-            ))
-            .bind(after)
-            .bind(i64::from(limit)),
-            item_from_row,
-        )
-        .await
+/// backplane streams to edges, which filter by tenant per connection. At
+/// most `limit`, and past [`READ_BYTES`] of payload no more.
+pub async fn read_all_after(store: &Store, after: i64, limit: u32) -> Result<Page, StoreError> {
+    let query =
+        format!("SELECT {ITEM_COLUMNS} FROM outbox WHERE position > $1 ORDER BY position LIMIT $2");
+    let query = sqlx::query(&query).bind(after).bind(i64::from(limit));
+    read_page(store, query, limit).await
 }
 
 /// The last position given to a readable item, whether or not the outbox

@@ -56,6 +56,29 @@ muster_store::backend_suite! {
         assert_eq!(items[0].audience_scopes, vec![outbox::UNREADABLE_AUDIENCE.to_string()]);
     }
 
+    async fn a_read_stops_past_its_bytes_and_says_more_follows(store: Store) {
+        // Six items of 900 000 bytes: the fifth passes the bound.
+        for n in 0..6 {
+            let mut tx = store.begin().await.unwrap();
+            outbox::append(&mut tx, &NewItem::event("t1", "big", json!({"n": n, "blob": "x".repeat(900_000)}))).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+        outbox::sequence(&store, 100).await.unwrap();
+        let first = outbox::read_all_after(&store, 0, 1000).await.unwrap();
+        assert_eq!(first.items.len(), 5);
+        assert!(first.more);
+        let last = first.items.last().unwrap().position;
+        let rest = outbox::read_all_after(&store, last, 1000).await.unwrap();
+        assert_eq!(rest.items.len(), 1);
+        assert_eq!(rest.items[0].payload["n"], 5);
+        assert!(!rest.more);
+        // By count as well.
+        let counted = outbox::read_all_after(&store, 0, 2).await.unwrap();
+        assert_eq!((counted.items.len(), counted.more), (2, true));
+        // A tenant's read is bounded alike.
+        assert_eq!(outbox::read_after(&store, "t1", 0, 1000).await.unwrap().len(), 5);
+    }
+
     async fn an_append_rolls_back_with_its_transaction(store: Store) {
         let mut tx = store.begin().await.unwrap();
         sqlx::query("INSERT INTO runs (run_id, tenant_id, idempotency_key, spec, status, created_at_ms) VALUES ('r1', 't1', 'k', '{}', 'queued', 1)")
@@ -396,7 +419,7 @@ async fn the_sequencers_floor_never_passes_an_open_transaction() {
         .await;
     assert!(inside.is_err(), "{inside:?}");
     drop(tx);
-    let items = outbox::read_all_after(&store, 0, 1000).await.unwrap();
+    let items = outbox::read_all_after(&store, 0, 1000).await.unwrap().items;
     assert_eq!(items.len(), committed);
     assert!(items.windows(2).all(|w| w[1].position == w[0].position + 1));
     store.close().await;

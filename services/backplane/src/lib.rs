@@ -40,7 +40,7 @@ pub trait OutboxStore: Send + Sync + 'static {
         after: i64,
         limit: u32,
     ) -> Result<Vec<Item>, StoreError>;
-    async fn read_all_after(&self, after: i64, limit: u32) -> Result<Vec<Item>, StoreError>;
+    async fn read_all_after(&self, after: i64, limit: u32) -> Result<outbox::Page, StoreError>;
     /// The event ids at positions `from` through `through`.
     async fn event_ids_between(
         &self,
@@ -78,7 +78,7 @@ impl OutboxStore for Store {
         outbox::read_after(self, tenant_id, after, limit).await
     }
 
-    async fn read_all_after(&self, after: i64, limit: u32) -> Result<Vec<Item>, StoreError> {
+    async fn read_all_after(&self, after: i64, limit: u32) -> Result<outbox::Page, StoreError> {
         outbox::read_all_after(self, after, limit).await
     }
 
@@ -414,7 +414,7 @@ async fn read_tail(
             readable.borrow_and_update();
         }
         match store.read_all_after(cursor, MAX_READ).await {
-            Ok(items) if !items.is_empty() => {
+            Ok(outbox::Page { items, more }) if !items.is_empty() => {
                 // Read after the item that was read at the cursor: if
                 // another holds its position now, the history was rewound
                 // and given positions again, and the positions after the
@@ -445,14 +445,13 @@ async fn read_tail(
                 }
                 // A short page was everything readable when the read
                 // began; anything newer changes `readable` after it.
-                let full = items.len() == MAX_READ as usize;
                 cursor = items.last().map_or(cursor, |item| item.position);
                 remembered.push(&items);
                 let Some(tail) = tail.upgrade() else { return };
                 // No follower is no error: followers catch up from the
                 // store.
                 let _ = tail.send(Published::Items(items.into()));
-                if full {
+                if more {
                     continue;
                 }
             }
@@ -546,7 +545,7 @@ impl Outbox {
                     Ok::<_, StoreError>((head, self.store.read_all_after(cursor, MAX_READ).await?))
                 };
                 match read.await {
-                    Ok((head, items)) => {
+                    Ok((head, outbox::Page { items, more })) => {
                         // The head reads at or above every position read
                         // before it, unless the outbox's history was
                         // rewound under this follower: it would skip the
@@ -557,7 +556,6 @@ impl Outbox {
                             }
                             continue;
                         }
-                        let full = items.len() == MAX_READ as usize;
                         if items.is_empty()
                             && head > cursor
                             && !send_gap(&mut cursor, head, &sink).await
@@ -567,7 +565,7 @@ impl Outbox {
                         if !send_after(&mut cursor, items.iter(), &sink).await {
                             return;
                         }
-                        if !full {
+                        if !more {
                             break;
                         }
                     }

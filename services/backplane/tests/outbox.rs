@@ -341,6 +341,27 @@ async fn refilled(
 }
 
 muster_store::backend_suite! {
+    async fn a_follower_catches_up_through_reads_cut_by_their_bytes(store: Store) {
+        // More payload than one read holds, committed before the reader
+        // starts: the tail starts at the head, the follower reads it all.
+        for n in 0..6 {
+            let mut tx = store.begin().await.unwrap();
+            outbox::append(&mut tx, &NewItem::event("t1", "big", json!({"n": n, "blob": "x".repeat(900_000)}))).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+        outbox::sequence(&store, 100).await.unwrap();
+        let head = outbox::head(&store).await.unwrap();
+        let reader = Outbox::new(Arc::new(store.clone()));
+        let (sink, mut live) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move { reader.follow(Some(head - 6), sink).await });
+        for n in 0..6 {
+            match next(&mut live).await {
+                Followed::Item(item) => assert_eq!((item.position, item.payload["n"].as_i64()), (head - 5 + n, Some(n))),
+                gap => panic!("an item was expected, not {gap:?}"),
+            }
+        }
+    }
+
     async fn a_history_given_its_positions_again_below_what_was_read_is_read_from_where_it_parted(store: Store) {
         let (positions, mut live) = following_five(&store).await;
         // The head falls below what the tail read, but not as far as where
