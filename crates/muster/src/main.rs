@@ -134,7 +134,7 @@ struct OperatorArgs {
     #[arg(long)]
     token: Option<String>,
     /// The edge's WebSocket URL [default: the running single host's, else
-    /// ws://<edge_listen>/ws].
+    /// ws://<edge_listen>/ws, wss:// with edge_tls_cert].
     #[arg(long)]
     edge: Option<String>,
     /// PEM file of the CA that signed a `wss://` edge's certificate, when

@@ -72,7 +72,14 @@ pub fn edge_url(config: &Config, edge: Option<String>) -> String {
             .ok()?
             .edge_ws_url
     })
-    .unwrap_or_else(|| format!("ws://{}/ws", config.edge_listen))
+    .unwrap_or_else(|| {
+        let scheme = if config.edge_tls_cert.is_some() {
+            "wss"
+        } else {
+            "ws"
+        };
+        format!("{scheme}://{}/ws", config.edge_listen)
+    })
 }
 
 /// The operator token: `--token`, else `MUSTER_TOKEN`.
@@ -121,9 +128,9 @@ fn edge_tls(ca: Option<&Path>) -> anyhow::Result<rustls::ClientConfig> {
             bail!("{} holds no PEM certificate", ca.display());
         }
         for cert in certs {
-            roots
-                .add(cert)
-                .with_context(|| format!("{} holds a certificate that is no CA", ca.display()))?;
+            roots.add(cert).with_context(|| {
+                format!("{} holds a certificate that cannot be used", ca.display())
+            })?;
         }
     }
     let mut tls = rustls::ClientConfig::builder_with_provider(muster_tls::crypto_provider())

@@ -138,8 +138,11 @@ fn validate(item: &NewItem) -> Result<String, StoreError> {
         ("event_id", &item.event_id),
         ("type", &item.kind),
     ] {
-        crate::text::check_name(field, value, crate::text::MAX_NAME_BYTES)
-            .map_err(|reason| StoreError::invalid(field, reason))?;
+        // The error names the field itself.
+        crate::text::check_name(field, value, crate::text::MAX_NAME_BYTES).map_err(|reason| {
+            let reason = reason.strip_prefix(field).unwrap_or(&reason).trim_start();
+            StoreError::invalid(field, reason)
+        })?;
     }
     if !item.payload.is_object() {
         return Err(StoreError::invalid("payload", "not a json object"));

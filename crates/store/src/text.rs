@@ -10,7 +10,7 @@ pub const MAX_NAME_BYTES: usize = 256;
 /// A name: not blank, at most `max` bytes, without NUL.
 pub fn check_name(field: &str, value: &str, max: usize) -> Result<(), String> {
     if value.trim().is_empty() || value.len() > max {
-        return Err(format!("{field} must be 1 to {max} bytes"));
+        return Err(format!("{field} must be 1 to {max} bytes, not blank"));
     }
     check_text(field, value, max)
 }
@@ -43,7 +43,7 @@ mod tests {
         let long = "x".repeat(MAX_NAME_BYTES + 1);
         assert_eq!(
             check_name("tenant_id", &long, MAX_NAME_BYTES),
-            Err("tenant_id must be 1 to 256 bytes".into())
+            Err("tenant_id must be 1 to 256 bytes, not blank".into())
         );
         assert!(check_text("reason", "", 10).is_ok());
         assert_eq!(

@@ -152,6 +152,10 @@ pub struct Outbox {
     tail: Arc<broadcast::Sender<Published>>,
     /// True once the tail knows where it starts.
     tail_ready: watch::Receiver<bool>,
+    /// How many rewinds the tail found, and where the last one parted
+    /// from what it had read: a follower that missed the tail's word
+    /// (behind by more than the tail keeps) learns of it here.
+    rewinds: watch::Receiver<(u64, i64)>,
 }
 
 /// What the tail publishes.
@@ -159,10 +163,11 @@ pub struct Outbox {
 enum Published {
     /// Items the tail read together, oldest first.
     Items(Arc<[Item]>),
-    /// The outbox's history was rewound under the tail, and parted from
-    /// what it read after this position: a follower past it goes back to
-    /// it (with a gap) and catches up from the store again.
-    Rewound(i64),
+    /// The outbox's history was rewound under the tail (where it parted
+    /// from what the tail read is in [`Outbox::rewinds`]): a follower past
+    /// that point goes back to it (with a gap) and catches up from the
+    /// store again.
+    Rewound,
 }
 
 /// How many of the items it read last the tail remembers by event id, to
@@ -175,9 +180,15 @@ struct Remembered(std::collections::VecDeque<(i64, String)>);
 
 impl Remembered {
     fn push(&mut self, items: &[Item]) {
-        for item in items {
-            self.0.push_back((item.position, item.event_id.clone()));
-        }
+        self.extend(
+            items
+                .iter()
+                .map(|item| (item.position, item.event_id.clone())),
+        );
+    }
+
+    fn extend(&mut self, items: impl IntoIterator<Item = (i64, String)>) {
+        self.0.extend(items);
         while self.0.len() > REMEMBERED {
             self.0.pop_front();
         }
@@ -358,8 +369,8 @@ async fn send_gap(cursor: &mut i64, through: i64, sink: &FollowSink) -> bool {
     if through < *cursor {
         tracing::warn!(
             read_through = *cursor,
-            head = through,
-            "a follower had read past the outbox's head: it goes on from the head"
+            through,
+            "a follower had read past where the outbox's history was rewound: it goes on from there"
         );
     } else {
         tracing::info!(
@@ -379,6 +390,7 @@ async fn read_tail(
     readable: watch::Receiver<u64>,
     tail: std::sync::Weak<broadcast::Sender<Published>>,
     ready: watch::Sender<bool>,
+    rewinds: watch::Sender<(u64, i64)>,
 ) {
     let mut cursor = loop {
         match store.head().await {
@@ -390,10 +402,18 @@ async fn read_tail(
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     };
+    // What stands up to the head as the tail starts, as though it had
+    // read it: a rewind before the tail reads anything is then found, and
+    // where it parted too.
+    let mut remembered = Remembered::default();
+    let from = cursor.saturating_sub(REMEMBERED as i64 - 1).max(1);
+    match store.event_ids_between(from, cursor).await {
+        Ok(ids) => remembered.extend(ids),
+        Err(error) => tracing::warn!(%error, "reading the outbox's last event ids failed"),
+    }
     ready.send_replace(true);
     let mut readable = Some(readable);
     let mut rewind_checked = tokio::time::Instant::now();
-    let mut remembered = Remembered::default();
     // Goes back to where a rewound history parted from what was read, and
     // tells the followers; false when the tail is no longer wanted.
     let rewind = |cursor: &mut i64, parted: i64| {
@@ -406,7 +426,11 @@ async fn read_tail(
         let Some(tail) = tail.upgrade() else {
             return false;
         };
-        let _ = tail.send(Published::Rewound(parted));
+        rewinds.send_modify(|(count, at)| {
+            *count += 1;
+            *at = parted;
+        });
+        let _ = tail.send(Published::Rewound);
         true
     };
     loop {
@@ -496,16 +520,19 @@ impl Outbox {
         tokio::spawn(make_readable(store.clone(), readable));
         let tail = Arc::new(broadcast::channel(TAIL_BATCHES).0);
         let (ready, tail_ready) = watch::channel(false);
+        let (rewound, rewinds) = watch::channel((0, 0));
         tokio::spawn(read_tail(
             store.clone(),
             receiver,
             Arc::downgrade(&tail),
             ready,
+            rewound,
         ));
         Outbox {
             store,
             tail,
             tail_ready,
+            rewinds,
         }
     }
 
@@ -525,6 +552,10 @@ impl Outbox {
         if ready.wait_for(|ready| *ready).await.is_err() {
             return;
         }
+        // Rewinds before the follower started are not its own: where it
+        // starts is its subscriber's word.
+        let mut rewinds = self.rewinds.clone();
+        rewinds.borrow_and_update();
         let mut cursor = match after {
             Some(position) => position,
             None => match self.store.head().await {
@@ -589,13 +620,18 @@ impl Outbox {
                             return;
                         }
                     }
-                    Ok(Published::Rewound(parted)) => {
-                        if cursor > parted && !send_gap(&mut cursor, parted, &sink).await {
-                            return;
+                    // A follower that fell behind may have missed the
+                    // word of a rewind, and its catch-up cannot tell one
+                    // that was given positions again past it.
+                    Ok(Published::Rewound) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if rewinds.has_changed().unwrap_or(false) {
+                            let parted = rewinds.borrow_and_update().1;
+                            if cursor > parted && !send_gap(&mut cursor, parted, &sink).await {
+                                return;
+                            }
                         }
                         continue 'catch_up;
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue 'catch_up,
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }

@@ -362,6 +362,19 @@ muster_store::backend_suite! {
         }
     }
 
+    async fn a_tail_that_has_read_nothing_yet_finds_where_a_rewound_history_parted(store: Store) {
+        let positions = append_each(&store, 5).await;
+        // The tail starts at the head, having read none of the five.
+        let reader = Outbox::new(Arc::new(store.clone()));
+        let (sink, mut live) = tokio::sync::mpsc::channel(64);
+        let at = positions[4];
+        tokio::spawn(async move { reader.follow(Some(at), sink).await });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        rewind_and_refill(&store, positions[1], 1).await;
+        assert_eq!(next(&mut live).await, Followed::Gap { through: positions[1] });
+        assert_eq!(refilled(&mut live, 1).await, vec![positions[2]]);
+    }
+
     async fn a_history_given_its_positions_again_below_what_was_read_is_read_from_where_it_parted(store: Store) {
         let (positions, mut live) = following_five(&store).await;
         // The head falls below what the tail read, but not as far as where
