@@ -55,8 +55,15 @@ pub struct Running {
     /// `None` for an edge alone: it reaches the store only through its peers.
     pub store: Option<Store>,
     shutdown: CancellationToken,
+    /// Cancelled once the edge of this process (if any) has stopped: the
+    /// requests its peers have in flight still reach the services it
+    /// calls, which would otherwise refuse them as they stop.
+    services_shutdown: CancellationToken,
     servers: Vec<RunningServer>,
     background: Vec<JoinHandle<std::io::Result<()>>>,
+    /// The edge's own tasks (its WebSocket listener), awaited before the
+    /// services stop.
+    edge_background: Vec<JoinHandle<std::io::Result<()>>>,
     endpoints_file: Option<std::path::PathBuf>,
     grace: Duration,
 }
@@ -79,8 +86,20 @@ impl Running {
     /// period), closes the store.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
+        let services_shutdown = self.services_shutdown.clone();
         let drain = async {
-            for server in self.servers {
+            let (edge, services): (Vec<_>, Vec<_>) = self
+                .servers
+                .into_iter()
+                .partition(|server| server.name == ServiceName::Edge);
+            for server in edge {
+                server.wait().await.context("edge server")?;
+            }
+            for task in self.edge_background {
+                task.await??;
+            }
+            self.services_shutdown.cancel();
+            for server in services {
                 let name = server.name;
                 server
                     .wait()
@@ -96,6 +115,7 @@ impl Running {
             Ok(result) => result?,
             Err(_) => tracing::warn!(grace = ?self.grace, "in-flight work did not finish in time"),
         }
+        services_shutdown.cancel();
         if let Some(store) = self.store {
             store.close().await;
         }
@@ -271,12 +291,16 @@ async fn prepare(
     };
     prepare_certificates(config)?;
     let shutdown = CancellationToken::new();
+    // The services stop after the edge (see Running::stop); cancelled with
+    // the rest when the process stops without an edge.
+    let services_shutdown = CancellationToken::new();
     let tls_dir = config.tls();
     let reload = Duration::from_secs(config.cert_reload_secs);
 
     let mut identity = None;
     let mut servers = Vec::new();
     let mut background = Vec::new();
+    let mut edge_background = Vec::new();
     let mut addresses = BTreeMap::new();
     let mut edge_ws_url = None;
     let mut this_edge = None;
@@ -298,13 +322,13 @@ async fn prepare(
                     directory.clone(),
                     muster_backplane::default_retention(),
                     COMPACT_EVERY,
-                    shutdown.clone().cancelled_owned(),
+                    services_shutdown.clone().cancelled_owned(),
                 );
                 background.push(tokio::spawn(async move {
                     maintain.await;
                     Ok(())
                 }));
-                muster_backplane::spec(outbox, directory, shutdown.clone())
+                muster_backplane::spec(outbox, directory, services_shutdown.clone())
             }
             ServiceName::Identity => {
                 let tokens = Tokens::new(Arc::new(stored()));
@@ -325,7 +349,7 @@ async fn prepare(
                 let prune = instances.clone().prune_loop(
                     topics.clone(),
                     PRUNE_EVERY,
-                    shutdown.clone().cancelled_owned(),
+                    services_shutdown.clone().cancelled_owned(),
                 );
                 background.push(tokio::spawn(async move {
                     prune.await;
@@ -395,7 +419,7 @@ async fn prepare(
                 );
                 edge_ws_url = Some(edge.ws_url.clone());
                 this_edge = Some(edge.clone());
-                background.push(tokio::spawn(muster_edge::serve_http(edge.clone(), http)));
+                edge_background.push(tokio::spawn(muster_edge::serve_http(edge.clone(), http)));
                 muster_edge::spec(edge)
             }
             ServiceName::Ctl => unreachable!("service_names never yields ctl"),
@@ -407,7 +431,12 @@ async fn prepare(
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {name} to {listen}"))?;
-        let server = muster_mesh::serve(spec, tls, listener, shutdown.clone()).await?;
+        let stops = if name == ServiceName::Edge {
+            &shutdown
+        } else {
+            &services_shutdown
+        };
+        let server = muster_mesh::serve(spec, tls, listener, stops.clone()).await?;
         addresses.insert(name.to_string(), server.addr.to_string());
         servers.push(server);
     }
@@ -458,8 +487,10 @@ async fn prepare(
         admin_token: None,
         store,
         shutdown,
+        services_shutdown,
         servers,
         background,
+        edge_background,
         endpoints_file,
         grace: Duration::from_secs(config.shutdown_grace_secs),
     };

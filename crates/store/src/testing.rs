@@ -127,6 +127,24 @@ pub async fn outbox_items(
     crate::outbox::read_after(store, tenant_id, 0, 100_000).await
 }
 
+/// Appends `count` items of tenant `t1`, each in its own transaction,
+/// with a payload of 900 000 bytes and its number (`n`), and positions
+/// them: five take a read of the outbox past its bytes.
+pub async fn append_large(store: &Store, count: usize) -> Result<(), crate::StoreError> {
+    for n in 0..count {
+        let mut tx = store.begin().await?;
+        let payload = serde_json::json!({"n": n, "blob": "x".repeat(900_000)});
+        crate::outbox::append(
+            &mut tx,
+            &crate::outbox::NewItem::event("t1", "big", payload),
+        )
+        .await?;
+        tx.commit().await?;
+    }
+    crate::outbox::sequence(store, 100).await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::with_database;

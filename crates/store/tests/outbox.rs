@@ -58,12 +58,7 @@ muster_store::backend_suite! {
 
     async fn a_read_stops_past_its_bytes_and_says_more_follows(store: Store) {
         // Six items of 900 000 bytes: the fifth passes the bound.
-        for n in 0..6 {
-            let mut tx = store.begin().await.unwrap();
-            outbox::append(&mut tx, &NewItem::event("t1", "big", json!({"n": n, "blob": "x".repeat(900_000)}))).await.unwrap();
-            tx.commit().await.unwrap();
-        }
-        outbox::sequence(&store, 100).await.unwrap();
+        muster_store::testing::append_large(&store, 6).await.unwrap();
         let first = outbox::read_all_after(&store, 0, 1000).await.unwrap();
         assert_eq!(first.items.len(), 5);
         assert!(first.more);
