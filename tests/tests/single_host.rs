@@ -357,7 +357,13 @@ async fn a_host_says_it_is_starting_until_its_admin_token_is_minted() {
         .expect("the start finishes once the row is free")
         .expect("muster starts");
     assert!(running.admin_token.is_some(), "the token was minted");
-    assert_eq!(readiness(&metrics_url).await, 200);
+    // Ready once its edge accepts, when its stream from the backplane is
+    // answered (at once on a healthy host, at most 5 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while readiness(&metrics_url).await != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let host = muster_e2e::Host {
         running,
         config,

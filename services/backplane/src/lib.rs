@@ -402,6 +402,8 @@ async fn read_tail(
         }
         tokio::time::sleep(POLL_INTERVAL).await;
     };
+    // Followers wait for the tail's cursor only, not for what follows.
+    ready.send_replace(true);
     // What stands up to the head as the tail starts, as though it had
     // read it: a rewind before the tail reads anything is then found, and
     // where it parted too.
@@ -411,7 +413,6 @@ async fn read_tail(
         Ok(ids) => remembered.extend(ids),
         Err(error) => tracing::warn!(%error, "reading the outbox's last event ids failed"),
     }
-    ready.send_replace(true);
     let mut readable = Some(readable);
     let mut rewind_checked = tokio::time::Instant::now();
     // Goes back to where a rewound history parted from what was read, and
