@@ -287,8 +287,9 @@ async fn read_page<'q>(
     let mut page = Page::default();
     let mut bytes = 0;
     while let Some(row) = rows.try_next().await? {
-        bytes += row.try_get::<String, _>("payload")?.len();
-        page.items.push(item_from_row(&row)?);
+        let (item, payload_bytes) = sized_item_from_row(&row)?;
+        bytes += payload_bytes;
+        page.items.push(item);
         if bytes >= READ_BYTES {
             page.more = true;
             return Ok(page);
@@ -578,10 +579,11 @@ fn json_list(text: &str, column: &'static str, event_id: &str) -> Vec<String> {
     })
 }
 
-fn item_from_row(row: &AnyRow) -> Result<Item, StoreError> {
+/// The item of `row`, and how many bytes its payload took as stored.
+fn sized_item_from_row(row: &AnyRow) -> Result<(Item, usize), StoreError> {
     let payload: String = row.try_get("payload")?;
     let event_id: String = row.try_get("event_id")?;
-    Ok(Item {
+    let item = Item {
         position: row.try_get("position")?,
         tenant_id: row.try_get("tenant_id")?,
         kind: row.try_get("type")?,
@@ -599,7 +601,8 @@ fn item_from_row(row: &AnyRow) -> Result<Item, StoreError> {
             &event_id,
         ),
         occurred_at_ms: row.try_get("occurred_at_ms")?,
-    })
+    };
+    Ok((item, payload.len()))
 }
 
 #[cfg(test)]
