@@ -194,19 +194,14 @@ impl Remembered {
         }
     }
 
-    /// Whether the item read at `position` is no longer the one there: a
-    /// history rewound and given that position again. An item gone from
-    /// it (compacted) is no sign.
-    async fn replaced_at(
-        &self,
-        store: &dyn OutboxStore,
-        position: i64,
-    ) -> Result<bool, StoreError> {
-        let Some((_, read)) = self.0.iter().rev().find(|(p, _)| *p == position) else {
-            return Ok(false);
-        };
-        let stored = store.event_ids_between(position, position).await?;
-        Ok(stored.first().is_some_and(|(_, now)| now != read))
+    /// Whether `stored`, found at a position read before, is not the item
+    /// read there: a history rewound and given that position again.
+    fn replaced(&self, stored: &Item) -> bool {
+        self.0
+            .iter()
+            .rev()
+            .find(|(position, _)| *position == stored.position)
+            .is_some_and(|(_, read)| *read != stored.event_id)
     }
 
     /// The last position at or below `at` whose item is still the one
@@ -438,36 +433,45 @@ async fn read_tail(
         if let Some(readable) = &mut readable {
             readable.borrow_and_update();
         }
-        match store.read_all_after(cursor, MAX_READ).await {
-            Ok(outbox::Page { items, more }) if !items.is_empty() => {
-                // Read after the item that was read at the cursor: if
-                // another holds its position now, the history was rewound
-                // and given positions again, and the positions after the
-                // cursor are not all that is new (the head alone would not
-                // tell: it may stand above the cursor again already).
-                let parted = match remembered.replaced_at(&*store, cursor).await {
-                    Ok(false) => Ok(None),
-                    Ok(true) => remembered.parted(&*store, cursor).await.map(Some),
-                    Err(error) => Err(error),
-                };
-                match parted {
-                    Ok(None) => {}
-                    Ok(Some(parted)) => {
-                        if !rewind(&mut cursor, parted) {
-                            return;
-                        }
-                        continue;
-                    }
-                    // Nothing published: the read is made again.
-                    Err(error) => {
-                        tracing::warn!(%error, "outbox read failed; retrying");
-                        if tail.strong_count() == 0 {
-                            return;
-                        }
-                        tokio::time::sleep(POLL_INTERVAL).await;
-                        continue;
-                    }
+        // The item at the cursor is read again with what follows it, in
+        // the one statement: if another holds its position now, the
+        // history was rewound and given positions again, and the positions
+        // after the cursor are not all that is new (the head alone would
+        // not tell: it may stand above the cursor again already). An item
+        // gone from there (compacted) is no sign.
+        let read = store
+            .read_all_after(cursor - 1, MAX_READ + 1)
+            .await
+            .map(|mut page| {
+                let mut replaced = false;
+                if page
+                    .items
+                    .first()
+                    .is_some_and(|item| item.position == cursor)
+                {
+                    replaced = remembered.replaced(&page.items.remove(0));
                 }
+                (page, replaced)
+            });
+        match read {
+            Ok((_, true)) => match remembered.parted(&*store, cursor).await {
+                Ok(parted) => {
+                    if !rewind(&mut cursor, parted) {
+                        return;
+                    }
+                    continue;
+                }
+                // Nothing published: the read is made again.
+                Err(error) => {
+                    tracing::warn!(%error, "outbox read failed; retrying");
+                    if tail.strong_count() == 0 {
+                        return;
+                    }
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                    continue;
+                }
+            },
+            Ok((outbox::Page { items, more }, false)) if !items.is_empty() => {
                 // A short page was everything readable when the read
                 // began; anything newer changes `readable` after it.
                 cursor = items.last().map_or(cursor, |item| item.position);

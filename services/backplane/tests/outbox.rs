@@ -381,6 +381,16 @@ muster_store::backend_suite! {
         );
     }
 
+    async fn a_history_given_its_positions_again_up_to_what_was_read_is_read_from_where_it_parted(store: Store) {
+        let (positions, mut live) = following_five(&store).await;
+        // The head stands where it stood, and nothing follows it: only the
+        // item at the tail's position tells the histories apart.
+        rewind_and_refill(&store, positions[1], 3).await;
+        assert_eq!(outbox::head(&store).await.unwrap(), positions[4]);
+        assert_eq!(next(&mut live).await, Followed::Gap { through: positions[1] });
+        assert_eq!(refilled(&mut live, 3).await, positions[2..].to_vec());
+    }
+
     async fn a_follower_past_a_rewound_head_is_told_and_goes_on_from_it(store: Store) {
         let positions = append_each(&store, 5).await;
         let reader = Outbox::new(Arc::new(store.clone()));
