@@ -191,6 +191,11 @@ muster_e2e::on_both_stores! {
 /// A device's certificate for its own Ed25519 key, issued by the mesh CA
 /// for `tenant_id`, with that key as the TLS client key.
 fn device_auth(host: &Host, key: &DeviceKey, tenant_id: &str) -> ClientAuth {
+    device_auth_in(host, &host.config.trust_domain, key, tenant_id)
+}
+
+/// [`device_auth`] naming `trust_domain`.
+fn device_auth_in(host: &Host, trust_domain: &str, key: &DeviceKey, tenant_id: &str) -> ClientAuth {
     use base64::Engine;
     let ca = host.config.tls().load_ca().unwrap();
     let spki = base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -198,7 +203,7 @@ fn device_auth(host: &Host, key: &DeviceKey, tenant_id: &str) -> ClientAuth {
         .unwrap();
     let pem = ca
         .issue_device(
-            &host.config.trust_domain,
+            trust_domain,
             tenant_id,
             &key.device_id(),
             &spki,
@@ -243,7 +248,7 @@ async fn admin_as(host: &Host, auth: ClientAuth) -> TlsWs {
 }
 
 muster_e2e::on_both_stores! {
-    async fn a_device_with_its_own_certificate_is_admitted_and_one_of_another_tenant_is_not(store: Option<String>) {
+    async fn a_device_with_its_own_certificate_is_admitted_and_one_of_another_tenant_or_trust_domain_is_not(store: Option<String>) {
         let host = tls_host(store).await;
         let key = DeviceKey::generate();
         let tenant = host.config.default_tenant.clone();
@@ -253,13 +258,20 @@ muster_e2e::on_both_stores! {
         assert_eq!(result["device_id"], key.device_id());
         assert_eq!(ws.call("ping", json!({})).await["ok"], true);
 
-        // The same key, certified for another tenant than the token's.
-        let mut ws = admin_as(&host, device_auth(&host, &key, "other-tenant")).await;
-        let refused = ws.try_handshake(&key, "node", json!({})).await.unwrap_err();
-        assert!(
-            refused.contains("Closed(4001, \"unauthorized\")"),
-            "{refused}"
-        );
+        // The same key, certified for another tenant than the token's, or
+        // by the same CA for the same device of another trust domain.
+        let elsewhere = format!("staging.{}", host.config.trust_domain);
+        for auth in [
+            device_auth(&host, &key, "other-tenant"),
+            device_auth_in(&host, &elsewhere, &key, &tenant),
+        ] {
+            let mut ws = admin_as(&host, auth).await;
+            let refused = ws.try_handshake(&key, "node", json!({})).await.unwrap_err();
+            assert!(
+                refused.contains("Closed(4001, \"unauthorized\")"),
+                "{refused}"
+            );
+        }
         host.stop().await;
     }
 }

@@ -45,7 +45,13 @@ fn anonymous_channel(host: &Host, service: ServiceName) -> muster_mesh::MeshChan
         config.alpn_protocols = vec![b"h2".to_vec()];
         Arc::new(config)
     };
-    muster_mesh::channel_with(config, service, &host.address(service)).unwrap()
+    muster_mesh::channel_with(
+        config,
+        service,
+        &host.config.trust_domain,
+        &host.address(service),
+    )
+    .unwrap()
 }
 
 /// How many refused handshakes `service` has counted in this process.

@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use muster_tls::{MeshTls, ServiceName};
+use muster_tls::{MeshTls, ServiceName, SpiffeId, peer_spiffe_id};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -40,14 +40,17 @@ impl tonic::service::Interceptor for TraceContext {
 }
 
 /// A channel to `target` at `addr` (`host:port`). The server must present a
-/// certificate for `muster-<target>` from the trusted CA, whatever the
-/// address.
+/// certificate from the trusted CA for `muster-<target>` that is `target`'s
+/// own (its SPIFFE id in this principal's trust domain), whatever the
+/// address: every principal's certificate comes from the one CA, and a
+/// name alone would let any of them serve as any other.
 pub fn channel(
     tls: Arc<MeshTls>,
     target: ServiceName,
     addr: &str,
 ) -> Result<MeshChannel, tonic::transport::Error> {
-    channel_with(move || tls.client_config(), target, addr)
+    let trust_domain = tls.trust_domain().to_owned();
+    channel_with(move || tls.client_config(), target, &trust_domain, addr)
 }
 
 /// Like [`channel`], with the client configuration from `config` at each
@@ -55,6 +58,7 @@ pub fn channel(
 pub fn channel_with(
     config: impl Fn() -> Arc<ClientConfig> + Send + Sync + 'static,
     target: ServiceName,
+    trust_domain: &str,
     addr: &str,
 ) -> Result<MeshChannel, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
@@ -66,6 +70,7 @@ pub fn channel_with(
         config: Arc::new(config),
         server_name: ServerName::try_from(target.server_name())
             .expect("service server names are valid dns names"),
+        server_id: Arc::new(target.spiffe_id(trust_domain)),
     };
     Ok(InterceptedService::new(
         endpoint.connect_with_connector_lazy(connector),
@@ -79,6 +84,7 @@ type ConfigSource = Arc<dyn Fn() -> Arc<ClientConfig> + Send + Sync>;
 struct MeshConnector {
     config: ConfigSource,
     server_name: ServerName<'static>,
+    server_id: Arc<SpiffeId>,
 }
 
 impl tower_service::Service<Uri> for MeshConnector {
@@ -95,15 +101,30 @@ impl tower_service::Service<Uri> for MeshConnector {
         // certificate is used from the next connection on.
         let connector = TlsConnector::from((self.config)());
         let server_name = self.server_name.clone();
+        let server_id = self.server_id.clone();
         Box::pin(async move {
             let authority = uri
                 .authority()
                 .ok_or_else(|| std::io::Error::other("mesh address has no host:port"))?
                 .as_str()
                 .to_owned();
-            let tcp = TcpStream::connect(authority).await?;
+            let tcp = TcpStream::connect(authority.as_str()).await?;
             tcp.set_nodelay(true)?;
             let tls = connector.connect(server_name, tcp).await?;
+            let presented = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(peer_spiffe_id);
+            if presented.as_ref() != Some(&*server_id) {
+                let presented =
+                    presented.map_or_else(|| "no SPIFFE id".to_owned(), |id| id.to_string());
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    format!("the server at {authority} is {presented}, not {server_id}"),
+                ));
+            }
             Ok(TokioIo::new(tls))
         })
     }

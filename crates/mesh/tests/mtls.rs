@@ -68,16 +68,26 @@ impl Fixture {
 
     /// Each DescribeEdge call takes `delay`.
     async fn start_with(delay: Duration) -> Fixture {
+        Fixture::serving_as(delay, ServiceName::Edge, &[]).await
+    }
+
+    /// The edge served with `server`'s certificate, issued with the extra
+    /// DNS names `dns`.
+    async fn serving_as(delay: Duration, server: ServiceName, dns: &[&str]) -> Fixture {
         muster_tls::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let certs = TlsDir::new(dir.path());
         let (ca, _) = certs.ensure_ca(DAY * 365).unwrap();
         for name in [ServiceName::Edge, ServiceName::Ctl, ServiceName::Presence] {
+            let mut options = IssueOptions::valid_for(DAY);
+            if name == server {
+                options.extra_dns_names = dns.iter().map(|name| name.to_string()).collect();
+            }
             certs
-                .ensure_issued(&ca, TD, name, &IssueOptions::valid_for(DAY))
+                .write_issued(name, &ca.issue(TD, name, &options).unwrap())
                 .unwrap();
         }
-        let server_tls = MeshTls::load(certs.files(ServiceName::Edge), TD).unwrap();
+        let server_tls = MeshTls::load(certs.files(server), TD).unwrap();
         let edge = CountingEdge {
             calls: Arc::default(),
             delay,
@@ -305,12 +315,30 @@ async fn a_client_without_a_certificate_is_refused() {
         Arc::new(config)
     };
     assert_refused_by_tls(&server_alert(&f, config()).await, &["CertificateRequired"]);
-    let mut client = EdgeClient::new(channel_with(config, ServiceName::Edge, &f.addr()).unwrap());
+    let mut client =
+        EdgeClient::new(channel_with(config, ServiceName::Edge, TD, &f.addr()).unwrap());
     let err = client
         .describe_edge(DescribeEdgeRequest {})
         .await
         .unwrap_err();
     assert_transport_failure(&err);
+    assert_eq!(f.calls(), 0);
+}
+
+#[tokio::test]
+async fn a_server_with_another_principals_certificate_is_refused_by_its_client() {
+    // Presence's certificate, naming `muster-edge` too, serves as the edge:
+    // the name verifies, the identity does not.
+    let f = Fixture::serving_as(Duration::ZERO, ServiceName::Presence, &["muster-edge"]).await;
+    let err = f.describe_as(f.tls(ServiceName::Ctl)).await.unwrap_err();
+    assert_transport_failure(&err);
+    let chain = format!("{:?}", std::error::Error::source(&err));
+    assert!(
+        chain.contains(
+            "spiffe://muster.test/service/presence, not spiffe://muster.test/service/edge"
+        ),
+        "{chain}"
+    );
     assert_eq!(f.calls(), 0);
 }
 

@@ -173,7 +173,9 @@ enum Certs {
         /// Lifetime of the principals' certificates in days.
         #[arg(long, default_value_t = 90)]
         days: u64,
-        /// Extra DNS names or IP addresses for every certificate (repeatable).
+        /// Extra DNS names or IP addresses for the edge's certificate,
+        /// where its `wss://` listener is reached (repeatable). The other
+        /// services are reached by their `muster-<name>` names only.
         #[arg(long = "dns")]
         dns: Vec<String>,
     },
@@ -186,6 +188,8 @@ enum Certs {
         names: Vec<String>,
         #[arg(long, default_value_t = 90)]
         days: u64,
+        /// Extra DNS names or IP addresses for these certificates
+        /// (repeatable; `ctl`'s, which serves nothing, takes none).
         #[arg(long = "dns")]
         dns: Vec<String>,
     },
@@ -477,9 +481,15 @@ fn run_certs(file: Option<&std::path::Path>, certs: Certs) -> anyhow::Result<Exi
                 if created { "created" } else { "using existing" },
                 tls.ca_cert_path().display()
             );
-            let opts = issue_options(days, dns)?;
+            let edge_opts = issue_options(days, dns)?;
+            let opts = issue_options(days, Vec::new())?;
             for name in ServiceName::ALL {
-                let issued = ca.issue(&config.trust_domain, name, &opts)?;
+                let opts = if name == ServiceName::Edge {
+                    &edge_opts
+                } else {
+                    &opts
+                };
+                let issued = ca.issue(&config.trust_domain, name, opts)?;
                 tls.write_issued(name, &issued)?;
                 println!("issued {}", name.spiffe_id(&config.trust_domain));
             }
@@ -497,8 +507,14 @@ fn run_certs(file: Option<&std::path::Path>, certs: Certs) -> anyhow::Result<Exi
                 .load_ca()
                 .context("loading the CA (run `muster certs init` first)")?;
             let opts = issue_options(days, dns)?;
+            let names = names
+                .iter()
+                .map(|name| name.parse())
+                .collect::<Result<Vec<ServiceName>, _>>()?;
+            if names.contains(&ServiceName::Ctl) && !opts.extra_dns_names.is_empty() {
+                bail!("ctl's certificate is a client's only: it takes no --dns names");
+            }
             for name in names {
-                let name: ServiceName = name.parse()?;
                 tls.write_issued(name, &ca.issue(&config.trust_domain, name, &opts)?)?;
                 println!("issued {}", name.spiffe_id(&config.trust_domain));
             }

@@ -378,11 +378,14 @@ async fn prepare(
                 };
                 let edge_tls = match (&config.edge_tls_cert, &config.edge_tls_key) {
                     (Some(cert), Some(key)) => {
-                        let edge_tls = muster_tls::EdgeTls::load(muster_tls::TlsFiles {
-                            cert: cert.clone(),
-                            key: key.clone(),
-                            ca: tls_dir.ca_cert_path(),
-                        })
+                        let edge_tls = muster_tls::EdgeTls::load(
+                            muster_tls::TlsFiles {
+                                cert: cert.clone(),
+                                key: key.clone(),
+                                ca: tls_dir.ca_cert_path(),
+                            },
+                            &config.trust_domain,
+                        )
                         .context("loading the edge's tls certificate")?;
                         tokio::spawn(
                             edge_tls

@@ -125,9 +125,14 @@ impl CertificateAuthority {
     }
 
     /// Issues a certificate for a mesh principal: URI SAN
-    /// `spiffe://<trust_domain>/service/<name>`, usable as TLS server and
-    /// client, with a random serial (rcgen would otherwise derive one from
-    /// the key, and re-issues would collide).
+    /// `spiffe://<trust_domain>/service/<name>`, with a random serial
+    /// (rcgen would otherwise derive one from the key, and re-issues would
+    /// collide). A service's is usable as TLS server and client, for
+    /// `muster-<name>` and `<name>`; the edge's also for `localhost` and
+    /// the loopback addresses, where its `wss://` listener may be reached.
+    /// `ctl`, which serves nothing, gets a client certificate with no
+    /// names, so that no operator's workstation holds one that a client
+    /// would take for a server's.
     pub fn issue(
         &self,
         trust_domain: &str,
@@ -135,16 +140,17 @@ impl CertificateAuthority {
         opts: &IssueOptions,
     ) -> Result<IssuedCert, TlsError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut dns = vec![
-            name.server_name(),
-            name.as_str().to_owned(),
-            "localhost".into(),
+        let serves = name != ServiceName::Ctl;
+        let mut dns = Vec::new();
+        if serves {
+            dns.extend([name.server_name(), name.as_str().to_owned()]);
+        }
+        if name == ServiceName::Edge {
             // Loopback addresses as IP names, so that a URL built from a
             // loopback listener's address (`wss://127.0.0.1:8787/ws`)
             // verifies as it is.
-            "127.0.0.1".into(),
-            "::1".into(),
-        ];
+            dns.extend(["localhost", "127.0.0.1", "::1"].map(String::from));
+        }
         dns.extend(opts.extra_dns_names.iter().cloned());
         let mut params = CertificateParams::new(dns)?;
         let spiffe = name.spiffe_id(trust_domain).to_string();
@@ -156,10 +162,14 @@ impl CertificateAuthority {
         dn.push(DnType::OrganizationName, "muster");
         params.distinguished_name = dn;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = if serves {
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ]
+        } else {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        };
         params.serial_number = Some(random_serial());
         let now = OffsetDateTime::now_utc();
         params.not_before = opts.not_before.unwrap_or(now - BACKDATE);
@@ -460,6 +470,57 @@ mod tests {
             .unwrap();
         assert_eq!(mode(&dir.path().join("data")), 0o700);
         assert_eq!(mode(&dir.path().join("data").join("tls")), 0o700);
+    }
+
+    #[test]
+    fn only_servers_get_names_and_only_the_edge_the_loopback_ones() {
+        use x509_parser::extensions::GeneralName;
+        let ca = CertificateAuthority::generate("test ca", Duration::from_secs(3600)).unwrap();
+        let mut opts = IssueOptions::valid_for(Duration::from_secs(3600));
+        opts.extra_dns_names = vec!["gw.example".into()];
+        // (DNS and IP names, serves, is a client) of each principal's.
+        let described = |name: ServiceName, opts: &IssueOptions| {
+            let issued = ca.issue("td", name, opts).unwrap();
+            let der = first_cert(issued.cert_pem.as_bytes(), Path::new("issued")).unwrap();
+            let (_, parsed) = X509Certificate::from_der(der.as_ref()).unwrap();
+            let names: Vec<String> = parsed
+                .subject_alternative_name()
+                .unwrap()
+                .map(|san| {
+                    san.value
+                        .general_names
+                        .iter()
+                        .filter_map(|name| match name {
+                            GeneralName::DNSName(dns) => Some(dns.to_string()),
+                            GeneralName::IPAddress(ip) => Some(format!("ip {ip:?}")),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let usage = parsed.extended_key_usage().unwrap().unwrap().value;
+            (names, usage.server_auth, usage.client_auth)
+        };
+        let (edge, serves, client) = described(ServiceName::Edge, &opts);
+        assert!(serves && client);
+        assert_eq!(
+            edge,
+            ["muster-edge", "edge", "localhost", "ip [127, 0, 0, 1]"]
+                .into_iter()
+                .map(String::from)
+                .chain([
+                    format!("ip {:?}", std::net::Ipv6Addr::LOCALHOST.octets()),
+                    "gw.example".into()
+                ])
+                .collect::<Vec<_>>()
+        );
+        let none = IssueOptions::valid_for(Duration::from_secs(3600));
+        let (presence, serves, client) = described(ServiceName::Presence, &none);
+        assert!(serves && client);
+        assert_eq!(presence, ["muster-presence", "presence"]);
+        let (ctl, serves, client) = described(ServiceName::Ctl, &none);
+        assert!(!serves && client);
+        assert!(ctl.is_empty(), "{ctl:?}");
     }
 
     #[test]

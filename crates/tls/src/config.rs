@@ -215,6 +215,8 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 /// already open keep the configuration they started with.
 pub struct EdgeTls {
     files: TlsFiles,
+    /// The trust domain a device certificate must name.
+    trust_domain: String,
     current: ArcSwap<([u8; 32], Arc<ServerConfig>)>,
 }
 
@@ -229,14 +231,22 @@ impl std::fmt::Debug for EdgeTls {
 impl EdgeTls {
     /// `files.cert` and `files.key`: the listener's own certificate (from
     /// any CA its clients trust); `files.ca`: the CA bundle that device
-    /// certificates are verified against.
-    pub fn load(files: TlsFiles) -> Result<Arc<EdgeTls>, TlsError> {
+    /// certificates are verified against, which belong to `trust_domain`.
+    pub fn load(files: TlsFiles, trust_domain: &str) -> Result<Arc<EdgeTls>, TlsError> {
         let fingerprint = fingerprint(&files)?;
         let config = edge_server_config(&files.cert, &files.key, &files.ca)?;
         Ok(Arc::new(EdgeTls {
             files,
+            trust_domain: trust_domain.to_owned(),
             current: ArcSwap::from_pointee((fingerprint, config)),
         }))
+    }
+
+    /// The trust domain a device certificate must name: the CA bundle may
+    /// hold the CAs of other trust domains (a rotation, a CA shared with
+    /// staging), whose device certificates are not this one's.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
     }
 
     /// The configuration for the next accepted connection.

@@ -390,7 +390,13 @@ async fn handshake(
                     },
                 )?;
                 if let Some(cert) = cert
-                    && !cert_binds(cert, &claims.tenant_id, &device_id, &init.device.pubkey)
+                    && !cert_binds(
+                        cert,
+                        edge.config.tls.as_ref().map(|tls| tls.trust_domain()),
+                        &claims.tenant_id,
+                        &device_id,
+                        &init.device.pubkey,
+                    )
                 {
                     tracing::info!(
                         device_id,
@@ -419,12 +425,21 @@ async fn handshake(
 }
 
 /// Whether a presented client certificate is the proved device's own:
-/// SPIFFE id `…/tenant/<tenant>/device/<device_id>` and the device's key.
-fn cert_binds(cert: &CertificateDer<'_>, tenant_id: &str, device_id: &str, pubkey: &str) -> bool {
+/// SPIFFE id `spiffe://<trust_domain>/tenant/<tenant>/device/<device_id>`
+/// and the device's key.
+fn cert_binds(
+    cert: &CertificateDer<'_>,
+    trust_domain: Option<&str>,
+    tenant_id: &str,
+    device_id: &str,
+    pubkey: &str,
+) -> bool {
     use base64::Engine;
     use x509_parser::prelude::{FromDer, X509Certificate};
-    let bound_id = muster_tls::peer_spiffe_id(cert)
-        .is_some_and(|id| id.path == format!("/tenant/{tenant_id}/device/{device_id}"));
+    let bound_id = muster_tls::peer_spiffe_id(cert).is_some_and(|id| {
+        Some(id.trust_domain.as_str()) == trust_domain
+            && id.path == format!("/tenant/{tenant_id}/device/{device_id}")
+    });
     let Ok((_, parsed)) = X509Certificate::from_der(cert.as_ref()) else {
         return false;
     };
