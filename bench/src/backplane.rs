@@ -132,6 +132,7 @@ async fn presence_upserts(store: &Store, clients: usize, seconds: u64) -> f64 {
                 last_input_seconds: None,
                 reason: "connect".into(),
                 metadata: json!({}),
+                edge_id: "bench".into(),
             };
             instances.upsert("t1", entry).await.expect("upsert");
             1

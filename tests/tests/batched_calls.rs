@@ -30,6 +30,7 @@ fn remove(tenant: &str, id: &str) -> pb::InstanceChange {
         change: Some(pb::instance_change::Change::Remove(pb::RemoveInstance {
             tenant_id: tenant.into(),
             instance_id: id.into(),
+            ..Default::default()
         })),
     }
 }

@@ -990,6 +990,22 @@ async fn presence_flows_to_operators(host: &Host) {
     assert_eq!(entry["metadata"]["observed_ip"], "127.0.0.1");
     let update = upserted_entry(&mut operator, &node_key.device_id()).await;
     assert!(update.get("ip").is_none(), "{update}");
+    // The keys under which the edge labels what it observed keep its
+    // observations, whatever the node reports under them.
+    let claimed = node
+        .call(
+            "presence.beacon",
+            json!({"metadata": {"raw_remote_ip": "10.9.9.9", "resolved_client_ip": "10.9.9.9",
+                                "edge_id": "edge-x", "observed_ip": "10.9.9.9", "rack": 7}}),
+        )
+        .await;
+    let claimed = &claimed["result"]["entry"]["metadata"];
+    for key in ["observed_ip", "raw_remote_ip", "resolved_client_ip"] {
+        assert_eq!(claimed[key], "127.0.0.1", "{key}: {claimed}");
+    }
+    assert_eq!(claimed["edge_id"], metadata["edge_id"], "{claimed}");
+    assert_eq!(claimed["rack"], 7, "{claimed}");
+    upserted_entry(&mut operator, &node_key.device_id()).await;
     for payload in [json!({"mode": "spaceship"}), json!([]), json!(null)] {
         let bad = node.call("presence.beacon", payload.clone()).await;
         assert_eq!(bad["error"]["code"], "invalid_request", "{payload}: {bad}");
@@ -1004,6 +1020,27 @@ async fn presence_flows_to_operators(host: &Host) {
                "details": {"issues": [{"message": "host longer than 256 bytes"}]}}),
         "{long_host}"
     );
+    // So are capabilities past what an entry lists: 256 descriptors of
+    // long ids would take the entry past what presence keeps.
+    let many_key = DeviceKey::generate();
+    let mut many = admin(host).await;
+    let advertised: Vec<Value> = (0..256)
+        .map(|n| json!({"id": format!("tyrum.{}.n{n}", "long-capability-name".repeat(3))}))
+        .collect();
+    many.try_handshake_advertising(
+        &many_key,
+        "node",
+        json!({"mode": "node"}),
+        json!(advertised),
+    )
+    .await
+    .unwrap();
+    let listed = upserted_entry(&mut operator, &many_key.device_id()).await;
+    let listed = &listed["metadata"];
+    let kept = listed["capabilities"].as_array().unwrap().len();
+    assert!((64..256).contains(&kept), "{kept}");
+    assert_eq!(listed["capabilities_omitted"], 256 - kept);
+    assert_eq!(listed["capabilities"][0], advertised[0]["id"]);
     // A device label longer than presence keeps is cut, not a reason to
     // leave the device out of presence.
     let long_key = DeviceKey::generate();

@@ -402,6 +402,7 @@ async fn a_listing_of_presence_past_four_mebibytes_still_answers() {
                     last_input_seconds: None,
                     reason: "connect".into(),
                     metadata: metadata.clone(),
+                    edge_id: String::new(),
                 },
             )
             .await

@@ -21,6 +21,6 @@ pub mod text;
 pub use error::StoreError;
 pub use store::{
     AnyQuery, Backend, COMMITS_CHANNEL, DEFAULT_STATEMENT_TIMEOUT, MIGRATION_LOCK_TIMEOUT, Store,
-    StoreOptions, Tx, conflict_free_runs, in_statements, last_of_each, now_ms, pairs_in,
-    placeholders, remove_in_run, values_rows,
+    StoreOptions, Tx, conflict_free_runs, in_statements, last_of_each, now_ms, placeholders,
+    remove_in_run, tuples_in, values_rows,
 };

@@ -130,15 +130,17 @@ pub fn last_of_each<'a, T, K: Eq + std::hash::Hash>(
         .collect()
 }
 
-/// A condition that the two `columns` match one of `rows` pairs of
+/// A condition that the `columns` match one of `rows` tuples of
 /// parameters, numbered from `$1`: `(a, b) IN (SELECT column1, column2
 /// FROM (VALUES ($1, $2), …))`. Written as a subquery rather than a list
 /// of row values, which older SQLite scans the table for.
-pub fn pairs_in(columns: [&str; 2], rows: usize) -> String {
-    let [first, second] = columns;
+pub fn tuples_in<const N: usize>(columns: [&str; N], rows: usize) -> String {
+    let values: Vec<String> = (1..=N).map(|n| format!("column{n}")).collect();
     format!(
-        "({first}, {second}) IN (SELECT column1, column2 FROM (VALUES {}) AS pairs)",
-        values_rows(rows, 2)
+        "({}) IN (SELECT {} FROM (VALUES {}) AS tuples)",
+        columns.join(", "),
+        values.join(", "),
+        values_rows(rows, N)
     )
 }
 
@@ -185,38 +187,43 @@ pub fn conflict_free_runs<'a, T, K: Eq + std::hash::Hash>(
 }
 
 /// Deletes the rows of `table` that the removals among `run` (a run of
-/// [`conflict_free_runs`]) name by their two key `columns`, many per
-/// statement; `removal` gives a removal's key, `None` for a write. Returns,
-/// per item of `run`, whether it changed a row: a write always does, a
-/// removal if the row was there (of a key removed twice, the first).
-pub async fn remove_in_run<'a, T>(
+/// [`conflict_free_runs`]) name by their key `columns` (a removal may
+/// name more columns than the key, to delete only a row as it stands),
+/// many per statement; `removal` gives a removal's values, `None` for a
+/// write. Returns, per item of `run`, whether it changed a row: a write
+/// always does, a removal if the row was there (of one removed twice, the
+/// first).
+pub async fn remove_in_run<'a, T, const N: usize>(
     tx: &mut crate::Tx,
     table: &str,
-    columns: [&str; 2],
+    columns: [&str; N],
     run: &'a [T],
-    removal: impl Fn(&'a T) -> Option<(&'a str, &'a str)>,
+    removal: impl Fn(&'a T) -> Option<[&'a str; N]>,
 ) -> Result<Vec<bool>, StoreError> {
     use sqlx::Row;
-    let keys: Vec<(&str, &str)> = run.iter().filter_map(&removal).collect();
-    let [first, second] = columns;
+    let keys: Vec<[&str; N]> = run.iter().filter_map(&removal).collect();
     let mut deleted = std::collections::HashSet::with_capacity(keys.len());
-    for chunk in in_statements(&keys, 2) {
+    for chunk in in_statements(&keys, N) {
         let sql = format!(
-            "DELETE FROM {table} WHERE {} RETURNING {first}, {second}",
-            pairs_in(columns, chunk.len())
+            "DELETE FROM {table} WHERE {} RETURNING {}",
+            tuples_in(columns, chunk.len()),
+            columns.join(", ")
         );
-        let query = chunk
-            .iter()
-            .fold(sqlx::query(&sql), |q, (a, b)| q.bind(*a).bind(*b));
+        let query = chunk.iter().fold(sqlx::query(&sql), |q, key| {
+            key.iter().fold(q, |q, value| q.bind(*value))
+        });
         for row in query.fetch_all(&mut **tx).await? {
-            deleted.insert((row.try_get::<String, _>(0)?, row.try_get::<String, _>(1)?));
+            let key = (0..N)
+                .map(|n| row.try_get::<String, _>(n))
+                .collect::<Result<Vec<_>, _>>()?;
+            deleted.insert(key);
         }
     }
     Ok(run
         .iter()
         .map(|item| match removal(item) {
             None => true,
-            Some((a, b)) => deleted.remove(&(a.to_owned(), b.to_owned())),
+            Some(key) => deleted.remove(&key.map(str::to_owned).to_vec()),
         })
         .collect())
 }
@@ -658,8 +665,12 @@ mod tests {
     fn values_number_every_row_and_the_last_upsert_of_a_key_stays() {
         assert_eq!(values_rows(2, 2), "($1, $2), ($3, $4)");
         assert_eq!(
-            pairs_in(["a", "b"], 2),
-            "(a, b) IN (SELECT column1, column2 FROM (VALUES ($1, $2), ($3, $4)) AS pairs)"
+            tuples_in(["a", "b"], 2),
+            "(a, b) IN (SELECT column1, column2 FROM (VALUES ($1, $2), ($3, $4)) AS tuples)"
+        );
+        assert_eq!(
+            tuples_in(["a", "b", "c"], 1),
+            "(a, b, c) IN (SELECT column1, column2, column3 FROM (VALUES ($1, $2, $3)) AS tuples)"
         );
         let items = [(1, "a"), (2, "b"), (1, "c")];
         let refs: Vec<&(i32, &str)> = items.iter().collect();

@@ -182,7 +182,7 @@ impl DirectoryStore for Store {
                     Change::Unregister {
                         edge_id,
                         connection_id,
-                    } => Some((connection_id.as_str(), edge_id.as_str())),
+                    } => Some([connection_id.as_str(), edge_id.as_str()]),
                 },
             )
             .await?;
@@ -256,7 +256,7 @@ impl DirectoryStore for Store {
             // the edge.
             let sql = format!(
                 "SELECT tenant_id, device_id, edge_id FROM connections WHERE {}",
-                muster_store::pairs_in(["tenant_id", "device_id"], chunk.len()),
+                muster_store::tuples_in(["tenant_id", "device_id"], chunk.len()),
             );
             let query = chunk.iter().fold(sqlx::query(&sql), |q, (tenant_id, id)| {
                 q.bind(*tenant_id).bind(*id)

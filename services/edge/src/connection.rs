@@ -624,6 +624,32 @@ async fn connected(
     outcome
 }
 
+/// The most bytes of capability ids a presence entry lists: with the
+/// connect's other keys, well within what presence keeps of metadata
+/// (8 KiB), which 256 descriptors with long ids would pass.
+const LISTED_CAPABILITY_BYTES: usize = 6 * 1024;
+
+/// The capability ids a connect's presence entry lists, in order, as many
+/// as fit in [`LISTED_CAPABILITY_BYTES`], and how many were left out: an
+/// entry presence refused would leave the device out of presence for as
+/// long as it stays.
+fn listed_capabilities(
+    capabilities: &[muster_protocol::handshake::CapabilityDescriptor],
+) -> (Vec<&str>, usize) {
+    let mut bytes = 0;
+    let listed: Vec<&str> = capabilities
+        .iter()
+        .map(|c| c.id.as_str())
+        // A listed id costs its bytes, two quotes and a comma.
+        .take_while(|id| {
+            bytes += id.len() + 3;
+            bytes <= LISTED_CAPABILITY_BYTES
+        })
+        .collect();
+    let omitted = capabilities.len() - listed.len();
+    (listed, omitted)
+}
+
 /// Registers the peer, answers its proof and announces it to presence.
 /// `None` when the peer went away before the answer could be written.
 async fn arrive(
@@ -641,12 +667,16 @@ async fn arrive(
     let mode = handshaken.init.device.mode.clone().unwrap_or_default();
     let in_presence = mode != "cli" || edge.config.presence_includes_cli;
     let reported = in_presence.then(|| {
-        let capabilities: Vec<&str> = handshaken
-            .init
-            .capabilities
-            .iter()
-            .map(|c| c.id.as_str())
-            .collect();
+        let (capabilities, omitted) = listed_capabilities(&handshaken.init.capabilities);
+        let mut observed = json!({
+            "capabilities": capabilities,
+            "edge_id": edge.edge_id,
+            "raw_remote_ip": remote.socket.ip().to_canonical().to_string(),
+            "resolved_client_ip": remote.client.to_string(),
+        });
+        if omitted > 0 {
+            observed["capabilities_omitted"] = json!(omitted);
+        }
         Box::new(Reported {
             host: muster_presence::connect_field(
                 handshaken.init.device.label.as_deref().unwrap_or_default(),
@@ -664,13 +694,7 @@ async fn arrive(
             last_input_seconds: -1,
             // Part B §4's keys: the socket's address, and the client's as
             // resolved through the trusted proxies (see client_ip).
-            metadata_json: json!({
-                "capabilities": capabilities,
-                "edge_id": edge.edge_id,
-                "raw_remote_ip": remote.socket.ip().to_canonical().to_string(),
-                "resolved_client_ip": remote.client.to_string(),
-            })
-            .to_string(),
+            metadata_json: observed.to_string(),
             reason: "connect",
         })
     });
@@ -855,9 +879,13 @@ async fn tell_services_of_leaving(edge: &Edge, peer: &Peer) {
     if !peer.in_presence.load(Ordering::Acquire) {
         return;
     }
+    // Only if this edge wrote the entry last: a device that reconnected
+    // through another edge before this one found its connection gone
+    // keeps its entry there.
     let remove = pb::RemoveInstance {
         tenant_id: peer.claims.tenant_id.clone(),
         instance_id: peer.device_id.clone(),
+        edge_id: edge.edge_id.clone(),
     };
     let change = pb::instance_change::Change::Remove(remove);
     if let Err(status) = edge.change_instance(change).await {
@@ -895,7 +923,11 @@ pub(crate) async fn upsert(
 ) -> Result<pb::InstanceEntry, tonic::Status> {
     let upsert = pb::UpsertInstance {
         tenant_id: tenant_id.to_owned(),
-        entry: Some(entry),
+        // Written by this edge: only this edge's removal takes it away.
+        entry: Some(pb::InstanceEntry {
+            edge_id: edge.edge_id.clone(),
+            ..entry
+        }),
     };
     edge.change_instance(pb::instance_change::Change::Upsert(upsert))
         .await?
@@ -1140,17 +1172,55 @@ async fn respond(edge: &Edge, peer: &Peer, request: &Request) -> String {
     }
 }
 
+/// The keys of an entry's metadata under which the edge puts what it
+/// observed itself (Part B §4's connect metadata, but `capabilities`).
+const OBSERVED_KEYS: [&str; 3] = ["edge_id", "raw_remote_ip", "resolved_client_ip"];
+
+/// `metadata` as a peer reported it, with the edge's own observations, as
+/// `before` (the metadata of the peer's previous entry) holds them, under
+/// their keys in place of whatever the peer put there: a peer cannot pass
+/// its own word off as the edge's. One that is no object is left for
+/// presence to refuse.
+fn with_observations(mut metadata: Value, before: &str) -> Value {
+    let Some(reported) = metadata.as_object_mut() else {
+        return metadata;
+    };
+    let before: Option<Value> = serde_json::from_str(before).ok();
+    for key in OBSERVED_KEYS {
+        match before.as_ref().and_then(|before| before.get(key)) {
+            Some(observed) => reported.insert(key.into(), observed.clone()),
+            None => reported.remove(key),
+        };
+    }
+    metadata
+}
+
 async fn beacon_upsert(edge: &Edge, peer: &Peer, beacon: Beacon) -> Result<Value, tonic::Status> {
+    let _one_at_a_time = peer.presence_writes.lock().await;
+    // What the connect observed is kept from entry to entry: `reported`
+    // changes only under the lock held here.
+    // A peer left out of presence until now (a CLI) has no entry before:
+    // what the edge knows of it stands in (its socket's own address is
+    // not kept).
+    let before = peer
+        .reported
+        .lock()
+        .expect("reported lock")
+        .as_ref()
+        .map(|reported| reported.metadata_json.clone())
+        .unwrap_or_else(|| {
+            json!({"edge_id": edge.edge_id, "resolved_client_ip": peer.observed_ip}).to_string()
+        });
+    let metadata = with_observations(beacon.metadata.unwrap_or_else(|| json!({})), &before);
     let reported = Reported {
         host: beacon.host.unwrap_or_default(),
         ip: beacon.ip.unwrap_or_default(),
         version: beacon.version.unwrap_or_default(),
         mode: beacon.mode.unwrap_or_default(),
         last_input_seconds: beacon.last_input_seconds.unwrap_or(-1),
-        metadata_json: beacon.metadata.unwrap_or_else(|| json!({})).to_string(),
+        metadata_json: metadata.to_string(),
         reason: "periodic",
     };
-    let _one_at_a_time = peer.presence_writes.lock().await;
     // A peer left out of presence (a CLI) that beacons is in it from now
     // on: refreshed while it stays, removed when it leaves, rather than an
     // entry nobody keeps until the TTL prunes it. Set before the write, so

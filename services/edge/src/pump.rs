@@ -678,6 +678,7 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
         reason: "self".into(),
         metadata_json: serde_json::json!({"edge_id": edge.edge_id, "ws_url": edge.ws_url})
             .to_string(),
+        edge_id: String::new(),
     };
     let mut announced = false;
     let mut forgotten = false;

@@ -143,6 +143,7 @@ impl Peer {
             last_input_seconds: reported.last_input_seconds,
             reason: reported.reason.into(),
             metadata_json: reported.metadata_json.clone(),
+            edge_id: String::new(),
         }
     }
 

@@ -109,7 +109,7 @@ impl PresenceService {
             Some(pb::instance_change::Change::Remove(remove)) => {
                 let removed = self
                     .instances
-                    .remove(&remove.tenant_id, &remove.instance_id)
+                    .remove(&remove.tenant_id, &remove.instance_id, &remove.edge_id)
                     .await;
                 (removed.map_err(|e| to_status(&e)), None)
             }
@@ -156,6 +156,7 @@ impl TryFrom<pb::InstanceEntry> for InstanceEntry {
                 serde_json::from_str(&e.metadata_json)
                     .map_err(|err| PresenceError::Invalid(format!("metadata_json: {err}")))?
             },
+            edge_id: e.edge_id,
         })
     }
 }
@@ -174,6 +175,7 @@ impl From<InstanceEntry> for pb::InstanceEntry {
             last_input_seconds: e.last_input_seconds.unwrap_or(-1),
             reason: e.reason,
             metadata_json: e.metadata.to_string(),
+            edge_id: e.edge_id,
         }
     }
 }

@@ -6,7 +6,7 @@ use muster_protocol::format_datetime;
 use muster_protocol::presence::{PresenceEntry, REASONS, wire_mode};
 use muster_store::group::GroupCommit;
 use muster_store::outbox::NewItem;
-use muster_store::text::{MAX_NAME_BYTES, check_name};
+use muster_store::text::{MAX_NAME_BYTES, check_name, check_text};
 use muster_store::{StoreError, now_ms};
 use serde_json::json;
 
@@ -86,6 +86,9 @@ pub struct InstanceEntry {
     pub reason: String,
     /// A JSON object (capabilities, edge id, what the peer sent).
     pub metadata: serde_json::Value,
+    /// The edge whose connection wrote the entry last ('' when none): only
+    /// its removal takes the entry away. Not on the wire.
+    pub edge_id: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +121,7 @@ impl InstanceEntry {
             ("version", &self.version),
             ("mode", &self.mode),
             ("reason", &self.reason),
+            ("edge_id", &self.edge_id),
         ] {
             if value.len() > MAX_FIELD {
                 return Err(PresenceError::Invalid(format!(
@@ -329,13 +333,25 @@ impl Instances {
         })
     }
 
-    /// Removes an instance that left (its last connection closed) and
-    /// emits `presence.pruned`; false when it was not present.
-    pub async fn remove(&self, tenant_id: &str, instance_id: &str) -> Result<bool, PresenceError> {
+    /// Removes an instance that left (its last connection to `edge_id`
+    /// closed) and emits `presence.pruned`; false when it was not present,
+    /// or another edge wrote it since (the device reconnected there).
+    pub async fn remove(
+        &self,
+        tenant_id: &str,
+        instance_id: &str,
+        edge_id: &str,
+    ) -> Result<bool, PresenceError> {
+        // Checked before the write joins a batch, which one refused
+        // statement would fail whole.
+        check_name("tenant_id", tenant_id, MAX_NAME_BYTES).map_err(PresenceError::Invalid)?;
+        check_name("instance_id", instance_id, MAX_NAME_BYTES).map_err(PresenceError::Invalid)?;
+        check_text("edge_id", edge_id, MAX_NAME_BYTES).map_err(PresenceError::Invalid)?;
         Ok(self
             .write(InstanceWrite::Remove {
                 tenant_id: tenant_id.to_owned(),
                 instance_id: instance_id.to_owned(),
+                edge_id: edge_id.to_owned(),
                 event: pruned_event(tenant_id, instance_id),
             })
             .await?)

@@ -16,9 +16,12 @@ pub enum InstanceWrite {
         entry: Box<InstanceEntry>,
         event: NewItem,
     },
+    /// Removes the entry if `edge_id` wrote it last ('' for one written
+    /// without an edge).
     Remove {
         tenant_id: String,
         instance_id: String,
+        edge_id: String,
         event: NewItem,
     },
 }
@@ -70,6 +73,8 @@ pub trait PresenceStore: Send + Sync + 'static {
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError>;
     /// Deletes entries last seen before `cutoff_ms` and, per tenant, all
     /// but the newest `cap`, appending `event(tenant, instance)` for each.
+    /// Edges' `gateway` entries are the last the cap takes: an edge
+    /// announces its own again at once, where a peer's waits for room.
     async fn prune_instances(
         &self,
         cutoff_ms: i64,
@@ -103,6 +108,7 @@ fn entry(row: &AnyRow) -> Result<InstanceEntry, StoreError> {
         last_input_seconds: (last_input >= 0).then_some(last_input),
         reason: row.try_get("reason")?,
         metadata: serde_json::from_str(&row.try_get::<String, _>("metadata")?).unwrap_or_default(),
+        edge_id: row.try_get("edge_id")?,
     })
 }
 
@@ -111,7 +117,7 @@ async fn upsert_entries(
     tx: &mut muster_store::Tx,
     upserts: &[(&str, &InstanceEntry)],
 ) -> Result<(), StoreError> {
-    const COLUMNS: usize = 12;
+    const COLUMNS: usize = 13;
     let upserts: Vec<&(&str, &InstanceEntry)> = upserts.iter().collect();
     let upserts = muster_store::last_of_each(&upserts, |(tenant_id, entry)| {
         (*tenant_id, entry.instance_id.as_str())
@@ -119,14 +125,15 @@ async fn upsert_entries(
     for chunk in muster_store::in_statements(&upserts, COLUMNS) {
         let sql = format!(
             "INSERT INTO instance_presence (tenant_id, instance_id, role, reported_host, reported_ip, \
-             observed_ip, version, mode, last_seen_at_ms, last_input_seconds, reason, metadata) \
+             observed_ip, version, mode, last_seen_at_ms, last_input_seconds, reason, metadata, \
+             edge_id) \
              VALUES {} \
              ON CONFLICT (tenant_id, instance_id) DO UPDATE SET role = excluded.role, \
              reported_host = excluded.reported_host, reported_ip = excluded.reported_ip, \
              observed_ip = excluded.observed_ip, version = excluded.version, mode = excluded.mode, \
              last_seen_at_ms = excluded.last_seen_at_ms, \
              last_input_seconds = excluded.last_input_seconds, reason = excluded.reason, \
-             metadata = excluded.metadata",
+             metadata = excluded.metadata, edge_id = excluded.edge_id",
             muster_store::values_rows(chunk.len(), COLUMNS)
         );
         let mut query = sqlx::query(&sql);
@@ -143,7 +150,8 @@ async fn upsert_entries(
                 .bind(entry.last_seen_at_ms)
                 .bind(entry.last_input_seconds.unwrap_or(-1))
                 .bind(&entry.reason)
-                .bind(entry.metadata.to_string());
+                .bind(entry.metadata.to_string())
+                .bind(&entry.edge_id);
         }
         query.execute(&mut **tx).await?;
     }
@@ -169,15 +177,16 @@ impl PresenceStore for Store {
             let removed = muster_store::remove_in_run(
                 &mut tx,
                 "instance_presence",
-                ["tenant_id", "instance_id"],
+                ["tenant_id", "instance_id", "edge_id"],
                 run,
                 |write| match write {
                     InstanceWrite::Upsert { .. } => None,
                     InstanceWrite::Remove {
                         tenant_id,
                         instance_id,
+                        edge_id,
                         ..
-                    } => Some((tenant_id.as_str(), instance_id.as_str())),
+                    } => Some([tenant_id.as_str(), instance_id.as_str(), edge_id.as_str()]),
                 },
             )
             .await?;
@@ -198,7 +207,7 @@ impl PresenceStore for Store {
         self.fetch_all(
             sqlx::query(
                 "SELECT instance_id, role, reported_host, reported_ip, observed_ip, version, mode, \
-             last_seen_at_ms, last_input_seconds, reason, metadata FROM instance_presence \
+             last_seen_at_ms, last_input_seconds, reason, metadata, edge_id FROM instance_presence \
              WHERE tenant_id = $1 ORDER BY last_seen_at_ms DESC, instance_id",
             )
             .bind(tenant_id),
@@ -293,7 +302,8 @@ impl PresenceStore for Store {
             .fetch_all(
                 sqlx::query(
                     "SELECT tenant_id, instance_id, last_seen_at_ms FROM (SELECT tenant_id, instance_id, last_seen_at_ms, \
-             ROW_NUMBER() OVER (PARTITION BY tenant_id ORDER BY last_seen_at_ms DESC, instance_id) AS rank \
+             ROW_NUMBER() OVER (PARTITION BY tenant_id \
+             ORDER BY CASE WHEN role = 'gateway' THEN 0 ELSE 1 END, last_seen_at_ms DESC, instance_id) AS rank \
              FROM instance_presence) ranked WHERE last_seen_at_ms < $1 OR rank > $2",
                 )
                 .bind(cutoff_ms)

@@ -19,6 +19,7 @@ fn node(id: &str, host: &str) -> InstanceEntry {
         last_input_seconds: Some(3),
         reason: "connect".into(),
         metadata: json!({"capabilities": ["tyrum.fs.read"]}),
+        edge_id: String::new(),
     }
 }
 
@@ -49,6 +50,49 @@ muster_store::backend_suite! {
         assert!(wire.last_seen_at.ends_with('Z'));
     }
 
+    async fn only_the_edge_that_wrote_an_entry_last_removes_it(store: Store) {
+        let presence = Instances::new(Arc::new(store.clone()));
+        let through = |edge: &str| InstanceEntry { edge_id: edge.into(), ..node("dev_a", "h") };
+        presence.upsert("t1", through("edge-a")).await.unwrap();
+        // The device reconnected through edge-b; edge-a then finds its old
+        // connection gone.
+        presence.upsert("t1", through("edge-b")).await.unwrap();
+        assert!(!presence.remove("t1", "dev_a", "edge-a").await.unwrap());
+        let listed = presence.list("t1").await.unwrap();
+        assert_eq!(listed.iter().map(|e| e.edge_id.as_str()).collect::<Vec<_>>(), ["edge-b"]);
+        let kinds = |events: Vec<muster_store::outbox::Item>| events.into_iter().map(|e| e.kind).collect::<Vec<_>>();
+        let events = muster_store::testing::outbox_items(&store, "t1").await.unwrap();
+        assert_eq!(kinds(events), ["presence.upserted", "presence.upserted"]);
+        // Its connection to edge-b closes: the entry goes.
+        assert!(presence.remove("t1", "dev_a", "edge-b").await.unwrap());
+        assert!(presence.list("t1").await.unwrap().is_empty());
+        let events = muster_store::testing::outbox_items(&store, "t1").await.unwrap();
+        assert_eq!(kinds(events).last().map(String::as_str), Some("presence.pruned"));
+        // A removal that could not be stored changes nothing.
+        presence.upsert("t1", through("edge-a")).await.unwrap();
+        for (instance, edge) in [("dev_a", "edge\0a"), ("", "edge-a"), ("dev_a", &"e".repeat(300))] {
+            assert!(matches!(presence.remove("t1", instance, edge).await, Err(PresenceError::Invalid(_))), "{instance:?} {edge:?}");
+        }
+        assert_eq!(presence.list("t1").await.unwrap().len(), 1);
+    }
+
+    async fn a_full_tenant_keeps_its_gateways(store: Store) {
+        let presence = Instances::new(Arc::new(store.clone()));
+        let gateway = InstanceEntry { role: InstanceRole::Gateway, ..node("edge-1", "h") };
+        presence.upsert("t1", gateway).await.unwrap();
+        for id in ["dev_1", "dev_2"] {
+            tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+            presence.upsert("t1", node(id, "h")).await.unwrap();
+        }
+        // The gateway is the oldest, but a peer goes: its edge would
+        // announce the gateway again at once, and the cap prune it again.
+        let pruned = presence.prune(Retention { ttl: std::time::Duration::from_secs(60), cap: 2 }).await.unwrap();
+        assert_eq!(pruned, vec![("t1".to_string(), "dev_1".to_string())]);
+        let mut left: Vec<_> = presence.list("t1").await.unwrap().into_iter().map(|e| e.instance_id).collect();
+        left.sort();
+        assert_eq!(left, ["dev_2", "edge-1"]);
+    }
+
     async fn one_batch_applies_its_writes_in_order(store: Store) {
         use muster_presence::{InstanceWrite, PresenceStore};
         use muster_store::outbox::NewItem;
@@ -60,6 +104,7 @@ muster_store::backend_suite! {
         let remove = |id: &str| InstanceWrite::Remove {
             tenant_id: "t1".into(),
             instance_id: id.into(),
+            edge_id: String::new(),
             event: NewItem::event("t1", "presence.pruned", json!({"id": id})),
         };
         // More entries than one statement carries, the same instance
