@@ -272,6 +272,12 @@ muster_e2e::on_both_stores! {
         // A new name changes no claims: the connection stays.
         let (status, renamed) = http_send("PATCH", &edit, Some(&admin), r#"{"display_name": "ci-3"}"#);
         assert_eq!((status, &renamed["token"]["display_name"]), (200, &json!("ci-3")));
+        // As long as Tyrum lets a display name be: 120 characters, of four
+        // bytes each here.
+        let longest = "😀".repeat(120);
+        let body = json!({"display_name": longest}).to_string();
+        let (status, renamed) = http_send("PATCH", &edit, Some(&admin), &body);
+        assert_eq!((status, &renamed["token"]["display_name"]), (200, &json!(longest)), "{renamed}");
 
         let before = tokens(&host, &admin);
         for (body, status, error) in [

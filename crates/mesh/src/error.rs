@@ -69,15 +69,34 @@ impl ErrorCode {
 /// sees, so it must never hold a secret.
 pub trait ServiceError: std::error::Error {
     fn code(&self) -> ErrorCode;
+
+    /// The store's error this one is, if any.
+    fn store_error(&self) -> Option<&muster_store::StoreError> {
+        None
+    }
 }
 
 /// Turns a domain error into a status: the message for the caller, except
-/// for internal faults, which are logged and reported without detail.
+/// for internal faults, which are logged and reported without detail, and
+/// the database's own refusals, whose text (SQLSTATEs, constraint and
+/// column names, the driver's words) is logged and replaced by a fixed
+/// message for their code.
 pub fn to_status(error: &impl ServiceError) -> Status {
     let code = error.code();
     if code == ErrorCode::Internal {
         tracing::error!(%error, "internal error");
         return Status::new(code.grpc(), "internal error");
+    }
+    if let Some(muster_store::StoreError::Database(_)) = error.store_error() {
+        tracing::warn!(%error, ?code, "the store refused a call");
+        let message = match code {
+            ErrorCode::InvalidArgument => {
+                "the store cannot hold a value of the request (a NUL character, or too long)"
+            }
+            ErrorCode::InvalidState => "the request conflicts with what is stored",
+            _ => "the store is unavailable; try again",
+        };
+        return Status::new(code.grpc(), message);
     }
     Status::new(code.grpc(), error.to_string())
 }
@@ -124,6 +143,10 @@ impl ServiceError for muster_store::StoreError {
             StoreError::Unavailable(_) => ErrorCode::Unavailable,
             _ => ErrorCode::Internal,
         }
+    }
+
+    fn store_error(&self) -> Option<&muster_store::StoreError> {
+        Some(self)
     }
 }
 

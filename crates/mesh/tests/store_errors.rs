@@ -30,3 +30,47 @@ async fn a_deadlock_the_server_broke_is_unavailable_not_internal() {
     assert!(failed.to_string().contains("deadlock"), "{failed}");
     assert_eq!(failed.code(), ErrorCode::Unavailable, "{failed}");
 }
+
+/// What the database says of a refused statement (its SQLSTATE, the
+/// constraint's name, the driver's words) goes to the log; the caller gets
+/// the code and a fixed message.
+#[tokio::test]
+async fn a_refused_statement_reaches_the_caller_without_the_databases_words() {
+    let url = muster_store::testing::create_postgres_database().await;
+    let store = Store::connect(&url, &Default::default()).await.unwrap();
+    sqlx::query("CREATE TABLE named (name TEXT CONSTRAINT named_secret_shape_key UNIQUE)")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let insert = |name: &'static str| {
+        let store = store.clone();
+        async move {
+            sqlx::query("INSERT INTO named (name) VALUES ($1)")
+                .bind(name)
+                .execute(store.pool())
+                .await
+                .map_err(StoreError::from)
+        }
+    };
+    insert("a").await.unwrap();
+    for (refused, code, message) in [
+        (
+            insert("nul\0").await.unwrap_err(),
+            tonic::Code::InvalidArgument,
+            "the store cannot hold a value of the request (a NUL character, or too long)",
+        ),
+        (
+            insert("a").await.unwrap_err(),
+            tonic::Code::FailedPrecondition,
+            "the request conflicts with what is stored",
+        ),
+    ] {
+        assert!(refused.to_string().contains("database"), "{refused}");
+        let status = muster_mesh::to_status(&refused);
+        assert_eq!(
+            (status.code(), status.message()),
+            (code, message),
+            "{refused}"
+        );
+    }
+}

@@ -115,6 +115,13 @@ impl ServiceError for ApprovalError {
             ApprovalError::Store(e) => e.code(),
         }
     }
+
+    fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            ApprovalError::Store(error) => Some(error),
+            _ => None,
+        }
+    }
 }
 
 fn audience(item: NewItem) -> NewItem {

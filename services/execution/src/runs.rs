@@ -58,6 +58,13 @@ impl ServiceError for RunError {
             RunError::Store(e) => e.code(),
         }
     }
+
+    fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            RunError::Store(error) => Some(error),
+            _ => None,
+        }
+    }
 }
 
 /// Runs: enqueue and read.

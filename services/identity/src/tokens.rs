@@ -103,6 +103,10 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The longest label a token keeps: room for the edge's display names of
+/// up to 120 characters (Tyrum's bound) of up to four bytes each.
+pub const MAX_LABEL_BYTES: usize = 480;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error("{0}")]
@@ -131,6 +135,13 @@ impl ServiceError for TokenError {
             TokenError::NotFound(_) => ErrorCode::NotFound,
             TokenError::Changed(_) => ErrorCode::InvalidState,
             TokenError::Store(e) => e.code(),
+        }
+    }
+
+    fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            TokenError::Store(error) => Some(error),
+            _ => None,
         }
     }
 }
@@ -199,8 +210,10 @@ fn checked(
     if let Some(bad) = scopes.iter().find(|s| !SCOPES.contains(&s.as_str())) {
         return Err(TokenError::Invalid(format!("unknown scope {bad:?}")));
     }
-    if label.len() > 200 {
-        return Err(TokenError::Invalid("label longer than 200 bytes".into()));
+    if label.len() > MAX_LABEL_BYTES {
+        return Err(TokenError::Invalid(format!(
+            "label longer than {MAX_LABEL_BYTES} bytes"
+        )));
     }
     let mut scopes = scopes;
     scopes.sort();
@@ -309,10 +322,19 @@ impl Tokens {
         }
     }
 
+    /// The token `token_id`, revoked or not. Ids are UUIDs: anything else
+    /// names no token, and is not asked of the store, which would refuse
+    /// some (a NUL on Postgres) and look others up (on SQLite).
+    async fn by_id(&self, token_id: &str) -> Result<Option<TokenRecord>, TokenError> {
+        if uuid::Uuid::try_parse(token_id).is_err() {
+            return Ok(None);
+        }
+        Ok(self.store.token_by_id(token_id).await?)
+    }
+
     /// The token `token_id` while it is not revoked.
     async fn live(&self, token_id: &str) -> Result<TokenRecord, TokenError> {
-        self.store
-            .token_by_id(token_id)
+        self.by_id(token_id)
             .await?
             .filter(|r| r.revoked_at_ms.is_none())
             .ok_or_else(|| TokenError::NotFound(token_id.to_owned()))
@@ -427,7 +449,7 @@ impl Tokens {
         tenant_id: &str,
         token_id: &str,
     ) -> Result<Vec<TokenRecord>, TokenError> {
-        let record = self.store.token_by_id(token_id).await?;
+        let record = self.by_id(token_id).await?;
         Ok(record
             .into_iter()
             .filter(|record| record.tenant_id == tenant_id)

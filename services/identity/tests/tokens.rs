@@ -49,6 +49,11 @@ muster_store::backend_suite! {
         assert_eq!(tokens.list_one("t1", &record.token_id).await.unwrap(), listed);
         assert!(tokens.list_one("t2", &record.token_id).await.unwrap().is_empty());
         assert!(tokens.list_one("t1", "no such token").await.unwrap().is_empty());
+        // Ids no token could have name none, on both stores alike.
+        for id in ["nul\0", &"x".repeat(10_000)] {
+            assert!(tokens.list_one("t1", id).await.unwrap().is_empty());
+            assert!(matches!(tokens.revoke(id, None, None).await, Err(TokenError::NotFound(_))));
+        }
     }
 
     async fn bad_requests_change_nothing(store: Store) {

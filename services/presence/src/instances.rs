@@ -106,6 +106,13 @@ impl ServiceError for PresenceError {
             PresenceError::Store(e) => e.code(),
         }
     }
+
+    fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            PresenceError::Store(error) => Some(error),
+            _ => None,
+        }
+    }
 }
 
 impl InstanceEntry {

@@ -117,6 +117,13 @@ impl ServiceError for TopicError {
             TopicError::Store(e) => e.code(),
         }
     }
+
+    fn store_error(&self) -> Option<&StoreError> {
+        match self {
+            TopicError::Store(error) => Some(error),
+            _ => None,
+        }
+    }
 }
 
 fn field(name: &str, value: &str) -> Result<(), TopicError> {
