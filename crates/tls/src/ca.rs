@@ -103,8 +103,16 @@ impl CertificateAuthority {
     /// Loads a CA from its certificate and private key.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let key = KeyPair::from_pem(key_pem)?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
         let cert_der = first_cert(cert_pem.as_bytes(), Path::new("<ca>"))?;
+        // A CA whose key is not its certificate's would issue certificates
+        // that verify nowhere (a bundle rotated with its certificates out
+        // of order, a key from another CA).
+        if !key_matches(&key, &cert_der) {
+            return Err(TlsError::Identity(
+                "the CA key is not the key of the first certificate of the CA file".into(),
+            ));
+        }
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
         Ok(CertificateAuthority {
             cert_pem: cert_pem.to_owned(),
             cert_der,
@@ -360,10 +368,17 @@ impl TlsDir {
             let ca_subject = CertSummary::of(ca.cert_der())?.subject;
             let renew_at = OffsetDateTime::now_utc() + opts.validity / 3;
             let wanted = name.spiffe_id(trust_domain).to_string();
+            // The key is checked too: a write cut short between the key
+            // and the certificate (or a reissue racing a renewal) leaves a
+            // new key beside the old certificate, which no TLS
+            // configuration takes, until issued again.
+            let key_fits = KeyPair::from_pem(&read_string(&files.key)?)
+                .is_ok_and(|key| key_matches(&key, &der));
             if summary.issuer == ca_subject
                 && summary.not_after > renew_at
                 && summary.spiffe_id.as_deref() == Some(wanted.as_str())
                 && verifies_against(&der, ca)
+                && key_fits
             {
                 return Ok(false);
             }
@@ -372,6 +387,13 @@ impl TlsDir {
         self.write_issued(name, &issued)?;
         Ok(true)
     }
+}
+
+/// Whether `key` is the key `cert` certifies.
+fn key_matches(key: &KeyPair, cert: &CertificateDer<'_>) -> bool {
+    use rcgen::PublicKeyData;
+    X509Certificate::from_der(cert.as_ref())
+        .is_ok_and(|(_, parsed)| parsed.public_key().raw == key.subject_public_key_info())
 }
 
 fn verifies_against(der: &CertificateDer<'_>, ca: &CertificateAuthority) -> bool {
@@ -521,6 +543,37 @@ mod tests {
         let (ctl, serves, client) = described(ServiceName::Ctl, &none);
         assert!(!serves && client);
         assert!(ctl.is_empty(), "{ctl:?}");
+    }
+
+    #[test]
+    fn a_key_that_is_not_its_certificates_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = TlsDir::new(dir.path());
+        let (ca, _) = tls.ensure_ca(Duration::from_secs(3600)).unwrap();
+        let opts = IssueOptions::valid_for(Duration::from_secs(3600));
+        assert!(
+            tls.ensure_issued(&ca, "td", ServiceName::Edge, &opts)
+                .unwrap()
+        );
+        assert!(
+            !tls.ensure_issued(&ca, "td", ServiceName::Edge, &opts)
+                .unwrap()
+        );
+        // A new key beside the current certificate: issued again.
+        let files = tls.files(ServiceName::Edge);
+        let other = ca.issue("td", ServiceName::Edge, &opts).unwrap();
+        std::fs::write(&files.key, other.key_pem).unwrap();
+        assert!(
+            tls.ensure_issued(&ca, "td", ServiceName::Edge, &opts)
+                .unwrap()
+        );
+        crate::install_crypto_provider();
+        assert!(crate::MeshTls::load(files, "td").is_ok());
+
+        // A CA file whose key is another CA's.
+        let stranger = CertificateAuthority::generate("td", Duration::from_secs(3600)).unwrap();
+        let mixed = CertificateAuthority::from_pem(ca.cert_pem(), &stranger.key_pem());
+        assert!(matches!(mixed.err(), Some(TlsError::Identity(_))));
     }
 
     #[test]
