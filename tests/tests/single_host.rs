@@ -422,3 +422,74 @@ async fn a_listing_of_presence_past_four_mebibytes_still_answers() {
     assert!(entries >= 600, "{entries} entries");
     host.stop().await;
 }
+
+/// A decision over gRPC is said, never assumed from a field left out; the
+/// same decision again answers as the first did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_is_decided_only_by_a_verdict_said() {
+    use muster_proto::v1::approvals_client::ApprovalsClient;
+    use muster_proto::v1::{
+        CreateApprovalRequest, DecideApprovalRequest, GetApprovalRequest, Verdict,
+    };
+    let host = Host::start(None).await;
+    let mut approvals =
+        ApprovalsClient::new(host.channel(ServiceName::Approvals, ServiceName::Edge));
+    let created = approvals
+        .create_approval(CreateApprovalRequest {
+            tenant_id: "t1".into(),
+            kind: "capability".into(),
+            context_json: "{}".into(),
+            ttl_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let decide = |verdict: Verdict| DecideApprovalRequest {
+        tenant_id: "t1".into(),
+        approval_id: created.approval_id.clone(),
+        verdict: verdict.into(),
+        decided_by: "alice".into(),
+        reason: String::new(),
+    };
+    let unsaid = approvals
+        .decide_approval(decide(Verdict::Unspecified))
+        .await
+        .unwrap_err();
+    assert_eq!(unsaid.code(), Code::InvalidArgument, "{unsaid:?}");
+    let get = GetApprovalRequest {
+        tenant_id: "t1".into(),
+        approval_id: created.approval_id.clone(),
+    };
+    let stored = approvals
+        .get_approval(get.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.status, "pending");
+
+    let approved = approvals
+        .decide_approval(decide(Verdict::Approve))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(approved.status, "approved");
+    let again = approvals
+        .decide_approval(decide(Verdict::Approve))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again, approved,
+        "the same decision answers as the first did"
+    );
+    let denied = approvals
+        .decide_approval(decide(Verdict::Deny))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::FailedPrecondition, "{denied:?}");
+    assert_eq!(
+        approvals.get_approval(get).await.unwrap().into_inner(),
+        approved
+    );
+    host.stop().await;
+}

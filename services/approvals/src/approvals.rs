@@ -222,7 +222,10 @@ impl Approvals {
 
     /// Approves or denies a pending, unexpired request and emits
     /// `approval.resolved`. Deciding twice, or too late, is refused and
-    /// changes nothing.
+    /// changes nothing, except that the same decision again (verdict,
+    /// decider and reason) answers with the request as it was decided: a
+    /// caller whose reply was lost after the commit may ask again and
+    /// learn that its decision stands.
     pub async fn decide(
         &self,
         tenant_id: &str,
@@ -232,22 +235,32 @@ impl Approvals {
         check_name("decided_by", &decision.decided_by, MAX_NAME_BYTES)
             .map_err(ApprovalError::Invalid)?;
         check_text("reason", &decision.reason, 1024).map_err(ApprovalError::Invalid)?;
+        let verdict = if decision.approve {
+            Status::Approved
+        } else {
+            Status::Denied
+        };
+        let reason = (!decision.reason.is_empty()).then_some(decision.reason);
+        // The request as decided, if this very decision is what decided it.
+        let made = |stored: Approval| {
+            (stored.status == verdict
+                && stored.decided_by.as_deref() == Some(decision.decided_by.as_str())
+                && stored.reason == reason)
+                .then_some(stored)
+        };
         let current = self.get(tenant_id, approval_id).await?;
         if current.status != Status::Pending {
-            return Err(ApprovalError::NotPending {
+            let status = current.status.as_str();
+            return made(current).ok_or_else(|| ApprovalError::NotPending {
                 id: approval_id.to_owned(),
-                status: current.status.as_str(),
+                status,
             });
         }
         let decided = Approval {
-            status: if decision.approve {
-                Status::Approved
-            } else {
-                Status::Denied
-            },
+            status: verdict,
             decided_at_ms: Some(now_ms()),
-            decided_by: Some(decision.decided_by),
-            reason: (!decision.reason.is_empty()).then_some(decision.reason),
+            decided_by: Some(decision.decided_by.clone()),
+            reason: reason.clone(),
             ..current
         };
         let event = audience(NewItem::event(
@@ -259,10 +272,11 @@ impl Approvals {
         // unexpired inside its transaction: two approvers racing cannot both
         // win.
         if !self.store.decide_approval(&decided, &event).await? {
-            let status = self.get(tenant_id, approval_id).await?.status;
-            return Err(ApprovalError::NotPending {
+            let stored = self.get(tenant_id, approval_id).await?;
+            let status = stored.status.as_str();
+            return made(stored).ok_or_else(|| ApprovalError::NotPending {
                 id: approval_id.to_owned(),
-                status: status.as_str(),
+                status,
             });
         }
         Ok(decided)

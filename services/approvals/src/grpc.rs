@@ -116,13 +116,22 @@ impl ApprovalsRpc for ApprovalsService {
         request: Request<pb::DecideApprovalRequest>,
     ) -> Result<Response<pb::Approval>, GrpcStatus> {
         let r = request.into_inner();
+        let approve = match pb::Verdict::try_from(r.verdict) {
+            Ok(pb::Verdict::Approve) => true,
+            Ok(pb::Verdict::Deny) => false,
+            _ => {
+                return Err(status(ApprovalError::Invalid(
+                    "verdict is required: VERDICT_APPROVE or VERDICT_DENY".into(),
+                )));
+            }
+        };
         let decided = self
             .approvals
             .decide(
                 &r.tenant_id,
                 &r.approval_id,
                 Decision {
-                    approve: r.approve,
+                    approve,
                     decided_by: r.decided_by,
                     reason: r.reason,
                 },

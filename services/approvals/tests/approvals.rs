@@ -36,7 +36,33 @@ muster_store::backend_suite! {
 
         let again = approvals.decide("t1", &created.approval_id, Decision { approve: false, ..approve("bob") }).await;
         assert!(matches!(again, Err(ApprovalError::NotPending { status: "approved", .. })));
+        // Alice's decision again (a retry after a lost reply) answers as
+        // the first did; any other of hers is refused.
+        assert_eq!(approvals.decide("t1", &created.approval_id, approve("alice")).await.unwrap(), decided);
+        for other in [Decision { approve: false, ..approve("alice") }, Decision { reason: "later".into(), ..approve("alice") }] {
+            let refused = approvals.decide("t1", &created.approval_id, other).await;
+            assert!(matches!(refused, Err(ApprovalError::NotPending { status: "approved", .. })), "{refused:?}");
+        }
         assert_eq!(event_kinds(&store).await, vec!["approval.requested", "approval.resolved"]);
+    }
+
+    async fn the_store_refuses_a_decision_past_expiry_itself(store: Store) {
+        use muster_approvals::ApprovalStore;
+        // Past the service's own check (a request that expired between
+        // its read and the write): the store's condition refuses it.
+        let approvals = Approvals::new(Arc::new(store.clone()));
+        let created = approvals.create("t1", "capability", json!({}), Some(1)).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let decided = muster_approvals::Approval {
+            status: Status::Approved,
+            decided_at_ms: Some(muster_store::now_ms()),
+            decided_by: Some("alice".into()),
+            ..created.clone()
+        };
+        let event = muster_store::outbox::NewItem::event("t1", "approval.resolved", json!({}));
+        assert!(!store.decide_approval(&decided, &event).await.unwrap());
+        assert_eq!(event_kinds(&store).await, vec!["approval.requested"]);
+        assert_eq!(approvals.get("t1", &created.approval_id).await.unwrap().status, Status::Expired);
     }
 
     async fn other_tenants_cannot_see_or_decide(store: Store) {
