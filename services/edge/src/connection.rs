@@ -1176,51 +1176,32 @@ async fn respond(edge: &Edge, peer: &Peer, request: &Request) -> String {
 /// observed itself (Part B §4's connect metadata, but `capabilities`).
 const OBSERVED_KEYS: [&str; 3] = ["edge_id", "raw_remote_ip", "resolved_client_ip"];
 
-/// `metadata` as a peer reported it, with the edge's own observations, as
-/// `before` (the metadata of the peer's previous entry) holds them, under
-/// their keys in place of whatever the peer put there: a peer cannot pass
-/// its own word off as the edge's. One that is no object is left for
-/// presence to refuse.
-fn with_observations(mut metadata: Value, before: &str) -> Value {
-    let Some(reported) = metadata.as_object_mut() else {
-        return metadata;
-    };
-    let before: Option<Value> = serde_json::from_str(before).ok();
-    for key in OBSERVED_KEYS {
-        match before.as_ref().and_then(|before| before.get(key)) {
-            Some(observed) => reported.insert(key.into(), observed.clone()),
-            None => reported.remove(key),
-        };
+/// `metadata` as a peer reported it, without the keys under which the edge
+/// labels its own observations: a peer cannot pass its word off as the
+/// edge's. (What the edge observed stays in `observed_ip`, which presence
+/// sets on every entry.) One that is no object is left for presence to
+/// refuse.
+fn without_observed_keys(mut metadata: Value) -> Value {
+    if let Some(reported) = metadata.as_object_mut() {
+        for key in OBSERVED_KEYS {
+            reported.remove(key);
+        }
     }
     metadata
 }
 
 async fn beacon_upsert(edge: &Edge, peer: &Peer, beacon: Beacon) -> Result<Value, tonic::Status> {
-    let _one_at_a_time = peer.presence_writes.lock().await;
-    // What the connect observed is kept from entry to entry: `reported`
-    // changes only under the lock held here.
-    // A peer left out of presence until now (a CLI) has no entry before:
-    // what the edge knows of it stands in (its socket's own address is
-    // not kept).
-    let before = peer
-        .reported
-        .lock()
-        .expect("reported lock")
-        .as_ref()
-        .map(|reported| reported.metadata_json.clone())
-        .unwrap_or_else(|| {
-            json!({"edge_id": edge.edge_id, "resolved_client_ip": peer.observed_ip}).to_string()
-        });
-    let metadata = with_observations(beacon.metadata.unwrap_or_else(|| json!({})), &before);
     let reported = Reported {
         host: beacon.host.unwrap_or_default(),
         ip: beacon.ip.unwrap_or_default(),
         version: beacon.version.unwrap_or_default(),
         mode: beacon.mode.unwrap_or_default(),
         last_input_seconds: beacon.last_input_seconds.unwrap_or(-1),
-        metadata_json: metadata.to_string(),
+        metadata_json: without_observed_keys(beacon.metadata.unwrap_or_else(|| json!({})))
+            .to_string(),
         reason: "periodic",
     };
+    let _one_at_a_time = peer.presence_writes.lock().await;
     // A peer left out of presence (a CLI) that beacons is in it from now
     // on: refreshed while it stays, removed when it leaves, rather than an
     // entry nobody keeps until the TTL prunes it. Set before the write, so
