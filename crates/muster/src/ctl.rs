@@ -21,19 +21,33 @@ pub struct Ctl {
 impl Ctl {
     pub fn new(config: &Config) -> anyhow::Result<Ctl> {
         muster_tls::install_crypto_provider();
+        let endpoints: Option<Endpoints> = std::fs::read(config.endpoints_file())
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        // The running host's own trust domain and certificates, where this
+        // command sets neither: a host started with `--trust-domain` or
+        // `--tls-dir` is reached with `--data-dir` alone.
+        let mut config = config.clone();
+        if let Some(running) = &endpoints {
+            if config.trust_domain == Config::default().trust_domain {
+                config.trust_domain.clone_from(&running.trust_domain);
+            }
+            if config.tls_dir.is_none() {
+                config.tls_dir = Some(running.tls_dir.clone().into());
+            }
+        }
         let tls = MeshTls::load(config.tls().files(ServiceName::Ctl), &config.trust_domain)
             .with_context(|| {
                 format!(
-                    "loading the ctl certificate from {} (is muster running with this --data-dir?)",
-                    config.tls().path().display()
+                    "loading the ctl certificate from {} for trust domain {} (is muster running \
+                     with this --data-dir? a cluster's: --tls-dir and --trust-domain)",
+                    config.tls().path().display(),
+                    config.trust_domain
                 )
             })?;
-        let endpoints = std::fs::read(config.endpoints_file())
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
         Ok(Ctl {
             tls,
-            config: config.clone(),
+            config,
             endpoints,
         })
     }

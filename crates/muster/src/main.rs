@@ -367,10 +367,14 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         "shutting down: no new connections, draining in-flight work (a second signal stops at once)"
     );
     let code = tokio::select! {
-        stopped = running.stop() => {
-            stopped?;
-            ExitCode::SUCCESS
-        }
+        stopped = running.stop() => match stopped {
+            Ok(()) => ExitCode::SUCCESS,
+            // Reported, with the traces flushed all the same.
+            Err(error) => {
+                tracing::error!(error = %format!("{error:#}"), "stopping failed");
+                ExitCode::FAILURE
+            }
+        },
         () = signals.next() => {
             tracing::warn!("a second signal: stopping without waiting for in-flight work");
             ExitCode::FAILURE
@@ -418,7 +422,8 @@ fn print_banner(config: &Config, running: &muster::Running) {
         let _ = writeln!(out, "  {}", token.expose());
         let _ = writeln!(
             out,
-            "Clients send it as `Authorization: Bearer <token>`. More tokens: `muster token create --scopes operator.read`."
+            "Clients send it as `Authorization: Bearer <token>`. More tokens: `muster token create --scopes operator.read{}`.",
+            data_dir_hint(config)
         );
     }
     let _ = writeln!(

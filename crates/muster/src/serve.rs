@@ -111,10 +111,16 @@ impl Running {
             }
             anyhow::Ok(())
         };
-        match tokio::time::timeout(self.grace, drain).await {
-            Ok(result) => result?,
-            Err(_) => tracing::warn!(grace = ?self.grace, "in-flight work did not finish in time"),
-        }
+        // A part that failed as it drained is reported, after the rest is
+        // put away all the same: the store closed, and the endpoints file
+        // gone, so that the command line does not dial what stopped.
+        let drained = match tokio::time::timeout(self.grace, drain).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(grace = ?self.grace, "in-flight work did not finish in time");
+                Ok(())
+            }
+        };
         services_shutdown.cancel();
         if let Some(store) = self.store {
             store.close().await;
@@ -122,6 +128,7 @@ impl Running {
         if let Some(file) = self.endpoints_file {
             let _ = std::fs::remove_file(file);
         }
+        drained?;
         tracing::info!("stopped");
         Ok(())
     }

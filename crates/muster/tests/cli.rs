@@ -848,6 +848,21 @@ fn text_settings_from_the_environment_stay_text_even_when_they_look_like_numbers
 }
 
 #[test]
+fn the_tools_reach_a_host_of_its_own_trust_domain_with_the_data_dir_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut served = Served::start(&data, &[("MUSTER_TRUST_DOMAIN", "dev.example")]);
+    let health = muster(&["health"], &data);
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    served.terminate();
+    assert!(served.wait(Duration::from_secs(20)).success());
+}
+
+#[test]
 fn health_without_certificates_says_why_once() {
     let dir = tempfile::tempdir().unwrap();
     let said = muster(&["health"], &dir.path().join("none"));
