@@ -50,10 +50,13 @@ pg_bin_or_die() {
 
 # A small WAL ceiling: the suite creates a database per test, and with the
 # default (1 GB before a checkpoint) a run's WAL alone can fill a small disk.
+# No Unix socket: everything connects over TCP, and a socket's path (in DIR,
+# whose name may hold spaces or run past the 107 bytes a socket path may
+# have) would only be a way for the start to fail.
 pg_ctl_start() {
     local dir=$1 port=$2
     as_pg "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 30 \
-        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c max_connections=300 -c max_wal_size=128MB -c min_wal_size=32MB" \
+        -o "-p $port -c unix_socket_directories='' -c listen_addresses=127.0.0.1 -c max_connections=300 -c max_wal_size=128MB -c min_wal_size=32MB" \
         start >/dev/null 2>&1
 }
 

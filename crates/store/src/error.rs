@@ -36,9 +36,13 @@ impl From<sqlx::Error> for StoreError {
 /// I/O error, corrupt, full, or not openable.
 fn is_server_trouble(code: &str) -> bool {
     if code.len() == 5 {
-        return ["08", "53", "57", "58"]
-            .iter()
-            .any(|class| code.starts_with(class));
+        // 25006, read_only_sql_transaction: a write reached a server that
+        // takes none (a standby, or the primary fenced after a failover),
+        // and the pool's connections to it are no use for writes.
+        return code == "25006"
+            || ["08", "53", "57", "58"]
+                .iter()
+                .any(|class| code.starts_with(class));
     }
     code.parse::<u32>()
         .is_ok_and(|extended| matches!(extended & 0xff, 5..=8 | 10 | 11 | 13 | 14))
@@ -96,7 +100,7 @@ mod tests {
     fn server_trouble_is_told_from_a_refused_statement() {
         // admin_shutdown (a restart), connection_failure, too_many_connections,
         // io_error: the store failed.
-        for code in ["57P01", "08006", "53300", "58030"] {
+        for code in ["57P01", "08006", "53300", "58030", "25006"] {
             assert!(is_server_trouble(code), "{code}");
         }
         // unique_violation, check_violation, syntax_error, serialization_failure

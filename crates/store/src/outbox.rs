@@ -133,11 +133,15 @@ pub const MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 
 /// Checks `item`; its payload as JSON when it may be appended.
 fn validate(item: &NewItem) -> Result<String, StoreError> {
+    let target = item.target.as_ref().map(|target| target.parts().1);
     for (field, value) in [
-        ("tenant_id", &item.tenant_id),
+        ("tenant_id", item.tenant_id.as_str()),
         ("event_id", &item.event_id),
         ("type", &item.kind),
-    ] {
+    ]
+    .into_iter()
+    .chain(target.map(|id| ("target_id", id)))
+    {
         // The error names the field itself.
         crate::text::check_name(field, value, crate::text::MAX_NAME_BYTES).map_err(|reason| {
             let reason = reason.strip_prefix(field).unwrap_or(&reason).trim_start();
@@ -390,9 +394,8 @@ pub async fn position_of(
 /// Records that `consumer_id` has everything up to `position`; progress
 /// never moves backwards.
 pub async fn ack(store: &Store, consumer_id: &str, position: i64) -> Result<(), StoreError> {
-    if consumer_id.trim().is_empty() {
-        return Err(StoreError::invalid("consumer_id", "empty"));
-    }
+    crate::text::check_name("consumer_id", consumer_id, crate::text::MAX_NAME_BYTES)
+        .map_err(|reason| StoreError::invalid("consumer_id", reason))?;
     sqlx::query(
         "INSERT INTO outbox_consumers (consumer_id, position, updated_at_ms) VALUES ($1, $2, $3) \
          ON CONFLICT (consumer_id) DO UPDATE SET \

@@ -121,6 +121,10 @@ muster_store::backend_suite! {
             let bad = NewItem::event(tenant, kind, json!({}));
             assert!(matches!(outbox::append(&mut tx, &bad).await, Err(StoreError::Invalid { .. })), "{tenant:?} {kind:?}");
         }
+        for target in [outbox::Target::Device("dev\0a".into()), outbox::Target::Connection("c".repeat(257))] {
+            let bad = NewItem { target: Some(target.clone()), ..NewItem::event("t1", "x", json!({})) };
+            assert!(matches!(outbox::append(&mut tx, &bad).await, Err(StoreError::Invalid { field: "target_id", .. })), "{target:?}");
+        }
         tx.commit().await.unwrap();
         // Up to the limit, it goes (rolled back here).
         let fits = NewItem::event("t1", "x", json!({"by": "x".repeat(outbox::MAX_PAYLOAD_BYTES - 20)}));
@@ -176,7 +180,9 @@ muster_store::backend_suite! {
         assert_eq!(outbox::progress(&store, "edge-a").await.unwrap(), Some(7));
         outbox::ack(&store, "edge-a", 9).await.unwrap();
         assert_eq!(outbox::progress(&store, "edge-a").await.unwrap(), Some(9));
-        assert!(matches!(outbox::ack(&store, " ", 1).await, Err(StoreError::Invalid { field: "consumer_id", .. })));
+        for consumer in [" ", "edge\0b", &"e".repeat(257)] {
+            assert!(matches!(outbox::ack(&store, consumer, 1).await, Err(StoreError::Invalid { field: "consumer_id", .. })), "{consumer:?}");
+        }
         let consumers = outbox::consumers(&store).await.unwrap();
         assert_eq!(consumers.len(), 1);
         assert_eq!(consumers[0].position, 9);

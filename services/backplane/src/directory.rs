@@ -34,9 +34,10 @@ impl Registration {
             ("device_id", &self.device_id),
             ("edge_id", &self.edge_id),
         ] {
-            if value.trim().is_empty() {
-                return Err(StoreError::invalid(field, "required"));
-            }
+            // The same on both stores: Postgres refuses a NUL, and an
+            // indexed value of kilobytes, that SQLite would keep.
+            muster_store::text::check_name(field, value, muster_store::text::MAX_NAME_BYTES)
+                .map_err(|reason| StoreError::invalid(field, reason))?;
         }
         if self.role != "client" && self.role != "node" {
             return Err(StoreError::invalid("role", "client or node"));

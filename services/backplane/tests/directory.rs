@@ -162,6 +162,9 @@ muster_store::backend_suite! {
             Registration { connection_id: " ".into(), ..registration("c", "d", "e") },
             Registration { tenant_id: "".into(), ..registration("c", "d", "e") },
             Registration { role: "admin".into(), ..registration("c", "d", "e") },
+            // Refused on both stores alike, as Postgres alone would.
+            Registration { device_id: "d\0".into(), ..registration("c", "d", "e") },
+            Registration { edge_id: "e".repeat(257), ..registration("c", "d", "e") },
         ] {
             assert!(matches!(store.register(&bad).await, Err(StoreError::Invalid { .. })), "{bad:?}");
         }

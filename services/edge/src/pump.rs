@@ -786,8 +786,17 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
                             count = missing.len(),
                             "presence lost entries of connected peers; announcing them again"
                         );
+                        // One connection per device: the entry is the
+                        // device's, and each would bring its own
+                        // `presence.upserted`. (Should that one leave or
+                        // fail, the next refresh finds the entry missing
+                        // again and picks another.)
+                        let mut picked = HashSet::new();
                         for peer in edge.registry.tenant(&tenant_id) {
-                            if missing.contains(peer.device_id.as_str()) {
+                            if missing.contains(peer.device_id.as_str())
+                                && peer.in_presence.load(Acquire)
+                                && picked.insert(peer.device_id.clone())
+                            {
                                 peer.announcing.lost(round);
                             }
                         }
