@@ -1282,6 +1282,12 @@ muster_e2e::on_both_stores! {
         let (mut operator, node_key, node, store) =
             operator_and_node(&host, json!({"mode": "node", "label": "lab-7"})).await;
         let node_id = node_key.device_id();
+        // The node's second connection: one entry, the device's.
+        let mut twin = admin(&host).await;
+        twin.handshake(&node_key, "node", json!({"mode": "node", "label": "lab-7"})).await;
+        for _ in 0..2 {
+            upserted_entry(&mut operator, &node_id).await;
+        }
         // Announced at start and at connect.
         let gateway = loop {
             let listed = operator.call("muster.presence.list", json!({})).await;
@@ -1318,12 +1324,23 @@ muster_e2e::on_both_stores! {
                 gateway_back = true;
             }
             if entry["instance_id"] == node_id.as_str() {
+                assert!(!node_back, "the device's entry is announced again once, not per connection");
                 assert_eq!(entry["role"], "node");
                 assert_eq!(entry["host"], "lab-7");
                 node_back = true;
             }
         }
-        drop(node);
+        // Nor once more just after.
+        loop {
+            match operator.next(Duration::from_millis(1500)).await {
+                Next::Json(frame) if frame["type"] == "presence.upserted" => {
+                    assert_ne!(frame["payload"]["entry"]["instance_id"], node_id.as_str(), "announced twice");
+                }
+                Next::Json(_) => {}
+                _ => break,
+            }
+        }
+        drop((node, twin));
         store.close().await;
         host.stop().await;
     }
