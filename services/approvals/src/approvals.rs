@@ -7,6 +7,7 @@ use muster_store::{StoreError, now_ms};
 use serde_json::{Value, json};
 
 use crate::ApprovalStore;
+use crate::store::Listing;
 
 /// A request nobody decides expires after this long by default.
 pub const DEFAULT_TTL_MS: i64 = 10 * 60 * 1000;
@@ -93,6 +94,11 @@ pub struct Decision {
     pub decided_by: String,
     pub reason: String,
 }
+
+/// Requests a listing gives when it does not say how many.
+pub const LIST_DEFAULT: u32 = 100;
+/// The most requests one listing gives (Part B's `approval.list`).
+pub const LIST_MAX: u32 = 500;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApprovalError {
@@ -203,21 +209,58 @@ impl Approvals {
             .ok_or_else(|| ApprovalError::NotFound(approval_id.to_owned()))
     }
 
+    /// A page of `tenant_id`'s requests, newest first, of `status` when
+    /// given: at most `limit` (0: [`LIST_DEFAULT`]; at most [`LIST_MAX`]),
+    /// after `cursor` (what the previous page gave, empty for the first),
+    /// and the cursor of the next page while there may be one.
     pub async fn list(
         &self,
         tenant_id: &str,
         status: Option<Status>,
-    ) -> Result<Vec<Approval>, ApprovalError> {
+        cursor: &str,
+        limit: u32,
+    ) -> Result<(Vec<Approval>, Option<String>), ApprovalError> {
+        let limit = match limit {
+            0 => LIST_DEFAULT,
+            n if n > LIST_MAX => {
+                return Err(ApprovalError::Invalid(format!(
+                    "limit is at most {LIST_MAX}"
+                )));
+            }
+            n => n,
+        };
+        let after =
+            if cursor.is_empty() {
+                None
+            } else {
+                let parsed = cursor
+                    .split_once(':')
+                    .and_then(|(at, id)| Some((at.parse::<i64>().ok()?, id.to_owned())));
+                Some(parsed.ok_or_else(|| {
+                    ApprovalError::Invalid("cursor is not one of a listing".into())
+                })?)
+            };
         let now = now_ms();
-        let all = self.store.list_approvals(tenant_id).await?;
-        Ok(all
+        let listing = Listing {
+            status,
+            now_ms: now,
+            after,
+            limit: limit + 1,
+        };
+        let mut found = self.store.list_approvals(tenant_id, &listing).await?;
+        let next = (found.len() > limit as usize).then(|| {
+            found.truncate(limit as usize);
+            let last = found.last().expect("a full page");
+            format!("{}:{}", last.created_at_ms, last.approval_id)
+        });
+        let page = found
             .into_iter()
             .map(|a| Approval {
                 status: a.status_at(now),
                 ..a
             })
-            .filter(|a| status.is_none_or(|s| a.status == s))
-            .collect())
+            .collect();
+        Ok((page, next))
     }
 
     /// Approves or denies a pending, unexpired request and emits

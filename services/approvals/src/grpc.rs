@@ -101,13 +101,14 @@ impl ApprovalsRpc for ApprovalsService {
                     status(ApprovalError::Invalid(format!("unknown status {s:?}")))
                 })?),
             };
-        let found = self
+        let (found, next) = self
             .approvals
-            .list(&r.tenant_id, wanted)
+            .list(&r.tenant_id, wanted, &r.cursor, r.limit)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::ListApprovalsResponse {
             approvals: found.into_iter().map(to_pb).collect(),
+            next_cursor: next.unwrap_or_default(),
         }))
     }
 

@@ -8,7 +8,8 @@ mod grpc;
 pub mod store;
 
 pub use approvals::{
-    Approval, ApprovalError, Approvals, DEFAULT_TTL_MS, Decision, MAX_TTL_MS, Status,
+    Approval, ApprovalError, Approvals, DEFAULT_TTL_MS, Decision, LIST_DEFAULT, LIST_MAX,
+    MAX_TTL_MS, Status,
 };
 pub use grpc::{ApprovalsService, RULES, spec};
-pub use store::ApprovalStore;
+pub use store::{ApprovalStore, Listing};

@@ -17,8 +17,12 @@ pub trait ApprovalStore: Send + Sync + 'static {
         tenant_id: &str,
         approval_id: &str,
     ) -> Result<Option<Approval>, StoreError>;
-    /// Newest first.
-    async fn list_approvals(&self, tenant_id: &str) -> Result<Vec<Approval>, StoreError>;
+    /// Newest first (then by id), a page as `listing` says.
+    async fn list_approvals(
+        &self,
+        tenant_id: &str,
+        listing: &Listing,
+    ) -> Result<Vec<Approval>, StoreError>;
     /// Records the decision if the request is still pending and unexpired at
     /// `decided.decided_at_ms`; false otherwise.
     async fn decide_approval(
@@ -26,6 +30,18 @@ pub trait ApprovalStore: Send + Sync + 'static {
         decided: &Approval,
         event: &NewItem,
     ) -> Result<bool, StoreError>;
+}
+
+/// A page of a tenant's approvals.
+#[derive(Debug, Clone)]
+pub struct Listing {
+    /// Only those of this status at `now_ms` (a pending request past its
+    /// expiry is expired).
+    pub status: Option<Status>,
+    pub now_ms: i64,
+    /// After this (created_at_ms, approval_id), in listing order.
+    pub after: Option<(i64, String)>,
+    pub limit: u32,
 }
 
 const COLUMNS: &str = "approval_id, tenant_id, kind, context, status, created_at_ms, expires_at_ms, \
@@ -87,14 +103,40 @@ impl ApprovalStore for Store {
         .await
     }
 
-    async fn list_approvals(&self, tenant_id: &str) -> Result<Vec<Approval>, StoreError> {
-        self.fetch_all(
-        sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM approvals WHERE tenant_id = $1 ORDER BY created_at_ms DESC, approval_id"
-        ))
-        .bind(tenant_id),
-        approval,
-    ).await
+    async fn list_approvals(
+        &self,
+        tenant_id: &str,
+        listing: &Listing,
+    ) -> Result<Vec<Approval>, StoreError> {
+        // Expiry is a matter of time, not of a stored status: a pending
+        // request past it lists as expired.
+        let (status, by_time) = match listing.status {
+            None => ("", false),
+            Some(Status::Pending) => (" AND status = 'pending' AND expires_at_ms > $2", true),
+            Some(Status::Expired) => (" AND status = 'pending' AND expires_at_ms <= $2", true),
+            Some(Status::Approved) => (" AND status = 'approved'", false),
+            Some(Status::Denied) => (" AND status = 'denied'", false),
+        };
+        // Parameters numbered in the order they are bound.
+        let mut next = if by_time { 3 } else { 2 };
+        let mut sql = format!("SELECT {COLUMNS} FROM approvals WHERE tenant_id = $1{status}");
+        if listing.after.is_some() {
+            sql += &format!(
+                " AND (created_at_ms < ${next} OR (created_at_ms = ${next} AND approval_id > ${}))",
+                next + 1
+            );
+            next += 2;
+        }
+        sql += &format!(" ORDER BY created_at_ms DESC, approval_id LIMIT ${next}");
+        let mut query = sqlx::query(&sql).bind(tenant_id);
+        if by_time {
+            query = query.bind(listing.now_ms);
+        }
+        if let Some((created_at_ms, approval_id)) = &listing.after {
+            query = query.bind(*created_at_ms).bind(approval_id.clone());
+        }
+        self.fetch_all(query.bind(i64::from(listing.limit)), approval)
+            .await
     }
 
     async fn decide_approval(&self, d: &Approval, event: &NewItem) -> Result<bool, StoreError> {

@@ -28,7 +28,7 @@ muster_store::backend_suite! {
         let approvals = Approvals::new(Arc::new(store.clone()));
         let created = approvals.create("t1", "pairing", json!({"device_id": "dev_a"}), None).await.unwrap();
         assert_eq!(created.status, Status::Pending);
-        assert_eq!(approvals.list("t1", Some(Status::Pending)).await.unwrap().len(), 1);
+        assert_eq!(approvals.list("t1", Some(Status::Pending), "", 0).await.unwrap().0.len(), 1);
 
         let decided = approvals.decide("t1", &created.approval_id, approve("alice")).await.unwrap();
         assert_eq!(decided.status, Status::Approved);
@@ -44,6 +44,53 @@ muster_store::backend_suite! {
             assert!(matches!(refused, Err(ApprovalError::NotPending { status: "approved", .. })), "{refused:?}");
         }
         assert_eq!(event_kinds(&store).await, vec!["approval.requested", "approval.resolved"]);
+    }
+
+    async fn listings_come_a_page_at_a_time_with_statuses_in_the_store(store: Store) {
+        let approvals = Approvals::new(Arc::new(store.clone()));
+        let mut created = Vec::new();
+        for n in 0..7 {
+            // Some share a millisecond: the id orders them then.
+            if n % 2 == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            let ttl = (n == 6).then_some(1);
+            created.push(approvals.create("t1", "capability", json!({"n": n}), ttl).await.unwrap());
+        }
+        approvals.create("t2", "capability", json!({}), None).await.unwrap();
+        approvals.decide("t1", &created[0].approval_id, approve("alice")).await.unwrap();
+        approvals.decide("t1", &created[1].approval_id, Decision { approve: false, ..approve("alice") }).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+
+        let mut listed = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let (page, next) = approvals.list("t1", None, &cursor, 3).await.unwrap();
+            assert!(page.len() <= 3);
+            listed.extend(page);
+            match next {
+                Some(next) => cursor = next,
+                None => break,
+            }
+        }
+        let mut expected = created.clone();
+        expected.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then(a.approval_id.cmp(&b.approval_id)));
+        let ids = |list: &[muster_approvals::Approval]| list.iter().map(|a| a.approval_id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(&listed), ids(&expected));
+
+        let count = |status| {
+            let approvals = approvals.clone();
+            async move { approvals.list("t1", Some(status), "", 0).await.unwrap().0.len() }
+        };
+        assert_eq!((count(Status::Pending).await, count(Status::Expired).await), (4, 1));
+        assert_eq!((count(Status::Approved).await, count(Status::Denied).await), (1, 1));
+        let (expired, _) = approvals.list("t1", Some(Status::Expired), "", 0).await.unwrap();
+        assert_eq!((expired[0].approval_id.as_str(), expired[0].status), (created[6].approval_id.as_str(), Status::Expired));
+
+        for (cursor, limit) in [("", muster_approvals::LIST_MAX + 1), ("not a cursor", 1), ("x:y", 1)] {
+            let refused = approvals.list("t1", None, cursor, limit).await;
+            assert!(matches!(refused, Err(ApprovalError::Invalid(_))), "{cursor:?} {limit}");
+        }
     }
 
     async fn the_store_refuses_a_decision_past_expiry_itself(store: Store) {
@@ -70,7 +117,7 @@ muster_store::backend_suite! {
         let created = approvals.create("t1", "pairing", json!({}), None).await.unwrap();
         assert!(matches!(approvals.get("t2", &created.approval_id).await, Err(ApprovalError::NotFound(_))));
         assert!(matches!(approvals.decide("t2", &created.approval_id, approve("eve")).await, Err(ApprovalError::NotFound(_))));
-        assert!(approvals.list("t2", None).await.unwrap().is_empty());
+        assert!(approvals.list("t2", None, "", 0).await.unwrap().0.is_empty());
         assert_eq!(approvals.get("t1", &created.approval_id).await.unwrap().status, Status::Pending);
     }
 
