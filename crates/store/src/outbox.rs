@@ -303,6 +303,27 @@ async fn read_page<'q>(
     Ok(page)
 }
 
+/// A read of the items `filter` selects (its parameters from `$1`, `next`
+/// the number of the first after them), oldest first, at most `$next`, and
+/// none whose payloads before it take [`READ_BYTES`] already. The server
+/// leaves those out itself: a read that stopped taking rows there would
+/// still have them sent (the connection drains them before its next use),
+/// so a backlog of large items would cross the network many times over.
+/// (SQLite counts characters, no more than the bytes [`read_page`] counts,
+/// so it cuts no earlier.)
+fn page_query(store: &Store, filter: &str, next: usize) -> String {
+    let size = match store.backend() {
+        Backend::Postgres => "octet_length(payload)",
+        Backend::Sqlite => "length(payload)",
+    };
+    format!(
+        "SELECT {ITEM_COLUMNS} FROM (SELECT {ITEM_COLUMNS}, \
+         SUM({size}) OVER (ORDER BY position) - {size} AS bytes_before \
+         FROM outbox WHERE {filter} ORDER BY position LIMIT ${next}) page \
+         WHERE bytes_before < {READ_BYTES} ORDER BY position"
+    )
+}
+
 /// Committed items of `tenant_id` after `after`, oldest first: at most
 /// `limit`, and past [`READ_BYTES`] of payload no more.
 pub async fn read_after(
@@ -311,10 +332,7 @@ pub async fn read_after(
     after: i64,
     limit: u32,
 ) -> Result<Vec<Item>, StoreError> {
-    let query = format!(
-        "SELECT {ITEM_COLUMNS} FROM outbox \
-         WHERE tenant_id = $1 AND position > $2 ORDER BY position LIMIT $3"
-    );
+    let query = page_query(store, "tenant_id = $1 AND position > $2", 3);
     let query = sqlx::query(&query)
         .bind(tenant_id)
         .bind(after)
@@ -347,8 +365,7 @@ pub async fn event_ids_between(
 /// backplane streams to edges, which filter by tenant per connection. At
 /// most `limit`, and past [`READ_BYTES`] of payload no more.
 pub async fn read_all_after(store: &Store, after: i64, limit: u32) -> Result<Page, StoreError> {
-    let query =
-        format!("SELECT {ITEM_COLUMNS} FROM outbox WHERE position > $1 ORDER BY position LIMIT $2");
+    let query = page_query(store, "position > $1", 2);
     let query = sqlx::query(&query).bind(after).bind(i64::from(limit));
     read_page(store, query, limit).await
 }
@@ -613,6 +630,22 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    crate::backend_suite! {
+        async fn the_server_sends_no_rows_past_a_reads_bytes(store: Store) {
+            crate::testing::append_large(&store, 8).await.unwrap();
+            let query = page_query(&store, "position > $1", 2);
+            let sent = store
+                .fetch_all(sqlx::query(&query).bind(0_i64).bind(1000_i64), |row| {
+                    Ok(row.try_get::<i64, _>("position")?)
+                })
+                .await
+                .unwrap();
+            // 900 000 bytes each: four take less than 4 MiB, the fifth
+            // passes it and is the read's last; three more were left out.
+            assert_eq!(sent.len(), 5);
+        }
+    }
 
     #[test]
     fn secrets_are_found_at_any_depth() {
