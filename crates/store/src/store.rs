@@ -223,7 +223,7 @@ pub async fn remove_in_run<'a, T, const N: usize>(
         .iter()
         .map(|item| match removal(item) {
             None => true,
-            Some(key) => deleted.remove(&key.map(str::to_owned).to_vec()),
+            Some(key) => deleted.remove(key.map(str::to_owned).as_slice()),
         })
         .collect())
 }
