@@ -87,7 +87,11 @@ pub fn to_status(error: &impl ServiceError) -> Status {
         tracing::error!(%error, "internal error");
         return Status::new(code.grpc(), "internal error");
     }
-    if let Some(muster_store::StoreError::Database(_)) = error.store_error() {
+    // Unavailable: a batch of writes that failed for the store's reasons
+    // carries the database's text too.
+    if let Some(muster_store::StoreError::Database(_) | muster_store::StoreError::Unavailable(_)) =
+        error.store_error()
+    {
         tracing::warn!(%error, ?code, "the store refused a call");
         let message = match code {
             ErrorCode::InvalidArgument => {

@@ -73,4 +73,17 @@ async fn a_refused_statement_reaches_the_caller_without_the_databases_words() {
             "{refused}"
         );
     }
+    // A batch of writes the store failed passes its error on to every
+    // caller of the batch as unavailable, text and all.
+    let batch = StoreError::Unavailable(
+        "database: error returned from database: canceling statement".into(),
+    );
+    let status = muster_mesh::to_status(&batch);
+    assert_eq!(
+        (status.code(), status.message()),
+        (
+            tonic::Code::Unavailable,
+            "the store is unavailable; try again"
+        )
+    );
 }

@@ -438,7 +438,16 @@ fn data_dir_hint(config: &Config) -> String {
     if config.data_dir == Config::default().data_dir {
         String::new()
     } else {
-        format!(" --data-dir {}", config.data_dir.display())
+        let dir = config.data_dir.display().to_string();
+        // Quoted for a shell when it would not pass as one word.
+        if dir
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "/._-+:@,=".contains(c))
+        {
+            format!(" --data-dir {dir}")
+        } else {
+            format!(" --data-dir '{}'", dir.replace('\'', r"'\''"))
+        }
     }
 }
 

@@ -481,7 +481,11 @@ async fn prepare(
         edge_ws_url,
         metrics_url: format!("http://{metrics_addr}/metrics"),
         trust_domain: config.trust_domain.clone(),
-        tls_dir: tls_dir.path().display().to_string(),
+        // Absolute: the command line reads it from wherever it runs.
+        tls_dir: std::path::absolute(tls_dir.path())
+            .unwrap_or_else(|_| tls_dir.path().to_owned())
+            .display()
+            .to_string(),
         services: addresses,
     };
     let endpoints_file = if single_host {

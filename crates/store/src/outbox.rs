@@ -311,13 +311,14 @@ async fn read_page<'q>(
 /// so a backlog of large items would cross the network many times over.
 /// (SQLite counts characters, no more than the bytes [`read_page`] counts,
 /// so it cuts no earlier.)
-fn page_query(store: &Store, filter: &str, next: usize) -> String {
+fn page_query(store: &Store, filter: &str, next: usize, payload: &str) -> String {
     let size = match store.backend() {
-        Backend::Postgres => "octet_length(payload)",
-        Backend::Sqlite => "length(payload)",
+        Backend::Postgres => format!("octet_length({payload})"),
+        Backend::Sqlite => format!("length({payload})"),
     };
+    let columns = ITEM_COLUMNS.replacen("payload", &format!("{payload} AS payload"), 1);
     format!(
-        "SELECT {ITEM_COLUMNS} FROM (SELECT {ITEM_COLUMNS}, \
+        "SELECT {ITEM_COLUMNS} FROM (SELECT {columns}, \
          SUM({size}) OVER (ORDER BY position) - {size} AS bytes_before \
          FROM outbox WHERE {filter} ORDER BY position LIMIT ${next}) page \
          WHERE bytes_before < {READ_BYTES} ORDER BY position"
@@ -332,7 +333,7 @@ pub async fn read_after(
     after: i64,
     limit: u32,
 ) -> Result<Vec<Item>, StoreError> {
-    let query = page_query(store, "tenant_id = $1 AND position > $2", 3);
+    let query = page_query(store, "tenant_id = $1 AND position > $2", 3, "payload");
     let query = sqlx::query(&query)
         .bind(tenant_id)
         .bind(after)
@@ -365,8 +366,19 @@ pub async fn event_ids_between(
 /// backplane streams to edges, which filter by tenant per connection. At
 /// most `limit`, and past [`READ_BYTES`] of payload no more.
 pub async fn read_all_after(store: &Store, after: i64, limit: u32) -> Result<Page, StoreError> {
-    let query = page_query(store, "position > $1", 2);
+    let query = page_query(store, "position > $1", 2, "payload");
     let query = sqlx::query(&query).bind(after).bind(i64::from(limit));
+    read_page(store, query, limit).await
+}
+
+/// As [`read_all_after`] `from - 1`, with the item at `from` (if any)
+/// first and without its payload (`{}`): a reader that read up to `from`
+/// learns in the same statement whether the item there is still the one
+/// it read, by its event id, without having it sent again.
+pub async fn read_all_from(store: &Store, from: i64, limit: u32) -> Result<Page, StoreError> {
+    let light = "CASE WHEN position = $1 THEN '{}' ELSE payload END";
+    let query = page_query(store, "position >= $1", 2, light);
+    let query = sqlx::query(&query).bind(from).bind(i64::from(limit));
     read_page(store, query, limit).await
 }
 
@@ -634,7 +646,7 @@ mod tests {
     crate::backend_suite! {
         async fn the_server_sends_no_rows_past_a_reads_bytes(store: Store) {
             crate::testing::append_large(&store, 8).await.unwrap();
-            let query = page_query(&store, "position > $1", 2);
+            let query = page_query(&store, "position > $1", 2, "payload");
             let sent = store
                 .fetch_all(sqlx::query(&query).bind(0_i64).bind(1000_i64), |row| {
                     Ok(row.try_get::<i64, _>("position")?)
@@ -644,6 +656,15 @@ mod tests {
             // 900 000 bytes each: four take less than 4 MiB, the fifth
             // passes it and is the read's last; three more were left out.
             assert_eq!(sent.len(), 5);
+
+            // Read from a position: the item there comes without its
+            // payload, and counts for nothing against the read's bytes.
+            let Page { items, more } = read_all_from(&store, sent[0], 1000).await.unwrap();
+            assert_eq!(items[0].position, sent[0]);
+            assert_eq!(items[0].payload, json!({}));
+            assert!(!items[0].event_id.is_empty());
+            assert_eq!(items[1].payload["n"], 1);
+            assert_eq!((items.len(), more), (6, true));
         }
     }
 

@@ -41,6 +41,7 @@ pub trait OutboxStore: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Item>, StoreError>;
     async fn read_all_after(&self, after: i64, limit: u32) -> Result<outbox::Page, StoreError>;
+    async fn read_all_from(&self, from: i64, limit: u32) -> Result<outbox::Page, StoreError>;
     /// The event ids at positions `from` through `through`.
     async fn event_ids_between(
         &self,
@@ -80,6 +81,10 @@ impl OutboxStore for Store {
 
     async fn read_all_after(&self, after: i64, limit: u32) -> Result<outbox::Page, StoreError> {
         outbox::read_all_after(self, after, limit).await
+    }
+
+    async fn read_all_from(&self, from: i64, limit: u32) -> Result<outbox::Page, StoreError> {
+        outbox::read_all_from(self, from, limit).await
     }
 
     async fn event_ids_between(
@@ -433,14 +438,15 @@ async fn read_tail(
         if let Some(readable) = &mut readable {
             readable.borrow_and_update();
         }
-        // The item at the cursor is read again with what follows it, in
-        // the one statement: if another holds its position now, the
-        // history was rewound and given positions again, and the positions
-        // after the cursor are not all that is new (the head alone would
-        // not tell: it may stand above the cursor again already). An item
-        // gone from there (compacted) is no sign.
+        // The item at the cursor is read again (its event id, not its
+        // payload) with what follows it, in the one statement: if another
+        // holds its position now, the history was rewound and given
+        // positions again, and the positions after the cursor are not all
+        // that is new (the head alone would not tell: it may stand above
+        // the cursor again already). An item gone from there (compacted)
+        // is no sign.
         let read = store
-            .read_all_after(cursor - 1, MAX_READ + 1)
+            .read_all_from(cursor, MAX_READ + 1)
             .await
             .map(|mut page| {
                 let mut replaced = false;

@@ -249,17 +249,23 @@ impl PresenceStore for Store {
         }
         // One statement per chunk of ids, not per id: an edge touches all
         // its peers every few seconds, in the store's one write lane.
+        // An entry no edge owns (written before entries recorded their
+        // edge, by a presence of an earlier release) becomes the refreshing
+        // edge's, so that its removal takes it away when the peer leaves.
         for chunk in instance_ids.chunks(IDS_PER_STATEMENT) {
             let sql = format!(
-                "UPDATE instance_presence SET last_seen_at_ms = $1 \
+                "UPDATE instance_presence SET last_seen_at_ms = $1, \
+                 edge_id = CASE WHEN edge_id = '' THEN $3 ELSE edge_id END \
                  WHERE tenant_id = $2 AND instance_id IN ({}) RETURNING instance_id",
-                muster_store::placeholders(3, chunk.len())
+                muster_store::placeholders(4, chunk.len())
             );
-            let query = chunk
-                .iter()
-                .fold(sqlx::query(&sql).bind(at_ms).bind(tenant_id), |q, id| {
-                    q.bind(id)
-                });
+            let query = chunk.iter().fold(
+                sqlx::query(&sql)
+                    .bind(at_ms)
+                    .bind(tenant_id)
+                    .bind(edge_id.unwrap_or_default()),
+                |q, id| q.bind(id),
+            );
             for row in query.fetch_all(&mut *tx).await? {
                 touched.push(row.try_get::<String, _>(0)?);
             }

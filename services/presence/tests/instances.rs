@@ -68,6 +68,11 @@ muster_store::backend_suite! {
         assert!(presence.list("t1").await.unwrap().is_empty());
         let events = muster_store::testing::outbox_items(&store, "t1").await.unwrap();
         assert_eq!(kinds(events).last().map(String::as_str), Some("presence.pruned"));
+        // An entry no edge owns (written by an earlier release) is the
+        // refreshing edge's from its next touch.
+        presence.upsert("t1", node("dev_old", "h")).await.unwrap();
+        presence.touch("t1", &["dev_old".to_string()], Some("edge-a")).await.unwrap();
+        assert!(presence.remove("t1", "dev_old", "edge-a").await.unwrap());
         // A removal that could not be stored changes nothing.
         presence.upsert("t1", through("edge-a")).await.unwrap();
         for (instance, edge) in [("dev_a", "edge\0a"), ("", "edge-a"), ("dev_a", &"e".repeat(300))] {
