@@ -5,8 +5,8 @@
 -- the function, a replica of an older release): each read the counter the
 -- other was moving, so a round could write the head back below positions
 -- given, or give a position twice. A round now takes the row's lock too,
--- once it has its horizon, and positions only what is unpositioned when
--- its update reaches it.
+-- once it has its horizon: whichever kind holds it, the other reads the
+-- counter and the items after it is done.
 
 CREATE OR REPLACE FUNCTION muster_sequence_outbox(max_items BIGINT) RETURNS BIGINT
 LANGUAGE plpgsql VOLATILE AS $$
@@ -41,12 +41,10 @@ BEGIN
     -- visible to the update.
     passed := s.candidate_horizon IS NOT NULL
         AND pg_snapshot_xmin(pg_current_snapshot()) >= s.candidate_horizon;
-    -- Only items still unpositioned when the update reaches them: one that
-    -- another round positioned meanwhile keeps its position.
     UPDATE outbox SET position = s.last_position + pending.n
     FROM (SELECT id, row_number() OVER (ORDER BY id) AS n FROM outbox
           WHERE position IS NULL AND id > s.floor_id ORDER BY id LIMIT max_items) AS pending
-    WHERE outbox.id = pending.id AND outbox.position IS NULL;
+    WHERE outbox.id = pending.id;
     GET DIAGNOSTICS sequenced = ROW_COUNT;
     -- Every producer of an id up to the candidate has finished: what this
     -- statement sees unpositioned there (after the update above) is all

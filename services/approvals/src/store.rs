@@ -122,7 +122,10 @@ impl ApprovalStore for Store {
         let mut sql = format!("SELECT {COLUMNS} FROM approvals WHERE tenant_id = $1{status}");
         if listing.after.is_some() {
             sql += &format!(
-                " AND (created_at_ms < ${next} OR (created_at_ms = ${next} AND approval_id > ${}))",
+                // The first condition lets the index seek; the rest orders
+                // within a millisecond.
+                " AND created_at_ms <= ${next} \
+                 AND (created_at_ms < ${next} OR (created_at_ms = ${next} AND approval_id > ${}))",
                 next + 1
             );
             next += 2;

@@ -790,7 +790,7 @@ pub(crate) async fn refresh_presence(edge: Arc<Edge>) {
                         // device's, and each would bring its own
                         // `presence.upserted`. (Should that one leave or
                         // fail, the next refresh finds the entry missing
-                        // again and picks another.)
+                        // again and announces it then.)
                         let mut picked = HashSet::new();
                         for peer in edge.registry.tenant(&tenant_id) {
                             if missing.contains(peer.device_id.as_str())
