@@ -863,6 +863,32 @@ fn the_tools_reach_a_host_of_its_own_trust_domain_with_the_data_dir_alone() {
 }
 
 #[test]
+fn the_tools_reach_a_host_started_with_a_relative_data_dir_from_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new(BIN);
+    command
+        .current_dir(dir.path())
+        .args([
+            "serve",
+            "--edge-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--data-dir", "data"]);
+    let mut served = Served::spawn(command);
+    // Run from another directory, naming the host's data directory.
+    let health = muster(&["health"], &dir.path().join("data"));
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    served.terminate();
+    assert!(served.wait(Duration::from_secs(20)).success());
+}
+
+#[test]
 fn health_without_certificates_says_why_once() {
     let dir = tempfile::tempdir().unwrap();
     let said = muster(&["health"], &dir.path().join("none"));
