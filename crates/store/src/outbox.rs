@@ -388,16 +388,19 @@ pub async fn read_all_from(store: &Store, from: i64, limit: u32) -> Result<Page,
 /// above `p + 1`, or none while the head is above `p`, knows that
 /// compaction took what lay between.
 pub async fn head(store: &Store) -> Result<i64, StoreError> {
-    let sql = match store.backend() {
-        // The sequencer's counter moves with its positions, in one commit.
-        Backend::Postgres => "SELECT last_position FROM outbox_sequence",
-        // AUTOINCREMENT's high-water mark outlives the rows it numbered.
-        Backend::Sqlite => {
-            "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0)"
-        }
-    };
-    let row = sqlx::query(sql).fetch_one(store.pool()).await?;
+    let sql = format!("SELECT {}", head_expression(store.backend()));
+    let row = sqlx::query(&sql).fetch_one(store.pool()).await?;
     Ok(row.try_get(0)?)
+}
+
+/// The head as a scalar subquery.
+fn head_expression(backend: Backend) -> &'static str {
+    match backend {
+        // The sequencer's counter moves with its positions, in one commit.
+        Backend::Postgres => "(SELECT last_position FROM outbox_sequence)",
+        // AUTOINCREMENT's high-water mark outlives the rows it numbered.
+        Backend::Sqlite => "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0)",
+    }
 }
 
 /// The position of a readable item of `tenant_id`, if the outbox still
@@ -421,22 +424,32 @@ pub async fn position_of(
 }
 
 /// Records that `consumer_id` has everything up to `position`; progress
-/// never moves backwards.
+/// never moves backwards, and never past the head. An acknowledgement
+/// above the head is of a history the store no longer has (a failover
+/// that lost commits, reached by an edge that read them before it): kept
+/// as it is, it would say the consumer has the items given those
+/// positions again, and a restarted edge would start after them.
 pub async fn ack(store: &Store, consumer_id: &str, position: i64) -> Result<(), StoreError> {
     crate::text::check_name("consumer_id", consumer_id, crate::text::MAX_NAME_BYTES)
         .map_err(|reason| StoreError::invalid("consumer_id", reason))?;
-    sqlx::query(
-        "INSERT INTO outbox_consumers (consumer_id, position, updated_at_ms) VALUES ($1, $2, $3) \
+    let (least, greatest) = match store.backend() {
+        Backend::Postgres => ("LEAST", "GREATEST"),
+        Backend::Sqlite => ("MIN", "MAX"),
+    };
+    let head = head_expression(store.backend());
+    let sql = format!(
+        "INSERT INTO outbox_consumers (consumer_id, position, updated_at_ms) \
+         VALUES ($1, {least}($2, {head}), $3) \
          ON CONFLICT (consumer_id) DO UPDATE SET \
-         position = CASE WHEN excluded.position > outbox_consumers.position \
-                    THEN excluded.position ELSE outbox_consumers.position END, \
-         updated_at_ms = excluded.updated_at_ms",
-    )
-    .bind(consumer_id)
-    .bind(position)
-    .bind(now_ms())
-    .execute(store.writer())
-    .await?;
+         position = {least}({greatest}(excluded.position, outbox_consumers.position), {head}), \
+         updated_at_ms = excluded.updated_at_ms"
+    );
+    sqlx::query(&sql)
+        .bind(consumer_id)
+        .bind(position)
+        .bind(now_ms())
+        .execute(store.writer())
+        .await?;
     Ok(())
 }
 

@@ -115,6 +115,19 @@ async fn a_statement_stuck_behind_a_lock_is_cancelled_at_the_timeout() {
         .expect("show");
     assert_eq!(setting, vec!["300ms".to_owned()]);
 
+    // An item to acknowledge: progress stops at the head.
+    let mut tx = store.begin().await.expect("begin");
+    muster_store::outbox::append(
+        &mut tx,
+        &muster_store::outbox::NewItem::event("t1", "x", serde_json::json!({})),
+    )
+    .await
+    .expect("append");
+    tx.commit().await.expect("commit");
+    muster_store::outbox::sequence(&store, 10)
+        .await
+        .expect("sequence");
+
     let holder = Store::connect(&url, &StoreOptions::default())
         .await
         .expect("connect holder");

@@ -174,6 +174,13 @@ muster_store::backend_suite! {
     }
 
     async fn consumer_progress_is_durable_and_never_moves_back(store: Store) {
+        let mut tx = store.begin().await.unwrap();
+        for _ in 0..12 {
+            outbox::append(&mut tx, &NewItem::event("t1", "x", json!({}))).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        outbox::sequence(&store, 100).await.unwrap();
+        assert_eq!(outbox::head(&store).await.unwrap(), 12);
         assert_eq!(outbox::progress(&store, "edge-a").await.unwrap(), None);
         outbox::ack(&store, "edge-a", 7).await.unwrap();
         outbox::ack(&store, "edge-a", 5).await.unwrap();
@@ -186,6 +193,28 @@ muster_store::backend_suite! {
         let consumers = outbox::consumers(&store).await.unwrap();
         assert_eq!(consumers.len(), 1);
         assert_eq!(consumers[0].position, 9);
+    }
+
+    async fn consumer_progress_stops_at_the_head(store: Store) {
+        let mut tx = store.begin().await.unwrap();
+        for _ in 0..3 {
+            outbox::append(&mut tx, &NewItem::event("t1", "x", json!({}))).await.unwrap();
+        }
+        tx.commit().await.unwrap();
+        outbox::sequence(&store, 100).await.unwrap();
+        let head = outbox::head(&store).await.unwrap();
+        // A position the store never gave (an edge that read a history a
+        // failover lost), new or over progress kept.
+        outbox::ack(&store, "edge-a", head + 40).await.unwrap();
+        assert_eq!(outbox::progress(&store, "edge-a").await.unwrap(), Some(head));
+        outbox::ack(&store, "edge-b", 1).await.unwrap();
+        sqlx::query("UPDATE outbox_consumers SET position = $1 WHERE consumer_id = 'edge-b'")
+            .bind(head + 40)
+            .execute(store.pool())
+            .await
+            .unwrap();
+        outbox::ack(&store, "edge-b", 2).await.unwrap();
+        assert_eq!(outbox::progress(&store, "edge-b").await.unwrap(), Some(head));
     }
 
     async fn compaction_keeps_the_window_the_cap_and_unacknowledged_items(store: Store) {
