@@ -214,26 +214,69 @@ impl Remembered {
     /// Below every remembered item when none is (a rewind deeper than
     /// [`REMEMBERED`] items, or into what compaction took).
     async fn parted(&mut self, store: &dyn OutboxStore, at: i64) -> Result<i64, StoreError> {
-        let Some(&(lowest, _)) = self.0.front() else {
+        let Some(stored) = self.stored(store, at).await? else {
             return Ok(at);
         };
-        let stored: std::collections::HashMap<i64, String> = store
-            .event_ids_between(lowest, at)
-            .await?
-            .into_iter()
-            .collect();
-        let parted = self
+        let parted = self.parted_from(&stored, at);
+        self.0.retain(|(position, _)| *position <= parted);
+        Ok(parted)
+    }
+
+    /// What the store holds now at the remembered positions up to `at`;
+    /// `None` when nothing is remembered.
+    async fn stored(
+        &self,
+        store: &dyn OutboxStore,
+        at: i64,
+    ) -> Result<Option<std::collections::HashMap<i64, String>>, StoreError> {
+        let Some(&(lowest, _)) = self.0.front() else {
+            return Ok(None);
+        };
+        Ok(Some(
+            store
+                .event_ids_between(lowest, at)
+                .await?
+                .into_iter()
+                .collect(),
+        ))
+    }
+
+    /// Where a subscriber that was sent the remembered items, up to `at`,
+    /// parts from the history the store holds now, if it does: another
+    /// item stands at one of their positions. An item gone (compacted) is
+    /// no sign.
+    async fn rewound_under(
+        &self,
+        store: &dyn OutboxStore,
+        at: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let Some(stored) = self.stored(store, at).await? else {
+            return Ok(None);
+        };
+        let replaced = self
             .0
+            .iter()
+            .any(|(position, read)| stored.get(position).is_some_and(|stored| stored != read));
+        Ok(replaced.then(|| self.parted_from(&stored, at)))
+    }
+
+    fn parted_from(&self, stored: &std::collections::HashMap<i64, String>, at: i64) -> i64 {
+        let Some(&(lowest, _)) = self.0.front() else {
+            return at;
+        };
+        self.0
             .iter()
             .rev()
             .filter(|(position, _)| *position <= at)
             .find(|(position, read)| stored.get(position) == Some(read))
             .map_or(lowest - 1, |(position, _)| *position)
-            .min(at);
-        self.0.retain(|(position, _)| *position <= parted);
-        Ok(parted)
+            .min(at)
     }
 }
+
+/// How many of the items a subscriber was sent last are compared with
+/// the store when it subscribes again.
+pub const SEEN: usize = 64;
 
 /// How many batches a follower may fall behind the tail before it reads
 /// the store itself again.
@@ -559,6 +602,23 @@ impl Outbox {
     /// below the cursor are skipped). A follower that falls too far behind
     /// the tail catches up from the store again.
     pub async fn follow(&self, after: Option<i64>, sink: FollowSink) {
+        self.follow_seen(after, Vec::new(), sink).await;
+    }
+
+    /// As [`Outbox::follow`], for a subscriber that was sent `seen`
+    /// (positions and event ids, oldest first) up to `after`: when the
+    /// outbox holds other items at their positions now, its history was
+    /// rewound while no tail of this reader read it (the tail finds a
+    /// rewind under it by what it read itself), and the follower is sent a
+    /// gap at where the histories parted and goes on from there. The
+    /// newest [`SEEN`] within [`REMEMBERED`] positions of `after` are
+    /// compared.
+    pub async fn follow_seen(
+        &self,
+        after: Option<i64>,
+        mut seen: Vec<(i64, String)>,
+        sink: FollowSink,
+    ) {
         let mut ready = self.tail_ready.clone();
         if ready.wait_for(|ready| *ready).await.is_err() {
             return;
@@ -577,6 +637,38 @@ impl Outbox {
                 }
             },
         };
+        if after.is_some() {
+            seen.retain(|(position, _)| {
+                *position <= cursor && *position > cursor - REMEMBERED as i64
+            });
+            seen.sort_unstable_by_key(|(position, _)| *position);
+            seen.dedup_by_key(|(position, _)| *position);
+            let newest = seen.len().saturating_sub(SEEN);
+            let mut remembered = Remembered::default();
+            remembered.extend(seen.drain(newest..));
+            let parted = loop {
+                match remembered.rewound_under(&*self.store, cursor).await {
+                    Ok(parted) => break parted,
+                    Err(error) => {
+                        tracing::warn!(%error, "outbox read failed; retrying");
+                        tokio::select! {
+                            _ = sink.closed() => return,
+                            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                        }
+                    }
+                }
+            };
+            if let Some(parted) = parted {
+                tracing::warn!(
+                    parted,
+                    after = cursor,
+                    "a subscriber was sent items the outbox no longer holds at their positions (a restored store, or a failover that lost commits): it goes on from where the histories parted"
+                );
+                if !send_gap(&mut cursor, parted, &sink).await {
+                    return;
+                }
+            }
+        }
         'catch_up: loop {
             let mut batches = self.tail.subscribe();
             loop {
@@ -947,7 +1039,16 @@ impl Backplane for BackplaneService {
             let _ = out.send(Ok(mark)).await;
         }
         let outbox = self.outbox.clone();
-        tokio::spawn(async move { outbox.follow(after, items).await });
+        // Only what follows the subscriber's own position was sent to it.
+        let seen = if r.resume || r.from_head {
+            Vec::new()
+        } else {
+            r.seen
+                .into_iter()
+                .map(|item| (item.position, item.event_id))
+                .collect()
+        };
+        tokio::spawn(async move { outbox.follow_seen(after, seen, items).await });
         let directory = self.directory.store().clone();
         let consumer = r.consumer_id;
         let shutdown = self.shutdown.clone();

@@ -391,6 +391,49 @@ muster_store::backend_suite! {
         assert_eq!(refilled(&mut live, 3).await, positions[2..].to_vec());
     }
 
+    async fn a_subscriber_that_names_what_it_was_sent_learns_of_a_rewind_no_tail_read(store: Store) {
+        let positions = append_each(&store, 5).await;
+        let sent = outbox::event_ids_between(&store, positions[0], positions[4]).await.unwrap();
+        assert_eq!(sent.len(), 5);
+        // Restored while no backplane followed the outbox: the head stands
+        // where it stood, new items at the positions that were sent.
+        rewind_and_refill(&store, positions[1], 3).await;
+        assert_eq!(outbox::head(&store).await.unwrap(), positions[4]);
+        let reader = Outbox::new(Arc::new(store.clone()));
+        let (sink, mut live) = tokio::sync::mpsc::channel(64);
+        // Only some of what came before was for this subscriber (an edge
+        // is not sent others' commands).
+        let named = vec![sent[0].clone(), sent[1].clone(), sent[3].clone()];
+        let (follower, at) = (reader.clone(), positions[4]);
+        tokio::spawn(async move { follower.follow_seen(Some(at), named, sink).await });
+        assert_eq!(next(&mut live).await, Followed::Gap { through: positions[1] });
+        assert_eq!(refilled(&mut live, 3).await, positions[2..].to_vec());
+
+        // The same history named again: nothing to tell, what comes next
+        // follows.
+        let named = outbox::event_ids_between(&store, positions[0], positions[4]).await.unwrap();
+        let (sink, mut again) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(async move { reader.follow_seen(Some(at), named, sink).await });
+        let newer = append_each(&store, 1).await[0];
+        assert_eq!(next(&mut again).await.position(), newer);
+    }
+
+    async fn what_compaction_took_from_what_a_subscriber_names_is_no_rewind(store: Store) {
+        let positions = append_each(&store, 5).await;
+        let named = outbox::event_ids_between(&store, positions[0], positions[4]).await.unwrap();
+        sqlx::query("DELETE FROM outbox WHERE position <= $1")
+            .bind(positions[3])
+            .execute(store.pool())
+            .await
+            .unwrap();
+        let reader = Outbox::new(Arc::new(store.clone()));
+        let (sink, mut live) = tokio::sync::mpsc::channel(64);
+        let at = positions[4];
+        tokio::spawn(async move { reader.follow_seen(Some(at), named, sink).await });
+        let newer = append_each(&store, 1).await[0];
+        assert_eq!(next(&mut live).await.position(), newer);
+    }
+
     async fn a_follower_past_a_rewound_head_is_told_and_goes_on_from_it(store: Store) {
         let positions = append_each(&store, 5).await;
         let reader = Outbox::new(Arc::new(store.clone()));

@@ -377,6 +377,7 @@ const ACK_EVERY: Duration = Duration::from_secs(1);
 /// acknowledgement that waits on a slow store must not stop deliveries.
 pub(crate) async fn run(edge: Arc<Edge>) {
     let mut after: Option<i64> = None;
+    let mut seen = Seen::default();
     let mut fresh = Fresh::default();
     let mut acked: Option<(i64, tokio::time::Instant)> = None;
     let mut acking: Option<Acking<'_>> = None;
@@ -388,6 +389,7 @@ pub(crate) async fn run(edge: Arc<Edge>) {
             from_head: false,
             consumer_id: edge.edge_id.clone(),
             resume: after.is_none(),
+            seen: seen.request(),
         };
         // The subscription's answer (not its stream, which lasts as long as
         // the edge) has the call deadline, and gives way to shutdown.
@@ -426,6 +428,7 @@ pub(crate) async fn run(edge: Arc<Edge>) {
                                 }
                                 let before = after;
                                 after = batch.last().map(|item| item.position);
+                                seen.push(&batch);
                                 dispatch(&edge, &batch, at_start, before, &mut fresh);
                                 at_start = false;
                                 match broke {
@@ -466,6 +469,45 @@ pub(crate) async fn run(edge: Arc<Edge>) {
             return last_ack(&edge, after, acked).await;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// How many items [`Seen`] keeps: as many as the backplane compares.
+const SEEN: usize = 64;
+
+/// The items the stream sent last, by position and event id: named when
+/// the edge subscribes again, so that a backplane that did not follow the
+/// outbox when its history was rewound (a restored store) finds out.
+#[derive(Default)]
+struct Seen(std::collections::VecDeque<pb::SeenItem>);
+
+impl Seen {
+    fn push(&mut self, batch: &[pb::OutboxItem]) {
+        for item in batch {
+            if item.gap {
+                // A gap below what was sent is a rewind: the items above
+                // it are of a history the store no longer has.
+                while self
+                    .0
+                    .back()
+                    .is_some_and(|seen| seen.position > item.position)
+                {
+                    self.0.pop_back();
+                }
+            } else if !item.mark {
+                self.0.push_back(pb::SeenItem {
+                    position: item.position,
+                    event_id: item.event_id.clone(),
+                });
+                if self.0.len() > SEEN {
+                    self.0.pop_front();
+                }
+            }
+        }
+    }
+
+    fn request(&self) -> Vec<pb::SeenItem> {
+        self.0.iter().cloned().collect()
     }
 }
 
@@ -978,5 +1020,45 @@ mod tests {
         // A restored outbox gives positions again from its head.
         fresh.rewound(5);
         assert!(fresh.admits(1_000, &item(6, 0)));
+    }
+
+    #[test]
+    fn what_the_stream_sent_is_named_without_marks_and_without_what_a_rewind_took_back() {
+        let sent = |position: i64| pb::OutboxItem {
+            position,
+            event_id: format!("e{position}"),
+            ..Default::default()
+        };
+        let mark = pb::OutboxItem {
+            position: 9,
+            mark: true,
+            ..Default::default()
+        };
+        let gap = |position| pb::OutboxItem {
+            position,
+            gap: true,
+            ..Default::default()
+        };
+        let mut seen = Seen::default();
+        seen.push(&[sent(3), sent(5), mark, sent(10)]);
+        let named = |seen: &Seen| -> Vec<(i64, String)> {
+            seen.request()
+                .into_iter()
+                .map(|s| (s.position, s.event_id))
+                .collect()
+        };
+        assert_eq!(
+            named(&seen),
+            vec![(3, "e3".into()), (5, "e5".into()), (10, "e10".into())]
+        );
+        // A gap past what was sent (compaction) changes nothing; one below
+        // it (a rewind) drops what stood above it.
+        seen.push(&[gap(20), sent(21)]);
+        assert_eq!(named(&seen).len(), 4);
+        seen.push(&[gap(4), sent(5)]);
+        assert_eq!(named(&seen), vec![(3, "e3".into()), (5, "e5".into())]);
+        seen.push(&(100..200).map(sent).collect::<Vec<_>>());
+        assert_eq!(seen.request().len(), SEEN);
+        assert_eq!(seen.request().last().unwrap().position, 199);
     }
 }
