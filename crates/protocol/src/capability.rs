@@ -31,7 +31,7 @@ pub struct ActionState {
     pub name: String,
     pub enabled: bool,
     pub availability_status: Availability,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::present")]
     pub unavailable_reason: Option<String>,
 }
 
@@ -45,7 +45,9 @@ pub enum Availability {
 
 impl CapabilityReady {
     pub fn parse(payload: &Value) -> Result<CapabilityReady, String> {
-        crate::from_object(payload)
+        let mut report: CapabilityReady = crate::from_object(payload)?;
+        crate::handshake::check_descriptors(&mut report.capabilities)?;
+        Ok(report)
     }
 }
 
@@ -66,6 +68,18 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(report.capabilities[0].id, "tyrum.desktop.screenshot");
+        let trimmed = CapabilityReady::parse(&json!({
+            "capabilities": [{"id": " tyrum.fs.read ", "version": "2.0.0 "}, {"id": "tyrum.fs.write"}]
+        }))
+        .unwrap();
+        assert_eq!(
+            (
+                trimmed.capabilities[0].id.as_str(),
+                trimmed.capabilities[0].version.as_str()
+            ),
+            ("tyrum.fs.read", "2.0.0")
+        );
+        assert_eq!(trimmed.capabilities[1].version, "1.0.0");
         assert_eq!(
             report.capability_states[0].actions[1].availability_status,
             Availability::Unavailable
@@ -81,6 +95,13 @@ mod tests {
                 {"name": "a", "enabled": true, "availability_status": "maybe"}]}]}),
             json!({"surprise": true}),
             json!([]),
+            // The descriptors are Part B §3's strict ones, as at connect.
+            json!({"capabilities": [{"id": "Bad", "version": "1.0.0"}]}),
+            json!({"capabilities": [{"id": "tyrum.fs.read", "version": "1"}]}),
+            // `?` keys are omitted, never null.
+            json!({"capability_states": [{"capability": "x", "actions": [
+                {"name": "a", "enabled": false, "availability_status": "unavailable",
+                 "unavailable_reason": null}]}]}),
         ] {
             assert!(CapabilityReady::parse(&bad).is_err(), "{bad}");
         }

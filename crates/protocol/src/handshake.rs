@@ -163,28 +163,35 @@ impl ConnectInit {
             non_empty(name, value)?;
         }
         let mut init = init;
-        if init.capabilities.len() > MAX_CAPABILITIES {
-            return Err(format!(
-                "capabilities: more than {MAX_CAPABILITIES} descriptors"
-            ));
-        }
-        for capability in &mut init.capabilities {
-            // Tyrum's schema trims both strings before it checks them.
-            trim_in_place(&mut capability.id);
-            trim_in_place(&mut capability.version);
-            if !is_capability_id(&capability.id) {
-                return Err(format!("capabilities: invalid id {:?}", capability.id));
-            }
-            if !is_semver(&capability.version) {
-                return Err(format!(
-                    "capabilities: invalid version {:?}",
-                    capability.version
-                ));
-            }
-        }
+        check_descriptors(&mut init.capabilities)?;
         init.capabilities = normalize_capabilities(std::mem::take(&mut init.capabilities));
         Ok(init)
     }
+}
+
+/// Trims and checks descriptors as Tyrum's strict schema does (Part B
+/// §3), wherever a peer sends them.
+pub(crate) fn check_descriptors(descriptors: &mut [CapabilityDescriptor]) -> Result<(), String> {
+    if descriptors.len() > MAX_CAPABILITIES {
+        return Err(format!(
+            "capabilities: more than {MAX_CAPABILITIES} descriptors"
+        ));
+    }
+    for capability in descriptors {
+        // Tyrum's schema trims both strings before it checks them.
+        trim_in_place(&mut capability.id);
+        trim_in_place(&mut capability.version);
+        if !is_capability_id(&capability.id) {
+            return Err(format!("capabilities: invalid id {:?}", capability.id));
+        }
+        if !is_semver(&capability.version) {
+            return Err(format!(
+                "capabilities: invalid version {:?}",
+                capability.version
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The most descriptors one `connect.init` may advertise (Tyrum's catalog
