@@ -1006,15 +1006,27 @@ async fn presence_flows_to_operators(host: &Host) {
         let bad = node.call("presence.beacon", payload.clone()).await;
         assert_eq!(bad["error"]["code"], "invalid_request", "{payload}: {bad}");
     }
-    // Presence's own checks fail the same way, with their details.
+    // Presence's bounds are the edge's too, so a beacon past them never
+    // shares a batch with other peers' changes.
     let long_host = node
         .call("presence.beacon", json!({"host": "h".repeat(300)}))
         .await;
     assert_eq!(
         long_host["error"],
-        json!({"code": "invalid_request", "message": "host longer than 256 bytes",
-               "details": {"issues": [{"message": "host longer than 256 bytes"}]}}),
+        json!({"code": "invalid_request", "message": "host: longer than 256 bytes",
+               "details": {"issues": [{"message": "host: longer than 256 bytes"}]}}),
         "{long_host}"
+    );
+    // Presence's own checks fail the same way, with their details.
+    let secret = node
+        .call("presence.beacon", json!({"metadata": {"password": "x"}}))
+        .await;
+    let refused = "metadata key \"password\" names a secret; secrets are not kept in presence";
+    assert_eq!(
+        secret["error"],
+        json!({"code": "invalid_request", "message": refused,
+               "details": {"issues": [{"message": refused}]}}),
+        "{secret}"
     );
     // So are capabilities past what an entry lists: 256 descriptors of
     // long ids would take the entry past what presence keeps.

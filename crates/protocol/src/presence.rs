@@ -17,6 +17,11 @@ pub const MODES: [&str; 9] = [
     "browser-node",
 ];
 
+/// Longest text a presence field may hold.
+pub const MAX_FIELD: usize = 256;
+/// Largest metadata object an entry may carry, as JSON text.
+pub const MAX_METADATA: usize = 8 * 1024;
+
 /// Values of `reason`.
 pub const REASONS: [&str; 5] = ["self", "connect", "periodic", "node-connected", "prune"];
 
@@ -75,6 +80,27 @@ impl Beacon {
         if matches!(&beacon.metadata, Some(m) if !m.is_object()) {
             return Err("metadata: expected an object".into());
         }
+        // Presence's own bounds, checked here too: a beacon past them
+        // would otherwise travel to presence in a batch with other peers'
+        // changes, and one large enough would fail the whole batch.
+        for (name, value) in [
+            ("host", &beacon.host),
+            ("ip", &beacon.ip),
+            ("version", &beacon.version),
+        ] {
+            let Some(value) = value else { continue };
+            if value.len() > MAX_FIELD {
+                return Err(format!("{name}: longer than {MAX_FIELD} bytes"));
+            }
+            if value.contains('\0') {
+                return Err(format!("{name}: contains a NUL character"));
+            }
+        }
+        if let Some(metadata) = &beacon.metadata
+            && metadata.to_string().len() > MAX_METADATA
+        {
+            return Err(format!("metadata: larger than {MAX_METADATA} bytes"));
+        }
         Ok(beacon)
     }
 }
@@ -96,5 +122,24 @@ mod tests {
         for bad in [json!([]), json!(null), json!("host")] {
             assert!(Beacon::parse(&bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_beacon_past_presences_bounds_is_refused_before_it_travels() {
+        let long = "h".repeat(MAX_FIELD + 1);
+        for bad in [
+            json!({"host": long}),
+            json!({"ip": long}),
+            json!({"version": long}),
+            json!({"host": "a\u{0}b"}),
+            json!({"metadata": {"x": "m".repeat(MAX_METADATA)}}),
+        ] {
+            assert!(Beacon::parse(&bad).is_err(), "{bad}");
+        }
+        let fits = json!({
+            "host": "h".repeat(MAX_FIELD),
+            "metadata": {"x": "m".repeat(MAX_METADATA - 10)},
+        });
+        assert!(Beacon::parse(&fits).is_ok());
     }
 }

@@ -1206,8 +1206,17 @@ async fn beacon_upsert(edge: &Edge, peer: &Peer, beacon: Beacon) -> Result<Value
     // on: refreshed while it stays, removed when it leaves, rather than an
     // entry nobody keeps until the TTL prunes it. Set before the write, so
     // that a write that lands after its caller gave up is removed too.
-    peer.in_presence.store(true, Ordering::Release);
-    let stored = upsert(edge, &peer.claims.tenant_id, peer.entry(&reported)).await?;
+    let was_in_presence = peer.in_presence.swap(true, Ordering::AcqRel);
+    let stored = match upsert(edge, &peer.claims.tenant_id, peer.entry(&reported)).await {
+        Ok(stored) => stored,
+        Err(status) => {
+            // A refusal wrote nothing: the peer stays as it was.
+            if status.code() == tonic::Code::InvalidArgument && !was_in_presence {
+                peer.in_presence.store(false, Ordering::Release);
+            }
+            return Err(status);
+        }
+    };
     // What the peer reported last (and presence took) is what it is
     // announced with again, should presence lose its entry while it stays
     // connected.

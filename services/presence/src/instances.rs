@@ -13,10 +13,8 @@ use serde_json::json;
 use crate::PresenceStore;
 use crate::store::InstanceWrite;
 
-/// Longest text a presence field may hold.
-pub const MAX_FIELD: usize = 256;
-/// Largest metadata object an entry may carry.
-const MAX_METADATA: usize = 8 * 1024;
+pub use muster_protocol::presence::MAX_FIELD;
+use muster_protocol::presence::MAX_METADATA;
 
 /// How presence forgets: entries unseen for `ttl` go, and beyond `cap`
 /// entries per tenant the oldest go.
