@@ -270,6 +270,10 @@ pub fn redact_url(raw: &str) -> String {
     // The user part is cut from the text itself, not from a parsed URL: a
     // parser ends it at the first `/`, `?` or `#`, so a password holding
     // one would be read as a host, path, query or fragment and shown.
+    // Query secrets first, in the text: an `@` in one would otherwise be
+    // taken for the end of the user part, and what follows it shown.
+    let unqueried = mask_query_secrets(raw, &SECRET_KEYS);
+    let raw = unqueried.as_str();
     let masked;
     let raw = match raw.split_once("://") {
         Some((scheme, rest)) => match rest.rfind('@') {
@@ -306,6 +310,31 @@ pub fn redact_url(raw: &str) -> String {
         url.query_pairs_mut().clear().extend_pairs(pairs);
     }
     url.to_string()
+}
+
+/// `raw` with the value of every `?key=` or `&key=` of `keys` (any case)
+/// replaced by `***`, up to the next `&` or `#`.
+fn mask_query_secrets(raw: &str, keys: &[&str]) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut rest = raw;
+    while let Some(at) = rest.find(['?', '&']) {
+        let (before, from) = rest.split_at(at + 1);
+        out.push_str(before);
+        rest = from;
+        let key = keys.iter().find(|key| {
+            rest.len() > key.len()
+                && rest.as_bytes()[key.len()] == b'='
+                && rest[..key.len()].eq_ignore_ascii_case(key)
+        });
+        if let Some(key) = key {
+            out.push_str(&rest[..=key.len()]);
+            out.push_str("***");
+            let end = rest.find(['&', '#']).unwrap_or(rest.len());
+            rest = &rest[end..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 impl Config {
@@ -556,6 +585,20 @@ mod tests {
         assert_eq!(
             redact_url("postgres://muster:#hunter2@db/muster"),
             "postgres://muster:***@db/muster"
+        );
+        // An `@` in a query's password is no end of a user part.
+        for raw in [
+            "postgres://muster@db:5432/muster?password=hun@ter2",
+            "postgres://muster@db/muster?sslmode=require&Password=a@b@hunter2#x",
+            "postgres://muster@db/muster?sslpassword=hunter2@x&password=y",
+        ] {
+            let redacted = redact_url(raw);
+            assert!(!redacted.contains("ter2"), "{raw}: {redacted}");
+            assert!(redacted.contains("@db"), "{raw}: {redacted}");
+        }
+        assert_eq!(
+            redact_url("postgres://muster@db:5432/muster?password=hun@ter2"),
+            "postgres://muster@db:5432/muster?password=***"
         );
     }
 
