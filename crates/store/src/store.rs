@@ -76,7 +76,7 @@ impl Default for StoreOptions {
 pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A connection pool to the StateStore.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
     /// Where write transactions run. SQLite has one writer at a time, and
@@ -90,6 +90,45 @@ pub struct Store {
     commits: Arc<watch::Sender<u64>>,
     /// Postgres: the URL, for LISTEN connections outside the pool.
     url: Option<Arc<str>>,
+}
+
+/// Creates the SQLite file of `url` readable by its owner only when it is
+/// missing and the URL lets SQLite create it: SQLite would make it with
+/// the process's umask (often readable by everyone), and its journal files
+/// take the database file's mode. It holds token digests and what peers
+/// reported.
+fn create_private_file(url: &str) -> Result<(), StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
+    let path = options.get_filename();
+    let in_memory = path.as_os_str().is_empty() || path.as_os_str() == ":memory:";
+    if in_memory || !url.contains("mode=rwc") || path.exists() {
+        return Ok(());
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Unavailable(format!(
+            "creating {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Without the URL, whose password would reach wherever a store is
+/// printed.
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .field("connections", &self.pool.size())
+            .finish_non_exhaustive()
+    }
 }
 
 /// `count` numbered parameters from `$first`, comma-separated: the
@@ -306,6 +345,9 @@ impl Store {
             }
             _ => url.to_owned(),
         };
+        if backend == Backend::Sqlite {
+            create_private_file(&url)?;
+        }
         let connect = AnyConnectOptions::from_str(&url)?;
         let mut pool = AnyPoolOptions::new()
             .max_connections(options.max_connections)
@@ -603,6 +645,29 @@ async fn listen(url: Arc<str>, channel: &'static str, wake: watch::Sender<u64>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_new_sqlite_file_and_its_journal_are_the_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // As a shared data directory would be.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.path().join("muster.db");
+        let store = Store::open_sqlite(&path).await.unwrap();
+        store.migrate().await.unwrap();
+        for file in ["muster.db", "muster.db-wal"] {
+            let mode = std::fs::metadata(dir.path().join(file))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{file}: {mode:o}");
+        }
+        store.close().await;
+        // A directory that is not there is the caller's to make.
+        let missing = dir.path().join("no/such/dir/muster.db");
+        assert!(Store::open_sqlite(&missing).await.is_err());
+        assert!(!missing.exists());
+    }
 
     #[test]
     fn statements_come_in_a_few_sizes_within_the_parameter_limit() {

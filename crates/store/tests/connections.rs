@@ -225,3 +225,17 @@ async fn a_postgres_that_starts_listening_late_is_waited_for() {
         .unwrap_or_else(|e| panic!("not waited for: {e}"));
     store.ping().await.unwrap();
 }
+
+/// A store printed for debugging names no URL, whose password would go
+/// with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_printed_store_names_no_url() {
+    let url = create_postgres_database().await;
+    let store = Store::connect(&url, &StoreOptions::default())
+        .await
+        .expect("connect");
+    let printed = format!("{store:?}");
+    assert!(!printed.contains("postgres://"), "{printed}");
+    assert!(printed.contains("Postgres"), "{printed}");
+    store.close().await;
+}
