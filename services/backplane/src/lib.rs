@@ -11,6 +11,7 @@ use std::time::Duration;
 use muster_mesh::{Rule, ServiceSpec, to_status};
 use muster_proto::v1 as pb;
 use muster_proto::v1::backplane_server::{Backplane, BackplaneServer};
+use muster_store::lease::Tenure;
 use muster_store::outbox::{self, Consumer, Depth, Item, Retention, Target};
 
 use crate::directory::{Directory, DirectoryStore, Registration};
@@ -796,7 +797,11 @@ impl Outbox {
     ) {
         let holder = uuid::Uuid::new_v4().to_string();
         let lease_ms = (every.as_millis() as i64) * 3;
-        let mut expiry = ExpiryGate::new(Duration::from_millis(directory::DIRECTORY_TTL_MS as u64));
+        // Records expire when their edge stopped heartbeating; but while
+        // the store could not be reached no edge could, and dropped then,
+        // live edges' records would go too, and every peer of every edge
+        // be closed with 4004 at its next heartbeat.
+        let mut expiry = Tenure::new(Duration::from_millis(directory::DIRECTORY_TTL_MS as u64));
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -822,7 +827,7 @@ impl Outbox {
                             tracing::warn!(%error, "outbox compaction failed");
                         }
                     }
-                    if expiry.open(tokio::time::Instant::now()) {
+                    if expiry.served(tokio::time::Instant::now()) {
                         match directory.expire().await {
                             Ok(0) => {}
                             Ok(expired) => tracing::info!(
@@ -856,36 +861,6 @@ impl Outbox {
                 }
             }
         }
-    }
-}
-
-/// Whether the directory's expired records may go yet. A record expires
-/// when its edge stopped heartbeating; but while the store could not be
-/// reached, no edge could heartbeat, and records of edges that never
-/// stopped run out too. Dropped then, every peer of every edge would be
-/// closed with 4004 at the edge's next heartbeat. So records expire only
-/// once this replica has held the compaction lease, with the store
-/// answering, for a whole directory TTL: every live edge has refreshed
-/// its records by then. The same holds when the lease is newly taken (the
-/// last holder may have stopped in an outage).
-struct ExpiryGate {
-    hold: Duration,
-    since: Option<tokio::time::Instant>,
-}
-
-impl ExpiryGate {
-    fn new(hold: Duration) -> Self {
-        ExpiryGate { hold, since: None }
-    }
-
-    /// A round with the lease held and the store answering, at `now`.
-    fn open(&mut self, now: tokio::time::Instant) -> bool {
-        now.duration_since(*self.since.get_or_insert(now)) >= self.hold
-    }
-
-    /// The lease was not held, or the store failed.
-    fn interrupted(&mut self) {
-        self.since = None;
     }
 }
 
@@ -1260,28 +1235,5 @@ impl Backplane for BackplaneService {
             })
             .collect();
         Ok(Response::new(pb::ReadOutboxResponse { items }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn records_expire_only_after_a_whole_ttl_of_a_held_lease_and_an_answering_store() {
-        let hold = Duration::from_secs(30);
-        let mut gate = ExpiryGate::new(hold);
-        let start = tokio::time::Instant::now();
-        let at = |secs| start + Duration::from_secs(secs);
-        // Newly taken: edges may not have heartbeated through this store.
-        assert!(!gate.open(at(0)));
-        assert!(!gate.open(at(29)));
-        assert!(gate.open(at(30)));
-        assert!(gate.open(at(40)));
-        // The store failed (or the lease went elsewhere): a TTL again.
-        gate.interrupted();
-        assert!(!gate.open(at(50)));
-        assert!(!gate.open(at(79)));
-        assert!(gate.open(at(80)));
     }
 }
