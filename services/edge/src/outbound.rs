@@ -37,6 +37,10 @@ struct Queue {
     closed: bool,
     /// Live events that wait while a resume replays (see [`Hold`]).
     held: VecDeque<Outgoing>,
+    /// Bytes of text in `held`.
+    held_bytes: usize,
+    /// Senders waiting for the queue to drain (see [`Outbound::send_paced`]).
+    pacing: u32,
     /// Resumes under way.
     holding: u32,
     /// A close is queued: the connection is ending, whatever is still
@@ -52,6 +56,8 @@ struct Shared {
     /// The peer was found to be a slow consumer; wakes the connection even
     /// while it is stuck writing to a peer that does not read.
     slow: Notify,
+    /// Bytes were written, or the connection is gone: wakes paced senders.
+    drained: Notify,
 }
 
 impl Shared {
@@ -117,6 +123,10 @@ impl Inbox {
     pub(crate) fn written(&self, bytes: usize) {
         let mut queue = self.shared.queue();
         queue.bytes = queue.bytes.saturating_sub(bytes);
+        if queue.pacing > 0 {
+            drop(queue);
+            self.shared.drained.notify_waiters();
+        }
     }
 
     pub(crate) fn slow(&self) -> Slow {
@@ -133,6 +143,9 @@ impl Inbox {
         queue.frames = VecDeque::new();
         queue.held = VecDeque::new();
         queue.bytes = 0;
+        queue.held_bytes = 0;
+        drop(queue);
+        self.shared.drained.notify_waiters();
     }
 }
 
@@ -155,6 +168,33 @@ impl Outbound {
         self.queue_text(frame.into(), true);
     }
 
+    /// Queues a frame once no more than half the slow-consumer limit is
+    /// left to write ahead of it (live events held back for a resume not
+    /// counted): a resume replays thousands of items, faster than a peer
+    /// on a slow link reads them, and sent at once they would take it past
+    /// the limit and cut it off before its answer. Returns at once when
+    /// the connection is gone.
+    pub(crate) async fn send_paced(&self, frame: impl Into<Utf8Bytes>) {
+        loop {
+            let drained = self.shared.drained.notified();
+            tokio::pin!(drained);
+            // Registered before the check: a write between the two still
+            // wakes it.
+            drained.as_mut().enable();
+            {
+                let mut queue = self.shared.queue();
+                let ahead = queue.bytes.saturating_sub(queue.held_bytes);
+                if queue.closed || ahead <= SLOW_CONSUMER_BYTES / 2 {
+                    break;
+                }
+                queue.pacing += 1;
+            }
+            let _waiting = Pacing(&self.shared);
+            drained.await;
+        }
+        self.send(frame);
+    }
+
     fn queue_text(&self, frame: Utf8Bytes, live_event: bool) {
         let len = frame.len();
         {
@@ -173,6 +213,7 @@ impl Outbound {
             }
             queue.bytes += len;
             if live_event && queue.holding > 0 {
+                queue.held_bytes += len;
                 queue.held.push_back(Outgoing::Text(frame));
                 return;
             }
@@ -210,6 +251,16 @@ impl Outbound {
     }
 }
 
+/// A paced sender's wait, counted while it lasts (also when the sender is
+/// dropped waiting): writes wake paced senders only while there are some.
+struct Pacing<'a>(&'a Shared);
+
+impl Drop for Pacing<'_> {
+    fn drop(&mut self) {
+        self.0.queue().pacing -= 1;
+    }
+}
+
 /// Live events wait while this lives; then they go, after what was queued
 /// meanwhile.
 pub(crate) struct Hold(Arc<Shared>);
@@ -223,6 +274,7 @@ impl Drop for Hold {
                 return;
             }
             let held = std::mem::take(&mut queue.held);
+            queue.held_bytes = 0;
             queue.frames.extend(held);
         }
         self.0.ready.notify_one();
@@ -253,6 +305,42 @@ mod tests {
         inbox.written(SLOW_CONSUMER_BYTES + 1);
         outbound.send("z");
         assert_eq!(queued(&mut inbox), 1);
+    }
+
+    #[tokio::test]
+    async fn a_paced_send_waits_for_the_peer_to_read_what_is_ahead_of_it() {
+        let (outbound, mut inbox) = channel();
+        let half = SLOW_CONSUMER_BYTES / 2;
+        outbound.send("x".repeat(half + 2));
+        // Held live events are not ahead of a replay.
+        let hold = outbound.hold();
+        outbound.send_event("e".repeat(half));
+        let paced = outbound.send_paced("replayed");
+        tokio::pin!(paced);
+        assert!(paced.as_mut().now_or_never().is_none());
+        assert_eq!(queued(&mut inbox), 1);
+        // Some of it written: still more than half ahead.
+        inbox.written(1);
+        assert!(paced.as_mut().now_or_never().is_none());
+        inbox.written(1);
+        tokio::time::timeout(std::time::Duration::from_secs(5), &mut paced)
+            .await
+            .expect("sent once half the limit is left");
+        assert_eq!(texts(&mut inbox), vec!["replayed".to_owned()]);
+        drop(hold);
+        assert_eq!(queued(&mut inbox), 1);
+        // A paced sender dropped while it waits leaves nothing counted.
+        outbound.send("x".repeat(half + 1));
+        let mut waiting = Box::pin(outbound.send_paced("never"));
+        assert!(waiting.as_mut().now_or_never().is_none());
+        drop(waiting);
+        assert_eq!(outbound.shared.queue().pacing, 0);
+        // Nor does a connection that is gone keep one waiting.
+        let late = outbound.send_paced("dropped");
+        drop(inbox);
+        tokio::time::timeout(std::time::Duration::from_secs(5), late)
+            .await
+            .expect("returns once the connection is gone");
     }
 
     fn texts(inbox: &mut Inbox) -> Vec<String> {

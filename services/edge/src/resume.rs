@@ -75,7 +75,7 @@ pub(crate) async fn resume(edge: &Edge, peer: &Peer, payload: &Value) -> Outcome
         for item in items.iter().filter(|i| delivered(&i.r#type)) {
             let payload: Value = serde_json::from_str(&item.payload_json).unwrap_or_default();
             if let Some(text) = frame_for(peer, item, &payload, target(item).as_ref(), &mut None) {
-                peer.outbound.send(text);
+                peer.outbound.send_paced(text).await;
                 replayed += 1;
             }
         }
