@@ -91,11 +91,18 @@ fn dispatch(
         }
         if item.gap {
             deliver(edge, &mut pending);
+            // What compaction took up to the head the stream started at
+            // was committed before any peer was accepted, wherever the gap
+            // falls in the stream (it often follows the start's mark in a
+            // later batch). What a rewind took is another matter: the
+            // items after where the histories parted.
+            let before_any_peer = !rewound && fresh.before_any_peer(item.position);
             fresh.started(item.position);
             if rewound {
                 fresh.rewound(item.position);
             }
-            missed(edge, item.position, !(at_start && n == 0));
+            let first_word = at_start && n == 0;
+            missed(edge, item.position, !(first_word || before_any_peer));
             continue;
         }
         let payload: serde_json::Value =
@@ -156,6 +163,14 @@ impl Fresh {
     fn rewound(&mut self, head: i64) {
         self.after = self.after.map(|after| after.min(head));
         self.by_clock_through = self.by_clock_through.map(|through| through.min(head));
+    }
+
+    /// Whether every item up to `through` committed before any peer of
+    /// this edge was accepted: at or below the head its first stream
+    /// started at, when no peer was accepted before that stream was
+    /// answered.
+    fn before_any_peer(&self, through: i64) -> bool {
+        self.by_clock_through.is_none() && self.after.is_some_and(|after| through <= after)
     }
 
     /// `started_at_ms`: when this edge started.
@@ -1020,6 +1035,21 @@ mod tests {
         // A restored outbox gives positions again from its head.
         fresh.rewound(5);
         assert!(fresh.admits(1_000, &item(6, 0)));
+    }
+
+    #[test]
+    fn losses_up_to_the_first_head_concern_no_peer_only_when_none_was_accepted_before_it() {
+        let mut fresh = Fresh::default();
+        // Not told yet where the stream starts.
+        assert!(!fresh.before_any_peer(1));
+        fresh.started(20);
+        assert!(fresh.before_any_peer(20));
+        assert!(!fresh.before_any_peer(21));
+        // Peers were accepted before the stream was answered: what came
+        // up to its head may have been theirs.
+        let mut late = Fresh::default();
+        late.started_late(10, 20);
+        assert!(!late.before_any_peer(15));
     }
 
     #[test]
