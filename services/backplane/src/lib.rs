@@ -801,6 +801,7 @@ impl Outbox {
         // the store could not be reached no edge could, and dropped then,
         // live edges' records would go too, and every peer of every edge
         // be closed with 4004 at its next heartbeat.
+        let mut reported = std::collections::HashSet::new();
         let mut expiry = Tenure::new(Duration::from_millis(directory::DIRECTORY_TTL_MS as u64));
         tokio::pin!(stop);
         loop {
@@ -855,10 +856,20 @@ impl Outbox {
                     .map(|at| (muster_store::now_ms() - at).max(0) as f64 / 1000.0)
                     .unwrap_or(0.0);
                 metrics::gauge!("muster_outbox_oldest_unacked_seconds").set(age);
+                let mut now_reported = std::collections::HashSet::with_capacity(consumers.len());
                 for consumer in consumers {
-                    metrics::gauge!("muster_outbox_consumer_lag", "consumer" => consumer.consumer_id)
+                    metrics::gauge!("muster_outbox_consumer_lag", "consumer" => consumer.consumer_id.clone())
                         .set((depth.head - consumer.position).max(0) as f64);
+                    now_reported.insert(consumer.consumer_id);
                 }
+                // A consumer whose progress was dropped (an edge gone for
+                // ten minutes) would otherwise keep its last lag, and an
+                // alert on it would fire for an edge that no longer exists.
+                for gone in reported.difference(&now_reported) {
+                    metrics::gauge!("muster_outbox_consumer_lag", "consumer" => gone.clone())
+                        .set(0.0);
+                }
+                reported = now_reported;
             }
         }
     }

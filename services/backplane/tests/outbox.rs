@@ -469,3 +469,45 @@ muster_store::backend_suite! {
         assert_eq!(next(&mut live).await.position(), newer);
     }
 }
+
+/// The consumer-lag gauge of a consumer whose progress was dropped (an
+/// edge gone for longer than progress is kept) reads 0 from the next
+/// round, rather than its last lag for as long as the process runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_of_a_consumer_whose_progress_was_dropped_reads_zero() {
+    let (store, _dir) = muster_store::testing::sqlite().await;
+    let metrics = muster_telemetry::metrics();
+    append_each(&store, 3).await;
+    outbox::ack(&store, "edge-gone", 1).await.unwrap();
+    let reader = Outbox::new(Arc::new(store.clone()));
+    let directory: Arc<dyn muster_backplane::directory::DirectoryStore> = Arc::new(store.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let maintain = tokio::spawn(reader.maintain(
+        directory,
+        muster_backplane::default_retention(),
+        std::time::Duration::from_millis(50),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let shows = |line: &'static str| {
+        let metrics = metrics.clone();
+        async move {
+            tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                while !metrics.render().lines().any(|l| l == line) {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("{line} within 10 s:\n{}", metrics.render()));
+        }
+    };
+    shows("muster_outbox_consumer_lag{consumer=\"edge-gone\"} 2").await;
+    sqlx::query("DELETE FROM outbox_consumers WHERE consumer_id = 'edge-gone'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    shows("muster_outbox_consumer_lag{consumer=\"edge-gone\"} 0").await;
+    stop.send(()).unwrap();
+    maintain.await.unwrap();
+}
