@@ -158,10 +158,9 @@ pub struct Outbox {
     tail: Arc<broadcast::Sender<Published>>,
     /// True once the tail knows where it starts.
     tail_ready: watch::Receiver<bool>,
-    /// How many rewinds the tail found, and where the last one parted
-    /// from what it had read: a follower that missed the tail's word
-    /// (behind by more than the tail keeps) learns of it here.
-    rewinds: watch::Receiver<(u64, i64)>,
+    /// The rewinds the tail found: a follower that missed the tail's word
+    /// (behind by more than the tail keeps) learns of them here.
+    rewinds: watch::Receiver<Rewinds>,
 }
 
 /// What the tail publishes.
@@ -174,6 +173,40 @@ enum Published {
     /// that point goes back to it (with a gap) and catches up from the
     /// store again.
     Rewound,
+}
+
+/// How many rewinds the tail found, and where the latest of them parted
+/// from what it had read.
+#[derive(Debug, Default, Clone)]
+struct Rewinds {
+    count: u64,
+    /// (count, where it parted) of the last [`REWINDS_KEPT`].
+    recent: std::collections::VecDeque<(u64, i64)>,
+}
+
+/// How many rewinds [`Rewinds`] keeps where they parted.
+const REWINDS_KEPT: usize = 16;
+
+impl Rewinds {
+    fn push(&mut self, parted: i64) {
+        self.count += 1;
+        self.recent.push_back((self.count, parted));
+        if self.recent.len() > REWINDS_KEPT {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Where the history parted from what a follower that knew of the
+    /// first `known` rewinds read: the lowest point of those after them,
+    /// since each gave the positions above its own point again. One that
+    /// missed more than are kept goes back to the lowest kept.
+    fn parted_since(&self, known: u64) -> Option<i64> {
+        self.recent
+            .iter()
+            .filter(|(count, _)| *count > known)
+            .map(|(_, parted)| *parted)
+            .min()
+    }
 }
 
 /// How many of the items it read last the tail remembers by event id, to
@@ -434,7 +467,7 @@ async fn read_tail(
     readable: watch::Receiver<u64>,
     tail: std::sync::Weak<broadcast::Sender<Published>>,
     ready: watch::Sender<bool>,
-    rewinds: watch::Sender<(u64, i64)>,
+    rewinds: watch::Sender<Rewinds>,
 ) {
     let mut cursor = loop {
         match store.head().await {
@@ -471,10 +504,7 @@ async fn read_tail(
         let Some(tail) = tail.upgrade() else {
             return false;
         };
-        rewinds.send_modify(|(count, at)| {
-            *count += 1;
-            *at = parted;
-        });
+        rewinds.send_modify(|rewinds| rewinds.push(parted));
         let _ = tail.send(Published::Rewound);
         true
     };
@@ -575,7 +605,7 @@ impl Outbox {
         tokio::spawn(make_readable(store.clone(), readable));
         let tail = Arc::new(broadcast::channel(TAIL_BATCHES).0);
         let (ready, tail_ready) = watch::channel(false);
-        let (rewound, rewinds) = watch::channel((0, 0));
+        let (rewound, rewinds) = watch::channel(Rewinds::default());
         tokio::spawn(read_tail(
             store.clone(),
             receiver,
@@ -627,7 +657,7 @@ impl Outbox {
         // Rewinds before the follower started are not its own: where it
         // starts is its subscriber's word.
         let mut rewinds = self.rewinds.clone();
-        rewinds.borrow_and_update();
+        let mut rewinds_known = rewinds.borrow_and_update().count;
         let mut cursor = match after {
             Some(position) => position,
             None => match self.store.head().await {
@@ -729,8 +759,16 @@ impl Outbox {
                     // that was given positions again past it.
                     Ok(Published::Rewound) | Err(broadcast::error::RecvError::Lagged(_)) => {
                         if rewinds.has_changed().unwrap_or(false) {
-                            let parted = rewinds.borrow_and_update().1;
-                            if cursor > parted && !send_gap(&mut cursor, parted, &sink).await {
+                            let parted = {
+                                let rewinds = rewinds.borrow_and_update();
+                                let parted = rewinds.parted_since(rewinds_known);
+                                rewinds_known = rewinds.count;
+                                parted
+                            };
+                            if let Some(parted) = parted
+                                && cursor > parted
+                                && !send_gap(&mut cursor, parted, &sink).await
+                            {
                                 return;
                             }
                         }
@@ -1246,5 +1284,28 @@ impl Backplane for BackplaneService {
             })
             .collect();
         Ok(Response::new(pb::ReadOutboxResponse { items }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_follower_that_missed_several_rewinds_goes_back_to_the_lowest_point() {
+        let mut rewinds = Rewinds::default();
+        assert_eq!(rewinds.parted_since(0), None);
+        rewinds.push(50);
+        rewinds.push(80);
+        // It knew of neither: the first gave the positions above 50 again.
+        assert_eq!(rewinds.parted_since(0), Some(50));
+        assert_eq!(rewinds.parted_since(1), Some(80));
+        assert_eq!(rewinds.parted_since(2), None);
+        for n in 0..REWINDS_KEPT as i64 {
+            rewinds.push(100 + n);
+        }
+        // Past what is kept: the lowest kept.
+        assert_eq!(rewinds.parted_since(0), Some(100));
+        assert_eq!(rewinds.count, 2 + REWINDS_KEPT as u64);
     }
 }
