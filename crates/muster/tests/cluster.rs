@@ -256,6 +256,17 @@ async fn a_cluster_of_processes_delivers_to_every_edge_and_survives_failures() {
     let cluster = Cluster::up(&dir.path().join("cluster"));
     let edges = cluster.edges();
     assert_eq!(edges.len(), 2, "{}", cluster.status);
+    // Its operator reaches every service by the cluster's directory alone.
+    let health = std::process::Command::new(env!("CARGO_BIN_EXE_muster"))
+        .args(["health", "--json", "--data-dir"])
+        .arg(&cluster.dir)
+        .env_remove("MUSTER_TLS_DIR")
+        .env_remove("MUSTER_TRUST_DOMAIN")
+        .output()
+        .unwrap();
+    let rows: Value = serde_json::from_slice(&health.stdout).unwrap();
+    assert!(health.status.success(), "{rows}");
+    assert_eq!(rows.as_array().map(Vec::len), Some(6), "{rows}");
     let store = Store::connect(&cluster.store_url(), &StoreOptions::default())
         .await
         .unwrap();
