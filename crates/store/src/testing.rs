@@ -46,14 +46,25 @@ pub fn with_database(url: &str, database: &str) -> String {
     }
 }
 
-/// Creates an empty database `muster_test_<pid>_<n>` and returns its URL.
+/// How long a test database is kept: longer than any run of the suite.
+const TEST_DATABASE_HOURS: u64 = 2;
+
+/// Creates an empty database `muster_test_<unix time>_<pid>_<n>_<uuid>`
+/// and returns its URL. Tests do not drop their databases (a test that
+/// fails keeps its for a look); the first database a test process makes
+/// drops those made more than [`TEST_DATABASE_HOURS`] ago, so a server of
+/// a developer's own does not fill up run after run. (The suite's own
+/// throwaway server goes whole.)
 pub async fn create_postgres_database() -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let url = postgres_url();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let first = NEXT.fetch_add(1, Ordering::Relaxed);
     let name = format!(
-        "muster_test_{}_{}_{}",
+        "muster_test_{now}_{}_{first}_{}",
         std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed),
         uuid::Uuid::new_v4().simple()
     );
     let admin = Store::connect(
@@ -69,8 +80,40 @@ pub async fn create_postgres_database() -> String {
         .execute(admin.pool())
         .await
         .expect("create test database");
+    if first == 0 {
+        drop_old_test_databases(&admin, now.saturating_sub(TEST_DATABASE_HOURS * 3600)).await;
+    }
     admin.close().await;
     with_database(&url, &name)
+}
+
+/// Drops the test databases made before `before` (unix seconds). One in
+/// use, or dropped by another process first, is left to the next sweep.
+async fn drop_old_test_databases(admin: &Store, before: u64) {
+    let Ok(names) = admin
+        .fetch_all(
+            sqlx::query("SELECT datname::text FROM pg_database WHERE datname LIKE 'muster\\_test\\_%'"),
+            |row| Ok(sqlx::Row::try_get::<String, _>(row, 0)?),
+        )
+        .await
+    else {
+        return;
+    };
+    for name in names {
+        let made = name
+            .strip_prefix("muster_test_")
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|secs| secs.parse::<u64>().ok());
+        // Names of earlier releases carried no time: the pid came first,
+        // a number far below any time since 2001.
+        let old = made.is_some_and(|made| made < before);
+        let unnamed_time = made.is_some_and(|made| made < 1_000_000_000);
+        if old || unnamed_time {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+                .execute(admin.pool())
+                .await;
+        }
+    }
 }
 
 /// A migrated store on a new Postgres database.
