@@ -175,13 +175,15 @@ enum Published {
     Rewound,
 }
 
-/// How many rewinds the tail found, and where the latest of them parted
-/// from what it had read.
+/// How many rewinds the tail found, and where they parted from what it
+/// had read.
 #[derive(Debug, Default, Clone)]
 struct Rewinds {
     count: u64,
     /// (count, where it parted) of the last [`REWINDS_KEPT`].
     recent: std::collections::VecDeque<(u64, i64)>,
+    /// The lowest point of those no longer kept.
+    dropped: Option<i64>,
 }
 
 /// How many rewinds [`Rewinds`] keeps where they parted.
@@ -191,21 +193,29 @@ impl Rewinds {
     fn push(&mut self, parted: i64) {
         self.count += 1;
         self.recent.push_back((self.count, parted));
-        if self.recent.len() > REWINDS_KEPT {
-            self.recent.pop_front();
+        if self.recent.len() > REWINDS_KEPT
+            && let Some((_, dropped)) = self.recent.pop_front()
+        {
+            self.dropped = Some(self.dropped.map_or(dropped, |lowest| lowest.min(dropped)));
         }
     }
 
     /// Where the history parted from what a follower that knew of the
     /// first `known` rewinds read: the lowest point of those after them,
     /// since each gave the positions above its own point again. One that
-    /// missed more than are kept goes back to the lowest kept.
+    /// missed more than are kept goes back to the lowest of all.
     fn parted_since(&self, known: u64) -> Option<i64> {
-        self.recent
+        let kept = self
+            .recent
             .iter()
             .filter(|(count, _)| *count > known)
             .map(|(_, parted)| *parted)
-            .min()
+            .min();
+        let missed_dropped = known < self.count - self.recent.len() as u64;
+        match (kept, self.dropped.filter(|_| missed_dropped)) {
+            (Some(kept), Some(dropped)) => Some(kept.min(dropped)),
+            (kept, dropped) => kept.or(dropped),
+        }
     }
 }
 
@@ -861,10 +871,10 @@ impl Outbox {
                             metrics::counter!("muster_outbox_compacted_total").increment(removed);
                             tracing::debug!(removed, "outbox compacted");
                         }
-                        Err(error) => {
-                            expiry.interrupted();
-                            tracing::warn!(%error, "outbox compaction failed");
-                        }
+                        // Not the store's absence (the lease was just
+                        // renewed): a statement that failed must not hold
+                        // off expiry round after round.
+                        Err(error) => tracing::warn!(%error, "outbox compaction failed"),
                     }
                     if expiry.served(tokio::time::Instant::now()) {
                         match directory.expire().await {
@@ -873,10 +883,7 @@ impl Outbox {
                                 expired,
                                 "connection records expired: their edge stopped heartbeating"
                             ),
-                            Err(error) => {
-                                expiry.interrupted();
-                                tracing::warn!(%error, "directory expiry failed");
-                            }
+                            Err(error) => tracing::warn!(%error, "directory expiry failed"),
                         }
                     }
                 }
@@ -1304,8 +1311,9 @@ mod tests {
         for n in 0..REWINDS_KEPT as i64 {
             rewinds.push(100 + n);
         }
-        // Past what is kept: the lowest kept.
-        assert_eq!(rewinds.parted_since(0), Some(100));
+        // Past what is kept: the lowest of all.
+        assert_eq!(rewinds.parted_since(0), Some(50));
+        assert_eq!(rewinds.parted_since(2), Some(100));
         assert_eq!(rewinds.count, 2 + REWINDS_KEPT as u64);
     }
 }
