@@ -159,13 +159,13 @@ impl Outbound {
     /// Queues a frame; a peer already holding more than the limit is cut
     /// off with 1013 `slow consumer` instead.
     pub(crate) fn send(&self, frame: impl Into<Utf8Bytes>) {
-        self.queue_text(frame.into(), false);
+        self.queue_text(frame.into(), Kind::Answer);
     }
 
     /// Queues a live event's frame: like [`Outbound::send`], except that
     /// while a resume replays it waits behind the replay.
     pub(crate) fn send_event(&self, frame: impl Into<Utf8Bytes>) {
-        self.queue_text(frame.into(), true);
+        self.queue_text(frame.into(), Kind::LiveEvent);
     }
 
     /// Queues a frame once no more than half the slow-consumer limit is
@@ -192,10 +192,10 @@ impl Outbound {
             let _waiting = Pacing(&self.shared);
             drained.await;
         }
-        self.send(frame);
+        self.queue_text(frame.into(), Kind::Paced);
     }
 
-    fn queue_text(&self, frame: Utf8Bytes, live_event: bool) {
+    fn queue_text(&self, frame: Utf8Bytes, kind: Kind) {
         let len = frame.len();
         {
             let mut queue = self.shared.queue();
@@ -205,14 +205,17 @@ impl Outbound {
             // As Tyrum checks `bufferedAmount` before a send: what is
             // already queued counts, the frame itself does not, so one
             // large frame still goes to a peer that keeps up.
-            if queue.bytes > SLOW_CONSUMER_BYTES {
+            // A paced frame waited for the peer to read (live events held
+            // back meanwhile may stand above the limit, and they cut the
+            // peer off themselves if it does not catch up).
+            if kind != Kind::Paced && queue.bytes > SLOW_CONSUMER_BYTES {
                 drop(queue);
                 metrics::counter!("muster_edge_slow_consumers_total").increment(1);
                 self.shared.slow.notify_one();
                 return;
             }
             queue.bytes += len;
-            if live_event && queue.holding > 0 {
+            if kind == Kind::LiveEvent && queue.holding > 0 {
                 queue.held_bytes += len;
                 queue.held.push_back(Outgoing::Text(frame));
                 return;
@@ -249,6 +252,17 @@ impl Outbound {
         }
         self.shared.ready.notify_one();
     }
+}
+
+/// What a queued frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A request's answer, or a replayed event sent without pacing.
+    Answer,
+    /// A live event: waits behind a replay.
+    LiveEvent,
+    /// Sent once the peer had read enough of what was ahead of it.
+    Paced,
 }
 
 /// A paced sender's wait, counted while it lasts (also when the sender is
@@ -327,8 +341,15 @@ mod tests {
             .await
             .expect("sent once half the limit is left");
         assert_eq!(texts(&mut inbox), vec!["replayed".to_owned()]);
+        // Held live events past the limit do not cut a paced replay off;
+        // they are the peer's to catch up with.
+        inbox.written(half + "replayed".len());
+        outbound.send_event("e".repeat(SLOW_CONSUMER_BYTES));
+        outbound.send_paced("replayed too").await;
+        assert_eq!(texts(&mut inbox), vec!["replayed too".to_owned()]);
         drop(hold);
-        assert_eq!(queued(&mut inbox), 1);
+        assert_eq!(queued(&mut inbox), 2);
+        inbox.written(SLOW_CONSUMER_BYTES * 2);
         // A paced sender dropped while it waits leaves nothing counted.
         outbound.send("x".repeat(half + 1));
         let mut waiting = Box::pin(outbound.send_paced("never"));
@@ -336,7 +357,8 @@ mod tests {
         drop(waiting);
         assert_eq!(outbound.shared.queue().pacing, 0);
         // Nor does a connection that is gone keep one waiting.
-        let late = outbound.send_paced("dropped");
+        let mut late = Box::pin(outbound.send_paced("dropped"));
+        assert!(late.as_mut().now_or_never().is_none());
         drop(inbox);
         tokio::time::timeout(std::time::Duration::from_secs(5), late)
             .await
