@@ -321,13 +321,19 @@ fn mask_query_secrets(raw: &str, keys: &[&str]) -> String {
         let (before, from) = rest.split_at(at + 1);
         out.push_str(before);
         rest = from;
-        let key = keys.iter().find(|key| {
-            rest.len() > key.len()
-                && rest.as_bytes()[key.len()] == b'='
-                && rest[..key.len()].eq_ignore_ascii_case(key)
-        });
-        if let Some(key) = key {
-            out.push_str(&rest[..=key.len()]);
+        // The key as the driver reads it: percent-decoded.
+        let secret = rest
+            .find(['=', '&', '#'])
+            .filter(|&end| rest.as_bytes()[end] == b'=')
+            .filter(|&end| {
+                let key = url::form_urlencoded::parse(&rest.as_bytes()[..end])
+                    .next()
+                    .map(|(key, _)| key.into_owned())
+                    .unwrap_or_default();
+                keys.iter().any(|k| key.eq_ignore_ascii_case(k))
+            });
+        if let Some(eq) = secret {
+            out.push_str(&rest[..=eq]);
             out.push_str("***");
             let end = rest.find(['&', '#']).unwrap_or(rest.len());
             rest = &rest[end..];
@@ -591,6 +597,7 @@ mod tests {
             "postgres://muster@db:5432/muster?password=hun@ter2",
             "postgres://muster@db/muster?sslmode=require&Password=a@b@hunter2#x",
             "postgres://muster@db/muster?sslpassword=hunter2@x&password=y",
+            "postgres://u@db:5432/m?pass%77ord=hun@ter2",
         ] {
             let redacted = redact_url(raw);
             assert!(!redacted.contains("ter2"), "{raw}: {redacted}");

@@ -101,8 +101,13 @@ fn create_private_file(url: &str) -> Result<(), StoreError> {
     use std::os::unix::fs::OpenOptionsExt;
     let options = sqlx::sqlite::SqliteConnectOptions::from_str(url)?;
     let path = options.get_filename();
-    let in_memory = path.as_os_str().is_empty() || path.as_os_str() == ":memory:";
-    if in_memory || !url.contains("mode=rwc") || path.exists() {
+    // SQLite reads a name that starts with `file:` as a URI (sqlx's own
+    // in-memory databases are named so): not a path to create.
+    let uri = path.to_str().is_none_or(|name| name.starts_with("file:"));
+    let creates = url
+        .split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|pair| pair == "mode=rwc"));
+    if uri || !creates || path.as_os_str().is_empty() || path.exists() {
         return Ok(());
     }
     match std::fs::OpenOptions::new()
@@ -667,6 +672,32 @@ mod tests {
         let missing = dir.path().join("no/such/dir/muster.db");
         assert!(Store::open_sqlite(&missing).await.is_err());
         assert!(!missing.exists());
+    }
+
+    #[tokio::test]
+    async fn in_memory_and_uri_forms_leave_no_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let before: Vec<_> = std::fs::read_dir(".")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        let store = Store::connect("sqlite::memory:", &StoreOptions::default())
+            .await
+            .unwrap();
+        store.close().await;
+        let uri = format!("sqlite:file:{}?mode=rwc", dir.path().join("u.db").display());
+        let store = Store::connect(&uri, &StoreOptions::default())
+            .await
+            .unwrap();
+        store.close().await;
+        let after: Vec<_> = std::fs::read_dir(".")
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(before, after, "no file in the working directory");
+        assert!(dir.path().join("u.db").exists());
     }
 
     #[test]

@@ -92,7 +92,9 @@ pub async fn create_postgres_database() -> String {
 async fn drop_old_test_databases(admin: &Store, before: u64) {
     let Ok(names) = admin
         .fetch_all(
-            sqlx::query("SELECT datname::text FROM pg_database WHERE datname LIKE 'muster\\_test\\_%'"),
+            sqlx::query(
+                "SELECT datname::text FROM pg_database WHERE datname LIKE 'muster\\_test\\_%'",
+            ),
             |row| Ok(sqlx::Row::try_get::<String, _>(row, 0)?),
         )
         .await
