@@ -1249,8 +1249,13 @@ async fn operator_and_node(host: &Host, device: Value) -> (Ws, DeviceKey, Ws, mu
 muster_e2e::on_both_stores! {
     async fn entries_nobody_refreshes_go_after_the_ttl(store: Option<String>) {
         let host = Host::start(store).await;
-        let (mut operator, node_key, _node, store) =
+        let (mut operator, node_key, mut node, store) =
             operator_and_node(&host, json!({"mode": "node"})).await;
+        // The node answers the edge's pings for as long as the test runs
+        // (it reads), or the edge would drop it after 10 s.
+        let reading = tokio::spawn(async move {
+            while !matches!(node.next(Duration::from_secs(60)).await, Next::Closed(..) | Next::Dropped) {}
+        });
         // As a dead edge's peer leaves it: last seen longer ago than the TTL
         // (60 s), and no edge holds it to refresh it.
         let stale = DeviceKey::generate().device_id();
@@ -1267,7 +1272,19 @@ muster_e2e::on_both_stores! {
         .execute(store.writer())
         .await
         .unwrap();
-        // The next prune (every 5 s) takes it, and only it.
+        // Not at once: a presence that just took its lease (or whose store
+        // was just back) waits 15 s for live edges to refresh their
+        // entries before it judges any by the TTL.
+        let deadline = std::time::Instant::now() + Duration::from_secs(6);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match operator.next(left).await {
+                Next::Json(frame) => assert_ne!(frame["type"], "presence.pruned", "{frame}"),
+                Next::Silent => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        // Then the next prune (every 5 s) takes it, and only it.
         let pruned = event_within(&mut operator, "presence.pruned").await;
         assert_eq!(pruned["payload"]["instance_id"], stale.as_str(), "{pruned}");
         let listed = operator.call("muster.presence.list", json!({})).await;
@@ -1279,6 +1296,7 @@ muster_e2e::on_both_stores! {
             .collect();
         assert!(!ids.contains(&stale.as_str()), "{ids:?}");
         assert!(ids.contains(&node_key.device_id().as_str()), "{ids:?}");
+        reading.abort();
         store.close().await;
         host.stop().await;
     }

@@ -5,6 +5,7 @@ use muster_mesh::{ErrorCode, ServiceError};
 use muster_protocol::format_datetime;
 use muster_protocol::presence::{PresenceEntry, REASONS, wire_mode};
 use muster_store::group::GroupCommit;
+use muster_store::lease::Tenure;
 use muster_store::outbox::NewItem;
 use muster_store::text::{MAX_NAME_BYTES, check_name, check_text};
 use muster_store::{StoreError, now_ms};
@@ -388,6 +389,14 @@ impl Instances {
         tokio::pin!(shutdown);
         let holder = uuid::Uuid::new_v4().to_string();
         let lease_ms = every.as_millis() as i64 * 3;
+        // After a store outage longer than the TTL every entry has run
+        // out, since no edge could refresh any, and every topic session
+        // looks like a dead edge's: judged at once, every live peer would
+        // leave presence and its topics, and come back at its edge's next
+        // refresh. So the TTL is judged only once this replica has held
+        // the lease, with the store answering, for long enough that every
+        // live edge has refreshed what it holds. The cap is not held off.
+        let mut tenure = Tenure::new(REFRESHED_WITHIN.min(self.retention.ttl));
         loop {
             tokio::select! {
                 _ = &mut shutdown => {
@@ -399,20 +408,28 @@ impl Instances {
             }
             match self.store.lease(PRUNE_LEASE, &holder, lease_ms).await {
                 Ok(true) => {}
-                Ok(false) => continue,
+                Ok(false) => {
+                    tenure.interrupted();
+                    continue;
+                }
                 Err(error) => {
+                    tenure.interrupted();
                     tracing::warn!(%error, "presence prune lease unavailable");
                     continue;
                 }
             }
-            let retention = self.retention;
-            match topics.expire_edges(retention.ttl).await {
-                Ok(0) => {}
-                Ok(left) => tracing::info!(
-                    left,
-                    "sessions of edges that stopped refreshing left their topics"
-                ),
-                Err(error) => tracing::warn!(%error, "expiring dead edges' sessions failed"),
+            let mut retention = self.retention;
+            if tenure.served(tokio::time::Instant::now()) {
+                match topics.expire_edges(retention.ttl).await {
+                    Ok(0) => {}
+                    Ok(left) => tracing::info!(
+                        left,
+                        "sessions of edges that stopped refreshing left their topics"
+                    ),
+                    Err(error) => tracing::warn!(%error, "expiring dead edges' sessions failed"),
+                }
+            } else {
+                retention.ttl = std::time::Duration::MAX;
             }
             match self.prune(retention).await {
                 Ok(pruned) if !pruned.is_empty() => {
@@ -427,6 +444,10 @@ impl Instances {
         }
     }
 }
+
+/// Within how long a live edge refreshes its peers' entries and topic
+/// sessions: three of its presence refreshes (every 5 s).
+const REFRESHED_WITHIN: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// A duration in milliseconds, saturated: a lifetime too long for an `i64`
 /// must not wrap into the past.
