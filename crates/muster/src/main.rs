@@ -130,7 +130,8 @@ enum Command {
 struct OperatorArgs {
     #[command(flatten)]
     common: Common,
-    /// Operator token (also MUSTER_TOKEN).
+    /// Operator token; prefer MUSTER_TOKEN, since a command line is
+    /// visible to every user of the machine (`ps`).
     #[arg(long)]
     token: Option<String>,
     /// The edge's WebSocket URL [default: the running single host's, else
