@@ -277,3 +277,17 @@ macro_rules! on_both_stores {
         )*
     };
 }
+
+/// Reads `ws` until its connection ends, so that it answers the edge's
+/// pings (a client answers only while it is read; the edge drops one that
+/// has not answered for 10 s) while a test has no more use for what it
+/// receives. Aborting the task drops the connection, as a client that
+/// goes away does.
+pub fn keep_answering(mut ws: ws::Ws) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while !matches!(
+            ws.next(std::time::Duration::from_secs(60)).await,
+            ws::Next::Closed(..) | ws::Next::Dropped
+        ) {}
+    })
+}

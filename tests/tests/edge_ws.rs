@@ -1249,13 +1249,11 @@ async fn operator_and_node(host: &Host, device: Value) -> (Ws, DeviceKey, Ws, mu
 muster_e2e::on_both_stores! {
     async fn entries_nobody_refreshes_go_after_the_ttl(store: Option<String>) {
         let host = Host::start(store).await;
-        let (mut operator, node_key, mut node, store) =
+        let (mut operator, node_key, node, store) =
             operator_and_node(&host, json!({"mode": "node"})).await;
         // The node answers the edge's pings for as long as the test runs
         // (it reads), or the edge would drop it after 10 s.
-        let reading = tokio::spawn(async move {
-            while !matches!(node.next(Duration::from_secs(60)).await, Next::Closed(..) | Next::Dropped) {}
-        });
+        let reading = muster_e2e::keep_answering(node);
         // As a dead edge's peer leaves it: last seen longer ago than the TTL
         // (60 s), and no edge holds it to refresh it.
         let stale = DeviceKey::generate().device_id();
@@ -1315,6 +1313,8 @@ muster_e2e::on_both_stores! {
         // The node's second connection: one entry, the device's.
         let mut twin = admin(&host).await;
         twin.handshake(&node_key, "node", json!({"mode": "node", "label": "lab-7"})).await;
+        // Both stay connected, answering the edge's pings, to the end.
+        let (node, twin) = (muster_e2e::keep_answering(node), muster_e2e::keep_answering(twin));
         for _ in 0..2 {
             upserted_entry(&mut operator, &node_id).await;
         }
@@ -1370,7 +1370,8 @@ muster_e2e::on_both_stores! {
                 _ => break,
             }
         }
-        drop((node, twin));
+        node.abort();
+        twin.abort();
         store.close().await;
         host.stop().await;
     }

@@ -218,13 +218,13 @@ muster_e2e::on_both_stores! {
         let (status, issued) = http_post(
             &format!("{}/auth/tokens/issue", host.http_base()),
             Some(&admin),
-            r#"{"role": "client", "scopes": ["operator.read"], "ttl_seconds": 2}"#,
+            r#"{"role": "client", "scopes": ["operator.read"], "ttl_seconds": 5}"#,
         );
         assert_eq!(status, 201, "{issued}");
         let expires_at = issued["expires_at"].as_str().unwrap();
         let expires = muster_protocol::parse_datetime(expires_at).unwrap();
         let issued_at = muster_protocol::parse_datetime(issued["issued_at"].as_str().unwrap()).unwrap();
-        assert_eq!(expires - issued_at, 2000);
+        assert_eq!(expires - issued_at, 5000);
         let token = issued["token"].as_str().unwrap().to_owned();
         let listed = tokens(&host, &admin);
         let item = listed.iter().find(|t| t["token_id"] == issued["token_id"]).unwrap();

@@ -386,7 +386,8 @@ async fn a_connection_ends_when_its_certificate_expires_and_a_renewed_principal_
     let f = Fixture::start().await;
     let now = time::OffsetDateTime::now_utc();
     let mut short = IssueOptions::valid_for(DAY);
-    short.not_after = Some(now + time::Duration::seconds(2));
+    // Long enough for the setup below on a loaded machine.
+    short.not_after = Some(now + time::Duration::seconds(5));
     let issue = |name, opts: &IssueOptions| {
         f.certs()
             .write_issued(name, &f.ca.issue(TD, name, opts).unwrap())
@@ -410,7 +411,7 @@ async fn a_connection_ends_when_its_certificate_expires_and_a_renewed_principal_
 
     issue(ServiceName::Ctl, &IssueOptions::valid_for(DAY));
     assert!(renewed.reload().unwrap());
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
 
     // The old connection is gone; the next goes with the renewed
     // certificate (a call that raced the close may fail once).

@@ -306,8 +306,9 @@ async fn following_five(
     }
     // The follower may have read them from the store itself: the tail
     // reads them too within its polling interval, and only what the tail
-    // read is what a rewind is measured against.
-    tokio::time::sleep(muster_backplane::POLL_INTERVAL * 2).await;
+    // read is what a rewind is measured against. (Several intervals: the
+    // machine may be loaded.)
+    tokio::time::sleep(muster_backplane::POLL_INTERVAL * 8).await;
     (positions, live)
 }
 
@@ -353,7 +354,7 @@ muster_store::backend_suite! {
         let (sink, mut live) = tokio::sync::mpsc::channel(64);
         let at = positions[4];
         tokio::spawn(async move { reader.follow(Some(at), sink).await });
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
         rewind_and_refill(&store, positions[1], 1).await;
         assert_eq!(next(&mut live).await, Followed::Gap { through: positions[1] });
         assert_eq!(refilled(&mut live, 1).await, vec![positions[2]]);
@@ -451,7 +452,7 @@ muster_store::backend_suite! {
         // nothing), before anything is given those positions again: it
         // would otherwise send the followers back to where the histories
         // parted once more, to read the new items again.
-        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(3000)).await;
         let again = append_each(&store, 1).await[0];
         assert_eq!(again, positions[2], "the position is given again");
         assert_eq!(next(&mut live).await.position(), again);
