@@ -1248,6 +1248,7 @@ async fn operator_and_node(host: &Host, device: Value) -> (Ws, DeviceKey, Ws, mu
 // stay.
 muster_e2e::on_both_stores! {
     async fn entries_nobody_refreshes_go_after_the_ttl(store: Option<String>) {
+        let started = std::time::Instant::now();
         let host = Host::start(store).await;
         let (mut operator, node_key, node, store) =
             operator_and_node(&host, json!({"mode": "node"})).await;
@@ -1270,10 +1271,11 @@ muster_e2e::on_both_stores! {
         .execute(store.writer())
         .await
         .unwrap();
-        // Not at once: a presence that just took its lease (or whose store
-        // was just back) waits 15 s for live edges to refresh their
-        // entries before it judges any by the TTL.
-        let deadline = std::time::Instant::now() + Duration::from_secs(6);
+        // Not at once: a presence that just took its lease (at its first
+        // round, 5 s after its start) waits 15 s for live edges to refresh
+        // their entries before it judges any by the TTL.
+        let deadline = (std::time::Instant::now() + Duration::from_secs(6))
+            .min(started + Duration::from_secs(19));
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match operator.next(left).await {

@@ -41,38 +41,55 @@ pub async fn release(store: &Store, name: &str, holder: &str) -> Result<(), Stor
     Ok(())
 }
 
-/// Whether a lease holder has held its lease long enough, with the store
-/// answering, to judge others by their silence. Records that live while
-/// their owners refresh them (an edge's connections, presence entries,
-/// topic sessions) run out during a store outage, since no owner can
-/// refresh them then; and a holder that just took the lease may have
-/// taken it in one. Such records go only once the holder has held the
-/// lease, each round answered by the store, for a whole lifetime of
-/// theirs: every live owner has refreshed its own by then.
+/// Whether a lease holder may judge records that live while their owners
+/// refresh them (an edge's connections, presence entries, topic sessions)
+/// by their silence. While the store cannot be reached no owner can
+/// refresh anything, and after an outage longer than such a record lives
+/// every one has run out, live owners' too; a holder that just took the
+/// lease may have taken it just after one. So the holder judges only once
+/// it has held the lease for `wait` (long enough for every live owner to
+/// refresh) without a gap between its rounds longer than `outage`
+/// (longer than a record outlives its owner's last refresh by). A round
+/// that failed alone is no gap; a process that was stopped (a paused VM)
+/// is, since gaps are read on the wall clock.
 #[derive(Debug)]
 pub struct Tenure {
-    lifetime: std::time::Duration,
-    since: Option<tokio::time::Instant>,
+    wait: i64,
+    outage: i64,
+    /// Since when, and until when, rounds held the lease without a gap
+    /// (unix ms).
+    since: Option<i64>,
+    last: Option<i64>,
 }
 
 impl Tenure {
-    /// For records that live `lifetime` without a refresh.
-    pub fn new(lifetime: std::time::Duration) -> Self {
+    pub fn new(wait: std::time::Duration, outage: std::time::Duration) -> Self {
+        let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
         Tenure {
-            lifetime,
+            wait: ms(wait),
+            outage: ms(outage),
             since: None,
+            last: None,
         }
     }
 
-    /// A round, at `now`, with the lease held and the store answering:
-    /// whether a whole lifetime has passed since such rounds began.
-    pub fn served(&mut self, now: tokio::time::Instant) -> bool {
-        now.duration_since(*self.since.get_or_insert(now)) >= self.lifetime
+    /// A round at `now_ms` that holds the lease: whether records may be
+    /// judged in it.
+    pub fn held(&mut self, now_ms: i64) -> bool {
+        if self
+            .last
+            .is_some_and(|last| now_ms.saturating_sub(last) > self.outage)
+        {
+            self.since = None;
+        }
+        self.last = Some(now_ms);
+        now_ms.saturating_sub(*self.since.get_or_insert(now_ms)) >= self.wait
     }
 
-    /// The lease was not held, or the store failed.
-    pub fn interrupted(&mut self) {
+    /// Another replica holds the lease: taking it again starts over.
+    pub fn lost(&mut self) {
         self.since = None;
+        self.last = None;
     }
 }
 
@@ -82,19 +99,23 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn records_are_judged_only_after_a_whole_lifetime_of_a_held_lease_and_an_answering_store() {
-        let mut tenure = Tenure::new(Duration::from_secs(30));
-        let start = tokio::time::Instant::now();
-        let at = |secs| start + Duration::from_secs(secs);
+    fn records_are_judged_after_the_wait_and_again_after_a_gap_longer_than_an_outage() {
+        let mut tenure = Tenure::new(Duration::from_secs(15), Duration::from_secs(25));
+        let at = |secs: i64| 1_000_000 + secs * 1000;
         // Newly taken: owners may not have refreshed through this store.
-        assert!(!tenure.served(at(0)));
-        assert!(!tenure.served(at(29)));
-        assert!(tenure.served(at(30)));
-        assert!(tenure.served(at(40)));
-        // The store failed (or the lease went elsewhere): a lifetime again.
-        tenure.interrupted();
-        assert!(!tenure.served(at(50)));
-        assert!(!tenure.served(at(79)));
-        assert!(tenure.served(at(80)));
+        assert!(!tenure.held(at(0)));
+        assert!(!tenure.held(at(10)));
+        assert!(tenure.held(at(15)));
+        // A round that failed alone (no held round at 25) is no gap.
+        assert!(tenure.held(at(35)));
+        // Nothing held for longer than the outage (the store away, or the
+        // process stopped): the wait again.
+        assert!(!tenure.held(at(61)));
+        assert!(!tenure.held(at(70)));
+        assert!(tenure.held(at(76)));
+        // Another replica took the lease: taking it back starts over.
+        tenure.lost();
+        assert!(!tenure.held(at(80)));
+        assert!(tenure.held(at(95)));
     }
 }

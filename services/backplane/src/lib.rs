@@ -850,7 +850,12 @@ impl Outbox {
         // live edges' records would go too, and every peer of every edge
         // be closed with 4004 at its next heartbeat.
         let mut reported = std::collections::HashSet::new();
-        let mut expiry = Tenure::new(Duration::from_millis(directory::DIRECTORY_TTL_MS as u64));
+        // So records expire only once the edges have had three heartbeats
+        // through a store that answers this replica, and again so after
+        // rounds apart by longer than records outlive a heartbeat.
+        let heartbeat = Duration::from_secs(5);
+        let ttl = Duration::from_millis(directory::DIRECTORY_TTL_MS as u64);
+        let mut expiry = Tenure::new(3 * heartbeat, (ttl - heartbeat).max(2 * every));
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -876,7 +881,7 @@ impl Outbox {
                         // off expiry round after round.
                         Err(error) => tracing::warn!(%error, "outbox compaction failed"),
                     }
-                    if expiry.served(tokio::time::Instant::now()) {
+                    if expiry.held(muster_store::now_ms()) {
                         match directory.expire().await {
                             Ok(0) => {}
                             Ok(expired) => tracing::info!(
@@ -887,11 +892,8 @@ impl Outbox {
                         }
                     }
                 }
-                Ok(false) => expiry.interrupted(),
-                Err(error) => {
-                    expiry.interrupted();
-                    tracing::warn!(%error, "compaction lease unavailable");
-                }
+                Ok(false) => expiry.lost(),
+                Err(error) => tracing::warn!(%error, "compaction lease unavailable"),
             }
             if let Ok((depth, consumers)) = self.store.depth().await {
                 metrics::gauge!("muster_outbox_items").set(depth.items as f64);

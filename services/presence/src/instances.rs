@@ -394,9 +394,14 @@ impl Instances {
         // looks like a dead edge's: judged at once, every live peer would
         // leave presence and its topics, and come back at its edge's next
         // refresh. So the TTL is judged only once this replica has held
-        // the lease, with the store answering, for long enough that every
-        // live edge has refreshed what it holds. The cap is not held off.
-        let mut tenure = Tenure::new(REFRESHED_WITHIN.min(self.retention.ttl));
+        // the lease for long enough that every live edge has refreshed
+        // what it holds, and again so after its rounds were apart for
+        // longer than entries outlive a refresh. The cap is not held off.
+        let ttl = self.retention.ttl;
+        let mut tenure = Tenure::new(
+            REFRESHED_WITHIN.min(ttl),
+            ttl.saturating_sub(EDGE_REFRESH).max(2 * every),
+        );
         loop {
             tokio::select! {
                 _ = &mut shutdown => {
@@ -409,17 +414,16 @@ impl Instances {
             match self.store.lease(PRUNE_LEASE, &holder, lease_ms).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    tenure.interrupted();
+                    tenure.lost();
                     continue;
                 }
                 Err(error) => {
-                    tenure.interrupted();
                     tracing::warn!(%error, "presence prune lease unavailable");
                     continue;
                 }
             }
             let mut retention = self.retention;
-            if tenure.served(tokio::time::Instant::now()) {
+            if tenure.held(now_ms()) {
                 match topics.expire_edges(retention.ttl).await {
                     Ok(0) => {}
                     Ok(left) => tracing::info!(
@@ -445,8 +449,11 @@ impl Instances {
     }
 }
 
-/// Within how long a live edge refreshes its peers' entries and topic
-/// sessions: three of its presence refreshes (every 5 s).
+/// How often a live edge refreshes its peers' entries and topic sessions.
+const EDGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Within how long a live edge has surely refreshed them: three of its
+/// refreshes.
 const REFRESHED_WITHIN: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// A duration in milliseconds, saturated: a lifetime too long for an `i64`
