@@ -18,24 +18,31 @@ pub struct Ctl {
     endpoints: Option<Endpoints>,
 }
 
+/// The running host's (or local cluster's) endpoints in `config`'s data
+/// directory, with its trust domain and certificates adopted where the
+/// command sets neither: a host started with `--trust-domain` or
+/// `--tls-dir` is reached, and issued certificates, with `--data-dir`
+/// alone.
+pub fn adopt_running(config: &Config) -> (Config, Option<Endpoints>) {
+    let endpoints: Option<Endpoints> = std::fs::read(config.endpoints_file())
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let mut config = config.clone();
+    if let Some(running) = &endpoints {
+        if config.trust_domain == Config::default().trust_domain {
+            config.trust_domain.clone_from(&running.trust_domain);
+        }
+        if config.tls_dir.is_none() {
+            config.tls_dir = Some(running.tls_dir.clone().into());
+        }
+    }
+    (config, endpoints)
+}
+
 impl Ctl {
     pub fn new(config: &Config) -> anyhow::Result<Ctl> {
         muster_tls::install_crypto_provider();
-        let endpoints: Option<Endpoints> = std::fs::read(config.endpoints_file())
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok());
-        // The running host's own trust domain and certificates, where this
-        // command sets neither: a host started with `--trust-domain` or
-        // `--tls-dir` is reached with `--data-dir` alone.
-        let mut config = config.clone();
-        if let Some(running) = &endpoints {
-            if config.trust_domain == Config::default().trust_domain {
-                config.trust_domain.clone_from(&running.trust_domain);
-            }
-            if config.tls_dir.is_none() {
-                config.tls_dir = Some(running.tls_dir.clone().into());
-            }
-        }
+        let (config, endpoints) = adopt_running(config);
         let tls = MeshTls::load(config.tls().files(ServiceName::Ctl), &config.trust_domain)
             .with_context(|| {
                 format!(

@@ -516,7 +516,9 @@ fn run_certs(file: Option<&std::path::Path>, certs: Certs) -> anyhow::Result<Exi
             days,
             dns,
         } => {
-            let config = load(file, &common)?;
+            // Into a running host's (or local cluster's) directory, for its
+            // trust domain, when `--data-dir` names it.
+            let (config, _) = muster::ctl::adopt_running(&load(file, &common)?);
             let tls = config.tls();
             let ca = tls
                 .load_ca()

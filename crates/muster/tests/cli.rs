@@ -858,6 +858,19 @@ fn the_tools_reach_a_host_of_its_own_trust_domain_with_the_data_dir_alone() {
         "{}",
         String::from_utf8_lossy(&health.stderr)
     );
+    // A certificate issued again there is of the host's trust domain, and
+    // the tools go on reaching it with it.
+    let issued = muster(&["certs", "issue", "ctl"], &data);
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&issued.stdout).trim(),
+        "issued spiffe://dev.example/service/ctl"
+    );
+    assert!(muster(&["health"], &data).status.success());
     served.terminate();
     assert!(served.wait(Duration::from_secs(20)).success());
 }
