@@ -2125,3 +2125,77 @@ async fn a_connection_that_does_not_send_a_request_in_time_is_dropped() {
     );
     host.stop().await;
 }
+
+// A node's report of its ready capabilities (Part B §6) reaches its
+// tenant's operators as `capability.ready`, scoped to the node and cut to
+// what the node advertised at connect; nodes get none.
+muster_e2e::on_both_stores! {
+    async fn a_nodes_ready_capabilities_reach_operators_scoped_to_the_node(store: Option<String>) {
+        let host = Host::start(store).await;
+        let mut operator = admin(&host).await;
+        operator
+            .handshake(&DeviceKey::generate(), "client", json!({"mode": "ui"}))
+            .await;
+        let mut other_node = admin(&host).await;
+        other_node
+            .handshake(&DeviceKey::generate(), "node", json!({"mode": "node"}))
+            .await;
+        let node_key = DeviceKey::generate();
+        let mut node = admin(&host).await;
+        node.try_handshake_advertising(
+            &node_key,
+            "node",
+            json!({"mode": "node"}),
+            json!([{"id": "tyrum.fs.read", "version": "1.2.0"}, {"id": "tyrum.desktop.screenshot"}]),
+        )
+        .await
+        .unwrap();
+        let ready = node
+            .call(
+                "capability.ready",
+                json!({
+                    "capabilities": [
+                        {"id": "tyrum.fs.read", "version": "1.2.0"},
+                        {"id": "tyrum.fs.write", "version": "1.0.0"}
+                    ],
+                    "capability_states": [
+                        {"capability": "tyrum.fs.read", "actions": [
+                            {"name": "read", "enabled": false, "availability_status": "unavailable",
+                             "unavailable_reason": "no disk"}]},
+                        {"capability": "tyrum.fs.write", "actions": []}
+                    ]
+                }),
+            )
+            .await;
+        assert_eq!(ready["ok"], true, "{ready}");
+        assert!(ready.get("result").is_none(), "{ready}");
+        let event = event_within(&mut operator, "capability.ready").await;
+        assert_eq!(
+            event["scope"],
+            json!({"kind": "node", "node_id": node_key.device_id()}),
+            "{event}"
+        );
+        // Only what the node advertised at connect counts.
+        assert_eq!(
+            event["payload"],
+            json!({
+                "node_id": node_key.device_id(),
+                "capabilities": [{"id": "tyrum.fs.read", "version": "1.2.0"}],
+                "capability_states": [{"capability": "tyrum.fs.read", "actions": [
+                    {"name": "read", "enabled": false, "availability_status": "unavailable",
+                     "unavailable_reason": "no disk"}]}]
+            }),
+            "{event}"
+        );
+        // Nodes are not its audience.
+        assert_eq!(other_node.call("ping", json!({})).await["ok"], true);
+        loop {
+            match other_node.next(Duration::from_millis(500)).await {
+                Next::Json(frame) => assert_ne!(frame["type"], "capability.ready", "{frame}"),
+                Next::Silent => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        host.stop().await;
+    }
+}

@@ -43,6 +43,16 @@ pub enum Availability {
     Unavailable,
 }
 
+impl Availability {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Availability::Unknown => "unknown",
+            Availability::Available => "available",
+            Availability::Unavailable => "unavailable",
+        }
+    }
+}
+
 impl CapabilityReady {
     pub fn parse(payload: &Value) -> Result<CapabilityReady, String> {
         let mut report: CapabilityReady = crate::from_object(payload)?;

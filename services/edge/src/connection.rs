@@ -713,6 +713,12 @@ async fn arrive(
         tracked: Default::default(),
         registered: Default::default(),
         expired: Default::default(),
+        advertised: handshaken
+            .init
+            .capabilities
+            .iter()
+            .map(|capability| capability.id.as_str().into())
+            .collect(),
     });
     edge.registry.insert(peer.clone());
     let registered = Deregister {
@@ -1118,13 +1124,14 @@ async fn respond(edge: &Edge, peer: &Peer, request: &Request) -> String {
             }
             Ok(None)
         }
-        // Answered so that a Tyrum node, which sends it after every
-        // connect, runs: the report is checked, and neither kept nor
-        // broadcast yet (docs/protocol-extensions.md).
+        // Checked, cut to what the node advertised at connect, and
+        // broadcast to operators; answered with no result (Part B §6).
         "capability.ready" if peer.role == "node" => {
             match muster_protocol::capability::CapabilityReady::parse(&request.payload) {
                 Err(message) => return invalid_request(request, &message),
-                Ok(_) => Ok(None),
+                Ok(report) => report_capabilities(edge, peer, &report)
+                    .await
+                    .map(|()| None),
             }
         }
         "presence.beacon" => match Beacon::parse(&request.payload) {
@@ -1188,6 +1195,54 @@ fn without_observed_keys(mut metadata: Value) -> Value {
         }
     }
     metadata
+}
+
+/// A node's ready capabilities, as far as it advertised them at connect,
+/// broadcast by presence as `capability.ready`.
+async fn report_capabilities(
+    edge: &Edge,
+    peer: &Peer,
+    report: &muster_protocol::capability::CapabilityReady,
+) -> Result<(), tonic::Status> {
+    let advertised = |id: &str| peer.advertised.iter().any(|a| &**a == id);
+    let capabilities: Vec<Value> = report
+        .capabilities
+        .iter()
+        .filter(|c| advertised(&c.id))
+        .map(|c| json!({"id": c.id, "version": c.version}))
+        .collect();
+    let states: Vec<Value> = report
+        .capability_states
+        .iter()
+        .filter(|s| advertised(&s.capability))
+        .map(|s| {
+            let actions: Vec<Value> = s
+                .actions
+                .iter()
+                .map(|a| {
+                    let mut action = json!({
+                        "name": a.name,
+                        "enabled": a.enabled,
+                        "availability_status": a.availability_status.as_str(),
+                    });
+                    if let Some(reason) = &a.unavailable_reason {
+                        action["unavailable_reason"] = json!(reason);
+                    }
+                    action
+                })
+                .collect();
+            json!({"capability": s.capability, "actions": actions})
+        })
+        .collect();
+    edge.presence()
+        .report_capabilities(pb::ReportCapabilitiesRequest {
+            tenant_id: peer.claims.tenant_id.clone(),
+            node_id: peer.device_id.clone(),
+            capabilities_json: Value::Array(capabilities).to_string(),
+            capability_states_json: Value::Array(states).to_string(),
+        })
+        .await?;
+    Ok(())
 }
 
 async fn beacon_upsert(edge: &Edge, peer: &Peer, beacon: Beacon) -> Result<Value, tonic::Status> {

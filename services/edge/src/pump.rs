@@ -369,11 +369,14 @@ pub(crate) fn frame_for(
     Some(
         frame
             .get_or_insert_with(|| {
+                // Part B §6: a node's report is scoped to the node.
+                let scope = (item.r#type == "capability.ready")
+                    .then(|| serde_json::json!({"kind": "node", "node_id": payload["node_id"]}));
                 envelope::event(
                     &item.event_id,
                     &item.r#type,
                     item.occurred_at_ms,
-                    None,
+                    scope.as_ref(),
                     payload,
                 )
                 .into()

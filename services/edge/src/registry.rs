@@ -56,6 +56,9 @@ pub(crate) struct Peer {
     /// heartbeat in time): the peer is closed with 4004, by its next frame
     /// if that comes before the close is written.
     pub(crate) expired: std::sync::atomic::AtomicBool,
+    /// The capability ids a node advertised at connect: only those count
+    /// in its reports of ready capabilities (Part B §6).
+    pub(crate) advertised: Box<[Box<str>]>,
 }
 
 /// What a peer reported about itself for presence; the rest of its entry

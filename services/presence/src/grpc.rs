@@ -72,6 +72,7 @@ pub const RULES: &[Rule] = &[
     Rule::new("/muster.v1.Presence/UpdateInstances", &[Edge]),
     Rule::new("/muster.v1.Presence/ListInstances", &[Edge, Ctl]),
     Rule::new("/muster.v1.Presence/TouchInstances", &[Edge]),
+    Rule::new("/muster.v1.Presence/ReportCapabilities", &[Edge]),
     Rule::new("/muster.v1.Presence/TrackTopic", &[Edge]),
     Rule::new("/muster.v1.Presence/UntrackTopic", &[Edge]),
     Rule::new("/muster.v1.Presence/UntrackConnection", &[Edge]),
@@ -368,6 +369,23 @@ impl Presence for PresenceService {
             missing_ids: touched.missing,
             sessions_kept: touched.sessions_kept,
         }))
+    }
+
+    async fn report_capabilities(
+        &self,
+        request: Request<pb::ReportCapabilitiesRequest>,
+    ) -> Result<Response<pb::ReportCapabilitiesResponse>, Status> {
+        let r = request.into_inner();
+        self.instances
+            .report_capabilities(
+                &r.tenant_id,
+                &r.node_id,
+                &r.capabilities_json,
+                &r.capability_states_json,
+            )
+            .await
+            .map_err(|e| to_status(&e))?;
+        Ok(Response::new(pb::ReportCapabilitiesResponse {}))
     }
 
     async fn list_instances(

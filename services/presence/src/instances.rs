@@ -296,6 +296,47 @@ impl Instances {
         Ok(self.store.list_instances(tenant_id).await?)
     }
 
+    /// Broadcasts a node's report of its ready capabilities (Part B §6) to
+    /// its tenant's operators as `capability.ready`, scoped to the node.
+    /// Nothing is kept: the report is the node's connection's, and the
+    /// next connect starts over. `capabilities` and `states` are JSON
+    /// arrays, as the edge checked and filtered them.
+    pub async fn report_capabilities(
+        &self,
+        tenant_id: &str,
+        node_id: &str,
+        capabilities: &str,
+        states: &str,
+    ) -> Result<(), PresenceError> {
+        check_name("tenant_id", tenant_id, MAX_NAME_BYTES).map_err(PresenceError::Invalid)?;
+        check_name("node_id", node_id, MAX_NAME_BYTES).map_err(PresenceError::Invalid)?;
+        let array = |name: &str, text: &str| {
+            if text.len() > MAX_CAPABILITY_REPORT {
+                return Err(PresenceError::Invalid(format!(
+                    "{name} larger than {MAX_CAPABILITY_REPORT} bytes"
+                )));
+            }
+            match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(value) if value.is_array() => Ok(value),
+                _ => Err(PresenceError::Invalid(format!(
+                    "{name} must be a json array"
+                ))),
+            }
+        };
+        let payload = json!({
+            "node_id": node_id,
+            "capabilities": array("capabilities", capabilities)?,
+            "capability_states": array("capability_states", states)?,
+        });
+        self.store
+            .append_event(&NewItem {
+                audience_roles: vec!["client".into()],
+                ..NewItem::event(tenant_id, CAPABILITY_READY, payload)
+            })
+            .await?;
+        Ok(())
+    }
+
     /// Marks live instances seen now, without an event. Unknown ids are
     /// not created: they come back as missing, as many as fit under the
     /// cap, for their edge to announce again (an entry pruned while its
@@ -448,6 +489,13 @@ impl Instances {
         }
     }
 }
+
+/// The event a node's report of its ready capabilities is broadcast as.
+pub const CAPABILITY_READY: &str = "capability.ready";
+
+/// The largest report of capabilities, or of their states, presence
+/// broadcasts (JSON text).
+const MAX_CAPABILITY_REPORT: usize = 64 * 1024;
 
 /// How often a live edge refreshes its peers' entries and topic sessions.
 const EDGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);

@@ -67,6 +67,8 @@ pub trait PresenceStore: Send + Sync + 'static {
         at_ms: i64,
     ) -> Result<(Vec<String>, bool), StoreError>;
     async fn count_instances(&self, tenant_id: &str) -> Result<u64, StoreError>;
+    /// Appends an event that goes with no change of presence's own.
+    async fn append_event(&self, event: &NewItem) -> Result<(), StoreError>;
     /// Takes or renews a singleton job's lease.
     async fn lease(&self, name: &str, holder: &str, ttl_ms: i64) -> Result<bool, StoreError>;
     /// Gives up a lease `holder` has.
@@ -160,6 +162,12 @@ async fn upsert_entries(
 
 #[tonic::async_trait]
 impl PresenceStore for Store {
+    async fn append_event(&self, event: &NewItem) -> Result<(), StoreError> {
+        let mut tx = self.begin().await?;
+        muster_store::outbox::append(&mut tx, event).await?;
+        self.commit(tx).await
+    }
+
     async fn write_instances(&self, writes: &[InstanceWrite]) -> Result<Vec<bool>, StoreError> {
         let mut tx = self.begin().await?;
         let mut changed = Vec::with_capacity(writes.len());

@@ -324,3 +324,35 @@ async fn a_prune_spares_an_entry_refreshed_since_it_read_it() {
         "nothing was pruned"
     );
 }
+
+muster_store::backend_suite! {
+    async fn a_capability_report_is_broadcast_to_operators_and_a_bad_one_changes_nothing(store: Store) {
+        let presence = Instances::new(Arc::new(store.clone()));
+        let big = format!("[{}]", vec!["1"; 40_000].join(","));
+        for (node_id, capabilities, states) in [
+            ("", "[]", "[]"),
+            ("dev\0a", "[]", "[]"),
+            ("dev_a", "{}", "[]"),
+            ("dev_a", "[]", "not json"),
+            ("dev_a", big.as_str(), "[]"),
+        ] {
+            let refused = presence.report_capabilities("t1", node_id, capabilities, states).await;
+            assert!(matches!(refused, Err(PresenceError::Invalid(_))), "{node_id:?} {refused:?}");
+        }
+        assert!(muster_store::testing::outbox_items(&store, "t1").await.unwrap().is_empty());
+
+        presence
+            .report_capabilities("t1", "dev_a", r#"[{"id":"tyrum.fs.read","version":"1.0.0"}]"#, "[]")
+            .await
+            .unwrap();
+        let events = muster_store::testing::outbox_items(&store, "t1").await.unwrap();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].kind, "capability.ready");
+        assert_eq!(events[0].audience_roles, vec!["client".to_string()]);
+        assert_eq!(
+            events[0].payload,
+            json!({"node_id": "dev_a", "capabilities": [{"id": "tyrum.fs.read", "version": "1.0.0"}],
+                   "capability_states": []})
+        );
+    }
+}
