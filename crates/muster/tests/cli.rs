@@ -23,20 +23,26 @@ struct Served {
     banner: Vec<String>,
 }
 
+/// `muster serve` of `data_dir` on ports of its own.
+fn serve_command(data_dir: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command
+        .args([
+            "serve",
+            "--edge-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--data-dir")
+        .arg(data_dir);
+    command
+}
+
 impl Served {
     fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> Served {
-        let mut command = Command::new(BIN);
-        command
-            .args([
-                "serve",
-                "--edge-listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(data_dir)
-            .envs(extra_env.iter().copied());
+        let mut command = serve_command(data_dir);
+        command.envs(extra_env.iter().copied());
         Served::spawn(command)
     }
 
@@ -878,17 +884,8 @@ fn the_tools_reach_a_host_of_its_own_trust_domain_with_the_data_dir_alone() {
 #[test]
 fn the_tools_reach_a_host_started_with_a_relative_data_dir_from_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
-    let mut command = Command::new(BIN);
-    command
-        .current_dir(dir.path())
-        .args([
-            "serve",
-            "--edge-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--data-dir", "data"]);
+    let mut command = serve_command(Path::new("data"));
+    command.current_dir(dir.path());
     let mut served = Served::spawn(command);
     // Run from another directory, naming the host's data directory.
     let health = muster(&["health"], &dir.path().join("data"));

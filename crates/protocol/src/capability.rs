@@ -1,7 +1,7 @@
 //! The `capability.ready` payload a node sends after every connect
 //! (Part B §6).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::handshake::CapabilityDescriptor;
@@ -16,8 +16,9 @@ pub struct CapabilityReady {
     pub capability_states: Vec<CapabilityState>,
 }
 
-/// How one capability's actions stand.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// How one capability's actions stand; written back as it was read in
+/// the `capability.ready` event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CapabilityState {
     pub capability: String,
@@ -25,32 +26,26 @@ pub struct CapabilityState {
     pub actions: Vec<ActionState>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ActionState {
     pub name: String,
     pub enabled: bool,
     pub availability_status: Availability,
-    #[serde(default, deserialize_with = "crate::present")]
+    #[serde(
+        default,
+        deserialize_with = "crate::present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub unavailable_reason: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Availability {
     Unknown,
     Available,
     Unavailable,
-}
-
-impl Availability {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Availability::Unknown => "unknown",
-            Availability::Available => "available",
-            Availability::Unavailable => "unavailable",
-        }
-    }
 }
 
 impl CapabilityReady {

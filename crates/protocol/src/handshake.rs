@@ -1,7 +1,7 @@
 //! `connect.init` and `connect.proof` payloads (Part B §3), parsed
 //! strictly: an unknown key or a malformed field refuses the payload.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The role a connection claims.
@@ -21,7 +21,7 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CapabilityDescriptor {
     pub id: String,

@@ -1205,41 +1205,22 @@ async fn report_capabilities(
     report: &muster_protocol::capability::CapabilityReady,
 ) -> Result<(), tonic::Status> {
     let advertised = |id: &str| peer.advertised.iter().any(|a| &**a == id);
-    let capabilities: Vec<Value> = report
+    let capabilities: Vec<_> = report
         .capabilities
         .iter()
         .filter(|c| advertised(&c.id))
-        .map(|c| json!({"id": c.id, "version": c.version}))
         .collect();
-    let states: Vec<Value> = report
+    let states: Vec<_> = report
         .capability_states
         .iter()
         .filter(|s| advertised(&s.capability))
-        .map(|s| {
-            let actions: Vec<Value> = s
-                .actions
-                .iter()
-                .map(|a| {
-                    let mut action = json!({
-                        "name": a.name,
-                        "enabled": a.enabled,
-                        "availability_status": a.availability_status.as_str(),
-                    });
-                    if let Some(reason) = &a.unavailable_reason {
-                        action["unavailable_reason"] = json!(reason);
-                    }
-                    action
-                })
-                .collect();
-            json!({"capability": s.capability, "actions": actions})
-        })
         .collect();
     edge.presence()
         .report_capabilities(pb::ReportCapabilitiesRequest {
             tenant_id: peer.claims.tenant_id.clone(),
             node_id: peer.device_id.clone(),
-            capabilities_json: Value::Array(capabilities).to_string(),
-            capability_states_json: Value::Array(states).to_string(),
+            capabilities_json: json!(capabilities).to_string(),
+            capability_states_json: json!(states).to_string(),
         })
         .await?;
     Ok(())
