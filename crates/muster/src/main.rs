@@ -485,19 +485,32 @@ fn issue_options(days: u64, dns: Vec<String>) -> anyhow::Result<IssueOptions> {
     Ok(opts)
 }
 
+/// A directory's certificates issued again keep their trust domain when
+/// the command names none: the services that load them check it, so
+/// certificates of the default domain in a cluster's directory would be
+/// refused at their next reload and stop them at their next start.
+fn keeping_trust_domain(mut config: Config) -> Config {
+    if config.trust_domain == Config::default().trust_domain
+        && let Some(domain) = config.tls().trust_domain_in_use()
+    {
+        config.trust_domain = domain;
+    }
+    config
+}
+
 fn run_certs(file: Option<&std::path::Path>, certs: Certs) -> anyhow::Result<ExitCode> {
     match certs {
         Certs::Init { common, days, dns } => {
-            let config = load(file, &common)?;
+            let config = keeping_trust_domain(load(file, &common)?);
             let tls = config.tls();
+            let edge_opts = issue_options(days, dns)?;
+            let opts = issue_options(days, Vec::new())?;
             let (ca, created) = tls.ensure_ca(Duration::from_secs(10 * 365 * 86_400))?;
             println!(
                 "{} CA {}",
                 if created { "created" } else { "using existing" },
                 tls.ca_cert_path().display()
             );
-            let edge_opts = issue_options(days, dns)?;
-            let opts = issue_options(days, Vec::new())?;
             for name in ServiceName::ALL {
                 let opts = if name == ServiceName::Edge {
                     &edge_opts
@@ -519,6 +532,7 @@ fn run_certs(file: Option<&std::path::Path>, certs: Certs) -> anyhow::Result<Exi
             // Into a running host's (or local cluster's) directory, for its
             // trust domain, when `--data-dir` names it.
             let (config, _) = muster::ctl::adopt_running(&load(file, &common)?);
+            let config = keeping_trust_domain(config);
             let tls = config.tls();
             let ca = tls
                 .load_ca()

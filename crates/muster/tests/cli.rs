@@ -854,6 +854,60 @@ fn text_settings_from_the_environment_stay_text_even_when_they_look_like_numbers
 }
 
 #[test]
+fn certificates_issued_again_keep_the_trust_domain_of_their_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    let certs = |args: &[&str], domain: Option<&str>| {
+        let mut command = Command::new(BIN);
+        command
+            .arg("certs")
+            .args(args)
+            .arg("--tls-dir")
+            .arg(&tls)
+            .env_remove("MUSTER_TRUST_DOMAIN");
+        if let Some(domain) = domain {
+            command.env("MUSTER_TRUST_DOMAIN", domain);
+        }
+        let out = command.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    certs(&["init"], Some("prod.example"));
+    // Neither names the domain: both keep the directory's.
+    assert_eq!(
+        certs(&["issue", "edge"], None).trim(),
+        "issued spiffe://prod.example/service/edge"
+    );
+    let again = certs(&["init"], None);
+    assert!(again.contains("using existing CA"), "{again}");
+    assert!(
+        again.contains("issued spiffe://prod.example/service/identity")
+            && !again.contains("muster.local"),
+        "{again}"
+    );
+    // Named, it is the one named.
+    assert_eq!(
+        certs(&["issue", "ctl"], Some("other.example")).trim(),
+        "issued spiffe://other.example/service/ctl"
+    );
+
+    // Options are checked before a CA is made.
+    let fresh = dir.path().join("fresh");
+    let refused = Command::new(BIN)
+        .args(["certs", "init", "--days", "0", "--tls-dir"])
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--days"));
+    assert!(!fresh.join("ca.pem").exists());
+}
+
+#[test]
 fn the_tools_reach_a_host_of_its_own_trust_domain_with_the_data_dir_alone() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -320,6 +320,29 @@ impl TlsDir {
         }
     }
 
+    /// The trust domain of the principals' certificates already here, when
+    /// every one that names one names the same: a directory's certificates
+    /// issued again keep it unless told otherwise.
+    pub fn trust_domain_in_use(&self) -> Option<String> {
+        let mut found: Option<String> = None;
+        for name in ServiceName::ALL {
+            let path = self.files(name).cert;
+            let Some(id) = std::fs::read(&path)
+                .ok()
+                .and_then(|pem| first_cert(&pem, &path).ok())
+                .and_then(|der| crate::peer_spiffe_id(&der))
+            else {
+                continue;
+            };
+            match &found {
+                Some(domain) if *domain != id.trust_domain => return None,
+                Some(_) => {}
+                None => found = Some(id.trust_domain),
+            }
+        }
+        found
+    }
+
     pub fn load_ca(&self) -> Result<CertificateAuthority, TlsError> {
         let cert = read_string(&self.ca_cert_path())?;
         let key = read_string(&self.ca_key_path())?;
