@@ -143,10 +143,19 @@ impl Host {
 
     /// Mints a node token bound to `device_id` in the default tenant.
     pub async fn node_token(&self, device_id: &str) -> String {
+        self.node_token_and_id(device_id).await.1
+    }
+
+    /// A node token's id, for a test that only names the token.
+    pub async fn node_token_id(&self, device_id: &str) -> String {
+        self.node_token_and_id(device_id).await.0
+    }
+
+    async fn node_token_and_id(&self, device_id: &str) -> (String, String) {
         let mut identity = muster_proto::v1::identity_client::IdentityClient::new(
             self.channel(ServiceName::Identity, ServiceName::Ctl),
         );
-        identity
+        let created = identity
             .create_token(muster_proto::v1::CreateTokenRequest {
                 tenant_id: self.config.default_tenant.clone(),
                 role: "node".into(),
@@ -156,8 +165,8 @@ impl Host {
             })
             .await
             .expect("node token minted")
-            .into_inner()
-            .token
+            .into_inner();
+        (created.info.unwrap().token_id, created.token)
     }
 
     /// Mints a client token of `tenant_id` with `scopes`.

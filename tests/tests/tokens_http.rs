@@ -169,6 +169,65 @@ muster_e2e::on_both_stores! {
     }
 }
 
+// Revoking a delegate takes back what it issued: the tokens issued on
+// its behalf, and on theirs, are revoked with it and their connections
+// close, on every edge. Tokens made otherwise stay. A delegate revokes
+// only tokens it could have issued.
+muster_e2e::on_both_stores! {
+    async fn revoking_a_delegate_revokes_what_it_issued(store: Option<String>) {
+        let host = Host::start(store).await;
+        let admin = host.admin_token();
+        let base = host.http_base();
+        let issue = format!("{base}/auth/tokens/issue");
+        let revoke = format!("{base}/auth/tokens/revoke");
+        let minted = |bearer: &str, body: &str| {
+            let (status, issued) = http_post(&issue, Some(bearer), body);
+            assert_eq!(status, 201, "{issued}");
+            (issued["token_id"].as_str().unwrap().to_owned(), issued["token"].as_str().unwrap().to_owned())
+        };
+        let (delegate_id, delegate) = minted(&admin, r#"{"role": "client", "scopes": ["operator.admin", "operator.read"]}"#);
+        let (reader_id, reader) = minted(&delegate, r#"{"role": "client", "scopes": ["operator.read"]}"#);
+        let (sub_id, sub) = minted(&delegate, r#"{"role": "client", "scopes": ["operator.admin", "operator.read"]}"#);
+        let (_, sub_reader) = minted(&sub, r#"{"role": "client", "scopes": ["operator.read"]}"#);
+        let (_, bystander) = host.client_token(&["operator.read"]).await;
+
+        // A delegate revokes no token it could not have issued: not a node
+        // token without pairing's scope, not one with scopes it lacks.
+        let node_id = host.node_token_id(&DeviceKey::generate().device_id()).await;
+        let (wide_id, _) = host.client_token(&["*"]).await;
+        for target in [&node_id, &wide_id] {
+            let (status, refused) = http_post(&revoke, Some(&delegate), &json!({"token_id": target}).to_string());
+            assert_eq!((status, &refused["error"]), (403, &json!("forbidden")), "{refused}");
+        }
+
+        let mut peers = Vec::new();
+        for token in [&reader, &sub_reader, &bystander] {
+            peers.push(connected(&host, token).await);
+        }
+        let (status, revoked) = http_post(&revoke, Some(&admin), &json!({"token_id": delegate_id}).to_string());
+        assert_eq!((status, revoked), (200, json!({"revoked": true, "token_id": delegate_id})));
+        let mut bystander_ws = peers.pop().unwrap();
+        for mut ws in peers {
+            assert_eq!(ws.closed().await, (4001, "token revoked".to_owned()));
+        }
+        assert_eq!(bystander_ws.call("ping", json!({})).await["ok"], true);
+        let listed = tokens(&host, &admin);
+        for id in [&delegate_id, &reader_id, &sub_id] {
+            let item = listed.iter().find(|t| t["token_id"] == id.as_str()).unwrap();
+            assert!(item["revoked_at"].is_string(), "{item}");
+        }
+        for token in [&reader, &sub_reader] {
+            let mut refused = open(&host.ws_url(), token, TokenVia::Bearer, None).await.unwrap();
+            assert_eq!(refused.closed().await, (4001, "unauthorized".to_owned()));
+        }
+        for id in [&node_id, &wide_id] {
+            let item = listed.iter().find(|t| t["token_id"] == id.as_str()).unwrap();
+            assert!(item["revoked_at"].is_null(), "{item}");
+        }
+        host.stop().await;
+    }
+}
+
 // A time limit on a delegated operator.admin token holds: what it issues
 // or edits may not outlive it.
 muster_e2e::on_both_stores! {

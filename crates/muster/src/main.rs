@@ -585,7 +585,7 @@ fn rustls_certs(pem: &[u8]) -> anyhow::Result<Vec<rustls_pki_types::CertificateD
 
 fn print_token(info: &TokenInfo) {
     println!(
-        "{}  {:<6} {:<40} {}{}",
+        "{}  {:<6} {:<40} {}{}{}",
         info.token_id,
         info.role,
         if info.device_id.is_empty() {
@@ -598,11 +598,21 @@ fn print_token(info: &TokenInfo) {
             "  (revoked)".to_owned()
         } else if info.expires_at_ms != 0 {
             format!(
-                "  (expires {})",
+                "  ({} {})",
+                if info.expires_at_ms <= muster_store::now_ms() {
+                    "expired"
+                } else {
+                    "expires"
+                },
                 muster_protocol::format_datetime(info.expires_at_ms)
             )
         } else {
             String::new()
+        },
+        if info.issued_by.is_empty() {
+            String::new()
+        } else {
+            format!("  (issued by {})", info.issued_by)
         }
     );
 }
@@ -629,6 +639,7 @@ async fn run_token(file: Option<&std::path::Path>, token: Token) -> anyhow::Resu
                     device_id: device.unwrap_or_default(),
                     ttl_seconds: ttl_seconds.unwrap_or(0),
                     expires_by_ms: 0,
+                    issued_by: String::new(),
                 })
                 .await?
                 .into_inner();
@@ -667,6 +678,9 @@ async fn run_token(file: Option<&std::path::Path>, token: Token) -> anyhow::Resu
                             "scopes": t.scopes, "label": t.label, "created_at_ms": t.created_at_ms,
                             "revoked_at_ms": (t.revoked_at_ms != 0).then_some(t.revoked_at_ms),
                             "expires_at_ms": (t.expires_at_ms != 0).then_some(t.expires_at_ms),
+                            "updated_at_ms": (t.updated_at_ms != 0).then_some(t.updated_at_ms),
+                            "device_id": (!t.device_id.is_empty()).then_some(&t.device_id),
+                            "issued_by": (!t.issued_by.is_empty()).then_some(&t.issued_by),
                         })
                     })
                     .collect();

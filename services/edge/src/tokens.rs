@@ -230,6 +230,26 @@ fn within_reach(
     if claims.is_admin() {
         return Ok(());
     }
+    within_authority(claims, role, scopes)?;
+    if let Some(limit) = claims.expires_at_ms
+        && expires_at_ms.is_none_or(|at| at > limit)
+    {
+        return Err(format!(
+            "a token may not outlive the caller's, which expires at {}",
+            format_datetime(limit)
+        ));
+    }
+    Ok(())
+}
+
+/// What an `operator.admin` token that is not an admin token may act on,
+/// whether issuing or revoking: tokens of a role and scopes it could give.
+/// Else a delegate could end every node's connections (a node token needs
+/// `operator.pairing` to make) or a `*` token it could not have made.
+fn within_authority(claims: &Claims, role: &str, scopes: &[String]) -> Result<(), String> {
+    if claims.is_admin() {
+        return Ok(());
+    }
     if role == "admin" {
         return Err("only an admin token may make admin tokens".into());
     }
@@ -238,14 +258,6 @@ fn within_reach(
     // `operator.admin` alone does not hold.
     if role == "node" && !claims.has_any_scope(["operator.pairing"]) {
         return Err("node tokens need operator.pairing".into());
-    }
-    if let Some(limit) = claims.expires_at_ms
-        && expires_at_ms.is_none_or(|at| at > limit)
-    {
-        return Err(format!(
-            "a token may not outlive the caller's, which expires at {}",
-            format_datetime(limit)
-        ));
     }
     match scopes
         .iter()
@@ -296,6 +308,9 @@ pub(crate) async fn issue(
             } else {
                 claims.expires_at_ms.unwrap_or(0)
             },
+            // Minted only while the caller's token is live, and revoked
+            // with it: revoking a delegate takes back what it issued.
+            issued_by: claims.token_id.clone(),
         })
         .await;
     let created = match created {
@@ -368,6 +383,9 @@ pub(crate) async fn revoke(
             "forbidden",
             "only an admin token may revoke admin tokens",
         );
+    }
+    if let Err(message) = within_authority(&claims, &target.role, &target.scopes) {
+        return refusal(StatusCode::FORBIDDEN, "forbidden", &message);
     }
     match edge
         .identity()

@@ -45,6 +45,7 @@ fn info(record: TokenRecord) -> TokenInfo {
         device_id: record.device_id.unwrap_or_default(),
         expires_at_ms: record.expires_at_ms.unwrap_or(0),
         updated_at_ms: record.updated_at_ms,
+        issued_by: record.issued_by.unwrap_or_default(),
     }
 }
 
@@ -66,6 +67,7 @@ impl Identity for IdentityService {
                 Some(r.device_id.as_str()).filter(|d| !d.is_empty()),
                 Some(r.ttl_seconds).filter(|ttl| *ttl != 0),
                 Some(r.expires_by_ms).filter(|at| *at != 0),
+                Some(r.issued_by.as_str()).filter(|id| !id.is_empty()),
             )
             .await
             .map_err(|e| to_status(&e))?;

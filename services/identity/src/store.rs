@@ -24,6 +24,8 @@ pub struct TokenRecord {
     /// When the token was last changed (0: never); strictly increasing per
     /// token, so that edges can order what they hear.
     pub updated_at_ms: i64,
+    /// The token it was issued on behalf of, whose revocation revokes it.
+    pub issued_by: Option<String>,
 }
 
 impl TokenRecord {
@@ -36,24 +38,30 @@ impl TokenRecord {
 /// Where identity keeps its state. Each change commits with its event.
 #[tonic::async_trait]
 pub trait TokenStore: Send + Sync + 'static {
-    /// Stores a new token under the digest of its secret.
+    /// Stores a new token under the digest of its secret; false (and
+    /// nothing stored) when the token it is issued by is no longer live at
+    /// `now_ms`.
     async fn insert_token(
         &self,
         record: &TokenRecord,
         digest: &str,
         event: &NewItem,
-    ) -> Result<(), StoreError>;
+        now_ms: i64,
+    ) -> Result<bool, StoreError>;
     async fn token_by_digest(&self, digest: &str) -> Result<Option<TokenRecord>, StoreError>;
     async fn token_by_id(&self, token_id: &str) -> Result<Option<TokenRecord>, StoreError>;
-    /// Marks a live token revoked if its version is still `previous`;
-    /// false when there was no such token.
+    /// Marks a live token revoked if its version is still `previous`, and
+    /// with it every live token issued on its behalf, and on theirs, each
+    /// with its event from `revoked`; `None` when there was no such token,
+    /// else the tokens revoked with it.
     async fn revoke_token(
         &self,
         token_id: &str,
         previous: i64,
         at_ms: i64,
         event: &NewItem,
-    ) -> Result<bool, StoreError>;
+        revoked: &(dyn for<'r> Fn(&'r TokenRecord) -> NewItem + Sync),
+    ) -> Result<Option<Vec<TokenRecord>>, StoreError>;
     /// Replaces a live token's label, role, scopes, device, expiry and
     /// version with `record`'s if its version is still `previous`; false
     /// when there was no such token.
@@ -78,7 +86,7 @@ pub trait TokenStore: Send + Sync + 'static {
 }
 
 const COLUMNS: &str = "token_id, tenant_id, role, scopes, label, created_at_ms, revoked_at_ms, \
-                       device_id, expires_at_ms, updated_at_ms";
+                       device_id, expires_at_ms, updated_at_ms, issued_by";
 
 fn record(row: &AnyRow) -> Result<TokenRecord, StoreError> {
     let role: String = row.try_get("role")?;
@@ -96,6 +104,7 @@ fn record(row: &AnyRow) -> Result<TokenRecord, StoreError> {
         device_id: row.try_get("device_id")?,
         expires_at_ms: row.try_get("expires_at_ms")?,
         updated_at_ms: row.try_get("updated_at_ms")?,
+        issued_by: row.try_get("issued_by")?,
     })
 }
 
@@ -106,11 +115,32 @@ impl TokenStore for Store {
         record: &TokenRecord,
         digest: &str,
         event: &NewItem,
-    ) -> Result<(), StoreError> {
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
         let mut tx = self.begin().await?;
+        if let Some(issuer) = &record.issued_by {
+            // Written, not read: the row's lock orders this insert and the
+            // issuer's revocation, so that either the revocation finds this
+            // token to revoke with it, or this finds the issuer revoked.
+            let live = sqlx::query(
+                "UPDATE operator_tokens SET revoked_at_ms = revoked_at_ms \
+                 WHERE token_id = $1 AND tenant_id = $2 AND revoked_at_ms IS NULL \
+                 AND (expires_at_ms IS NULL OR expires_at_ms > $3)",
+            )
+            .bind(issuer)
+            .bind(&record.tenant_id)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if !live {
+                return Ok(false);
+            }
+        }
         insert(&mut tx, record, digest, event).await?;
         self.commit(tx).await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn insert_first_admin(
@@ -172,15 +202,45 @@ impl TokenStore for Store {
         previous: i64,
         at_ms: i64,
         event: &NewItem,
-    ) -> Result<bool, StoreError> {
-        let revoke = sqlx::query(
+        revoked: &(dyn for<'r> Fn(&'r TokenRecord) -> NewItem + Sync),
+    ) -> Result<Option<Vec<TokenRecord>>, StoreError> {
+        let mut tx = self.begin().await?;
+        let changed = sqlx::query(
             "UPDATE operator_tokens SET revoked_at_ms = $1 \
              WHERE token_id = $2 AND revoked_at_ms IS NULL AND updated_at_ms = $3",
         )
         .bind(at_ms)
         .bind(token_id)
-        .bind(previous);
-        outbox::change_with_event(self, revoke, event).await
+        .bind(previous)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if changed != 1 {
+            return Ok(None);
+        }
+        outbox::append(&mut tx, event).await?;
+        // Down through tokens revoked before too: what they issued was
+        // revoked with them, unless it was issued while they were live and
+        // their revocation had not committed yet, which the issuer's lock
+        // in `insert_token` rules out.
+        let rows = sqlx::query(&format!(
+            "WITH RECURSIVE issued (token_id) AS ( \
+               SELECT token_id FROM operator_tokens WHERE issued_by = $1 \
+               UNION SELECT t.token_id FROM operator_tokens t \
+                 JOIN issued i ON t.issued_by = i.token_id) \
+             UPDATE operator_tokens SET revoked_at_ms = $2 \
+             WHERE token_id IN (SELECT token_id FROM issued) AND revoked_at_ms IS NULL \
+             RETURNING {COLUMNS}"
+        ))
+        .bind(token_id)
+        .bind(at_ms)
+        .fetch_all(&mut *tx)
+        .await?;
+        let issued = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
+        let events: Vec<NewItem> = issued.iter().map(revoked).collect();
+        outbox::append_all(&mut tx, &events).await?;
+        self.commit(tx).await?;
+        Ok(Some(issued))
     }
 
     async fn update_token(
@@ -224,7 +284,8 @@ async fn insert(
 ) -> Result<(), StoreError> {
     sqlx::query(
         "INSERT INTO operator_tokens (token_id, tenant_id, digest, role, scopes, label, \
-         created_at_ms, device_id, expires_at_ms) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+         created_at_ms, device_id, expires_at_ms, issued_by) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(&record.token_id)
     .bind(&record.tenant_id)
@@ -235,6 +296,7 @@ async fn insert(
     .bind(record.created_at_ms)
     .bind(record.device_id.as_deref())
     .bind(record.expires_at_ms)
+    .bind(record.issued_by.as_deref())
     .execute(&mut **tx)
     .await?;
     outbox::append(tx, event).await?;

@@ -273,15 +273,26 @@ impl Tokens {
         device_id: Option<&str>,
         ttl_seconds: Option<u64>,
     ) -> Result<(TokenRecord, Secret), TokenError> {
-        self.create_expiring_by(tenant_id, role, scopes, label, device_id, ttl_seconds, None)
-            .await
+        self.create_expiring_by(
+            tenant_id,
+            role,
+            scopes,
+            label,
+            device_id,
+            ttl_seconds,
+            None,
+            None,
+        )
+        .await
     }
 
     /// As [`Tokens::create`], for a token that must expire by
     /// `expires_by_ms` (the expiry of the token it is issued for). The
     /// bound is checked by this clock, the one its expiry is computed by,
     /// so that no skew between the caller's clock and this one lets it
-    /// outlive the other.
+    /// outlive the other. A token `issued_by` another (its token id) is
+    /// minted only while that one is live, in its tenant, and is revoked
+    /// with it.
     #[allow(clippy::too_many_arguments)]
     pub async fn create_expiring_by(
         &self,
@@ -292,9 +303,11 @@ impl Tokens {
         device_id: Option<&str>,
         ttl_seconds: Option<u64>,
         expires_by_ms: Option<i64>,
+        issued_by: Option<&str>,
     ) -> Result<(TokenRecord, Secret), TokenError> {
         let secret = new_secret(role);
-        let record = new_record(tenant_id, role, scopes, label, device_id, ttl_seconds)?;
+        let mut record = new_record(tenant_id, role, scopes, label, device_id, ttl_seconds)?;
+        record.issued_by = issued_by.map(str::to_owned);
         if let Some(limit) = expires_by_ms
             && record.expires_at_ms.is_none_or(|at| at > limit)
         {
@@ -303,9 +316,15 @@ impl Tokens {
             ));
         }
         let event = token_event("token.created", &record);
-        self.store
-            .insert_token(&record, &digest(secret.expose()), &event)
-            .await?;
+        if !self
+            .store
+            .insert_token(&record, &digest(secret.expose()), &event, now_ms())
+            .await?
+        {
+            return Err(TokenError::Forbidden(
+                "the token it is issued by is no longer live".into(),
+            ));
+        }
         minted(&record);
         Ok((record, secret))
     }
@@ -341,7 +360,9 @@ impl Tokens {
     }
 
     /// Revokes a live token and emits `token.revoked`, which edges act on
-    /// by closing that token's connections. With conditions, only a token
+    /// by closing that token's connections; the tokens issued on its
+    /// behalf (and on theirs) are revoked with it, each with its own
+    /// `token.revoked`. With conditions, only a token
     /// of `only_in_tenant` (else `NotFound`) last changed at
     /// `only_if_updated_at_ms` (else `Changed`): the token as the caller
     /// checked it.
@@ -363,12 +384,17 @@ impl Tokens {
             // The event describes the token as revoked, so the revoke
             // applies only to that version of it.
             let event = token_event("token.revoked", &revoked);
-            if self
+            let issued_event = |record: &TokenRecord| token_event("token.revoked", record);
+            if let Some(issued) = self
                 .store
-                .revoke_token(token_id, previous, at, &event)
+                .revoke_token(token_id, previous, at, &event, &issued_event)
                 .await?
             {
-                tracing::info!(token_id, "operator token revoked");
+                tracing::info!(
+                    token_id,
+                    issued_by_it = issued.len(),
+                    "operator token revoked"
+                );
                 return Ok(revoked);
             }
         }
@@ -562,6 +588,7 @@ fn new_record(
         device_id: device_id.map(str::to_owned),
         expires_at_ms: ttl_seconds.map(|ttl| created_at_ms + ttl as i64 * 1000),
         updated_at_ms: 0,
+        issued_by: None,
     };
     Ok(record)
 }
@@ -591,5 +618,6 @@ fn token_payload(record: &TokenRecord) -> serde_json::Value {
         "device_id": record.device_id,
         "expires_at_ms": record.expires_at_ms,
         "updated_at_ms": record.updated_at_ms,
+        "issued_by": record.issued_by,
     })
 }

@@ -56,6 +56,52 @@ muster_store::backend_suite! {
         }
     }
 
+    async fn revoking_a_token_revokes_the_tokens_issued_on_its_behalf(store: Store) {
+        let tokens = Tokens::new(Arc::new(store.clone()));
+        let issue = |by: Option<String>, tenant: &'static str| {
+            let tokens = tokens.clone();
+            async move {
+                tokens
+                    .create_expiring_by(tenant, Role::Client, vec!["operator.admin".into()], "x", None, None, None, by.as_deref())
+                    .await
+            }
+        };
+        let (delegate, _) = issue(None, "t1").await.unwrap();
+        let (child, child_secret) = issue(Some(delegate.token_id.clone()), "t1").await.unwrap();
+        assert_eq!(child.issued_by.as_deref(), Some(delegate.token_id.as_str()));
+        let (grandchild, grandchild_secret) = issue(Some(child.token_id.clone()), "t1").await.unwrap();
+        let (bystander, bystander_secret) = issue(None, "t1").await.unwrap();
+        // Only on behalf of a live token of the same tenant.
+        assert!(matches!(issue(Some(delegate.token_id.clone()), "t2").await, Err(TokenError::Forbidden(_))));
+        assert!(matches!(issue(Some("no such token".into()), "t1").await, Err(TokenError::Forbidden(_))));
+
+        tokens.revoke(&delegate.token_id, Some("t1"), None).await.unwrap();
+        for secret in [&child_secret, &grandchild_secret] {
+            assert!(matches!(tokens.verify(secret.expose()).await, Err(TokenError::Unrecognized)));
+        }
+        assert_eq!(tokens.verify(bystander_secret.expose()).await.unwrap(), bystander);
+        let listed = tokens.list("t1").await.unwrap();
+        for id in [&child.token_id, &grandchild.token_id] {
+            let record = listed.iter().find(|r| &r.token_id == id).unwrap();
+            assert!(record.revoked_at_ms.is_some(), "{record:?}");
+        }
+        // Each with its own event, for the edges to close its connections.
+        let items = muster_store::testing::outbox_items(&store, "t1").await.unwrap();
+        for id in [&delegate.token_id, &child.token_id, &grandchild.token_id] {
+            assert!(
+                items.iter().any(|i| i.kind == "token.revoked" && i.payload["token_id"] == id.as_str()),
+                "no token.revoked for {id}"
+            );
+        }
+        assert!(!items.iter().any(|i| i.kind == "token.revoked" && i.payload["token_id"] == bystander.token_id.as_str()));
+
+        // A revoked token issues nothing more, and mints nothing trying.
+        let before = tokens.list("t1").await.unwrap().len();
+        assert!(matches!(issue(Some(delegate.token_id.clone()), "t1").await, Err(TokenError::Forbidden(_))));
+        assert!(matches!(issue(Some(child.token_id.clone()), "t1").await, Err(TokenError::Forbidden(_))));
+        assert_eq!(tokens.list("t1").await.unwrap().len(), before);
+    }
+
     async fn bad_requests_change_nothing(store: Store) {
         let tokens = Tokens::new(Arc::new(store.clone()));
         let bad_scope = tokens.create("t1", Role::Client, vec!["root".into()], "x", None, None).await;
@@ -95,14 +141,14 @@ muster_store::backend_suite! {
         let by = muster_store::now_ms() + 7_200_000;
         for ttl in [None, Some(7_300)] {
             let refused = tokens
-                .create_expiring_by("t1", Role::Client, vec![], "x", None, ttl, Some(by))
+                .create_expiring_by("t1", Role::Client, vec![], "x", None, ttl, Some(by), None)
                 .await;
             assert!(matches!(refused, Err(TokenError::Forbidden(_))), "{ttl:?}: {refused:?}");
         }
         assert_eq!(outbox_text(&store).await, "[]", "nothing minted");
         assert!(tokens.list("t1").await.unwrap().is_empty());
         let (record, _) = tokens
-            .create_expiring_by("t1", Role::Client, vec![], "x", None, Some(3_600), Some(by))
+            .create_expiring_by("t1", Role::Client, vec![], "x", None, Some(3_600), Some(by), None)
             .await
             .unwrap();
         assert!(record.expires_at_ms.unwrap() <= by);
