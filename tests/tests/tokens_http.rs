@@ -107,6 +107,17 @@ muster_e2e::on_both_stores! {
         let listed = http_get(&format!("{base}/auth/tokens"), Some(&reader));
         assert_eq!((http_status(&listed), http_json(&listed)), (403, forbidden));
         assert_eq!(http_post(&issue, None, body).0, 401);
+        // Answers are kept by no cache; a refused bearer is told the scheme.
+        let headers = |response: &str| response.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+        for path in ["/auth/tokens", "/status", "/presence"] {
+            let unauthorized = http_get(&format!("{base}{path}"), None);
+            assert_eq!(http_status(&unauthorized), 401, "{path}");
+            assert!(headers(&unauthorized).contains("\r\nwww-authenticate: bearer"), "{unauthorized}");
+            let answered = http_get(&format!("{base}{path}"), Some(&admin));
+            assert_eq!(http_status(&answered), 200, "{path}");
+            assert!(headers(&answered).contains("\r\ncache-control: no-store"), "{answered}");
+            assert!(!headers(&answered).contains("www-authenticate"), "{answered}");
+        }
         assert_eq!(http_post(&issue, Some("muster_not-a-token"), body).0, 401);
 
         for bad in [

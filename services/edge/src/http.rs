@@ -32,7 +32,26 @@ pub(crate) fn router(edge: Arc<Edge>) -> Router {
         .route("/auth/tokens/issue", post(crate::tokens::issue))
         .route("/auth/tokens/revoke", post(crate::tokens::revoke))
         .route("/auth/tokens/{token_id}", patch(crate::tokens::edit))
+        .layer(axum::middleware::map_response(http_headers))
         .with_state(edge)
+}
+
+/// What every answer says beyond its body. Answers carry presence, token
+/// listings and, once, a token's secret, so no cache keeps any of them
+/// (authorization by cookie leaves a shared cache nothing to tell them
+/// apart by); a refused bearer is told the scheme (RFC 6750).
+async fn http_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    headers
+        .entry(axum::http::header::CACHE_CONTROL)
+        .or_insert(axum::http::HeaderValue::from_static("no-store"));
+    if response.status() == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
 }
 
 /// The client certificate a `wss://` peer presented (already verified
