@@ -444,6 +444,14 @@ muster_e2e::on_both_stores! {
             ("muster.topic.status", json!({"topic": "room", "session": "", "state": "busy"})),
             ("muster.topic.status", json!({"topic": "room", "state": "busy", "until": "1970-01-01T00:00:00Z"})),
             ("muster.topic.track", json!({"topic": "ro\0om", "principal": "p", "kind": "human"})),
+            // Optional keys are left out, never null.
+            ("muster.topic.track", json!({"topic": "room", "principal": "p", "kind": "human", "session": null})),
+            ("muster.topic.track", json!({"topic": "room", "principal": "p", "kind": "human", "agent_id": null})),
+            ("muster.topic.status", json!({"topic": "room", "state": "busy", "until": null})),
+            ("muster.topic.list", json!({"topic": "room", "limit": null})),
+            ("muster.topic.count", json!({"topic": "room", "scope": null})),
+            // A subscription is to the cluster's diffs, not one edge's.
+            ("muster.topic.subscribe", json!({"topic": "room", "scope": "edge"})),
         ] {
             let refused = peer.call(kind, payload).await;
             assert_eq!(refused["error"]["code"], "invalid_request", "{kind}: {refused}");

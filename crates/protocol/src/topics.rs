@@ -43,10 +43,12 @@ fn check_topic(topic: &str, session: Option<&str>) -> Result<(), String> {
 pub struct Track {
     pub topic: String,
     /// Defaults to the connection id.
+    #[serde(default, deserialize_with = "crate::present")]
     pub session: Option<String>,
     pub principal: String,
     /// `human` or `agent_for`.
     pub kind: String,
+    #[serde(default, deserialize_with = "crate::present")]
     pub agent_id: Option<String>,
 }
 
@@ -55,6 +57,7 @@ pub struct Track {
 #[serde(deny_unknown_fields)]
 pub struct Untrack {
     pub topic: String,
+    #[serde(default, deserialize_with = "crate::present")]
     pub session: Option<String>,
 }
 
@@ -63,12 +66,14 @@ pub struct Untrack {
 #[serde(deny_unknown_fields)]
 pub struct Status {
     pub topic: String,
+    #[serde(default, deserialize_with = "crate::present")]
     pub session: Option<String>,
     /// `available`, `busy` or `blocked`.
     pub state: String,
     #[serde(default)]
     pub note: String,
     /// A `dt`; the status returns to available then.
+    #[serde(default, deserialize_with = "crate::present")]
     pub until: Option<String>,
 }
 
@@ -79,11 +84,14 @@ pub struct Status {
 pub struct Topic {
     pub topic: String,
     /// `cluster` (default) or `edge` (list and count only).
+    #[serde(default, deserialize_with = "crate::present")]
     pub scope: Option<String>,
     /// List only: the sessions after this session id (the `next` of the
     /// page before).
+    #[serde(default, deserialize_with = "crate::present")]
     pub after: Option<String>,
     /// List only: at most this many sessions, 1 to [`LIST_PAGE`].
+    #[serde(default, deserialize_with = "crate::present")]
     pub limit: Option<u32>,
 }
 

@@ -204,6 +204,15 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
                     "after and limit are keys of muster.topic.list only".into(),
                 );
             }
+            // A subscription is to the whole cluster's diffs: a peer that
+            // asked for one edge's would believe it had them.
+            if topic.scope.is_some()
+                && matches!(kind, "muster.topic.subscribe" | "muster.topic.unsubscribe")
+            {
+                return Outcome::Invalid(
+                    "scope is a key of muster.topic.list and muster.topic.count only".into(),
+                );
+            }
             match kind {
                 "muster.topic.subscribe" => match peer.subscribe(&topic.topic) {
                     Some(_) => Ok(Some(json!({ "topic": topic.topic }))),
