@@ -130,6 +130,14 @@ fn field(name: &str, value: &str) -> Result<(), TopicError> {
     topics::check_field(name, value).map_err(TopicError::Invalid)
 }
 
+/// The keys every call names, checked as `track` checks them: callers
+/// other than an edge (the command line) reach these calls too.
+fn key_fields(tenant_id: &str, topic: &str, session_id: Option<&str>) -> Result<(), TopicError> {
+    field("tenant_id", tenant_id)?;
+    field("topic", topic)?;
+    session_id.map_or(Ok(()), |session| field("session", session))
+}
+
 /// How long the sessions of an edge taken for gone are kept for it to
 /// revive: a partition longer than this loses them.
 pub const GONE_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -202,6 +210,7 @@ impl Topics {
         session_id: &str,
         device_id: &str,
     ) -> Result<bool, TopicError> {
+        key_fields(tenant_id, topic, Some(session_id))?;
         Ok(self
             .store
             .untrack(tenant_id, topic, session_id, device_id)
@@ -254,6 +263,7 @@ impl Topics {
         note: &str,
         until_ms: Option<i64>,
     ) -> Result<TopicSession, TopicError> {
+        key_fields(tenant_id, topic, Some(session_id))?;
         if !matches!(state, "available" | "busy" | "blocked") {
             return Err(TopicError::Invalid(format!(
                 "state must be available, busy or blocked, not {state:?}"
@@ -292,6 +302,10 @@ impl Topics {
         after: &str,
         limit: usize,
     ) -> Result<(Vec<TopicSession>, bool), TopicError> {
+        key_fields(tenant_id, topic, None)?;
+        if !after.is_empty() {
+            field("after", after)?;
+        }
         let mut sessions = self
             .store
             .list(tenant_id, topic, edge_id, after, limit.saturating_add(1))
@@ -309,6 +323,7 @@ impl Topics {
         topic: &str,
         edge_id: Option<&str>,
     ) -> Result<(u64, u64), TopicError> {
+        key_fields(tenant_id, topic, None)?;
         Ok(self.store.count(tenant_id, topic, edge_id).await?)
     }
 

@@ -184,6 +184,15 @@ muster_store::backend_suite! {
         assert!(matches!(topics.set_status("t1", "room", "s1", "dev-1", "busy", "a\0", None).await, Err(TopicError::Invalid(_))));
         assert!(matches!(topics.set_status("t1", "room", "nobody", "dev-1", "busy", "", None).await, Err(TopicError::NotFound { .. })));
         assert!(matches!(topics.set_status("t2", "room", "s1", "dev-1", "busy", "", None).await, Err(TopicError::NotFound { .. })));
+        // Every call checks the keys it names as a track does, whoever
+        // calls (the command line reaches presence too).
+        let long = "r".repeat(300);
+        assert!(matches!(topics.set_status("", "room", "s1", "dev-1", "busy", "", None).await, Err(TopicError::Invalid(_))));
+        assert!(matches!(topics.set_status("t1", &long, "s1", "dev-1", "busy", "", None).await, Err(TopicError::Invalid(_))));
+        assert!(matches!(topics.untrack("t1", "room", "s\0", "dev-1").await, Err(TopicError::Invalid(_))));
+        assert!(matches!(topics.list("t1", &long, None, "", 10).await, Err(TopicError::Invalid(_))));
+        assert!(matches!(topics.list("t1", "room", None, " ", 10).await, Err(TopicError::Invalid(_))));
+        assert!(matches!(topics.count(" ", "room", None).await, Err(TopicError::Invalid(_))));
         assert_eq!(diffs(&store).await.len(), 1);
         assert_eq!(listed(&topics, "room", None).await.unwrap()[0].state, "available");
     }
