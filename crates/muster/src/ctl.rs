@@ -18,15 +18,51 @@ pub struct Ctl {
     endpoints: Option<Endpoints>,
 }
 
+/// The running host's endpoints file in `config`'s data directory, if
+/// its owner could have written it: the tools send the operator's token to
+/// the edge it names and trust the certificates of the directory it names,
+/// so a file that another user wrote or could change (a data directory in
+/// a shared working directory) is ignored, with a word on stderr.
+pub fn running_endpoints<T: serde::de::DeserializeOwned>(config: &Config) -> Option<T> {
+    let path = config.endpoints_file();
+    let file = std::fs::File::open(&path).ok()?;
+    let untrusted = |meta: std::io::Result<std::fs::Metadata>, what: &str| {
+        use std::os::unix::fs::MetadataExt;
+        let meta = meta.ok()?;
+        let me = rustix::process::geteuid().as_raw();
+        if meta.uid() != me && meta.uid() != 0 {
+            Some(format!(
+                "{what} belongs to another user (uid {})",
+                meta.uid()
+            ))
+        } else if meta.mode() & 0o022 != 0 {
+            Some(format!("{what} may be written by other users"))
+        } else {
+            None
+        }
+    };
+    let why = untrusted(file.metadata(), "the file").or_else(|| {
+        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        untrusted(std::fs::metadata(dir), "its directory")
+    });
+    if let Some(why) = why {
+        // Once, though a command may look for the host more than once.
+        static SAID: std::sync::Once = std::sync::Once::new();
+        SAID.call_once(|| eprintln!("muster: ignoring {}: {why}", path.display()));
+        return None;
+    }
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut &file, &mut bytes).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 /// The running host's (or local cluster's) endpoints in `config`'s data
 /// directory, with its trust domain and certificates adopted where the
 /// command sets neither: a host started with `--trust-domain` or
 /// `--tls-dir` is reached, and issued certificates, with `--data-dir`
 /// alone.
 pub fn adopt_running(config: &Config) -> (Config, Option<Endpoints>) {
-    let endpoints: Option<Endpoints> = std::fs::read(config.endpoints_file())
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let endpoints: Option<Endpoints> = running_endpoints(config);
     let mut config = config.clone();
     if let Some(running) = &endpoints {
         if config.trust_domain == Config::default().trust_domain {

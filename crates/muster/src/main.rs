@@ -880,9 +880,7 @@ async fn diag_export(
     out: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let config = load(file, &args.common)?;
-    let endpoints: Option<serde_json::Value> = std::fs::read(config.endpoints_file())
-        .ok()
-        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let endpoints: Option<serde_json::Value> = muster::ctl::running_endpoints(&config);
     let health = match Ctl::new(&config) {
         Ok(ctl) => serde_json::to_value(health_rows(&ctl).await)?,
         Err(error) => serde_json::json!({"error": format!("{error:#}")}),

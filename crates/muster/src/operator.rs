@@ -66,20 +66,15 @@ pub fn device_key(data_dir: &Path) -> anyhow::Result<DeviceKey> {
 /// Where the edge is: `--edge`, else the running single host's endpoints,
 /// else the configured listen address.
 pub fn edge_url(config: &Config, edge: Option<String>) -> String {
-    edge.or_else(|| {
-        let bytes = std::fs::read(config.endpoints_file()).ok()?;
-        serde_json::from_slice::<Endpoints>(&bytes)
-            .ok()?
-            .edge_ws_url
-    })
-    .unwrap_or_else(|| {
-        let scheme = if config.edge_tls_cert.is_some() {
-            "wss"
-        } else {
-            "ws"
-        };
-        format!("{scheme}://{}/ws", config.edge_listen)
-    })
+    edge.or_else(|| crate::ctl::running_endpoints::<Endpoints>(config)?.edge_ws_url)
+        .unwrap_or_else(|| {
+            let scheme = if config.edge_tls_cert.is_some() {
+                "wss"
+            } else {
+                "ws"
+            };
+            format!("{scheme}://{}/ws", config.edge_listen)
+        })
 }
 
 /// The operator token: `--token`, else `MUSTER_TOKEN`.

@@ -490,7 +490,9 @@ async fn prepare(
     };
     let endpoints_file = if single_host {
         let file = config.endpoints_file();
-        std::fs::write(&file, serde_json::to_vec_pretty(&endpoints)?)
+        // The tools trust what it names only if no other user could have
+        // written it (see `ctl::running_endpoints`), whatever the umask.
+        muster_tls::write_atomic(&file, &serde_json::to_vec_pretty(&endpoints)?, false)
             .with_context(|| format!("writing {}", file.display()))?;
         Some(file)
     } else {

@@ -854,6 +854,79 @@ fn text_settings_from_the_environment_stay_text_even_when_they_look_like_numbers
 }
 
 #[test]
+fn an_endpoints_file_other_users_could_have_written_is_ignored() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("shared");
+    std::fs::create_dir(&data).unwrap();
+    // A stand-in for what another user would point the tools at: the
+    // operator's token would go to it.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let planted = serde_json::json!({
+        "pid": 1,
+        "edge_ws_url": format!("ws://{}/ws", listener.local_addr().unwrap()),
+        "metrics_url": "http://127.0.0.1:9/metrics",
+        "trust_domain": "muster.local",
+        "tls_dir": dir.path().join("tls").display().to_string(),
+        "services": {},
+    });
+    std::fs::write(data.join("endpoints.json"), planted.to_string()).unwrap();
+    std::fs::set_permissions(
+        data.join("endpoints.json"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let status = || {
+        Command::new(BIN)
+            .args(["status", "--data-dir"])
+            .arg(&data)
+            .env("MUSTER_TOKEN", "muster_not-a-real-token-but-long-enough-00")
+            // Where nothing listens, so the command ends at once.
+            .env("MUSTER_EDGE_LISTEN", "127.0.0.1:9")
+            .output()
+            .unwrap()
+    };
+    for (mode, why) in [
+        (0o777, "may be written by other users"),
+        (0o770, "may be written by other users"),
+    ] {
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = status();
+        assert!(!out.status.success());
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("ignoring") && said.contains(why),
+            "{mode:o}: {said}"
+        );
+        assert_eq!(said.matches("ignoring").count(), 1, "{said}");
+        assert!(
+            listener
+                .accept()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+            "{mode:o}: the tools went where the file said"
+        );
+    }
+    // The owner's own directory: the file is used.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let accepting = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            match listener.accept() {
+                // Dropped at once: the command fails instead of waiting.
+                Ok(_) => return true,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+        false
+    });
+    let out = status();
+    assert!(!out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("ignoring"));
+    assert!(accepting.join().unwrap(), "the file was not used");
+}
+
+#[test]
 fn certificates_issued_again_keep_the_trust_domain_of_their_directory() {
     let dir = tempfile::tempdir().unwrap();
     let tls = dir.path().join("tls");

@@ -437,8 +437,10 @@ pub(crate) fn read_string(path: &Path) -> Result<String, TlsError> {
 }
 
 /// Writes through a temporary file and a rename, so a reader never sees half
-/// a file; private keys are created readable by the owner only.
-fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError> {
+/// a file (nor one written through a link left in its place); private
+/// files (keys) are created readable by the owner only, the rest
+/// writable by the owner only whatever the umask.
+pub fn write_atomic(path: &Path, bytes: &[u8], private: bool) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let err = |cause| TlsError::Write {

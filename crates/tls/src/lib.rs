@@ -12,7 +12,7 @@ mod config;
 mod error;
 mod identity;
 
-pub use ca::{CertSummary, CertificateAuthority, IssueOptions, IssuedCert, TlsDir};
+pub use ca::{CertSummary, CertificateAuthority, IssueOptions, IssuedCert, TlsDir, write_atomic};
 pub use config::{EdgeTls, MeshTls, TlsFiles};
 pub use error::TlsError;
 pub use identity::{ServiceName, SpiffeId, cert_not_after, peer_spiffe_id};
