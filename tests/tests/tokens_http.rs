@@ -209,7 +209,17 @@ muster_e2e::on_both_stores! {
         for target in [&node_id, &wide_id] {
             let (status, refused) = http_post(&revoke, Some(&delegate), &json!({"token_id": target}).to_string());
             assert_eq!((status, &refused["error"]), (403, &json!("forbidden")), "{refused}");
+            // Nor edits them: an edit closes a token's connections too.
+            let (status, refused) = http_send("PATCH", &format!("{base}/auth/tokens/{target}"), Some(&delegate), r#"{"display_name": "mine now"}"#);
+            assert_eq!((status, &refused["error"]), (403, &json!("forbidden")), "{refused}");
         }
+        // What an admin token issues is the tenant's: replacing the admin
+        // token takes none of it back.
+        let (admin_two_id, admin_two) = minted(&admin, r#"{"role": "admin"}"#);
+        let (_, kept) = minted(&admin_two, r#"{"role": "client", "scopes": ["operator.read"]}"#);
+        let (status, _) = http_post(&revoke, Some(&admin), &json!({"token_id": admin_two_id}).to_string());
+        assert_eq!(status, 200);
+        assert_eq!(connected(&host, &kept).await.call("ping", json!({})).await["ok"], true);
 
         let mut peers = Vec::new();
         for token in [&reader, &sub_reader, &bystander] {

@@ -489,19 +489,27 @@ fn issue_options(days: u64, dns: Vec<String>) -> anyhow::Result<IssueOptions> {
 /// the command names none: the services that load them check it, so
 /// certificates of the default domain in a cluster's directory would be
 /// refused at their next reload and stop them at their next start.
-fn keeping_trust_domain(mut config: Config) -> Config {
-    if config.trust_domain == Config::default().trust_domain
-        && let Some(domain) = config.tls().trust_domain_in_use()
-    {
-        config.trust_domain = domain;
+fn keeping_trust_domain(mut config: Config) -> anyhow::Result<Config> {
+    if config.trust_domain != Config::default().trust_domain {
+        return Ok(config);
     }
-    config
+    let mut domains = config.tls().trust_domains_in_use().into_iter();
+    match (domains.next(), domains.next()) {
+        (Some(domain), None) => config.trust_domain = domain,
+        (Some(one), Some(other)) => bail!(
+            "the certificates in {} are of several trust domains ({one}, {other}, …): \
+             name the one to issue for with --trust-domain",
+            config.tls().path().display()
+        ),
+        (None, _) => {}
+    }
+    Ok(config)
 }
 
 fn run_certs(file: Option<&std::path::Path>, certs: Certs) -> anyhow::Result<ExitCode> {
     match certs {
         Certs::Init { common, days, dns } => {
-            let config = keeping_trust_domain(load(file, &common)?);
+            let config = keeping_trust_domain(load(file, &common)?)?;
             let tls = config.tls();
             let edge_opts = issue_options(days, dns)?;
             let opts = issue_options(days, Vec::new())?;
@@ -532,7 +540,7 @@ fn run_certs(file: Option<&std::path::Path>, certs: Certs) -> anyhow::Result<Exi
             // Into a running host's (or local cluster's) directory, for its
             // trust domain, when `--data-dir` names it.
             let (config, _) = muster::ctl::adopt_running(&load(file, &common)?);
-            let config = keeping_trust_domain(config);
+            let config = keeping_trust_domain(config)?;
             let tls = config.tls();
             let ca = tls
                 .load_ca()

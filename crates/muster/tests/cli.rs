@@ -967,6 +967,15 @@ fn certificates_issued_again_keep_the_trust_domain_of_their_directory() {
         certs(&["issue", "ctl"], Some("other.example")).trim(),
         "issued spiffe://other.example/service/ctl"
     );
+    // Of two, neither is guessed.
+    let mixed = Command::new(BIN)
+        .args(["certs", "issue", "edge", "--tls-dir"])
+        .arg(&tls)
+        .env_remove("MUSTER_TRUST_DOMAIN")
+        .output()
+        .unwrap();
+    assert!(!mixed.status.success());
+    assert!(String::from_utf8_lossy(&mixed.stderr).contains("several trust domains"));
 
     // Options are checked before a CA is made.
     let fresh = dir.path().join("fresh");

@@ -320,11 +320,11 @@ impl TlsDir {
         }
     }
 
-    /// The trust domain of the principals' certificates already here, when
-    /// every one that names one names the same: a directory's certificates
-    /// issued again keep it unless told otherwise.
-    pub fn trust_domain_in_use(&self) -> Option<String> {
-        let mut found: Option<String> = None;
+    /// The trust domains of the principals' certificates already here: a
+    /// directory's certificates issued again keep theirs unless told
+    /// otherwise.
+    pub fn trust_domains_in_use(&self) -> std::collections::BTreeSet<String> {
+        let mut found = std::collections::BTreeSet::new();
         for name in ServiceName::ALL {
             let path = self.files(name).cert;
             let Some(id) = std::fs::read(&path)
@@ -334,11 +334,7 @@ impl TlsDir {
             else {
                 continue;
             };
-            match &found {
-                Some(domain) if *domain != id.trust_domain => return None,
-                Some(_) => {}
-                None => found = Some(id.trust_domain),
-            }
+            found.insert(id.trust_domain);
         }
         found
     }

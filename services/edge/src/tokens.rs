@@ -308,9 +308,15 @@ pub(crate) async fn issue(
             } else {
                 claims.expires_at_ms.unwrap_or(0)
             },
-            // Minted only while the caller's token is live, and revoked
-            // with it: revoking a delegate takes back what it issued.
-            issued_by: claims.token_id.clone(),
+            // A delegate's tokens are minted only while it is live, and
+            // revoked with it: revoking a delegate takes back what it
+            // issued. An admin token's are the tenant's, as the command
+            // line's are: replacing the admin token takes nothing back.
+            issued_by: if claims.is_admin() {
+                String::new()
+            } else {
+                claims.token_id.clone()
+            },
         })
         .await;
     let created = match created {
@@ -513,6 +519,12 @@ pub(crate) async fn edit(
         );
     }
     if !claims.is_admin() {
+        // What the token is now must be within reach too: an edit can end
+        // a token's connections, or all but end the token, as a revoke
+        // does.
+        if let Err(message) = within_authority(&claims, &target.role, &target.scopes) {
+            return refusal(StatusCode::FORBIDDEN, "forbidden", &message);
+        }
         // What the token grants after the edit, fields left out included:
         // reviving an expired token with scopes the caller lacks gives
         // them as much as minting it would.

@@ -206,11 +206,13 @@ pub(crate) async fn handle(edge: &Edge, peer: &Peer, request: &Request) -> Outco
             }
             // A subscription is to the whole cluster's diffs: a peer that
             // asked for one edge's would believe it had them.
-            if topic.scope.is_some()
+            if topic.scope.as_deref() == Some("edge")
                 && matches!(kind, "muster.topic.subscribe" | "muster.topic.unsubscribe")
             {
                 return Outcome::Invalid(
-                    "scope is a key of muster.topic.list and muster.topic.count only".into(),
+                    "a subscription is to the whole cluster's diffs: scope edge is for \
+                     muster.topic.list and muster.topic.count only"
+                        .into(),
                 );
             }
             match kind {

@@ -219,24 +219,34 @@ impl TokenStore for Store {
             return Ok(None);
         }
         outbox::append(&mut tx, event).await?;
-        // Down through tokens revoked before too: what they issued was
-        // revoked with them, unless it was issued while they were live and
-        // their revocation had not committed yet, which the issuer's lock
-        // in `insert_token` rules out.
-        let rows = sqlx::query(&format!(
-            "WITH RECURSIVE issued (token_id) AS ( \
+        // Down through tokens revoked before too. Again until a pass finds
+        // nothing: on Postgres a pass reads the tokens committed when it
+        // began, and one minted meanwhile under a token this pass revokes
+        // held that token's row (`insert_token`), so the pass waited for
+        // its commit and the next pass finds it; a mint after that finds
+        // its issuer revoked.
+        let mut issued = Vec::new();
+        loop {
+            let rows = sqlx::query(&format!(
+                "WITH RECURSIVE issued (token_id) AS ( \
                SELECT token_id FROM operator_tokens WHERE issued_by = $1 \
                UNION SELECT t.token_id FROM operator_tokens t \
                  JOIN issued i ON t.issued_by = i.token_id) \
              UPDATE operator_tokens SET revoked_at_ms = $2 \
              WHERE token_id IN (SELECT token_id FROM issued) AND revoked_at_ms IS NULL \
              RETURNING {COLUMNS}"
-        ))
-        .bind(token_id)
-        .bind(at_ms)
-        .fetch_all(&mut *tx)
-        .await?;
-        let issued = rows.iter().map(record).collect::<Result<Vec<_>, _>>()?;
+            ))
+            .bind(token_id)
+            .bind(at_ms)
+            .fetch_all(&mut *tx)
+            .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for row in &rows {
+                issued.push(record(row)?);
+            }
+        }
         let events: Vec<NewItem> = issued.iter().map(revoked).collect();
         outbox::append_all(&mut tx, &events).await?;
         self.commit(tx).await?;
