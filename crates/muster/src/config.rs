@@ -541,6 +541,13 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         .create(dir)
 }
 
+/// Whether users other than the owner may write what `meta` describes
+/// (group or others): a data directory or file the tools cannot trust.
+pub fn others_may_write(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o022 != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,7 +35,7 @@ pub fn running_endpoints<T: serde::de::DeserializeOwned>(config: &Config) -> Opt
                 "{what} belongs to another user (uid {})",
                 meta.uid()
             ))
-        } else if meta.mode() & 0o022 != 0 {
+        } else if crate::config::others_may_write(&meta) {
             Some(format!("{what} may be written by other users"))
         } else {
             None

@@ -171,15 +171,13 @@ fn prepare_certificates(config: &Config) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     // One made before (say with `mkdir` under a umask of 002) keeps its
     // mode; the operator hears of it here, not only from the tools.
-    if let Ok(meta) = std::fs::metadata(&config.data_dir) {
-        use std::os::unix::fs::PermissionsExt;
-        if meta.permissions().mode() & 0o022 != 0 {
-            tracing::warn!(
-                data_dir = %config.data_dir.display(),
-                "the data directory may be written by other users: it holds the CA's key, \
-                 and the command-line tools will not trust its endpoints.json (chmod 700 it)"
-            );
-        }
+    if std::fs::metadata(&config.data_dir).is_ok_and(|meta| crate::config::others_may_write(&meta))
+    {
+        tracing::warn!(
+            data_dir = %config.data_dir.display(),
+            "the data directory may be written by other users: it holds the CA's key, \
+             and the command-line tools will not trust its endpoints.json (chmod 700 it)"
+        );
     }
     let (ca, created) = tls.ensure_ca(DEV_CA_VALIDITY)?;
     if created {

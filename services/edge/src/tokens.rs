@@ -243,7 +243,8 @@ fn within_reach(
 }
 
 /// What an `operator.admin` token that is not an admin token may act on,
-/// whether issuing or revoking: tokens of a role and scopes it could give.
+/// whether issuing, editing or revoking: tokens of a role and scopes it
+/// could give.
 /// Else a delegate could end every node's connections (a node token needs
 /// `operator.pairing` to make) or a `*` token it could not have made.
 fn within_authority(claims: &Claims, role: &str, scopes: &[String]) -> Result<(), String> {
